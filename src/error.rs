@@ -1,0 +1,239 @@
+//! The one error type of tch-vis.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in tch-vis.
+///
+/// Variants carry the values on both sides of a mismatch, so a caller can
+/// match on them and a person can read them. Messages are lowercase and have
+/// no trailing period. Errors raised inside libtorch keep libtorch's text in
+/// [`Error::Torch`]; [`Error::summary`] gives its first line only.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A class index is not smaller than the number of classes of the output.
+    #[error("class index {index} is out of range for an output with {num_classes} classes")]
+    IndexOutOfRange {
+        /// The offending class index.
+        index: usize,
+        /// The size of the class axis of the output.
+        num_classes: usize,
+    },
+
+    /// A list of per-sample values does not have one entry per sample.
+    #[error("{what}: expected {expected} values (one per sample), got {got}")]
+    BatchMismatch {
+        /// What the values are (for example `"class indices"`).
+        what: &'static str,
+        /// The batch size of the output.
+        expected: usize,
+        /// The number of values given.
+        got: usize,
+    },
+
+    /// A list that must not be empty is empty.
+    #[error("{what} must not be empty")]
+    Empty {
+        /// What the list is (for example `"class indices"`).
+        what: &'static str,
+    },
+
+    /// A tensor has a shape the operation cannot use.
+    #[error("{what}: expected shape {expected}, got {got:?}")]
+    Shape {
+        /// The tensor in question (for example `"binary score output"`).
+        what: String,
+        /// A description of the accepted shapes (for example `"(N, 1) or (N,)"`).
+        expected: String,
+        /// The actual shape.
+        got: Vec<i64>,
+    },
+
+    /// The number of scores does not match the number of model outputs.
+    #[error("the model has {outputs} outputs but {scores} scores were given (one score per output)")]
+    ScoreCount {
+        /// Number of outputs of the model.
+        outputs: usize,
+        /// Number of scores given.
+        scores: usize,
+    },
+
+    /// The number of inputs does not match what the model's `forward` takes.
+    #[error("the model takes {expected} inputs but {got} were given")]
+    InputCount {
+        /// Inputs the model's `forward` declares (as text: libtorch does not
+        /// always say the exact number, e.g. `"more than 1"`).
+        expected: String,
+        /// Inputs given.
+        got: usize,
+    },
+
+    /// A value passed to a constructor is not allowed.
+    #[error("invalid {what}: {value}")]
+    InvalidValue {
+        /// The parameter (for example `"regression target"`).
+        what: &'static str,
+        /// The rejected value, as text.
+        value: String,
+    },
+
+    /// A score function failed; wraps the score's error with its position.
+    #[error("score {index} ({name}) on output {index}: {source}")]
+    Score {
+        /// Index of the output (and of the score).
+        index: usize,
+        /// The score's name.
+        name: String,
+        /// What went wrong.
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// A model file could not be loaded.
+    #[error("cannot load TorchScript model {}: {}", path.display(), first_line(.source))]
+    ModelLoad {
+        /// The model file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: tch::TchError,
+    },
+
+    /// The model returned something that is not a tensor (or a tuple, list
+    /// or dict of tensors).
+    #[error("unsupported model output: {kind} (expected tensors, or tuples, lists or dicts of tensors)")]
+    UnsupportedOutput {
+        /// What was returned (for example `"String"`).
+        kind: String,
+    },
+
+    /// CUDA was asked for but is not available.
+    #[error("CUDA was requested ({requested}) but is not available on this machine")]
+    CudaUnavailable {
+        /// The device asked for, as text.
+        requested: String,
+    },
+
+    /// A CUDA device index past the number of devices.
+    #[error("CUDA device {index} was requested but only {count} CUDA devices are available")]
+    CudaDeviceOutOfRange {
+        /// Index asked for.
+        index: usize,
+        /// Devices present.
+        count: usize,
+    },
+
+    /// A device specification that cannot be parsed.
+    #[error("invalid device {0:?} (expected auto, cpu, cuda or cuda:N)")]
+    DeviceSpec(String),
+
+    /// A score specification that cannot be parsed.
+    #[error("invalid score {spec:?}: {reason}")]
+    ScoreSpec {
+        /// The specification given.
+        spec: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+
+    /// An image could not be read or decoded.
+    #[error("cannot decode image {}: {reason}", path.display())]
+    Image {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+
+    /// A model sidecar (`M.json`) is missing or invalid.
+    #[error("invalid model sidecar {}: {reason}", path.display())]
+    Sidecar {
+        /// The sidecar file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+
+    /// A file-system operation failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// An error raised inside libtorch.
+    #[error("libtorch: {}", first_line(.0))]
+    Torch(#[from] tch::TchError),
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The first line of a libtorch message, without the C++ frames that follow.
+fn first_line(e: &tch::TchError) -> String {
+    let text = match e {
+        tch::TchError::Torch(msg) => msg.clone(),
+        other => other.to_string(),
+    };
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("unknown libtorch error");
+    line.split(" (Exception raised from")
+        .next()
+        .unwrap_or(line)
+        .trim_end()
+        .to_string()
+}
+
+impl Error {
+    /// A one-line description, free of libtorch's C++ stack frames.
+    pub fn summary(&self) -> String {
+        let text = self.to_string();
+        text.lines().next().unwrap_or_default().to_string()
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn shape(what: impl Into<String>, expected: impl Into<String>, got: &[i64]) -> Self {
+        Error::Shape {
+            what: what.into(),
+            expected: expected.into(),
+            got: got.to_vec(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torch_errors_keep_only_the_first_line() {
+        let e = Error::Torch(tch::TchError::Torch(
+            "shape mismatch (Exception raised from foo at bar.cpp:1)\nframe #0: baz".into(),
+        ));
+        assert_eq!(e.to_string(), "libtorch: shape mismatch");
+    }
+
+    #[test]
+    fn messages_name_both_sides() {
+        let e = Error::IndexOutOfRange {
+            index: 10,
+            num_classes: 10,
+        };
+        assert_eq!(
+            e.to_string(),
+            "class index 10 is out of range for an output with 10 classes"
+        );
+    }
+}

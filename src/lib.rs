@@ -1,0 +1,51 @@
+//! # tch-vis
+//!
+//! The *scores* of [tf-keras-vis] for PyTorch models, through [`tch`]
+//! (Rust bindings to libtorch). A score says *what* to explain in a model's
+//! output — class 20 of a classifier, the "true" side of a binary classifier,
+//! "increase the value" of a regressor. tch-vis evaluates scores on
+//! [`tch::Tensor`] with autograd, loads TorchScript models exported from
+//! PyTorch, and returns the scores and their gradients with respect to the
+//! inputs, on CPU or CUDA.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`scores`] | the [`Score`](scores::Score) trait and the tf-keras-vis scores, plus predicted, segmentation and contrastive scores |
+//! | [`Model`] | a TorchScript model: load, forward, [`gradients`](Model::gradients) |
+//! | [`saliency`] | vanilla saliency and SmoothGrad maps |
+//! | [`preprocess`] | the model sidecar (`M.json`) and image decoding into model inputs |
+//! | [`heatmap`] | colour maps and overlays for saliency maps |
+//! | [`DeviceSpec`] | `auto`, `cpu`, `cuda`, `cuda:N` |
+//!
+//! ```no_run
+//! use tch::{Device, Kind, Tensor};
+//! use tch_vis::Model;
+//! use tch_vis::scores::{CategoricalScore, Score};
+//! # fn main() -> tch_vis::Result<()> {
+//! let model = Model::load("models/digits_cnn.pt", Device::cuda_if_available())?;
+//! let x = Tensor::randn([8, 1, 32, 32], (Kind::Float, Device::Cpu));
+//! let outputs = model.forward(&[x.shallow_clone()])?; // no graph
+//! let score = CategoricalScore::new(3)?;              // class 3 of every sample
+//! let values = score.score(&outputs[0])?;             // [8]
+//! let g = model.gradients(&[x], &[&score as &dyn Score])?;
+//! println!("{:?} {:?}", values.size(), g.inputs[0].size()); // [8] [8, 1, 32, 32]
+//! # Ok(()) }
+//! ```
+//!
+//! [tf-keras-vis]: https://github.com/keisen/tf-keras-vis
+#![deny(missing_docs)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+mod device;
+mod error;
+mod grad;
+mod ivalue;
+mod model;
+pub mod scores;
+
+pub use device::{device_name, DeviceSpec};
+pub use error::{Error, Result};
+pub use model::{Gradients, Model};

@@ -1,0 +1,296 @@
+//! TorchScript models: loading, forward passes and score gradients.
+
+use std::path::{Path, PathBuf};
+
+use tch::{CModule, Device, IValue, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::grad::GradMode;
+use crate::ivalue;
+use crate::scores::{self, Score};
+
+/// Scores and their input gradients, as returned by [`Model::gradients`].
+///
+/// Every tensor is detached from the graph.
+#[derive(Debug)]
+pub struct Gradients {
+    /// One `[batch]` tensor per model output: the value of that output's score.
+    pub scores: Vec<Tensor>,
+    /// One tensor per model input: d(objective)/d(input), where the objective
+    /// is the sum over outputs and samples of all scores. Same shape, dtype
+    /// and device as the input given.
+    pub inputs: Vec<Tensor>,
+    /// The model's outputs, flattened in order (on the model's device).
+    pub outputs: Vec<Tensor>,
+}
+
+/// A TorchScript model, ready to explain.
+///
+/// Loading puts the module in eval mode (call [`Model::train`] for training
+/// mode) and sets every parameter to not require a gradient, so no weight
+/// gradient is ever computed or accumulated: only input gradients are.
+///
+/// Inputs on another device than the model's are moved to the model's device
+/// for the forward pass; gradients are returned on the input's own device.
+///
+/// ```no_run
+/// use tch::{Device, Kind, Tensor};
+/// use tch_vis::Model;
+/// use tch_vis::scores::{CategoricalScore, Score};
+/// # fn main() -> tch_vis::Result<()> {
+/// let model = Model::load("models/digits_cnn.pt", Device::Cpu)?;
+/// let x = Tensor::randn([4, 1, 32, 32], (Kind::Float, Device::Cpu));
+/// let score = CategoricalScore::new(3)?;
+/// let g = model.gradients(&[x], &[&score as &dyn Score])?;
+/// assert_eq!(g.scores[0].size(), vec![4]);
+/// assert_eq!(g.inputs[0].size(), vec![4, 1, 32, 32]);
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Model {
+    module: CModule,
+    device: Device,
+    source: PathBuf,
+}
+
+impl Model {
+    /// Loads a TorchScript file onto `device`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the file cannot be opened; [`Error::ModelLoad`] if it
+    /// is not a TorchScript archive or cannot be placed on `device`.
+    pub fn load(path: impl AsRef<Path>, device: Device) -> Result<Self> {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if meta.is_dir() {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
+            ));
+        }
+        let module = CModule::load_on_device(path, device).map_err(|source| Error::ModelLoad {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_module(module, device, path.to_path_buf())
+    }
+
+    /// Loads a TorchScript archive held in memory onto `device`.
+    ///
+    /// # Errors
+    /// [`Error::ModelLoad`] if the bytes are not a TorchScript archive.
+    pub fn load_from_bytes(bytes: &[u8], device: Device) -> Result<Self> {
+        let source = PathBuf::from("<bytes>");
+        let mut reader = std::io::Cursor::new(bytes);
+        let module = CModule::load_data_on_device(&mut reader, device).map_err(|e| {
+            Error::ModelLoad {
+                path: source.clone(),
+                source: e,
+            }
+        })?;
+        Self::from_module(module, device, source)
+    }
+
+    fn from_module(mut module: CModule, device: Device, source: PathBuf) -> Result<Self> {
+        module.f_set_eval()?;
+        for (_, p) in module.named_parameters()? {
+            let _ = p.f_set_requires_grad(false)?;
+        }
+        Ok(Model {
+            module,
+            device,
+            source,
+        })
+    }
+
+    /// The device the model lives on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Where the model was loaded from (`<bytes>` for [`Model::load_from_bytes`]).
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// Puts the model in training mode (dropout active, batch-norm statistics
+    /// from the batch). Parameters stay frozen.
+    ///
+    /// # Errors
+    /// [`Error::Torch`] if libtorch refuses.
+    pub fn train(&mut self) -> Result<()> {
+        Ok(self.module.f_set_train()?)
+    }
+
+    /// Puts the model back in eval mode (the default after loading).
+    ///
+    /// # Errors
+    /// [`Error::Torch`] if libtorch refuses.
+    pub fn eval(&mut self) -> Result<()> {
+        Ok(self.module.f_set_eval()?)
+    }
+
+    /// Runs the model without building a graph (no gradient), and returns
+    /// its outputs flattened in order: a tensor, or the tensors of a tuple,
+    /// list or dict (recursively).
+    ///
+    /// # Errors
+    /// [`Error::InputCount`] for a wrong number of inputs,
+    /// [`Error::UnsupportedOutput`] when the model returns something else
+    /// than tensors, [`Error::Torch`] when the forward pass fails.
+    pub fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        Ok(self
+            .forward_named(inputs)?
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect())
+    }
+
+    /// As [`Model::forward`], with each output's name: its position (`"0"`,
+    /// `"1"`), its dict key, or a dotted path for nested containers.
+    ///
+    /// # Errors
+    /// As [`Model::forward`].
+    pub fn forward_named(&self, inputs: &[Tensor]) -> Result<Vec<(String, Tensor)>> {
+        let _mode = GradMode::set(false);
+        let inputs = inputs
+            .iter()
+            .map(|x| x.f_to_device(self.device))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        self.run(&inputs)
+    }
+
+    fn run(&self, inputs: &[Tensor]) -> Result<Vec<(String, Tensor)>> {
+        let args: Vec<IValue> = inputs
+            .iter()
+            .map(|t| IValue::Tensor(t.shallow_clone()))
+            .collect();
+        let value = self
+            .module
+            .forward_is(&args)
+            .map_err(|e| forward_error(e, inputs.len()))?;
+        ivalue::flatten(value)
+    }
+
+    /// Scores the model's outputs and takes the gradient of their sum with
+    /// respect to every input, in one forward and one backward pass.
+    ///
+    /// `scores[k]` scores output `k`; the objective is the sum over outputs
+    /// and samples of the score values, and `inputs[i]` of the result is
+    /// d(objective)/d(`inputs[i]`). Inputs need not require a gradient, and
+    /// neither they nor their `.grad` are changed. Autograd is enabled for the
+    /// call even inside a no-grad region. An input that does not reach the
+    /// objective (or is not floating point) gets a zero gradient.
+    ///
+    /// # Errors
+    /// [`Error::ScoreCount`] when `scores.len()` differs from the number of
+    /// outputs; [`Error::Score`] (with the output index) when a score does not
+    /// fit its output or does not return one value per sample; the errors of
+    /// [`Model::forward`].
+    pub fn gradients(&self, inputs: &[Tensor], scores: &[&dyn Score]) -> Result<Gradients> {
+        let _mode = GradMode::set(true);
+        let leaves = inputs
+            .iter()
+            .map(|x| {
+                let leaf = x.f_detach()?.f_to_device(self.device)?;
+                if is_floating(leaf.kind()) {
+                    Ok(leaf.f_set_requires_grad(true)?)
+                } else {
+                    Ok(leaf)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let outputs: Vec<Tensor> = self.run(&leaves)?.into_iter().map(|(_, t)| t).collect();
+        if outputs.len() != scores.len() {
+            return Err(Error::ScoreCount {
+                outputs: outputs.len(),
+                scores: scores.len(),
+            });
+        }
+        let values = outputs
+            .iter()
+            .zip(scores)
+            .enumerate()
+            .map(|(index, (out, score))| {
+                scores::evaluate(*score, out).map_err(|e| Error::Score {
+                    index,
+                    name: score.name().to_string(),
+                    source: Box::new(e),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut objective: Option<Tensor> = None;
+        for v in &values {
+            let s = v.f_sum(None::<Kind>)?;
+            objective = Some(match objective {
+                None => s,
+                Some(acc) => acc.f_add(&s)?,
+            });
+        }
+        let differentiable: Vec<usize> = (0..leaves.len())
+            .filter(|&i| leaves[i].requires_grad())
+            .collect();
+        let mut grads: Vec<Option<Tensor>> = (0..leaves.len()).map(|_| None).collect();
+        if let Some(objective) = objective.filter(|o| o.requires_grad()) {
+            if !differentiable.is_empty() {
+                let wrt: Vec<&Tensor> = differentiable.iter().map(|&i| &leaves[i]).collect();
+                let got = Tensor::f_run_backward(&[&objective], &wrt, false, false)?;
+                for (&i, g) in differentiable.iter().zip(got) {
+                    if g.defined() {
+                        grads[i] = Some(g);
+                    }
+                }
+            }
+        }
+        let inputs_grad = inputs
+            .iter()
+            .zip(grads)
+            .map(|(x, g)| match g {
+                Some(g) => Ok(g.f_to_device(x.device())?.f_to_kind(x.kind())?),
+                None => Ok(x.f_zeros_like()?),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let scores = values
+            .iter()
+            .map(|v| v.f_detach())
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let outputs = outputs
+            .iter()
+            .map(|o| o.f_detach())
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Gradients {
+            scores,
+            inputs: inputs_grad,
+            outputs,
+        })
+    }
+}
+
+fn is_floating(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+    )
+}
+
+/// Maps libtorch's argument-count messages to [`Error::InputCount`].
+fn forward_error(e: tch::TchError, got: usize) -> Error {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    let count_error = first.contains("forward() expected at most")
+        || first.contains("forward() is missing value for argument")
+        || first.contains("forward() expected value of type");
+    if count_error && !first.contains("expected value of type") {
+        let expected = first
+            .split("expected at most ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse::<usize>().ok())
+            .map(|n| n.saturating_sub(1));
+        return Error::InputCount {
+            expected: expected.map_or_else(|| format!("more than {got}"), |n| n.to_string()),
+            got,
+        };
+    }
+    Error::Torch(e)
+}
