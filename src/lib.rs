@@ -42,8 +42,12 @@
 mod device;
 mod error;
 mod grad;
+pub mod heatmap;
+pub mod io;
 mod ivalue;
 mod model;
+pub mod preprocess;
+pub mod saliency;
 pub mod scores;
 
 pub use device::{device_name, DeviceSpec};

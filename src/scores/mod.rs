@@ -39,6 +39,7 @@ mod binary;
 mod categorical;
 mod inactive;
 mod regression;
+mod spec;
 
 pub use binary::{BinaryScore, BinaryValues};
 pub use categorical::{

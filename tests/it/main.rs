@@ -1,1 +1,5 @@
-
+mod cli;
+mod model;
+mod parity;
+mod scores;
+mod util;
