@@ -275,20 +275,26 @@ fn is_floating(kind: Kind) -> bool {
 
 /// Maps libtorch's argument-count messages to [`Error::InputCount`].
 fn forward_error(e: tch::TchError, got: usize) -> Error {
-    let text = e.to_string();
+    let text = match &e {
+        tch::TchError::Torch(msg) => msg.trim_start().to_lowercase(),
+        other => other.to_string().to_lowercase(),
+    };
     let first = text.lines().next().unwrap_or_default();
-    let count_error = first.contains("forward() expected at most")
-        || first.contains("forward() is missing value for argument")
-        || first.contains("forward() expected value of type");
-    if count_error && !first.contains("expected value of type") {
-        let expected = first
-            .split("expected at most ")
-            .nth(1)
-            .and_then(|r| r.split(' ').next())
-            .and_then(|n| n.parse::<usize>().ok())
-            .map(|n| n.saturating_sub(1));
+    if !first.contains("forward") {
+        return Error::Torch(e);
+    }
+    if let Some(rest) = first.split("expected at most ").nth(1) {
+        // libtorch counts `self` among the arguments.
+        if let Some(n) = rest.split(' ').next().and_then(|n| n.parse::<usize>().ok()) {
+            return Error::InputCount {
+                expected: n.saturating_sub(1).to_string(),
+                got,
+            };
+        }
+    }
+    if first.contains("missing value for argument") {
         return Error::InputCount {
-            expected: expected.map_or_else(|| format!("more than {got}"), |n| n.to_string()),
+            expected: format!("more than {got}"),
             got,
         };
     }

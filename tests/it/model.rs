@@ -1,1 +1,200 @@
+//! `Model`: loading, forward, gradients — on tiny traced models whose
+//! derivatives are known, and on the bundled models.
 
+use tch::{CModule, Device, Kind, Tensor};
+use tch_vis::scores::{
+    BinaryScore, CategoricalScore, InactiveScore, RegressionScore, Score,
+};
+use tch_vis::{Error, Model};
+
+use crate::util::{assert_close, devices, repo};
+
+/// Traces `f` over `inputs` into a TorchScript file and loads it as a Model.
+fn traced<F>(inputs: &[Tensor], mut f: F, device: Device) -> (Model, tempfile::TempDir)
+where
+    F: FnMut(&[Tensor]) -> Vec<Tensor>,
+{
+    let module = CModule::create_by_tracing("M", "forward", inputs, &mut f).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.pt");
+    module.save(&path).unwrap();
+    (Model::load(&path, device).unwrap(), dir)
+}
+
+fn x3() -> Tensor {
+    Tensor::from_slice(&[1.0f32, 2.0, 3.0, -1.0, 0.5, 4.0]).view([2, 3])
+}
+
+#[test]
+fn categorical_gradient_of_a_square_is_twice_the_input() {
+    for device in devices() {
+        // y = x * x, shape (2, 3); class 1 -> d y[:, 1] / d x[:, 1] = 2 x[:, 1], 0 elsewhere.
+        let (model, _dir) = traced(&[x3()], |xs| vec![&xs[0] * &xs[0]], device);
+        let x = x3();
+        let s = CategoricalScore::new(1).unwrap();
+        let g = model.gradients(&[x.shallow_clone()], &[&s as &dyn Score]).unwrap();
+        let want = Tensor::from_slice(&[0.0f32, 4.0, 0.0, 0.0, 1.0, 0.0]).view([2, 3]);
+        assert_close("grad", &g.inputs[0], &want, 0.0, 0.0);
+        assert_close("score", &g.scores[0], &Tensor::from_slice(&[4.0f32, 0.25]), 0.0, 0.0);
+        assert_eq!(g.inputs[0].device(), Device::Cpu, "gradient on the input's device");
+    }
+}
+
+#[test]
+fn two_inputs_each_get_their_gradient() {
+    for device in devices() {
+        // y = a * b summed per sample, shape (2, 1): dy/da = b, dy/db = a.
+        let a = x3();
+        let b = x3() + 1.0;
+        let (model, _dir) = traced(
+            &[a.shallow_clone(), b.shallow_clone()],
+            |xs| vec![(&xs[0] * &xs[1]).sum_dim_intlist(1, true, Kind::Float)],
+            device,
+        );
+        let s = RegressionScore::increase();
+        let g = model
+            .gradients(&[a.shallow_clone(), b.shallow_clone()], &[&s as &dyn Score])
+            .unwrap();
+        assert_close("d/da", &g.inputs[0], &b, 0.0, 0.0);
+        assert_close("d/db", &g.inputs[1], &a, 0.0, 0.0);
+        // decrease is the exact negation.
+        let d = RegressionScore::decrease();
+        let g2 = model.gradients(&[a.shallow_clone(), b.shallow_clone()], &[&d as &dyn Score]).unwrap();
+        assert_close("-d/da", &g2.inputs[0], &(-&b), 0.0, 0.0);
+    }
+}
+
+#[test]
+fn caller_tensors_are_left_untouched() {
+    let (model, _dir) = traced(&[x3()], |xs| vec![&xs[0] * &xs[0]], Device::Cpu);
+    let x = x3();
+    let before = x.copy();
+    let s = CategoricalScore::new(0).unwrap();
+    let _ = model.gradients(&[x.shallow_clone()], &[&s as &dyn Score]).unwrap();
+    assert!(!x.requires_grad(), "input must not be set to require grad");
+    assert!(!x.grad().defined(), "input .grad must stay undefined");
+    assert_close("input", &x, &before, 0.0, 0.0);
+    // An input that already requires grad keeps an undefined .grad too.
+    let y = x3().set_requires_grad(true);
+    let _ = model.gradients(&[y.shallow_clone()], &[&s as &dyn Score]).unwrap();
+    assert!(!y.grad().defined(), ".grad of a requires-grad input must stay undefined");
+}
+
+#[test]
+fn gradients_work_inside_no_grad_and_forward_builds_no_graph() {
+    let (model, _dir) = traced(&[x3()], |xs| vec![&xs[0] * &xs[0]], Device::Cpu);
+    let s = CategoricalScore::new(2).unwrap();
+    let _guard = tch::no_grad_guard();
+    let g = model.gradients(&[x3()], &[&s as &dyn Score]).unwrap();
+    let want = Tensor::from_slice(&[0.0f32, 0.0, 6.0, 0.0, 0.0, 8.0]).view([2, 3]);
+    assert_close("grad under no_grad", &g.inputs[0], &want, 0.0, 0.0);
+    drop(_guard);
+    let out = model.forward(&[x3().set_requires_grad(true)]).unwrap();
+    assert!(!out[0].requires_grad(), "forward must not build a graph");
+}
+
+#[test]
+fn inactive_output_contributes_no_gradient() {
+    // Gradients are linear in the scores, and the inactive score adds 0:
+    // g[cat, inactive] + g[inactive, up] == g[cat, up].
+    let model = Model::load(repo("models/digits_multi.pt"), Device::Cpu).unwrap();
+    let x = Tensor::randn([3, 1, 32, 32], (Kind::Float, Device::Cpu));
+    let cat = CategoricalScore::new(7).unwrap();
+    let up = RegressionScore::increase();
+    let off = InactiveScore::new();
+    let grad = |a: &dyn Score, b: &dyn Score| model.gradients(&[x.shallow_clone()], &[a, b]).unwrap();
+    let both = grad(&cat, &up);
+    let only_cat = grad(&cat, &off);
+    let only_up = grad(&off, &up);
+    let sum = &only_cat.inputs[0] + &only_up.inputs[0];
+    assert_close("linearity", &sum, &both.inputs[0], 1e-5, 1e-7);
+    assert_close("inactive score", &only_cat.scores[1], &Tensor::zeros([3], (Kind::Float, Device::Cpu)), 0.0, 0.0);
+    let none = grad(&off, &off);
+    assert_close("no gradient", &none.inputs[0], &Tensor::zeros([3, 1, 32, 32], (Kind::Float, Device::Cpu)), 0.0, 0.0);
+}
+
+#[test]
+fn score_count_must_match_outputs() {
+    let model = Model::load(repo("models/digits_multi.pt"), Device::Cpu).unwrap();
+    let x = Tensor::zeros([2, 1, 32, 32], (Kind::Float, Device::Cpu));
+    let s = CategoricalScore::new(0).unwrap();
+    let e = model.gradients(&[x.shallow_clone()], &[&s as &dyn Score]).unwrap_err();
+    assert!(matches!(e, Error::ScoreCount { outputs: 2, scores: 1 }), "{e}");
+    let e = model.gradients(&[x], &[&s as &dyn Score, &s, &s]).unwrap_err();
+    assert!(matches!(e, Error::ScoreCount { outputs: 2, scores: 3 }), "{e}");
+}
+
+#[test]
+fn score_errors_carry_the_output_index() {
+    let (model, _dir) = traced(&[x3()], |xs| vec![&xs[0] * 1.0], Device::Cpu);
+    let s = CategoricalScore::new(7).unwrap();
+    let e = model.gradients(&[x3()], &[&s as &dyn Score]).unwrap_err();
+    match e {
+        Error::Score { index: 0, source, .. } => assert!(
+            matches!(*source, Error::IndexOutOfRange { index: 7, num_classes: 3 }),
+            "{source}"
+        ),
+        other => panic!("expected Error::Score, got {other}"),
+    }
+    let b = BinaryScore::new(true).unwrap();
+    let e = model.gradients(&[x3()], &[&b as &dyn Score]).unwrap_err();
+    assert!(matches!(e, Error::Score { index: 0, .. }), "{e}");
+}
+
+#[test]
+fn load_errors_are_typed_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.pt");
+    assert!(matches!(Model::load(&missing, Device::Cpu), Err(Error::Io { .. })));
+    let junk = dir.path().join("junk.pt");
+    std::fs::write(&junk, b"this is not a TorchScript archive").unwrap();
+    let e = Model::load(&junk, Device::Cpu).unwrap_err();
+    assert!(matches!(e, Error::ModelLoad { .. }), "{e}");
+    assert!(!e.to_string().contains("frame #"), "no C++ frames: {e}");
+    assert!(matches!(Model::load(dir.path(), Device::Cpu), Err(Error::Io { .. })));
+    assert!(matches!(
+        Model::load_from_bytes(b"PK\x03\x04 truncated zip", Device::Cpu),
+        Err(Error::ModelLoad { .. })
+    ));
+    let bytes = std::fs::read(repo("models/digits_cnn.pt")).unwrap();
+    let m = Model::load_from_bytes(&bytes, Device::Cpu).unwrap();
+    let out = m.forward(&[Tensor::zeros([2, 1, 32, 32], (Kind::Float, Device::Cpu))]).unwrap();
+    assert_eq!(out[0].size(), vec![2, 10]);
+}
+
+#[test]
+fn wrong_inputs_are_errors() {
+    let model = Model::load(repo("models/digits_cnn.pt"), Device::Cpu).unwrap();
+    let x = Tensor::zeros([2, 1, 32, 32], (Kind::Float, Device::Cpu));
+    let e = model.forward(&[x.shallow_clone(), x.shallow_clone()]).unwrap_err();
+    assert!(matches!(e, Error::InputCount { got: 2, .. }), "{e}");
+    let e = model.forward(&[]).unwrap_err();
+    assert!(matches!(e, Error::InputCount { got: 0, .. }), "{e}");
+    // Wrong channel count: libtorch's error, first line only.
+    let bad = Tensor::zeros([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let e = model.forward(&[bad]).unwrap_err();
+    assert!(matches!(e, Error::Torch(_)), "{e}");
+    assert!(!e.to_string().contains('\n'), "one line: {e}");
+}
+
+#[test]
+fn multi_output_tuples_flatten_in_order() {
+    let model = Model::load(repo("models/digits_multi.pt"), Device::Cpu).unwrap();
+    let x = Tensor::zeros([3, 1, 32, 32], (Kind::Float, Device::Cpu));
+    let out = model.forward_named(&[x]).unwrap();
+    let shapes: Vec<_> = out.iter().map(|(n, t)| (n.clone(), t.size())).collect();
+    assert_eq!(shapes, vec![("0".to_string(), vec![3, 10]), ("1".to_string(), vec![3, 1])]);
+}
+
+#[test]
+fn closures_are_scores() {
+    let (model, _dir) = traced(&[x3()], |xs| vec![&xs[0] * &xs[0]], Device::Cpu);
+    // The score is the sum of each sample's outputs: d/dx = 2x.
+    let f = |o: &Tensor| o.f_sum_dim_intlist(1, false, None::<Kind>);
+    let g = model.gradients(&[x3()], &[&f as &dyn Score]).unwrap();
+    assert_close("grad", &g.inputs[0], &(x3() * 2.0), 0.0, 0.0);
+    // A closure returning one value for the whole batch is rejected.
+    let bad = |o: &Tensor| o.f_sum(None::<Kind>);
+    let e = model.gradients(&[x3()], &[&bad as &dyn Score]).unwrap_err();
+    assert!(matches!(e, Error::Score { index: 0, .. }), "{e}");
+}

@@ -1,1 +1,63 @@
+//! Helpers shared by the integration tests.
 
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Kind, Tensor};
+
+/// A path inside the repository.
+pub fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// Reads a `.npy` file written by numpy.
+pub fn npy(path: impl AsRef<Path>) -> Tensor {
+    let path = path.as_ref();
+    Tensor::read_npy(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// Asserts `|got - want| <= atol + rtol * |want|` everywhere, printing the
+/// worst element on failure.
+pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, rtol: f64, atol: f64) {
+    assert_eq!(
+        got.size(),
+        want.size(),
+        "{what}: shape\n  expected: {:?}\n       got: {:?}",
+        want.size(),
+        got.size()
+    );
+    let got = got.to_device(Device::Cpu).to_kind(Kind::Double);
+    let want = want.to_device(Device::Cpu).to_kind(Kind::Double);
+    let diff = (&got - &want).abs();
+    let allowed = want.abs() * rtol + atol;
+    let excess = &diff - &allowed;
+    let worst = excess.flatten(0, -1).argmax(0, false).int64_value(&[]);
+    let worst_excess = excess.flatten(0, -1).double_value(&[worst]);
+    if worst_excess > 0.0 {
+        panic!(
+            "{what}: not close (rtol {rtol:e}, atol {atol:e}) at flat index {worst}\n  expected: {}\n       got: {}\n  max |diff|: {:e}",
+            want.flatten(0, -1).double_value(&[worst]),
+            got.flatten(0, -1).double_value(&[worst]),
+            diff.max().double_value(&[]),
+        );
+    }
+}
+
+/// The largest relative difference `|got - want| / max(|want|, floor)`.
+pub fn max_rel_diff(got: &Tensor, want: &Tensor, floor: f64) -> f64 {
+    let got = got.to_device(Device::Cpu).to_kind(Kind::Double);
+    let want = want.to_device(Device::Cpu).to_kind(Kind::Double);
+    let denom = want.abs().clamp_min(floor);
+    ((&got - &want).abs() / denom).max().double_value(&[])
+}
+
+/// Every device to test on: the CPU, and CUDA when present (tests print
+/// "skipped: no CUDA" otherwise, so they never pass silently on CUDA).
+pub fn devices() -> Vec<Device> {
+    let mut v = vec![Device::Cpu];
+    if tch::Cuda::is_available() {
+        v.push(Device::Cuda(0));
+    } else {
+        eprintln!("skipped on CUDA: no CUDA");
+    }
+    v
+}
