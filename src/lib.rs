@@ -52,4 +52,4 @@ pub mod scores;
 
 pub use device::{device_name, DeviceSpec};
 pub use error::{Error, Result};
-pub use model::{Gradients, Model};
+pub use model::{Gradients, Model, Precision};
