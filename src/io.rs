@@ -1,1 +1,414 @@
-//! (in progress)
+//! Files: the sorted recursive walk of an image folder, shards, atomic
+//! writes and `.npy` output.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tch::Tensor;
+
+use crate::error::{Error, Result};
+
+/// One file found under the walked folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The path relative to the folder, `/`-joined (lossy for names that are
+    /// not UTF-8).
+    pub rel: String,
+    /// The full path.
+    pub path: PathBuf,
+    /// Why this entry cannot be read as a file, when it cannot: a symlink
+    /// loop, a dangling link, an unreadable directory, a non-UTF-8 name, a
+    /// FIFO or device.
+    pub problem: Option<String>,
+}
+
+/// Most directory levels followed below the root.
+const MAX_DEPTH: usize = 256;
+
+/// Every file under `root`, recursively, sorted by [`Entry::rel`] in byte
+/// order. Symlinks are followed; a link back to a directory being walked
+/// (a loop), a dangling link, an unreadable subdirectory and anything that
+/// is not a regular file is returned as an entry with a
+/// [`problem`](Entry::problem), so the walk always ends and a caller can
+/// report it. Directories whose canonical path is in `exclude` are skipped
+/// (for an output folder inside the input folder).
+///
+/// # Errors
+/// [`Error::Io`] when `root` itself cannot be read or is not a directory.
+pub fn walk(root: &Path, exclude: &[PathBuf]) -> Result<Vec<Entry>> {
+    let meta = fs::metadata(root).map_err(|e| Error::io(root, e))?;
+    if !meta.is_dir() {
+        return Err(Error::io(
+            root,
+            std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
+        ));
+    }
+    // Fail early if the root itself cannot be listed.
+    fs::read_dir(root).map_err(|e| Error::io(root, e))?;
+    let exclude: HashSet<PathBuf> = exclude
+        .iter()
+        .filter_map(|p| fs::canonicalize(p).ok())
+        .collect();
+    let mut out = Vec::new();
+    let mut ancestors = Vec::new();
+    visit(root, "", &meta, &exclude, &mut ancestors, &mut out);
+    out.sort_by(|a, b| a.rel.cmp(&b.rel));
+    Ok(out)
+}
+
+fn dir_id(meta: &fs::Metadata, path: &Path) -> (u64, u64) {
+    #[cfg(unix)]
+    {
+        let _ = path;
+        use std::os::unix::fs::MetadataExt;
+        (meta.dev(), meta.ino())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        let canon = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let mut h = 0u64;
+        for b in canon.to_string_lossy().bytes() {
+            h = h.wrapping_mul(31).wrapping_add(u64::from(b));
+        }
+        (0, h)
+    }
+}
+
+fn visit(
+    dir: &Path,
+    prefix: &str,
+    meta: &fs::Metadata,
+    exclude: &HashSet<PathBuf>,
+    ancestors: &mut Vec<(u64, u64)>,
+    out: &mut Vec<Entry>,
+) {
+    let problem = |out: &mut Vec<Entry>, rel: &str, path: &Path, why: String| {
+        out.push(Entry {
+            rel: rel.to_string(),
+            path: path.to_path_buf(),
+            problem: Some(why),
+        });
+    };
+    if ancestors.len() >= MAX_DEPTH {
+        problem(out, prefix, dir, format!("more than {MAX_DEPTH} directory levels"));
+        return;
+    }
+    let id = dir_id(meta, dir);
+    if ancestors.contains(&id) {
+        problem(
+            out,
+            prefix,
+            dir,
+            "symlink loop: links back to a directory above it".into(),
+        );
+        return;
+    }
+    let read = match fs::read_dir(dir) {
+        Ok(r) => r,
+        Err(e) => {
+            problem(out, prefix, dir, format!("cannot read directory: {e}"));
+            return;
+        }
+    };
+    ancestors.push(id);
+    for item in read {
+        let item = match item {
+            Ok(i) => i,
+            Err(e) => {
+                problem(out, prefix, dir, format!("cannot read directory: {e}"));
+                continue;
+            }
+        };
+        let path = item.path();
+        let name = item.file_name();
+        let (name, utf8) = match name.to_str() {
+            Some(n) => (n.to_string(), true),
+            None => (name.to_string_lossy().into_owned(), false),
+        };
+        let rel = if prefix.is_empty() {
+            name
+        } else {
+            format!("{prefix}/{name}")
+        };
+        if !utf8 {
+            problem(out, &rel, &path, "file name is not valid UTF-8".into());
+            continue;
+        }
+        // Follows symlinks.
+        let meta = match fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) => {
+                let why = if item.file_type().map(|t| t.is_symlink()).unwrap_or(false) {
+                    format!("broken or looping symlink: {e}")
+                } else {
+                    e.to_string()
+                };
+                problem(out, &rel, &path, why);
+                continue;
+            }
+        };
+        if meta.is_dir() {
+            if let Ok(canon) = fs::canonicalize(&path) {
+                if exclude.contains(&canon) {
+                    continue;
+                }
+            }
+            visit(&path, &rel, &meta, exclude, ancestors, out);
+        } else if meta.is_file() {
+            out.push(Entry {
+                rel,
+                path,
+                problem: None,
+            });
+        } else {
+            problem(out, &rel, &path, "not a regular file".into());
+        }
+    }
+    ancestors.pop();
+}
+
+/// A shard of a sorted list: the items whose index is `index` modulo
+/// `count`. Written `K/N`, K from 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// K: this shard, `0 <= K < N`.
+    pub index: usize,
+    /// N: the number of shards, at least 1.
+    pub count: usize,
+}
+
+impl Shard {
+    /// Shard `index` of `count`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] unless `count >= 1` and `index < count`.
+    pub fn new(index: usize, count: usize) -> Result<Self> {
+        if count == 0 || index >= count {
+            return Err(Error::InvalidValue {
+                what: "shard (K/N needs N >= 1 and 0 <= K < N)",
+                value: format!("{index}/{count}"),
+            });
+        }
+        Ok(Shard { index, count })
+    }
+
+    /// The whole list (shard 0 of 1).
+    pub fn all() -> Self {
+        Shard { index: 0, count: 1 }
+    }
+
+    /// Whether the item at `position` of the full list belongs to this shard.
+    pub fn contains(&self, position: usize) -> bool {
+        position % self.count == self.index
+    }
+}
+
+impl FromStr for Shard {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::InvalidValue {
+            what: "shard (expected K/N, e.g. 0/4)",
+            value: s.to_string(),
+        };
+        let (k, n) = s.trim().split_once('/').ok_or_else(bad)?;
+        let k = k.trim().parse::<usize>().map_err(|_| bad())?;
+        let n = n.trim().parse::<usize>().map_err(|_| bad())?;
+        Shard::new(k, n)
+    }
+}
+
+impl fmt::Display for Shard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// The marker in temporary file names (see [`temp_path`]).
+pub const TEMP_MARK: &str = ".tch-vis-tmp.";
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn host() -> String {
+    let name = fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "host".into());
+    name.trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .collect()
+}
+
+/// A temporary name beside `path`, unique to this process and call:
+/// `.NAME.tch-vis-tmp.HOST.PID.N`.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = format!(".{name}{TEMP_MARK}{}.{}.{n}", host(), std::process::id());
+    path.with_file_name(tmp)
+}
+
+fn ensure_parent(path: &Path) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        if !parent.as_os_str().is_empty() {
+            fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+    }
+    Ok(())
+}
+
+fn commit(tmp: &Path, path: &Path) -> Result<()> {
+    fs::rename(tmp, path).map_err(|e| {
+        let _ = fs::remove_file(tmp);
+        Error::io(path, e)
+    })
+}
+
+/// Writes `bytes` to `path` so that `path` appears whole or not at all:
+/// written to a temporary name in the same directory, then renamed.
+/// Parent directories are created.
+///
+/// # Errors
+/// [`Error::Io`] when a directory cannot be created or the file written.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    ensure_parent(path)?;
+    let tmp = temp_path(path);
+    let written = fs::File::create(&tmp).and_then(|mut f| f.write_all(bytes));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    commit(&tmp, path)
+}
+
+/// Writes `tensor` as a `.npy` file (tch's writer, dtype and shape kept),
+/// atomically as [`write_atomic`].
+///
+/// # Errors
+/// [`Error::Io`] when a directory cannot be created or the file written.
+pub fn write_npy_atomic(path: &Path, tensor: &Tensor) -> Result<()> {
+    ensure_parent(path)?;
+    let tmp = temp_path(path);
+    if let Err(e) = tensor.f_contiguous().and_then(|t| t.write_npy(&tmp)) {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(path, std::io::Error::other(e.to_string())));
+    }
+    commit(&tmp, path)
+}
+
+/// Removes temporary files (see [`temp_path`]) left under `root` by
+/// processes of this host that no longer run (after a `kill -9`), so a
+/// resumed run leaves the same files as an uninterrupted one. Returns how
+/// many were removed. Files of live processes and of other hosts are kept.
+pub fn remove_stale_temps(root: &Path) -> usize {
+    let me = host();
+    let mut removed = 0;
+    let mut stack = vec![root.to_path_buf()];
+    let mut seen = HashSet::new();
+    while let Some(dir) = stack.pop() {
+        let Ok(canon) = fs::canonicalize(&dir) else {
+            continue;
+        };
+        if !seen.insert(canon) {
+            continue;
+        }
+        let Ok(read) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for item in read.flatten() {
+            let path = item.path();
+            let Ok(ft) = item.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let name = item.file_name().to_string_lossy().into_owned();
+            let Some((_, tail)) = name.split_once(TEMP_MARK) else {
+                continue;
+            };
+            let mut parts = tail.rsplitn(3, '.');
+            let (_n, pid, h) = (parts.next(), parts.next(), parts.next());
+            let (Some(pid), Some(h)) = (pid, h) else {
+                continue;
+            };
+            if h != me {
+                continue;
+            }
+            let alive = pid.parse::<u32>().is_ok_and(|p| {
+                p == std::process::id() || Path::new(&format!("/proc/{p}")).exists()
+            });
+            if !alive && fs::remove_file(&path).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_parse_and_partition() {
+        let s: Shard = "1/3".parse().unwrap();
+        assert_eq!(s, Shard { index: 1, count: 3 });
+        let picked: Vec<usize> = (0..8).filter(|&i| s.contains(i)).collect();
+        assert_eq!(picked, vec![1, 4, 7]);
+        for bad in ["3/3", "0/0", "1", "a/2", "-1/2", "1/2/3"] {
+            assert!(bad.parse::<Shard>().is_err(), "{bad}");
+        }
+        let mut all: Vec<usize> = (0..4)
+            .flat_map(|k| (0..10).filter(move |&i| Shard { index: k, count: 4 }.contains(i)))
+            .collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn atomic_writes_leave_no_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a/b/c.txt");
+        write_atomic(&p, b"hello").unwrap();
+        write_atomic(&p, b"world").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"world");
+        let names: Vec<_> = fs::read_dir(p.parent().unwrap()).unwrap().collect();
+        assert_eq!(names.len(), 1);
+        let t = Tensor::from_slice(&[1f32, 2., 3., 4.]).view([2, 2]);
+        let q = dir.path().join("x.npy");
+        write_npy_atomic(&q, &t).unwrap();
+        assert!(Tensor::read_npy(&q).unwrap().equal(&t));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn walk_is_sorted_and_survives_loops() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("b/c")).unwrap();
+        fs::write(root.join("b/c/z.png"), b"").unwrap();
+        fs::write(root.join("a.png"), b"").unwrap();
+        fs::write(root.join("B.png"), b"").unwrap();
+        std::os::unix::fs::symlink(root.join("b"), root.join("b/c/up")).unwrap();
+        std::os::unix::fs::symlink("self", root.join("self")).unwrap();
+        let entries = walk(root, &[]).unwrap();
+        let rels: Vec<_> = entries.iter().map(|e| e.rel.as_str()).collect();
+        assert_eq!(rels, vec!["B.png", "a.png", "b/c/up", "b/c/z.png", "self"]);
+        assert!(entries[2].problem.is_some() && entries[4].problem.is_some());
+        assert!(entries[3].problem.is_none());
+        assert!(walk(&root.join("a.png"), &[]).is_err());
+        assert!(walk(&root.join("nope"), &[]).is_err());
+        let excluded = walk(root, &[root.join("b")]).unwrap();
+        assert_eq!(excluded.len(), 3);
+    }
+}

@@ -1,1 +1,404 @@
-//! (in progress)
+//! Vanilla saliency and SmoothGrad.
+//!
+//! - Vanilla saliency (Simonyan et al., 2013, "Deep Inside Convolutional
+//!   Networks"): the gradient of the score with respect to the input.
+//! - SmoothGrad (Smilkov et al., 2017, "SmoothGrad: removing noise by adding
+//!   noise"): the gradient averaged over noisy copies of the input.
+//!
+//! Exact semantics, as tf-keras-vis's `Saliency`, adapted to PyTorch's
+//! channels-first layout:
+//! - with `smooth_samples = S > 0`, for each sample `s` Gaussian noise with
+//!   `σ = smooth_noise × (max − min)` of *that image's* input tensor is
+//!   added, `|gradient|` is taken, and the `S` results are averaged;
+//!   with `S = 0` the plain `|gradient|` is used;
+//! - the map is the maximum over the channel axis (dim 1, for inputs of rank
+//!   ≥ 3) of that, then normalised per image to
+//!   `(m − min) / (max − min + 1e-7)`;
+//! - [`SaliencyMaps::gradients`] also gives the *signed* gradient averaged
+//!   over the same samples (the plain gradient when `S = 0`), which neither
+//!   tf-keras-vis nor captum returns.
+//!
+//! Noise is drawn on the CPU from a counter-based generator (SplitMix64 and
+//! Box–Muller) keyed by `(seed, key of the image, sample)`, so it is the
+//! same on every device, for every batch size and chunking, and for every
+//! order in which images are processed. By default an image's key is its
+//! index in the batch; [`Saliency::compute_keyed`] takes keys from the
+//! caller (the command line uses a hash of the image's relative path, so
+//! sharded and resumed runs give the same maps). This differs from
+//! tf-keras-vis and captum, whose noise comes from the framework's global
+//! generator.
+//!
+//! Samples are processed one at a time, so memory stays that of one
+//! gradient pass of the batch whatever `S` is.
+
+use tch::{Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::scores::Score;
+
+/// Saliency maps, their gradients and scores, as returned by
+/// [`Saliency::compute`]. All tensors are detached and on the device of the
+/// inputs given.
+#[derive(Debug)]
+pub struct SaliencyMaps {
+    /// One normalised map per input: `(N, H, W)` for an `(N, C, H, W)` input
+    /// (the input's own shape for inputs of rank ≤ 2), values in `[0, 1)`.
+    pub maps: Vec<Tensor>,
+    /// One signed gradient per input, same shape as the input: averaged over
+    /// the SmoothGrad samples, or the plain gradient without SmoothGrad.
+    pub gradients: Vec<Tensor>,
+    /// One `[N]` tensor per model output: the scores of the inputs as given
+    /// (without noise).
+    pub scores: Vec<Tensor>,
+}
+
+/// Vanilla saliency and SmoothGrad on a [`Model`].
+///
+/// ```no_run
+/// use tch::{Device, Kind, Tensor};
+/// use tch_vis::{saliency::Saliency, scores::{CategoricalScore, Score}, Model};
+/// # fn main() -> tch_vis::Result<()> {
+/// let model = Model::load("models/digits_cnn.pt", Device::Cpu)?;
+/// let x = Tensor::randn([4, 1, 32, 32], (Kind::Float, Device::Cpu));
+/// let score = CategoricalScore::new(3)?;
+/// let out = Saliency::new(&model)
+///     .smooth_samples(20)
+///     .smooth_noise(0.2)
+///     .seed(7)
+///     .compute(&[x], &[&score as &dyn Score])?;
+/// assert_eq!(out.maps[0].size(), vec![4, 32, 32]);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct Saliency<'a> {
+    model: &'a Model,
+    smooth_samples: usize,
+    smooth_noise: f64,
+    seed: u64,
+}
+
+impl<'a> Saliency<'a> {
+    /// Vanilla saliency on `model` (no SmoothGrad, noise level 0.2, seed 0).
+    pub fn new(model: &'a Model) -> Self {
+        Saliency {
+            model,
+            smooth_samples: 0,
+            smooth_noise: 0.2,
+            seed: 0,
+        }
+    }
+
+    /// The number of SmoothGrad samples (0: vanilla saliency).
+    pub fn smooth_samples(mut self, n: usize) -> Self {
+        self.smooth_samples = n;
+        self
+    }
+
+    /// The noise level: σ = `f` × (max − min) of each image's input.
+    pub fn smooth_noise(mut self, f: f64) -> Self {
+        self.smooth_noise = f;
+        self
+    }
+
+    /// The seed of the SmoothGrad noise.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Computes the maps of `inputs` for `scores` (one score per model
+    /// output). Image `n` of the batch uses noise key `n`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] for a negative or non-finite noise level; the
+    /// errors of [`Model::gradients`].
+    pub fn compute(&self, inputs: &[Tensor], scores: &[&dyn Score]) -> Result<SaliencyMaps> {
+        let batch = match inputs.first() {
+            Some(x) => x.size().first().copied().unwrap_or(1).max(0) as u64,
+            None => 0,
+        };
+        let keys: Vec<u64> = (0..batch).collect();
+        self.compute_keyed(inputs, scores, &keys)
+    }
+
+    /// As [`Saliency::compute`], with the noise key of every image of the
+    /// batch given (one per sample of dim 0).
+    ///
+    /// # Errors
+    /// [`Error::BatchMismatch`] when `keys` does not have one key per image;
+    /// otherwise as [`Saliency::compute`].
+    pub fn compute_keyed(
+        &self,
+        inputs: &[Tensor],
+        scores: &[&dyn Score],
+        keys: &[u64],
+    ) -> Result<SaliencyMaps> {
+        if !self.smooth_noise.is_finite() || self.smooth_noise < 0.0 {
+            return Err(Error::InvalidValue {
+                what: "smooth noise",
+                value: self.smooth_noise.to_string(),
+            });
+        }
+        if self.smooth_samples == 0 {
+            let plain = self.model.gradients(inputs, scores)?;
+            let maps = plain
+                .inputs
+                .iter()
+                .map(|g| normalized_map(&g.f_abs()?))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(SaliencyMaps {
+                maps,
+                gradients: plain.inputs,
+                scores: plain.scores,
+            });
+        }
+        let clean_scores = self.clean_scores(inputs, scores)?;
+        for x in inputs {
+            let n = x.size().first().copied().unwrap_or(0);
+            if usize::try_from(n).unwrap_or(0) != keys.len() {
+                return Err(Error::BatchMismatch {
+                    what: "noise keys",
+                    expected: usize::try_from(n).unwrap_or(0),
+                    got: keys.len(),
+                });
+            }
+        }
+        let sigmas = inputs
+            .iter()
+            .map(|x| self.sigmas(x))
+            .collect::<Result<Vec<_>>>()?;
+        let mut abs_sum: Vec<Option<Tensor>> = inputs.iter().map(|_| None).collect();
+        let mut signed_sum: Vec<Option<Tensor>> = inputs.iter().map(|_| None).collect();
+        for s in 0..self.smooth_samples {
+            let noisy = inputs
+                .iter()
+                .enumerate()
+                .map(|(i, x)| {
+                    let noise = gaussian_like(x, self.seed, i as u64, s as u64, keys)?;
+                    Ok(x.f_detach()?.f_add(&noise.f_mul(&sigmas[i])?)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let g = self.model.gradients(&noisy, scores)?;
+            for (i, grad) in g.inputs.into_iter().enumerate() {
+                let abs = grad.f_abs()?;
+                abs_sum[i] = Some(match abs_sum[i].take() {
+                    None => abs,
+                    Some(acc) => acc.f_add(&abs)?,
+                });
+                signed_sum[i] = Some(match signed_sum[i].take() {
+                    None => grad,
+                    Some(acc) => acc.f_add(&grad)?,
+                });
+            }
+        }
+        let count = self.smooth_samples as f64;
+        let mut maps = Vec::with_capacity(inputs.len());
+        let mut gradients = Vec::with_capacity(inputs.len());
+        for (a, s) in abs_sum.into_iter().zip(signed_sum) {
+            let (Some(a), Some(s)) = (a, s) else {
+                return Err(Error::Empty {
+                    what: "smoothgrad samples",
+                });
+            };
+            maps.push(normalized_map(&a.f_div_scalar(count)?)?);
+            gradients.push(s.f_div_scalar(count)?);
+        }
+        Ok(SaliencyMaps {
+            maps,
+            gradients,
+            scores: clean_scores,
+        })
+    }
+
+    /// The scores of the inputs as given, from one forward pass without
+    /// gradient.
+    fn clean_scores(&self, inputs: &[Tensor], scores: &[&dyn Score]) -> Result<Vec<Tensor>> {
+        let outputs = self.model.forward(inputs)?;
+        if outputs.len() != scores.len() {
+            return Err(Error::ScoreCount {
+                outputs: outputs.len(),
+                scores: scores.len(),
+            });
+        }
+        let _guard = tch::no_grad_guard();
+        outputs
+            .iter()
+            .zip(scores)
+            .enumerate()
+            .map(|(index, (out, score))| {
+                let v = crate::scores::evaluate(*score, out).map_err(|e| Error::Score {
+                    index,
+                    name: score.name().to_string(),
+                    source: Box::new(e),
+                })?;
+                let device = inputs.first().map_or(tch::Device::Cpu, Tensor::device);
+                Ok(v.f_to_device(device)?)
+            })
+            .collect()
+    }
+
+    /// σ per image, shaped to broadcast over the input: `(N, 1, ..., 1)`.
+    fn sigmas(&self, x: &Tensor) -> Result<Tensor> {
+        let size = x.size();
+        let n = size.first().copied().unwrap_or(1);
+        let flat = x.f_detach()?.f_reshape([n, -1])?;
+        let range = flat
+            .f_amax(1, false)?
+            .f_sub(&flat.f_amin(1, false)?)?
+            .f_mul_scalar(self.smooth_noise)?;
+        let mut shape = vec![n];
+        shape.extend(std::iter::repeat_n(1, size.len().saturating_sub(1)));
+        Ok(range.f_reshape(shape)?)
+    }
+}
+
+/// Max over channels (dim 1, for rank ≥ 3) of a non-negative gradient
+/// magnitude, then `(m − min) / (max − min + 1e-7)` per image.
+///
+/// # Errors
+/// [`Error::Shape`] for a 0-d tensor; [`Error::Torch`] if an op fails.
+pub fn normalized_map(magnitude: &Tensor) -> Result<Tensor> {
+    let size = magnitude.size();
+    if size.is_empty() {
+        return Err(Error::shape("gradient", "(N, ...)", &size));
+    }
+    let m = if size.len() >= 3 {
+        magnitude.f_amax(1, false)?
+    } else {
+        magnitude.shallow_clone()
+    };
+    normalize_per_sample(&m)
+}
+
+/// `(m − min) / (max − min + 1e-7)` with min and max over every axis but
+/// the first (tf-keras-vis's `normalize`).
+///
+/// # Errors
+/// [`Error::Torch`] if an op fails.
+pub fn normalize_per_sample(m: &Tensor) -> Result<Tensor> {
+    let size = m.size();
+    let n = size.first().copied().unwrap_or(1);
+    let mut bshape = vec![n];
+    bshape.extend(std::iter::repeat_n(1, size.len().saturating_sub(1)));
+    let flat = m.f_reshape([n, -1])?;
+    let min = flat.f_amin(1, false)?.f_reshape(bshape.as_slice())?;
+    let max = flat.f_amax(1, false)?.f_reshape(bshape.as_slice())?;
+    Ok(m.f_sub(&min)?.f_div(&max.f_sub(&min)?.f_add_scalar(1e-7)?)?)
+}
+
+/// Standard normal noise shaped like `x` (`(N, ...)`), image `n` drawn from
+/// the stream `(seed, input, keys[n], sample)`.
+fn gaussian_like(x: &Tensor, seed: u64, input: u64, sample: u64, keys: &[u64]) -> Result<Tensor> {
+    let size = x.size();
+    let per: usize = size
+        .iter()
+        .skip(1)
+        .map(|&d| usize::try_from(d).unwrap_or(0))
+        .product();
+    let mut data = vec![0f32; per * keys.len()];
+    for (chunk, &key) in data.chunks_mut(per.max(1)).zip(keys) {
+        let mut rng = SplitMix64::new(mix(&[seed, input, key, sample]));
+        fill_normal(&mut rng, chunk);
+    }
+    Ok(Tensor::f_from_slice(&data)?
+        .f_reshape(size.as_slice())?
+        .f_to_device(x.device())?
+        .f_to_kind(match x.kind() {
+            Kind::Double => Kind::Double,
+            _ => Kind::Float,
+        })?)
+}
+
+fn mix(parts: &[u64]) -> u64 {
+    let mut h = 0x243F_6A88_85A3_08D3u64;
+    for &p in parts {
+        h = SplitMix64::new(h ^ p).next_u64();
+    }
+    h
+}
+
+/// SplitMix64 (Steele, Lea and Flood, 2014).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1].
+    fn next_open(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    }
+}
+
+fn fill_normal(rng: &mut SplitMix64, out: &mut [f32]) {
+    let mut pairs = out.chunks_mut(2);
+    for pair in &mut pairs {
+        let u1 = rng.next_open();
+        let u2 = rng.next_open();
+        let r = (-2.0 * u1.ln()).sqrt();
+        let t = std::f64::consts::TAU * u2;
+        pair[0] = (r * t.cos()) as f32;
+        if let Some(second) = pair.get_mut(1) {
+            *second = (r * t.sin()) as f32;
+        }
+    }
+}
+
+/// A stable 64-bit key for a name (FNV-1a), for [`Saliency::compute_keyed`].
+pub fn key_for(name: &str) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in name.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn normalisation_is_per_sample_min_max() {
+        let g = Tensor::from_slice(&[1f32, 3., 2., 5., 0., 0., 0., 4.]).view([2, 1, 2, 2]);
+        let m = normalized_map(&g).unwrap();
+        assert_eq!(m.size(), vec![2, 2, 2]);
+        let v = Vec::<f32>::try_from(&m.reshape([-1])).unwrap();
+        let want = [0.0, 0.5, 0.25, 1.0, 0.0, 0.0, 0.0, 1.0];
+        for (a, b) in v.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn channel_max_comes_first() {
+        // channels [1, 0] and [0, 2]: max over channels = [1, 2] -> [0, 1].
+        let g = Tensor::from_slice(&[1f32, 0., 0., 2.]).view([1, 2, 1, 2]);
+        let v = Vec::<f32>::try_from(&normalized_map(&g).unwrap().reshape([-1])).unwrap();
+        assert!(v[0].abs() < 1e-6 && (v[1] - 1.0).abs() < 1e-6, "{v:?}");
+    }
+
+    #[test]
+    fn noise_is_keyed_and_standard() {
+        let x = Tensor::zeros([2, 1, 50, 40], (Kind::Float, Device::Cpu));
+        let a = gaussian_like(&x, 1, 0, 0, &[10, 11]).unwrap();
+        let b = gaussian_like(&x.narrow(0, 1, 1), 1, 0, 0, &[11]).unwrap();
+        assert!(a.narrow(0, 1, 1).equal(&b), "image noise depends on its key only");
+        let mean = a.mean(Kind::Float).double_value(&[]);
+        let std = a.std(true).double_value(&[]);
+        assert!(mean.abs() < 0.05 && (std - 1.0).abs() < 0.05, "{mean} {std}");
+        let c = gaussian_like(&x, 2, 0, 0, &[10, 11]).unwrap();
+        assert!(!a.equal(&c));
+    }
+}

@@ -47,6 +47,7 @@ pub use categorical::{
 };
 pub use inactive::InactiveScore;
 pub use regression::RegressionScore;
+pub use spec::ScoreSpec;
 
 /// A score: maps a model output to one value per sample.
 ///
