@@ -50,6 +50,11 @@ pub mod preprocess;
 pub mod saliency;
 pub mod scores;
 
+/// The README's examples, compiled as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 pub use device::{device_name, DeviceSpec};
 pub use error::{Error, Result};
 pub use model::{Gradients, Model, Precision};

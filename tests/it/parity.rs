@@ -9,7 +9,7 @@ use tch::{Device, Tensor};
 use tch_vis::scores::{BinaryScore, CategoricalScore, InactiveScore, RegressionScore, Score};
 use tch_vis::Model;
 
-use crate::util::{assert_close, devices, npy, repo};
+use crate::util::{assert_close, devices, max_rel_diff, npy, repo};
 
 #[derive(Deserialize)]
 struct Manifest {
@@ -81,7 +81,17 @@ fn run_case(case: &Case, m: &Manifest, device: Device) {
     assert_eq!(g.inputs.len(), case.grads.len());
     for (i, (gi, f)) in g.inputs.iter().zip(&case.grads).enumerate() {
         assert_eq!(gi.kind(), inputs[i].kind(), "gradient dtype");
-        assert_close(&what("grad", i), gi, &npy(dir.join(f)), m.rtol, m.atol);
+        let want = npy(dir.join(f));
+        assert_close(&what("grad", i), gi, &want, m.rtol, m.atol);
+        // Relative to the gradient's own scale (values below 1e-3 of the
+        // largest one count at that floor).
+        let floor = want.abs().max().double_value(&[]) * 1e-3;
+        println!(
+            "parity {} {device:?} grad {i}: max |diff| {:.2e}, max rel diff {:.2e}",
+            case.name,
+            (gi.to_device(Device::Cpu) - &want).abs().max().double_value(&[]),
+            max_rel_diff(gi, &want, floor.max(1e-30)),
+        );
     }
 }
 
