@@ -1,0 +1,279 @@
+//! Command-line flags (clap derive) and their validation into a [`Job`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use tch_vis::io::Shard;
+use tch_vis::scores::ScoreSpec;
+use tch_vis::DeviceSpec;
+
+use crate::job::{Job, Mode};
+
+const ABOUT: &str = "tf-keras-vis scores, saliency maps and SmoothGrad for TorchScript models, over folders of images";
+
+const AFTER: &str = "\
+Exit status: 0 the run finished (also when some inputs failed; see report.json),
+1 the run failed while processing, or --strict and some inputs failed,
+2 bad usage or a problem found before the first image (flags, SPECs that do not
+fit the model, unreadable model/sidecar/DIR, CUDA unavailable); nothing is written.";
+
+/// tch-vis: explain what a TorchScript model sees in your images.
+#[derive(Debug, Parser)]
+#[command(name = "tch-vis", version, about = ABOUT, after_help = AFTER)]
+pub struct Cli {
+    /// What to compute.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Scores, input gradients and saliency maps (vanilla or SmoothGrad) for
+    /// every image under DIR: REL.saliency.png, REL.saliency.npy
+    /// [REL.grad.npy], scores.csv and report.json under OUT.
+    #[command(after_help = AFTER)]
+    Saliency(SaliencyArgs),
+    /// Scores only (one forward pass, no gradients): scores.csv and
+    /// report.json under OUT.
+    #[command(after_help = AFTER)]
+    Scores(CommonArgs),
+}
+
+/// Flags of both subcommands.
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    /// TorchScript model file M.pt; its preprocessing is read from the
+    /// sidecar M.json beside it ({"input_size": [H, W], "channels": 1|3,
+    /// "mean": [...], "std": [...], "labels": [...]}).
+    #[arg(long, value_name = "M.pt")]
+    pub model: PathBuf,
+
+    /// Folder of images, walked recursively in sorted order (relative path,
+    /// byte order). Files that are not decodable images are recorded as
+    /// failed in report.json and the run goes on.
+    #[arg(long, value_name = "DIR")]
+    pub images: PathBuf,
+
+    /// Output folder; outputs mirror each image's relative path REL.
+    #[arg(long, value_name = "OUT")]
+    pub out: PathBuf,
+
+    /// Score of one model output, repeatable, one per output in order:
+    /// categorical:I (class I of every image), binary:true|false|1|0,
+    /// regression:increase, regression:decrease, regression:maintain=T,
+    /// inactive (keeps an output connected, no gradient), predicted (each
+    /// image's argmax class). Default for a single-output model: predicted.
+    #[arg(long = "score", value_name = "SPEC", value_parser = parse_spec)]
+    pub scores: Vec<ScoreSpec>,
+
+    /// Device: auto (CUDA if available, else CPU), cpu, cuda or cuda:N.
+    #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceSpec,
+
+    /// Images per model batch.
+    #[arg(long, value_name = "N", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub batch_size: u32,
+
+    /// Process only the files whose index in the sorted list of ALL files
+    /// found (decodable or not) is K modulo N, K from 0. Without it, taken
+    /// from SLURM_ARRAY_TASK_ID (minus SLURM_ARRAY_TASK_MIN) and
+    /// SLURM_ARRAY_TASK_COUNT, or from JOB_COMPLETION_INDEX (Kubernetes
+    /// Indexed Job) with --shard-count, when set.
+    #[arg(long, value_name = "K/N", value_parser = parse_shard)]
+    pub shard: Option<Shard>,
+
+    /// Number of shards N when the shard index comes from the environment
+    /// (JOB_COMPLETION_INDEX; overrides SLURM_ARRAY_TASK_COUNT).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub shard_count: Option<u32>,
+
+    /// Recompute every image, even those whose outputs exist.
+    #[arg(long)]
+    pub overwrite: bool,
+
+    /// Exit with status 1 if any input failed (the run still finishes).
+    #[arg(long)]
+    pub strict: bool,
+}
+
+/// Flags of `tch-vis saliency`.
+#[derive(Debug, Args)]
+pub struct SaliencyArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// SmoothGrad samples per image (0: vanilla saliency). For each sample,
+    /// Gaussian noise with sigma = F x (max - min) of the image's input is
+    /// added; |gradient| is averaged over the samples.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub smooth_samples: u32,
+
+    /// SmoothGrad noise level F (sigma = F x (max - min) of each input).
+    #[arg(long, value_name = "F", default_value_t = 0.2, value_parser = parse_noise)]
+    pub smooth_noise: f64,
+
+    /// Seed of the SmoothGrad noise. An image's noise depends only on the
+    /// seed and its relative path, so batches, shards and reruns agree.
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+
+    /// Also write REL.grad.npy: the signed input gradient (C, H, W), float32,
+    /// averaged over the SmoothGrad samples.
+    #[arg(long)]
+    pub save_npy: bool,
+}
+
+fn parse_spec(s: &str) -> Result<ScoreSpec, String> {
+    s.parse::<ScoreSpec>().map_err(|e| e.to_string())
+}
+
+fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+    s.parse::<DeviceSpec>().map_err(|e| e.to_string())
+}
+
+fn parse_shard(s: &str) -> Result<Shard, String> {
+    s.parse::<Shard>().map_err(|e| e.to_string())
+}
+
+fn parse_noise(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(f) if f.is_finite() && f >= 0.0 => Ok(f),
+        _ => Err(format!("{s:?} is not a finite number >= 0")),
+    }
+}
+
+/// Where the shard came from, for the report.
+fn shard_from_env(
+    flag: Option<Shard>,
+    count: Option<u32>,
+    var: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Shard, String), String> {
+    if let Some(s) = flag {
+        return Ok((s, "--shard".into()));
+    }
+    let num = |name: &str| -> Result<Option<usize>, String> {
+        match var(name) {
+            None => Ok(None),
+            Some(v) if v.trim().is_empty() => Ok(None),
+            Some(v) => v
+                .trim()
+                .parse::<usize>()
+                .map(Some)
+                .map_err(|_| format!("{name}={v:?} is not a non-negative integer")),
+        }
+    };
+    let count = count.map(|c| c as usize);
+    if let Some(id) = num("SLURM_ARRAY_TASK_ID")? {
+        let min = num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+        let n = match count.or(num("SLURM_ARRAY_TASK_COUNT")?) {
+            Some(n) => n,
+            None => {
+                return Err(
+                    "SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not; pass --shard-count N or --shard K/N".into(),
+                )
+            }
+        };
+        let k = id.checked_sub(min).ok_or_else(|| {
+            format!("SLURM_ARRAY_TASK_ID={id} is below SLURM_ARRAY_TASK_MIN={min}")
+        })?;
+        let s = Shard::new(k, n).map_err(|e| format!("shard from Slurm: {e}"))?;
+        return Ok((s, "slurm".into()));
+    }
+    if let Some(k) = num("JOB_COMPLETION_INDEX")? {
+        let Some(n) = count else {
+            return Err(
+                "JOB_COMPLETION_INDEX is set: pass --shard-count N (the Indexed Job's completions) or --shard K/N".into(),
+            );
+        };
+        let s = Shard::new(k, n).map_err(|e| format!("shard from JOB_COMPLETION_INDEX: {e}"))?;
+        return Ok((s, "kubernetes".into()));
+    }
+    if let Some(n) = count {
+        return Err(format!(
+            "--shard-count {n} needs a shard index from SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX"
+        ));
+    }
+    Ok((Shard::all(), "none".into()))
+}
+
+impl Cli {
+    /// Validates the flags into a job.
+    pub fn into_job(self) -> Result<Job, String> {
+        let (mode, common, smooth_samples, smooth_noise, seed, save_npy) = match self.command {
+            Command::Saliency(a) => (
+                Mode::Saliency,
+                a.common,
+                a.smooth_samples as usize,
+                a.smooth_noise,
+                a.seed,
+                a.save_npy,
+            ),
+            Command::Scores(c) => (Mode::Scores, c, 0, 0.2, 0, false),
+        };
+        for spec in &common.scores {
+            if let ScoreSpec::Categorical(v) = spec {
+                if v.len() != 1 {
+                    return Err(format!(
+                        "invalid score \"{spec}\": the command line applies one class to every image (categorical:I)"
+                    ));
+                }
+            }
+        }
+        let (shard, shard_source) = shard_from_env(common.shard, common.shard_count, &|name| {
+            std::env::var(name).ok()
+        })?;
+        Ok(Job {
+            mode,
+            model: common.model,
+            images: common.images,
+            out: common.out,
+            specs: common.scores,
+            device: common.device,
+            batch_size: common.batch_size as usize,
+            shard,
+            shard_source,
+            overwrite: common.overwrite,
+            strict: common.strict,
+            smooth_samples,
+            smooth_noise,
+            seed,
+            save_npy,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k: &str| map.get(k).cloned()
+    }
+
+    #[test]
+    fn shard_comes_from_flag_then_slurm_then_kubernetes() {
+        let flag = Some(Shard::new(1, 2).unwrap());
+        let slurm = env(&[("SLURM_ARRAY_TASK_ID", "3"), ("SLURM_ARRAY_TASK_COUNT", "4")]);
+        assert_eq!(shard_from_env(flag, None, &slurm).unwrap().0, Shard::new(1, 2).unwrap());
+        assert_eq!(shard_from_env(None, None, &slurm).unwrap().0, Shard::new(3, 4).unwrap());
+        let slurm1 = env(&[
+            ("SLURM_ARRAY_TASK_ID", "4"),
+            ("SLURM_ARRAY_TASK_MIN", "1"),
+            ("SLURM_ARRAY_TASK_COUNT", "4"),
+        ]);
+        assert_eq!(shard_from_env(None, None, &slurm1).unwrap().0, Shard::new(3, 4).unwrap());
+        let k8s = env(&[("JOB_COMPLETION_INDEX", "2")]);
+        assert_eq!(shard_from_env(None, Some(3), &k8s).unwrap().0, Shard::new(2, 3).unwrap());
+        assert!(shard_from_env(None, None, &k8s).is_err());
+        assert!(shard_from_env(None, Some(2), &k8s).is_err()); // 2 of 2
+        assert!(shard_from_env(None, Some(2), &env(&[])).is_err());
+        assert_eq!(shard_from_env(None, None, &env(&[])).unwrap().0, Shard::all());
+    }
+}
