@@ -1,1 +1,629 @@
+//! End-to-end tests of the `tch-vis` binary: each builds a temporary tree of
+//! images, runs the real binary and checks exit codes, stderr, files and
+//! values (contract §3).
 
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tch::Tensor;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tch-vis");
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn model(name: &str) -> String {
+    root()
+        .join("models")
+        .join(format!("{name}.pt"))
+        .display()
+        .to_string()
+}
+
+fn tch_vis(args: &[&str]) -> Output {
+    tch_vis_env(args, &[])
+}
+
+fn tch_vis_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    for k in [
+        "SLURM_ARRAY_TASK_ID",
+        "SLURM_ARRAY_TASK_COUNT",
+        "SLURM_ARRAY_TASK_MIN",
+        "JOB_COMPLETION_INDEX",
+    ] {
+        cmd.env_remove(k);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_code(o: &Output, code: i32, what: &str) {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "{what}: expected exit {code}, got {:?}\n--- stderr:\n{}\n--- stdout:\n{}",
+        o.status.code(),
+        stderr(o),
+        String::from_utf8_lossy(&o.stdout)
+    );
+}
+
+/// One line, `tch-vis: error: ...`, no C++ frames or backtrace.
+fn assert_one_error_line(o: &Output, what: &str) {
+    let err = stderr(o);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{what}: expected one stderr line, got:\n{err}");
+    assert!(lines[0].starts_with("tch-vis: error: "), "{what}: {err}");
+    for bad in ["frame #", "Exception raised", "backtrace", "panicked", "stack"] {
+        assert!(!err.contains(bad), "{what}: stderr has {bad:?}: {err}");
+    }
+}
+
+// ---------------------------------------------------------------- images
+
+fn encode(img: image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    img.write_to(&mut Cursor::new(&mut bytes), format).unwrap();
+    bytes
+}
+
+/// A digit-like stroke pattern, so gradients are not all zero.
+fn gray8(w: u32, h: u32, seed: u32) -> image::GrayImage {
+    image::GrayImage::from_fn(w, h, |x, y| {
+        let v = ((x * 7 + y * 13 + seed * 31) % 97) as u8;
+        image::Luma([if (x + seed) % 5 < 2 { 255 - v } else { v / 3 }])
+    })
+}
+
+fn png_gray(w: u32, h: u32, seed: u32) -> Vec<u8> {
+    encode(image::DynamicImage::ImageLuma8(gray8(w, h, seed)), image::ImageFormat::Png)
+}
+
+fn png_rgb(w: u32, h: u32, seed: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x * 9 + seed) as u8, (y * 5) as u8, ((x + y) * 3) as u8])
+    });
+    encode(image::DynamicImage::ImageRgb8(img), image::ImageFormat::Png)
+}
+
+fn png_rgba(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbaImage::from_fn(w, h, |x, y| {
+        image::Rgba([(x * 8) as u8, (y * 8) as u8, 128, (x * y) as u8])
+    });
+    encode(image::DynamicImage::ImageRgba8(img), image::ImageFormat::Png)
+}
+
+fn png_gray16(w: u32, h: u32) -> Vec<u8> {
+    let img = image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_fn(w, h, |x, y| {
+        image::Luma([(x * 2000 + y * 300) as u16])
+    });
+    encode(image::DynamicImage::ImageLuma16(img), image::ImageFormat::Png)
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// An 8-bit palette PNG, built by hand (zlib stored blocks).
+fn png_palette(w: u32, h: u32) -> Vec<u8> {
+    let palette = [0u8, 0, 0, 255, 0, 0, 0, 255, 0, 255, 255, 255];
+    let mut raw = Vec::new();
+    for y in 0..h {
+        raw.push(0); // filter: none
+        for x in 0..w {
+            raw.push(((x / 4 + y / 4) % 4) as u8);
+        }
+    }
+    let mut z = vec![0x78, 0x01];
+    let chunks: Vec<&[u8]> = raw.chunks(65535).collect();
+    for (i, c) in chunks.iter().enumerate() {
+        z.push(u8::from(i + 1 == chunks.len()));
+        let len = c.len() as u16;
+        z.extend_from_slice(&len.to_le_bytes());
+        z.extend_from_slice(&(!len).to_le_bytes());
+        z.extend_from_slice(c);
+    }
+    let (mut a, mut b) = (1u32, 0u32);
+    for &x in &raw {
+        a = (a + u32::from(x)) % 65521;
+        b = (b + a) % 65521;
+    }
+    z.extend_from_slice(&((b << 16) | a).to_be_bytes());
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        png.extend_from_slice(&body);
+        png.extend_from_slice(&crc32(&body).to_be_bytes());
+    };
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 3, 0, 0, 0]);
+    chunk(b"IHDR", &ihdr);
+    chunk(b"PLTE", &palette);
+    chunk(b"IDAT", &z);
+    chunk(b"IEND", &[]);
+    png
+}
+
+/// A temporary tree of input files.
+struct Tree {
+    dir: tempfile::TempDir,
+}
+
+impl Tree {
+    fn new() -> Self {
+        Tree {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn images(&self) -> PathBuf {
+        self.dir.path().join("images")
+    }
+
+    fn out(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn file(&self, rel: &str, bytes: &[u8]) -> &Self {
+        let p = self.images().join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, bytes).unwrap();
+        self
+    }
+
+    /// Good images only, in nested folders, non-square.
+    fn good(n: u32) -> Self {
+        let t = Tree::new();
+        for i in 0..n {
+            let rel = format!("d{}/img_{i:03}.png", i % 3);
+            let (w, h) = if i % 2 == 0 { (28, 24) } else { (32, 32) };
+            t.file(&rel, &png_gray(w, h, i));
+        }
+        t
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn report(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&fs::read_to_string(out.join("report.json")).unwrap()).unwrap()
+}
+
+fn csv_paths(out: &Path) -> Vec<String> {
+    fs::read_to_string(out.join("scores.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap().to_string())
+        .collect()
+}
+
+/// Every file under `dir` (relative path → bytes), report.json left out.
+fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().replace('\\', "/");
+                if rel != "report.json" {
+                    out.insert(rel, fs::read(&p).unwrap());
+                }
+            }
+        }
+    }
+    out
+}
+
+fn assert_same_tree(a: &Path, b: &Path, what: &str) {
+    let (sa, sb) = (snapshot(a), snapshot(b));
+    let ka: Vec<_> = sa.keys().collect();
+    let kb: Vec<_> = sb.keys().collect();
+    assert_eq!(ka, kb, "{what}: file lists differ");
+    for (k, v) in &sa {
+        assert!(v == &sb[k], "{what}: {k} differs");
+    }
+}
+
+// ---------------------------------------------------------------- tests
+
+#[test]
+fn help_explains_every_flag() {
+    let o = tch_vis(&["saliency", "--help"]);
+    assert_code(&o, 0, "saliency --help");
+    let text = String::from_utf8_lossy(&o.stdout);
+    for flag in [
+        "--model", "--images", "--out", "--score", "--device", "--batch-size",
+        "--smooth-samples", "--smooth-noise", "--seed", "--save-npy", "--shard",
+        "--overwrite", "--strict", "categorical:I", "SLURM_ARRAY_TASK_ID",
+        "JOB_COMPLETION_INDEX",
+    ] {
+        assert!(text.contains(flag), "saliency --help lacks {flag}:\n{text}");
+    }
+    let o = tch_vis(&["scores", "--help"]);
+    assert_code(&o, 0, "scores --help");
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("--save-npy"));
+    assert_code(&tch_vis(&["--help"]), 0, "--help");
+}
+
+#[test]
+fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
+    let t = Tree::good(2);
+    let dir = t.dir.path();
+    fs::write(dir.join("garbage.pt"), b"not a torchscript archive").unwrap();
+    fs::copy(root().join("models/digits_cnn.json"), dir.join("garbage.json")).unwrap();
+    fs::copy(root().join("models/digits_cnn.pt"), dir.join("nosidecar.pt")).unwrap();
+    fs::copy(root().join("models/digits_cnn.pt"), dir.join("badsidecar.pt")).unwrap();
+    fs::write(
+        dir.join("badsidecar.json"),
+        r#"{"input_size": [32, 32], "channels": 1, "mean": [0.1, 0.2], "std": [1]}"#,
+    )
+    .unwrap();
+    fs::copy(root().join("models/digits_cnn.pt"), dir.join("wrongchannels.pt")).unwrap();
+    fs::copy(root().join("models/digits_rgb.json"), dir.join("wrongchannels.json")).unwrap();
+    let cnn = model("digits_cnn");
+    let images = t.images();
+    let images = s(&images);
+    let out = t.out("out");
+    let o = s(&out);
+    let file = t.images().join("d0/img_000.png");
+    let g = dir.join("garbage.pt");
+    let ns = dir.join("nosidecar.pt");
+    let bs = dir.join("badsidecar.pt");
+    let wc = dir.join("wrongchannels.pt");
+    let multi = model_multi();
+    let mut cases: Vec<(&str, Vec<&str>)> = vec![
+        ("unknown flag", vec!["saliency", "--model", &cnn, "--images", images, "--out", o, "--bogus"]),
+        ("no subcommand", vec![]),
+        ("missing --out", vec!["saliency", "--model", &cnn, "--images", images]),
+        ("bad spec", vec!["saliency", "--model", &cnn, "--images", images, "--out", o, "--score", "categorical:x"]),
+        ("class index = classes", vec!["saliency", "--model", &cnn, "--images", images, "--out", o, "--score", "categorical:10"]),
+        ("binary on (N, 10)", vec!["scores", "--model", &cnn, "--images", images, "--out", o, "--score", "binary:true"]),
+        ("two specs, one output", vec!["saliency", "--model", &cnn, "--images", images, "--out", o, "--score", "predicted", "--score", "inactive"]),
+        ("multi-output without specs", vec!["saliency", "--model", &multi, "--images", images, "--out", o]),
+        ("missing model", vec!["saliency", "--model", "/nonexistent/m.pt", "--images", images, "--out", o]),
+        ("not torchscript", vec!["saliency", "--model", s(&g), "--images", images, "--out", o]),
+        ("missing sidecar", vec!["saliency", "--model", s(&ns), "--images", images, "--out", o]),
+        ("invalid sidecar", vec!["saliency", "--model", s(&bs), "--images", images, "--out", o]),
+        ("sidecar does not fit model", vec!["saliency", "--model", s(&wc), "--images", images, "--out", o]),
+        ("missing DIR", vec!["saliency", "--model", &cnn, "--images", "/nonexistent/dir", "--out", o]),
+        ("DIR is a file", vec!["scores", "--model", &cnn, "--images", s(&file), "--out", o]),
+        ("bad shard", vec!["scores", "--model", &cnn, "--images", images, "--out", o, "--shard", "3/3"]),
+        ("batch size 0", vec!["scores", "--model", &cnn, "--images", images, "--out", o, "--batch-size", "0"]),
+        ("negative noise", vec!["saliency", "--model", &cnn, "--images", images, "--out", o, "--smooth-noise", "-1"]),
+    ];
+    if !tch::Cuda::is_available() {
+        cases.push(("cuda without CUDA", vec!["saliency", "--model", &cnn, "--images", images, "--out", o, "--device", "cuda"]));
+    }
+    for (what, args) in &cases {
+        let r = tch_vis(args);
+        assert_code(&r, 2, what);
+        assert_one_error_line(&r, what);
+        assert!(!out.exists(), "{what}: wrote {}", out.display());
+    }
+    // A count flag without an index, and an index without a count.
+    let r = tch_vis_env(&["scores", "--model", &cnn, "--images", images, "--out", o], &[("JOB_COMPLETION_INDEX", "1")]);
+    assert_code(&r, 2, "JOB_COMPLETION_INDEX without --shard-count");
+    assert_one_error_line(&r, "JOB_COMPLETION_INDEX without --shard-count");
+    assert!(!out.exists());
+}
+
+fn model_multi() -> String {
+    model("digits_multi")
+}
+
+/// Bad input never stops the run: each bad file is in report.json `failed`
+/// with a reason, good ones (16-bit, gray, RGBA, palette, RGB, non-square)
+/// get every output, and --strict turns failures into exit 1.
+#[test]
+fn bad_input_corpus_is_recorded_and_the_run_goes_on() {
+    let t = Tree::new();
+    let good = png_gray(32, 32, 1);
+    t.file("ok/gray.png", &good)
+        .file("ok/gray16.png", &png_gray16(20, 30))
+        .file("ok/rgba.png", &png_rgba(33, 17))
+        .file("ok/palette.png", &png_palette(16, 24))
+        .file("ok/rgb.jpg", &encode(
+            image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(40, 48, |x, y| image::Rgb([(x * 6) as u8, (y * 5) as u8, 90]))),
+            image::ImageFormat::Jpeg,
+        ))
+        .file("ok/no_extension", &png_rgb(10, 10, 3))
+        .file("ok/has,comma.png", &png_gray(8, 8, 2))
+        .file("bad/empty.png", b"")
+        .file("bad/notes.txt", b"just some text\n")
+        .file("bad/truncated.png", &good[..good.len() / 2])
+        .file("bad/fake.jpg", b"\xff\xd8\xff\xe0 not really a jpeg");
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(t.images(), t.images().join("bad/loop")).unwrap();
+        std::os::unix::fs::symlink("self_link", t.images().join("bad/self_link")).unwrap();
+    }
+    let out = t.out("out");
+    let (rgb, images) = (model("digits_rgb"), t.images());
+    let args = ["saliency", "--model", &rgb, "--images", s(&images), "--out", s(&out), "--save-npy", "--batch-size", "4"];
+    let o = tch_vis(&args);
+    assert_code(&o, 0, "bad inputs");
+    let r = report(&out);
+    let failed: Vec<String> = r["failed"].as_array().unwrap().iter().map(|f| {
+        assert!(!f["error"].as_str().unwrap().is_empty());
+        f["path"].as_str().unwrap().to_string()
+    }).collect();
+    let mut want = vec!["bad/empty.png", "bad/fake.jpg", "bad/notes.txt", "bad/truncated.png"];
+    if cfg!(unix) {
+        want.extend(["bad/loop", "bad/self_link"]);
+        want.sort_unstable();
+    }
+    assert_eq!(failed, want, "report.json failed: {r:#}");
+    assert_eq!(r["processed"], 7);
+    let oks = ["ok/gray.png", "ok/gray16.png", "ok/has,comma.png", "ok/no_extension", "ok/palette.png", "ok/rgb.jpg", "ok/rgba.png"];
+    for rel in oks {
+        let map = Tensor::read_npy(out.join(format!("{rel}.saliency.npy"))).unwrap();
+        assert_eq!(map.size(), vec![32, 32], "{rel}");
+        assert_eq!(map.kind(), tch::Kind::Float);
+        let (lo, hi) = (map.min().double_value(&[]), map.max().double_value(&[]));
+        assert!(lo >= 0.0 && hi <= 1.0 && hi > 0.5, "{rel}: map in [{lo}, {hi}]");
+        let grad = Tensor::read_npy(out.join(format!("{rel}.grad.npy"))).unwrap();
+        assert_eq!(grad.size(), vec![3, 32, 32], "{rel}");
+        let png = image::open(out.join(format!("{rel}.saliency.png"))).unwrap();
+        assert_eq!((png.width(), png.height()), (32, 32));
+        assert!(matches!(png, image::DynamicImage::ImageRgb8(_)));
+    }
+    let csv = fs::read_to_string(out.join("scores.csv")).unwrap();
+    assert!(csv.starts_with("path,score_0\n"), "{csv}");
+    assert!(csv.contains("\"ok/has,comma.png\","), "{csv}");
+    assert_eq!(csv.lines().count(), 1 + oks.len());
+    // Nothing half-written is left behind.
+    assert!(snapshot(&out).keys().all(|k| !k.contains(".tch-vis-tmp.")));
+    // --strict: the run finishes, then exits 1 with one line.
+    let mut strict = args.to_vec();
+    strict.extend(["--strict", "--overwrite"]);
+    let o = tch_vis(&strict);
+    assert_code(&o, 1, "--strict with failures");
+    assert_one_error_line(&o, "--strict");
+    assert_eq!(report(&out)["processed"], 7);
+}
+
+/// scores.csv is sorted by path (byte order) and a rerun skips finished
+/// work and keeps its rows; --overwrite recomputes.
+#[test]
+fn rerun_skips_finished_work_and_overwrite_recomputes() {
+    let t = Tree::good(7);
+    t.file("B_upper.png", &png_gray(32, 32, 9)).file("a_lower.png", &png_gray(32, 32, 8));
+    let out = t.out("out");
+    let (cnn, images) = (model("digits_cnn"), t.images());
+    let args = ["saliency", "--model", &cnn, "--images", s(&images), "--out", s(&out)];
+    assert_code(&tch_vis(&args), 0, "first run");
+    let paths = csv_paths(&out);
+    let mut sorted = paths.clone();
+    sorted.sort();
+    assert_eq!(paths, sorted);
+    assert_eq!(paths.first().map(String::as_str), Some("B_upper.png"));
+    assert_eq!(paths.len(), 9);
+    let r = report(&out);
+    assert_eq!((r["processed"].as_u64(), r["skipped"].as_u64()), (Some(9), Some(0)));
+    for key in ["device", "seconds", "images_per_second"] {
+        assert!(!r[key].is_null(), "report.json lacks {key}");
+    }
+    let before = snapshot(&out);
+    // A new image appears: only it is processed.
+    t.file("d9/new.png", &png_gray(30, 31, 5));
+    assert_code(&tch_vis(&args), 0, "rerun");
+    let r = report(&out);
+    assert_eq!((r["processed"].as_u64(), r["skipped"].as_u64()), (Some(1), Some(9)));
+    let after = snapshot(&out);
+    for (k, v) in &before {
+        if k != "scores.csv" {
+            assert!(after[k] == *v, "{k} changed on rerun");
+        }
+    }
+    assert_eq!(csv_paths(&out).len(), 10);
+    // A deleted output is recomputed.
+    fs::remove_file(out.join("d0/img_000.png.saliency.png")).unwrap();
+    assert_code(&tch_vis(&args), 0, "rerun after delete");
+    assert_eq!(report(&out)["processed"], 1);
+    assert_eq!(snapshot(&out), after);
+    let mut ow = args.to_vec();
+    ow.push("--overwrite");
+    assert_code(&tch_vis(&ow), 0, "overwrite");
+    assert_eq!(report(&out)["processed"], 10);
+    assert_eq!(snapshot(&out), after, "--overwrite gives the same bytes");
+}
+
+/// `--shard K/N` partitions the sorted list of all files: shards into
+/// separate folders do not overlap and their union is the full run; shards
+/// run one after another into one folder give the full run's files.
+#[test]
+fn shards_partition_the_folder_exactly() {
+    let t = Tree::good(10);
+    t.file("d1/broken.png", b"nope");
+    let full = t.out("full");
+    let m = model("digits_cnn");
+    let base = |out: &Path| -> Vec<String> {
+        ["saliency", "--model", &m, "--images", s(&t.images()), "--out", s(out), "--save-npy", "--batch-size", "4"]
+            .iter()
+            .map(|x| x.to_string())
+            .collect()
+    };
+    let run = |out: &Path, extra: &[&str], env: &[(&str, &str)]| {
+        let mut a = base(out);
+        a.extend(extra.iter().map(|x| x.to_string()));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let o = tch_vis_env(&a, env);
+        assert_code(&o, 0, &format!("{extra:?} {env:?}"));
+    };
+    run(&full, &[], &[]);
+    let full_rows = csv_paths(&full);
+    let mut seen = Vec::new();
+    let mut failed = Vec::new();
+    for k in 0..3 {
+        let out = t.out(&format!("shard{k}"));
+        run(&out, &["--shard", &format!("{k}/3")], &[]);
+        seen.extend(csv_paths(&out));
+        failed.extend(report(&out)["failed"].as_array().unwrap().iter().map(|f| f["path"].to_string()));
+    }
+    let n = seen.len();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), n, "shards overlap");
+    assert_eq!(seen, full_rows, "union of shards != full run");
+    assert_eq!(failed.len(), 1, "the broken file is in exactly one shard");
+    // Sequential shards into one folder, the index taken from Slurm's and
+    // Kubernetes' environment variables.
+    let same = t.out("same");
+    run(&same, &[], &[("SLURM_ARRAY_TASK_ID", "1"), ("SLURM_ARRAY_TASK_COUNT", "3")]);
+    assert_eq!(report(&same)["shard"], "1/3");
+    run(&same, &["--shard-count", "3"], &[("JOB_COMPLETION_INDEX", "0")]);
+    run(&same, &["--shard", "2/3"], &[]);
+    assert_same_tree(&same, &full, "sequential shards vs full run");
+}
+
+/// After a kill -9 at some moment, a rerun completes only what is missing
+/// and the outputs equal those of an uninterrupted run, byte for byte.
+#[test]
+fn kill_9_then_rerun_equals_an_uninterrupted_run() {
+    let t = Tree::good(90);
+    let m = model("digits_cnn");
+    let args = |out: &Path| -> Vec<String> {
+        ["saliency", "--model", &m, "--images", s(&t.images()), "--out", s(out), "--save-npy", "--batch-size", "2",
+         "--smooth-samples", "2", "--seed", "3"]
+            .iter()
+            .map(|x| x.to_string())
+            .collect()
+    };
+    let whole = t.out("whole");
+    assert_code(&tch_vis(&args(&whole).iter().map(String::as_str).collect::<Vec<_>>()), 0, "uninterrupted");
+
+    let killed = t.out("killed");
+    let mut child = Command::new(BIN)
+        .args(args(&killed))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let n = fs::read_dir(killed.join("d0")).map(|r| r.count()).unwrap_or(0);
+        if n >= 12 || start.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL on unix
+    let status = child.wait().unwrap();
+    let partial = snapshot(&killed).len();
+    eprintln!("killed after {:?} ({status}), {partial} files", start.elapsed());
+    let o = tch_vis(&args(&killed).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_code(&o, 0, "resume");
+    let r = report(&killed);
+    assert_eq!(r["processed"].as_u64().unwrap() + r["skipped"].as_u64().unwrap(), 90);
+    assert_same_tree(&killed, &whole, "resumed vs uninterrupted");
+}
+
+/// `scores` writes only scores.csv and report.json, with the same values
+/// as `saliency`; a multi-output model gets one column per output.
+#[test]
+fn scores_subcommand_and_multi_output_models() {
+    let t = Tree::good(4);
+    let (a, b) = (t.out("sal"), t.out("sc"));
+    let cnn = model("digits_cnn");
+    let imgs = t.images();
+    assert_code(&tch_vis(&["saliency", "--model", &cnn, "--images", s(&imgs), "--out", s(&a)]), 0, "saliency");
+    assert_code(&tch_vis(&["scores", "--model", &cnn, "--images", s(&imgs), "--out", s(&b)]), 0, "scores");
+    assert_eq!(fs::read(a.join("scores.csv")).unwrap(), fs::read(b.join("scores.csv")).unwrap());
+    let files: Vec<_> = snapshot(&b).into_keys().collect();
+    assert_eq!(files, vec!["scores.csv"]);
+    let c = t.out("multi");
+    let o = tch_vis(&["saliency", "--model", &model_multi(), "--images", s(&imgs), "--out", s(&c),
+                      "--score", "categorical:3", "--score", "regression:maintain=3"]);
+    assert_code(&o, 0, "multi");
+    let csv = fs::read_to_string(c.join("scores.csv")).unwrap();
+    assert!(csv.starts_with("path,score_0,score_1\n"), "{csv}");
+    assert!(csv.lines().skip(1).all(|l| l.split(',').count() == 3));
+}
+
+/// SmoothGrad is reproducible with --seed and changes with it.
+#[test]
+fn smoothgrad_is_reproducible_with_a_seed() {
+    let t = Tree::good(3);
+    let m = model("digits_cnn");
+    let run = |name: &str, seed: &str| {
+        let out = t.out(name);
+        let o = tch_vis(&["saliency", "--model", &m, "--images", s(&t.images()), "--out", s(&out),
+                          "--smooth-samples", "4", "--smooth-noise", "0.3", "--seed", seed, "--save-npy"]);
+        assert_code(&o, 0, name);
+        snapshot(&out)
+    };
+    let (a, b, c) = (run("a", "1"), run("b", "1"), run("c", "2"));
+    assert_eq!(a, b);
+    let k = "d0/img_000.png.grad.npy";
+    assert!(a[k] != c[k], "another seed gives other noise");
+    assert_eq!(a["scores.csv"], c["scores.csv"], "scores are of the clean image");
+}
+
+/// The CLI matches PyTorch: preprocessing, gradients and maps of every
+/// bundled sample image with digits_cnn and `predicted` (goldens written by
+/// scripts/make_goldens.py), float32 at rtol 1e-5, atol 1e-6.
+#[test]
+fn saliency_matches_pytorch_goldens() {
+    let manifest = root().join("tests/golden/preprocess/manifest.json");
+    let Ok(text) = fs::read_to_string(&manifest) else {
+        eprintln!("skipped: {} not found (run scripts/make_goldens.py)", manifest.display());
+        return;
+    };
+    let items: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = tch_vis(&["saliency", "--model", &model("digits_cnn"), "--images", s(&root().join("examples/images")),
+                      "--out", s(&out), "--save-npy", "--device", "cpu"]);
+    assert_code(&o, 0, "golden run");
+    let csv = fs::read_to_string(out.join("scores.csv")).unwrap();
+    let scores: BTreeMap<&str, f64> = csv.lines().skip(1).map(|l| {
+        let (p, v) = l.split_once(',').unwrap();
+        (p, v.parse().unwrap())
+    }).collect();
+    assert_eq!(scores.len(), items.len());
+    let gdir = root().join("tests/golden/preprocess");
+    for item in &items {
+        let rel = item["path"].as_str().unwrap();
+        for (kind, suffix) in [("grad", ".grad.npy"), ("saliency", ".saliency.npy")] {
+            let want = Tensor::read_npy(gdir.join(item[kind].as_str().unwrap())).unwrap();
+            let got = Tensor::read_npy(out.join(format!("{rel}{suffix}"))).unwrap();
+            assert_eq!(got.size(), want.size(), "{rel} {kind}");
+            assert_eq!(got.kind(), tch::Kind::Float, "{rel} {kind}");
+            let diff = (&got - &want).abs().max().double_value(&[]);
+            assert!(got.allclose(&want, 1e-5, 1e-6, false), "{rel} {kind}: max |diff| {diff}");
+        }
+        let want = item["score"].as_f64().unwrap();
+        let got = scores[rel];
+        assert!((got - want).abs() <= 1e-5 * want.abs() + 1e-6, "{rel}: score {got} vs {want}");
+    }
+}

@@ -449,13 +449,27 @@ fn compute_batch(
     tx_ev: &Sender<Event>,
 ) -> anyhow::Result<()> {
     let inputs: Vec<&Tensor> = ok.iter().map(|(_, p)| &p.input).collect();
-    let x = lib(preprocess::stack(&inputs))?.f_to_device(device)?;
     let n = ok.len();
+    // Every model call has exactly `batch_size` rows (a short batch is padded
+    // with zero images whose results are dropped), so an image's results do
+    // not depend on how many images share its batch: a resumed or sharded
+    // run gives the same bytes as one uninterrupted run.
+    let x = lib(preprocess::stack(&inputs))?;
+    let x = if n < job.batch_size {
+        let mut shape = x.size();
+        shape[0] = (job.batch_size - n) as i64;
+        let pad = Tensor::f_zeros(shape.as_slice(), (x.kind(), x.device()))?;
+        Tensor::f_cat(&[x, pad], 0)?
+    } else {
+        x
+    };
+    let x = x.f_to_device(device)?;
     let to_strings = |scores: &[Tensor]| -> anyhow::Result<Vec<Vec<String>>> {
         let mut per_image = vec![Vec::with_capacity(scores.len()); n];
         for t in scores {
             let v = Vec::<f32>::try_from(
-                &t.f_to_device(Device::Cpu)?
+                &t.f_narrow(0, 0, n as i64)?
+                    .f_to_device(Device::Cpu)?
                     .f_to_kind(Kind::Float)?
                     .f_reshape([-1])?,
             )?;
@@ -486,7 +500,8 @@ fn compute_batch(
             }
         }
         Mode::Saliency => {
-            let keys: Vec<u64> = ok.iter().map(|(rel, _)| key_for(rel)).collect();
+            let mut keys: Vec<u64> = ok.iter().map(|(rel, _)| key_for(rel)).collect();
+            keys.resize(job.batch_size.max(n), 0);
             // With SmoothGrad, `predicted` is each image's class on the clean
             // input, held fixed over the noisy samples.
             let needs_classes =
@@ -518,7 +533,8 @@ fn compute_batch(
             let values = to_strings(&res.scores)?;
             let flat = |t: &Tensor| -> anyhow::Result<Vec<f32>> {
                 Ok(Vec::<f32>::try_from(
-                    &t.f_to_device(Device::Cpu)?
+                    &t.f_narrow(0, 0, n as i64)?
+                        .f_to_device(Device::Cpu)?
                         .f_to_kind(Kind::Float)?
                         .f_contiguous()?
                         .f_reshape([-1])?,
