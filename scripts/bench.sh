@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# Benchmarks for tch-vis, as ratios measured side by side in one run, on one
+# machine, on the same TorchScript files (issue 5; see BENCHMARKS.md).
+#
+#   scripts/bench.sh                 full run (about 10-15 minutes on 2 cores)
+#   QUICK=1 scripts/bench.sh         smoke test: small sizes and counts (~2 min)
+#
+# Environment:
+#   DEVICE      cpu (default) | cuda | cuda:N
+#   QUICK       1 = small sizes and counts
+#   N_IMAGES    images in the generated pipeline folder (default 600; quick 40)
+#   N_DIGITS    images in the generated digits folder (default 2000; quick 200)
+#   BATCH       resnet18 batch size, overhead and pipeline (default 8)
+#   DIGITS_BATCH digits_cnn batch size (default 32)
+#   WORKERS     DataLoader workers of the Python pipeline (default: nproc)
+#   ITERS       timed calls per overhead measurement (default 100 digits / 20 resnet18)
+#   MEM_CALLS   calls in the memory check (default 10000; quick 300)
+#   CLASS       class scored everywhere (default 1)
+#   DATA        data folder (default bench-data, git-ignored)
+#   SKIP_BUILD  1 = use the binaries already in target/release
+#
+# One labelled line per comparison: ours, baseline, ratio. Everything is also
+# written to $DATA/bench-<date>.txt. No step stops the others.
+
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$(pwd)
+
+DEVICE=${DEVICE:-cpu}
+QUICK=${QUICK:-0}
+DATA=${DATA:-bench-data}
+CLASS=${CLASS:-1}
+BATCH=${BATCH:-8}
+DIGITS_BATCH=${DIGITS_BATCH:-32}
+WORKERS=${WORKERS:-$(nproc)}
+if [ "$QUICK" = 1 ]; then
+    N_IMAGES=${N_IMAGES:-40}
+    N_DIGITS=${N_DIGITS:-200}
+    ITERS_DIGITS=${ITERS:-20}
+    ITERS_RESNET=${ITERS:-3}
+    MEM_CALLS=${MEM_CALLS:-300}
+    MEM_WARMUP=50
+    IMG_DIR=images-quick
+    DIG_DIR=digits-quick
+else
+    N_IMAGES=${N_IMAGES:-600}
+    N_DIGITS=${N_DIGITS:-2000}
+    ITERS_DIGITS=${ITERS:-100}
+    ITERS_RESNET=${ITERS:-20}
+    MEM_CALLS=${MEM_CALLS:-10000}
+    MEM_WARMUP=500
+    IMG_DIR=images
+    DIG_DIR=digits
+fi
+case "$DEVICE" in cuda*) DEV_NAME=cuda ;; *) DEV_NAME=$DEVICE ;; esac
+
+mkdir -p "$DATA"
+LOG="$DATA/bench-$(date +%Y%m%d-%H%M%S).txt"
+exec > >(tee "$LOG") 2>&1
+
+# shellcheck source=scripts/env.sh
+. scripts/env.sh
+tch_vis_setup || exit 1
+
+# torchvision (paired with torch 2.11.0) and captum for the Python side,
+# installed into the same venv with torch pinned so pip cannot move it.
+TORCH_PIN="torch==${TCH_VIS_TORCH_VERSION}"
+if ! python -c 'import torchvision' 2>/dev/null; then
+    echo "bench: installing torchvision==0.26.0 (paired with torch 2.11.0)"
+    python -m pip install --quiet --disable-pip-version-check "torchvision==0.26.0" "$TORCH_PIN" \
+        || echo "bench: could not install torchvision; resnet18 steps will be skipped"
+fi
+if ! python -c 'import captum' 2>/dev/null; then
+    echo "bench: installing captum"
+    python -m pip install --quiet --disable-pip-version-check captum "$TORCH_PIN" \
+        || echo "bench: could not install captum; the Python pipeline falls back to plain autograd"
+fi
+
+echo "== tch-vis benchmarks $(date -Iseconds)"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr)"
+echo "git: $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo ' (dirty tree)')"
+echo "python: $(python -c 'import torch,sys;import importlib.util as u;print("torch",torch.__version__,"threads",torch.get_num_threads(),"torchvision",(__import__("torchvision").__version__ if u.find_spec("torchvision") else "missing"),"captum",(__import__("captum").__version__ if u.find_spec("captum") else "missing"))')"
+echo "settings: DEVICE=$DEVICE QUICK=$QUICK N_IMAGES=$N_IMAGES N_DIGITS=$N_DIGITS BATCH=$BATCH DIGITS_BATCH=$DIGITS_BATCH WORKERS=$WORKERS MEM_CALLS=$MEM_CALLS CLASS=$CLASS"
+echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+echo "== build"
+if [ "${SKIP_BUILD:-0}" = 1 ]; then
+    echo "bench: SKIP_BUILD=1: using the binaries already in target/release"
+elif ! cargo build --release --bin tch-vis --example bench_overhead --example memory; then
+    echo "bench: building all three failed; trying the examples alone"
+    cargo build --release --example bench_overhead --example memory
+fi
+BO=target/release/examples/bench_overhead
+MEM=target/release/examples/memory
+CLI=target/release/tch-vis
+
+echo "== data"
+python scripts/make_bench_data.py --out "$DATA" --n-images "$N_IMAGES" --images-dir "$IMG_DIR" \
+    --n-digits "$N_DIGITS" --digits-dir "$DIG_DIR" || echo "bench: make_bench_data failed (status $?)"
+R18="$DATA/resnet18.pt"
+DIGITS=models/digits_cnn.pt
+
+# value LINE KEY: the number after KEY in LINE ("ours 12.3 ms" -> 12.3)
+value() { sed -n "s/.*$2 \([0-9.eE+-]*\).*/\1/p" <<<"$1" | head -n1; }
+ratio() { python -c "import sys;a,b=float(sys.argv[1]),float(sys.argv[2]);print(f'{a/b:.3f}')" "$1" "$2" 2>/dev/null || echo "n/a"; }
+
+declare -A OURS_MS CEILING
+# overhead LABEL MODEL BATCH SIZE CHANNELS ITERS
+overhead() {
+    local label=$1 model=$2 batch=$3 size=$4 ch=$5 iters=$6 out
+    if [ ! -x "$BO" ] || [ ! -f "$model" ]; then
+        echo "overhead $label: SKIPPED (missing $BO or $model)"
+        return
+    fi
+    out=$("$BO" --model "$model" --label "$label" --batch "$batch" --size "$size" --channels "$ch" \
+        --iters "$iters" --device "$DEVICE" --precision fp32 --class "$CLASS" 2>&1)
+    sed '/^overhead/s/$/ (target ratio <= 1.03)/' <<<"$out"
+    OURS_MS[$label]=$(value "$(grep '^overhead' <<<"$out")" ours)
+    CEILING[$label]=$(sed -n 's/.*: \([0-9.]*\) images\/s.*/\1/p' <<<"$(grep '^model-alone' <<<"$out")")
+}
+
+echo "== 1. overhead: Model::gradients vs hand-written tch forward_ts + run_backward (median of interleaved calls)"
+overhead digits_cnn "$DIGITS" "$DIGITS_BATCH" 32 1 "$ITERS_DIGITS"
+overhead resnet18 "$R18" "$BATCH" 224 3 "$ITERS_RESNET"
+
+echo "== 2. vs PyTorch in Python: torch.autograd.grad loop on the same file, batch and score"
+vs_python() {
+    local label=$1 model=$2 batch=$3 size=$4 ch=$5 iters=$6 out py
+    if [ ! -f "$model" ]; then echo "vs-python $label: SKIPPED (missing $model)"; return; fi
+    out=$(python scripts/bench_python.py --model "$model" --label "$label" --batch "$batch" --size "$size" \
+        --channels "$ch" --iters "$iters" --device "$DEVICE" --class "$CLASS" 2>&1)
+    echo "$out"
+    py=$(sed -n 's/.*: \([0-9.]*\) ms per call.*/\1/p' <<<"$out")
+    if [ -n "${OURS_MS[$label]}" ] && [ -n "$py" ]; then
+        echo "vs-python $label batch $batch $DEV_NAME fp32: ours ${OURS_MS[$label]} ms, python ${py} ms, ratio $(ratio "${OURS_MS[$label]}" "$py") (ours/python; target <= 1.00$([ "$label" = digits_cnn ] && echo ', < 1 on digits_cnn'))"
+    else
+        echo "vs-python $label: n/a (a side failed)"
+    fi
+}
+vs_python digits_cnn "$DIGITS" "$DIGITS_BATCH" 32 1 "$ITERS_DIGITS"
+vs_python resnet18 "$R18" "$BATCH" 224 3 "$ITERS_RESNET"
+
+echo "== 3. pipeline: tch-vis saliency vs scripts/baseline_saliency.py (same folder, model, batch, class $CLASS)"
+now() { date +%s.%N; }
+pipeline() {
+    local label=$1 model=$2 dir=$3 batch=$4 target=$5 tmp t0 t1 ours_ips ours_s ours_wall py_out py_ips py_s py_wall n
+    if [ ! -f "$model" ] || [ ! -d "$dir" ]; then echo "pipeline $label: SKIPPED (missing $model or $dir)"; return; fi
+    n=$(find "$dir" -type f | wc -l)
+    tmp=$(mktemp -d "${TMPDIR:-/tmp}/tch-vis-bench.XXXXXX")
+    if [ -x "$CLI" ]; then
+        t0=$(now)
+        "$CLI" saliency --model "$model" --images "$dir" --out "$tmp/ours" --batch-size "$batch" \
+            --overwrite --device "$DEVICE" --score "categorical:$CLASS" >"$tmp/ours.log" 2>&1
+        local st=$?
+        t1=$(now)
+        ours_wall=$(python -c "print(f'{$t1-$t0:.2f}')")
+        if [ $st -eq 0 ] && [ -f "$tmp/ours/report.json" ]; then
+            read -r ours_ips ours_s < <(python -c "import json,sys;r=json.load(open(sys.argv[1]));print(f\"{r['images_per_second']:.1f} {r['seconds']:.2f}\")" "$tmp/ours/report.json")
+            echo "tch-vis-pipeline $label: $n images in $ours_s s (report.json), ${ours_ips} images/s; process wall $ours_wall s"
+        else
+            echo "tch-vis-pipeline $label: FAILED (status $st): $(tail -n 3 "$tmp/ours.log" | tr '\n' ' ')"
+        fi
+    else
+        echo "tch-vis-pipeline $label: SKIPPED ($CLI not built)"
+    fi
+    t0=$(now)
+    py_out=$(python scripts/baseline_saliency.py --model "$model" --images "$dir" --out "$tmp/python" \
+        --batch-size "$batch" --workers "$WORKERS" --device "$DEVICE" --class "$CLASS" --label "$label" 2>&1)
+    t1=$(now)
+    py_wall=$(python -c "print(f'{$t1-$t0:.2f}')")
+    echo "$py_out; process wall $py_wall s"
+    py_ips=$(sed -n 's/.* s, \([0-9.]*\) images\/s.*/\1/p' <<<"$py_out")
+    local c=${CEILING[$label]}
+    echo "pipeline $label batch $batch $DEV_NAME: tch-vis ${ours_ips:-n/a} images/s, python ${py_ips:-n/a} images/s, ratio $( [ -n "$ours_ips" ] && [ -n "$py_ips" ] && ratio "$ours_ips" "$py_ips" || echo n/a) (target >= $target); wall ${ours_wall:-n/a} s vs ${py_wall} s, ratio $( [ -n "$ours_wall" ] && ratio "$py_wall" "$ours_wall" || echo n/a)"
+    echo "pipeline/ceiling $label batch $batch $DEV_NAME: tch-vis ${ours_ips:-n/a} images/s, model-alone ${c:-n/a} images/s, ratio $( [ -n "$ours_ips" ] && [ -n "$c" ] && ratio "$ours_ips" "$c" || echo n/a)$([ "$label" = resnet18 ] && echo ' (target >= 0.80)')"
+    rm -rf "$tmp"
+}
+pipeline resnet18 "$R18" "$DATA/$IMG_DIR" "$BATCH" 2
+pipeline digits_cnn "$DIGITS" "$DATA/$DIG_DIR" "$DIGITS_BATCH" 3
+
+echo "== 4. memory: peak RSS growth over many Model::gradients calls (digits_cnn, cpu)"
+if [ -x "$MEM" ]; then
+    "$MEM" --model "$DIGITS" --calls "$MEM_CALLS" --warmup "$MEM_WARMUP" 2>&1 || echo "memory: FAILED (status $?)"
+else
+    echo "memory: SKIPPED ($MEM not built)"
+fi
+
+echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "== done $(date -Iseconds); log: $LOG"
