@@ -2,7 +2,9 @@
 //! model and every score kind, against goldens written by
 //! `scripts/make_goldens.py` (torch 2.11.0, float32).
 //!
-//! Tolerances come from `tests/golden/manifest.json` (rtol 1e-5, atol 1e-6).
+//! Tolerances come from `tests/golden/manifest.json`: rtol 1e-5, atol 1e-5
+//! on outputs and scores (logits near zero move by ~1e-6 with the thread
+//! count, which changes libtorch's summation order), atol 1e-6 on gradients.
 
 use serde::Deserialize;
 use tch::{Device, Tensor};
@@ -82,7 +84,8 @@ fn run_case(case: &Case, m: &Manifest, device: Device) {
     for (i, (gi, f)) in g.inputs.iter().zip(&case.grads).enumerate() {
         assert_eq!(gi.kind(), inputs[i].kind(), "gradient dtype");
         let want = npy(dir.join(f));
-        assert_close(&what("grad", i), gi, &want, m.rtol, m.atol);
+        // Gradients are held tighter than raw outputs: atol 1e-6.
+        assert_close(&what("grad", i), gi, &want, m.rtol, m.atol.min(1e-6));
         // Relative to the gradient's own scale (values below 1e-3 of the
         // largest one count at that floor).
         let floor = want.abs().max().double_value(&[]) * 1e-3;
