@@ -107,6 +107,9 @@ def main() -> int:
     ap.add_argument("--class", dest="klass", type=int, default=-1, help="-1 = predicted class")
     ap.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity")
     ap.add_argument("--no-captum", action="store_true", help="plain autograd even when captum is there")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                    help="weights and input in this dtype (as tch-vis --precision); maps in float32")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N files (0 = all)")
     ap.add_argument("--label", default="")
     args = ap.parse_args()
 
@@ -120,6 +123,9 @@ def main() -> int:
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model = torch.jit.load(args.model, map_location=dev).eval()
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
+    if dtype != torch.float32:
+        model = model.to(dtype)
     for p in model.parameters():
         p.requires_grad_(False)
 
@@ -147,10 +153,12 @@ def main() -> int:
         out = model(x)
         idx = out.argmax(1, keepdim=True) if args.klass < 0 else \
             torch.full((out.shape[0], 1), args.klass, device=out.device)
-        (g,) = torch.autograd.grad(out.gather(1, idx).sum(), x)
+        (g,) = torch.autograd.grad(out.gather(1, idx).float().sum(), x)
         return g.abs()
 
     data = Folder(args.images, size, channels, meta["mean"], meta["std"])
+    if args.limit > 0:
+        data.files = data.files[:args.limit]
     t0 = time.perf_counter()
     loader = DataLoader(data, batch_size=args.batch_size, num_workers=args.workers,
                         collate_fn=collate, pin_memory=dev.type == "cuda",
@@ -160,7 +168,7 @@ def main() -> int:
         failed += bad
         if x is None:
             continue
-        g = abs_grad(x.to(dev, non_blocking=True))
+        g = abs_grad(x.to(dev, non_blocking=True).to(dtype)).float()
         m = g.amax(dim=1)
         lo = m.flatten(1).min(1).values[:, None, None]
         hi = m.flatten(1).max(1).values[:, None, None]
@@ -179,7 +187,7 @@ def main() -> int:
     label = args.label or os.path.basename(args.model)
     print(f"python-pipeline {label}: {done} images in {secs:.2f} s, {done / secs:.1f} images/s "
           f"({how}; {cmap_name}; {args.workers} workers; batch {args.batch_size}; {dev.type}; "
-          f"{len(failed)} failed; main threads {torch.get_num_threads()})", flush=True)
+          f"{args.precision}; {len(failed)} failed; main threads {torch.get_num_threads()})", flush=True)
     return 0
 
 

@@ -55,7 +55,7 @@ case "$DEVICE" in cuda*) DEV_NAME=cuda ;; *) DEV_NAME=$DEVICE ;; esac
 
 mkdir -p "$DATA"
 LOG="$DATA/bench-$(date +%Y%m%d-%H%M%S).txt"
-exec > >(tee "$LOG") 2>&1
+{
 
 # shellcheck source=scripts/env.sh
 . scripts/env.sh
@@ -186,3 +186,5 @@ fi
 
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "== done $(date -Iseconds); log: $LOG"
+} 2>&1 | tee "$LOG"
+exit "${PIPESTATUS[0]}"

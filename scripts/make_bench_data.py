@@ -65,23 +65,38 @@ def smooth_image(rng: random.Random, w: int, h: int, mode: str) -> Image.Image:
     return img
 
 
-def make_images(root: str, n: int, seed: int, png_every: int) -> None:
-    rng = random.Random(seed)
+def make_one_image(root: str, i: int, seed: int, png_every: int) -> None:
+    # Each image has its own seed: the same bytes whatever --jobs is.
+    rng = random.Random(seed * 1_000_003 + i)
+    sub = SUBDIRS[i % len(SUBDIRS)]
+    w, h = rng.randint(160, 640), rng.randint(160, 640)
+    if w == h:
+        h = max(160, h - 1)
+    if png_every and i % png_every == png_every - 1:
+        mode = ("RGB", "L", "RGBA")[(i // png_every) % 3]
+        img = smooth_image(rng, w, h, mode)
+        img.save(os.path.join(root, sub, f"img_{i:05d}.png"), optimize=False)
+    else:
+        img = smooth_image(rng, w, h, "RGB")
+        q = rng.randint(75, 95)
+        img.save(os.path.join(root, sub, f"img_{i:05d}.jpg"), quality=q)
+
+
+def _one(a):
+    make_one_image(*a)
+
+
+def make_images(root: str, n: int, seed: int, png_every: int, jobs: int) -> None:
     for sub in SUBDIRS:
         os.makedirs(os.path.join(root, sub), exist_ok=True)
-    for i in range(n):
-        sub = SUBDIRS[i % len(SUBDIRS)]
-        w, h = rng.randint(160, 640), rng.randint(160, 640)
-        if w == h:
-            h = max(160, h - 1)
-        if png_every and i % png_every == png_every - 1:
-            mode = ("RGB", "L", "RGBA")[(i // png_every) % 3]
-            img = smooth_image(rng, w, h, mode)
-            img.save(os.path.join(root, sub, f"img_{i:05d}.png"), optimize=False)
-        else:
-            img = smooth_image(rng, w, h, "RGB")
-            q = rng.randint(75, 95)
-            img.save(os.path.join(root, sub, f"img_{i:05d}.jpg"), quality=q)
+    work = [(root, i, seed, png_every) for i in range(n)]
+    if jobs > 1:
+        import multiprocessing as mp
+        with mp.get_context("fork").Pool(jobs) as pool:
+            pool.map(_one, work, chunksize=16)
+    else:
+        for a in work:
+            _one(a)
 
 
 def make_digits(root: str, n: int, seed: int) -> None:
@@ -147,6 +162,8 @@ def main() -> int:
     ap.add_argument("--no-resnet18", action="store_true")
     ap.add_argument("--resnet50", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="processes writing images (output does not depend on it)")
     ap.add_argument("--force", action="store_true", help="regenerate even when present")
     args = ap.parse_args()
 
@@ -159,7 +176,7 @@ def main() -> int:
             if os.path.isdir(img_dir):
                 import shutil
                 shutil.rmtree(img_dir)
-            make_images(img_dir, args.n_images, args.seed, args.png_every)
+            make_images(img_dir, args.n_images, args.seed, args.png_every, args.jobs)
         print(f"make_bench_data: {img_dir}: {count_files(img_dir)} images")
     dig_dir = os.path.join(args.out, args.digits_dir)
     if args.n_digits > 0:
