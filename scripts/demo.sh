@@ -10,5 +10,13 @@ target/release/tch-vis saliency \
     --model models/digits_cnn.pt \
     --images examples/images \
     --out out/demo \
+    --save-npy \
     --overwrite "$@"
-echo "demo: saliency maps and scores are in out/demo/ (open out/demo/**/*.saliency.png)"
+example="$(find out/demo -name '*.saliency.png' | LC_ALL=C sort | head -n 1)"
+echo
+echo "demo: outputs are in out/demo/"
+echo "  heatmaps (jet over the resized image): out/demo/**/*.saliency.png, e.g. ${example}"
+echo "  maps (float32 HxW, min-max normalised): out/demo/**/*.saliency.npy"
+echo "  signed gradients (float32 CxHxW):       out/demo/**/*.grad.npy"
+echo "  one score per image:                    out/demo/scores.csv"
+echo "  run summary and failed inputs:          out/demo/report.json"

@@ -22,7 +22,13 @@ pub enum Colormap {
 }
 
 // matplotlib `_jet_data`: (x, y) knots per channel.
-const JET_R: &[(f32, f32)] = &[(0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)];
+const JET_R: &[(f32, f32)] = &[
+    (0.0, 0.0),
+    (0.35, 0.0),
+    (0.66, 1.0),
+    (0.89, 1.0),
+    (1.0, 0.5),
+];
 const JET_G: &[(f32, f32)] = &[
     (0.0, 0.0),
     (0.125, 0.0),
@@ -31,7 +37,13 @@ const JET_G: &[(f32, f32)] = &[
     (0.91, 0.0),
     (1.0, 0.0),
 ];
-const JET_B: &[(f32, f32)] = &[(0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)];
+const JET_B: &[(f32, f32)] = &[
+    (0.0, 0.5),
+    (0.11, 1.0),
+    (0.34, 1.0),
+    (0.65, 0.0),
+    (1.0, 0.0),
+];
 
 fn piecewise(knots: &[(f32, f32)], x: f32) -> f32 {
     let mut prev = (0.0f32, knots.first().map_or(0.0, |k| k.1));
@@ -82,7 +94,9 @@ pub fn overlay(
     if map.len() != n || image.len() != channels * n || !(channels == 1 || channels == 3) {
         return Err(Error::shape(
             "overlay image and map",
-            format!("{channels} x {height} x {width} image (C = 1 or 3) and {height} x {width} map"),
+            format!(
+                "{channels} x {height} x {width} image (C = 1 or 3) and {height} x {width} map"
+            ),
             &[image.len() as i64, map.len() as i64],
         ));
     }

@@ -96,7 +96,12 @@ fn visit(
         });
     };
     if ancestors.len() >= MAX_DEPTH {
-        problem(out, prefix, dir, format!("more than {MAX_DEPTH} directory levels"));
+        problem(
+            out,
+            prefix,
+            dir,
+            format!("more than {MAX_DEPTH} directory levels"),
+        );
         return;
     }
     let id = dir_id(meta, dir);
@@ -242,7 +247,13 @@ fn host() -> String {
         .unwrap_or_else(|| "host".into());
     name.trim()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 

@@ -216,7 +216,11 @@ impl Preprocessor {
     /// # Errors
     /// [`Error::Shape`] when `pixels` has the wrong length; [`Error::Torch`]
     /// if a tensor operation fails.
-    pub fn prepare_planes(&self, pixels: Vec<f32>, (width, height): (u32, u32)) -> Result<Prepared> {
+    pub fn prepare_planes(
+        &self,
+        pixels: Vec<f32>,
+        (width, height): (u32, u32),
+    ) -> Result<Prepared> {
         let c = self.sidecar.channels as i64;
         let (w, h) = (i64::from(width), i64::from(height));
         if pixels.len() as i64 != c * h * w {
@@ -348,7 +352,10 @@ mod tests {
         ];
         for text in bad {
             assert!(
-                matches!(Sidecar::from_json(text, "m.json"), Err(Error::Sidecar { .. })),
+                matches!(
+                    Sidecar::from_json(text, "m.json"),
+                    Err(Error::Sidecar { .. })
+                ),
                 "{text}"
             );
         }

@@ -284,7 +284,8 @@ pub fn normalize_per_sample(m: &Tensor) -> Result<Tensor> {
     let flat = m.f_reshape([n, -1])?;
     let min = flat.f_amin(1, false)?.f_reshape(bshape.as_slice())?;
     let max = flat.f_amax(1, false)?.f_reshape(bshape.as_slice())?;
-    Ok(m.f_sub(&min)?.f_div(&max.f_sub(&min)?.f_add_scalar(1e-7)?)?)
+    Ok(m.f_sub(&min)?
+        .f_div(&max.f_sub(&min)?.f_add_scalar(1e-7)?)?)
 }
 
 /// Standard normal noise shaped like `x` (`(N, ...)`), image `n` drawn from
@@ -394,10 +395,16 @@ mod tests {
         let x = Tensor::zeros([2, 1, 50, 40], (Kind::Float, Device::Cpu));
         let a = gaussian_like(&x, 1, 0, 0, &[10, 11]).unwrap();
         let b = gaussian_like(&x.narrow(0, 1, 1), 1, 0, 0, &[11]).unwrap();
-        assert!(a.narrow(0, 1, 1).equal(&b), "image noise depends on its key only");
+        assert!(
+            a.narrow(0, 1, 1).equal(&b),
+            "image noise depends on its key only"
+        );
         let mean = a.mean(Kind::Float).double_value(&[]);
         let std = a.std(true).double_value(&[]);
-        assert!(mean.abs() < 0.05 && (std - 1.0).abs() < 0.05, "{mean} {std}");
+        assert!(
+            mean.abs() < 0.05 && (std - 1.0).abs() < 0.05,
+            "{mean} {std}"
+        );
         let c = gaussian_like(&x, 2, 0, 0, &[10, 11]).unwrap();
         assert!(!a.equal(&c));
     }

@@ -3,9 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::{
-    BinaryScore, CategoricalScore, InactiveScore, PredictedScore, RegressionScore, Score,
-};
+use super::{BinaryScore, CategoricalScore, InactiveScore, PredictedScore, RegressionScore, Score};
 use crate::error::{Error, Result};
 
 /// A score as a user names it on the command line.
@@ -77,7 +75,10 @@ impl FromStr for ScoreSpec {
                     .split(',')
                     .map(|i| {
                         i.trim().parse::<usize>().map_err(|_| {
-                            bad(s, format!("class index {:?} is not a non-negative integer", i.trim()))
+                            bad(
+                                s,
+                                format!("class index {:?} is not a non-negative integer", i.trim()),
+                            )
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
@@ -275,7 +276,10 @@ mod tests {
             "softmax",
         ] {
             let e = bad.parse::<ScoreSpec>().unwrap_err();
-            assert!(matches!(e, Error::ScoreSpec { ref spec, .. } if spec == bad), "{bad}: {e}");
+            assert!(
+                matches!(e, Error::ScoreSpec { ref spec, .. } if spec == bad),
+                "{bad}: {e}"
+            );
         }
     }
 
@@ -295,7 +299,10 @@ mod tests {
         let b = ScoreSpec::Binary(true);
         b.check(&[1, 1]).unwrap();
         b.check(&[4]).unwrap();
-        assert!(matches!(b.check(&[1, 10]).unwrap_err(), Error::Shape { .. }));
+        assert!(matches!(
+            b.check(&[1, 10]).unwrap_err(),
+            Error::Shape { .. }
+        ));
         assert!(matches!(
             ScoreSpec::Increase.check(&[1, 2]).unwrap_err(),
             Error::Shape { .. }
@@ -307,7 +314,13 @@ mod tests {
 
     #[test]
     fn builds_scores() {
-        for text in ["categorical:1", "binary:false", "regression:maintain=2", "inactive", "predicted"] {
+        for text in [
+            "categorical:1",
+            "binary:false",
+            "regression:maintain=2",
+            "inactive",
+            "predicted",
+        ] {
             let spec: ScoreSpec = text.parse().unwrap();
             assert!(!spec.to_score().unwrap().name().is_empty());
         }

@@ -65,9 +65,19 @@ fn assert_code(o: &Output, code: i32, what: &str) {
 fn assert_one_error_line(o: &Output, what: &str) {
     let err = stderr(o);
     let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "{what}: expected one stderr line, got:\n{err}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "{what}: expected one stderr line, got:\n{err}"
+    );
     assert!(lines[0].starts_with("tch-vis: error: "), "{what}: {err}");
-    for bad in ["frame #", "Exception raised", "backtrace", "panicked", "stack"] {
+    for bad in [
+        "frame #",
+        "Exception raised",
+        "backtrace",
+        "panicked",
+        "stack",
+    ] {
         assert!(!err.contains(bad), "{what}: stderr has {bad:?}: {err}");
     }
 }
@@ -89,7 +99,10 @@ fn gray8(w: u32, h: u32, seed: u32) -> image::GrayImage {
 }
 
 fn png_gray(w: u32, h: u32, seed: u32) -> Vec<u8> {
-    encode(image::DynamicImage::ImageLuma8(gray8(w, h, seed)), image::ImageFormat::Png)
+    encode(
+        image::DynamicImage::ImageLuma8(gray8(w, h, seed)),
+        image::ImageFormat::Png,
+    )
 }
 
 fn png_rgb(w: u32, h: u32, seed: u32) -> Vec<u8> {
@@ -103,14 +116,20 @@ fn png_rgba(w: u32, h: u32) -> Vec<u8> {
     let img = image::RgbaImage::from_fn(w, h, |x, y| {
         image::Rgba([(x * 8) as u8, (y * 8) as u8, 128, (x * y) as u8])
     });
-    encode(image::DynamicImage::ImageRgba8(img), image::ImageFormat::Png)
+    encode(
+        image::DynamicImage::ImageRgba8(img),
+        image::ImageFormat::Png,
+    )
 }
 
 fn png_gray16(w: u32, h: u32) -> Vec<u8> {
     let img = image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_fn(w, h, |x, y| {
         image::Luma([(x * 2000 + y * 300) as u16])
     });
-    encode(image::DynamicImage::ImageLuma16(img), image::ImageFormat::Png)
+    encode(
+        image::DynamicImage::ImageLuma16(img),
+        image::ImageFormat::Png,
+    )
 }
 
 fn crc32(data: &[u8]) -> u32 {
@@ -118,7 +137,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -234,7 +257,11 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             if p.is_dir() {
                 stack.push(p);
             } else {
-                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().replace('\\', "/");
+                let rel = p
+                    .strip_prefix(dir)
+                    .unwrap()
+                    .to_string_lossy()
+                    .replace('\\', "/");
                 if rel != "report.json" {
                     out.insert(rel, fs::read(&p).unwrap());
                 }
@@ -262,9 +289,21 @@ fn help_explains_every_flag() {
     assert_code(&o, 0, "saliency --help");
     let text = String::from_utf8_lossy(&o.stdout);
     for flag in [
-        "--model", "--images", "--out", "--score", "--device", "--batch-size",
-        "--smooth-samples", "--smooth-noise", "--seed", "--save-npy", "--shard",
-        "--overwrite", "--strict", "categorical:I", "SLURM_ARRAY_TASK_ID",
+        "--model",
+        "--images",
+        "--out",
+        "--score",
+        "--device",
+        "--batch-size",
+        "--smooth-samples",
+        "--smooth-noise",
+        "--seed",
+        "--save-npy",
+        "--shard",
+        "--overwrite",
+        "--strict",
+        "categorical:I",
+        "SLURM_ARRAY_TASK_ID",
         "JOB_COMPLETION_INDEX",
     ] {
         assert!(text.contains(flag), "saliency --help lacks {flag}:\n{text}");
@@ -280,16 +319,36 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
     let t = Tree::good(2);
     let dir = t.dir.path();
     fs::write(dir.join("garbage.pt"), b"not a torchscript archive").unwrap();
-    fs::copy(root().join("models/digits_cnn.json"), dir.join("garbage.json")).unwrap();
-    fs::copy(root().join("models/digits_cnn.pt"), dir.join("nosidecar.pt")).unwrap();
-    fs::copy(root().join("models/digits_cnn.pt"), dir.join("badsidecar.pt")).unwrap();
+    fs::copy(
+        root().join("models/digits_cnn.json"),
+        dir.join("garbage.json"),
+    )
+    .unwrap();
+    fs::copy(
+        root().join("models/digits_cnn.pt"),
+        dir.join("nosidecar.pt"),
+    )
+    .unwrap();
+    fs::copy(
+        root().join("models/digits_cnn.pt"),
+        dir.join("badsidecar.pt"),
+    )
+    .unwrap();
     fs::write(
         dir.join("badsidecar.json"),
         r#"{"input_size": [32, 32], "channels": 1, "mean": [0.1, 0.2], "std": [1]}"#,
     )
     .unwrap();
-    fs::copy(root().join("models/digits_cnn.pt"), dir.join("wrongchannels.pt")).unwrap();
-    fs::copy(root().join("models/digits_rgb.json"), dir.join("wrongchannels.json")).unwrap();
+    fs::copy(
+        root().join("models/digits_cnn.pt"),
+        dir.join("wrongchannels.pt"),
+    )
+    .unwrap();
+    fs::copy(
+        root().join("models/digits_rgb.json"),
+        dir.join("wrongchannels.json"),
+    )
+    .unwrap();
     let cnn = model("digits_cnn");
     let images = t.images();
     let images = s(&images);
@@ -302,36 +361,218 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
     let wc = dir.join("wrongchannels.pt");
     let multi = model_multi();
     let mut cases: Vec<(&str, Vec<&str>)> = vec![
-        ("unknown flag", vec!["saliency", "--model", &cnn, "--images", images, "--out", o, "--bogus"]),
+        (
+            "unknown flag",
+            vec![
+                "saliency", "--model", &cnn, "--images", images, "--out", o, "--bogus",
+            ],
+        ),
         ("no subcommand", vec![]),
-        ("missing --out", vec!["saliency", "--model", &cnn, "--images", images]),
-        ("bad spec", vec!["saliency", "--model", &cnn, "--images", images, "--out", o, "--score", "categorical:x"]),
-        ("class index = classes", vec!["saliency", "--model", &cnn, "--images", images, "--out", o, "--score", "categorical:10"]),
-        ("binary on (N, 10)", vec!["scores", "--model", &cnn, "--images", images, "--out", o, "--score", "binary:true"]),
-        ("two specs, one output", vec!["saliency", "--model", &cnn, "--images", images, "--out", o, "--score", "predicted", "--score", "inactive"]),
-        ("multi-output without specs", vec!["saliency", "--model", &multi, "--images", images, "--out", o]),
-        ("missing model", vec!["saliency", "--model", "/nonexistent/m.pt", "--images", images, "--out", o]),
-        ("not torchscript", vec!["saliency", "--model", s(&g), "--images", images, "--out", o]),
-        ("missing sidecar", vec!["saliency", "--model", s(&ns), "--images", images, "--out", o]),
-        ("invalid sidecar", vec!["saliency", "--model", s(&bs), "--images", images, "--out", o]),
-        ("sidecar does not fit model", vec!["saliency", "--model", s(&wc), "--images", images, "--out", o]),
-        ("missing DIR", vec!["saliency", "--model", &cnn, "--images", "/nonexistent/dir", "--out", o]),
-        ("DIR is a file", vec!["scores", "--model", &cnn, "--images", s(&file), "--out", o]),
-        ("bad shard", vec!["scores", "--model", &cnn, "--images", images, "--out", o, "--shard", "3/3"]),
-        ("batch size 0", vec!["scores", "--model", &cnn, "--images", images, "--out", o, "--batch-size", "0"]),
-        ("negative noise", vec!["saliency", "--model", &cnn, "--images", images, "--out", o, "--smooth-noise", "-1"]),
+        (
+            "missing --out",
+            vec!["saliency", "--model", &cnn, "--images", images],
+        ),
+        (
+            "bad spec",
+            vec![
+                "saliency",
+                "--model",
+                &cnn,
+                "--images",
+                images,
+                "--out",
+                o,
+                "--score",
+                "categorical:x",
+            ],
+        ),
+        (
+            "class index = classes",
+            vec![
+                "saliency",
+                "--model",
+                &cnn,
+                "--images",
+                images,
+                "--out",
+                o,
+                "--score",
+                "categorical:10",
+            ],
+        ),
+        (
+            "binary on (N, 10)",
+            vec![
+                "scores",
+                "--model",
+                &cnn,
+                "--images",
+                images,
+                "--out",
+                o,
+                "--score",
+                "binary:true",
+            ],
+        ),
+        (
+            "two specs, one output",
+            vec![
+                "saliency",
+                "--model",
+                &cnn,
+                "--images",
+                images,
+                "--out",
+                o,
+                "--score",
+                "predicted",
+                "--score",
+                "inactive",
+            ],
+        ),
+        (
+            "multi-output without specs",
+            vec![
+                "saliency", "--model", &multi, "--images", images, "--out", o,
+            ],
+        ),
+        (
+            "missing model",
+            vec![
+                "saliency",
+                "--model",
+                "/nonexistent/m.pt",
+                "--images",
+                images,
+                "--out",
+                o,
+            ],
+        ),
+        (
+            "not torchscript",
+            vec!["saliency", "--model", s(&g), "--images", images, "--out", o],
+        ),
+        (
+            "missing sidecar",
+            vec![
+                "saliency",
+                "--model",
+                s(&ns),
+                "--images",
+                images,
+                "--out",
+                o,
+            ],
+        ),
+        (
+            "invalid sidecar",
+            vec![
+                "saliency",
+                "--model",
+                s(&bs),
+                "--images",
+                images,
+                "--out",
+                o,
+            ],
+        ),
+        (
+            "sidecar does not fit model",
+            vec![
+                "saliency",
+                "--model",
+                s(&wc),
+                "--images",
+                images,
+                "--out",
+                o,
+            ],
+        ),
+        (
+            "missing DIR",
+            vec![
+                "saliency",
+                "--model",
+                &cnn,
+                "--images",
+                "/nonexistent/dir",
+                "--out",
+                o,
+            ],
+        ),
+        (
+            "DIR is a file",
+            vec!["scores", "--model", &cnn, "--images", s(&file), "--out", o],
+        ),
+        (
+            "bad shard",
+            vec![
+                "scores", "--model", &cnn, "--images", images, "--out", o, "--shard", "3/3",
+            ],
+        ),
+        (
+            "batch size 0",
+            vec![
+                "scores",
+                "--model",
+                &cnn,
+                "--images",
+                images,
+                "--out",
+                o,
+                "--batch-size",
+                "0",
+            ],
+        ),
+        (
+            "negative noise",
+            vec![
+                "saliency",
+                "--model",
+                &cnn,
+                "--images",
+                images,
+                "--out",
+                o,
+                "--smooth-noise",
+                "-1",
+            ],
+        ),
     ];
     if !tch::Cuda::is_available() {
-        cases.push(("cuda without CUDA", vec!["saliency", "--model", &cnn, "--images", images, "--out", o, "--device", "cuda"]));
+        cases.push((
+            "cuda without CUDA",
+            vec![
+                "saliency", "--model", &cnn, "--images", images, "--out", o, "--device", "cuda",
+            ],
+        ));
     }
-    for (what, args) in &cases {
-        let r = tch_vis(args);
-        assert_code(&r, 2, what);
-        assert_one_error_line(&r, what);
+    // Several at a time: most of each run is loading libtorch.
+    let results: Vec<Output> = cases
+        .chunks(4)
+        .flat_map(|group| {
+            std::thread::scope(|sc| {
+                let handles: Vec<_> = group
+                    .iter()
+                    .map(|(_, args)| sc.spawn(move || tch_vis(args)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for ((what, _), r) in cases.iter().zip(&results) {
+        assert_code(r, 2, what);
+        assert_one_error_line(r, what);
         assert!(!out.exists(), "{what}: wrote {}", out.display());
     }
     // A count flag without an index, and an index without a count.
-    let r = tch_vis_env(&["scores", "--model", &cnn, "--images", images, "--out", o], &[("JOB_COMPLETION_INDEX", "1")]);
+    let r = tch_vis_env(
+        &["scores", "--model", &cnn, "--images", images, "--out", o],
+        &[("JOB_COMPLETION_INDEX", "1")],
+    );
     assert_code(&r, 2, "JOB_COMPLETION_INDEX without --shard-count");
     assert_one_error_line(&r, "JOB_COMPLETION_INDEX without --shard-count");
     assert!(!out.exists());
@@ -352,10 +593,15 @@ fn bad_input_corpus_is_recorded_and_the_run_goes_on() {
         .file("ok/gray16.png", &png_gray16(20, 30))
         .file("ok/rgba.png", &png_rgba(33, 17))
         .file("ok/palette.png", &png_palette(16, 24))
-        .file("ok/rgb.jpg", &encode(
-            image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(40, 48, |x, y| image::Rgb([(x * 6) as u8, (y * 5) as u8, 90]))),
-            image::ImageFormat::Jpeg,
-        ))
+        .file(
+            "ok/rgb.jpg",
+            &encode(
+                image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(40, 48, |x, y| {
+                    image::Rgb([(x * 6) as u8, (y * 5) as u8, 90])
+                })),
+                image::ImageFormat::Jpeg,
+            ),
+        )
         .file("ok/no_extension", &png_rgb(10, 10, 3))
         .file("ok/has,comma.png", &png_gray(8, 8, 2))
         .file("bad/empty.png", b"")
@@ -369,28 +615,60 @@ fn bad_input_corpus_is_recorded_and_the_run_goes_on() {
     }
     let out = t.out("out");
     let (rgb, images) = (model("digits_rgb"), t.images());
-    let args = ["saliency", "--model", &rgb, "--images", s(&images), "--out", s(&out), "--save-npy", "--batch-size", "4"];
+    let args = [
+        "saliency",
+        "--model",
+        &rgb,
+        "--images",
+        s(&images),
+        "--out",
+        s(&out),
+        "--save-npy",
+        "--batch-size",
+        "4",
+    ];
     let o = tch_vis(&args);
     assert_code(&o, 0, "bad inputs");
     let r = report(&out);
-    let failed: Vec<String> = r["failed"].as_array().unwrap().iter().map(|f| {
-        assert!(!f["error"].as_str().unwrap().is_empty());
-        f["path"].as_str().unwrap().to_string()
-    }).collect();
-    let mut want = vec!["bad/empty.png", "bad/fake.jpg", "bad/notes.txt", "bad/truncated.png"];
+    let failed: Vec<String> = r["failed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            assert!(!f["error"].as_str().unwrap().is_empty());
+            f["path"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let mut want = vec![
+        "bad/empty.png",
+        "bad/fake.jpg",
+        "bad/notes.txt",
+        "bad/truncated.png",
+    ];
     if cfg!(unix) {
         want.extend(["bad/loop", "bad/self_link"]);
         want.sort_unstable();
     }
     assert_eq!(failed, want, "report.json failed: {r:#}");
     assert_eq!(r["processed"], 7);
-    let oks = ["ok/gray.png", "ok/gray16.png", "ok/has,comma.png", "ok/no_extension", "ok/palette.png", "ok/rgb.jpg", "ok/rgba.png"];
+    let oks = [
+        "ok/gray.png",
+        "ok/gray16.png",
+        "ok/has,comma.png",
+        "ok/no_extension",
+        "ok/palette.png",
+        "ok/rgb.jpg",
+        "ok/rgba.png",
+    ];
     for rel in oks {
         let map = Tensor::read_npy(out.join(format!("{rel}.saliency.npy"))).unwrap();
         assert_eq!(map.size(), vec![32, 32], "{rel}");
         assert_eq!(map.kind(), tch::Kind::Float);
         let (lo, hi) = (map.min().double_value(&[]), map.max().double_value(&[]));
-        assert!(lo >= 0.0 && hi <= 1.0 && hi > 0.5, "{rel}: map in [{lo}, {hi}]");
+        assert!(
+            lo >= 0.0 && hi <= 1.0 && hi > 0.5,
+            "{rel}: map in [{lo}, {hi}]"
+        );
         let grad = Tensor::read_npy(out.join(format!("{rel}.grad.npy"))).unwrap();
         assert_eq!(grad.size(), vec![3, 32, 32], "{rel}");
         let png = image::open(out.join(format!("{rel}.saliency.png"))).unwrap();
@@ -417,10 +695,19 @@ fn bad_input_corpus_is_recorded_and_the_run_goes_on() {
 #[test]
 fn rerun_skips_finished_work_and_overwrite_recomputes() {
     let t = Tree::good(7);
-    t.file("B_upper.png", &png_gray(32, 32, 9)).file("a_lower.png", &png_gray(32, 32, 8));
+    t.file("B_upper.png", &png_gray(32, 32, 9))
+        .file("a_lower.png", &png_gray(32, 32, 8));
     let out = t.out("out");
     let (cnn, images) = (model("digits_cnn"), t.images());
-    let args = ["saliency", "--model", &cnn, "--images", s(&images), "--out", s(&out)];
+    let args = [
+        "saliency",
+        "--model",
+        &cnn,
+        "--images",
+        s(&images),
+        "--out",
+        s(&out),
+    ];
     assert_code(&tch_vis(&args), 0, "first run");
     let paths = csv_paths(&out);
     let mut sorted = paths.clone();
@@ -429,7 +716,10 @@ fn rerun_skips_finished_work_and_overwrite_recomputes() {
     assert_eq!(paths.first().map(String::as_str), Some("B_upper.png"));
     assert_eq!(paths.len(), 9);
     let r = report(&out);
-    assert_eq!((r["processed"].as_u64(), r["skipped"].as_u64()), (Some(9), Some(0)));
+    assert_eq!(
+        (r["processed"].as_u64(), r["skipped"].as_u64()),
+        (Some(9), Some(0))
+    );
     for key in ["device", "seconds", "images_per_second"] {
         assert!(!r[key].is_null(), "report.json lacks {key}");
     }
@@ -438,7 +728,10 @@ fn rerun_skips_finished_work_and_overwrite_recomputes() {
     t.file("d9/new.png", &png_gray(30, 31, 5));
     assert_code(&tch_vis(&args), 0, "rerun");
     let r = report(&out);
-    assert_eq!((r["processed"].as_u64(), r["skipped"].as_u64()), (Some(1), Some(9)));
+    assert_eq!(
+        (r["processed"].as_u64(), r["skipped"].as_u64()),
+        (Some(1), Some(9))
+    );
     let after = snapshot(&out);
     for (k, v) in &before {
         if k != "scores.csv" {
@@ -468,10 +761,21 @@ fn shards_partition_the_folder_exactly() {
     let full = t.out("full");
     let m = model("digits_cnn");
     let base = |out: &Path| -> Vec<String> {
-        ["saliency", "--model", &m, "--images", s(&t.images()), "--out", s(out), "--save-npy", "--batch-size", "4"]
-            .iter()
-            .map(|x| x.to_string())
-            .collect()
+        [
+            "saliency",
+            "--model",
+            &m,
+            "--images",
+            s(&t.images()),
+            "--out",
+            s(out),
+            "--save-npy",
+            "--batch-size",
+            "4",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
     };
     let run = |out: &Path, extra: &[&str], env: &[(&str, &str)]| {
         let mut a = base(out);
@@ -488,7 +792,13 @@ fn shards_partition_the_folder_exactly() {
         let out = t.out(&format!("shard{k}"));
         run(&out, &["--shard", &format!("{k}/3")], &[]);
         seen.extend(csv_paths(&out));
-        failed.extend(report(&out)["failed"].as_array().unwrap().iter().map(|f| f["path"].to_string()));
+        failed.extend(
+            report(&out)["failed"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f["path"].to_string()),
+        );
     }
     let n = seen.len();
     seen.sort();
@@ -499,9 +809,20 @@ fn shards_partition_the_folder_exactly() {
     // Sequential shards into one folder, the index taken from Slurm's and
     // Kubernetes' environment variables.
     let same = t.out("same");
-    run(&same, &[], &[("SLURM_ARRAY_TASK_ID", "1"), ("SLURM_ARRAY_TASK_COUNT", "3")]);
+    run(
+        &same,
+        &[],
+        &[
+            ("SLURM_ARRAY_TASK_ID", "1"),
+            ("SLURM_ARRAY_TASK_COUNT", "3"),
+        ],
+    );
     assert_eq!(report(&same)["shard"], "1/3");
-    run(&same, &["--shard-count", "3"], &[("JOB_COMPLETION_INDEX", "0")]);
+    run(
+        &same,
+        &["--shard-count", "3"],
+        &[("JOB_COMPLETION_INDEX", "0")],
+    );
     run(&same, &["--shard", "2/3"], &[]);
     assert_same_tree(&same, &full, "sequential shards vs full run");
 }
@@ -513,14 +834,32 @@ fn kill_9_then_rerun_equals_an_uninterrupted_run() {
     let t = Tree::good(90);
     let m = model("digits_cnn");
     let args = |out: &Path| -> Vec<String> {
-        ["saliency", "--model", &m, "--images", s(&t.images()), "--out", s(out), "--save-npy", "--batch-size", "2",
-         "--smooth-samples", "2", "--seed", "3"]
-            .iter()
-            .map(|x| x.to_string())
-            .collect()
+        [
+            "saliency",
+            "--model",
+            &m,
+            "--images",
+            s(&t.images()),
+            "--out",
+            s(out),
+            "--save-npy",
+            "--batch-size",
+            "2",
+            "--smooth-samples",
+            "2",
+            "--seed",
+            "3",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
     };
     let whole = t.out("whole");
-    assert_code(&tch_vis(&args(&whole).iter().map(String::as_str).collect::<Vec<_>>()), 0, "uninterrupted");
+    assert_code(
+        &tch_vis(&args(&whole).iter().map(String::as_str).collect::<Vec<_>>()),
+        0,
+        "uninterrupted",
+    );
 
     let killed = t.out("killed");
     let mut child = Command::new(BIN)
@@ -531,7 +870,9 @@ fn kill_9_then_rerun_equals_an_uninterrupted_run() {
         .unwrap();
     let start = Instant::now();
     loop {
-        let n = fs::read_dir(killed.join("d0")).map(|r| r.count()).unwrap_or(0);
+        let n = fs::read_dir(killed.join("d0"))
+            .map(|r| r.count())
+            .unwrap_or(0);
         if n >= 12 || start.elapsed() > Duration::from_secs(30) {
             break;
         }
@@ -540,11 +881,17 @@ fn kill_9_then_rerun_equals_an_uninterrupted_run() {
     child.kill().unwrap(); // SIGKILL on unix
     let status = child.wait().unwrap();
     let partial = snapshot(&killed).len();
-    eprintln!("killed after {:?} ({status}), {partial} files", start.elapsed());
+    eprintln!(
+        "killed after {:?} ({status}), {partial} files",
+        start.elapsed()
+    );
     let o = tch_vis(&args(&killed).iter().map(String::as_str).collect::<Vec<_>>());
     assert_code(&o, 0, "resume");
     let r = report(&killed);
-    assert_eq!(r["processed"].as_u64().unwrap() + r["skipped"].as_u64().unwrap(), 90);
+    assert_eq!(
+        r["processed"].as_u64().unwrap() + r["skipped"].as_u64().unwrap(),
+        90
+    );
     assert_same_tree(&killed, &whole, "resumed vs uninterrupted");
 }
 
@@ -556,14 +903,52 @@ fn scores_subcommand_and_multi_output_models() {
     let (a, b) = (t.out("sal"), t.out("sc"));
     let cnn = model("digits_cnn");
     let imgs = t.images();
-    assert_code(&tch_vis(&["saliency", "--model", &cnn, "--images", s(&imgs), "--out", s(&a)]), 0, "saliency");
-    assert_code(&tch_vis(&["scores", "--model", &cnn, "--images", s(&imgs), "--out", s(&b)]), 0, "scores");
-    assert_eq!(fs::read(a.join("scores.csv")).unwrap(), fs::read(b.join("scores.csv")).unwrap());
+    assert_code(
+        &tch_vis(&[
+            "saliency",
+            "--model",
+            &cnn,
+            "--images",
+            s(&imgs),
+            "--out",
+            s(&a),
+        ]),
+        0,
+        "saliency",
+    );
+    assert_code(
+        &tch_vis(&[
+            "scores",
+            "--model",
+            &cnn,
+            "--images",
+            s(&imgs),
+            "--out",
+            s(&b),
+        ]),
+        0,
+        "scores",
+    );
+    assert_eq!(
+        fs::read(a.join("scores.csv")).unwrap(),
+        fs::read(b.join("scores.csv")).unwrap()
+    );
     let files: Vec<_> = snapshot(&b).into_keys().collect();
     assert_eq!(files, vec!["scores.csv"]);
     let c = t.out("multi");
-    let o = tch_vis(&["saliency", "--model", &model_multi(), "--images", s(&imgs), "--out", s(&c),
-                      "--score", "categorical:3", "--score", "regression:maintain=3"]);
+    let o = tch_vis(&[
+        "saliency",
+        "--model",
+        &model_multi(),
+        "--images",
+        s(&imgs),
+        "--out",
+        s(&c),
+        "--score",
+        "categorical:3",
+        "--score",
+        "regression:maintain=3",
+    ]);
     assert_code(&o, 0, "multi");
     let csv = fs::read_to_string(c.join("scores.csv")).unwrap();
     assert!(csv.starts_with("path,score_0,score_1\n"), "{csv}");
@@ -577,8 +962,22 @@ fn smoothgrad_is_reproducible_with_a_seed() {
     let m = model("digits_cnn");
     let run = |name: &str, seed: &str| {
         let out = t.out(name);
-        let o = tch_vis(&["saliency", "--model", &m, "--images", s(&t.images()), "--out", s(&out),
-                          "--smooth-samples", "4", "--smooth-noise", "0.3", "--seed", seed, "--save-npy"]);
+        let o = tch_vis(&[
+            "saliency",
+            "--model",
+            &m,
+            "--images",
+            s(&t.images()),
+            "--out",
+            s(&out),
+            "--smooth-samples",
+            "4",
+            "--smooth-noise",
+            "0.3",
+            "--seed",
+            seed,
+            "--save-npy",
+        ]);
         assert_code(&o, 0, name);
         snapshot(&out)
     };
@@ -586,7 +985,10 @@ fn smoothgrad_is_reproducible_with_a_seed() {
     assert_eq!(a, b);
     let k = "d0/img_000.png.grad.npy";
     assert!(a[k] != c[k], "another seed gives other noise");
-    assert_eq!(a["scores.csv"], c["scores.csv"], "scores are of the clean image");
+    assert_eq!(
+        a["scores.csv"], c["scores.csv"],
+        "scores are of the clean image"
+    );
 }
 
 /// The CLI matches PyTorch: preprocessing, gradients and maps of every
@@ -596,20 +998,37 @@ fn smoothgrad_is_reproducible_with_a_seed() {
 fn saliency_matches_pytorch_goldens() {
     let manifest = root().join("tests/golden/preprocess/manifest.json");
     let Ok(text) = fs::read_to_string(&manifest) else {
-        eprintln!("skipped: {} not found (run scripts/make_goldens.py)", manifest.display());
+        eprintln!(
+            "skipped: {} not found (run scripts/make_goldens.py)",
+            manifest.display()
+        );
         return;
     };
     let items: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let o = tch_vis(&["saliency", "--model", &model("digits_cnn"), "--images", s(&root().join("examples/images")),
-                      "--out", s(&out), "--save-npy", "--device", "cpu"]);
+    let o = tch_vis(&[
+        "saliency",
+        "--model",
+        &model("digits_cnn"),
+        "--images",
+        s(&root().join("examples/images")),
+        "--out",
+        s(&out),
+        "--save-npy",
+        "--device",
+        "cpu",
+    ]);
     assert_code(&o, 0, "golden run");
     let csv = fs::read_to_string(out.join("scores.csv")).unwrap();
-    let scores: BTreeMap<&str, f64> = csv.lines().skip(1).map(|l| {
-        let (p, v) = l.split_once(',').unwrap();
-        (p, v.parse().unwrap())
-    }).collect();
+    let scores: BTreeMap<&str, f64> = csv
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let (p, v) = l.split_once(',').unwrap();
+            (p, v.parse().unwrap())
+        })
+        .collect();
     assert_eq!(scores.len(), items.len());
     let gdir = root().join("tests/golden/preprocess");
     for item in &items {
@@ -620,10 +1039,16 @@ fn saliency_matches_pytorch_goldens() {
             assert_eq!(got.size(), want.size(), "{rel} {kind}");
             assert_eq!(got.kind(), tch::Kind::Float, "{rel} {kind}");
             let diff = (&got - &want).abs().max().double_value(&[]);
-            assert!(got.allclose(&want, 1e-5, 1e-6, false), "{rel} {kind}: max |diff| {diff}");
+            assert!(
+                got.allclose(&want, 1e-5, 1e-6, false),
+                "{rel} {kind}: max |diff| {diff}"
+            );
         }
         let want = item["score"].as_f64().unwrap();
         let got = scores[rel];
-        assert!((got - want).abs() <= 1e-5 * want.abs() + 1e-6, "{rel}: score {got} vs {want}");
+        assert!(
+            (got - want).abs() <= 1e-5 * want.abs() + 1e-6,
+            "{rel}: score {got} vs {want}"
+        );
     }
 }

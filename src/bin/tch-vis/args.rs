@@ -260,20 +260,38 @@ mod tests {
     #[test]
     fn shard_comes_from_flag_then_slurm_then_kubernetes() {
         let flag = Some(Shard::new(1, 2).unwrap());
-        let slurm = env(&[("SLURM_ARRAY_TASK_ID", "3"), ("SLURM_ARRAY_TASK_COUNT", "4")]);
-        assert_eq!(shard_from_env(flag, None, &slurm).unwrap().0, Shard::new(1, 2).unwrap());
-        assert_eq!(shard_from_env(None, None, &slurm).unwrap().0, Shard::new(3, 4).unwrap());
+        let slurm = env(&[
+            ("SLURM_ARRAY_TASK_ID", "3"),
+            ("SLURM_ARRAY_TASK_COUNT", "4"),
+        ]);
+        assert_eq!(
+            shard_from_env(flag, None, &slurm).unwrap().0,
+            Shard::new(1, 2).unwrap()
+        );
+        assert_eq!(
+            shard_from_env(None, None, &slurm).unwrap().0,
+            Shard::new(3, 4).unwrap()
+        );
         let slurm1 = env(&[
             ("SLURM_ARRAY_TASK_ID", "4"),
             ("SLURM_ARRAY_TASK_MIN", "1"),
             ("SLURM_ARRAY_TASK_COUNT", "4"),
         ]);
-        assert_eq!(shard_from_env(None, None, &slurm1).unwrap().0, Shard::new(3, 4).unwrap());
+        assert_eq!(
+            shard_from_env(None, None, &slurm1).unwrap().0,
+            Shard::new(3, 4).unwrap()
+        );
         let k8s = env(&[("JOB_COMPLETION_INDEX", "2")]);
-        assert_eq!(shard_from_env(None, Some(3), &k8s).unwrap().0, Shard::new(2, 3).unwrap());
+        assert_eq!(
+            shard_from_env(None, Some(3), &k8s).unwrap().0,
+            Shard::new(2, 3).unwrap()
+        );
         assert!(shard_from_env(None, None, &k8s).is_err());
         assert!(shard_from_env(None, Some(2), &k8s).is_err()); // 2 of 2
         assert!(shard_from_env(None, Some(2), &env(&[])).is_err());
-        assert_eq!(shard_from_env(None, None, &env(&[])).unwrap().0, Shard::all());
+        assert_eq!(
+            shard_from_env(None, None, &env(&[])).unwrap().0,
+            Shard::all()
+        );
     }
 }

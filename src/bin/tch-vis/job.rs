@@ -109,7 +109,10 @@ pub fn prepare(job: Job) -> anyhow::Result<Ready> {
     let model_meta = std::fs::metadata(&job.model)
         .with_context(|| format!("cannot read model {}", job.model.display()))?;
     if model_meta.is_dir() {
-        bail!("model {} is a directory, not a TorchScript file", job.model.display());
+        bail!(
+            "model {} is a directory, not a TorchScript file",
+            job.model.display()
+        );
     }
     std::fs::File::open(&job.model)
         .with_context(|| format!("cannot read model {}", job.model.display()))?;
@@ -170,7 +173,10 @@ pub fn prepare(job: Job) -> anyhow::Result<Ready> {
     let refs: Vec<&dyn Score> = boxed.iter().map(|b| b.as_ref() as &dyn Score).collect();
     if job.mode == Mode::Saliency {
         model.gradients(&[probe], &refs).map_err(|e| {
-            anyhow!("cannot take gradients of the scores on a probe input: {}", e.summary())
+            anyhow!(
+                "cannot take gradients of the scores on a probe input: {}",
+                e.summary()
+            )
         })?;
     }
 
@@ -369,6 +375,16 @@ fn run_pipeline(
     let (tx_event, rx_event) = unbounded::<Event>();
     let writers = cores().saturating_sub(1).clamp(1, 16);
 
+    // One decode pool whose threads keep libtorch single-threaded (their
+    // tensors are small), so they do not fight the compute thread's
+    // OpenMP team; the compute thread uses every core.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(cores())
+        .thread_name(|i| format!("tch-vis-decode-{i}"))
+        .start_handler(|_| tch::set_num_threads(1))
+        .build()
+        .context("cannot start the decode threads")?;
+    tch::set_num_threads(i32::try_from(cores()).unwrap_or(1));
     let collected = std::thread::scope(|s| {
         // Producer: decode one batch at a time with rayon, keep 2 queued.
         let pre = &pre;
@@ -378,10 +394,12 @@ fn run_pipeline(
                 if abort_ref.load(Ordering::Relaxed) {
                     break;
                 }
-                let batch: Vec<_> = chunk
-                    .par_iter()
-                    .map(|e| (e.clone(), pre.load(&e.path)))
-                    .collect();
+                let batch: Vec<_> = pool.install(|| {
+                    chunk
+                        .par_iter()
+                        .map(|e| (e.clone(), pre.load(&e.path)))
+                        .collect()
+                });
                 if tx_batch.send(batch).is_err() {
                     break;
                 }
@@ -504,8 +522,7 @@ fn compute_batch(
             keys.resize(job.batch_size.max(n), 0);
             // With SmoothGrad, `predicted` is each image's class on the clean
             // input, held fixed over the noisy samples.
-            let needs_classes =
-                job.smooth_samples > 0 && specs.iter().any(|s| *s == ScoreSpec::Predicted);
+            let needs_classes = job.smooth_samples > 0 && specs.contains(&ScoreSpec::Predicted);
             let clean = if needs_classes {
                 Some(lib(model.forward(&[x.shallow_clone()]))?)
             } else {
@@ -543,7 +560,10 @@ fn compute_batch(
             let map_t = res.maps.first().ok_or_else(|| anyhow!("no saliency map"))?;
             let maps = flat(map_t)?;
             let grads = if job.save_npy {
-                let g = res.gradients.first().ok_or_else(|| anyhow!("no gradient"))?;
+                let g = res
+                    .gradients
+                    .first()
+                    .ok_or_else(|| anyhow!("no gradient"))?;
                 Some(flat(g)?)
             } else {
                 None
@@ -584,6 +604,7 @@ fn writer(
     tx: Sender<Event>,
     abort: &AtomicBool,
 ) {
+    tch::set_num_threads(1);
     let [h, w] = sidecar.input_size;
     let c = sidecar.channels;
     for item in rx.iter() {
@@ -604,7 +625,11 @@ fn writer(
             },
             Err(e) => {
                 abort.store(true, Ordering::Relaxed);
-                Event::Fatal(format!("cannot write outputs of {}: {}", item.rel, e.summary()))
+                Event::Fatal(format!(
+                    "cannot write outputs of {}: {}",
+                    item.rel,
+                    e.summary()
+                ))
             }
         };
         if tx.send(event).is_err() {

@@ -134,6 +134,9 @@ mod tests {
             _ => panic!("expected rows"),
         }
         assert!(matches!(read(&p, 1).unwrap(), Existing::Mismatch(_)));
-        assert!(matches!(read(&dir.path().join("no.csv"), 1).unwrap(), Existing::None));
+        assert!(matches!(
+            read(&dir.path().join("no.csv"), 1).unwrap(),
+            Existing::None
+        ));
     }
 }
