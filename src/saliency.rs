@@ -298,10 +298,15 @@ fn gaussian_like(x: &Tensor, seed: u64, input: u64, sample: u64, keys: &[u64]) -
         .map(|&d| usize::try_from(d).unwrap_or(0))
         .product();
     let mut data = vec![0f32; per * keys.len()];
-    for (chunk, &key) in data.chunks_mut(per.max(1)).zip(keys) {
-        let mut rng = SplitMix64::new(mix(&[seed, input, key, sample]));
-        fill_normal(&mut rng, chunk);
-    }
+    // One independent stream per image: filled in parallel, same values
+    // whatever the number of threads.
+    use rayon::prelude::*;
+    data.par_chunks_mut(per.max(1))
+        .zip(keys.par_iter())
+        .for_each(|(chunk, &key)| {
+            let mut rng = SplitMix64::new(mix(&[seed, input, key, sample]));
+            fill_normal(&mut rng, chunk);
+        });
     Ok(Tensor::f_from_slice(&data)?
         .f_reshape(size.as_slice())?
         .f_to_device(x.device())?
