@@ -53,6 +53,11 @@ pub fn max_rel_diff(got: &Tensor, want: &Tensor, floor: f64) -> f64 {
 /// Every device to test on: the CPU, and CUDA when present (tests print
 /// "skipped: no CUDA" otherwise, so they never pass silently on CUDA).
 pub fn devices() -> Vec<Device> {
+    // IEEE float32 on CUDA (no TF32 in cuDNN/cuBLAS), as the CLI does; must
+    // be set before the first CUDA call of the process.
+    if std::env::var_os("NVIDIA_TF32_OVERRIDE").is_none() {
+        std::env::set_var("NVIDIA_TF32_OVERRIDE", "0");
+    }
     let mut v = vec![Device::Cpu];
     if tch::Cuda::is_available() {
         v.push(Device::Cuda(0));

@@ -25,7 +25,7 @@ use tch_vis::io::{self, Entry, Shard};
 use tch_vis::preprocess::{self, Prepared, Preprocessor, Sidecar};
 use tch_vis::saliency::{key_for, Saliency};
 use tch_vis::scores::{CategoricalScore, PredictedScore, Score, ScoreSpec};
-use tch_vis::{device_name, DeviceSpec, Model};
+use tch_vis::{device_name, DeviceSpec, Model, Precision};
 
 use crate::table::{self, Existing, Rows};
 
@@ -56,6 +56,7 @@ pub struct Job {
     pub out: PathBuf,
     pub specs: Vec<ScoreSpec>,
     pub device: DeviceSpec,
+    pub precision: Precision,
     pub batch_size: usize,
     pub shard: Shard,
     pub shard_source: String,
@@ -124,7 +125,13 @@ pub fn prepare(job: Job) -> anyhow::Result<Ready> {
         ),
         other => anyhow!(other.summary()),
     })?;
-    let model = lib(Model::load(&job.model, device))?;
+    let mut model = lib(Model::load(&job.model, device))?;
+    lib(model.set_precision(job.precision))?;
+    if device.is_cuda() {
+        // Batches are padded to one fixed shape: let cuDNN pick the fastest
+        // algorithm for it once.
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
 
     // Probe the model with one zero image of the sidecar's size.
     let [h, w] = sidecar.size_i64();
@@ -300,6 +307,7 @@ pub fn execute(ready: Ready) -> anyhow::Result<Outcome> {
         "batch_size": job.batch_size,
         "smooth_samples": job.smooth_samples,
         "smooth_noise": job.smooth_noise,
+        "precision": job.precision.to_string(),
         "seed": job.seed,
         "save_npy": job.save_npy,
         "overwrite": job.overwrite,

@@ -123,6 +123,12 @@ fn run() -> Result<ExitCode, Failure> {
 }
 
 fn main() -> ExitCode {
+    // IEEE float32 on CUDA: cuDNN would otherwise run fp32 convolutions in
+    // TF32 (PyTorch's default), about 1e-3 relative off the CPU values. Set
+    // before any thread or CUDA context exists; the user's value wins.
+    if std::env::var_os("NVIDIA_TF32_OVERRIDE").is_none() {
+        std::env::set_var("NVIDIA_TF32_OVERRIDE", "0");
+    }
     // One line, never a backtrace, even with RUST_BACKTRACE set.
     std::panic::set_hook(Box::new(|info| {
         let msg = info
