@@ -77,6 +77,9 @@ echo "== tch-vis gpu_check $(date -Iseconds) (QUICK=$QUICK DEVICE=$DEVICE ARCH=$
 echo "machine: $(nproc) cores; $(nvidia-smi -L 2>/dev/null | head -n1 || echo 'no nvidia-smi')"
 
 # 0. environment
+# IEEE float32 everywhere (the CLI's default on CUDA), so the model-alone
+# ceiling, the Python baselines and the pipeline compute the same thing.
+export NVIDIA_TF32_OVERRIDE=${NVIDIA_TF32_OVERRIDE:-0}
 TORCH_LIB=$("$PY" -c 'import torch,os;print(os.path.dirname(torch.__file__)+"/lib")' 2>/dev/null)
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if ! "$PY" -c 'import captum' 2>/dev/null; then
@@ -105,7 +108,7 @@ if [ -x "$BIN/it" ]; then
     echo "--- it: $BIN/it --test-threads 1 $IT_FILTER (full output in it.txt)"
     t0=$(date +%s)
     # shellcheck disable=SC2086
-    timeout --kill-after=10 180 "$BIN/it" --test-threads 1 $IT_FILTER >"$OUTDIR/it.txt" 2>&1
+    timeout --kill-after=10 180 "$BIN/it" --test-threads 1 $IT_FILTER --nocapture >"$OUTDIR/it.txt" 2>&1
     st=$?
     grep -i -E 'parity|cuda|^test result|FAILED|panicked|error' "$OUTDIR/it.txt" | grep -v -E '\.\.\. ok$' | head -n 60
     say "tests: status $st in $(( $(date +%s) - t0 )) s; $(grep -E '^test result' "$OUTDIR/it.txt" | tail -n1)"
@@ -161,7 +164,7 @@ else
 fi
 
 # 5. Python autograd loop, same file, batch, score
-if [ -f "$MODEL" ]; then
+if [ -f "$MODEL" ] && [ "${SKIP_PY_AUTOGRAD:-0}" != 1 ]; then
     for p in $PRECISIONS; do
         if step "python-$p" 120 "$PY" scripts/bench_python.py --model "$MODEL" --label "$ARCH" --batch "$BATCH" \
             --size 224 --channels 3 --iters "$ITERS" --device "$DEVICE" --precision "$p" --class "$CLASS"; then
@@ -186,6 +189,7 @@ if [ -x "$BIN/tch-vis" ] && [ -f "$MODEL" ]; then
             --batch-size "$BATCH" --overwrite --device "$DEVICE" --score "categorical:$CLASS" "${extra[@]}"; then
             read -r n s ips < <("$PY" -c "import json,sys;r=json.load(open(sys.argv[1]));print(r['processed'],f\"{r['seconds']:.2f}\",f\"{r['images_per_second']:.1f}\")" "$WORK/cli-$p/report.json")
             IPS[$p]=$ips
+            say "  timings $p: $("$PY" -c "import json,sys;r=json.load(open(sys.argv[1]));print(', '.join(f'{k} {v:.2f}s' for k,v in r.get('timings_seconds',{}).items()))" "$WORK/cli-$p/report.json")"
             say "tch-vis-pipeline $ARCH batch $BATCH $DEVICE $p: $n images in $s s, $ips images/s; ceiling ${CEIL[$p]:-n/a} images/s, pipeline/ceiling $(ratio "$ips" "${CEIL[$p]}") (target >= 0.90)"
         else
             say "tch-vis-pipeline $ARCH $p: FAILED ($(tail -n1 "$WORK/pipeline-$p.txt"))"
@@ -194,7 +198,8 @@ if [ -x "$BIN/tch-vis" ] && [ -f "$MODEL" ]; then
 fi
 if [ -f "$MODEL" ]; then
     if step python-pipeline 300 "$PY" scripts/baseline_saliency.py --model "$MODEL" --images "$IMAGES" \
-        --out "$WORK/py-fp32" --batch-size "$BATCH" --workers "$WORKERS" --device "$DEVICE" --class "$CLASS" --label "$ARCH"; then
+        --out "$WORK/py-fp32" --batch-size "$BATCH" --workers "$WORKERS" --device "$DEVICE" --class "$CLASS" --label "$ARCH" \
+        ${PY_LIMIT:+--limit "$PY_LIMIT"}; then
         l=$(grep '^python-pipeline' "$WORK/python-pipeline.txt"); say "$l"
         pips=$(sed -n 's/.* s, \([0-9.]*\) images\/s.*/\1/p' <<<"$l")
         say "pipeline $ARCH batch $BATCH $DEVICE fp32: tch-vis ${IPS[fp32]:-n/a} images/s, python ${pips:-n/a} images/s, ratio $(ratio "${IPS[fp32]}" "$pips") (target >= 20)"

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::grad::GradMode;
+use crate::grad::{Autocast, GradMode};
 use crate::ivalue;
 use crate::scores::{self, Score};
 
@@ -56,11 +56,19 @@ pub struct Model {
 
 /// The floating-point precision a model computes in.
 ///
-/// `Fp16` and `Bf16` convert the model's weights and floating inputs to that
-/// type (inputs are converted inside [`Model::forward`] and
-/// [`Model::gradients`]; gradients and scores come back as float32, in the
-/// input's own dtype). Half precision is meant for CUDA, where it roughly
-/// doubles throughput; on a CPU it is slow.
+/// - `Fp32`: float32 throughout (the default).
+/// - `Fp16`: on CUDA, mixed precision as `torch.autocast("cuda")`: weights
+///   stay float32, convolutions and matmuls run in float16, softmax and
+///   reductions in float32. On a CPU (where tch offers no autocast), the
+///   weights and inputs are converted to float16.
+/// - `Bf16`: the weights and floating inputs are converted to bfloat16
+///   (libtorch's C API offers no bfloat16 autocast).
+///
+/// Gradients come back in the input's own dtype and scores as float32.
+/// Half precision is meant for CUDA, where it roughly doubles throughput;
+/// on a CPU it is slow. Maps agree with float32 less well where a score
+/// saturates (a softmax probability near 1 has a gradient near the
+/// half-precision rounding of `1 - p`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
     /// float32 (the default).
@@ -168,7 +176,11 @@ impl Model {
         if precision == self.precision {
             return Ok(());
         }
-        let kind = precision.kind();
+        let kind = if self.autocasts(precision) {
+            Kind::Float
+        } else {
+            precision.kind()
+        };
         for (_, p) in self.module.named_parameters()? {
             if is_floating(p.kind()) {
                 // Probe the conversion with a fallible call before the
@@ -189,10 +201,23 @@ impl Model {
         self.precision
     }
 
+    /// Whether `precision` runs as CUDA autocast rather than cast weights.
+    fn autocasts(&self, precision: Precision) -> bool {
+        precision == Precision::Fp16 && self.device.is_cuda()
+    }
+
+    /// Autocast for this call, when the precision asks for it.
+    fn autocast(&self) -> Option<Autocast> {
+        self.autocasts(self.precision).then(Autocast::enable)
+    }
+
     /// Moves an input to the model's device and precision.
     fn prepare(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.f_to_device(self.device)?;
-        if self.precision != Precision::Fp32 && is_floating(x.kind()) {
+        if self.precision != Precision::Fp32
+            && !self.autocasts(self.precision)
+            && is_floating(x.kind())
+        {
             Ok(x.f_to_kind(self.precision.kind())?)
         } else {
             Ok(x)
@@ -257,6 +282,7 @@ impl Model {
     }
 
     fn run(&self, inputs: &[Tensor]) -> Result<Vec<(String, Tensor)>> {
+        let _autocast = self.autocast();
         let args: Vec<IValue> = inputs
             .iter()
             .map(|t| IValue::Tensor(t.shallow_clone()))
@@ -303,6 +329,7 @@ impl Model {
                 scores: scores.len(),
             });
         }
+        let autocast = self.autocast();
         let values = outputs
             .iter()
             .zip(scores)
@@ -315,6 +342,7 @@ impl Model {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        drop(autocast);
         let mut objective: Option<Tensor> = None;
         for v in &values {
             let s = v.f_sum(None::<Kind>)?;

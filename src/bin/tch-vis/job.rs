@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -179,6 +179,14 @@ pub fn prepare(job: Job) -> anyhow::Result<Ready> {
         .map_err(|e| anyhow!(e.summary()))?;
     let refs: Vec<&dyn Score> = boxed.iter().map(|b| b.as_ref() as &dyn Score).collect();
     if job.mode == Mode::Saliency {
+        // On CUDA, probe at the real batch shape: a batch that does not fit
+        // in GPU memory is found here (exit 2, nothing written), and cuDNN
+        // picks its algorithms for that shape before the first image.
+        let probe = if device.is_cuda() {
+            Tensor::f_zeros([job.batch_size as i64, c, h, w], (Kind::Float, device))?
+        } else {
+            probe
+        };
         model.gradients(&[probe], &refs).map_err(|e| {
             anyhow!(
                 "cannot take gradients of the scores on a probe input: {}",
@@ -240,6 +248,39 @@ struct Collected {
     fatal: Option<String>,
 }
 
+/// Where the pipeline's time went (seconds, summed over the run): the
+/// profile that says which stage bounds the throughput.
+#[derive(Default)]
+struct Timings {
+    /// Wall time of decoding batches (the decode pool, all threads busy).
+    decode: AtomicU64,
+    /// The compute thread waiting for a decoded batch.
+    wait_decode: AtomicU64,
+    /// The compute thread running batches (stack, model, maps, copies).
+    compute: AtomicU64,
+    /// The compute thread blocked on a full writer queue.
+    wait_write: AtomicU64,
+    /// Writer threads encoding and writing files (summed over threads).
+    write: AtomicU64,
+}
+
+impl Timings {
+    fn add(slot: &AtomicU64, since: Instant) {
+        slot.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let s = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 * 1e-9;
+        serde_json::json!({
+            "decode": s(&self.decode),
+            "compute_wait_decode": s(&self.wait_decode),
+            "compute": s(&self.compute),
+            "compute_wait_write": s(&self.wait_write),
+            "write_all_threads": s(&self.write),
+        })
+    }
+}
+
 /// Runs the job. Errors returned here mean exit status 1.
 pub fn execute(ready: Ready) -> anyhow::Result<Outcome> {
     let start = Instant::now();
@@ -276,7 +317,10 @@ pub fn execute(ready: Ready) -> anyhow::Result<Outcome> {
     }
 
     let total = pending.len();
-    let collected = run_pipeline(&job, device, &model, &sidecar, &specs, pending, rows)?;
+    let timings = Timings::default();
+    let collected = run_pipeline(
+        &job, device, &model, &sidecar, &specs, pending, rows, &timings,
+    )?;
     failed.extend(collected.failed);
     let csv = job.out.join("scores.csv");
     let csv_result = io::write_atomic(&csv, table::render(specs.len(), &collected.rows).as_bytes());
@@ -298,6 +342,7 @@ pub fn execute(ready: Ready) -> anyhow::Result<Outcome> {
         "device": device_name(device),
         "seconds": seconds,
         "images_per_second": ips,
+        "timings_seconds": timings.json(),
         "model": job.model.display().to_string(),
         "images": job.images.display().to_string(),
         "out": job.out.display().to_string(),
@@ -366,6 +411,7 @@ fn cores() -> usize {
 }
 
 #[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)]
 fn run_pipeline(
     job: &Job,
     device: Device,
@@ -374,6 +420,7 @@ fn run_pipeline(
     specs: &[ScoreSpec],
     pending: Vec<Entry>,
     rows: Rows,
+    timings: &Timings,
 ) -> anyhow::Result<Collected> {
     let total = pending.len();
     let pre = Preprocessor::new(sidecar.clone());
@@ -402,12 +449,14 @@ fn run_pipeline(
                 if abort_ref.load(Ordering::Relaxed) {
                     break;
                 }
+                let t = Instant::now();
                 let batch: Vec<_> = pool.install(|| {
                     chunk
                         .par_iter()
                         .map(|e| (e.clone(), pre.load(&e.path)))
                         .collect()
                 });
+                Timings::add(&timings.decode, t);
                 if tx_batch.send(batch).is_err() {
                     break;
                 }
@@ -419,7 +468,7 @@ fn run_pipeline(
             let tx = tx_event.clone();
             let sidecar = &sidecar;
             let abort = &abort;
-            s.spawn(move || writer(job, sidecar, rx, tx, abort));
+            s.spawn(move || writer(job, sidecar, rx, tx, abort, timings));
         }
         drop(rx_write);
         // Collector.
@@ -428,7 +477,9 @@ fn run_pipeline(
 
         // Compute.
         let tx_ev = tx_event;
+        let mut waiting = Instant::now();
         for batch in rx_batch.iter() {
+            Timings::add(&timings.wait_decode, waiting);
             if abort.load(Ordering::Relaxed) {
                 break;
             }
@@ -445,9 +496,15 @@ fn run_pipeline(
                 }
             }
             if ok.is_empty() {
+                waiting = Instant::now();
                 continue;
             }
-            let result = compute_batch(job, device, model, sidecar, specs, ok, &tx_write, &tx_ev);
+            let t = Instant::now();
+            let result = compute_batch(
+                job, device, model, sidecar, specs, ok, &tx_write, &tx_ev, timings,
+            );
+            Timings::add(&timings.compute, t);
+            waiting = Instant::now();
             if let Err(e) = result {
                 abort.store(true, Ordering::Relaxed);
                 let _ = tx_ev.send(Event::Fatal(format!("{e:#}")));
@@ -473,6 +530,7 @@ fn compute_batch(
     ok: Vec<(String, Prepared)>,
     tx_write: &Sender<WriteJob>,
     tx_ev: &Sender<Event>,
+    timings: &Timings,
 ) -> anyhow::Result<()> {
     let inputs: Vec<&Tensor> = ok.iter().map(|(_, p)| &p.input).collect();
     let n = ok.len();
@@ -596,7 +654,10 @@ fn compute_batch(
                         .map(|g| g[i * c * hw..(i + 1) * c * hw].to_vec()),
                     values,
                 };
-                if tx_write.send(job).is_err() {
+                let t = Instant::now();
+                let sent = tx_write.send(job);
+                Timings::add(&timings.wait_write, t);
+                if sent.is_err() {
                     bail!("the writer threads stopped");
                 }
             }
@@ -611,11 +672,13 @@ fn writer(
     rx: Receiver<WriteJob>,
     tx: Sender<Event>,
     abort: &AtomicBool,
+    timings: &Timings,
 ) {
     tch::set_num_threads(1);
     let [h, w] = sidecar.input_size;
     let c = sidecar.channels;
     for item in rx.iter() {
+        let t = Instant::now();
         let result = (|| -> tch_vis::Result<()> {
             let map = Tensor::f_from_slice(&item.map)?.f_view([h as i64, w as i64])?;
             io::write_npy_atomic(&output_path(&job.out, &item.rel, ".saliency.npy"), &map)?;
@@ -626,6 +689,7 @@ fn writer(
             let png = tch_vis::heatmap::overlay_png(&item.image, c, w, h, &item.map)?;
             io::write_atomic(&output_path(&job.out, &item.rel, ".saliency.png"), &png)
         })();
+        Timings::add(&timings.write, t);
         let event = match result {
             Ok(()) => Event::Done {
                 rel: item.rel,
