@@ -227,7 +227,8 @@ fn output_path(out: &Path, rel: &str, suffix: &str) -> PathBuf {
 /// What flows from the compute thread to the writers.
 struct WriteJob {
     rel: String,
-    image: Vec<f32>,
+    /// The resized image `(C, H, W)` in [0, 1], on the CPU.
+    image: Tensor,
     map: Vec<f32>,
     grad: Option<Vec<f32>>,
     values: Vec<String>,
@@ -425,7 +426,7 @@ fn run_pipeline(
     let total = pending.len();
     let pre = Preprocessor::new(sidecar.clone());
     let abort = AtomicBool::new(false);
-    let (tx_batch, rx_batch) = bounded::<Vec<(Entry, tch_vis::Result<Prepared>)>>(2);
+    let (tx_batch, rx_batch) = bounded::<Decoded>(2);
     let (tx_write, rx_write) = bounded::<WriteJob>(job.batch_size.max(16) * 2);
     let (tx_event, rx_event) = unbounded::<Event>();
     let writers = cores().saturating_sub(1).clamp(1, 16);
@@ -456,8 +457,9 @@ fn run_pipeline(
                         .map(|e| (e.clone(), pre.load(&e.path)))
                         .collect()
                 });
+                let decoded = assemble(batch, job.batch_size, device);
                 Timings::add(&timings.decode, t);
-                if tx_batch.send(batch).is_err() {
+                if tx_batch.send(decoded).is_err() {
                     break;
                 }
             }
@@ -483,26 +485,24 @@ fn run_pipeline(
             if abort.load(Ordering::Relaxed) {
                 break;
             }
-            let mut ok = Vec::with_capacity(batch.len());
-            for (entry, prepared) in batch {
-                match prepared {
-                    Ok(p) => ok.push((entry.rel, p)),
-                    Err(e) => {
-                        let _ = tx_ev.send(Event::Failed {
-                            rel: entry.rel,
-                            error: e.summary(),
-                        });
-                    }
+            let Decoded { ok, failed, x } = batch;
+            for (rel, error) in failed {
+                let _ = tx_ev.send(Event::Failed { rel, error });
+            }
+            let x = match x {
+                None => {
+                    waiting = Instant::now();
+                    continue;
                 }
-            }
-            if ok.is_empty() {
-                waiting = Instant::now();
-                continue;
-            }
+                Some(Err(e)) => Err(e),
+                Some(Ok(x)) => Ok(x),
+            };
             let t = Instant::now();
-            let result = compute_batch(
-                job, device, model, sidecar, specs, ok, &tx_write, &tx_ev, timings,
-            );
+            let result = x.and_then(|x| {
+                compute_batch(
+                    job, device, model, sidecar, specs, ok, x, &tx_write, &tx_ev, timings,
+                )
+            });
             Timings::add(&timings.compute, t);
             waiting = Instant::now();
             if let Err(e) = result {
@@ -520,6 +520,61 @@ fn run_pipeline(
     collected.map_err(|_| anyhow!("internal error: the collector thread panicked"))
 }
 
+/// A decoded batch, ready for the compute thread.
+struct Decoded {
+    /// Images that decoded, in order.
+    ok: Vec<(String, Prepared)>,
+    /// Files that did not, with the reason.
+    failed: Vec<(String, String)>,
+    /// The model input of `ok`, padded to the batch size (pinned in host
+    /// memory for a fast copy to a GPU); `None` when nothing decoded.
+    x: Option<anyhow::Result<Tensor>>,
+}
+
+/// Splits a decoded chunk and stacks its images into one model input, off
+/// the compute thread.
+fn assemble(
+    batch: Vec<(Entry, tch_vis::Result<Prepared>)>,
+    batch_size: usize,
+    device: Device,
+) -> Decoded {
+    let mut ok = Vec::with_capacity(batch.len());
+    let mut failed = Vec::new();
+    for (entry, prepared) in batch {
+        match prepared {
+            Ok(p) => ok.push((entry.rel, p)),
+            Err(e) => failed.push((entry.rel, e.summary())),
+        }
+    }
+    let x = (!ok.is_empty()).then(|| {
+        let inputs: Vec<&Tensor> = ok.iter().map(|(_, p)| &p.input).collect();
+        padded_batch(&inputs, batch_size, device)
+    });
+    Decoded { ok, failed, x }
+}
+
+/// Every model call has exactly `batch_size` rows (a short batch is padded
+/// with zero images whose results are dropped), so an image's results do
+/// not depend on how many images share its batch: a resumed or sharded run
+/// gives the same bytes as one uninterrupted run.
+fn padded_batch(inputs: &[&Tensor], batch_size: usize, device: Device) -> anyhow::Result<Tensor> {
+    let n = inputs.len();
+    let x = lib(preprocess::stack(inputs))?;
+    let x = if n < batch_size {
+        let mut shape = x.size();
+        shape[0] = (batch_size - n) as i64;
+        let pad = Tensor::f_zeros(shape.as_slice(), (x.kind(), x.device()))?;
+        Tensor::f_cat(&[x, pad], 0)?
+    } else {
+        x
+    };
+    if device.is_cuda() {
+        Ok(x.f_pin_memory(device)?)
+    } else {
+        Ok(x)
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn compute_batch(
     job: &Job,
@@ -528,26 +583,14 @@ fn compute_batch(
     sidecar: &Sidecar,
     specs: &[ScoreSpec],
     ok: Vec<(String, Prepared)>,
+    x: Tensor,
     tx_write: &Sender<WriteJob>,
     tx_ev: &Sender<Event>,
     timings: &Timings,
 ) -> anyhow::Result<()> {
-    let inputs: Vec<&Tensor> = ok.iter().map(|(_, p)| &p.input).collect();
     let n = ok.len();
-    // Every model call has exactly `batch_size` rows (a short batch is padded
-    // with zero images whose results are dropped), so an image's results do
-    // not depend on how many images share its batch: a resumed or sharded
-    // run gives the same bytes as one uninterrupted run.
-    let x = lib(preprocess::stack(&inputs))?;
-    let x = if n < job.batch_size {
-        let mut shape = x.size();
-        shape[0] = (job.batch_size - n) as i64;
-        let pad = Tensor::f_zeros(shape.as_slice(), (x.kind(), x.device()))?;
-        Tensor::f_cat(&[x, pad], 0)?
-    } else {
-        x
-    };
-    let x = x.f_to_device(device)?;
+    // From pinned memory the copy is asynchronous and stream-ordered.
+    let x = x.f_to_device_(device, Kind::Float, true, false)?;
     let to_strings = |scores: &[Tensor]| -> anyhow::Result<Vec<Vec<String>>> {
         let mut per_image = vec![Vec::with_capacity(scores.len()); n];
         for t in scores {
@@ -644,10 +687,9 @@ fn compute_batch(
                 );
             }
             for (i, ((rel, p), values)) in ok.into_iter().zip(values).enumerate() {
-                let image = Vec::<f32>::try_from(&p.image.f_contiguous()?.f_reshape([-1])?)?;
                 let job = WriteJob {
                     rel,
-                    image,
+                    image: p.image,
                     map: maps[i * hw..(i + 1) * hw].to_vec(),
                     grad: grads
                         .as_ref()
@@ -686,7 +728,8 @@ fn writer(
                 let g = Tensor::f_from_slice(g)?.f_view([c as i64, h as i64, w as i64])?;
                 io::write_npy_atomic(&output_path(&job.out, &item.rel, ".grad.npy"), &g)?;
             }
-            let png = tch_vis::heatmap::overlay_png(&item.image, c, w, h, &item.map)?;
+            let image = Vec::<f32>::try_from(&item.image.f_contiguous()?.f_reshape([-1])?)?;
+            let png = tch_vis::heatmap::overlay_png(&image, c, w, h, &item.map)?;
             io::write_atomic(&output_path(&job.out, &item.rel, ".saliency.png"), &png)
         })();
         Timings::add(&timings.write, t);
