@@ -55,34 +55,3 @@ mod tests {
     }
 }
 
-/// CUDA autocast (float16 mixed precision) for the current thread until
-/// dropped, as `torch.autocast("cuda")`: matmuls and convolutions run in
-/// float16, softmax, reductions and losses stay in float32.
-pub(crate) struct Autocast {
-    previous: bool,
-}
-
-impl Autocast {
-    pub(crate) fn enable() -> Self {
-        // SAFETY: these calls only change libtorch's thread-local autocast
-        // state; libtch catches C++ exceptions inside them.
-        let previous = unsafe {
-            let previous = torch_sys::at_autocast_set_enabled(1) == 1;
-            torch_sys::at_autocast_increment_nesting();
-            previous
-        };
-        Autocast { previous }
-    }
-}
-
-impl Drop for Autocast {
-    fn drop(&mut self) {
-        // SAFETY: as in `enable`.
-        unsafe {
-            if torch_sys::at_autocast_decrement_nesting() == 0 {
-                torch_sys::at_autocast_clear_cache();
-            }
-            torch_sys::at_autocast_set_enabled(i32::from(self.previous));
-        }
-    }
-}

@@ -526,8 +526,8 @@ struct Decoded {
     ok: Vec<(String, Prepared)>,
     /// Files that did not, with the reason.
     failed: Vec<(String, String)>,
-    /// The model input of `ok`, padded to the batch size (pinned in host
-    /// memory for a fast copy to a GPU); `None` when nothing decoded.
+    /// The model input of `ok`, padded to the batch size, on the model's
+    /// device; `None` when nothing decoded.
     x: Option<anyhow::Result<Tensor>>,
 }
 
@@ -568,11 +568,11 @@ fn padded_batch(inputs: &[&Tensor], batch_size: usize, device: Device) -> anyhow
     } else {
         x
     };
-    if device.is_cuda() {
-        Ok(x.f_pin_memory(device)?)
-    } else {
-        Ok(x)
-    }
+    // On a GPU, the copy happens here, off the compute thread: it waits for
+    // the kernels already queued, while the compute thread prepares the
+    // next launch. (Pinned memory would need `pin_memory(device)`, which
+    // libtorch now warns about on every call.)
+    Ok(x.f_to_device(device)?)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -589,8 +589,7 @@ fn compute_batch(
     timings: &Timings,
 ) -> anyhow::Result<()> {
     let n = ok.len();
-    // From pinned memory the copy is asynchronous and stream-ordered.
-    let x = x.f_to_device_(device, Kind::Float, true, false)?;
+    let x = x.f_to_device(device)?;
     let to_strings = |scores: &[Tensor]| -> anyhow::Result<Vec<Vec<String>>> {
         let mut per_image = vec![Vec::with_capacity(scores.len()); n];
         for t in scores {
