@@ -17,6 +17,7 @@
 #   MEM_CALLS   calls in the memory check (default 10000; quick 300)
 #   ROUNDS      alternations of the Rust and Python loops in 1-2 (default 3; quick 1)
 #   PIPE_ROUNDS alternations of tch-vis and the Python job in 3 (default 2; quick 1)
+#   DIGITS_PIPE_ROUNDS the same for the (short) digits pipeline (default 4; quick 1)
 #   WAIT_QUIET  wait up to this many seconds for a 1-minute load average < 1 (default 0)
 #   CLASS       class scored everywhere (default 1)
 #   DATA        data folder (default bench-data, git-ignored)
@@ -44,6 +45,7 @@ if [ "$QUICK" = 1 ]; then
     MEM_WARMUP=50
     ROUNDS=${ROUNDS:-1}
     PIPE_ROUNDS=${PIPE_ROUNDS:-1}
+    DIGITS_PIPE_ROUNDS=${DIGITS_PIPE_ROUNDS:-1}
     IMG_DIR=images-quick
     DIG_DIR=digits-quick
 else
@@ -55,6 +57,7 @@ else
     MEM_WARMUP=500
     ROUNDS=${ROUNDS:-3}
     PIPE_ROUNDS=${PIPE_ROUNDS:-2}
+    DIGITS_PIPE_ROUNDS=${DIGITS_PIPE_ROUNDS:-4}
     IMG_DIR=images
     DIG_DIR=digits
 fi
@@ -86,7 +89,7 @@ echo "== tch-vis benchmarks $(date -Iseconds)"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr)"
 echo "git: $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo ' (dirty tree)')"
 echo "python: $(python -c 'import torch,sys;import importlib.util as u;print("torch",torch.__version__,"threads",torch.get_num_threads(),"torchvision",(__import__("torchvision").__version__ if u.find_spec("torchvision") else "missing"),"captum",(__import__("captum").__version__ if u.find_spec("captum") else "missing"))')"
-echo "settings: ROUNDS=$ROUNDS PIPE_ROUNDS=$PIPE_ROUNDS DEVICE=$DEVICE QUICK=$QUICK N_IMAGES=$N_IMAGES N_DIGITS=$N_DIGITS BATCH=$BATCH DIGITS_BATCH=$DIGITS_BATCH WORKERS=$WORKERS MEM_CALLS=$MEM_CALLS CLASS=$CLASS"
+echo "settings: ROUNDS=$ROUNDS PIPE_ROUNDS=$PIPE_ROUNDS DIGITS_PIPE_ROUNDS=$DIGITS_PIPE_ROUNDS DEVICE=$DEVICE QUICK=$QUICK N_IMAGES=$N_IMAGES N_DIGITS=$N_DIGITS BATCH=$BATCH DIGITS_BATCH=$DIGITS_BATCH WORKERS=$WORKERS MEM_CALLS=$MEM_CALLS CLASS=$CLASS"
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 echo "== build"
@@ -110,7 +113,7 @@ DIGITS=models/digits_cnn.pt
 value() { sed -n "s/.*$2 \([0-9.eE+-]*\).*/\1/p" <<<"$1" | head -n1; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a == "" || b == "" || b + 0 == 0) print "n/a"; else printf "%.3f", a / b }'; }
 
-declare -A OURS_MS CEILING PY_MS OVH_LINE CEIL_LINE PY_LINE
+declare -A OURS_MS CEILING PY_MS OVH_LINE CEIL_LINE PY_LINE RATIOS PY_ALL OURS_ALL
 lt() { awk -v a="$1" -v b="$2" 'BEGIN{exit !(a < b)}'; }
 # measure LABEL MODEL BATCH SIZE CHANNELS ITERS: ROUNDS alternations of
 # bench_overhead (ours and hand-written tch, interleaved call by call) and
@@ -125,6 +128,8 @@ measure() {
             l=$(grep '^overhead' <<<"$out")
             ms=$(value "$l" ours)
             echo "  round $r: ${l:-bench_overhead FAILED: $(tail -n1 <<<"$out")}"
+            RATIOS[$label]+=" $(value "$l" ratio)"
+            OURS_ALL[$label]+=" $ms"
             if [ -n "$ms" ] && { [ -z "${OURS_MS[$label]}" ] || lt "$ms" "${OURS_MS[$label]}"; }; then
                 OURS_MS[$label]=$ms
                 OVH_LINE[$label]=$l
@@ -137,6 +142,7 @@ measure() {
         l=$(grep '^python-autograd' <<<"$out")
         ms=$(sed -n 's/.*: \([0-9.]*\) ms per call.*/\1/p' <<<"$l")
         echo "  round $r: ${l:-bench_python FAILED: $(tail -n1 <<<"$out")}"
+        PY_ALL[$label]+=" $ms"
         if [ -n "$ms" ] && { [ -z "${PY_MS[$label]}" ] || lt "$ms" "${PY_MS[$label]}"; }; then
             PY_MS[$label]=$ms
             PY_LINE[$label]=$l
@@ -154,11 +160,15 @@ echo "load average before measuring: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "== measurements for 1 and 2 ($ROUNDS rounds, alternating; each side keeps its fastest round)"
 measure digits_cnn "$DIGITS" "$DIGITS_BATCH" 32 1 "$ITERS_DIGITS"
 measure resnet18 "$R18" "$BATCH" 224 3 "$ITERS_RESNET"
+# Batch 1: where per-call overhead (Python's included) is a visible share.
+measure digits_cnn-b1 "$DIGITS" 1 32 1 $((ITERS_DIGITS * 5))
 
 echo "== 1. overhead: Model::gradients vs hand-written tch forward_ts + run_backward (median of interleaved calls)"
-for label in digits_cnn resnet18; do
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{v[NR]=$1} END{if (NR) print v[int((NR+1)/2)]}'; }
+for label in digits_cnn resnet18 digits_cnn-b1; do
     if [ -n "${OVH_LINE[$label]}" ]; then
-        echo "${OVH_LINE[$label]} (target ratio <= 1.03)"
+        echo "${OVH_LINE[$label]} (fastest round; target ratio <= 1.03)"
+        echo "overhead $label: ratio per round:${RATIOS[$label]}; median $(median <<<"${RATIOS[$label]}") (target <= 1.03)"
         echo "${CEIL_LINE[$label]}"
     else
         echo "overhead $label: n/a (bench_overhead failed or missing)"
@@ -166,28 +176,30 @@ for label in digits_cnn resnet18; do
 done
 
 echo "== 2. vs PyTorch in Python: torch.autograd.grad loop on the same file, batch and score"
-for label in digits_cnn resnet18; do
+for label in digits_cnn resnet18 digits_cnn-b1; do
     b=$BATCH
     [ "$label" = digits_cnn ] && b=$DIGITS_BATCH
+    [ "$label" = digits_cnn-b1 ] && b=1
     [ -n "${PY_LINE[$label]}" ] && echo "${PY_LINE[$label]}"
     if [ -n "${OURS_MS[$label]}" ] && [ -n "${PY_MS[$label]}" ]; then
-        echo "vs-python $label batch $b $DEV_NAME fp32: ours ${OURS_MS[$label]} ms, python ${PY_MS[$label]} ms, ratio $(ratio "${OURS_MS[$label]}" "${PY_MS[$label]}") (ours/python; target <= 1.00$([ "$label" = digits_cnn ] && echo ', < 1 on digits_cnn'))"
+        echo "vs-python $label batch $b $DEV_NAME fp32: ours ${OURS_MS[$label]} ms, python ${PY_MS[$label]} ms, ratio $(ratio "${OURS_MS[$label]}" "${PY_MS[$label]}") (ours/python, fastest rounds; target <= 1.00$([ "${label%-b1}" = digits_cnn ] && echo ', < 1 on digits_cnn'))"
+        echo "vs-python $label: ms per round: ours${OURS_ALL[$label]}; python${PY_ALL[$label]}"
     else
         echo "vs-python $label: n/a (a side failed)"
     fi
 done
 
-echo "== 3. pipeline: tch-vis saliency vs scripts/baseline_saliency.py (same folder, model, batch, class $CLASS; $PIPE_ROUNDS rounds, fastest kept)"
+echo "== 3. pipeline: tch-vis saliency vs scripts/baseline_saliency.py (same folder, model, batch, class $CLASS; $PIPE_ROUNDS rounds for resnet18, $DIGITS_PIPE_ROUNDS for digits_cnn, fastest kept)"
 now() { date +%s.%N; }
 # pipeline LABEL MODEL DIR BATCH TARGET: PIPE_ROUNDS alternations of tch-vis and
 # the Python job over the same folder; each side keeps its fastest round.
 pipeline() {
-    local label=$1 model=$2 dir=$3 batch=$4 target=$5 tmp t0 t1 st n r ips s wall py_out
+    local label=$1 model=$2 dir=$3 batch=$4 target=$5 rounds=$6 tmp t0 t1 st n r ips s wall py_out
     local ours_ips="" ours_wall="" py_ips="" py_wall=""
     if [ ! -f "$model" ] || [ ! -d "$dir" ]; then echo "pipeline $label: SKIPPED (missing $model or $dir)"; return; fi
     n=$(find "$dir" -type f | wc -l)
     tmp=$(mktemp -d "${TMPDIR:-/tmp}/tch-vis-bench.XXXXXX")
-    for r in $(seq "$PIPE_ROUNDS"); do
+    for r in $(seq "$rounds"); do
         if [ -x "$CLI" ]; then
             t0=$(now)
             "$CLI" saliency --model "$model" --images "$dir" --out "$tmp/ours" --batch-size "$batch" \
@@ -221,8 +233,8 @@ pipeline() {
     echo "pipeline/ceiling $label batch $batch $DEV_NAME: tch-vis ${ours_ips:-n/a} images/s, model-alone ${c:-n/a} images/s, ratio $(ratio "$ours_ips" "$c")$([ "$label" = resnet18 ] && echo ' (target >= 0.80)')"
     rm -rf "$tmp"
 }
-pipeline resnet18 "$R18" "$DATA/$IMG_DIR" "$BATCH" 2
-pipeline digits_cnn "$DIGITS" "$DATA/$DIG_DIR" "$DIGITS_BATCH" 3
+pipeline resnet18 "$R18" "$DATA/$IMG_DIR" "$BATCH" 2 "$PIPE_ROUNDS"
+pipeline digits_cnn "$DIGITS" "$DATA/$DIG_DIR" "$DIGITS_BATCH" 3 "$DIGITS_PIPE_ROUNDS"
 
 echo "== 4. memory: peak RSS growth over many Model::gradients calls (digits_cnn, cpu)"
 if [ -x "$MEM" ]; then
