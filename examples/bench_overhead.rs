@@ -110,7 +110,11 @@ fn main() -> Result<()> {
         t_base.push(t.elapsed().as_secs_f64());
     }
     let (mo, mb) = (median(&mut t_ours), median(&mut t_base));
-    let label = if args.label.is_empty() { args.model.clone() } else { args.label.clone() };
+    let label = if args.label.is_empty() {
+        args.model.clone()
+    } else {
+        args.label.clone()
+    };
     println!(
         "overhead {label} batch {} {} {}: ours {:.3} ms, baseline {:.3} ms, ratio {:.3} (max |diff| {diff:.1e})",
         args.batch,

@@ -19,7 +19,11 @@ fn main() -> Result<()> {
     ];
     for score in &modes {
         let g = model.gradients(&[x.shallow_clone()], &[score as &dyn Score])?;
-        println!("{}: {:?}", score.name(), Vec::<f32>::try_from(&g.scores[0])?);
+        println!(
+            "{}: {:?}",
+            score.name(),
+            Vec::<f32>::try_from(&g.scores[0])?
+        );
         for (i, line) in common::describe(&g.inputs[0])?.iter().enumerate() {
             println!("  sample {i}: {line}");
         }

@@ -102,7 +102,10 @@ mod tests {
         assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
         assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
         for bad in ["", "cuda:", "cuda:x", "tpu", "cuda:-1"] {
-            assert!(matches!(bad.parse::<DeviceSpec>(), Err(Error::DeviceSpec(_))), "{bad}");
+            assert!(
+                matches!(bad.parse::<DeviceSpec>(), Err(Error::DeviceSpec(_))),
+                "{bad}"
+            );
         }
     }
 

@@ -50,7 +50,9 @@ pub enum Error {
     },
 
     /// The number of scores does not match the number of model outputs.
-    #[error("the model has {outputs} outputs but {scores} scores were given (one score per output)")]
+    #[error(
+        "the model has {outputs} outputs but {scores} scores were given (one score per output)"
+    )]
     ScoreCount {
         /// Number of outputs of the model.
         outputs: usize,
@@ -101,7 +103,9 @@ pub enum Error {
 
     /// The model returned something that is not a tensor (or a tuple, list
     /// or dict of tensors).
-    #[error("unsupported model output: {kind} (expected tensors, or tuples, lists or dicts of tensors)")]
+    #[error(
+        "unsupported model output: {kind} (expected tensors, or tuples, lists or dicts of tensors)"
+    )]
     UnsupportedOutput {
         /// What was returned (for example `"String"`).
         kind: String,

@@ -54,4 +54,3 @@ mod tests {
         assert_eq!(is_grad_enabled(), before);
     }
 }
-

@@ -89,7 +89,10 @@ mod tests {
             IValue::Tensor(t()),
             IValue::GenericDict(vec![
                 (IValue::String("a".into()), IValue::Tensor(t())),
-                (IValue::String("b".into()), IValue::TensorList(vec![t(), t()])),
+                (
+                    IValue::String("b".into()),
+                    IValue::TensorList(vec![t(), t()]),
+                ),
             ]),
         ]);
         let names: Vec<_> = flatten(v).unwrap().into_iter().map(|(n, _)| n).collect();

@@ -144,12 +144,11 @@ impl Model {
     pub fn load_from_bytes(bytes: &[u8], device: Device) -> Result<Self> {
         let source = PathBuf::from("<bytes>");
         let mut reader = std::io::Cursor::new(bytes);
-        let module = CModule::load_data_on_device(&mut reader, device).map_err(|e| {
-            Error::ModelLoad {
+        let module =
+            CModule::load_data_on_device(&mut reader, device).map_err(|e| Error::ModelLoad {
                 path: source.clone(),
                 source: e,
-            }
-        })?;
+            })?;
         Self::from_module(module, device, source)
     }
 

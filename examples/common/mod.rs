@@ -39,7 +39,10 @@ pub fn describe(grad: &Tensor) -> Result<Vec<String>> {
             let (top, _) = g.f_topk(k, 0, true, true)?;
             let total = g.f_sum(None::<tch::Kind>)?.f_double_value(&[])?;
             let share = top.f_sum(None::<tch::Kind>)?.f_double_value(&[])? / total.max(1e-30);
-            Ok(format!("mean |grad| {mean:.3e}, top-10% share {:.0}%", share * 100.0))
+            Ok(format!(
+                "mean |grad| {mean:.3e}, top-10% share {:.0}%",
+                share * 100.0
+            ))
         })
         .collect()
 }

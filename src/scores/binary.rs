@@ -114,7 +114,17 @@ mod tests {
         let flat = Tensor::from_slice(&[0.5f32, -1.0]);
         let v = BinaryScore::new(false).unwrap().score(&flat).unwrap();
         assert_eq!(Vec::<f32>::try_from(&v).unwrap(), vec![-0.5, 1.0]);
-        let e = BinaryScore::new(vec![true; 3]).unwrap().score(&flat).unwrap_err();
-        assert!(matches!(e, Error::BatchMismatch { expected: 2, got: 3, .. }));
+        let e = BinaryScore::new(vec![true; 3])
+            .unwrap()
+            .score(&flat)
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            Error::BatchMismatch {
+                expected: 2,
+                got: 3,
+                ..
+            }
+        ));
     }
 }

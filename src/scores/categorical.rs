@@ -261,7 +261,11 @@ impl SegmentationScore {
     pub fn new(class: usize, mask: &Tensor) -> Result<Self> {
         let size = mask.size();
         if !(2..=3).contains(&size.len()) {
-            return Err(Error::shape("segmentation mask", "(H, W) or (N, H, W)", &size));
+            return Err(Error::shape(
+                "segmentation mask",
+                "(H, W) or (N, H, W)",
+                &size,
+            ));
         }
         let mask = mask.f_detach()?.f_to_kind(Kind::Float)?;
         let total = mask.f_sum(None::<Kind>)?.f_double_value(&[])?;
@@ -283,7 +287,11 @@ impl Score for SegmentationScore {
     fn score(&self, output: &Tensor) -> Result<Tensor> {
         let size = output.size();
         if size.len() != 4 {
-            return Err(Error::shape("segmentation score output", "(N, C, H, W)", &size));
+            return Err(Error::shape(
+                "segmentation score output",
+                "(N, C, H, W)",
+                &size,
+            ));
         }
         let (n, c, h, w) = (size[0], size[1], size[2], size[3]);
         let class = check_index(self.class, c)?;
@@ -378,7 +386,10 @@ mod tests {
     #[test]
     fn one_index_is_broadcast_and_a_list_is_per_sample() {
         let out = t(&[0., 1., 2., 10., 11., 12.], &[2, 3]);
-        assert_eq!(vals(&CategoricalScore::new(2).unwrap().score(&out).unwrap()), [2., 12.]);
+        assert_eq!(
+            vals(&CategoricalScore::new(2).unwrap().score(&out).unwrap()),
+            [2., 12.]
+        );
         let s = CategoricalScore::new(vec![0, 1]).unwrap();
         assert_eq!(vals(&s.score(&out).unwrap()), [0., 11.]);
     }
@@ -387,14 +398,19 @@ mod tests {
     fn spatial_axes_are_averaged() {
         // (N=1, C=2, H=1, W=2): class 1 holds [4, 6] -> mean 5.
         let out = t(&[1., 2., 4., 6.], &[1, 2, 1, 2]);
-        assert_eq!(vals(&CategoricalScore::new(1).unwrap().score(&out).unwrap()), [5.]);
+        assert_eq!(
+            vals(&CategoricalScore::new(1).unwrap().score(&out).unwrap()),
+            [5.]
+        );
     }
 
     #[test]
     fn channels_last_uses_the_last_axis() {
         // (N=1, H=1, W=2, C=2): class 0 holds [1, 3] -> 2.
         let out = t(&[1., 2., 3., 4.], &[1, 1, 2, 2]);
-        let s = CategoricalScore::new(0).unwrap().class_axis(ClassAxis::ChannelsLast);
+        let s = CategoricalScore::new(0)
+            .unwrap()
+            .class_axis(ClassAxis::ChannelsLast);
         assert_eq!(vals(&s.score(&out).unwrap()), [2.]);
     }
 
@@ -402,14 +418,33 @@ mod tests {
     fn validation_errors_name_both_values() {
         let out = t(&[0.; 6], &[2, 3]);
         let e = CategoricalScore::new(3).unwrap().score(&out).unwrap_err();
-        assert!(matches!(e, Error::IndexOutOfRange { index: 3, num_classes: 3 }));
-        let e = CategoricalScore::new(vec![0, 1, 2]).unwrap().score(&out).unwrap_err();
-        assert!(matches!(e, Error::BatchMismatch { expected: 2, got: 3, .. }));
+        assert!(matches!(
+            e,
+            Error::IndexOutOfRange {
+                index: 3,
+                num_classes: 3
+            }
+        ));
+        let e = CategoricalScore::new(vec![0, 1, 2])
+            .unwrap()
+            .score(&out)
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            Error::BatchMismatch {
+                expected: 2,
+                got: 3,
+                ..
+            }
+        ));
         assert!(matches!(
             CategoricalScore::new(Vec::<usize>::new()).unwrap_err(),
             Error::Empty { .. }
         ));
-        let e = CategoricalScore::new(0).unwrap().score(&t(&[1., 2.], &[2])).unwrap_err();
+        let e = CategoricalScore::new(0)
+            .unwrap()
+            .score(&t(&[1., 2.], &[2]))
+            .unwrap_err();
         assert!(matches!(e, Error::Shape { .. }));
     }
 

@@ -253,7 +253,10 @@ mod tests {
         let out = Tensor::ones([3, 2], (Kind::Float, Device::Cpu));
         let bad = |o: &Tensor| o.f_sum(None::<Kind>);
         let e = evaluate(&bad, &out).unwrap_err();
-        assert!(matches!(e, Error::Shape { ref got, .. } if got.is_empty()), "{e}");
+        assert!(
+            matches!(e, Error::Shape { ref got, .. } if got.is_empty()),
+            "{e}"
+        );
         let good = |o: &Tensor| -> Vec<Tensor> { (0..3).map(|i| o.get(i).sum(None)).collect() };
         let v = evaluate(&good, &out).unwrap();
         assert_eq!(Vec::<f32>::try_from(&v).unwrap(), vec![2.0, 2.0, 2.0]);

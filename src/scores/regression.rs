@@ -98,7 +98,10 @@ mod tests {
         for t in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
             assert!(matches!(
                 RegressionScore::maintain(t).unwrap_err(),
-                Error::InvalidValue { what: "regression target", .. }
+                Error::InvalidValue {
+                    what: "regression target",
+                    ..
+                }
             ));
         }
     }

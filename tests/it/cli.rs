@@ -1079,7 +1079,11 @@ fn check_goldens(device: &str, rtol: f64, atol: f64, map_atol: f64) {
             assert_eq!(got.kind(), tch::Kind::Float, "{rel} {kind}");
             let diff = (&got - &want).abs().max().double_value(&[]);
             worst[k] = worst[k].max(diff);
-            let (r, a) = if k == 0 { (rtol, atol) } else { (0.0, map_atol) };
+            let (r, a) = if k == 0 {
+                (rtol, atol)
+            } else {
+                (0.0, map_atol)
+            };
             assert!(
                 got.allclose(&want, r, a, false),
                 "{rel} {kind} on {device}: max |diff| {diff} (rtol {r:e}, atol {a:e})"

@@ -2,9 +2,7 @@
 //! derivatives are known, and on the bundled models.
 
 use tch::{CModule, Device, Kind, Tensor};
-use tch_vis::scores::{
-    BinaryScore, CategoricalScore, InactiveScore, RegressionScore, Score,
-};
+use tch_vis::scores::{BinaryScore, CategoricalScore, InactiveScore, RegressionScore, Score};
 use tch_vis::{Error, Model};
 
 use crate::util::{assert_close, devices, repo};
@@ -32,11 +30,23 @@ fn categorical_gradient_of_a_square_is_twice_the_input() {
         let (model, _dir) = traced(&[x3()], |xs| vec![&xs[0] * &xs[0]], device);
         let x = x3();
         let s = CategoricalScore::new(1).unwrap();
-        let g = model.gradients(&[x.shallow_clone()], &[&s as &dyn Score]).unwrap();
+        let g = model
+            .gradients(&[x.shallow_clone()], &[&s as &dyn Score])
+            .unwrap();
         let want = Tensor::from_slice(&[0.0f32, 4.0, 0.0, 0.0, 1.0, 0.0]).view([2, 3]);
         assert_close("grad", &g.inputs[0], &want, 0.0, 0.0);
-        assert_close("score", &g.scores[0], &Tensor::from_slice(&[4.0f32, 0.25]), 0.0, 0.0);
-        assert_eq!(g.inputs[0].device(), Device::Cpu, "gradient on the input's device");
+        assert_close(
+            "score",
+            &g.scores[0],
+            &Tensor::from_slice(&[4.0f32, 0.25]),
+            0.0,
+            0.0,
+        );
+        assert_eq!(
+            g.inputs[0].device(),
+            Device::Cpu,
+            "gradient on the input's device"
+        );
     }
 }
 
@@ -59,7 +69,9 @@ fn two_inputs_each_get_their_gradient() {
         assert_close("d/db", &g.inputs[1], &a, 0.0, 0.0);
         // decrease is the exact negation.
         let d = RegressionScore::decrease();
-        let g2 = model.gradients(&[a.shallow_clone(), b.shallow_clone()], &[&d as &dyn Score]).unwrap();
+        let g2 = model
+            .gradients(&[a.shallow_clone(), b.shallow_clone()], &[&d as &dyn Score])
+            .unwrap();
         assert_close("-d/da", &g2.inputs[0], &(-&b), 0.0, 0.0);
     }
 }
@@ -70,14 +82,21 @@ fn caller_tensors_are_left_untouched() {
     let x = x3();
     let before = x.copy();
     let s = CategoricalScore::new(0).unwrap();
-    let _ = model.gradients(&[x.shallow_clone()], &[&s as &dyn Score]).unwrap();
+    let _ = model
+        .gradients(&[x.shallow_clone()], &[&s as &dyn Score])
+        .unwrap();
     assert!(!x.requires_grad(), "input must not be set to require grad");
     assert!(!x.grad().defined(), "input .grad must stay undefined");
     assert_close("input", &x, &before, 0.0, 0.0);
     // An input that already requires grad keeps an undefined .grad too.
     let y = x3().set_requires_grad(true);
-    let _ = model.gradients(&[y.shallow_clone()], &[&s as &dyn Score]).unwrap();
-    assert!(!y.grad().defined(), ".grad of a requires-grad input must stay undefined");
+    let _ = model
+        .gradients(&[y.shallow_clone()], &[&s as &dyn Score])
+        .unwrap();
+    assert!(
+        !y.grad().defined(),
+        ".grad of a requires-grad input must stay undefined"
+    );
 }
 
 #[test]
@@ -102,15 +121,28 @@ fn inactive_output_contributes_no_gradient() {
     let cat = CategoricalScore::new(7).unwrap();
     let up = RegressionScore::increase();
     let off = InactiveScore::new();
-    let grad = |a: &dyn Score, b: &dyn Score| model.gradients(&[x.shallow_clone()], &[a, b]).unwrap();
+    let grad =
+        |a: &dyn Score, b: &dyn Score| model.gradients(&[x.shallow_clone()], &[a, b]).unwrap();
     let both = grad(&cat, &up);
     let only_cat = grad(&cat, &off);
     let only_up = grad(&off, &up);
     let sum = &only_cat.inputs[0] + &only_up.inputs[0];
     assert_close("linearity", &sum, &both.inputs[0], 1e-5, 1e-7);
-    assert_close("inactive score", &only_cat.scores[1], &Tensor::zeros([3], (Kind::Float, Device::Cpu)), 0.0, 0.0);
+    assert_close(
+        "inactive score",
+        &only_cat.scores[1],
+        &Tensor::zeros([3], (Kind::Float, Device::Cpu)),
+        0.0,
+        0.0,
+    );
     let none = grad(&off, &off);
-    assert_close("no gradient", &none.inputs[0], &Tensor::zeros([3, 1, 32, 32], (Kind::Float, Device::Cpu)), 0.0, 0.0);
+    assert_close(
+        "no gradient",
+        &none.inputs[0],
+        &Tensor::zeros([3, 1, 32, 32], (Kind::Float, Device::Cpu)),
+        0.0,
+        0.0,
+    );
 }
 
 #[test]
@@ -118,10 +150,32 @@ fn score_count_must_match_outputs() {
     let model = Model::load(repo("models/digits_multi.pt"), Device::Cpu).unwrap();
     let x = Tensor::zeros([2, 1, 32, 32], (Kind::Float, Device::Cpu));
     let s = CategoricalScore::new(0).unwrap();
-    let e = model.gradients(&[x.shallow_clone()], &[&s as &dyn Score]).unwrap_err();
-    assert!(matches!(e, Error::ScoreCount { outputs: 2, scores: 1 }), "{e}");
-    let e = model.gradients(&[x], &[&s as &dyn Score, &s, &s]).unwrap_err();
-    assert!(matches!(e, Error::ScoreCount { outputs: 2, scores: 3 }), "{e}");
+    let e = model
+        .gradients(&[x.shallow_clone()], &[&s as &dyn Score])
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::ScoreCount {
+                outputs: 2,
+                scores: 1
+            }
+        ),
+        "{e}"
+    );
+    let e = model
+        .gradients(&[x], &[&s as &dyn Score, &s, &s])
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::ScoreCount {
+                outputs: 2,
+                scores: 3
+            }
+        ),
+        "{e}"
+    );
 }
 
 #[test]
@@ -130,8 +184,16 @@ fn score_errors_carry_the_output_index() {
     let s = CategoricalScore::new(7).unwrap();
     let e = model.gradients(&[x3()], &[&s as &dyn Score]).unwrap_err();
     match e {
-        Error::Score { index: 0, source, .. } => assert!(
-            matches!(*source, Error::IndexOutOfRange { index: 7, num_classes: 3 }),
+        Error::Score {
+            index: 0, source, ..
+        } => assert!(
+            matches!(
+                *source,
+                Error::IndexOutOfRange {
+                    index: 7,
+                    num_classes: 3
+                }
+            ),
             "{source}"
         ),
         other => panic!("expected Error::Score, got {other}"),
@@ -145,20 +207,28 @@ fn score_errors_carry_the_output_index() {
 fn load_errors_are_typed_not_panics() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.pt");
-    assert!(matches!(Model::load(&missing, Device::Cpu), Err(Error::Io { .. })));
+    assert!(matches!(
+        Model::load(&missing, Device::Cpu),
+        Err(Error::Io { .. })
+    ));
     let junk = dir.path().join("junk.pt");
     std::fs::write(&junk, b"this is not a TorchScript archive").unwrap();
     let e = Model::load(&junk, Device::Cpu).unwrap_err();
     assert!(matches!(e, Error::ModelLoad { .. }), "{e}");
     assert!(!e.to_string().contains("frame #"), "no C++ frames: {e}");
-    assert!(matches!(Model::load(dir.path(), Device::Cpu), Err(Error::Io { .. })));
+    assert!(matches!(
+        Model::load(dir.path(), Device::Cpu),
+        Err(Error::Io { .. })
+    ));
     assert!(matches!(
         Model::load_from_bytes(b"PK\x03\x04 truncated zip", Device::Cpu),
         Err(Error::ModelLoad { .. })
     ));
     let bytes = std::fs::read(repo("models/digits_cnn.pt")).unwrap();
     let m = Model::load_from_bytes(&bytes, Device::Cpu).unwrap();
-    let out = m.forward(&[Tensor::zeros([2, 1, 32, 32], (Kind::Float, Device::Cpu))]).unwrap();
+    let out = m
+        .forward(&[Tensor::zeros([2, 1, 32, 32], (Kind::Float, Device::Cpu))])
+        .unwrap();
     assert_eq!(out[0].size(), vec![2, 10]);
 }
 
@@ -166,7 +236,9 @@ fn load_errors_are_typed_not_panics() {
 fn wrong_inputs_are_errors() {
     let model = Model::load(repo("models/digits_cnn.pt"), Device::Cpu).unwrap();
     let x = Tensor::zeros([2, 1, 32, 32], (Kind::Float, Device::Cpu));
-    let e = model.forward(&[x.shallow_clone(), x.shallow_clone()]).unwrap_err();
+    let e = model
+        .forward(&[x.shallow_clone(), x.shallow_clone()])
+        .unwrap_err();
     assert!(matches!(e, Error::InputCount { got: 2, .. }), "{e}");
     let e = model.forward(&[]).unwrap_err();
     assert!(matches!(e, Error::InputCount { got: 0, .. }), "{e}");
@@ -183,7 +255,13 @@ fn multi_output_tuples_flatten_in_order() {
     let x = Tensor::zeros([3, 1, 32, 32], (Kind::Float, Device::Cpu));
     let out = model.forward_named(&[x]).unwrap();
     let shapes: Vec<_> = out.iter().map(|(n, t)| (n.clone(), t.size())).collect();
-    assert_eq!(shapes, vec![("0".to_string(), vec![3, 10]), ("1".to_string(), vec![3, 1])]);
+    assert_eq!(
+        shapes,
+        vec![
+            ("0".to_string(), vec![3, 10]),
+            ("1".to_string(), vec![3, 1])
+        ]
+    );
 }
 
 #[test]

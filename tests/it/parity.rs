@@ -69,7 +69,12 @@ fn run_case(case: &Case, m: &Manifest, device: Device) {
     let what = |part: &str, i: usize| format!("{} on {device:?}: {part} {i}", case.name);
 
     let outputs = model.forward(&inputs).unwrap();
-    assert_eq!(outputs.len(), case.outputs.len(), "{}: output count", case.name);
+    assert_eq!(
+        outputs.len(),
+        case.outputs.len(),
+        "{}: output count",
+        case.name
+    );
     for (i, (o, f)) in outputs.iter().zip(&case.outputs).enumerate() {
         assert_close(&what("output", i), o, &npy(dir.join(f)), m.rtol, m.atol);
     }
@@ -78,7 +83,13 @@ fn run_case(case: &Case, m: &Manifest, device: Device) {
         assert_close(&what("score", i), s, &npy(dir.join(f)), m.rtol, m.atol);
         // The score on a plain forward's output is the same value.
         let again = refs[i].score(&outputs[i]).unwrap();
-        assert_close(&what("score on forward output", i), &again, &npy(dir.join(f)), m.rtol, m.atol);
+        assert_close(
+            &what("score on forward output", i),
+            &again,
+            &npy(dir.join(f)),
+            m.rtol,
+            m.atol,
+        );
     }
     assert_eq!(g.inputs.len(), case.grads.len());
     for (i, (gi, f)) in g.inputs.iter().zip(&case.grads).enumerate() {
@@ -92,7 +103,10 @@ fn run_case(case: &Case, m: &Manifest, device: Device) {
         println!(
             "parity {} {device:?} grad {i}: max |diff| {:.2e}, max rel diff {:.2e}",
             case.name,
-            (gi.to_device(Device::Cpu) - &want).abs().max().double_value(&[]),
+            (gi.to_device(Device::Cpu) - &want)
+                .abs()
+                .max()
+                .double_value(&[]),
             max_rel_diff(gi, &want, floor.max(1e-30)),
         );
     }
@@ -103,7 +117,11 @@ fn every_case_matches_pytorch() {
     let m = manifest();
     assert_eq!(m.torch, "2.11.0");
     assert!(m.rtol <= 1e-5, "tolerance must stay at most 1e-5 relative");
-    assert!(m.cases.len() >= 15, "expected the full golden set, got {}", m.cases.len());
+    assert!(
+        m.cases.len() >= 15,
+        "expected the full golden set, got {}",
+        m.cases.len()
+    );
     for device in devices() {
         for case in &m.cases {
             run_case(case, &m, device);
@@ -114,18 +132,34 @@ fn every_case_matches_pytorch() {
 #[test]
 fn goldens_cover_every_model_and_score_kind() {
     let m = manifest();
-    for model in ["digits_cnn", "digits_binary", "digits_regressor", "digits_multi", "digits_dense", "digits_rgb"] {
+    for model in [
+        "digits_cnn",
+        "digits_binary",
+        "digits_regressor",
+        "digits_multi",
+        "digits_dense",
+        "digits_rgb",
+    ] {
         assert!(
             m.cases.iter().any(|c| c.model.contains(model)),
             "no golden for {model}"
         );
     }
     let has = |pred: &dyn Fn(&Spec) -> bool| m.cases.iter().flat_map(|c| &c.scores).any(pred);
-    assert!(has(&|s| matches!(s, Spec::Categorical { indices } if indices.len() == 1)));
-    assert!(has(&|s| matches!(s, Spec::Categorical { indices } if indices.len() > 1)));
-    assert!(has(&|s| matches!(s, Spec::Binary { values } if values.contains(&false))));
+    assert!(has(
+        &|s| matches!(s, Spec::Categorical { indices } if indices.len() == 1)
+    ));
+    assert!(has(
+        &|s| matches!(s, Spec::Categorical { indices } if indices.len() > 1)
+    ));
+    assert!(has(
+        &|s| matches!(s, Spec::Binary { values } if values.contains(&false))
+    ));
     assert!(has(&|s| matches!(s, Spec::Inactive)));
     for mode in ["increase", "decrease", "maintain"] {
-        assert!(has(&|s| matches!(s, Spec::Regression { mode: m, .. } if m == mode)), "{mode}");
+        assert!(
+            has(&|s| matches!(s, Spec::Regression { mode: m, .. } if m == mode)),
+            "{mode}"
+        );
     }
 }

@@ -412,7 +412,6 @@ fn cores() -> usize {
 }
 
 #[allow(clippy::too_many_arguments)]
-#[allow(clippy::too_many_arguments)]
 fn run_pipeline(
     job: &Job,
     device: Device,
