@@ -81,18 +81,30 @@ fn check_index(index: usize, num_classes: i64) -> Result<i64> {
 fn gather_classes(output: &Tensor, idx: &[usize]) -> Result<Tensor> {
     let size = output.size();
     let (n, c) = (size[0], size[1]);
+    if let [one] = idx {
+        // One class for every sample: a plain slice. No index tensor, so no
+        // host-to-device copy that would wait for the GPU to catch up.
+        let picked = output.f_select(1, check_index(*one, c)?)?;
+        return mean_per_sample(&picked);
+    }
     let batch = usize::try_from(n).unwrap_or(0);
     let idx = per_sample(idx, batch, "class indices")?;
     let idx = idx
         .iter()
         .map(|&i| check_index(i, c))
         .collect::<Result<Vec<i64>>>()?;
+    let index = Tensor::f_from_slice(&idx)?.f_to_device(output.device())?;
+    gather_index(output, &index)
+}
+
+/// As [`gather_classes`], with the classes as an `[N]` int64 tensor on the
+/// output's device (already known to be in range).
+fn gather_index(output: &Tensor, index: &Tensor) -> Result<Tensor> {
+    let size = output.size();
+    let (n, c) = (size[0], size[1]);
     let flat = output.f_reshape([n, c, -1])?;
     let rest = flat.size()[2];
-    let index = Tensor::f_from_slice(&idx)?
-        .f_to_device(output.device())?
-        .f_view([n, 1, 1])?
-        .f_expand([n, 1, rest], false)?;
+    let index = index.f_view([n, 1, 1])?.f_expand([n, 1, rest], false)?;
     let picked = flat.f_gather(1, &index, false)?.f_reshape([n, rest])?;
     mean_per_sample(&picked)
 }
@@ -210,13 +222,7 @@ impl PredictedScore {
     /// [`Error::Shape`] for an output without a class axis.
     pub fn classes(&self, output: &Tensor) -> Result<Vec<usize>> {
         let out = class_major(output, self.axis, "predicted score output")?;
-        let _guard = tch::no_grad_guard();
-        let size = out.size();
-        let avg = out
-            .f_detach()?
-            .f_reshape([size[0], size[1], -1])?
-            .f_mean_dim(2, false, None::<Kind>)?
-            .f_argmax(1, false)?;
+        let avg = argmax_classes(&out)?;
         let classes = Vec::<i64>::try_from(&avg)?;
         Ok(classes
             .into_iter()
@@ -231,13 +237,23 @@ impl Score for PredictedScore {
     }
 
     fn score(&self, output: &Tensor) -> Result<Tensor> {
-        let classes = self.classes(output)?;
-        if classes.is_empty() {
-            return Ok(Tensor::f_zeros([0], (output.kind(), output.device()))?);
-        }
         let out = class_major(output, self.axis, "predicted score output")?;
-        gather_classes(&out, &classes)
+        // The classes stay on the output's device: no round trip to the host.
+        let classes = argmax_classes(&out)?;
+        gather_index(&out, &classes)
     }
+}
+
+/// `[N]` int64: each sample's argmax class of a class-major output, after
+/// averaging any spatial axes; computed without gradient.
+fn argmax_classes(out: &Tensor) -> Result<Tensor> {
+    let _guard = tch::no_grad_guard();
+    let size = out.size();
+    Ok(out
+        .f_detach()?
+        .f_reshape([size[0], size[1], -1])?
+        .f_mean_dim(2, false, None::<Kind>)?
+        .f_argmax(1, false)?)
 }
 
 /// A class averaged inside a spatial mask, for dense outputs `(N, C, H, W)`
