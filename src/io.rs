@@ -241,6 +241,12 @@ pub const TEMP_MARK: &str = ".tch-vis-tmp.";
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn host() -> String {
+    // Read once: temp_path runs for every output file.
+    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HOST.get_or_init(read_host).clone()
+}
+
+fn read_host() -> String {
     let name = fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
