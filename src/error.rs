@@ -178,15 +178,26 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The first line of a libtorch message, without the C++ frames that follow.
 fn first_line(e: &tch::TchError) -> String {
-    let text = match e {
-        tch::TchError::Torch(msg) => msg.clone(),
-        other => other.to_string(),
-    };
+    match e {
+        tch::TchError::Torch(msg) => message_line(msg),
+        other => message_line(&other.to_string()),
+    }
+}
+
+/// The first non-empty line of an error message, cut before libtorch's
+/// `(Exception raised from ...` and the C++ frames that follow it: what
+/// tch-vis prints for any error.
+///
+/// ```
+/// let text = "shape mismatch (Exception raised from f at a.cpp:1)\nframe #0: g";
+/// assert_eq!(tch_vis::message_line(text), "shape mismatch");
+/// ```
+pub fn message_line(text: &str) -> String {
     let line = text
         .lines()
         .map(str::trim)
         .find(|l| !l.is_empty())
-        .unwrap_or("unknown libtorch error");
+        .unwrap_or("unknown error");
     line.split(" (Exception raised from")
         .next()
         .unwrap_or(line)

@@ -56,5 +56,5 @@ pub mod scores;
 pub struct ReadmeDoctests;
 
 pub use device::{device_name, DeviceSpec};
-pub use error::{Error, Result};
+pub use error::{message_line, Error, Result};
 pub use model::{Gradients, Model, Precision};

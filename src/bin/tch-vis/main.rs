@@ -20,25 +20,12 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::Parser;
+use tch_vis::message_line as first_line;
 
 /// A failure and its exit status.
 struct Failure {
     code: u8,
     message: String,
-}
-
-/// The first line of `text`, without libtorch's C++ frames.
-fn first_line(text: &str) -> String {
-    let line = text
-        .lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("unknown error");
-    line.split(" (Exception raised from")
-        .next()
-        .unwrap_or(line)
-        .trim_end()
-        .to_string()
 }
 
 /// One line for an error chain: each cause's first line, skipping causes
