@@ -239,6 +239,21 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `saliency --model M --images DIR --out OUT --save-npy EXTRA...`.
+fn saliency_args(model: &str, images: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let head = [
+        "saliency",
+        "--model",
+        model,
+        "--images",
+        s(images),
+        "--out",
+        s(out),
+        "--save-npy",
+    ];
+    head.iter().chain(extra).map(|x| x.to_string()).collect()
+}
+
 fn report(out: &Path) -> serde_json::Value {
     serde_json::from_str(&fs::read_to_string(out.join("report.json")).unwrap()).unwrap()
 }
@@ -765,23 +780,7 @@ fn shards_partition_the_folder_exactly() {
     t.file("d1/broken.png", b"nope");
     let full = t.out("full");
     let m = model("digits_cnn");
-    let base = |out: &Path| -> Vec<String> {
-        [
-            "saliency",
-            "--model",
-            &m,
-            "--images",
-            s(&t.images()),
-            "--out",
-            s(out),
-            "--save-npy",
-            "--batch-size",
-            "4",
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect()
-    };
+    let base = |out: &Path| saliency_args(&m, &t.images(), out, &["--batch-size", "4"]);
     let run = |out: &Path, extra: &[&str], env: &[(&str, &str)]| {
         let mut a = base(out);
         a.extend(extra.iter().map(|x| x.to_string()));
@@ -838,26 +837,9 @@ fn shards_partition_the_folder_exactly() {
 fn kill_9_then_rerun_equals_an_uninterrupted_run() {
     let t = Tree::good(90);
     let m = model("digits_cnn");
-    let args = |out: &Path| -> Vec<String> {
-        [
-            "saliency",
-            "--model",
-            &m,
-            "--images",
-            s(&t.images()),
-            "--out",
-            s(out),
-            "--save-npy",
-            "--batch-size",
-            "2",
-            "--smooth-samples",
-            "2",
-            "--seed",
-            "3",
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect()
+    let args = |out: &Path| {
+        let extra = ["--batch-size", "2", "--smooth-samples", "2", "--seed", "3"];
+        saliency_args(&m, &t.images(), out, &extra)
     };
     let whole = t.out("whole");
     assert_code(
