@@ -383,9 +383,7 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
     let mut cases: Vec<(&str, Vec<&str>)> = vec![
         (
             "unknown flag",
-            vec![
-                "saliency", "--model", &cnn, "--images", images, "--out", o, "--bogus",
-            ],
+            usage("saliency", &cnn, images, o, &["--bogus"]),
         ),
         ("no subcommand", vec![]),
         (
@@ -394,177 +392,63 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
         ),
         (
             "bad spec",
-            vec![
-                "saliency",
-                "--model",
-                &cnn,
-                "--images",
-                images,
-                "--out",
-                o,
-                "--score",
-                "categorical:x",
-            ],
+            usage("saliency", &cnn, images, o, &["--score", "categorical:x"]),
         ),
         (
             "class index = classes",
-            vec![
-                "saliency",
-                "--model",
-                &cnn,
-                "--images",
-                images,
-                "--out",
-                o,
-                "--score",
-                "categorical:10",
-            ],
+            usage("saliency", &cnn, images, o, &["--score", "categorical:10"]),
         ),
         (
             "binary on (N, 10)",
-            vec![
-                "scores",
-                "--model",
-                &cnn,
-                "--images",
-                images,
-                "--out",
-                o,
-                "--score",
-                "binary:true",
-            ],
+            usage("scores", &cnn, images, o, &["--score", "binary:true"]),
         ),
         (
             "two specs, one output",
-            vec![
+            usage(
                 "saliency",
-                "--model",
                 &cnn,
-                "--images",
                 images,
-                "--out",
                 o,
-                "--score",
-                "predicted",
-                "--score",
-                "inactive",
-            ],
+                &["--score", "predicted", "--score", "inactive"],
+            ),
         ),
         (
             "multi-output without specs",
-            vec![
-                "saliency", "--model", &multi, "--images", images, "--out", o,
-            ],
+            usage("saliency", &multi, images, o, &[]),
         ),
         (
             "missing model",
-            vec![
-                "saliency",
-                "--model",
-                "/nonexistent/m.pt",
-                "--images",
-                images,
-                "--out",
-                o,
-            ],
+            usage("saliency", "/nonexistent/m.pt", images, o, &[]),
         ),
-        (
-            "not torchscript",
-            vec!["saliency", "--model", s(&g), "--images", images, "--out", o],
-        ),
-        (
-            "missing sidecar",
-            vec![
-                "saliency",
-                "--model",
-                s(&ns),
-                "--images",
-                images,
-                "--out",
-                o,
-            ],
-        ),
-        (
-            "invalid sidecar",
-            vec![
-                "saliency",
-                "--model",
-                s(&bs),
-                "--images",
-                images,
-                "--out",
-                o,
-            ],
-        ),
+        ("not torchscript", usage("saliency", s(&g), images, o, &[])),
+        ("missing sidecar", usage("saliency", s(&ns), images, o, &[])),
+        ("invalid sidecar", usage("saliency", s(&bs), images, o, &[])),
         (
             "sidecar does not fit model",
-            vec![
-                "saliency",
-                "--model",
-                s(&wc),
-                "--images",
-                images,
-                "--out",
-                o,
-            ],
+            usage("saliency", s(&wc), images, o, &[]),
         ),
         (
             "missing DIR",
-            vec![
-                "saliency",
-                "--model",
-                &cnn,
-                "--images",
-                "/nonexistent/dir",
-                "--out",
-                o,
-            ],
+            usage("saliency", &cnn, "/nonexistent/dir", o, &[]),
         ),
-        (
-            "DIR is a file",
-            vec!["scores", "--model", &cnn, "--images", s(&file), "--out", o],
-        ),
+        ("DIR is a file", usage("scores", &cnn, s(&file), o, &[])),
         (
             "bad shard",
-            vec![
-                "scores", "--model", &cnn, "--images", images, "--out", o, "--shard", "3/3",
-            ],
+            usage("scores", &cnn, images, o, &["--shard", "3/3"]),
         ),
         (
             "batch size 0",
-            vec![
-                "scores",
-                "--model",
-                &cnn,
-                "--images",
-                images,
-                "--out",
-                o,
-                "--batch-size",
-                "0",
-            ],
+            usage("scores", &cnn, images, o, &["--batch-size", "0"]),
         ),
         (
             "negative noise",
-            vec![
-                "saliency",
-                "--model",
-                &cnn,
-                "--images",
-                images,
-                "--out",
-                o,
-                "--smooth-noise",
-                "-1",
-            ],
+            usage("saliency", &cnn, images, o, &["--smooth-noise", "-1"]),
         ),
     ];
     if !tch::Cuda::is_available() {
         cases.push((
             "cuda without CUDA",
-            vec![
-                "saliency", "--model", &cnn, "--images", images, "--out", o, "--device", "cuda",
-            ],
+            usage("saliency", &cnn, images, o, &["--device", "cuda"]),
         ));
     }
     // Several at a time: most of each run is loading libtorch.
@@ -590,7 +474,7 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
     }
     // A count flag without an index, and an index without a count.
     let r = tch_vis_env(
-        &["scores", "--model", &cnn, "--images", images, "--out", o],
+        &usage("scores", &cnn, images, o, &[]),
         &[("JOB_COMPLETION_INDEX", "1")],
     );
     assert_code(&r, 2, "JOB_COMPLETION_INDEX without --shard-count");
@@ -600,6 +484,19 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
 
 fn model_multi() -> String {
     model("digits_multi")
+}
+
+/// `SUB --model M --images DIR --out OUT EXTRA...`.
+fn usage<'a>(
+    sub: &'a str,
+    m: &'a str,
+    dir: &'a str,
+    out: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut v = vec![sub, "--model", m, "--images", dir, "--out", out];
+    v.extend_from_slice(extra);
+    v
 }
 
 /// Bad input never stops the run: each bad file is in report.json `failed`
