@@ -191,6 +191,11 @@ impl Score for CategoricalScore {
         };
         gather_classes(&out, &self.indices)
     }
+
+    fn classes(&self, output: &Tensor) -> Result<Option<Vec<usize>>> {
+        let batch = usize::try_from(super::batch_size(output)?).unwrap_or(0);
+        super::per_sample(&self.indices, batch, "class indices").map(Some)
+    }
 }
 
 /// The categorical score of each sample's own top class.
@@ -241,6 +246,16 @@ impl Score for PredictedScore {
         // The classes stay on the output's device: no round trip to the host.
         let classes = argmax_classes(&out)?;
         gather_index(&out, &classes)
+    }
+
+    fn fixed_on(&self, output: &Tensor) -> Result<Option<Box<dyn Score + Send + Sync>>> {
+        let classes = PredictedScore::classes(self, output)?;
+        let fixed = CategoricalScore::new(classes)?.class_axis(self.axis);
+        Ok(Some(Box::new(fixed)))
+    }
+
+    fn classes(&self, output: &Tensor) -> Result<Option<Vec<usize>>> {
+        PredictedScore::classes(self, output).map(Some)
     }
 }
 

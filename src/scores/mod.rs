@@ -65,6 +65,31 @@ pub trait Score {
     /// [`Error::BatchMismatch`] when the output does not fit the score, and
     /// [`Error::Torch`] when a libtorch operation fails.
     fn score(&self, output: &Tensor) -> Result<Tensor>;
+
+    /// For a score that picks its class from the output itself (such as
+    /// [`PredictedScore`]): the same score with each sample's class fixed as
+    /// chosen on `output`, so that it stays fixed on other inputs (noisy
+    /// SmoothGrad samples, Integrated Gradients' path, masked Score-CAM
+    /// inputs). `None` (the default) for scores that do not depend on the
+    /// output to pick what they score.
+    ///
+    /// # Errors
+    /// As [`Score::score`].
+    fn fixed_on(&self, output: &Tensor) -> Result<Option<Box<dyn Score + Send + Sync>>> {
+        let _ = output;
+        Ok(None)
+    }
+
+    /// The class index this score takes for each sample of `output`, for
+    /// class scores (categorical, predicted); `None` (the default) for the
+    /// others.
+    ///
+    /// # Errors
+    /// As [`Score::score`].
+    fn classes(&self, output: &Tensor) -> Result<Option<Vec<usize>>> {
+        let _ = output;
+        Ok(None)
+    }
 }
 
 /// What a score closure may return: a `[batch]` tensor, one scalar tensor per
