@@ -168,6 +168,43 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The model or a method failed on the probe input run before the
+    /// first image of a batch job.
+    #[error("{what}: {source}")]
+    Probe {
+        /// What was probed.
+        what: String,
+        /// The failure.
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// An output folder holds results that do not fit this run.
+    #[error("{}: {reason}", path.display())]
+    OutputMismatch {
+        /// The file or folder.
+        path: PathBuf,
+        /// What does not fit, and what to do.
+        reason: String,
+    },
+
+    /// An error with what was being done when it happened.
+    #[error("{context}: {source}")]
+    Context {
+        /// What was being done.
+        context: String,
+        /// The failure.
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// A broken invariant inside tch-vis (a bug).
+    #[error("internal error: {what}")]
+    Internal {
+        /// What went wrong.
+        what: String,
+    },
+
     /// An error raised inside libtorch.
     #[error("libtorch: {}", first_line(.0))]
     Torch(#[from] tch::TchError),
@@ -210,6 +247,14 @@ impl Error {
     pub fn summary(&self) -> String {
         let text = self.to_string();
         text.lines().next().unwrap_or_default().to_string()
+    }
+
+    /// Wraps the error with what was being done.
+    pub fn context(self, context: impl Into<String>) -> Self {
+        Error::Context {
+            context: context.into(),
+            source: Box::new(self),
+        }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

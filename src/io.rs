@@ -240,6 +240,11 @@ pub const TEMP_MARK: &str = ".tch-vis-tmp.";
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// This host's name, as temporary names and worker ids carry it.
+pub(crate) fn host_name() -> String {
+    host()
+}
+
 fn host() -> String {
     // Read once: temp_path runs for every output file.
     static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();

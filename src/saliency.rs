@@ -51,6 +51,11 @@ pub struct SaliencyMaps {
     /// One `[N]` tensor per model output: the scores of the inputs as given
     /// (without noise).
     pub scores: Vec<Tensor>,
+    /// One entry per model output: the class each sample's score took, for
+    /// class scores ([`Score::classes`]); with SmoothGrad, a `predicted`
+    /// class is chosen once on the input as given and held fixed over the
+    /// noisy samples.
+    pub classes: Vec<Option<Vec<usize>>>,
 }
 
 /// Vanilla saliency and SmoothGrad on a [`Model`].
@@ -147,13 +152,28 @@ impl<'a> Saliency<'a> {
                 .iter()
                 .map(|g| normalized_map(&g.f_abs()?))
                 .collect::<Result<Vec<_>>>()?;
+            let classes = scores
+                .iter()
+                .zip(&plain.outputs)
+                .map(|(s, o)| s.classes(o))
+                .collect::<Result<Vec<_>>>()?;
             return Ok(SaliencyMaps {
                 maps,
                 gradients: plain.inputs,
                 scores: plain.scores,
+                classes,
             });
         }
-        let clean_scores = self.clean_scores(inputs, scores)?;
+        let (clean_scores, classes, fixed) = self.clean_scores(inputs, scores)?;
+        let fixed_refs: Vec<&dyn Score> = fixed
+            .iter()
+            .zip(scores)
+            .map(|(f, s)| match f {
+                Some(f) => f.as_ref() as &dyn Score,
+                None => *s,
+            })
+            .collect();
+        let scores = fixed_refs.as_slice();
         for x in inputs {
             let n = x.size().first().copied().unwrap_or(0);
             if usize::try_from(n).unwrap_or(0) != keys.len() {
@@ -208,12 +228,23 @@ impl<'a> Saliency<'a> {
             maps,
             gradients,
             scores: clean_scores,
+            classes,
         })
     }
 
-    /// The scores of the inputs as given, from one forward pass without
-    /// gradient.
-    fn clean_scores(&self, inputs: &[Tensor], scores: &[&dyn Score]) -> Result<Vec<Tensor>> {
+    /// From one forward pass without gradient on the inputs as given: the
+    /// scores, the classes they take, and the scores with their classes
+    /// fixed ([`Score::fixed_on`]) for the noisy samples.
+    #[allow(clippy::type_complexity)]
+    fn clean_scores(
+        &self,
+        inputs: &[Tensor],
+        scores: &[&dyn Score],
+    ) -> Result<(
+        Vec<Tensor>,
+        Vec<Option<Vec<usize>>>,
+        Vec<Option<Box<dyn Score + Send + Sync>>>,
+    )> {
         let outputs = self.model.forward(inputs)?;
         if outputs.len() != scores.len() {
             return Err(Error::ScoreCount {
@@ -222,20 +253,22 @@ impl<'a> Saliency<'a> {
             });
         }
         let _guard = tch::no_grad_guard();
-        outputs
-            .iter()
-            .zip(scores)
-            .enumerate()
-            .map(|(index, (out, score))| {
-                let v = crate::scores::evaluate(*score, out).map_err(|e| Error::Score {
-                    index,
-                    name: score.name().to_string(),
-                    source: Box::new(e),
-                })?;
-                let device = inputs.first().map_or(tch::Device::Cpu, Tensor::device);
-                Ok(v.f_to_device(device)?)
-            })
-            .collect()
+        let device = inputs.first().map_or(tch::Device::Cpu, Tensor::device);
+        let mut values = Vec::with_capacity(scores.len());
+        let mut classes = Vec::with_capacity(scores.len());
+        let mut fixed = Vec::with_capacity(scores.len());
+        for (index, (out, score)) in outputs.iter().zip(scores).enumerate() {
+            let wrap = |e: Error| Error::Score {
+                index,
+                name: score.name().to_string(),
+                source: Box::new(e),
+            };
+            let v = crate::scores::evaluate(*score, out).map_err(wrap)?;
+            values.push(v.f_to_device(device)?);
+            classes.push(score.classes(out).map_err(wrap)?);
+            fixed.push(score.fixed_on(out).map_err(wrap)?);
+        }
+        Ok((values, classes, fixed))
     }
 
     /// σ per image, shaped to broadcast over the input: `(N, 1, ..., 1)`.

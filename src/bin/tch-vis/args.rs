@@ -7,7 +7,7 @@ use tch_vis::io::Shard;
 use tch_vis::scores::ScoreSpec;
 use tch_vis::{DeviceSpec, Precision};
 
-use crate::job::{Job, Mode};
+use crate::run::{Job, Mode};
 
 const ABOUT: &str = "tf-keras-vis scores, saliency maps and SmoothGrad for TorchScript models, over folders of images";
 
@@ -72,11 +72,10 @@ pub struct CommonArgs {
     pub device: DeviceSpec,
 
     /// Compute precision: fp32, or fp16 / bf16 (model weights and inputs
-    /// in half precision; for CUDA, where it is 2.3-2.6x as fast; maps agree
-    /// with fp32 to a mean Pearson r of 0.96-0.99 on trained models, less
-    /// where a softmax saturates). On CUDA, fp32 is IEEE
-    /// float32: tch-vis sets NVIDIA_TF32_OVERRIDE=0 unless it is already set
-    /// (set it to 1 to let cuDNN use TF32 as PyTorch does by default).
+    /// in half precision, for CUDA; maps agree with fp32 less well where a
+    /// softmax saturates). On CUDA, fp32 is IEEE float32: tch-vis sets
+    /// NVIDIA_TF32_OVERRIDE=0 unless it is already set (set it to 1 to let
+    /// cuDNN use TF32 as PyTorch does by default).
     #[arg(long, value_name = "P", default_value = "fp32", value_parser = parse_precision)]
     pub precision: Precision,
 

@@ -12,101 +12,39 @@
 )]
 
 mod args;
-mod job;
-mod table;
+mod run;
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::Parser;
+use run::Failure;
 use tch_vis::message_line as first_line;
 
-/// A failure and its exit status.
-struct Failure {
-    code: u8,
-    message: String,
-}
-
-/// One line for an error chain: each cause's first line, skipping causes
-/// the message already contains.
-fn one_line(err: &anyhow::Error) -> String {
-    let mut msg = String::new();
-    for cause in err.chain() {
-        let line = first_line(&cause.to_string());
-        if line.is_empty() || msg.contains(&line) {
-            continue;
-        }
-        if !msg.is_empty() {
-            msg.push_str(": ");
-        }
-        msg.push_str(&line);
-    }
-    msg
-}
-
-fn usage(err: anyhow::Error) -> Failure {
-    Failure {
-        code: 2,
-        message: one_line(&err),
-    }
-}
-
-fn run() -> Result<ExitCode, Failure> {
+fn run() -> Result<(), Failure> {
     let cli = match args::Cli::try_parse() {
         Ok(c) => c,
         Err(e) => match e.kind() {
             ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
                 let _ = e.print();
-                return Ok(ExitCode::SUCCESS);
+                return Ok(());
             }
             ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand => {
-                return Err(Failure {
-                    code: 2,
-                    message: "a subcommand is required: saliency or scores (see tch-vis --help)"
-                        .into(),
-                })
+                return Err(Failure::Flags(
+                    "a subcommand is required: saliency or scores (see tch-vis --help)".into(),
+                ))
             }
             _ => {
                 let text = e.to_string();
                 let line = first_line(&text);
                 let line = line.strip_prefix("error: ").unwrap_or(&line).to_string();
-                return Err(Failure {
-                    code: 2,
-                    message: format!("{line} (see tch-vis --help)"),
-                });
+                return Err(Failure::Flags(format!("{line} (see tch-vis --help)")));
             }
         },
     };
-    let job = cli.into_job().map_err(|m| Failure {
-        code: 2,
-        message: m,
-    })?;
-    let strict = job.strict;
-    let out = job.out.clone();
-    let ready = job::prepare(job).map_err(usage)?;
-    let outcome = job::execute(ready).map_err(|e| Failure {
-        code: 1,
-        message: one_line(&e),
-    })?;
-    if let Some(fatal) = outcome.fatal {
-        return Err(Failure {
-            code: 1,
-            message: first_line(&fatal),
-        });
-    }
-    if strict && outcome.failed > 0 {
-        return Err(Failure {
-            code: 1,
-            message: format!(
-                "{} input{} failed (--strict); see {}",
-                outcome.failed,
-                if outcome.failed == 1 { "" } else { "s" },
-                out.join("report.json").display()
-            ),
-        });
-    }
-    Ok(ExitCode::SUCCESS)
+    let job = cli.into_job().map_err(Failure::Flags)?;
+    run::execute(job)
 }
 
 fn main() -> ExitCode {
@@ -131,10 +69,10 @@ fn main() -> ExitCode {
         );
     }));
     match std::panic::catch_unwind(run) {
-        Ok(Ok(code)) => code,
+        Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(f)) => {
-            let _ = writeln!(std::io::stderr(), "tch-vis: error: {}", f.message);
-            ExitCode::from(f.code)
+            let _ = writeln!(std::io::stderr(), "tch-vis: error: {}", f.message());
+            ExitCode::from(f.code())
         }
         Err(_) => ExitCode::from(1),
     }
@@ -145,11 +83,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn error_chains_become_one_line_without_cpp_frames() {
-        let e = anyhow::anyhow!("boom (Exception raised from x at y.cpp:1)\nframe #0: z")
-            .context("loading model");
-        assert_eq!(one_line(&e), "loading model: boom");
-        let e = anyhow::anyhow!("inner").context("outer: inner");
-        assert_eq!(one_line(&e), "outer: inner");
+    fn exit_codes_come_from_the_kind_of_failure() {
+        let usage = Failure::Usage(tch_vis::Error::CudaUnavailable {
+            requested: "cuda".into(),
+        });
+        assert_eq!(usage.code(), 2);
+        assert_eq!(Failure::Flags("x".into()).code(), 2);
+        let run = Failure::Run(tch_vis::Error::Internal { what: "x".into() });
+        assert_eq!(run.code(), 1);
+        let strict = Failure::Strict {
+            failed: 2,
+            report: "out/report.json".into(),
+        };
+        assert_eq!(strict.code(), 1);
+        assert_eq!(
+            strict.message(),
+            "2 inputs failed (--strict); see out/report.json"
+        );
+        // Context is kept, and libtorch's C++ frames are cut.
+        let e = tch_vis::Error::Torch(tch::TchError::Torch(
+            "boom (Exception raised from x at y.cpp:1)\nframe #0: z".into(),
+        ))
+        .context("loading model");
+        assert_eq!(Failure::Usage(e).message(), "loading model: libtorch: boom");
     }
 }

@@ -1,0 +1,584 @@
+//! The pipeline: decode pool, padded batches, compute, writers, collector.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use rayon::prelude::*;
+use tch::{Device, Kind, Tensor};
+
+use super::{ImageArray, ImageResult, Method, Sink};
+use crate::error::{Error, Result};
+use crate::io::Entry;
+use crate::model::Model;
+use crate::preprocess::{self, Prepared, Preprocessor, Sidecar};
+use crate::saliency::key_for;
+
+/// What [`Engine::prepare`] found out about the model and method, before
+/// the first image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// The number of model outputs (one score each).
+    pub outputs: usize,
+    /// Per output: whether its score takes a class (categorical,
+    /// predicted), so a class column belongs to it.
+    pub class_outputs: Vec<bool>,
+    /// libtorch threads of the compute thread.
+    pub compute_threads: usize,
+    /// The device the model runs on.
+    pub device: Device,
+}
+
+/// Progress of a run, as the progress callback receives it.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Images done.
+    pub done: usize,
+    /// Inputs failed.
+    pub failed: usize,
+    /// Inputs in this run.
+    pub total: usize,
+    /// Time since the run started.
+    pub elapsed: Duration,
+}
+
+/// Where a run's time went, in seconds summed over the run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Timings {
+    /// Decoding batches (wall time of the decode pool).
+    pub decode: f64,
+    /// The compute thread waiting for a decoded batch.
+    pub compute_wait_decode: f64,
+    /// The compute thread running batches (model, method, copies).
+    pub compute: f64,
+    /// The compute thread blocked on a full writer queue.
+    pub compute_wait_write: f64,
+    /// Writer threads in the sink (summed over threads).
+    pub write_all_threads: f64,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct Summary {
+    /// Images whose results the sink took.
+    pub processed: usize,
+    /// Inputs that failed, with the reason, in input order.
+    pub failed: Vec<(String, String)>,
+    /// Why the run stopped early, if it did (the sink failed, the model
+    /// failed on a batch).
+    pub fatal: Option<Error>,
+    /// Wall time of the run.
+    pub seconds: f64,
+    /// Where the time went.
+    pub timings: Timings,
+}
+
+#[derive(Default)]
+struct Clock {
+    decode: AtomicU64,
+    wait_decode: AtomicU64,
+    compute: AtomicU64,
+    wait_write: AtomicU64,
+    write: AtomicU64,
+}
+
+impl Clock {
+    fn add(slot: &AtomicU64, since: Instant) {
+        slot.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn timings(&self) -> Timings {
+        let s = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 * 1e-9;
+        Timings {
+            decode: s(&self.decode),
+            compute_wait_decode: s(&self.wait_decode),
+            compute: s(&self.compute),
+            compute_wait_write: s(&self.wait_write),
+            write_all_threads: s(&self.write),
+        }
+    }
+}
+
+type Callback<'a> = Box<dyn Fn(&Progress) + Send + Sync + 'a>;
+
+/// Runs a [`Method`] over input files in batches and hands each image's
+/// results to a [`Sink`] (see the [module docs](super)).
+pub struct Engine<'a> {
+    model: &'a Model,
+    pre: Preprocessor,
+    method: &'a dyn Method,
+    batch_size: usize,
+    decode_threads: usize,
+    writer_threads: usize,
+    progress: Option<Callback<'a>>,
+    compute_threads: OnceLock<usize>,
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+impl<'a> Engine<'a> {
+    /// An engine for `model`, preprocessing as `sidecar` says, computing
+    /// `method`; batches of 32, one decode and one writer thread per core.
+    pub fn new(model: &'a Model, sidecar: Sidecar, method: &'a dyn Method) -> Self {
+        Engine {
+            model,
+            pre: Preprocessor::new(sidecar),
+            method,
+            batch_size: 32,
+            decode_threads: cores(),
+            writer_threads: cores().clamp(2, 16),
+            progress: None,
+            compute_threads: OnceLock::new(),
+        }
+    }
+
+    /// Images per model call (at least 1).
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.batch_size = n.max(1);
+        self
+    }
+
+    /// Threads decoding images (at least 1).
+    pub fn decode_threads(mut self, n: usize) -> Self {
+        self.decode_threads = n.max(1);
+        self
+    }
+
+    /// Threads calling [`Sink::image`] (at least 1).
+    pub fn writer_threads(mut self, n: usize) -> Self {
+        self.writer_threads = n.max(1);
+        self
+    }
+
+    /// Replaces the preprocessor (decode limits, options).
+    pub fn preprocessor(mut self, pre: Preprocessor) -> Self {
+        self.pre = pre;
+        self
+    }
+
+    /// Calls `f` from a collector thread as images complete.
+    pub fn on_progress(mut self, f: impl Fn(&Progress) + Send + Sync + 'a) -> Self {
+        self.progress = Some(Box::new(f));
+        self
+    }
+
+    /// The preprocessing in use.
+    pub fn sidecar(&self) -> &Sidecar {
+        self.pre.sidecar()
+    }
+
+    /// Everything that can be checked before the first image: the model
+    /// runs on one zero image of the sidecar's size, the method fits its
+    /// outputs ([`Method::check`]) and computes on it; on CUDA the method
+    /// runs on a whole zero batch, so a batch that does not fit in memory
+    /// is found here. Also picks the compute threads.
+    ///
+    /// # Errors
+    /// [`Error::Probe`] when the model or the method fails on the probe,
+    /// with the cause; the method's own check errors as they are.
+    pub fn prepare(&self) -> Result<Layout> {
+        let device = self.model.device();
+        let sidecar = self.pre.sidecar();
+        let [h, w] = sidecar.size_i64();
+        let c = sidecar.channels as i64;
+        let probe = Tensor::f_zeros([1, c, h, w], (Kind::Float, device))?;
+        let outputs =
+            self.model
+                .forward(&[probe.shallow_clone()])
+                .map_err(|e| Error::Probe {
+                    what: format!("the model fails on a (1, {c}, {h}, {w}) input as its sidecar describes"),
+                    source: Box::new(e),
+                })?;
+        self.method.check(self.model, &outputs)?;
+        if device.is_cuda() {
+            // Batches are padded to one fixed shape: let cuDNN pick the
+            // fastest algorithm for it once, here.
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
+        let rows = if device.is_cuda() { self.batch_size } else { 1 };
+        let x = Tensor::f_zeros([rows as i64, c, h, w], (Kind::Float, device))?;
+        let keys = vec![0u64; rows];
+        let probe_method = || {
+            self.method
+                .compute(self.model, &x, &keys)
+                .map_err(|e| Error::Probe {
+                    what: format!("{} fails on a probe input", self.method.name()),
+                    source: Box::new(e),
+                })
+        };
+        let result = probe_method()?;
+        // Timed on a second call: the first one warms up.
+        let t = Instant::now();
+        if device == Device::Cpu {
+            probe_method()?;
+        }
+        let per_image = t.elapsed() / rows as u32;
+        // On a CPU, a model that needs under 2 ms an image does not bound
+        // the run: decoding and writing do. Its compute thread then runs
+        // libtorch on one thread, which leaves the cores to those stages
+        // and spares them OpenMP's spin-waiting (twice the images/s for a
+        // small CNN on 2 cores).
+        let threads = if device == Device::Cpu && per_image < Duration::from_millis(2) {
+            1
+        } else {
+            cores()
+        };
+        let _ = self.compute_threads.set(threads);
+        Ok(Layout {
+            outputs: result.scores.len(),
+            class_outputs: result.classes.iter().map(Option::is_some).collect(),
+            compute_threads: threads,
+            device,
+        })
+    }
+
+    /// Runs over `inputs` (in the order given), handing each image to
+    /// `sink`. Inputs with a [`problem`](Entry::problem) or that do not
+    /// decode are reported to [`Sink::failed`] and the run goes on. A
+    /// failure of the model or the sink stops the run: it is returned in
+    /// [`Summary::fatal`], after the images already done were handed over.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the engine's threads cannot be started.
+    pub fn run(&self, inputs: &[Entry], sink: &dyn Sink) -> Result<Summary> {
+        let start = Instant::now();
+        let clock = Clock::default();
+        let mut failed = Vec::new();
+        let mut pending = Vec::with_capacity(inputs.len());
+        for e in inputs {
+            match &e.problem {
+                Some(p) => failed.push((e.rel.clone(), p.clone())),
+                None => pending.push(e.clone()),
+            }
+        }
+        let total = inputs.len();
+        let mut fatal = None;
+        for (rel, why) in &failed {
+            if let Err(e) = sink.failed(rel, why) {
+                fatal = Some(e);
+                break;
+            }
+        }
+        let done = AtomicUsize::new(0);
+        let n_failed = AtomicUsize::new(failed.len());
+        let collected = if fatal.is_none() {
+            self.pipeline(pending, sink, &clock, &done, &n_failed, total, start)?
+        } else {
+            Collected::default()
+        };
+        failed.extend(collected.failed);
+        // Input order, as the caller gave it.
+        let order: std::collections::HashMap<&str, usize> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.rel.as_str(), i))
+            .collect();
+        failed.sort_by_key(|(rel, _)| order.get(rel.as_str()).copied().unwrap_or(usize::MAX));
+        Ok(Summary {
+            processed: collected.processed,
+            failed,
+            fatal: fatal.or(collected.fatal),
+            seconds: start.elapsed().as_secs_f64(),
+            timings: clock.timings(),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn pipeline(
+        &self,
+        pending: Vec<Entry>,
+        sink: &dyn Sink,
+        clock: &Clock,
+        done: &AtomicUsize,
+        n_failed: &AtomicUsize,
+        total: usize,
+        start: Instant,
+    ) -> Result<Collected> {
+        let device = self.model.device();
+        let batch_size = self.batch_size;
+        let abort = AtomicBool::new(false);
+        let (tx_batch, rx_batch) = bounded::<Decoded>(2);
+        let (tx_write, rx_write) = bounded::<ImageResult>(batch_size.max(16) * 2);
+        let (tx_event, rx_event) = unbounded::<Event>();
+        // One decode pool whose threads keep libtorch single-threaded
+        // (their tensors are small), so they do not fight the compute
+        // thread's OpenMP team.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(self.decode_threads)
+            .thread_name(|i| format!("tch-vis-decode-{i}"))
+            .start_handler(|_| tch::set_num_threads(1))
+            .build()
+            .map_err(|e| Error::io("<decode threads>", std::io::Error::other(e.to_string())))?;
+        let threads = *self.compute_threads.get_or_init(cores);
+        tch::set_num_threads(i32::try_from(threads).unwrap_or(1));
+        let pre = &self.pre;
+        let abort = &abort;
+        std::thread::scope(|s| {
+            // Producer: decode one batch at a time with rayon, keep 2 queued.
+            s.spawn(move || {
+                for chunk in pending.chunks(batch_size) {
+                    if abort.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let t = Instant::now();
+                    let batch: Vec<_> = pool.install(|| {
+                        chunk
+                            .par_iter()
+                            .map(|e| (e.clone(), pre.load(&e.path)))
+                            .collect()
+                    });
+                    let decoded = assemble(batch, batch_size, device);
+                    Clock::add(&clock.decode, t);
+                    if tx_batch.send(decoded).is_err() {
+                        break;
+                    }
+                }
+            });
+            // Writers.
+            for _ in 0..self.writer_threads {
+                let rx = rx_write.clone();
+                let tx = tx_event.clone();
+                s.spawn(move || {
+                    tch::set_num_threads(1);
+                    for item in rx.iter() {
+                        let t = Instant::now();
+                        let result = sink.image(item);
+                        Clock::add(&clock.write, t);
+                        let event = match result {
+                            Ok(()) => Event::Done,
+                            Err(e) => {
+                                abort.store(true, Ordering::Relaxed);
+                                Event::Fatal(e)
+                            }
+                        };
+                        if tx.send(event).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            drop(rx_write);
+            let progress = self.progress.as_deref();
+            let collector =
+                s.spawn(move || collect(rx_event, progress, done, n_failed, total, start));
+
+            // Compute, on this thread.
+            let tx_ev = tx_event;
+            let mut waiting = Instant::now();
+            for batch in rx_batch.iter() {
+                Clock::add(&clock.wait_decode, waiting);
+                if abort.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Decoded { ok, failed, x } = batch;
+                let mut stop = false;
+                for (rel, error) in failed {
+                    if let Err(e) = sink.failed(&rel, &error) {
+                        let _ = tx_ev.send(Event::Fatal(e));
+                        stop = true;
+                        break;
+                    }
+                    let _ = tx_ev.send(Event::Failed { rel, error });
+                }
+                if stop {
+                    break;
+                }
+                let Some(x) = x else {
+                    waiting = Instant::now();
+                    continue;
+                };
+                let t = Instant::now();
+                let result = x.and_then(|x| self.compute_batch(ok, &x, &tx_write, clock));
+                Clock::add(&clock.compute, t);
+                waiting = Instant::now();
+                if let Err(e) = result {
+                    let _ = tx_ev.send(Event::Fatal(e));
+                    break;
+                }
+            }
+            abort.store(true, Ordering::Relaxed);
+            drop(rx_batch);
+            drop(tx_write);
+            drop(tx_ev);
+            collector.join().map_err(|_| Error::Internal {
+                what: "the collector thread panicked".into(),
+            })
+        })
+    }
+
+    fn compute_batch(
+        &self,
+        ok: Vec<(Entry, Prepared)>,
+        x: &Tensor,
+        tx_write: &Sender<ImageResult>,
+        clock: &Clock,
+    ) -> Result<()> {
+        let n = ok.len();
+        let mut keys: Vec<u64> = ok.iter().map(|(e, _)| key_for(&e.rel)).collect();
+        keys.resize(self.batch_size.max(n), 0);
+        let res = self.method.compute(self.model, x, &keys)?;
+        let to_cpu = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.f_narrow(0, 0, n as i64)?
+                .f_to_device(Device::Cpu)?
+                .f_to_kind(Kind::Float)?
+                .f_contiguous()?)
+        };
+        let mut scores = Vec::with_capacity(res.scores.len());
+        for t in &res.scores {
+            let v = Vec::<f32>::try_from(&to_cpu(t)?.f_reshape([-1])?)?;
+            if v.len() != n {
+                return Err(Error::BatchMismatch {
+                    what: "score values",
+                    expected: n,
+                    got: v.len(),
+                });
+            }
+            scores.push(v);
+        }
+        let arrays = res
+            .arrays
+            .iter()
+            .map(|a| {
+                let heat = a.heat.as_ref().map(to_cpu).transpose()?;
+                Ok((a.name.clone(), to_cpu(&a.values)?, heat))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (i, (entry, p)) in ok.into_iter().enumerate() {
+            let i64i = i as i64;
+            let per_image = arrays
+                .iter()
+                .map(|(name, values, heat)| {
+                    Ok(ImageArray {
+                        name: name.clone(),
+                        values: values.f_get(i64i)?,
+                        heat: heat.as_ref().map(|h| h.f_get(i64i)).transpose()?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let item = ImageResult {
+                rel: entry.rel,
+                path: entry.path,
+                scores: scores.iter().map(|s| s[i]).collect(),
+                classes: res
+                    .classes
+                    .iter()
+                    .map(|c| c.as_ref().and_then(|c| c.get(i).copied()))
+                    .collect(),
+                arrays: per_image,
+                image: p.image,
+                original_size: p.original_size,
+            };
+            let t = Instant::now();
+            let sent = tx_write.send(item);
+            Clock::add(&clock.wait_write, t);
+            if sent.is_err() {
+                return Err(Error::Internal {
+                    what: "the writer threads stopped".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What flows to the collector.
+enum Event {
+    Done,
+    Failed { rel: String, error: String },
+    Fatal(Error),
+}
+
+#[derive(Default)]
+struct Collected {
+    processed: usize,
+    failed: Vec<(String, String)>,
+    fatal: Option<Error>,
+}
+
+fn collect(
+    rx: Receiver<Event>,
+    progress: Option<&(dyn Fn(&Progress) + Send + Sync)>,
+    done: &AtomicUsize,
+    n_failed: &AtomicUsize,
+    total: usize,
+    start: Instant,
+) -> Collected {
+    let mut out = Collected::default();
+    for event in rx.iter() {
+        match event {
+            Event::Done => {
+                out.processed += 1;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Failed { rel, error } => {
+                out.failed.push((rel, error));
+                n_failed.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Fatal(e) => {
+                out.fatal.get_or_insert(e);
+            }
+        }
+        if let Some(f) = progress {
+            f(&Progress {
+                done: done.load(Ordering::Relaxed),
+                failed: n_failed.load(Ordering::Relaxed),
+                total,
+                elapsed: start.elapsed(),
+            });
+        }
+    }
+    out
+}
+
+/// A decoded batch, ready for the compute thread.
+struct Decoded {
+    /// Images that decoded, in order.
+    ok: Vec<(Entry, Prepared)>,
+    /// Files that did not, with the reason.
+    failed: Vec<(String, String)>,
+    /// The model input of `ok`, padded to the batch size, on the model's
+    /// device; `None` when nothing decoded.
+    x: Option<Result<Tensor>>,
+}
+
+/// Splits a decoded chunk and stacks its images into one model input, off
+/// the compute thread.
+fn assemble(
+    batch: Vec<(Entry, Result<Prepared>)>,
+    batch_size: usize,
+    device: Device,
+) -> Decoded {
+    let mut ok = Vec::with_capacity(batch.len());
+    let mut failed = Vec::new();
+    for (entry, prepared) in batch {
+        match prepared {
+            Ok(p) => ok.push((entry, p)),
+            Err(e) => failed.push((entry.rel, e.summary())),
+        }
+    }
+    let x = (!ok.is_empty()).then(|| {
+        let inputs: Vec<&Tensor> = ok.iter().map(|(_, p)| &p.input).collect();
+        padded_batch(&inputs, batch_size, device)
+    });
+    Decoded { ok, failed, x }
+}
+
+/// Stacks `inputs` and pads them with zero images to `batch_size` rows
+/// (see the module docs for why), then copies the batch to `device`. On a
+/// GPU the copy happens here, off the compute thread.
+fn padded_batch(inputs: &[&Tensor], batch_size: usize, device: Device) -> Result<Tensor> {
+    let n = inputs.len();
+    let x = preprocess::stack(inputs)?;
+    let x = if n < batch_size {
+        let mut shape = x.size();
+        shape[0] = (batch_size - n) as i64;
+        let pad = Tensor::f_zeros(shape.as_slice(), (x.kind(), x.device()))?;
+        Tensor::f_cat(&[x, pad], 0)?
+    } else {
+        x
+    };
+    Ok(x.f_to_device(device)?)
+}

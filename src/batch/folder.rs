@@ -1,0 +1,508 @@
+//! The output folder sink: per-image files, `scores.csv` and reports, safe
+//! for many concurrent workers.
+//!
+//! What each worker writes, and what it relies on:
+//! - every output file under a temporary name in its final directory, then
+//!   renamed over the final name (rename within a directory is atomic on
+//!   local file systems and on NFS and Lustre);
+//! - its rows to a journal of its own, `OUT/.tch-vis/rows/ID.csv` (ID =
+//!   start time, host and process id), appended only after all of an
+//!   image's files are in place. No file is ever written by two
+//!   processes, so neither `O_APPEND` atomicity nor locks are needed;
+//! - `scores.csv`, rebuilt from all journals (and the rows of an older
+//!   `scores.csv` that no journal mentions), written under a temporary
+//!   name and renamed, at the end of the run and once a minute during it.
+//!   After the rename the worker checks that no journal grew since it read
+//!   them, and merges again if one did; so the last rename always includes
+//!   every finished worker's rows. This relies on close-to-open
+//!   consistency (a file closed by one host is read whole by a host that
+//!   opens it afterwards), which NFS and Lustre give;
+//! - its report to `OUT/.tch-vis/reports/ID.json`, and `report.json` with
+//!   this run's figures plus a combined view of all workers' reports.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::table::{self, State, END};
+use super::{ImageResult, Layout, Method, Sink};
+use crate::error::{Error, Result};
+use crate::io;
+use crate::preprocess::Sidecar;
+
+/// The folder, under an output folder, holding the row journals and
+/// per-worker reports.
+pub const JOURNAL_DIR: &str = ".tch-vis";
+
+/// The rows of an output folder after a merge.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Merged {
+    /// The `scores.csv` header.
+    pub header: Vec<String>,
+    /// Rows by relative path (byte order): the fields after `path`.
+    pub rows: BTreeMap<String, Vec<String>>,
+    /// Failed inputs by relative path, with the reason.
+    pub failed: BTreeMap<String, String>,
+}
+
+struct Journal {
+    writer: csv::Writer<BufWriter<fs::File>>,
+    last_flush: Instant,
+}
+
+/// An output folder: `REL.NAME.npy` (and `REL.NAME.png` heatmaps over the
+/// image) for every array of the method, `scores.csv`, `report.json`.
+/// Any number of workers may write into one folder at once (see the
+/// [module docs](self)).
+pub struct FolderSink {
+    out: PathBuf,
+    header: Vec<String>,
+    arrays: Vec<(String, bool)>,
+    class_outputs: Vec<bool>,
+    labels: Option<Vec<String>>,
+    channels: usize,
+    size: [usize; 2],
+    id: String,
+    done: HashSet<String>,
+    journal: Mutex<Option<Journal>>,
+    last_merge: Mutex<Instant>,
+    merge_every: Duration,
+}
+
+fn now_id() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{nanos:020}-{}-{}", io::host_name(), std::process::id())
+}
+
+impl FolderSink {
+    /// Opens `out` for a run of `method` with `layout` (from
+    /// [`super::Engine::prepare`]); reads what earlier runs left, writes
+    /// nothing. With `overwrite`, earlier results count as not done.
+    ///
+    /// # Errors
+    /// [`Error::OutputMismatch`] when `out` is not a directory, or its
+    /// `scores.csv` has other columns than this run's (unless
+    /// `overwrite`); [`Error::Io`] when it cannot be read.
+    pub fn open(
+        out: impl AsRef<Path>,
+        layout: &Layout,
+        method: &dyn Method,
+        sidecar: &Sidecar,
+        overwrite: bool,
+    ) -> Result<Self> {
+        let out = out.as_ref().to_path_buf();
+        if let Ok(m) = fs::metadata(&out) {
+            if !m.is_dir() {
+                return Err(Error::OutputMismatch {
+                    path: out,
+                    reason: "exists and is not a directory".into(),
+                });
+            }
+        }
+        let header = table::header(layout.outputs, &layout.class_outputs);
+        let csv_path = out.join("scores.csv");
+        if let Some(h) = table::read_header(&csv_path)? {
+            if h != header && !overwrite {
+                return Err(Error::OutputMismatch {
+                    path: csv_path,
+                    reason: format!(
+                        "has columns {:?} but this run writes {:?}; use another output folder or --overwrite",
+                        h.join(","),
+                        header.join(",")
+                    ),
+                });
+            }
+        }
+        let mut sink = FolderSink {
+            out,
+            header,
+            arrays: method.arrays(),
+            class_outputs: layout.class_outputs.clone(),
+            labels: sidecar.labels.clone(),
+            channels: sidecar.channels,
+            size: sidecar.input_size,
+            id: now_id(),
+            done: HashSet::new(),
+            journal: Mutex::new(None),
+            last_merge: Mutex::new(Instant::now()),
+            merge_every: Duration::from_secs(60),
+        };
+        if !overwrite {
+            let merged = sink.read_state()?.0;
+            sink.done = merged.rows.into_keys().collect();
+        }
+        Ok(sink)
+    }
+
+    /// Marks this worker active in the folder (so that no other worker
+    /// compacts the journals while it runs), after removing what dead
+    /// processes of this host left: temporary files and their markers.
+    /// Call it after every check passed, before the first image.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the folder cannot be written.
+    pub fn begin(&self) -> Result<()> {
+        io::remove_stale_temps(&self.out);
+        let active = self.out.join(JOURNAL_DIR).join("active");
+        if let Ok(read) = fs::read_dir(&active) {
+            for e in read.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if is_dead_local(&name) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        io::write_atomic(&active.join(&self.id), b"")
+    }
+
+    /// The output folder.
+    pub fn out(&self) -> &Path {
+        &self.out
+    }
+
+    /// This worker's id (start time, host, process id).
+    pub fn worker_id(&self) -> &str {
+        &self.id
+    }
+
+    /// Whether an earlier run finished `rel`: its row is in `scores.csv` or
+    /// a journal, and every file of the method exists.
+    pub fn is_done(&self, rel: &str) -> bool {
+        self.done.contains(rel)
+            && self.arrays.iter().all(|(name, heat)| {
+                self.file(rel, &format!(".{name}.npy")).is_file()
+                    && (!heat || self.file(rel, &format!(".{name}.png")).is_file())
+            })
+    }
+
+    fn file(&self, rel: &str, suffix: &str) -> PathBuf {
+        self.out.join(format!("{rel}{suffix}"))
+    }
+
+    fn journals(&self) -> Result<Vec<PathBuf>> {
+        let dir = self.out.join(JOURNAL_DIR).join("rows");
+        let read = match fs::read_dir(&dir) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(&dir, e)),
+        };
+        let mut v: Vec<PathBuf> = read
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "csv"))
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// The merged state and the journal lengths it was read at.
+    fn read_state(&self) -> Result<(Merged, Vec<(PathBuf, u64)>)> {
+        let mut state = State::default();
+        let mut touched = HashSet::new();
+        let mut seen = Vec::new();
+        for j in self.journals()? {
+            let bytes = match fs::read(&j) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(&j, e)),
+            };
+            seen.push((j, bytes.len() as u64));
+            table::replay_journal(&bytes, &self.header, &mut state, &mut touched);
+        }
+        if let Some(base) = table::read_table(&self.out.join("scores.csv"), &self.header)? {
+            for (path, values) in base.rows {
+                if !touched.contains(&path) {
+                    state.rows.insert(path, values);
+                }
+            }
+        }
+        Ok((
+            Merged {
+                header: self.header.clone(),
+                rows: state.rows,
+                failed: state.failed,
+            },
+            seen,
+        ))
+    }
+
+    /// Rebuilds `scores.csv` from every journal, until no journal changed
+    /// during the merge (see the module docs). Returns the merged rows.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when a journal cannot be read or `scores.csv` written.
+    pub fn merge(&self) -> Result<Merged> {
+        Ok(self.merge_seen()?.0)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn merge_seen(&self) -> Result<(Merged, Vec<(PathBuf, u64)>)> {
+        self.flush()?;
+        let csv_path = self.out.join("scores.csv");
+        let mut last = (Merged::default(), Vec::new());
+        for _ in 0..20 {
+            let (merged, seen) = self.read_state()?;
+            let state = State {
+                rows: merged.rows.clone(),
+                failed: BTreeMap::new(),
+            };
+            io::write_atomic(&csv_path, &table::render(&self.header, &state)?)?;
+            let grew = seen
+                .iter()
+                .any(|(p, len)| fs::metadata(p).map_or(true, |m| m.len() != *len));
+            let new = self.journals()?.len() != seen.len();
+            last = (merged, seen);
+            if !grew && !new {
+                break;
+            }
+        }
+        Ok(last)
+    }
+
+    fn flush(&self) -> Result<()> {
+        let mut guard = self.journal.lock().map_err(|_| poisoned())?;
+        if let Some(j) = guard.as_mut() {
+            j.writer
+                .flush()
+                .map_err(|e| Error::io(self.journal_path(), e))?;
+            j.last_flush = Instant::now();
+        }
+        Ok(())
+    }
+
+    fn journal_path(&self) -> PathBuf {
+        self.out
+            .join(JOURNAL_DIR)
+            .join("rows")
+            .join(format!("{}.csv", self.id))
+    }
+
+    fn append(&self, record: &[String]) -> Result<()> {
+        let path = self.journal_path();
+        {
+            let mut guard = self.journal.lock().map_err(|_| poisoned())?;
+            if guard.is_none() {
+                if let Some(dir) = path.parent() {
+                    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+                }
+                let file = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .map_err(|e| Error::io(&path, e))?;
+                let mut writer = csv::Writer::from_writer(BufWriter::new(file));
+                writer
+                    .write_record(table::journal_header(&self.header))
+                    .map_err(|e| csv_io(&path, e))?;
+                *guard = Some(Journal {
+                    writer,
+                    last_flush: Instant::now(),
+                });
+            }
+            let Some(j) = guard.as_mut() else {
+                return Err(poisoned());
+            };
+            j.writer
+                .write_record(record)
+                .map_err(|e| csv_io(&path, e))?;
+            if j.last_flush.elapsed() >= Duration::from_secs(1) {
+                j.writer.flush().map_err(|e| Error::io(&path, e))?;
+                j.last_flush = Instant::now();
+            }
+        }
+        let due = {
+            let mut last = self.last_merge.lock().map_err(|_| poisoned())?;
+            if last.elapsed() >= self.merge_every {
+                *last = Instant::now();
+                true
+            } else {
+                false
+            }
+        };
+        if due {
+            self.merge()?;
+        }
+        Ok(())
+    }
+
+    fn label(&self, class: usize) -> String {
+        self.labels
+            .as_ref()
+            .and_then(|l| l.get(class))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn write_files(&self, r: &ImageResult) -> Result<()> {
+        let [h, w] = self.size;
+        for a in &r.arrays {
+            io::write_npy_atomic(&self.file(&r.rel, &format!(".{}.npy", a.name)), &a.values)?;
+            if let Some(heat) = &a.heat {
+                let map = Vec::<f32>::try_from(&heat.f_contiguous()?.f_reshape([-1])?)?;
+                let image = Vec::<f32>::try_from(&r.image.f_contiguous()?.f_reshape([-1])?)?;
+                let png = crate::heatmap::overlay_png(&image, self.channels, w, h, &map)?;
+                io::write_atomic(&self.file(&r.rel, &format!(".{}.png", a.name)), &png)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the run: flushes this worker's journal, merges `scores.csv`,
+    /// and writes this worker's report and `report.json` (the fields of
+    /// `report`, plus `workers`: the reports of every worker that wrote
+    /// into the folder, and `rows_in_scores_csv`). Returns the merged rows.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when a file cannot be written.
+    pub fn finish(&self, report: serde_json::Value) -> Result<Merged> {
+        let (merged, seen) = self.merge_seen()?;
+        let mut report = match report {
+            serde_json::Value::Object(m) => m,
+            other => {
+                let mut m = serde_json::Map::new();
+                m.insert("report".into(), other);
+                m
+            }
+        };
+        report.insert("worker".into(), self.id.clone().into());
+        let reports = self.out.join(JOURNAL_DIR).join("reports");
+        let own = serde_json::to_vec_pretty(&report).map_err(|e| Error::Internal {
+            what: e.to_string(),
+        })?;
+        io::write_atomic(&reports.join(format!("{}.json", self.id)), &own)?;
+        // Workers of earlier runs, folded into report.json by a compaction.
+        let mut workers: Vec<serde_json::Value> = fs::read(self.out.join("report.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v.get("workers").and_then(|w| w.as_array()).cloned())
+            .unwrap_or_default();
+        let mut report_files: Vec<PathBuf> = Vec::new();
+        if let Ok(read) = fs::read_dir(&reports) {
+            let mut paths: Vec<PathBuf> = read.flatten().map(|e| e.path()).collect();
+            paths.sort();
+            for p in paths {
+                let Ok(bytes) = fs::read(&p) else { continue };
+                let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+                    continue;
+                };
+                report_files.push(p);
+                let pick = |k: &str| v.get(k).cloned().unwrap_or(serde_json::Value::Null);
+                workers.retain(|w| w.get("worker") != v.get("worker"));
+                workers.push(serde_json::json!({
+                    "worker": pick("worker"),
+                    "command": pick("command"),
+                    "shard": pick("shard"),
+                    "device": pick("device"),
+                    "processed": pick("processed"),
+                    "skipped": pick("skipped"),
+                    "failed": v.get("failed").and_then(|f| f.as_array()).map_or(0, Vec::len),
+                    "seconds": pick("seconds"),
+                    "images_per_second": pick("images_per_second"),
+                    "error": pick("error"),
+                }));
+            }
+        }
+        report.insert("rows_in_scores_csv".into(), merged.rows.len().into());
+        report.insert("failed_in_folder".into(), merged.failed.len().into());
+        report.insert("workers".into(), workers.into());
+        let text = serde_json::to_vec_pretty(&report).map_err(|e| Error::Internal {
+            what: e.to_string(),
+        })?;
+        io::write_atomic(&self.out.join("report.json"), &text)?;
+        let dir = self.out.join(JOURNAL_DIR);
+        let _ = fs::remove_file(dir.join("active").join(&self.id));
+        self.compact(&seen, &report_files);
+        Ok(merged)
+    }
+
+    /// When no other worker is active: removes the journals of the last
+    /// merge (all their rows are in `scores.csv`, renamed before) and the
+    /// per-worker reports (folded into `report.json`), leaving only the
+    /// folder's results. A journal that grew since it was merged is kept.
+    fn compact(&self, seen: &[(PathBuf, u64)], reports: &[PathBuf]) {
+        let dir = self.out.join(JOURNAL_DIR);
+        let others = fs::read_dir(dir.join("active")).map_or(0, |r| r.flatten().count());
+        if others > 0 {
+            return;
+        }
+        for (p, len) in seen {
+            if fs::metadata(p).is_ok_and(|m| m.len() == *len) {
+                let _ = fs::remove_file(p);
+            }
+        }
+        for p in reports {
+            let _ = fs::remove_file(p);
+        }
+        for sub in ["rows", "reports", "active"] {
+            let _ = fs::remove_dir(dir.join(sub));
+        }
+        let _ = fs::remove_dir(&dir);
+    }
+}
+
+/// Whether a worker id (`TIME-HOST-PID`) names a process of this host
+/// that no longer runs.
+fn is_dead_local(id: &str) -> bool {
+    let mut parts = id.rsplitn(2, '-');
+    let (Some(pid), Some(rest)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let Some((_, host)) = rest.split_once('-') else {
+        return false;
+    };
+    host == io::host_name()
+        && pid
+            .parse::<u32>()
+            .is_ok_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists())
+}
+
+fn poisoned() -> Error {
+    Error::Internal {
+        what: "a journal lock was poisoned".into(),
+    }
+}
+
+fn csv_io(path: &Path, e: csv::Error) -> Error {
+    Error::io(path, std::io::Error::other(e.to_string()))
+}
+
+impl Sink for FolderSink {
+    fn image(&self, r: ImageResult) -> Result<()> {
+        self.write_files(&r)
+            .map_err(|e| e.context(format!("cannot write the outputs of {}", r.rel)))?;
+        let mut record = Vec::with_capacity(self.header.len() + 2);
+        record.push(r.rel.clone());
+        record.extend(r.scores.iter().map(ToString::to_string));
+        for (k, has) in self.class_outputs.iter().enumerate() {
+            if *has {
+                match r.classes.get(k).copied().flatten() {
+                    Some(c) => {
+                        record.push(c.to_string());
+                        record.push(self.label(c));
+                    }
+                    None => {
+                        record.push(String::new());
+                        record.push(String::new());
+                    }
+                }
+            }
+        }
+        record.push(String::new());
+        record.push(END.into());
+        self.append(&record)
+    }
+
+    fn failed(&self, rel: &str, error: &str) -> Result<()> {
+        let mut record = vec![rel.to_string()];
+        record.extend(std::iter::repeat_n(String::new(), self.header.len() - 1));
+        // A reason is never empty: an empty one would read as a done row.
+        record.push(if error.is_empty() { "failed" } else { error }.to_string());
+        record.push(END.into());
+        self.append(&record)
+    }
+}

@@ -1,0 +1,240 @@
+//! The built-in [`Method`]s: scores only, and saliency / SmoothGrad.
+
+use tch::Tensor;
+
+use super::{BatchArray, BatchResult, Method};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::saliency::Saliency;
+use crate::scores::{self, Score, ScoreSpec};
+
+/// Scores as a method takes them: parsed specifications (checked against
+/// the model's outputs before the first image) or score objects.
+pub(crate) struct ScoreSet {
+    specs: Vec<ScoreSpec>,
+    scores: Vec<Box<dyn Score + Send + Sync>>,
+}
+
+impl ScoreSet {
+    /// From specifications; none means `predicted` for a one-output model.
+    pub(crate) fn from_specs(specs: &[ScoreSpec]) -> Result<Self> {
+        let specs = if specs.is_empty() {
+            vec![ScoreSpec::Predicted]
+        } else {
+            specs.to_vec()
+        };
+        let scores = specs
+            .iter()
+            .map(ScoreSpec::to_score)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ScoreSet { specs, scores })
+    }
+
+    pub(crate) fn from_scores(scores: Vec<Box<dyn Score + Send + Sync>>) -> Self {
+        ScoreSet {
+            specs: Vec::new(),
+            scores,
+        }
+    }
+
+    pub(crate) fn refs(&self) -> Vec<&dyn Score> {
+        self.scores
+            .iter()
+            .map(|b| b.as_ref() as &dyn Score)
+            .collect()
+    }
+
+    /// One score per output, and each specification fits its output.
+    pub(crate) fn check(&self, outputs: &[Tensor]) -> Result<()> {
+        if outputs.len() != self.scores.len() {
+            return Err(Error::ScoreCount {
+                outputs: outputs.len(),
+                scores: self.scores.len(),
+            });
+        }
+        for (index, (spec, out)) in self.specs.iter().zip(outputs).enumerate() {
+            spec.check(&out.size()).map_err(|e| Error::Score {
+                index,
+                name: spec.to_string(),
+                source: Box::new(e),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The classes each score takes on `outputs`.
+    pub(crate) fn classes(&self, outputs: &[Tensor]) -> Result<Vec<Option<Vec<usize>>>> {
+        self.scores
+            .iter()
+            .zip(outputs)
+            .map(|(s, o)| s.classes(o))
+            .collect()
+    }
+}
+
+/// Scores only: one forward pass without gradient, no arrays.
+pub struct ScoresMethod {
+    scores: ScoreSet,
+}
+
+impl ScoresMethod {
+    /// Scores from specifications, one per model output (none: `predicted`
+    /// for a one-output model).
+    ///
+    /// # Errors
+    /// [`Error::Empty`] for a categorical specification without classes.
+    pub fn new(specs: &[ScoreSpec]) -> Result<Self> {
+        Ok(ScoresMethod {
+            scores: ScoreSet::from_specs(specs)?,
+        })
+    }
+
+    /// Scores from score objects, one per model output.
+    pub fn from_scores(scores: Vec<Box<dyn Score + Send + Sync>>) -> Self {
+        ScoresMethod {
+            scores: ScoreSet::from_scores(scores),
+        }
+    }
+}
+
+impl Method for ScoresMethod {
+    fn name(&self) -> &str {
+        "scores"
+    }
+
+    fn arrays(&self) -> Vec<(String, bool)> {
+        Vec::new()
+    }
+
+    fn needs_gradients(&self) -> bool {
+        false
+    }
+
+    fn check(&self, _model: &Model, outputs: &[Tensor]) -> Result<()> {
+        self.scores.check(outputs)
+    }
+
+    fn compute(&self, model: &Model, x: &Tensor, _keys: &[u64]) -> Result<BatchResult> {
+        let outputs = model.forward(&[x.shallow_clone()])?;
+        self.scores.check(&outputs)?;
+        let _guard = tch::no_grad_guard();
+        let values = outputs
+            .iter()
+            .zip(&self.scores.scores)
+            .enumerate()
+            .map(|(index, (o, s))| {
+                scores::evaluate(s.as_ref(), o).map_err(|e| Error::Score {
+                    index,
+                    name: s.name().to_string(),
+                    source: Box::new(e),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(BatchResult {
+            scores: values,
+            classes: self.scores.classes(&outputs)?,
+            arrays: Vec::new(),
+        })
+    }
+}
+
+/// Vanilla saliency or SmoothGrad ([`Saliency`]): the array `saliency`
+/// (`(H, W)` maps in `[0, 1]`, with a heatmap) and, on request, `grad`
+/// (the signed input gradient, `(C, H, W)`).
+pub struct SaliencyMethod {
+    scores: ScoreSet,
+    smooth_samples: usize,
+    smooth_noise: f64,
+    seed: u64,
+    save_gradients: bool,
+}
+
+impl SaliencyMethod {
+    /// Saliency of scores from specifications, one per model output (none:
+    /// `predicted` for a one-output model); vanilla, no gradient array.
+    ///
+    /// # Errors
+    /// [`Error::Empty`] for a categorical specification without classes.
+    pub fn new(specs: &[ScoreSpec]) -> Result<Self> {
+        Ok(Self::with(ScoreSet::from_specs(specs)?))
+    }
+
+    /// Saliency of score objects, one per model output.
+    pub fn from_scores(scores: Vec<Box<dyn Score + Send + Sync>>) -> Self {
+        Self::with(ScoreSet::from_scores(scores))
+    }
+
+    fn with(scores: ScoreSet) -> Self {
+        SaliencyMethod {
+            scores,
+            smooth_samples: 0,
+            smooth_noise: 0.2,
+            seed: 0,
+            save_gradients: false,
+        }
+    }
+
+    /// SmoothGrad samples (0: vanilla), noise level and seed (see
+    /// [`Saliency`]).
+    pub fn smooth(mut self, samples: usize, noise: f64, seed: u64) -> Self {
+        self.smooth_samples = samples;
+        self.smooth_noise = noise;
+        self.seed = seed;
+        self
+    }
+
+    /// Also returns the signed gradient as the array `grad`.
+    pub fn save_gradients(mut self, yes: bool) -> Self {
+        self.save_gradients = yes;
+        self
+    }
+}
+
+impl Method for SaliencyMethod {
+    fn name(&self) -> &str {
+        "saliency"
+    }
+
+    fn arrays(&self) -> Vec<(String, bool)> {
+        let mut a = vec![("saliency".to_string(), true)];
+        if self.save_gradients {
+            a.push(("grad".to_string(), false));
+        }
+        a
+    }
+
+    fn check(&self, _model: &Model, outputs: &[Tensor]) -> Result<()> {
+        self.scores.check(outputs)
+    }
+
+    fn compute(&self, model: &Model, x: &Tensor, keys: &[u64]) -> Result<BatchResult> {
+        let res = Saliency::new(model)
+            .smooth_samples(self.smooth_samples)
+            .smooth_noise(self.smooth_noise)
+            .seed(self.seed)
+            .compute_keyed(&[x.shallow_clone()], &self.scores.refs(), keys)?;
+        let map = res.maps.into_iter().next().ok_or(Error::Empty {
+            what: "saliency maps",
+        })?;
+        let mut arrays = vec![BatchArray {
+            name: "saliency".into(),
+            heat: Some(map.shallow_clone()),
+            values: map,
+        }];
+        if self.save_gradients {
+            let g = res.gradients.into_iter().next().ok_or(Error::Empty {
+                what: "gradients",
+            })?;
+            arrays.push(BatchArray {
+                name: "grad".into(),
+                values: g,
+                heat: None,
+            });
+        }
+        Ok(BatchResult {
+            scores: res.scores,
+            classes: res.classes,
+            arrays,
+        })
+    }
+}

@@ -1,0 +1,171 @@
+//! Batch jobs over many images: the engine behind the `tch-vis` command,
+//! for Rust programs too.
+//!
+//! An [`Engine`] runs a [`Method`] (what to compute for a batch: scores,
+//! saliency, a CAM, Integrated Gradients, or your own) over a list of input
+//! files and hands every image's results to a [`Sink`] (where they go: the
+//! command line's output folder, [`FolderSink`], or your own — a JSON-lines
+//! file, a database). The library never prints: progress goes to a
+//! callback.
+//!
+//! ```text
+//!  producer thread            compute (the calling thread)   writer threads        collector thread
+//!  rayon: read+decode+resize  stack, to device, Method   ──► Sink::image (files, ──► progress callback,
+//!  one batch at a time   ──►  on a padded batch, back        rows), all cores        failures, counts
+//!  (bounded channel, 2)       to the CPU (bounded channel)
+//! ```
+//!
+//! Memory is bounded by the channel capacities, whatever the number of
+//! inputs. Every model call has exactly `batch_size` rows: a short batch is
+//! padded with zero images whose results are dropped, so an image's results
+//! do not depend on which images share its batch, and a resumed or sharded
+//! run gives the same bytes as one uninterrupted run.
+//!
+//! ```no_run
+//! use tch::Device;
+//! use tch_vis::batch::{Engine, FolderSink, SaliencyMethod};
+//! use tch_vis::preprocess::Sidecar;
+//! use tch_vis::scores::ScoreSpec;
+//! use tch_vis::{io, Model};
+//! # fn main() -> tch_vis::Result<()> {
+//! let model = Model::load("models/digits_cnn.pt", Device::Cpu)?;
+//! let sidecar = Sidecar::for_model("models/digits_cnn.pt")?;
+//! let method = SaliencyMethod::new(&[ScoreSpec::Predicted])?;
+//! let engine = Engine::new(&model, sidecar.clone(), &method).batch_size(16);
+//! let layout = engine.prepare()?; // every check before the first image
+//! let sink = FolderSink::open("out/maps", &layout, &method, &sidecar, false)?;
+//! let inputs = io::walk("examples/images".as_ref(), &[])?;
+//! let todo: Vec<_> = inputs.into_iter().filter(|e| !sink.is_done(&e.rel)).collect();
+//! let summary = engine.run(&todo, &sink)?;
+//! println!("{} images", summary.processed);
+//! # Ok(()) }
+//! ```
+
+mod engine;
+mod folder;
+mod methods;
+mod table;
+
+pub use engine::{Engine, Layout, Progress, Summary, Timings};
+pub use folder::{FolderSink, Merged, JOURNAL_DIR};
+pub use methods::{SaliencyMethod, ScoresMethod};
+
+use tch::Tensor;
+
+use crate::error::Result;
+use crate::model::Model;
+
+/// One array of a batch's results, `(N, ...)` with `N` the padded batch.
+#[derive(Debug)]
+pub struct BatchArray {
+    /// Its name: the file suffix in a [`FolderSink`] (`saliency` →
+    /// `REL.saliency.npy`).
+    pub name: String,
+    /// The values, one row per image of the batch.
+    pub values: Tensor,
+    /// For arrays that are also shown as a heatmap (`REL.NAME.png`): an
+    /// `(N, H, W)` map in `[0, 1]` at the model's input size.
+    pub heat: Option<Tensor>,
+}
+
+/// What a [`Method`] computes for one batch.
+#[derive(Debug)]
+pub struct BatchResult {
+    /// One `[N]` tensor per model output: that output's score.
+    pub scores: Vec<Tensor>,
+    /// One entry per model output: the class each image's score took, for
+    /// class scores (categorical, predicted).
+    pub classes: Vec<Option<Vec<usize>>>,
+    /// Arrays to keep per image (maps, gradients, attributions).
+    pub arrays: Vec<BatchArray>,
+}
+
+/// What an engine computes for each batch: the seam where saliency, the
+/// CAMs and Integrated Gradients plug in.
+///
+/// `compute` gets the padded batch `x` (`(B, C, H, W)` on the model's
+/// device) and one noise key per row (a stable hash of each image's
+/// relative path; 0 for padding rows), and returns results with `B` rows.
+pub trait Method: Sync {
+    /// The method's name, for reports (`"saliency"`).
+    fn name(&self) -> &str;
+
+    /// The arrays it returns per image: `(name, has a heatmap)`. A
+    /// [`FolderSink`] writes `REL.NAME.npy`, and `REL.NAME.png` for those
+    /// with a heatmap, and treats an image as done when all exist.
+    fn arrays(&self) -> Vec<(String, bool)>;
+
+    /// Computes one batch.
+    ///
+    /// # Errors
+    /// Any error of the model or the scores; the engine stops the run.
+    fn compute(&self, model: &Model, x: &Tensor, keys: &[u64]) -> Result<BatchResult>;
+
+    /// Whether the method takes gradients (used to size the compute
+    /// threads and the probe).
+    fn needs_gradients(&self) -> bool {
+        true
+    }
+
+    /// Checks, before the first image, that the method fits the model,
+    /// given the model's outputs on a probe input of one zero image. The
+    /// default accepts everything; [`Engine::prepare`] then runs
+    /// [`Method::compute`] on the probe anyway.
+    ///
+    /// # Errors
+    /// Whatever does not fit, as a typed error.
+    fn check(&self, model: &Model, outputs: &[Tensor]) -> Result<()> {
+        let _ = (model, outputs);
+        Ok(())
+    }
+}
+
+/// One image's results, as a [`Sink`] receives them (on the CPU).
+#[derive(Debug)]
+pub struct ImageResult {
+    /// The input's relative path (`/`-joined).
+    pub rel: String,
+    /// The input file.
+    pub path: std::path::PathBuf,
+    /// One score per model output.
+    pub scores: Vec<f32>,
+    /// One entry per model output: the class taken, for class scores.
+    pub classes: Vec<Option<usize>>,
+    /// The arrays of the method, in [`Method::arrays`] order.
+    pub arrays: Vec<ImageArray>,
+    /// The resized image `(C, H, W)`, `[0, 1]`, as the model saw it before
+    /// normalisation (for overlays).
+    pub image: Tensor,
+    /// The decoded image's `(width, height)`.
+    pub original_size: (u32, u32),
+}
+
+/// One array of one image.
+#[derive(Debug)]
+pub struct ImageArray {
+    /// Its name (see [`BatchArray::name`]).
+    pub name: String,
+    /// The values (one image's slice of [`BatchArray::values`]).
+    pub values: Tensor,
+    /// The heatmap `(H, W)` in `[0, 1]`, if the array has one.
+    pub heat: Option<Tensor>,
+}
+
+/// Where an engine's per-image results go. Called from several writer
+/// threads at once.
+pub trait Sink: Sync {
+    /// One image is done: keep its results. An error stops the run.
+    ///
+    /// # Errors
+    /// Whatever keeping the results failed with (a full disk, ...).
+    fn image(&self, result: ImageResult) -> Result<()>;
+
+    /// An input could not be read or decoded; the run goes on.
+    ///
+    /// # Errors
+    /// Whatever recording the failure failed with; it stops the run.
+    fn failed(&self, rel: &str, error: &str) -> Result<()> {
+        let _ = (rel, error);
+        Ok(())
+    }
+}

@@ -1,0 +1,278 @@
+//! A validated command line, run through the library's batch engine.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tch_vis::batch::{Engine, FolderSink, Method, Progress, SaliencyMethod, ScoresMethod};
+use tch_vis::io::{self, Shard};
+use tch_vis::preprocess::Sidecar;
+use tch_vis::scores::ScoreSpec;
+use tch_vis::{device_name, DeviceSpec, Error, Model, Precision};
+
+/// Which subcommand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Scores, gradients and maps.
+    Saliency,
+    /// Scores only.
+    Scores,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Saliency => "saliency",
+            Mode::Scores => "scores",
+        }
+    }
+}
+
+/// A validated command line.
+#[derive(Debug)]
+pub struct Job {
+    pub mode: Mode,
+    pub model: PathBuf,
+    pub images: PathBuf,
+    pub out: PathBuf,
+    pub specs: Vec<ScoreSpec>,
+    pub device: DeviceSpec,
+    pub precision: Precision,
+    pub batch_size: usize,
+    pub shard: Shard,
+    pub shard_source: String,
+    pub overwrite: bool,
+    pub strict: bool,
+    pub smooth_samples: usize,
+    pub smooth_noise: f64,
+    pub seed: u64,
+    pub save_npy: bool,
+}
+
+/// Why the command failed; the exit status comes from the kind.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad usage or a problem found before the first image: exit 2.
+    Usage(Error),
+    /// Flags that do not parse: exit 2.
+    Flags(String),
+    /// The run failed while processing: exit 1.
+    Run(Error),
+    /// `--strict` and some inputs failed: exit 1.
+    Strict { failed: usize, report: PathBuf },
+}
+
+impl Failure {
+    /// The exit status.
+    pub fn code(&self) -> u8 {
+        match self {
+            Failure::Usage(_) | Failure::Flags(_) => 2,
+            Failure::Run(_) | Failure::Strict { .. } => 1,
+        }
+    }
+
+    /// One line for stderr.
+    pub fn message(&self) -> String {
+        match self {
+            Failure::Usage(e) | Failure::Run(e) => tch_vis::message_line(&e.to_string()),
+            Failure::Flags(m) => m.clone(),
+            Failure::Strict { failed, report } => format!(
+                "{failed} input{} failed (--strict); see {}",
+                if *failed == 1 { "" } else { "s" },
+                report.display()
+            ),
+        }
+    }
+}
+
+fn usage(context: &str) -> impl Fn(Error) -> Failure + '_ {
+    move |e| Failure::Usage(e.context(context))
+}
+
+/// Runs the job; `Ok` means exit 0.
+pub fn execute(job: Job) -> Result<(), Failure> {
+    let start = Instant::now();
+    // Everything that can be checked before the first image: exit 2, and
+    // nothing written.
+    let device = job.device.resolve().map_err(Failure::Usage)?;
+    let entries = io::walk(&job.images, std::slice::from_ref(&job.out))
+        .map_err(usage("cannot read the image folder"))?;
+    let sidecar = Sidecar::for_model(&job.model).map_err(usage(
+        "cannot read the model sidecar (M.json beside M.pt gives input_size, channels, mean and std)",
+    ))?;
+    let mut model = Model::load(&job.model, device).map_err(Failure::Usage)?;
+    model.set_precision(job.precision).map_err(Failure::Usage)?;
+    let method: Box<dyn Method> = match job.mode {
+        Mode::Scores => Box::new(ScoresMethod::new(&job.specs).map_err(Failure::Usage)?),
+        Mode::Saliency => Box::new(
+            SaliencyMethod::new(&job.specs)
+                .map_err(Failure::Usage)?
+                .smooth(job.smooth_samples, job.smooth_noise, job.seed)
+                .save_gradients(job.save_npy),
+        ),
+    };
+    let bar = ProgressLine::new();
+    let engine = Engine::new(&model, sidecar.clone(), method.as_ref())
+        .batch_size(job.batch_size)
+        .on_progress(|p| bar.update(p));
+    let layout = engine.prepare().map_err(|e| match e {
+        Error::ScoreCount { outputs, scores } if job.specs.is_empty() => Failure::Flags(format!(
+            "the model has {outputs} outputs: give one --score per output, in order (got {scores})"
+        )),
+        e => Failure::Usage(e),
+    })?;
+    let sink = FolderSink::open(&job.out, &layout, method.as_ref(), &sidecar, job.overwrite)
+        .map_err(Failure::Usage)?;
+
+    // The run.
+    let mut pending = Vec::new();
+    let (mut selected, mut skipped) = (0usize, 0usize);
+    for (i, e) in entries.iter().enumerate() {
+        if !job.shard.contains(i) {
+            continue;
+        }
+        selected += 1;
+        if e.problem.is_none() && !job.overwrite && sink.is_done(&e.rel) {
+            skipped += 1;
+        } else {
+            pending.push(e.clone());
+        }
+    }
+    sink.begin().map_err(Failure::Run)?;
+    bar.start(pending.len());
+    let summary = engine.run(&pending, &sink).map_err(Failure::Run)?;
+    bar.finish();
+    let seconds = start.elapsed().as_secs_f64();
+    let ips = if seconds > 0.0 {
+        summary.processed as f64 / seconds
+    } else {
+        0.0
+    };
+    let fatal = summary.fatal.as_ref().map(|e| e.summary());
+    let report = serde_json::json!({
+        "command": job.mode.name(),
+        "processed": summary.processed,
+        "skipped": skipped,
+        "failed": summary.failed.iter().map(|(p, e)| serde_json::json!({"path": p, "error": e})).collect::<Vec<_>>(),
+        "device": device_name(device),
+        "seconds": seconds,
+        "images_per_second": ips,
+        "timings_seconds": summary.timings,
+        "compute_threads": layout.compute_threads,
+        "model": job.model.display().to_string(),
+        "images": job.images.display().to_string(),
+        "out": job.out.display().to_string(),
+        "scores": if job.specs.is_empty() { vec!["predicted".to_string()] } else { job.specs.iter().map(ToString::to_string).collect() },
+        "input_size": sidecar.input_size,
+        "channels": sidecar.channels,
+        "batch_size": job.batch_size,
+        "smooth_samples": job.smooth_samples,
+        "smooth_noise": job.smooth_noise,
+        "precision": job.precision.to_string(),
+        "seed": job.seed,
+        "save_npy": job.save_npy,
+        "overwrite": job.overwrite,
+        "shard": job.shard.to_string(),
+        "shard_source": job.shard_source,
+        "files_found": entries.len(),
+        "files_in_shard": selected,
+        "to_process": pending.len(),
+        "error": fatal,
+        "tch_vis_version": env!("CARGO_PKG_VERSION"),
+    });
+    let finished = sink.finish(report);
+    if let Some(e) = summary.fatal {
+        return Err(Failure::Run(e));
+    }
+    finished.map_err(Failure::Run)?;
+    let _ = writeln!(
+        std::io::stdout(),
+        "tch-vis {}: {} processed, {} skipped, {} failed in {:.1} s ({:.1} images/s on {}); outputs in {} (scores.csv, report.json{})",
+        job.mode.name(),
+        summary.processed,
+        skipped,
+        summary.failed.len(),
+        seconds,
+        ips,
+        device_name(device),
+        job.out.display(),
+        if job.mode == Mode::Saliency { ", REL.saliency.png/.npy" } else { "" }
+    );
+    if job.strict && !summary.failed.is_empty() {
+        return Err(Failure::Strict {
+            failed: summary.failed.len(),
+            report: job.out.join("report.json"),
+        });
+    }
+    Ok(())
+}
+
+/// Progress on a terminal (a bar) or in logs (a line every 10 s).
+struct ProgressLine {
+    state: Mutex<State>,
+}
+
+enum State {
+    Idle,
+    Bar(indicatif::ProgressBar),
+    Lines { last: Instant, total: usize },
+}
+
+impl ProgressLine {
+    fn new() -> Self {
+        ProgressLine {
+            state: Mutex::new(State::Idle),
+        }
+    }
+
+    fn start(&self, total: usize) {
+        let Ok(mut s) = self.state.lock() else { return };
+        if total == 0 {
+            return;
+        }
+        *s = if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new(total as u64);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} images ({per_sec}, eta {eta})",
+            ) {
+                bar.set_style(style);
+            }
+            bar.enable_steady_tick(Duration::from_millis(200));
+            State::Bar(bar)
+        } else {
+            State::Lines {
+                last: Instant::now(),
+                total,
+            }
+        };
+    }
+
+    fn update(&self, p: &Progress) {
+        let Ok(mut s) = self.state.lock() else { return };
+        match &mut *s {
+            State::Bar(b) => b.set_position((p.done + p.failed) as u64),
+            State::Lines { last, total } => {
+                if last.elapsed() >= Duration::from_secs(10) {
+                    *last = Instant::now();
+                    let secs = p.elapsed.as_secs_f64().max(1e-9);
+                    eprintln!(
+                        "tch-vis: {}/{total} images ({:.1} images/s)",
+                        p.done + p.failed,
+                        p.done as f64 / secs
+                    );
+                }
+            }
+            State::Idle => {}
+        }
+    }
+
+    fn finish(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            if let State::Bar(b) = &*s {
+                b.finish_and_clear();
+            }
+            *s = State::Idle;
+        }
+    }
+}
