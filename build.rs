@@ -8,6 +8,10 @@
 //!   `libtorch_cuda.so` where it exists) in the executable's `NEEDED` list even
 //!   though no symbol of it is referenced directly; without it the CUDA backend
 //!   is never loaded and `tch::Cuda::is_available()` is silently false.
+//! * The same link arguments reach only this package's own targets, so they
+//!   are passed on to crates that depend on tch-vis (`links = "tch-vis"`)
+//!   as `DEP_TCH_VIS_LINK_ARG`: one line of their `build.rs` applies them
+//!   (see `examples/user-crate`).
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
@@ -20,9 +24,15 @@ fn main() {
             // The CUDA libraries of the PyPI wheel live in sibling packages
             // (nvidia/*/lib); libtorch_cuda.so finds them through its own
             // $ORIGIN-relative rpath, so nothing more is needed here.
-            if dir.join("libtorch_cuda.so").exists() {
+            let cuda = dir.join("libtorch_cuda.so").exists();
+            if cuda {
                 println!("cargo:rustc-link-arg=-ltorch_cuda");
             }
+            println!(
+                "cargo:link_arg=-Wl,-rpath,{},--no-as-needed,-ltorch{}",
+                dir.display(),
+                if cuda { ",-ltorch_cuda" } else { "" }
+            );
         } else {
             println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
             println!("cargo:rustc-link-arg=-ltorch");

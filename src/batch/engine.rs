@@ -119,6 +119,22 @@ fn cores() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
+/// libtorch threads of the compute thread. On a CPU, a model on small
+/// inputs (up to 64 × 64 × 3 values) is quick per image, and decoding and
+/// writing bound the run: its compute thread runs libtorch on one thread,
+/// which leaves the cores to those stages and spares them OpenMP's
+/// spin-waiting (twice the images/s for the bundled digits CNN on 2 cores).
+/// Larger inputs get every core. The rule depends on the input size only,
+/// never on timings, so a run's bytes do not depend on the machine's load
+/// (the thread count changes libtorch's summation order).
+fn compute_threads(device: Device, input_values: usize) -> usize {
+    if device == Device::Cpu && input_values <= 64 * 64 * 3 {
+        1
+    } else {
+        cores()
+    }
+}
+
 impl<'a> Engine<'a> {
     /// An engine for `model`, preprocessing as `sidecar` says, computing
     /// `method`; batches of 32, one decode and one writer thread per core.
@@ -185,13 +201,15 @@ impl<'a> Engine<'a> {
         let [h, w] = sidecar.size_i64();
         let c = sidecar.channels as i64;
         let probe = Tensor::f_zeros([1, c, h, w], (Kind::Float, device))?;
-        let outputs =
-            self.model
-                .forward(&[probe.shallow_clone()])
-                .map_err(|e| Error::Probe {
-                    what: format!("the model fails on a (1, {c}, {h}, {w}) input as its sidecar describes"),
-                    source: Box::new(e),
-                })?;
+        let outputs = self
+            .model
+            .forward(&[probe.shallow_clone()])
+            .map_err(|e| Error::Probe {
+                what: format!(
+                    "the model fails on a (1, {c}, {h}, {w}) input as its sidecar describes"
+                ),
+                source: Box::new(e),
+            })?;
         self.method.check(self.model, &outputs)?;
         if device.is_cuda() {
             // Batches are padded to one fixed shape: let cuDNN pick the
@@ -201,31 +219,14 @@ impl<'a> Engine<'a> {
         let rows = if device.is_cuda() { self.batch_size } else { 1 };
         let x = Tensor::f_zeros([rows as i64, c, h, w], (Kind::Float, device))?;
         let keys = vec![0u64; rows];
-        let probe_method = || {
-            self.method
-                .compute(self.model, &x, &keys)
-                .map_err(|e| Error::Probe {
-                    what: format!("{} fails on a probe input", self.method.name()),
-                    source: Box::new(e),
-                })
-        };
-        let result = probe_method()?;
-        // Timed on a second call: the first one warms up.
-        let t = Instant::now();
-        if device == Device::Cpu {
-            probe_method()?;
-        }
-        let per_image = t.elapsed() / rows as u32;
-        // On a CPU, a model that needs under 2 ms an image does not bound
-        // the run: decoding and writing do. Its compute thread then runs
-        // libtorch on one thread, which leaves the cores to those stages
-        // and spares them OpenMP's spin-waiting (twice the images/s for a
-        // small CNN on 2 cores).
-        let threads = if device == Device::Cpu && per_image < Duration::from_millis(2) {
-            1
-        } else {
-            cores()
-        };
+        let result = self
+            .method
+            .compute(self.model, &x, &keys)
+            .map_err(|e| Error::Probe {
+                what: format!("{} fails on a probe input", self.method.name()),
+                source: Box::new(e),
+            })?;
+        let threads = compute_threads(device, (c * h * w) as usize);
         let _ = self.compute_threads.set(threads);
         Ok(Layout {
             outputs: result.scores.len(),
@@ -546,11 +547,7 @@ struct Decoded {
 
 /// Splits a decoded chunk and stacks its images into one model input, off
 /// the compute thread.
-fn assemble(
-    batch: Vec<(Entry, Result<Prepared>)>,
-    batch_size: usize,
-    device: Device,
-) -> Decoded {
+fn assemble(batch: Vec<(Entry, Result<Prepared>)>, batch_size: usize, device: Device) -> Decoded {
     let mut ok = Vec::with_capacity(batch.len());
     let mut failed = Vec::new();
     for (entry, prepared) in batch {

@@ -50,7 +50,6 @@ pub struct Merged {
 
 struct Journal {
     writer: csv::Writer<BufWriter<fs::File>>,
-    last_flush: Instant,
 }
 
 /// An output folder: `REL.NAME.npy` (and `REL.NAME.png` heatmaps over the
@@ -270,7 +269,6 @@ impl FolderSink {
             j.writer
                 .flush()
                 .map_err(|e| Error::io(self.journal_path(), e))?;
-            j.last_flush = Instant::now();
         }
         Ok(())
     }
@@ -299,10 +297,7 @@ impl FolderSink {
                 writer
                     .write_record(table::journal_header(&self.header))
                     .map_err(|e| csv_io(&path, e))?;
-                *guard = Some(Journal {
-                    writer,
-                    last_flush: Instant::now(),
-                });
+                *guard = Some(Journal { writer });
             }
             let Some(j) = guard.as_mut() else {
                 return Err(poisoned());
@@ -310,10 +305,9 @@ impl FolderSink {
             j.writer
                 .write_record(record)
                 .map_err(|e| csv_io(&path, e))?;
-            if j.last_flush.elapsed() >= Duration::from_secs(1) {
-                j.writer.flush().map_err(|e| Error::io(&path, e))?;
-                j.last_flush = Instant::now();
-            }
+            // Every row reaches the file at once (one small write): after a
+            // crash, only images whose row was not yet appended are redone.
+            j.writer.flush().map_err(|e| Error::io(&path, e))?;
         }
         let due = {
             let mut last = self.last_merge.lock().map_err(|_| poisoned())?;

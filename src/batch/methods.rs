@@ -222,9 +222,11 @@ impl Method for SaliencyMethod {
             values: map,
         }];
         if self.save_gradients {
-            let g = res.gradients.into_iter().next().ok_or(Error::Empty {
-                what: "gradients",
-            })?;
+            let g = res
+                .gradients
+                .into_iter()
+                .next()
+                .ok_or(Error::Empty { what: "gradients" })?;
             arrays.push(BatchArray {
                 name: "grad".into(),
                 values: g,
