@@ -679,15 +679,17 @@ button:disabled { opacity: .45; cursor: default; }
 header .pager { color: #f9fafb; }
 footer { padding: 8px 16px 24px; display: flex; justify-content: center; }
 .notice { margin: 12px 16px; padding: 8px 12px; background: #fef3c7; border: 1px solid #f59e0b; border-radius: 6px; }
-#grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(calc(var(--maps) * (var(--thumb) + 6px) + 20px), 1fr)); gap: 10px; padding: 12px 16px; }
+#grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(max(172px, calc(var(--maps) * (var(--thumb) + 6px) + 20px)), 1fr)); gap: 10px; padding: 12px 16px; }
 .card { background: #fff; border: 1px solid #e5e7eb; border-radius: 8px; padding: 8px; min-width: 0; box-shadow: 0 1px 2px rgba(0,0,0,.05); }
 .card.failed { border-color: #fca5a5; background: #fff7f7; }
-.thumbs { display: flex; gap: 6px; }
+.thumbs { display: flex; gap: 6px; justify-content: center; }
+.thumbs a { text-decoration: none; }
 .thumbs figure { margin: 0; text-align: center; }
 .thumbs img, .thumbs .none { display: block; width: var(--thumb); height: var(--thumb); object-fit: contain; image-rendering: pixelated; background: #111827; border-radius: 4px; }
 .thumbs .none { display: flex; align-items: center; justify-content: center; color: #9ca3af; background: #f3f4f6; border: 1px dashed #d1d5db; font-size: 12px; }
 figcaption { font-size: 11px; color: #6b7280; }
 .path { margin-top: 6px; font: 12px/1.3 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; overflow-wrap: anywhere; }
+.path .dir { color: #6b7280; }
 .meta { margin-top: 3px; font-size: 12px; color: #374151; }
 .meta b { font-variant-numeric: tabular-nums; }
 .cls { display: inline-block; margin-top: 3px; padding: 0 6px; border-radius: 9px; background: #e0e7ff; color: #3730a3; font-size: 12px; }
@@ -747,6 +749,8 @@ const SCRIPT: &str = r##""use strict";
 
   // Controls.
   const labelOf = (j, i) => { const l = D.labels[j] ? D.labels[j][i] : null; return l === null || l === undefined ? null : D.label_table[l]; };
+  // "class 3 · cat"; the label is left out when it only repeats the number.
+  const classText = (j, c, l) => "class " + c + (l && l !== String(c) ? " \u00b7 " + l : "");
   const clsSel = $("cls");
   clsSel.append(new Option("all classes", ""));
   D.classes.forEach((col, j) => {
@@ -757,7 +761,7 @@ const SCRIPT: &str = r##""use strict";
     if (D.classes.length > 1) { group.label = "output " + j; clsSel.append(group); }
     for (const c of keys) {
       const l = label.get(c);
-      group.append(new Option("class " + c + (l ? " \u00b7 " + l : "") + " (" + count.get(c) + ")", j + ":" + c));
+      group.append(new Option(classText(j, c, l) + " (" + count.get(c) + ")", j + ":" + c));
     }
   });
   if (D.classes.length === 0) clsSel.hidden = true;
@@ -832,17 +836,22 @@ const SCRIPT: &str = r##""use strict";
       fig.append(img, el("figcaption", "", kind)); a.append(fig); thumbs.append(a);
     }
     if (maps.length === 0) thumbs.append(el("div", "none", isFailed[i] ? "failed" : "no map"));
-    c.append(thumbs, el("div", "path", D.paths[i]));
+    // The folder in grey, then the file name; the whole path as a tooltip.
+    const path = el("div", "path"), cut = D.paths[i].lastIndexOf("/") + 1;
+    path.title = D.paths[i];
+    if (cut) path.append(el("span", "dir", D.paths[i].slice(0, cut)), document.createElement("wbr"));
+    path.append(D.paths[i].slice(cut));
+    c.append(thumbs, path);
     const meta = el("div", "meta");
     D.score_names.forEach((name, j) => {
-      if (j) meta.append(" \u00b7 ");
+      if (D.scores[j][i] === null) return;
+      if (meta.childNodes.length) meta.append(" \u00b7 ");
       meta.append(name + " "); meta.append(el("b", "", fmt(D.scores[j][i])));
     });
-    if (D.score_names.length) c.append(meta);
+    if (meta.childNodes.length) c.append(meta);
     D.classes.forEach((col, j) => {
       if (col[i] === null) return;
-      const l = labelOf(j, i);
-      c.append(el("span", "cls", (D.classes.length > 1 ? j + ": " : "") + "class " + col[i] + (l ? " \u00b7 " + l : "")), " ");
+      c.append(el("span", "cls", (D.classes.length > 1 ? j + ": " : "") + classText(j, col[i], labelOf(j, i))), " ");
     });
     if (extra && extra.error) c.append(el("div", "error", extra.error));
     return c;

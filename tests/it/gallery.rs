@@ -427,7 +427,7 @@ fn renders_in_headless_chromium() {
         .enumerate()
         .map(|(i, r)| item_with_map(&out, r, i))
         .collect();
-    items.extend((0..130).map(|i| item_with_map(&out, &format!("n/{i:03}.png"), i)));
+    items.extend((0..130).map(|i| item_with_map(&out, &format!("num/{i:03}.png"), i)));
     let mut bad = GalleryItem::new("broken.png");
     bad.error = Some("cannot decode <image> & stop".into());
     items.push(bad);
@@ -454,25 +454,30 @@ fn renders_in_headless_chromium() {
         "file://{}",
         tch_vis::gallery::encode_href(out.join("index.html").to_str().unwrap())
     );
-    let profile = tempfile::tempdir().unwrap();
-    let dom = Command::new(&browser)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .args(["--virtual-time-budget=5000", "--dump-dom"])
-        .arg(&url)
-        .output()
-        .unwrap();
-    let dom = String::from_utf8_lossy(&dom.stdout);
+    let dump = |hash: &str| -> String {
+        let profile = tempfile::tempdir().unwrap();
+        let o = Command::new(&browser)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(["--virtual-time-budget=5000", "--dump-dom"])
+            .arg(format!("{url}{hash}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let dom = dump("");
     assert_eq!(dom.matches("class=\"card").count(), 50, "cards on page 1");
+    // Names are shown as text: the serialiser escapes `<`, `>` and `&`.
     assert!(
-        dom.contains("&lt;script&gt;alert(1)&lt;/script&gt;.png"),
-        "escaped name shown"
+        dom.contains("&lt;script&gt;alert(1)&lt;/"),
+        "escaped folder shown"
     );
+    assert!(dom.contains("a&amp;b \"q\" 'x'.png"), "escaped name shown");
     assert!(!dom.contains("<b>bold</b>"), "no element from a name");
     assert!(dom.contains("of 3"), "3 pages");
     assert!(dom.contains("1 failed"));
@@ -480,4 +485,20 @@ fn renders_in_headless_chromium() {
         !dom.contains("id=\"notice\" class=\"notice\">"),
         "a notice is shown: {dom}"
     );
+
+    // Sorted by score, highest first: num/129.png (score 12.9) leads, and
+    // page 1 draws on several data files.
+    let sorted = dump("#sort=s0d");
+    let first = sorted.find("class=\"card").unwrap();
+    assert!(
+        sorted[first..first + 2000].contains("129.png"),
+        "highest score first"
+    );
+    // Filters: class 1 under num/ is 43 of the 130, one page; failed only.
+    let class1 = dump("#cls=0:1&q=num/");
+    assert_eq!(class1.matches("class=\"card").count(), 43, "class filter");
+    assert!(class1.contains("of 1"));
+    let failed = dump("#status=failed");
+    assert_eq!(failed.matches("class=\"card").count(), 1, "failed filter");
+    assert!(failed.contains("cannot decode &lt;image&gt; &amp; stop"));
 }
