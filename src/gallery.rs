@@ -31,6 +31,9 @@
 //! open, or by two processes at the same moment) and says so instead of
 //! showing a mix. The same items always give the same bytes.
 //!
+//! At the end of a run, build the items from what the output folder's sink
+//! returns ([`Run::from_merged`]); for a finished folder, from its files:
+//!
 //! ```no_run
 //! use std::path::Path;
 //! use tch_vis::gallery::{read_run, Gallery};
@@ -51,6 +54,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::batch::Merged;
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
 
@@ -221,7 +225,8 @@ impl Gallery {
     /// files of an earlier, larger gallery.
     ///
     /// # Errors
-    /// [`Error::Io`] when a file cannot be written or a stale one removed.
+    /// [`Error::Io`] when a file cannot be written or a stale one removed;
+    /// [`Error::Internal`] if the data cannot be encoded as JSON (a bug).
     pub fn write(&self, out: &Path, items: &[GalleryItem]) -> Result<GalleryFiles> {
         let rendered = self.render(items)?;
         let data_dir = out.join(DATA_DIR);
@@ -403,11 +408,8 @@ fn remove_stale_pages(dir: &Path, count: usize) -> Result<usize> {
 /// source: `<`, `>`, `&`, U+2028 and U+2029 written as `\uXXXX` (they only
 /// occur inside strings, where the escape means the same character).
 fn to_json<T: Serialize>(value: &T) -> Result<String> {
-    let text = serde_json::to_string(value).map_err(|e| {
-        Error::io(
-            "gallery data",
-            std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-        )
+    let text = serde_json::to_string(value).map_err(|e| Error::Internal {
+        what: format!("gallery data: {e}"),
     })?;
     let mut out = String::with_capacity(text.len() + text.len() / 64);
     for c in text.chars() {
@@ -474,80 +476,125 @@ impl Fnv {
     }
 }
 
-/// What [`read_run`] found in an output folder.
+/// The items of an output folder, ready for [`Gallery::write`].
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Run {
     /// The score column names of `scores.csv` (`score_0`, ...).
     pub score_names: Vec<String>,
-    /// One item per row of `scores.csv` and per failure in `report.json`,
-    /// sorted by path, with the maps found beside them.
+    /// One item per row and per failure, sorted by path, with the maps found
+    /// beside them.
     pub items: Vec<GalleryItem>,
 }
 
-/// Reads the results in `out` into gallery items: the rows of
-/// `scores.csv` (`path`, `score_K` columns and, where present, `class_K`
-/// and `label_K`; other columns are ignored), the `failed` list of
-/// `report.json` (the failures of the latest run), and for each image the
-/// maps `REL.KIND.png` that exist (see [`GalleryItem::find_maps`]). A
-/// missing file counts as empty.
+impl Run {
+    /// The items of `merged` (the folder's rows and failures, as a
+    /// [`FolderSink`](crate::batch::FolderSink) returns them when it
+    /// finishes): for each row its `score_K` columns and, where present,
+    /// `class_K` and `label_K` (other columns are ignored); each failure's
+    /// reason; and for every image the maps `REL.KIND.png` that exist under
+    /// `out` (see [`GalleryItem::find_maps`]). An image both in the rows and
+    /// among the failures keeps both.
+    pub fn from_merged(out: &Path, merged: &Merged) -> Run {
+        let header = &merged.header;
+        // (index into a row's fields, K) for every column named PREFIX_K;
+        // a row's fields start after `path`, the header's first column.
+        let numbered = |prefix: &str| -> Vec<(usize, usize)> {
+            header
+                .iter()
+                .enumerate()
+                .skip(1)
+                .filter_map(|(c, h)| Some((c - 1, h.strip_prefix(prefix)?.parse().ok()?)))
+                .collect()
+        };
+        let score_cols = numbered("score_");
+        let class_cols = numbered("class_");
+        let label_cols = numbered("label_");
+        let n_classes = class_cols
+            .iter()
+            .chain(&label_cols)
+            .map(|&(_, k)| k + 1)
+            .max()
+            .unwrap_or(0);
+
+        let mut items: BTreeMap<&str, GalleryItem> = BTreeMap::new();
+        for (rel, fields) in &merged.rows {
+            let field = |c: usize| fields.get(c).map(|s| s.trim()).unwrap_or("");
+            let mut item = GalleryItem::new(rel.clone());
+            item.scores = score_cols
+                .iter()
+                .map(|&(c, _)| field(c).parse::<f64>().unwrap_or(f64::NAN))
+                .collect();
+            if n_classes > 0 {
+                item.classes = vec![None; n_classes];
+                item.labels = vec![None; n_classes];
+                for &(c, k) in &class_cols {
+                    item.classes[k] = field(c).parse().ok();
+                }
+                for &(c, k) in &label_cols {
+                    let l = fields.get(c).map(String::as_str).unwrap_or("");
+                    item.labels[k] = (!l.is_empty()).then(|| l.to_string());
+                }
+            }
+            items.insert(rel, item);
+        }
+        for (rel, error) in &merged.failed {
+            items
+                .entry(rel)
+                .or_insert_with(|| GalleryItem::new(rel.clone()))
+                .error = Some(error.clone());
+        }
+        let mut items: Vec<GalleryItem> = items.into_values().collect();
+        for item in &mut items {
+            item.find_maps(out);
+        }
+        Run {
+            score_names: score_cols
+                .iter()
+                .map(|&(c, _)| header[c + 1].clone())
+                .collect(),
+            items,
+        }
+    }
+}
+
+/// Reads the results in `out` from its files: the rows of `scores.csv` and
+/// the `failed` list of `report.json` (`[{"path", "error"}]`), then as
+/// [`Run::from_merged`]. A missing file counts as empty. At the end of a run,
+/// [`Run::from_merged`] on what the sink returns is the better source: it
+/// also holds the failures of other workers still running.
 ///
 /// # Errors
-/// [`Error::Io`] when a file exists but cannot be read, `scores.csv` has no
-/// `path` column, or `report.json` is not JSON.
+/// [`Error::Io`] when a file exists but cannot be read, `scores.csv` is not
+/// CSV or has no `path` first column, or `report.json` is not JSON.
 pub fn read_run(out: &Path) -> Result<Run> {
-    let mut items: BTreeMap<String, GalleryItem> = BTreeMap::new();
-    let mut score_names = Vec::new();
+    let mut merged = Merged::default();
 
     let csv_path = out.join("scores.csv");
     if let Some(text) = read_optional(&csv_path)? {
-        let mut records = parse_csv(&text).into_iter();
-        if let Some(header) = records.next() {
-            let path_col = header.iter().position(|h| h == "path").ok_or_else(|| {
-                invalid(&csv_path, "the header has no \"path\" column".to_string())
-            })?;
-            let numbered = |prefix: &str| -> Vec<(usize, usize)> {
-                // (column, K) for every column named PREFIX_K.
-                header
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(c, h)| {
-                        let k = h.strip_prefix(prefix)?.parse::<usize>().ok()?;
-                        Some((c, k))
-                    })
-                    .collect()
-            };
-            let score_cols = numbered("score_");
-            let class_cols = numbered("class_");
-            let label_cols = numbered("label_");
-            score_names = score_cols.iter().map(|&(c, _)| header[c].clone()).collect();
-            let n_classes = class_cols
-                .iter()
-                .chain(&label_cols)
-                .map(|&(_, k)| k + 1)
-                .max()
-                .unwrap_or(0);
-            for record in records {
-                let Some(rel) = record.get(path_col).filter(|p| !p.is_empty()) else {
-                    continue;
-                };
-                let field = |c: usize| record.get(c).map(|s| s.trim()).unwrap_or("");
-                let mut item = GalleryItem::new(rel.clone());
-                item.scores = score_cols
-                    .iter()
-                    .map(|&(c, _)| field(c).parse::<f64>().unwrap_or(f64::NAN))
-                    .collect();
-                if n_classes > 0 {
-                    item.classes = vec![None; n_classes];
-                    item.labels = vec![None; n_classes];
-                    for &(c, k) in &class_cols {
-                        item.classes[k] = field(c).parse().ok();
-                    }
-                    for &(c, k) in &label_cols {
-                        let l = record.get(c).map(String::as_str).unwrap_or("");
-                        item.labels[k] = (!l.is_empty()).then(|| l.to_string());
-                    }
+        let mut reader = csv::ReaderBuilder::new()
+            .flexible(true)
+            .from_reader(text.as_bytes());
+        let bad = |e: csv::Error| invalid(&csv_path, e.to_string());
+        merged.header = reader
+            .headers()
+            .map_err(bad)?
+            .iter()
+            .map(str::to_string)
+            .collect();
+        if !merged.header.is_empty() && merged.header[0] != "path" {
+            return Err(invalid(
+                &csv_path,
+                "the first column is not \"path\"".into(),
+            ));
+        }
+        for record in reader.records() {
+            let record = record.map_err(bad)?;
+            let mut fields = record.iter().map(str::to_string);
+            match fields.next() {
+                Some(rel) if !rel.is_empty() => {
+                    merged.rows.insert(rel, fields.collect());
                 }
-                items.insert(rel.clone(), item);
+                _ => {}
             }
         }
     }
@@ -566,18 +613,10 @@ pub fn read_run(out: &Path) -> Result<Run> {
                 Some(other) => other.to_string(),
                 None => "failed".to_string(),
             };
-            items
-                .entry(rel.to_string())
-                .or_insert_with(|| GalleryItem::new(rel))
-                .error = Some(error);
+            merged.failed.insert(rel.to_string(), error);
         }
     }
-
-    let mut items: Vec<GalleryItem> = items.into_values().collect();
-    for item in &mut items {
-        item.find_maps(out);
-    }
-    Ok(Run { score_names, items })
+    Ok(Run::from_merged(out, &merged))
 }
 
 fn read_optional(path: &Path) -> Result<Option<String>> {
@@ -593,48 +632,6 @@ fn invalid(path: &Path, why: String) -> Error {
         path,
         std::io::Error::new(std::io::ErrorKind::InvalidData, why),
     )
-}
-
-/// Splits CSV text into records of fields (RFC 4180 quoting).
-fn parse_csv(text: &str) -> Vec<Vec<String>> {
-    let mut records = Vec::new();
-    let mut record = Vec::new();
-    let mut field = String::new();
-    let mut quoted = false;
-    let mut any = false;
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        any = true;
-        if quoted {
-            if c == '"' {
-                if chars.peek() == Some(&'"') {
-                    field.push('"');
-                    chars.next();
-                } else {
-                    quoted = false;
-                }
-            } else {
-                field.push(c);
-            }
-            continue;
-        }
-        match c {
-            '"' => quoted = true,
-            ',' => record.push(std::mem::take(&mut field)),
-            '\r' => {}
-            '\n' => {
-                record.push(std::mem::take(&mut field));
-                records.push(std::mem::take(&mut record));
-                any = false;
-            }
-            other => field.push(other),
-        }
-    }
-    if any {
-        record.push(field);
-        records.push(record);
-    }
-    records
 }
 
 /// The whole `index.html`.
@@ -954,19 +951,6 @@ mod tests {
         ] {
             assert_eq!(page_number(other), None, "{other}");
         }
-    }
-
-    #[test]
-    fn csv_records_keep_quoted_commas_quotes_and_newlines() {
-        let r = parse_csv("path,score_0\n\"a,\"\"b\"\"\nc.png\",0.5\r\nd.png,1\n");
-        assert_eq!(
-            r,
-            vec![
-                vec!["path".to_string(), "score_0".into()],
-                vec!["a,\"b\"\nc.png".into(), "0.5".into()],
-                vec!["d.png".into(), "1".into()],
-            ]
-        );
     }
 
     #[test]

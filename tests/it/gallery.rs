@@ -342,7 +342,7 @@ fn read_run_merges_rows_failures_and_maps() {
     assert!(e.maps.is_empty() && e.scores.is_empty());
 
     Gallery::new()
-        .score_names(run.score_names)
+        .score_names(run.score_names.clone())
         .write(out, &run.items)
         .unwrap();
     let s = summary(out);
@@ -352,6 +352,34 @@ fn read_run_merges_rows_failures_and_maps() {
         "NaN and missing are null"
     );
     assert_eq!(assert_hrefs_resolve(out, &s), 3);
+
+    // The same from the merged state a sink returns.
+    let merged = tch_vis::batch::Merged {
+        header: [
+            "path", "score_0", "score_1", "class_0", "label_0", "class_1", "label_1",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows: [
+            ("a,b \"q\".png", ["0.5", "-1", "3", "three", "", ""]),
+            ("c/d.png", ["0.25", "nan", "7", "sev,en", "1", ""]),
+        ]
+        .into_iter()
+        .map(|(p, f)| (p.to_string(), f.map(String::from).to_vec()))
+        .collect(),
+        failed: [(
+            "e.txt".to_string(),
+            "cannot decode image e.txt: unknown format".to_string(),
+        )]
+        .into_iter()
+        .collect(),
+    };
+    let from_merged = tch_vis::gallery::Run::from_merged(out, &merged);
+    assert_eq!(
+        format!("{from_merged:?}"),
+        format!("{run:?}"),
+        "NaN != NaN, so compare as text"
+    );
 
     // An empty folder is an empty run; a broken report is an error.
     let empty = tempfile::tempdir().unwrap();
@@ -439,12 +467,17 @@ fn renders_in_headless_chromium() {
 
     // The screenshot script.
     let png = dir.path().join("shot.png");
-    let status = Command::new(repo("scripts/gallery_screenshot.sh"))
+    let shot = Command::new(repo("scripts/gallery_screenshot.sh"))
         .arg(&out)
         .arg(&png)
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success(), "gallery_screenshot.sh: {status}");
+    assert!(
+        shot.status.success(),
+        "gallery_screenshot.sh: {}\n{}",
+        shot.status,
+        String::from_utf8_lossy(&shot.stderr)
+    );
     let bytes = std::fs::read(&png).unwrap();
     assert!(bytes.starts_with(b"\x89PNG"), "not a PNG");
 
