@@ -16,6 +16,7 @@
 //! | [`batch`] | batch jobs over image files: engine, methods, output folder |
 //! | [`preprocess`] | the model sidecar (`M.json`) and image decoding into model inputs |
 //! | [`heatmap`] | colour maps and overlays for saliency maps |
+//! | [`gallery`] | a static HTML gallery of a run's maps, scores and failures |
 //! | [`DeviceSpec`] | `auto`, `cpu`, `cuda`, `cuda:N` |
 //!
 //! ```no_run
@@ -43,6 +44,7 @@
 pub mod batch;
 mod device;
 mod error;
+pub mod gallery;
 mod grad;
 pub mod heatmap;
 pub mod io;

@@ -1,4 +1,5 @@
 mod cli;
+mod gallery;
 mod model;
 mod parity;
 mod scores;
