@@ -48,6 +48,15 @@ pub struct Merged {
     pub failed: BTreeMap<String, String>,
 }
 
+/// How [`FolderSink::finish`] left the folder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finished {
+    /// The merged rows and failures of every worker.
+    pub merged: Merged,
+    /// Whether no other worker was active: this worker's view is final.
+    pub last: bool,
+}
+
 struct Journal {
     writer: csv::Writer<BufWriter<fs::File>>,
 }
@@ -220,6 +229,12 @@ impl FolderSink {
                 }
             }
         }
+        // Failures of journals folded away earlier live on in report.json.
+        for (path, error) in self.folded_failures() {
+            if !touched.contains(&path) && !state.rows.contains_key(&path) {
+                state.failed.insert(path, error);
+            }
+        }
         Ok((
             Merged {
                 header: self.header.clone(),
@@ -228,6 +243,29 @@ impl FolderSink {
             },
             seen,
         ))
+    }
+
+    fn folded_failures(&self) -> Vec<(String, String)> {
+        let Ok(bytes) = fs::read(self.out.join("report.json")) else {
+            return Vec::new();
+        };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            return Vec::new();
+        };
+        v.get("failed_in_folder")
+            .and_then(|f| f.as_array())
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|i| {
+                        Some((
+                            i.get("path")?.as_str()?.to_string(),
+                            i.get("error")?.as_str()?.to_string(),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Rebuilds `scores.csv` from every journal, until no journal changed
@@ -349,11 +387,14 @@ impl FolderSink {
     /// Ends the run: flushes this worker's journal, merges `scores.csv`,
     /// and writes this worker's report and `report.json` (the fields of
     /// `report`, plus `workers`: the reports of every worker that wrote
-    /// into the folder, and `rows_in_scores_csv`). Returns the merged rows.
+    /// into the folder, and `rows_in_scores_csv`). Returns the merged rows,
+    /// and whether this worker was the last one active in the folder (the
+    /// one whose view of the folder is final, to write summaries such as a
+    /// gallery).
     ///
     /// # Errors
     /// [`Error::Io`] when a file cannot be written.
-    pub fn finish(&self, report: serde_json::Value) -> Result<Merged> {
+    pub fn finish(&self, report: serde_json::Value) -> Result<Finished> {
         let (merged, seen) = self.merge_seen()?;
         let mut report = match report {
             serde_json::Value::Object(m) => m,
@@ -402,7 +443,15 @@ impl FolderSink {
             }
         }
         report.insert("rows_in_scores_csv".into(), merged.rows.len().into());
-        report.insert("failed_in_folder".into(), merged.failed.len().into());
+        report.insert(
+            "failed_in_folder".into(),
+            merged
+                .failed
+                .iter()
+                .map(|(p, e)| serde_json::json!({"path": p, "error": e}))
+                .collect::<Vec<_>>()
+                .into(),
+        );
         report.insert("workers".into(), workers.into());
         let text = serde_json::to_vec_pretty(&report).map_err(|e| Error::Internal {
             what: e.to_string(),
@@ -410,19 +459,23 @@ impl FolderSink {
         io::write_atomic(&self.out.join("report.json"), &text)?;
         let dir = self.out.join(JOURNAL_DIR);
         let _ = fs::remove_file(dir.join("active").join(&self.id));
-        self.compact(&seen, &report_files);
-        Ok(merged)
+        let last = self.compact(&seen, &report_files);
+        Ok(Finished { merged, last })
     }
 
     /// When no other worker is active: removes the journals of the last
     /// merge (all their rows are in `scores.csv`, renamed before) and the
     /// per-worker reports (folded into `report.json`), leaving only the
     /// folder's results. A journal that grew since it was merged is kept.
-    fn compact(&self, seen: &[(PathBuf, u64)], reports: &[PathBuf]) {
+    fn compact(&self, seen: &[(PathBuf, u64)], reports: &[PathBuf]) -> bool {
         let dir = self.out.join(JOURNAL_DIR);
-        let others = fs::read_dir(dir.join("active")).map_or(0, |r| r.flatten().count());
+        let others = fs::read_dir(dir.join("active")).map_or(0, |r| {
+            r.flatten()
+                .filter(|e| !is_dead_local(&e.file_name().to_string_lossy()))
+                .count()
+        });
         if others > 0 {
-            return;
+            return false;
         }
         for (p, len) in seen {
             if fs::metadata(p).is_ok_and(|m| m.len() == *len) {
@@ -432,10 +485,16 @@ impl FolderSink {
         for p in reports {
             let _ = fs::remove_file(p);
         }
+        if let Ok(read) = fs::read_dir(dir.join("active")) {
+            for e in read.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
         for sub in ["rows", "reports", "active"] {
             let _ = fs::remove_dir(dir.join(sub));
         }
         let _ = fs::remove_dir(&dir);
+        true
     }
 }
 

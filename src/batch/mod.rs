@@ -47,7 +47,7 @@ mod methods;
 mod table;
 
 pub use engine::{Engine, Layout, Progress, Summary, Timings};
-pub use folder::{FolderSink, Merged, JOURNAL_DIR};
+pub use folder::{Finished, FolderSink, Merged, JOURNAL_DIR};
 pub use methods::{SaliencyMethod, ScoresMethod};
 
 use tch::Tensor;

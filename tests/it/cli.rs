@@ -651,7 +651,8 @@ fn rerun_skips_finished_work_and_overwrite_recomputes() {
     );
     let after = snapshot(&out);
     for (k, v) in &before {
-        if k != "scores.csv" {
+        // The gallery shows the new image too.
+        if k != "scores.csv" && k != "index.html" && !k.starts_with("gallery/") {
             assert!(after[k] == *v, "{k} changed on rerun");
         }
     }
@@ -969,8 +970,16 @@ fn check_goldens(device: &str, rtol: f64, atol: f64, map_atol: f64) {
             assert_eq!(got.kind(), tch::Kind::Float, "{rel} {kind}");
             let diff = (&got - &want).abs().max().double_value(&[]);
             worst[k] = worst[k].max(diff);
+            // Where the softmax saturates (p > 0.9999), the gradient is
+            // ~1e-7 and `(m - min) / (max - min + 1e-7)` turns differences
+            // in libtorch's summation order (thread count, vector units,
+            // cuDNN) into visible ones: 1.4e-2 is seen on heldout_0036
+            // (p = 0.9999957) between 1 and 2 CPU threads.
+            let saturated = item["score"].as_f64().unwrap() > 0.9999;
             let (r, a) = if k == 0 {
                 (rtol, atol)
+            } else if saturated {
+                (0.0, map_atol.max(2e-2))
             } else {
                 (0.0, map_atol)
             };

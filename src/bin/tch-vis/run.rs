@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tch_vis::batch::{Engine, FolderSink, Method, Progress, SaliencyMethod, ScoresMethod};
+use tch_vis::gallery::{self, Gallery};
 use tch_vis::io::{self, Shard};
 use tch_vis::preprocess::Sidecar;
 use tch_vis::scores::ScoreSpec;
@@ -185,7 +186,23 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     if let Some(e) = summary.fatal {
         return Err(Failure::Run(e));
     }
-    finished.map_err(Failure::Run)?;
+    let finished = finished.map_err(Failure::Run)?;
+    // The gallery of maps, by the last worker to finish (whose view of the
+    // folder is complete); `scores` writes no maps and no gallery.
+    if finished.last && job.mode != Mode::Scores {
+        let run = gallery::Run::from_merged(&job.out, &finished.merged);
+        Gallery::new()
+            .title(format!(
+                "tch-vis {}: {}",
+                job.mode.name(),
+                job.model
+                    .file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+            ))
+            .score_names(run.score_names)
+            .write(&job.out, &run.items)
+            .map_err(|e| Failure::Run(e.context("cannot write the gallery")))?;
+    }
     let _ = writeln!(
         std::io::stdout(),
         "tch-vis {}: {} processed, {} skipped, {} failed in {:.1} s ({:.1} images/s on {}); outputs in {} (scores.csv, report.json{})",
