@@ -2,4 +2,5 @@ mod cli;
 mod model;
 mod parity;
 mod scores;
+mod transforms;
 mod util;
