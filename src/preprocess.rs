@@ -353,7 +353,6 @@ pub struct Preprocessor {
     max_dimension: u32,
     max_alloc: u64,
     keep_original: bool,
-    jpeg_draft: bool,
 }
 
 impl Preprocessor {
@@ -365,7 +364,6 @@ impl Preprocessor {
             max_dimension: 16384,
             max_alloc: 512 << 20,
             keep_original: false,
-            jpeg_draft: false,
         }
     }
 
@@ -383,17 +381,6 @@ impl Preprocessor {
     /// decoded pixels for as long as the [`Prepared`] lives).
     pub fn keep_original(mut self, keep: bool) -> Self {
         self.keep_original = keep;
-        self
-    }
-
-    /// Decodes JPEGs at 1/2, 1/4 or 1/8 scale in the DCT domain when the
-    /// image is at least that many times larger than the size the resize
-    /// needs (as PIL's `draft`), which is several times faster. Off by
-    /// default: the reduced decode is a box filter of the pixels, so the
-    /// model input differs from a full decode by more than the
-    /// preprocessing tolerance.
-    pub fn jpeg_draft(mut self, on: bool) -> Self {
-        self.jpeg_draft = on;
         self
     }
 
@@ -468,19 +455,110 @@ impl Preprocessor {
     /// allocation limit; [`Error::Torch`] if a tensor operation fails.
     pub fn prepare_image(&self, img: DynamicImage, path: impl AsRef<Path>) -> Result<Prepared> {
         let original_size = (img.width(), img.height());
+        let (image, original) = self.resize_image(img, path)?;
+        let input = self.normalise(&image)?;
+        Ok(Prepared {
+            input,
+            image,
+            original_size,
+            original,
+        })
+    }
+
+    /// The resize stage of [`Preprocessor::prepare_image`]: the decoded
+    /// image as `(C, H, W)` float32 in `[0, 1]` at the model's input size
+    /// (what [`Prepared::image`] holds), and the decoded image as 8-bit RGB
+    /// when [`Preprocessor::keep_original`] is on.
+    ///
+    /// # Errors
+    /// As [`Preprocessor::prepare_image`].
+    pub fn resize_image(
+        &self,
+        img: DynamicImage,
+        path: impl AsRef<Path>,
+    ) -> Result<(Tensor, Option<RgbImage>)> {
         if self.sidecar.resize.is_some() {
             let rgb = img.into_rgb8();
             let image = self.torchvision(&rgb, path.as_ref())?;
-            let mut p = self.normalise(image, original_size)?;
-            p.original = self.keep_original.then_some(rgb);
-            return Ok(p);
+            return Ok((image, self.keep_original.then_some(rgb)));
         }
+        let original_size = (img.width(), img.height());
+        if let DynamicImage::ImageLuma8(_)
+        | DynamicImage::ImageLumaA8(_)
+        | DynamicImage::ImageRgb8(_)
+        | DynamicImage::ImageRgba8(_) = img
+        {
+            // 8-bit images (nearly all): the same values as `to_planes`, with
+            // the conversion done by libtorch's vectorised kernels on the
+            // bytes, and no float copy of the whole image in Rust.
+            let rgb = img.into_rgb8();
+            let image = self.resize_tensor(self.planes_8bit(&rgb)?)?;
+            return Ok((image, self.keep_original.then_some(rgb)));
+        }
+        let c = self.sidecar.channels as i64;
         let pixels = to_planes(&img, self.sidecar.channels);
-        let mut p = self.prepare_planes(pixels, original_size)?;
-        if self.keep_original {
-            p.original = Some(img.into_rgb8());
+        let x = Tensor::f_from_slice(&pixels)?.f_view([
+            1,
+            c,
+            i64::from(original_size.1),
+            i64::from(original_size.0),
+        ])?;
+        Ok((
+            self.resize_tensor(x)?,
+            self.keep_original.then(|| img.into_rgb8()),
+        ))
+    }
+
+    /// `(1, C, H, W)` float `[0, 1]` planes of 8-bit RGB: `v / 255` in
+    /// float32, and for one channel the luma of those, as [`to_planes`].
+    fn planes_8bit(&self, rgb: &RgbImage) -> Result<Tensor> {
+        let (w, h) = (i64::from(rgb.width()), i64::from(rgb.height()));
+        if self.sidecar.channels == 1 {
+            let luma: Vec<f32> = rgb
+                .as_raw()
+                .chunks_exact(3)
+                .map(|p| {
+                    let [r, g, b] = [p[0], p[1], p[2]].map(|v| f32::from(v) / 255.0);
+                    0.299f32 * r + 0.587f32 * g + 0.114f32 * b
+                })
+                .collect();
+            return Ok(Tensor::f_from_slice(&luma)?.f_view([1, 1, h, w])?);
         }
-        Ok(p)
+        // Bytes to planar bytes, then to float: `x / 255` is IEEE division
+        // in float32, as in Rust.
+        Ok(Tensor::f_from_slice(rgb.as_raw())?
+            .f_view([h, w, 3])?
+            .f_permute([2, 0, 1])?
+            .f_contiguous()?
+            .f_to_kind(Kind::Float)?
+            .f_div_scalar(255.0)?
+            .f_view([1, 3, h, w])?)
+    }
+
+    /// The plain bilinear resize of `(1, C, H, W)` planes to `input_size`,
+    /// when the size differs; returns `(C, H, W)`.
+    fn resize_tensor(&self, x: Tensor) -> Result<Tensor> {
+        let c = self.sidecar.channels as i64;
+        let size = x.size();
+        let [th, tw] = self.sidecar.size_i64();
+        let x = if (size[2], size[3]) == (th, tw) {
+            x
+        } else {
+            x.f_upsample_bilinear2d([th, tw], false, None, None)?
+        };
+        Ok(x.f_view([c, th, tw])?)
+    }
+
+    /// The normalisation stage: `(image - mean) / std` per channel of a
+    /// `(C, H, W)` image in `[0, 1]`.
+    ///
+    /// # Errors
+    /// [`Error::Torch`] when the image does not have the sidecar's channels.
+    pub fn normalise(&self, image: &Tensor) -> Result<Tensor> {
+        let c = self.sidecar.channels as i64;
+        let mean = Tensor::f_from_slice(&self.sidecar.mean)?.f_view([c, 1, 1])?;
+        let std = Tensor::f_from_slice(&self.sidecar.std)?.f_view([c, 1, 1])?;
+        Ok(image.f_sub(&mean)?.f_div(&std)?)
     }
 
     /// Prepares planar `[0, 1]` pixels `(C, height, width)` (C = the
@@ -491,11 +569,18 @@ impl Preprocessor {
     /// # Errors
     /// [`Error::Shape`] when `pixels` has the wrong length; [`Error::Torch`]
     /// if a tensor operation fails.
-    pub fn prepare_planes(
-        &self,
-        pixels: Vec<f32>,
-        (width, height): (u32, u32),
-    ) -> Result<Prepared> {
+    pub fn prepare_planes(&self, pixels: Vec<f32>, original_size: (u32, u32)) -> Result<Prepared> {
+        let image = self.resize_planes(pixels, original_size)?;
+        let input = self.normalise(&image)?;
+        Ok(Prepared {
+            input,
+            image,
+            original_size,
+            original: None,
+        })
+    }
+
+    fn resize_planes(&self, pixels: Vec<f32>, (width, height): (u32, u32)) -> Result<Tensor> {
         let c = self.sidecar.channels as i64;
         let (w, h) = (i64::from(width), i64::from(height));
         if pixels.len() as i64 != c * h * w {
@@ -505,28 +590,7 @@ impl Preprocessor {
                 &[pixels.len() as i64],
             ));
         }
-        let x = Tensor::f_from_slice(&pixels)?.f_view([1, c, h, w])?;
-        let [th, tw] = self.sidecar.size_i64();
-        let x = if (h, w) == (th, tw) {
-            x
-        } else {
-            x.f_upsample_bilinear2d([th, tw], false, None, None)?
-        };
-        self.normalise(x.f_view([c, th, tw])?, (width, height))
-    }
-
-    /// `(image - mean) / std`.
-    fn normalise(&self, image: Tensor, original_size: (u32, u32)) -> Result<Prepared> {
-        let c = self.sidecar.channels as i64;
-        let mean = Tensor::f_from_slice(&self.sidecar.mean)?.f_view([c, 1, 1])?;
-        let std = Tensor::f_from_slice(&self.sidecar.std)?.f_view([c, 1, 1])?;
-        let input = image.f_sub(&mean)?.f_div(&std)?;
-        Ok(Prepared {
-            input,
-            image,
-            original_size,
-            original: None,
-        })
+        self.resize_tensor(Tensor::f_from_slice(&pixels)?.f_view([1, c, h, w])?)
     }
 
     /// The torchvision pipeline on 8-bit RGB: `(C, H, W)` in `[0, 1]`.
@@ -784,6 +848,34 @@ mod tests {
         assert!(!exact.antialias());
         // Without the keys the JSON written back is the old form.
         assert!(!serde_json::to_string(&ok).unwrap().contains("resize"));
+    }
+
+    #[test]
+    fn the_8bit_fast_path_equals_the_planes_path_bit_for_bit() {
+        let mut img = image::RgbImage::new(37, 23);
+        let mut state = 12345u32;
+        for p in img.pixels_mut() {
+            for v in p.0.iter_mut() {
+                state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+                *v = (state >> 24) as u8;
+            }
+        }
+        let img = DynamicImage::ImageRgb8(img);
+        for (channels, size) in [(3, [16, 20]), (1, [16, 20]), (3, [23, 37]), (1, [40, 50])] {
+            let pre = Preprocessor::new(sidecar(channels, size));
+            let fast = pre.prepare_image(img.clone(), "x.png").unwrap();
+            let slow = pre
+                .prepare_planes(to_planes(&img, channels), (37, 23))
+                .unwrap();
+            let (a, b) = (
+                Vec::<f32>::try_from(&fast.input.reshape([-1])).unwrap(),
+                Vec::<f32>::try_from(&slow.input.reshape([-1])).unwrap(),
+            );
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{channels} {size:?}"
+            );
+        }
     }
 
     #[test]
