@@ -216,10 +216,10 @@ pub fn overlay_into(
 }
 
 /// The PNG settings of [`encode_png`]: fdeflate's fast mode with adaptive
-/// filtering. Measured on 224 × 224 saliency overlays of photos (see
-/// `examples/profile_stages.rs`), it is several times faster than zlib
-/// level 1 and within a few percent of its size; higher levels cost far more
-/// time for little gain.
+/// filtering. Measured on 200 heatmap overlays of photos at 224 × 224 (one
+/// core, `examples/profile_stages.rs`): 0.33 ms and 25.8 KB per image,
+/// against 0.97 ms / 32.8 KB for zlib level 1, 6.3 ms / 24.0 KB for the
+/// default level and 0.04 ms / 151 KB uncompressed.
 pub const PNG_COMPRESSION: CompressionType = CompressionType::Fast;
 
 /// Encodes interleaved 8-bit RGB as a PNG ([`PNG_COMPRESSION`], adaptive
@@ -347,7 +347,19 @@ pub fn overlay_original(
     }
     let xs = axis_taps(ow as usize, region.x0, region.x1, width);
     let ys = axis_taps(oh as usize, region.y0, region.y1, height);
-    let blend = Blend::new(cmap, alpha);
+    // Fixed point, 8 fractional bits: the colour part `alpha × colour × 255`
+    // per table entry and the image part `(1 − alpha) × v` per byte value,
+    // so a pixel is two lookups, an add and a shift per channel (within one
+    // step of the float blend of `overlay`).
+    let alpha = alpha.clamp(0.0, 1.0);
+    let mut colour = [[0u32; 3]; LUT_SIZE];
+    for (d, c) in colour.iter_mut().zip(cmap.table()) {
+        *d = c.map(|v| (alpha * v * 255.0 * 256.0).round() as u32);
+    }
+    let mut keep = [0u32; 256];
+    for (v, k) in keep.iter_mut().enumerate() {
+        *k = ((1.0 - alpha) * v as f32 * 256.0).round() as u32;
+    }
     let mut out = original.clone();
     let row_len = 3 * ow as usize;
     let mut row = vec![0f32; width];
@@ -361,8 +373,10 @@ pub fn overlay_original(
         for (px, tap) in line.chunks_exact_mut(3).zip(&xs) {
             let Some((x0, x1, wx)) = *tap else { continue };
             let m = row[x0] + (row[x1] - row[x0]) * wx;
-            let v = [px[0], px[1], px[2]].map(|c| f32::from(c) * (1.0 / 255.0));
-            px.copy_from_slice(&blend.px(m, v));
+            let c = &colour[lut_index(m)];
+            for (p, c) in px.iter_mut().zip(c) {
+                *p = ((c + keep[usize::from(*p)] + 128) >> 8).min(255) as u8;
+            }
         }
     }
     Ok(out)
