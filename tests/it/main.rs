@@ -3,4 +3,5 @@ mod gallery;
 mod model;
 mod parity;
 mod scores;
+mod transforms;
 mod util;

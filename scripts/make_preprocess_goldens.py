@@ -1,0 +1,194 @@
+"""Write the torchvision preprocessing goldens that tests/it/transforms.rs
+compares against, so no Python is needed at Rust test time.
+
+Needs the reference environment (torch 2.11.0, torchvision 0.26.0, pillow):
+    . scripts/golden_env.sh && tch_vis_golden_setup
+    "$TCH_VIS_GOLDEN_VENV/bin/python" scripts/make_preprocess_goldens.py
+
+What it generates, under tests/golden/transforms/:
+  images/*.png         small seeded pictures (smooth gradients, shapes and
+                       noise, so resampling filters differ visibly): RGB,
+                       grayscale and RGBA, landscape, portrait, extreme
+                       (1000 x 20, 20 x 1000), odd sizes, sizes that are
+                       scaled up and down. PNG is lossless, so every decoder
+                       reads the same uint8 pixels.
+  images/*.jpg         JPEGs (quality 90, 4:2:0) for the decoder comparison.
+  <case>.npy           float32 (C, H, W): the model input torchvision.transforms.v2
+                       makes from the decoded uint8 RGB tensor
+                       (torchvision.io.decode_image, mode RGB):
+                         [Grayscale(1) when channels == 1,]
+                         Resize(resize, interpolation, antialias),
+                         CenterCrop(crop), ToDtype(float32, scale=True),
+                         Normalize(mean, std)
+  jpeg_<name>.tv.npy   uint8 (H, W, 3): torchvision.io.decode_jpeg of the JPEG
+  jpeg_<name>.pil.npy  uint8 (H, W, 3): PIL's decode of the JPEG
+  manifest.json        {"torch", "torchvision", "pillow", "cpu_capability",
+                        "max_steps": 1.0, "mean_steps": 0.05,
+                        "cases": [{"name", "image", "sidecar", "expected"}],
+                        "jpegs": [{"name", "image", "torchvision", "pil"}]}
+"sidecar" is the tch-vis sidecar of the case (input_size, channels, mean,
+std, resize, interpolation, antialias, crop), "image" and the .npy names are
+relative to tests/golden/transforms/. Everything is seeded: a rerun with the
+same library versions writes the same bytes.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import PIL
+import torch
+import torchvision
+from PIL import Image, ImageDraw, ImageFilter
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "tests", "golden", "transforms")
+MEAN = [0.485, 0.456, 0.406]
+STD = [0.229, 0.224, 0.225]
+
+
+def picture(rng, h, w, mode="RGB"):
+    """Gradient + shapes + a little noise: smooth areas, sharp edges, texture."""
+    c0 = rng.integers(0, 256, 3).astype(np.float32)
+    c1 = rng.integers(0, 256, 3).astype(np.float32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    t = (xx / max(w - 1, 1) + yy / max(h - 1, 1)) / 2
+    arr = c0 + (c1 - c0) * t[..., None]
+    img = Image.fromarray(arr.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        x1, y1 = x0 + int(rng.integers(1, max(w // 2, 2))), y0 + int(rng.integers(1, max(h // 2, 2)))
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=fill)
+    img = img.filter(ImageFilter.GaussianBlur(radius=0.7))
+    arr = np.asarray(img).astype(np.int16) + rng.integers(-12, 13, (h, w, 3))
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    if mode == "L":
+        return img.convert("L")
+    if mode == "RGBA":
+        a = Image.fromarray(rng.integers(0, 256, (h, w)).astype(np.uint8), "L")
+        img = img.copy()
+        img.putalpha(a)
+    return img
+
+
+# (file stem, height, width, mode)
+IMAGES = [
+    ("land_120x160", 120, 160, "RGB"),
+    ("port_160x120", 160, 120, "RGB"),
+    ("wide_20x1000", 20, 1000, "RGB"),
+    ("tall_1000x20", 1000, 20, "RGB"),
+    ("small_30x45", 30, 45, "RGB"),
+    ("odd_151x103", 151, 103, "RGB"),
+    ("exact_28x37", 28, 37, "RGB"),
+    ("gray_90x70", 90, 70, "L"),
+    ("rgba_75x100", 75, 100, "RGBA"),
+]
+
+# (case suffix, sidecar keys beyond input_size/channels/mean/std, input_size)
+RECIPES = [
+    # Resize(28) + CenterCrop((24, 26)): the usual recipe, non-square crop.
+    ("s28", {"resize": 28, "crop": [24, 26]}, [24, 26]),
+]
+EXTRA = [
+    # resize [h, w] without crop; crop larger than the resize (zero padding);
+    # odd crop offsets (x.5 rounds to even); channels 1 (Grayscale first).
+    ("land_120x160", "exact", {"resize": [24, 26]}, [24, 26], 3),
+    ("land_120x160", "pad", {"resize": 19, "crop": [24, 26]}, [24, 26], 3),
+    ("odd_151x103", "oddcrop", {"resize": 31, "crop": [24, 26]}, [24, 26], 3),
+    ("land_120x160", "gray", {"resize": 28, "crop": [24, 26]}, [24, 26], 1),
+    ("gray_90x70", "gray", {"resize": 28, "crop": [24, 26]}, [24, 26], 1),
+    ("wide_20x1000", "up", {"resize": 40, "crop": [24, 26]}, [24, 26], 3),
+]
+FILTERS = [("bilinear", True), ("bilinear", False), ("bicubic", True), ("bicubic", False)]
+JPEGS = [("photo_120x160", 120, 160), ("photo_87x131", 87, 131)]
+
+
+def expected(path, keys, input_size, channels):
+    img = decode_image(read_file(path), mode=ImageReadMode.RGB)
+    pil = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
+    assert torch.equal(img, pil.contiguous()), f"{path}: torchvision and PIL decode differently"
+    interp = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}[
+        keys.get("interpolation", "bilinear")
+    ]
+    ops = []
+    if channels == 1:
+        ops.append(v2.Grayscale(1))
+    r = keys["resize"]
+    ops.append(v2.Resize(r if isinstance(r, int) else list(r), interpolation=interp,
+                         antialias=keys.get("antialias", True)))
+    ops.append(v2.CenterCrop(keys.get("crop", input_size)))
+    ops.append(v2.ToDtype(torch.float32, scale=True))
+    ops.append(v2.Normalize(MEAN[:channels] if channels == 3 else [MEAN[0]],
+                            STD[:channels] if channels == 3 else [STD[0]]))
+    x = v2.Compose(ops)(img)
+    assert tuple(x.shape) == (channels, *input_size), x.shape
+    return x.numpy().astype(np.float32)
+
+
+def main():
+    torch.set_num_threads(1)
+    if os.path.isdir(OUT):
+        shutil.rmtree(OUT)
+    os.makedirs(os.path.join(OUT, "images"))
+    rng = np.random.default_rng(0)
+    for stem, h, w, mode in IMAGES:
+        picture(rng, h, w, mode).save(os.path.join(OUT, "images", stem + ".png"), optimize=True)
+    jpegs = []
+    for stem, h, w in JPEGS:
+        rel = f"images/{stem}.jpg"
+        path = os.path.join(OUT, rel)
+        picture(rng, h, w).save(path, quality=90, subsampling=2)
+        tv = decode_jpeg(read_file(path), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+        pil = np.asarray(Image.open(path).convert("RGB"))
+        np.save(os.path.join(OUT, f"jpeg_{stem}.tv.npy"), np.ascontiguousarray(tv))
+        np.save(os.path.join(OUT, f"jpeg_{stem}.pil.npy"), np.ascontiguousarray(pil))
+        jpegs.append({"name": stem, "image": rel, "torchvision": f"jpeg_{stem}.tv.npy",
+                      "pil": f"jpeg_{stem}.pil.npy"})
+
+    plan = []
+    for stem, _, _, _ in IMAGES:
+        for suffix, keys, size in RECIPES:
+            plan.append((stem, suffix, keys, size, 3))
+    plan += EXTRA
+    cases = []
+    for stem, suffix, keys, size, channels in plan:
+        for interp, aa in FILTERS:
+            name = f"{stem}.{suffix}.{interp}.{'aa' if aa else 'noaa'}.c{channels}"
+            k = dict(keys, interpolation=interp, antialias=aa)
+            rel = f"images/{stem}.png"
+            x = expected(os.path.join(OUT, rel), k, size, channels)
+            np.save(os.path.join(OUT, name + ".npy"), x)
+            sidecar = {
+                "input_size": size,
+                "channels": channels,
+                "mean": MEAN if channels == 3 else [MEAN[0]],
+                "std": STD if channels == 3 else [STD[0]],
+                **k,
+            }
+            cases.append({"name": name, "image": rel, "sidecar": sidecar, "expected": name + ".npy"})
+
+    manifest = {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pillow": PIL.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "max_steps": 1.0,
+        "mean_steps": 0.05,
+        "cases": cases,
+        "jpegs": jpegs,
+    }
+    with open(os.path.join(OUT, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(OUT) for f in fs)
+    print(f"wrote {len(cases)} cases and {len(jpegs)} JPEGs to {OUT} ({total / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+//! The torchvision pipeline of the sidecar keys `resize`, `interpolation`,
+//! `antialias` and `crop` against torchvision 0.26's `transforms.v2` (goldens
+//! written by `scripts/make_preprocess_goldens.py` on PNGs, which every
+//! decoder reads alike): within one uint8 step per value and 0.05 of a step
+//! on average. Also how far our JPEG decoder is from torchvision's
+//! `decode_jpeg` and PIL's.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use tch::{Kind, Tensor};
+use tch_vis::preprocess::{Preprocessor, Sidecar};
+
+use crate::util::{npy, repo};
+
+#[derive(Deserialize)]
+struct Manifest {
+    torchvision: String,
+    cpu_capability: String,
+    max_steps: f64,
+    mean_steps: f64,
+    cases: Vec<Case>,
+    jpegs: Vec<Jpeg>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    image: String,
+    sidecar: serde_json::Value,
+    expected: String,
+}
+
+#[derive(Deserialize)]
+struct Jpeg {
+    name: String,
+    image: String,
+    torchvision: String,
+    pil: String,
+}
+
+fn manifest() -> Manifest {
+    let path = repo("tests/golden/transforms/manifest.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run scripts/make_preprocess_goldens.py)",
+            path.display()
+        )
+    });
+    serde_json::from_str(&text).unwrap()
+}
+
+/// `|got - want|` in uint8 steps: input-space differences times `std × 255`.
+fn steps(got: &Tensor, want: &Tensor, std: &[f32]) -> Tensor {
+    let c = std.len() as i64;
+    let scale = Tensor::from_slice(std)
+        .view([c, 1, 1])
+        .to_kind(Kind::Double)
+        * 255.0;
+    (got.to_kind(Kind::Double) - want.to_kind(Kind::Double)).abs() * scale
+}
+
+#[test]
+fn sidecar_resize_matches_torchvision_v2() {
+    let m = manifest();
+    let dir = repo("tests/golden/transforms");
+    assert!(!m.cases.is_empty());
+    // (interpolation, antialias) -> (cases, worst max, worst mean)
+    let mut table: BTreeMap<String, (usize, f64, f64)> = BTreeMap::new();
+    let mut failures = Vec::new();
+    for case in &m.cases {
+        let sidecar = Sidecar::from_json(&case.sidecar.to_string(), &case.name).unwrap();
+        let pre = Preprocessor::new(sidecar.clone()).keep_original(true);
+        let p = pre.load(dir.join(&case.image)).unwrap();
+        let want = npy(dir.join(&case.expected));
+        assert_eq!(p.input.size(), want.size(), "{}: shape", case.name);
+        assert_eq!(p.input.kind(), Kind::Float, "{}", case.name);
+        let d = steps(&p.input, &want, &sidecar.std);
+        let (max, mean) = (d.max().double_value(&[]), d.mean(None).double_value(&[]));
+        // One step, with room for the float32 rounding of (x - mean) / std.
+        if max > m.max_steps + 1e-3 || mean > m.mean_steps {
+            failures.push(format!(
+                "{}: max {max:.4} steps, mean {mean:.4} steps",
+                case.name
+            ));
+        }
+        // The overlay image is the same pixels before normalisation.
+        let back = &p.input * Tensor::from_slice(&sidecar.std).view([-1, 1, 1])
+            + Tensor::from_slice(&sidecar.mean).view([-1, 1, 1]);
+        assert!(back.allclose(&p.image, 1e-5, 1e-5, false), "{}", case.name);
+        let original = p.original.as_ref().unwrap();
+        assert_eq!(original.dimensions(), p.original_size, "{}", case.name);
+        let s = &case.sidecar;
+        let key = format!(
+            "{} antialias={}",
+            s["interpolation"].as_str().unwrap(),
+            s["antialias"]
+        );
+        let e = table.entry(key).or_insert((0, 0.0, 0.0));
+        *e = (e.0 + 1, e.1.max(max), e.2.max(mean));
+        println!("{:<48} max {max:.3} mean {mean:.4} steps", case.name);
+    }
+    println!(
+        "torchvision {} (reference CPU capability {}):",
+        m.torchvision, m.cpu_capability
+    );
+    for (k, (n, max, mean)) in &table {
+        println!("  {k:<28} {n:>2} cases: max {max:.3}, worst mean {mean:.4} uint8 steps");
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Our JPEG decoder (the `image` crate's) against torchvision's
+/// `decode_jpeg` and PIL's (both libjpeg-turbo) on 4:2:0 JPEGs of quality
+/// 90. The decoders differ in chroma upsampling and IDCT rounding, so a
+/// pixel may differ by a few steps; these bounds are the measured ones with
+/// a little room, to catch a decoder change.
+#[test]
+fn jpeg_decoder_distance() {
+    let m = manifest();
+    let dir = repo("tests/golden/transforms");
+    assert!(!m.jpegs.is_empty());
+    let pre = Preprocessor::new(
+        Sidecar::from_json(
+            r#"{"input_size": [8, 8], "channels": 3, "mean": [0, 0, 0], "std": [1, 1, 1]}"#,
+            "s.json",
+        )
+        .unwrap(),
+    );
+    for j in &m.jpegs {
+        let bytes = std::fs::read(dir.join(&j.image)).unwrap();
+        let ours = pre.decode(&bytes, &j.image).unwrap().into_rgb8();
+        let (w, h) = ours.dimensions();
+        let ours = Tensor::from_slice(ours.as_raw())
+            .view([h as i64, w as i64, 3])
+            .to_kind(Kind::Double);
+        for (who, file, max_bound, mean_bound) in [
+            ("torchvision", &j.torchvision, 6.0, 0.6),
+            ("PIL", &j.pil, 6.0, 0.6),
+        ] {
+            let theirs = npy(dir.join(file)).to_kind(Kind::Double);
+            let d = (&ours - &theirs).abs();
+            let (max, mean) = (d.max().double_value(&[]), d.mean(None).double_value(&[]));
+            let exact = d.eq(0.0).to_kind(Kind::Double).mean(None).double_value(&[]);
+            println!(
+                "{}: ours vs {who}: max {max} mean {mean:.3} uint8 steps, {:.1}% equal",
+                j.name,
+                100.0 * exact
+            );
+            assert!(
+                max <= max_bound && mean <= mean_bound,
+                "{}: ours vs {who}: max {max}, mean {mean}",
+                j.name
+            );
+        }
+    }
+}
