@@ -471,6 +471,7 @@ impl<'a> Engine<'a> {
                 arrays: per_image,
                 image: p.image,
                 original_size: p.original_size,
+                original: p.original,
             };
             let t = Instant::now();
             let sent = tx_write.send(item);

@@ -30,8 +30,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use super::table::{self, State, END};
 use super::{ImageResult, Layout, Method, Sink};
 use crate::error::{Error, Result};
+use crate::heatmap;
 use crate::io;
-use crate::preprocess::Sidecar;
+use crate::preprocess::{Preprocessor, Sidecar};
 
 /// The folder, under an output folder, holding the row journals and
 /// per-worker reports.
@@ -78,6 +79,7 @@ pub struct FolderSink {
     journal: Mutex<Option<Journal>>,
     last_merge: Mutex<Instant>,
     merge_every: Duration,
+    original: Option<Preprocessor>,
 }
 
 fn now_id() -> String {
@@ -139,6 +141,7 @@ impl FolderSink {
             journal: Mutex::new(None),
             last_merge: Mutex::new(Instant::now()),
             merge_every: Duration::from_secs(60),
+            original: None,
         };
         if !overwrite {
             let merged = sink.read_state()?.0;
@@ -166,6 +169,17 @@ impl FolderSink {
             }
         }
         io::write_atomic(&active.join(&self.id), b"")
+    }
+
+    /// Draws heatmaps over the original image, at its own resolution,
+    /// instead of the resized one: the map is upsampled onto the part of
+    /// the original the model saw (all of it, or the centre crop of a
+    /// `resize` + `crop` sidecar). The engine's preprocessor must keep the
+    /// originals ([`Preprocessor::keep_original`]); `pre` says where the
+    /// map lies on them.
+    pub fn overlay_original(mut self, pre: Preprocessor) -> Self {
+        self.original = Some(pre);
+        self
     }
 
     /// The output folder.
@@ -376,8 +390,20 @@ impl FolderSink {
             io::write_npy_atomic(&self.file(&r.rel, &format!(".{}.npy", a.name)), &a.values)?;
             if let Some(heat) = &a.heat {
                 let map = Vec::<f32>::try_from(&heat.f_contiguous()?.f_reshape([-1])?)?;
-                let image = Vec::<f32>::try_from(&r.image.f_contiguous()?.f_reshape([-1])?)?;
-                let png = crate::heatmap::overlay_png(&image, self.channels, w, h, &map)?;
+                let png = match (&self.original, &r.original) {
+                    (Some(pre), Some(original)) => heatmap::overlay_original_region_png(
+                        original,
+                        &map,
+                        w,
+                        h,
+                        pre.map_region(r.original_size),
+                    )?,
+                    _ => {
+                        let image =
+                            Vec::<f32>::try_from(&r.image.f_contiguous()?.f_reshape([-1])?)?;
+                        heatmap::overlay_png(&image, self.channels, w, h, &map)?
+                    }
+                };
                 io::write_atomic(&self.file(&r.rel, &format!(".{}.png", a.name)), &png)?;
             }
         }

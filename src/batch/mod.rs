@@ -138,6 +138,9 @@ pub struct ImageResult {
     pub image: Tensor,
     /// The decoded image's `(width, height)`.
     pub original_size: (u32, u32),
+    /// The decoded image itself, when the engine's preprocessor keeps it
+    /// ([`crate::preprocess::Preprocessor::keep_original`]).
+    pub original: Option<image::RgbImage>,
 }
 
 /// One array of one image.

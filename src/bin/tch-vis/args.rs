@@ -131,6 +131,20 @@ pub struct SaliencyArgs {
     /// averaged over the SmoothGrad samples.
     #[arg(long)]
     pub save_npy: bool,
+
+    #[command(flatten)]
+    pub overlay: OverlayArgs,
+}
+
+/// Where heatmap PNGs are drawn.
+#[derive(Debug, Args)]
+pub struct OverlayArgs {
+    /// What REL.*.png heatmaps are drawn over: input (the image as the
+    /// model saw it, at the model's input size; fast and small) or original
+    /// (the original image at its own resolution, the map upsampled onto
+    /// the part the model saw).
+    #[arg(long, value_name = "WHERE", default_value = "input", value_parser = ["input", "original"])]
+    pub overlay: String,
 }
 
 fn parse_spec(s: &str) -> Result<ScoreSpec, String> {
@@ -213,17 +227,19 @@ fn shard_from_env(
 impl Cli {
     /// Validates the flags into a job.
     pub fn into_job(self) -> Result<Job, String> {
-        let (mode, common, smooth_samples, smooth_noise, seed, save_npy) = match self.command {
-            Command::Saliency(a) => (
-                Mode::Saliency,
-                a.common,
-                a.smooth_samples as usize,
-                a.smooth_noise,
-                a.seed,
-                a.save_npy,
-            ),
-            Command::Scores(c) => (Mode::Scores, c, 0, 0.2, 0, false),
-        };
+        let (mode, common, smooth_samples, smooth_noise, seed, save_npy, overlay) =
+            match self.command {
+                Command::Saliency(a) => (
+                    Mode::Saliency,
+                    a.common,
+                    a.smooth_samples as usize,
+                    a.smooth_noise,
+                    a.seed,
+                    a.save_npy,
+                    a.overlay.overlay == "original",
+                ),
+                Command::Scores(c) => (Mode::Scores, c, 0, 0.2, 0, false, false),
+            };
         for spec in &common.scores {
             if let ScoreSpec::Categorical(v) = spec {
                 if v.len() != 1 {
@@ -253,6 +269,7 @@ impl Cli {
             smooth_noise,
             seed,
             save_npy,
+            overlay_original: overlay,
         })
     }
 }

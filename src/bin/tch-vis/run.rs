@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tch_vis::batch::{Engine, FolderSink, Method, Progress, SaliencyMethod, ScoresMethod};
 use tch_vis::gallery::{self, Gallery};
 use tch_vis::io::{self, Shard};
-use tch_vis::preprocess::Sidecar;
+use tch_vis::preprocess::{Preprocessor, Sidecar};
 use tch_vis::scores::ScoreSpec;
 use tch_vis::{device_name, DeviceSpec, Error, Model, Precision};
 
@@ -49,6 +49,7 @@ pub struct Job {
     pub smooth_noise: f64,
     pub seed: u64,
     pub save_npy: bool,
+    pub overlay_original: bool,
 }
 
 /// Why the command failed; the exit status comes from the kind.
@@ -114,7 +115,9 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         ),
     };
     let bar = ProgressLine::new();
+    let pre = Preprocessor::new(sidecar.clone()).keep_original(job.overlay_original);
     let engine = Engine::new(&model, sidecar.clone(), method.as_ref())
+        .preprocessor(pre.clone())
         .batch_size(job.batch_size)
         .on_progress(|p| bar.update(p));
     let layout = engine.prepare().map_err(|e| match e {
@@ -123,8 +126,11 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         )),
         e => Failure::Usage(e),
     })?;
-    let sink = FolderSink::open(&job.out, &layout, method.as_ref(), &sidecar, job.overwrite)
+    let mut sink = FolderSink::open(&job.out, &layout, method.as_ref(), &sidecar, job.overwrite)
         .map_err(Failure::Usage)?;
+    if job.overlay_original {
+        sink = sink.overlay_original(pre);
+    }
 
     // The run.
     let mut pending = Vec::new();
@@ -173,6 +179,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         "precision": job.precision.to_string(),
         "seed": job.seed,
         "save_npy": job.save_npy,
+        "overlay": if job.overlay_original { "original" } else { "input" },
         "overwrite": job.overwrite,
         "shard": job.shard.to_string(),
         "shard_source": job.shard_source,
