@@ -2,6 +2,7 @@ mod cli;
 mod gallery;
 mod model;
 mod parity;
+mod saliency;
 mod scores;
 mod transforms;
 mod util;

@@ -1,0 +1,203 @@
+//! Saliency and SmoothGrad through the library, on the bundled digits CNN,
+//! and the batch engine's seams.
+
+use std::sync::Mutex;
+
+use tch::{Device, Kind, Tensor};
+use tch_vis::batch::{Engine, ImageResult, SaliencyMethod, Sink};
+use tch_vis::preprocess::Sidecar;
+use tch_vis::saliency::Saliency;
+use tch_vis::scores::{CategoricalScore, PredictedScore, Score, ScoreSpec};
+use tch_vis::Model;
+
+use crate::util::repo;
+
+fn digits() -> Model {
+    Model::load(repo("models/digits_cnn.pt"), Device::Cpu).unwrap()
+}
+
+/// Seeded inputs in the model's normalised range.
+fn inputs(n: i64) -> Tensor {
+    tch::manual_seed(5);
+    Tensor::randn([n, 1, 32, 32], (Kind::Float, Device::Cpu))
+}
+
+/// With noise 0, every SmoothGrad sample is the clean input: the average
+/// of |gradient| is |gradient|, so the maps are vanilla saliency's, to
+/// float rounding of the average (1e-6).
+#[test]
+fn smoothgrad_without_noise_is_vanilla_saliency() {
+    let model = digits();
+    let x = inputs(4);
+    let s = CategoricalScore::new(3).unwrap();
+    let vanilla = Saliency::new(&model)
+        .compute(&[x.shallow_clone()], &[&s as &dyn Score])
+        .unwrap();
+    let smooth = Saliency::new(&model)
+        .smooth_samples(3)
+        .smooth_noise(0.0)
+        .compute(&[x], &[&s as &dyn Score])
+        .unwrap();
+    crate::util::assert_close("maps", &smooth.maps[0], &vanilla.maps[0], 0.0, 1e-6);
+    crate::util::assert_close(
+        "gradients",
+        &smooth.gradients[0],
+        &vanilla.gradients[0],
+        1e-5,
+        1e-9,
+    );
+    assert!(smooth.scores[0].equal(&vanilla.scores[0]));
+}
+
+/// An image's SmoothGrad map depends on its key and the seed, not on the
+/// batch it shares or how the batch is cut.
+#[test]
+fn smoothgrad_does_not_depend_on_batching() {
+    let model = digits();
+    let x = inputs(6);
+    let s = PredictedScore::new();
+    let sal = Saliency::new(&model).smooth_samples(4).seed(9);
+    let keys: Vec<u64> = (100..106).collect();
+    let whole = sal
+        .compute_keyed(&[x.shallow_clone()], &[&s as &dyn Score], &keys)
+        .unwrap();
+    for (start, len) in [(0, 2), (2, 3), (5, 1)] {
+        let part = sal
+            .compute_keyed(
+                &[x.narrow(0, start, len)],
+                &[&s as &dyn Score],
+                &keys[start as usize..(start + len) as usize],
+            )
+            .unwrap();
+        crate::util::assert_close(
+            "chunked maps",
+            &part.maps[0],
+            &whole.maps[0].narrow(0, start, len),
+            0.0,
+            1e-6,
+        );
+    }
+}
+
+/// The caller's tensors keep their values, grad flag and `.grad`.
+#[test]
+fn saliency_leaves_the_callers_tensors_untouched() {
+    let model = digits();
+    let x = inputs(2).set_requires_grad(true);
+    let before = x.detach().copy();
+    let s = CategoricalScore::new(1).unwrap();
+    Saliency::new(&model)
+        .smooth_samples(2)
+        .compute(&[x.shallow_clone()], &[&s as &dyn Score])
+        .unwrap();
+    assert!(x.detach().equal(&before));
+    assert!(x.requires_grad());
+    assert!(!x.grad().defined());
+}
+
+/// With SmoothGrad, `predicted` takes each image's class on the clean
+/// input and keeps it over the noisy samples: with noise strong enough to
+/// change the argmax, the maps equal those of `categorical` with the clean
+/// classes, and the classes reported are the clean ones.
+#[test]
+fn predicted_stays_fixed_across_smoothgrad_samples() {
+    let model = digits();
+    let x = inputs(5);
+    let clean = PredictedScore::new()
+        .classes(&model.forward(&[x.shallow_clone()]).unwrap()[0])
+        .unwrap();
+    let sal = Saliency::new(&model)
+        .smooth_samples(3)
+        .smooth_noise(1.0)
+        .seed(2);
+    let p = PredictedScore::new();
+    let got = sal
+        .compute(&[x.shallow_clone()], &[&p as &dyn Score])
+        .unwrap();
+    let fixed = CategoricalScore::new(clean.clone()).unwrap();
+    let want = sal
+        .compute(&[x.shallow_clone()], &[&fixed as &dyn Score])
+        .unwrap();
+    assert!(
+        got.maps[0].equal(&want.maps[0]),
+        "predicted moved with the noise"
+    );
+    assert_eq!(got.classes[0].as_deref(), Some(clean.as_slice()));
+    // The noise does move the argmax of some samples: the test has teeth.
+    let noisy = &x + Tensor::randn([5, 1, 32, 32], (Kind::Float, Device::Cpu)) * 4.0;
+    let moved = PredictedScore::new()
+        .classes(&model.forward(&[noisy]).unwrap()[0])
+        .unwrap();
+    assert_ne!(moved, clean);
+}
+
+/// A sink that keeps results in memory.
+#[derive(Default)]
+struct Collect(
+    Mutex<Vec<(String, Vec<f32>, Tensor)>>,
+    Mutex<Vec<(String, String)>>,
+);
+
+impl Sink for Collect {
+    fn image(&self, r: ImageResult) -> tch_vis::Result<()> {
+        let map = r.arrays[0].values.shallow_clone();
+        self.0.lock().unwrap().push((r.rel, r.scores, map));
+        Ok(())
+    }
+
+    fn failed(&self, rel: &str, error: &str) -> tch_vis::Result<()> {
+        self.1.lock().unwrap().push((rel.into(), error.into()));
+        Ok(())
+    }
+}
+
+/// The engine hands every image to the sink once, with the same map
+/// whatever the batch size, and reports inputs that do not decode.
+#[test]
+fn engine_results_do_not_depend_on_batch_size() {
+    let model = digits();
+    let sidecar = Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap();
+    let method = SaliencyMethod::new(&[ScoreSpec::Predicted])
+        .unwrap()
+        .smooth(2, 0.2, 1);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("zz_broken.png"), b"not an image").unwrap();
+    let mut inputs = tch_vis::io::walk(&repo("examples/images"), &[]).unwrap();
+    inputs.extend(tch_vis::io::walk(dir.path(), &[]).unwrap());
+    let mut runs = Vec::new();
+    for batch in [1, 5, 32] {
+        let engine = Engine::new(&model, sidecar.clone(), &method).batch_size(batch);
+        let layout = engine.prepare().unwrap();
+        assert_eq!(
+            (layout.outputs, layout.class_outputs.clone()),
+            (1, vec![true])
+        );
+        let sink = Collect::default();
+        let summary = engine.run(&inputs, &sink).unwrap();
+        assert_eq!(summary.processed, 24);
+        assert!(summary.fatal.is_none());
+        assert_eq!(sink.1.lock().unwrap().len(), 1);
+        let mut got = sink.0.into_inner().unwrap();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        runs.push(got);
+    }
+    // Another batch size is another model call shape, where libtorch may
+    // sum in another order: scores agree to 1e-6, maps to 1e-5, except
+    // where the softmax saturates (p > 0.9999) and the map's normalisation
+    // magnifies the last digits of a ~1e-7 gradient (2e-2, as the CLI's
+    // golden check allows).
+    for other in &runs[1..] {
+        for (a, b) in runs[0].iter().zip(other) {
+            assert_eq!(a.0, b.0);
+            assert!(
+                (a.1[0] - b.1[0]).abs() <= 1e-6,
+                "{}: {:?} vs {:?}",
+                a.0,
+                a.1,
+                b.1
+            );
+            let atol = if a.1[0] > 0.9999 { 2e-2 } else { 1e-5 };
+            crate::util::assert_close(&a.0, &b.2, &a.2, 0.0, atol);
+        }
+    }
+}
