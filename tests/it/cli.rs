@@ -892,12 +892,13 @@ fn smoothgrad_is_reproducible_with_a_seed() {
 /// bundled sample image with digits_cnn and `predicted` (goldens written by
 /// scripts/make_goldens.py on this project's CPU machine), float32: gradients
 /// at rtol 1e-5 / atol 1e-6; maps, which are in [0, 1] and amplify the tiny
-/// gradients of saturated softmax outputs, at atol 5e-5 (the goldens were
-/// made with 2 threads, the CLI computes small models on one, which sums in
-/// another order: 1.5e-5 is seen on heldout_0011, p = 0.996).
+/// gradients of saturated softmax outputs, at atol 1e-5 plus what the
+/// measured gradient difference explains (the goldens were made with 2
+/// threads, the CLI computes small models on one, which sums in another
+/// order).
 #[test]
 fn saliency_matches_pytorch_goldens() {
-    check_goldens("cpu", 1e-5, 1e-6, 5e-5);
+    check_goldens("cpu", 1e-5, 1e-6, 1e-5);
 }
 
 /// The same on CUDA (IEEE float32: the CLI turns TF32 off), where cuDNN's
@@ -912,7 +913,7 @@ fn saliency_on_cuda_matches_pytorch_goldens() {
         eprintln!("skipped: no CUDA");
         return;
     }
-    check_goldens("cuda", 1e-4, 1e-6, 2e-2);
+    check_goldens("cuda", 1e-4, 1e-6, 1e-5);
 }
 
 fn check_goldens(device: &str, rtol: f64, atol: f64, map_atol: f64) {
@@ -961,34 +962,39 @@ fn check_goldens(device: &str, rtol: f64, atol: f64, map_atol: f64) {
     let mut worst = [0.0f64; 2];
     for item in &items {
         let rel = item["path"].as_str().unwrap();
-        for (k, (kind, suffix)) in [("grad", ".grad.npy"), ("saliency", ".saliency.npy")]
-            .into_iter()
-            .enumerate()
-        {
-            let want = Tensor::read_npy(gdir.join(item[kind].as_str().unwrap())).unwrap();
-            let got = Tensor::read_npy(out.join(format!("{rel}{suffix}"))).unwrap();
-            assert_eq!(got.size(), want.size(), "{rel} {kind}");
-            assert_eq!(got.kind(), tch::Kind::Float, "{rel} {kind}");
-            let diff = (&got - &want).abs().max().double_value(&[]);
-            worst[k] = worst[k].max(diff);
-            // Where the softmax saturates (p > 0.9999), the gradient is
-            // ~1e-7 and `(m - min) / (max - min + 1e-7)` turns differences
-            // in libtorch's summation order (thread count, vector units,
-            // cuDNN) into visible ones: 1.4e-2 is seen on heldout_0036
-            // (p = 0.9999957) between 1 and 2 CPU threads.
-            let saturated = item["score"].as_f64().unwrap() > 0.9999;
-            let (r, a) = if k == 0 {
-                (rtol, atol)
-            } else if saturated {
-                (0.0, map_atol.max(2e-2))
-            } else {
-                (0.0, map_atol)
-            };
-            assert!(
-                got.allclose(&want, r, a, false),
-                "{rel} {kind} on {device}: max |diff| {diff} (rtol {r:e}, atol {a:e})"
-            );
-        }
+        let read = |dir: &Path, name: &str| {
+            let t = Tensor::read_npy(dir.join(name)).unwrap();
+            assert_eq!(t.kind(), tch::Kind::Float, "{rel} {name}");
+            t
+        };
+        // The signed gradient, against PyTorch's.
+        let want = read(&gdir, item["grad"].as_str().unwrap());
+        let got = read(&out, &format!("{rel}.grad.npy"));
+        assert_eq!(got.size(), want.size(), "{rel} grad");
+        let gdiff = (&got - &want).abs().max().double_value(&[]);
+        worst[0] = worst[0].max(gdiff);
+        assert!(
+            got.allclose(&want, rtol, atol, false),
+            "{rel} grad on {device}: max |diff| {gdiff} (rtol {rtol:e}, atol {atol:e})"
+        );
+        // The map `(m - min) / (max - min + 1e-7)` of m = max over channels
+        // of |gradient|: a gradient difference d moves it by at most
+        // ~3 d / (max - min). Where the softmax saturates, max - min is
+        // ~1e-7 and libtorch's summation order (thread count, vector
+        // units, cuDNN) shows: the tolerance is map_atol plus what the
+        // measured gradient difference explains.
+        let m = want.abs().amax([0i64].as_slice(), false);
+        let range = (m.max() - m.min()).double_value(&[]);
+        let tol = map_atol + 4.0 * gdiff / (range + 1e-7);
+        let want = read(&gdir, item["saliency"].as_str().unwrap());
+        let got = read(&out, &format!("{rel}.saliency.npy"));
+        assert_eq!(got.size(), want.size(), "{rel} map");
+        let diff = (&got - &want).abs().max().double_value(&[]);
+        worst[1] = worst[1].max(diff);
+        assert!(
+            diff <= tol,
+            "{rel} map on {device}: max |diff| {diff} > {tol:e} (gradient max |diff| {gdiff:e}, range {range:e})"
+        );
         let want = item["score"].as_f64().unwrap();
         let got = scores[rel];
         assert!(

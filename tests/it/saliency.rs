@@ -201,3 +201,21 @@ fn engine_results_do_not_depend_on_batch_size() {
         }
     }
 }
+
+/// The preprocessing of every bundled sample equals PyTorch's (the inputs
+/// of the CLI goldens), bit for bit.
+#[test]
+fn preprocessing_matches_the_cli_goldens() {
+    let dir = repo("tests/golden/preprocess");
+    let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+    let items: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let pre = tch_vis::preprocess::Preprocessor::new(
+        Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap(),
+    );
+    for item in &items {
+        let rel = item["path"].as_str().unwrap();
+        let got = pre.load(repo("examples/images").join(rel)).unwrap().input;
+        let want = crate::util::npy(dir.join(item["input"].as_str().unwrap()));
+        crate::util::assert_close(rel, &got.unsqueeze(0), &want, 0.0, 0.0);
+    }
+}
