@@ -13,6 +13,7 @@
 //! | [`scores`] | the [`Score`](scores::Score) trait and the tf-keras-vis scores, plus predicted, segmentation and contrastive scores |
 //! | [`Model`] | a TorchScript model: load, forward, [`gradients`](Model::gradients) |
 //! | [`saliency`] | vanilla saliency and SmoothGrad maps |
+//! | [`cam`] | class activation maps: Grad-CAM, Grad-CAM++, Layer-CAM, Score-CAM, Faster-Score-CAM |
 //! | [`preprocess`] | the model sidecar (`M.json`) and image decoding into model inputs |
 //! | [`heatmap`] | colour maps and overlays for saliency maps |
 //! | [`DeviceSpec`] | `auto`, `cpu`, `cuda`, `cuda:N` |
@@ -39,6 +40,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod cam;
 mod device;
 mod error;
 mod grad;

@@ -1,3 +1,4 @@
+mod cam;
 mod cli;
 mod model;
 mod parity;
