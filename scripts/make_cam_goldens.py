@@ -28,8 +28,8 @@ bench-data/resnet18_cam.pt/.json   torchvision resnet18, random weights (seed
 Models and target layers (the module whose output is forward_features):
   digits_cnn     models/digits_cnn.pt, eager DigitsCNN, features[7]
   digits_rgb     models/digits_rgb.pt, eager DigitsRGB, features[10]
-  resnet_narrow  layer4[-1], input 2 x 3 x 72 x 88 (non-square)
-  resnet18       layer4[-1], input 1 x 3 x 200 x 232 (non-square)
+  resnet_narrow  layer4[-1], input 2 x 3 x 96 x 128 (non-square, features 3 x 4)
+  resnet18       layer4[-1], input 1 x 3 x 128 x 160 (non-square, features 4 x 5)
 Targets: "categorical" = ClassifierOutputTarget(I) for every image,
 "predicted" = targets None (pytorch-grad-cam's argmax of the output).
 Methods: GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM (batch_size 16).
@@ -163,15 +163,15 @@ def main():
     torch.manual_seed(0)
     narrow = narrow_resnet18()
     features, head, _ = ecm.torchvision_split("resnet", narrow)
-    x_narrow = smooth_noise(2, 72, 88, seed=1)
+    x_narrow = smooth_noise(2, 96, 128, seed=1)
     with torch.no_grad():
         want = narrow(x_narrow)
-    narrow_side = dict(ecm.torchvision_sidecar(), input_size=[72, 88], crop=[72, 88], resize=[72, 88])
+    narrow_side = dict(ecm.torchvision_sidecar(), input_size=[96, 128], crop=[96, 128], resize=[96, 128])
     ecm.save_checked(ecm.CamSplit(features, head), os.path.join(OUT, "resnet_narrow.pt"), x_narrow, narrow_side, want)
 
     r18_path = os.path.join(ROOT, "bench-data", "resnet18_cam.pt")
     r18 = ecm.export_torchvision("resnet18", r18_path, seed=0)
-    x_r18 = smooth_noise(1, 200, 232, seed=2)
+    x_r18 = smooth_noise(1, 128, 160, seed=2)
 
     models = [
         ("digits_cnn", "models/digits_cnn.pt", False, load_digits(mm.DigitsCNN, "digits_cnn"), "features[7]", gray, 3),
