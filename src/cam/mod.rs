@@ -320,66 +320,38 @@ impl<'a> Cam<'a> {
         }
         let (height, width) = (size[2], size[3]);
         let a = self.model.features(x)?;
-
-        // The head on a leaf A: with a graph for the gradient methods.
-        let _mode = GradMode::set(self.method.uses_gradients());
-        let leaf = if self.method.uses_gradients() {
-            a.f_detach()?.f_set_requires_grad(true)?
-        } else {
-            a.shallow_clone()
-        };
-        let outputs: Vec<Tensor> = self
-            .model
-            .run_head(&leaf)?
-            .into_iter()
-            .map(|(_, t)| t)
-            .collect();
-        if outputs.len() != scores.len() {
-            return Err(Error::ScoreCount {
-                outputs: outputs.len(),
-                scores: scores.len(),
-            });
-        }
-        let mut fixed: Vec<Option<Box<dyn Score + Send + Sync>>> = Vec::new();
-        let mut classes = Vec::with_capacity(scores.len());
-        for (index, (out, score)) in outputs.iter().zip(scores).enumerate() {
-            let out = out.f_detach()?;
-            let context = |e| Error::Score {
-                index,
-                name: score.name().to_string(),
-                source: Box::new(e),
-            };
-            fixed.push(score.fixed_on(&out).map_err(context)?);
-            classes.push(score.classes(&out).map_err(context)?);
-        }
-        let fixed_refs: Vec<&dyn Score> = fixed
-            .iter()
-            .zip(scores)
-            .map(|(f, s)| match f {
-                Some(f) => f.as_ref() as &dyn Score,
-                None => *s,
-            })
-            .collect();
-        let values = score_outputs(&outputs, &fixed_refs)?;
-
         let af = a.f_detach()?.f_to_kind(Kind::Float)?;
-        let cam = if self.method.uses_gradients() {
+        let (cam, values, classes) = if self.method.uses_gradients() {
+            // The head on a leaf A, with a graph from A only.
+            let _on = GradMode::set(true);
+            let leaf = a.f_detach()?.f_set_requires_grad(true)?;
+            let outputs = self.head_outputs(&leaf, scores)?;
+            let (fixed, classes) = fix_scores(&outputs, scores)?;
+            let values = score_outputs(&outputs, &as_refs(&fixed, scores))?;
             let g = gradient(&values, &leaf)?.f_to_kind(Kind::Float)?;
-            match self.method {
+            let cam = match self.method {
                 CamMethod::GradCam => gradcam::cam(&af, &g)?,
                 CamMethod::GradCamPlusPlus => gradcam_plus_plus::cam(&af, &g, self.alpha)?,
                 _ => layercam::cam(&af, &g)?,
-            }
+            };
+            (cam, values, classes)
         } else {
-            drop(_mode);
             let _off = GradMode::set(false);
+            let outputs = self.head_outputs(&a, scores)?;
+            let (fixed, classes) = fix_scores(&outputs, scores)?;
+            let fixed = as_refs(&fixed, scores);
+            let values = score_outputs(&outputs, &fixed)?;
             let xd = x.f_detach()?.f_to_device(self.model.device())?;
             let plan = scorecam::Plan {
                 batch: self.score_cam_batch,
                 max_n: (self.method == CamMethod::FasterScoreCam).then_some(self.max_n),
                 weights: self.score_cam_weights,
             };
-            scorecam::cam(self.model, &xd, &af, &fixed_refs, plan)?
+            (
+                scorecam::cam(self.model, &xd, &af, &fixed, plan)?,
+                values,
+                classes,
+            )
         };
         let _off = GradMode::set(false);
         let raw = cam.f_relu()?;
@@ -404,6 +376,62 @@ impl<'a> Cam<'a> {
             classes,
         })
     }
+}
+
+impl Cam<'_> {
+    /// `forward_head(a)` in the current grad mode, one output per score.
+    fn head_outputs(&self, a: &Tensor, scores: &[&dyn Score]) -> Result<Vec<Tensor>> {
+        let outputs: Vec<Tensor> = self
+            .model
+            .run_head(a)?
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
+        if outputs.len() != scores.len() {
+            return Err(Error::ScoreCount {
+                outputs: outputs.len(),
+                scores: scores.len(),
+            });
+        }
+        Ok(outputs)
+    }
+}
+
+/// A score fixed on its (clean) output, where the score picks its class
+/// from the output.
+type Fixed = Option<Box<dyn Score + Send + Sync>>;
+
+/// The class each image is explained for, per output (`None` for scores
+/// without classes).
+type Classes = Vec<Option<Vec<usize>>>;
+
+/// Each score fixed on its output, and the classes it takes there.
+fn fix_scores(outputs: &[Tensor], scores: &[&dyn Score]) -> Result<(Vec<Fixed>, Classes)> {
+    let mut fixed = Vec::with_capacity(scores.len());
+    let mut classes = Vec::with_capacity(scores.len());
+    for (index, (out, score)) in outputs.iter().zip(scores).enumerate() {
+        let out = out.f_detach()?;
+        let context = |e| Error::Score {
+            index,
+            name: score.name().to_string(),
+            source: Box::new(e),
+        };
+        fixed.push(score.fixed_on(&out).map_err(context)?);
+        classes.push(score.classes(&out).map_err(context)?);
+    }
+    Ok((fixed, classes))
+}
+
+/// The fixed score where there is one, else the score given.
+fn as_refs<'s>(fixed: &'s [Fixed], scores: &[&'s dyn Score]) -> Vec<&'s dyn Score> {
+    fixed
+        .iter()
+        .zip(scores)
+        .map(|(f, s)| match f {
+            Some(f) => f.as_ref() as &dyn Score,
+            None => *s,
+        })
+        .collect()
 }
 
 /// Each score on its output, with the output index as context.
@@ -488,10 +516,15 @@ mod tests {
 
     #[test]
     fn scale_maps_each_image_to_unit_range() {
-        // Image 0: [1, 3] -> [0, 2 / (2 + 1e-7)]; image 1 constant -> 0.
+        // Image 0: [1, 3] -> [0, 2 / (2 + 1e-7)] (1 in float32, where
+        // 2 + 1e-7 rounds to 2); image 1 is constant -> [0, 0].
         let m = Tensor::from_slice(&[1f32, 3., 5., 5.]).view([2, 1, 2]);
         let s = Vec::<f32>::try_from(scale(&m).unwrap().reshape([-1])).unwrap();
-        assert_eq!(s, vec![0.0, (2.0f64 / (2.0 + 1e-7)) as f32, 0.0, 0.0]);
+        assert_eq!(s, vec![0.0, 1.0, 0.0, 0.0]);
+        // A small range is where the 1e-7 shows: [0, 1e-6] -> [0, 1 / 1.1].
+        let m = Tensor::from_slice(&[0f32, 1e-6]).view([1, 1, 2]);
+        let s = scale(&m).unwrap().double_value(&[0, 0, 1]);
+        assert!((s - 1.0 / 1.1).abs() < 1e-6, "{s}");
     }
 
     #[test]

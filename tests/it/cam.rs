@@ -121,7 +121,6 @@ fn parity(name: &str, device: Device) -> Option<Vec<(String, f64)>> {
         report.push((format!("{} {}", case.method, case.target_name()), diff));
     }
     assert!(!report.is_empty(), "no cases for {name}");
-    let _ = &m.grad_cam;
     Some(report)
 }
 
