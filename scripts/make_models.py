@@ -691,6 +691,10 @@ def write_readme(metrics, n_tr, n_ho):
         "- `digits_rgb`: each digit drawn in a random colour on a different random",
         "  background colour (`x = bg * (1 - a) + fg * a`); the model centres each",
         "  image per channel before its batch-normalised convolutions.",
+        "- Class activation maps: every model but `digits_dense` also has the methods",
+        "  `forward_features(x)` (the last ReLU of the trunk, N x 32 x 8 x 8) and",
+        "  `forward_head(a)`, with `forward(x) == forward_head(forward_features(x))`",
+        "  (`digits_dense` mixes three feature levels, so no single map feeds it).",
         "- Sample images from the held-out split are in `examples/images/KIND/DIGIT/`.",
         "",
     ]
