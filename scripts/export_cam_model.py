@@ -33,9 +33,10 @@ torchvision NAME    a torchvision classifier (resnet18, densenet121,
                       efficientnet*    features[-1]
                       convnext*        features[-1]
                       regnet*          trunk_output
-                    --width-per-group / --width options are not offered: the
-                    architecture is torchvision's. Use --num-classes N for
-                    another class count.
+                    The architecture is torchvision's; --num-classes N for
+                    another class count. Tried with random weights: resnet18,
+                    densenet121, mobilenet_v3_small, mobilenet_v2,
+                    efficientnet_b0, convnext_tiny, regnet_y_400mf.
 torchscript IN.pt   an existing TorchScript classifier whose forward is
                     head(features(x)) for known submodules: --features P ...
                     and --head P ..., each a dotted submodule path
