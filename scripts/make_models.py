@@ -149,6 +149,15 @@ def dense_target(x, y):
 # --------------------------------------------------------------------------
 
 
+# The CAM convention: forward_features(x) returns the feature maps of the
+# last ReLU of the trunk, (N, 32, 8, 8) (features[7], or features[10] in
+# digits_rgb: the layer to hook in pytorch-grad-cam), and forward_head(a) the
+# rest of forward, so that forward(x) == forward_head(forward_features(x)).
+# (TorchScript needs the slice bounds as literals.) digits_dense has no such
+# split (its output mixes three feature levels) and no CAM methods.
+CAM_LAYER = {"digits_cnn": 7, "digits_binary": 7, "digits_regressor": 7, "digits_multi": 7, "digits_rgb": 10}
+
+
 def trunk(in_ch, widths=(8, 16, 32)):
     """32x32 -> (N, widths[2] * 4 * 4) features."""
     c1, c2, c3 = widths
@@ -178,6 +187,20 @@ class DigitsCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(x), dim=1)
 
+    @torch.jit.export
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.features):
+            if i < 8:
+                x = layer(x)
+        return x
+
+    @torch.jit.export
+    def forward_head(self, a: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.features):
+            if i >= 8:
+                a = layer(a)
+        return torch.softmax(self.classifier(a), dim=1)
+
 
 class DigitsBinary(nn.Module):
     """forward returns sigmoid (N, 1) = P(digit is 0)."""
@@ -193,6 +216,20 @@ class DigitsBinary(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(x))
 
+    @torch.jit.export
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.features):
+            if i < 8:
+                x = layer(x)
+        return x
+
+    @torch.jit.export
+    def forward_head(self, a: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.features):
+            if i >= 8:
+                a = layer(a)
+        return torch.sigmoid(self.classifier(a))
+
 
 class DigitsRegressor(nn.Module):
     """forward returns the digit's value (N, 1), linear output (the head's
@@ -206,6 +243,20 @@ class DigitsRegressor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return 4.5 + 3.0 * self.regressor(self.features(x))
 
+    @torch.jit.export
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.features):
+            if i < 8:
+                x = layer(x)
+        return x
+
+    @torch.jit.export
+    def forward_head(self, a: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.features):
+            if i >= 8:
+                a = layer(a)
+        return 4.5 + 3.0 * self.regressor(a)
+
 
 class DigitsMulti(nn.Module):
     """forward returns (class logits (N, 10), value regression (N, 1))."""
@@ -218,6 +269,21 @@ class DigitsMulti(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         f = self.features(x)
+        return self.classifier(f), 4.5 + 3.0 * self.regressor(f)
+
+    @torch.jit.export
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.features):
+            if i < 8:
+                x = layer(x)
+        return x
+
+    @torch.jit.export
+    def forward_head(self, a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        for i, layer in enumerate(self.features):
+            if i >= 8:
+                a = layer(a)
+        f = a
         return self.classifier(f), 4.5 + 3.0 * self.regressor(f)
 
 
@@ -274,6 +340,21 @@ class DigitsRGB(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x - x.mean(dim=(2, 3), keepdim=True)
         return self.classifier(self.features(x))
+
+    @torch.jit.export
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = x - x.mean(dim=(2, 3), keepdim=True)
+        for i, layer in enumerate(self.features):
+            if i < 11:
+                x = layer(x)
+        return x
+
+    @torch.jit.export
+    def forward_head(self, a: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.features):
+            if i >= 11:
+                a = layer(a)
+        return self.classifier(a)
 
 
 # --------------------------------------------------------------------------
@@ -610,6 +691,10 @@ def write_readme(metrics, n_tr, n_ho):
         "- `digits_rgb`: each digit drawn in a random colour on a different random",
         "  background colour (`x = bg * (1 - a) + fg * a`); the model centres each",
         "  image per channel before its batch-normalised convolutions.",
+        "- Class activation maps: every model but `digits_dense` also has the methods",
+        "  `forward_features(x)` (the last ReLU of the trunk, N x 32 x 8 x 8) and",
+        "  `forward_head(a)`, with `forward(x) == forward_head(forward_features(x))`",
+        "  (`digits_dense` mixes three feature levels, so no single map feeds it).",
         "- Sample images from the held-out split are in `examples/images/KIND/DIGIT/`.",
         "",
     ]

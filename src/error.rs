@@ -101,6 +101,21 @@ pub enum Error {
         source: tch::TchError,
     },
 
+    /// The model does not follow the CAM convention: it lacks the methods
+    /// `forward_features(x)` (feature maps `(N, K, h, w)`) and
+    /// `forward_head(a)` (the outputs from those maps).
+    #[error(
+        "model {} cannot give class activation maps: it has no {} method (export one with `forward_features` and `forward_head` with scripts/export_cam_model.py)",
+        path.display(),
+        missing.join(" or ")
+    )]
+    NotCamModel {
+        /// The model file.
+        path: PathBuf,
+        /// The missing methods (`"forward_features"`, `"forward_head"`).
+        missing: Vec<&'static str>,
+    },
+
     /// The model returned something that is not a tensor (or a tuple, list
     /// or dict of tensors).
     #[error(

@@ -56,7 +56,7 @@ fn walk(value: IValue, name: String, top: bool, out: &mut Vec<(String, Tensor)>)
     Ok(())
 }
 
-fn kind_name(v: &IValue) -> &'static str {
+pub(crate) fn kind_name(v: &IValue) -> &'static str {
     match v {
         IValue::None => "None",
         IValue::Tensor(_) => "Tensor",

@@ -14,6 +14,7 @@
 //! | [`Model`] | a TorchScript model: load, forward, [`gradients`](Model::gradients) |
 //! | [`saliency`] | vanilla saliency and SmoothGrad maps |
 //! | [`batch`] | batch jobs over image files: engine, methods, output folder |
+//! | [`cam`] | class activation maps: Grad-CAM, Grad-CAM++, Layer-CAM, Score-CAM, Faster-Score-CAM |
 //! | [`preprocess`] | the model sidecar (`M.json`) and image decoding into model inputs |
 //! | [`heatmap`] | colour maps and overlays for saliency maps |
 //! | [`gallery`] | a static HTML gallery of a run's maps, scores and failures |
@@ -42,6 +43,7 @@
 )]
 
 pub mod batch;
+pub mod cam;
 mod device;
 mod error;
 pub mod gallery;

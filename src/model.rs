@@ -374,6 +374,127 @@ impl Model {
     }
 }
 
+/// The TorchScript method that gives the feature maps of the CAM convention.
+pub(crate) const FEATURES_METHOD: &str = "forward_features";
+/// The TorchScript method that maps the feature maps to the outputs.
+pub(crate) const HEAD_METHOD: &str = "forward_head";
+
+impl Model {
+    /// Whether the TorchScript module has a method called `name`.
+    ///
+    /// The method is looked up, not run: it is called with no arguments,
+    /// which libtorch rejects before running anything when the method takes
+    /// arguments (a method that takes none would run once).
+    pub fn has_method(&self, name: &str) -> bool {
+        match self.module.method_is::<IValue>(name, &[]) {
+            Ok(_) => true,
+            Err(e) => !is_missing_method(&e),
+        }
+    }
+
+    /// Checks that the model follows the CAM convention: methods
+    /// `forward_features(x) -> A` (the feature maps `(N, K, h, w)` of the
+    /// target layer) and `forward_head(A) -> outputs`, with
+    /// `forward(x) == forward_head(forward_features(x))`.
+    /// `scripts/export_cam_model.py` exports such models.
+    ///
+    /// # Errors
+    /// [`Error::NotCamModel`] naming the missing methods.
+    pub fn check_cam(&self) -> Result<()> {
+        let missing: Vec<&'static str> = [FEATURES_METHOD, HEAD_METHOD]
+            .into_iter()
+            .filter(|m| !self.has_method(m))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::NotCamModel {
+                path: self.source.clone(),
+                missing,
+            })
+        }
+    }
+
+    /// The feature maps `forward_features(x)`, `(N, K, h, w)`, computed
+    /// without a graph, on the model's device and in its precision.
+    ///
+    /// # Errors
+    /// [`Error::NotCamModel`] when the model has no `forward_features`;
+    /// [`Error::Shape`] when it does not return an `(N, K, h, w)` tensor
+    /// with the input's batch size; [`Error::Torch`] when it fails.
+    pub fn features(&self, x: &Tensor) -> Result<Tensor> {
+        let _mode = GradMode::set(false);
+        let x = self.prepare(x)?;
+        let batch = x.size().first().copied();
+        let value = self
+            .module
+            .method_is(FEATURES_METHOD, &[IValue::Tensor(x)])
+            .map_err(|e| self.method_error(e, FEATURES_METHOD))?;
+        let a = match value {
+            IValue::Tensor(t) => t,
+            other => {
+                return Err(Error::UnsupportedOutput {
+                    kind: format!("{FEATURES_METHOD} returned {}", ivalue::kind_name(&other)),
+                })
+            }
+        };
+        let size = a.size();
+        if size.len() != 4 || size.first().copied() != batch {
+            return Err(Error::shape(
+                format!("{FEATURES_METHOD} output"),
+                format!("(N, K, h, w) with N = {}", batch.unwrap_or(0)),
+                &size,
+            ));
+        }
+        Ok(a)
+    }
+
+    /// The outputs `forward_head(a)` of feature maps `a` (as given by
+    /// [`Model::features`]), flattened in order as by [`Model::forward`],
+    /// computed without a graph.
+    ///
+    /// # Errors
+    /// [`Error::NotCamModel`] when the model has no `forward_head`;
+    /// [`Error::UnsupportedOutput`] and [`Error::Torch`] as
+    /// [`Model::forward`].
+    pub fn head(&self, a: &Tensor) -> Result<Vec<Tensor>> {
+        let _mode = GradMode::set(false);
+        Ok(self.run_head(a)?.into_iter().map(|(_, t)| t).collect())
+    }
+
+    /// `forward_head(a)` in the current grad mode (a graph is built when
+    /// autograd is on and `a` requires grad).
+    pub(crate) fn run_head(&self, a: &Tensor) -> Result<Vec<(String, Tensor)>> {
+        let value = self
+            .module
+            .method_is(HEAD_METHOD, &[IValue::Tensor(a.shallow_clone())])
+            .map_err(|e| self.method_error(e, HEAD_METHOD))?;
+        ivalue::flatten(value)
+    }
+
+    fn method_error(&self, e: tch::TchError, method: &'static str) -> Error {
+        if is_missing_method(&e) {
+            Error::NotCamModel {
+                path: self.source.clone(),
+                missing: vec![method],
+            }
+        } else {
+            Error::Torch(e)
+        }
+    }
+}
+
+/// Whether libtorch's error says that a method does not exist.
+fn is_missing_method(e: &tch::TchError) -> bool {
+    let text = match e {
+        tch::TchError::Torch(msg) => msg.as_str(),
+        _ => return false,
+    };
+    text.lines()
+        .next()
+        .is_some_and(|l| l.contains("is not defined"))
+}
+
 fn is_floating(kind: Kind) -> bool {
     matches!(
         kind,

@@ -1,3 +1,4 @@
+mod cam;
 mod cli;
 mod gallery;
 mod model;
