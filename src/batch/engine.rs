@@ -24,6 +24,8 @@ pub struct Layout {
     /// Per output: whether its score takes a class (categorical,
     /// predicted), so a class column belongs to it.
     pub class_outputs: Vec<bool>,
+    /// The method's per-image value columns ([`super::BatchResult::columns`]).
+    pub columns: Vec<String>,
     /// libtorch threads of the compute thread.
     pub compute_threads: usize,
     /// The device the model runs on.
@@ -231,6 +233,7 @@ impl<'a> Engine<'a> {
         Ok(Layout {
             outputs: result.scores.len(),
             class_outputs: result.classes.iter().map(Option::is_some).collect(),
+            columns: result.columns.iter().map(|(n, _)| n.clone()).collect(),
             compute_threads: threads,
             device,
         })
@@ -439,6 +442,18 @@ impl<'a> Engine<'a> {
             }
             scores.push(v);
         }
+        let mut columns = Vec::with_capacity(res.columns.len());
+        for (name, t) in &res.columns {
+            let v = Vec::<f32>::try_from(&to_cpu(t)?.f_reshape([-1])?)?;
+            if v.len() != n {
+                return Err(Error::BatchMismatch {
+                    what: "per-image values",
+                    expected: n,
+                    got: v.len(),
+                });
+            }
+            columns.push((name.clone(), v));
+        }
         let arrays = res
             .arrays
             .iter()
@@ -469,6 +484,7 @@ impl<'a> Engine<'a> {
                     .map(|c| c.as_ref().and_then(|c| c.get(i).copied()))
                     .collect(),
                 arrays: per_image,
+                columns: columns.iter().map(|(k, v)| (k.clone(), v[i])).collect(),
                 image: p.image,
                 original_size: p.original_size,
                 original: p.original,

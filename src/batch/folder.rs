@@ -114,7 +114,7 @@ impl FolderSink {
                 });
             }
         }
-        let header = table::header(layout.outputs, &layout.class_outputs);
+        let header = table::header(layout.outputs, &layout.class_outputs, &layout.columns);
         let csv_path = out.join("scores.csv");
         if let Some(h) = table::read_header(&csv_path)? {
             if h != header && !overwrite {
@@ -571,6 +571,7 @@ impl Sink for FolderSink {
                 }
             }
         }
+        record.extend(r.columns.iter().map(|(_, v)| v.to_string()));
         record.push(String::new());
         record.push(END.into());
         self.append(&record)

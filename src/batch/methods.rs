@@ -5,6 +5,7 @@ use tch::Tensor;
 use super::{BatchArray, BatchResult, Method};
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::cam::{AlphaNorm, Cam, CamMethod, CamResize, ScoreCamWeights};
 use crate::saliency::Saliency;
 use crate::scores::{self, Score, ScoreSpec};
 
@@ -134,6 +135,7 @@ impl Method for ScoresMethod {
             scores: values,
             classes: self.scores.classes(&outputs)?,
             arrays: Vec::new(),
+            columns: Vec::new(),
         })
     }
 }
@@ -237,6 +239,109 @@ impl Method for SaliencyMethod {
             scores: res.scores,
             classes: res.classes,
             arrays,
+            columns: Vec::new(),
+        })
+    }
+}
+
+/// Class activation maps ([`Cam`]): the array `cam`, `(H, W)` maps in
+/// `[0, 1]` at the model's input size, with a heatmap. The model must have
+/// `forward_features` and `forward_head` ([`Model::check_cam`]).
+pub struct CamMapMethod {
+    scores: ScoreSet,
+    method: CamMethod,
+    score_cam_batch: usize,
+    max_n: usize,
+    tf_keras_vis: bool,
+}
+
+impl CamMapMethod {
+    /// `method`'s maps of scores from specifications, one per model output
+    /// (none: `predicted` for a one-output model).
+    ///
+    /// # Errors
+    /// [`Error::Empty`] for a categorical specification without classes.
+    pub fn new(method: CamMethod, specs: &[ScoreSpec]) -> Result<Self> {
+        Ok(Self::with(method, ScoreSet::from_specs(specs)?))
+    }
+
+    /// `method`'s maps of score objects, one per model output.
+    pub fn from_scores(method: CamMethod, scores: Vec<Box<dyn Score + Send + Sync>>) -> Self {
+        Self::with(method, ScoreSet::from_scores(scores))
+    }
+
+    fn with(method: CamMethod, scores: ScoreSet) -> Self {
+        CamMapMethod {
+            scores,
+            method,
+            score_cam_batch: 64,
+            max_n: 10,
+            tf_keras_vis: false,
+        }
+    }
+
+    /// Masked inputs per Score-CAM forward pass ([`Cam::score_cam_batch`]).
+    pub fn score_cam_batch(mut self, n: usize) -> Self {
+        self.score_cam_batch = n.max(1);
+        self
+    }
+
+    /// Channels kept by Faster-Score-CAM ([`Cam::max_n`]).
+    pub fn max_n(mut self, n: usize) -> Self {
+        self.max_n = n.max(1);
+        self
+    }
+
+    /// tf-keras-vis's variants instead of pytorch-grad-cam's
+    /// ([`Cam::tf_keras_vis`]).
+    pub fn tf_keras_vis(mut self, yes: bool) -> Self {
+        self.tf_keras_vis = yes;
+        self
+    }
+
+    fn cam<'m>(&self, model: &'m Model) -> Cam<'m> {
+        let cam = Cam::new(model, self.method)
+            .score_cam_batch(self.score_cam_batch)
+            .max_n(self.max_n);
+        if self.tf_keras_vis {
+            cam.tf_keras_vis()
+        } else {
+            cam.resize(CamResize::HalfPixel)
+                .alpha(AlphaNorm::None)
+                .score_cam_weights(ScoreCamWeights::ChannelSoftmax)
+        }
+    }
+}
+
+impl Method for CamMapMethod {
+    fn name(&self) -> &str {
+        self.method.name()
+    }
+
+    fn arrays(&self) -> Vec<(String, bool)> {
+        vec![("cam".to_string(), true)]
+    }
+
+    fn needs_gradients(&self) -> bool {
+        self.method.uses_gradients()
+    }
+
+    fn check(&self, model: &Model, outputs: &[Tensor]) -> Result<()> {
+        Cam::check(model)?;
+        self.scores.check(outputs)
+    }
+
+    fn compute(&self, model: &Model, x: &Tensor, _keys: &[u64]) -> Result<BatchResult> {
+        let res = self.cam(model).compute(x, &self.scores.refs())?;
+        Ok(BatchResult {
+            scores: res.scores,
+            classes: res.classes,
+            arrays: vec![BatchArray {
+                name: "cam".into(),
+                heat: Some(res.maps.shallow_clone()),
+                values: res.maps,
+            }],
+            columns: Vec::new(),
         })
     }
 }

@@ -48,7 +48,7 @@ mod table;
 
 pub use engine::{Engine, Layout, Progress, Summary, Timings};
 pub use folder::{Finished, FolderSink, Merged, JOURNAL_DIR};
-pub use methods::{SaliencyMethod, ScoresMethod};
+pub use methods::{CamMapMethod, SaliencyMethod, ScoresMethod};
 
 use tch::Tensor;
 
@@ -78,6 +78,9 @@ pub struct BatchResult {
     pub classes: Vec<Option<Vec<usize>>>,
     /// Arrays to keep per image (maps, gradients, attributions).
     pub arrays: Vec<BatchArray>,
+    /// Named per-image values (`[N]` each) for the table after the scores
+    /// and classes, such as Integrated Gradients' convergence delta.
+    pub columns: Vec<(String, Tensor)>,
 }
 
 /// What an engine computes for each batch: the seam where saliency, the
@@ -133,6 +136,8 @@ pub struct ImageResult {
     pub classes: Vec<Option<usize>>,
     /// The arrays of the method, in [`Method::arrays`] order.
     pub arrays: Vec<ImageArray>,
+    /// The method's named per-image values ([`BatchResult::columns`]).
+    pub columns: Vec<(String, f32)>,
     /// The resized image `(C, H, W)`, `[0, 1]`, as the model saw it before
     /// normalisation (for overlays).
     pub image: Tensor,

@@ -25,7 +25,7 @@ pub(crate) struct State {
 
 /// The header of `scores.csv`: `path`, `score_K` for every output, then
 /// `class_K,label_K` for every output whose score takes a class.
-pub(crate) fn header(outputs: usize, class_outputs: &[bool]) -> Vec<String> {
+pub(crate) fn header(outputs: usize, class_outputs: &[bool], columns: &[String]) -> Vec<String> {
     let mut h = vec!["path".to_string()];
     h.extend((0..outputs).map(|k| format!("score_{k}")));
     for (k, has) in class_outputs.iter().enumerate() {
@@ -34,6 +34,7 @@ pub(crate) fn header(outputs: usize, class_outputs: &[bool]) -> Vec<String> {
             h.push(format!("label_{k}"));
         }
     }
+    h.extend(columns.iter().cloned());
     h
 }
 
@@ -155,7 +156,7 @@ mod tests {
     use super::*;
 
     fn h() -> Vec<String> {
-        header(2, &[true, false])
+        header(2, &[true, false], &[])
     }
 
     #[test]
@@ -189,7 +190,7 @@ mod tests {
         assert!(!touched.contains("d.png"));
         // Another header: ignored.
         let mut other = State::default();
-        replay_journal(&bytes, &header(1, &[false]), &mut other, &mut touched);
+        replay_journal(&bytes, &header(1, &[false], &[]), &mut other, &mut touched);
         assert_eq!(other, State::default());
         let text = String::from_utf8(render(&h(), &state).unwrap()).unwrap();
         assert_eq!(
@@ -200,7 +201,7 @@ mod tests {
         let p = dir.path().join("scores.csv");
         std::fs::write(&p, &text).unwrap();
         assert_eq!(read_table(&p, &h()).unwrap().unwrap().rows, state.rows);
-        assert!(read_table(&p, &header(1, &[false])).unwrap().is_none());
+        assert!(read_table(&p, &header(1, &[false], &[])).unwrap().is_none());
         assert_eq!(read_header(&p).unwrap().unwrap(), h());
         assert!(read_header(&dir.path().join("none.csv")).unwrap().is_none());
     }
