@@ -13,6 +13,8 @@
 //! | [`scores`] | the [`Score`](scores::Score) trait and the tf-keras-vis scores, plus predicted, segmentation and contrastive scores |
 //! | [`Model`] | a TorchScript model: load, forward, [`gradients`](Model::gradients) |
 //! | [`saliency`] | vanilla saliency and SmoothGrad maps |
+//! | [`integrated_gradients`] | Integrated Gradients attributions, with captum's integration rules |
+//! | [`maximize`] | activation maximization: the input a score likes best |
 //! | [`preprocess`] | the model sidecar (`M.json`) and image decoding into model inputs |
 //! | [`heatmap`] | colour maps and overlays for saliency maps |
 //! | [`DeviceSpec`] | `auto`, `cpu`, `cuda`, `cuda:N` |
@@ -43,8 +45,10 @@ mod device;
 mod error;
 mod grad;
 pub mod heatmap;
+pub mod integrated_gradients;
 pub mod io;
 mod ivalue;
+pub mod maximize;
 mod model;
 pub mod preprocess;
 pub mod saliency;
