@@ -1,4 +1,5 @@
 mod cli;
+mod ig;
 mod model;
 mod parity;
 mod scores;
