@@ -228,9 +228,10 @@ fn gauss_legendre(n: usize) -> (Vec<f64>, Vec<f64>) {
 /// Baselines are in the model's input space. Most models take a normalised
 /// image `(pixel − mean) / std`, so the all-zero input [`Baseline::Zero`] is
 /// the *mean* image there, not black; [`Baseline::black`] gives black.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub enum Baseline {
     /// The all-zero model input (the default, and captum's `baselines=0`).
+    #[default]
     Zero,
     /// Every element equal to this value.
     Constant(f64),
@@ -246,12 +247,6 @@ pub enum Baseline {
     /// A tensor given by the caller that broadcasts to the input's shape:
     /// `(N, C, H, W)`, `(C, H, W)`, `(C, 1, 1)`, ...
     Tensor(Tensor),
-}
-
-impl Default for Baseline {
-    fn default() -> Self {
-        Baseline::Zero
-    }
 }
 
 impl Baseline {

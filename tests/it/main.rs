@@ -1,5 +1,6 @@
 mod cli;
 mod ig;
+mod maximize;
 mod model;
 mod parity;
 mod scores;
