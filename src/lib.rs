@@ -15,6 +15,8 @@
 //! | [`saliency`] | vanilla saliency and SmoothGrad maps |
 //! | [`batch`] | batch jobs over image files: engine, methods, output folder |
 //! | [`cam`] | class activation maps: Grad-CAM, Grad-CAM++, Layer-CAM, Score-CAM, Faster-Score-CAM |
+//! | [`integrated_gradients`] | Integrated Gradients attributions, with captum's integration rules |
+//! | [`maximize`] | activation maximization: the input a score likes best |
 //! | [`preprocess`] | the model sidecar (`M.json`) and image decoding into model inputs |
 //! | [`heatmap`] | colour maps and overlays for saliency maps |
 //! | [`gallery`] | a static HTML gallery of a run's maps, scores and failures |
@@ -49,8 +51,10 @@ mod error;
 pub mod gallery;
 mod grad;
 pub mod heatmap;
+pub mod integrated_gradients;
 pub mod io;
 mod ivalue;
+pub mod maximize;
 mod model;
 pub mod preprocess;
 pub mod saliency;

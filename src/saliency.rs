@@ -349,7 +349,7 @@ fn gaussian_like(x: &Tensor, seed: u64, input: u64, sample: u64, keys: &[u64]) -
         })?)
 }
 
-fn mix(parts: &[u64]) -> u64 {
+pub(crate) fn mix(parts: &[u64]) -> u64 {
     let mut h = 0x243F_6A88_85A3_08D3u64;
     for &p in parts {
         h = SplitMix64::new(h ^ p).next_u64();
@@ -358,14 +358,14 @@ fn mix(parts: &[u64]) -> u64 {
 }
 
 /// SplitMix64 (Steele, Lea and Flood, 2014).
-struct SplitMix64(u64);
+pub(crate) struct SplitMix64(u64);
 
 impl SplitMix64 {
-    fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         SplitMix64(seed)
     }
 
-    fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -374,7 +374,7 @@ impl SplitMix64 {
     }
 
     /// Uniform in (0, 1].
-    fn next_open(&mut self) -> f64 {
+    pub(crate) fn next_open(&mut self) -> f64 {
         ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
     }
 }

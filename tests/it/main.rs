@@ -1,6 +1,8 @@
 mod cam;
 mod cli;
 mod gallery;
+mod ig;
+mod maximize;
 mod model;
 mod parity;
 mod saliency;
