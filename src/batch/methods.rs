@@ -3,10 +3,12 @@
 use tch::Tensor;
 
 use super::{BatchArray, BatchResult, Method};
-use crate::error::{Error, Result};
-use crate::model::Model;
 use crate::cam::{AlphaNorm, Cam, CamMethod, CamResize, ScoreCamWeights};
-use crate::saliency::Saliency;
+use crate::error::{Error, Result};
+use crate::integrated_gradients::{Baseline, IntegratedGradients, Rule};
+use crate::model::Model;
+use crate::preprocess::Sidecar;
+use crate::saliency::{normalized_map, Saliency};
 use crate::scores::{self, Score, ScoreSpec};
 
 /// Scores as a method takes them: parsed specifications (checked against
@@ -342,6 +344,136 @@ impl Method for CamMapMethod {
                 values: res.maps,
             }],
             columns: Vec::new(),
+        })
+    }
+}
+
+/// Where Integrated Gradients' path starts, as a method keeps it.
+#[derive(Debug)]
+pub enum IgBaseline {
+    /// The all-zero model input (captum's `baselines=0`).
+    Zero,
+    /// Every element of the model input equal to this value.
+    Constant(f64),
+    /// A Gaussian blur of each input, `sigma` pixels.
+    Blur(f64),
+    /// Black in image space: `(0 - mean) / std` of the sidecar, a non-zero
+    /// model input.
+    Black,
+}
+
+/// Integrated Gradients ([`IntegratedGradients`]): the array `ig`,
+/// `(C, H, W)` attributions, with a heatmap of their channel-max
+/// magnitude (normalised per image as saliency maps are), and the
+/// per-image column `ig_delta` (sum of attributions minus
+/// F(x) − F(baseline)).
+pub struct IgMethod {
+    scores: ScoreSet,
+    steps: usize,
+    rule: Rule,
+    baseline: IgBaseline,
+    black: Option<Vec<f32>>,
+    internal_batch_size: Option<usize>,
+}
+
+impl IgMethod {
+    /// Integrated Gradients of scores from specifications, one per model
+    /// output (none: `predicted` for a one-output model): 50 steps of
+    /// Gauss-Legendre from the zero input.
+    ///
+    /// # Errors
+    /// [`Error::Empty`] for a categorical specification without classes.
+    pub fn new(specs: &[ScoreSpec]) -> Result<Self> {
+        Ok(IgMethod {
+            scores: ScoreSet::from_specs(specs)?,
+            steps: 50,
+            rule: Rule::GaussLegendre,
+            baseline: IgBaseline::Zero,
+            black: None,
+            internal_batch_size: None,
+        })
+    }
+
+    /// Steps along the path.
+    pub fn steps(mut self, steps: usize) -> Self {
+        self.steps = steps;
+        self
+    }
+
+    /// The integration rule.
+    pub fn rule(mut self, rule: Rule) -> Self {
+        self.rule = rule;
+        self
+    }
+
+    /// The baseline; `sidecar` gives black's model input.
+    ///
+    /// # Errors
+    /// As [`Baseline::black`].
+    pub fn baseline(mut self, baseline: IgBaseline, sidecar: &Sidecar) -> Result<Self> {
+        if matches!(baseline, IgBaseline::Black) {
+            self.black = match Baseline::black(sidecar)? {
+                Baseline::Tensor(t) => Some(Vec::<f32>::try_from(
+                    &t.f_to_kind(tch::Kind::Float)?.f_reshape([-1])?,
+                )?),
+                _ => None,
+            };
+        }
+        self.baseline = baseline;
+        Ok(self)
+    }
+
+    /// Most rows per model call ([`IntegratedGradients::internal_batch_size`]).
+    pub fn internal_batch_size(mut self, rows: usize) -> Self {
+        self.internal_batch_size = Some(rows.max(1));
+        self
+    }
+
+    fn baseline_now(&self) -> Result<Baseline> {
+        Ok(match (&self.baseline, &self.black) {
+            (IgBaseline::Zero, _) => Baseline::Zero,
+            (IgBaseline::Constant(v), _) => Baseline::Constant(*v),
+            (IgBaseline::Blur(sigma), _) => Baseline::Blur { sigma: *sigma },
+            (IgBaseline::Black, Some(v)) => {
+                Baseline::Tensor(Tensor::f_from_slice(v)?.f_view([v.len() as i64, 1, 1])?)
+            }
+            (IgBaseline::Black, None) => Baseline::Zero,
+        })
+    }
+}
+
+impl Method for IgMethod {
+    fn name(&self) -> &str {
+        "integrated-gradients"
+    }
+
+    fn arrays(&self) -> Vec<(String, bool)> {
+        vec![("ig".to_string(), true)]
+    }
+
+    fn check(&self, _model: &Model, outputs: &[Tensor]) -> Result<()> {
+        self.scores.check(outputs)
+    }
+
+    fn compute(&self, model: &Model, x: &Tensor, _keys: &[u64]) -> Result<BatchResult> {
+        let mut ig = IntegratedGradients::new(model)
+            .steps(self.steps)
+            .rule(self.rule)
+            .baseline(self.baseline_now()?);
+        if let Some(rows) = self.internal_batch_size {
+            ig = ig.internal_batch_size(rows);
+        }
+        let res = ig.attribute(x, &self.scores.refs())?;
+        let heat = normalized_map(&res.attributions.f_abs()?)?;
+        Ok(BatchResult {
+            scores: res.scores,
+            classes: res.classes,
+            arrays: vec![BatchArray {
+                name: "ig".into(),
+                values: res.attributions,
+                heat: Some(heat),
+            }],
+            columns: vec![("ig_delta".into(), res.delta)],
         })
     }
 }

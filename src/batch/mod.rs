@@ -48,7 +48,7 @@ mod table;
 
 pub use engine::{Engine, Layout, Progress, Summary, Timings};
 pub use folder::{Finished, FolderSink, Merged, JOURNAL_DIR};
-pub use methods::{CamMapMethod, SaliencyMethod, ScoresMethod};
+pub use methods::{CamMapMethod, IgBaseline, IgMethod, SaliencyMethod, ScoresMethod};
 
 use tch::Tensor;
 

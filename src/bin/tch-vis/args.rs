@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use tch_vis::cam::CamMethod;
+use tch_vis::integrated_gradients::Rule;
 use tch_vis::io::Shard;
 use tch_vis::scores::ScoreSpec;
 use tch_vis::{DeviceSpec, Precision};
@@ -38,6 +40,124 @@ pub enum Command {
     /// report.json under OUT.
     #[command(after_help = AFTER)]
     Scores(CommonArgs),
+    /// Class activation maps (Grad-CAM, Grad-CAM++, Layer-CAM, Score-CAM,
+    /// Faster-Score-CAM) of models exported with forward_features and
+    /// forward_head (scripts/export_cam_model.py): REL.cam.png,
+    /// REL.cam.npy, scores.csv and report.json under OUT.
+    #[command(after_help = AFTER)]
+    Cam(CamArgs),
+    /// Integrated Gradients: REL.ig.npy (C, H, W) attributions, REL.ig.png,
+    /// scores.csv (with each image's convergence delta) and report.json.
+    #[command(name = "integrated-gradients", after_help = AFTER)]
+    IntegratedGradients(IgArgs),
+    /// Activation maximization: for each sample, the model input that
+    /// maximises the score (OUT/maximize_K.npy in the model's input space,
+    /// OUT/maximize_K.png in image space, report.json with the score curve).
+    #[command(after_help = AFTER)]
+    Maximize(MaximizeArgs),
+}
+
+/// Flags of `tch-vis cam`.
+#[derive(Debug, Args)]
+pub struct CamArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// gradcam | gradcam++ | layercam | scorecam | fasterscorecam.
+    #[arg(long, value_name = "METHOD", value_parser = parse_from_str::<CamMethod>)]
+    pub method: CamMethod,
+
+    /// Score-CAM: masked inputs scored per model call (bounds memory).
+    #[arg(long, value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub cam_batch: u32,
+
+    /// Faster-Score-CAM: channels kept (the N of largest spatial std).
+    #[arg(long, value_name = "N", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_n: u32,
+
+    /// tf-keras-vis's variants instead of pytorch-grad-cam's (Grad-CAM++
+    /// alpha normalisation, Score-CAM softmax over classes, corner-aligned
+    /// resize).
+    #[arg(long)]
+    pub tf_keras_vis: bool,
+
+    #[command(flatten)]
+    pub overlay: OverlayArgs,
+}
+
+/// Flags of `tch-vis integrated-gradients`.
+#[derive(Debug, Args)]
+pub struct IgArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// Steps along the path from the baseline to the input.
+    #[arg(long, value_name = "N", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(1..=100000))]
+    pub steps: u32,
+
+    /// Integration rule: gausslegendre, riemann_left, riemann_right,
+    /// riemann_middle or riemann_trapezoid.
+    #[arg(long, value_name = "RULE", default_value = "gausslegendre",
+          value_parser = parse_from_str::<Rule>)]
+    pub rule: Rule,
+
+    /// Baseline: zero (the all-zero model input), black (black in image
+    /// space: -mean/std of the sidecar), blur[:SIGMA] (a Gaussian blur of
+    /// the input, SIGMA pixels, default 5), or a number (every model input
+    /// value).
+    #[arg(long, value_name = "B", default_value = "zero", value_parser = parse_baseline)]
+    pub baseline: BaselineArg,
+
+    /// Most rows (images x steps) per model call; bounds memory.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub internal_batch_size: Option<u32>,
+
+    #[command(flatten)]
+    pub overlay: OverlayArgs,
+}
+
+/// `--baseline`, parsed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BaselineArg {
+    Zero,
+    Black,
+    Blur(f64),
+    Constant(f64),
+}
+
+/// Flags of `tch-vis maximize`.
+#[derive(Debug, Args)]
+pub struct MaximizeArgs {
+    /// TorchScript model file M.pt, with its sidecar M.json.
+    #[arg(long, value_name = "M.pt")]
+    pub model: PathBuf,
+
+    /// Output folder.
+    #[arg(long, value_name = "OUT")]
+    pub out: PathBuf,
+
+    /// Score of one model output, repeatable, one per output in order;
+    /// categorical:I,J,... makes one image per listed class; inactive for
+    /// outputs not maximised.
+    #[arg(long = "score", value_name = "SPEC", value_parser = parse_spec, required = true)]
+    pub scores: Vec<ScoreSpec>,
+
+    /// Gradient-ascent steps.
+    #[arg(long, value_name = "N", default_value_t = 200,
+          value_parser = clap::value_parser!(u32).range(1..=100000))]
+    pub steps: u32,
+
+    /// Seed of the random seed input (the same seed gives the same bytes
+    /// on the CPU).
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+
+    /// Device: auto, cpu, cuda or cuda:N.
+    #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceSpec,
 }
 
 /// Flags of both subcommands.
@@ -147,6 +267,36 @@ pub struct OverlayArgs {
     pub overlay: String,
 }
 
+fn parse_from_str<T: std::str::FromStr>(s: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse::<T>().map_err(|e| e.to_string())
+}
+
+fn parse_baseline(s: &str) -> Result<BaselineArg, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let bad = || format!("{s:?} is not zero, black, blur[:SIGMA] or a number");
+    match t.as_str() {
+        "zero" => Ok(BaselineArg::Zero),
+        "black" => Ok(BaselineArg::Black),
+        "blur" => Ok(BaselineArg::Blur(5.0)),
+        _ => {
+            if let Some(sigma) = t.strip_prefix("blur:") {
+                match sigma.parse::<f64>() {
+                    Ok(v) if v.is_finite() && v > 0.0 => Ok(BaselineArg::Blur(v)),
+                    _ => Err(bad()),
+                }
+            } else {
+                match t.parse::<f64>() {
+                    Ok(v) if v.is_finite() => Ok(BaselineArg::Constant(v)),
+                    _ => Err(bad()),
+                }
+            }
+        }
+    }
+}
+
 fn parse_spec(s: &str) -> Result<ScoreSpec, String> {
     s.parse::<ScoreSpec>().map_err(|e| e.to_string())
 }
@@ -224,22 +374,51 @@ fn shard_from_env(
     Ok((Shard::all(), "none".into()))
 }
 
+/// What the command line asks for.
+pub enum Request {
+    /// A batch job over a folder.
+    Batch(Job),
+    /// Activation maximization.
+    Maximize(MaximizeArgs),
+}
+
 impl Cli {
-    /// Validates the flags into a job.
-    pub fn into_job(self) -> Result<Job, String> {
-        let (mode, common, smooth_samples, smooth_noise, seed, save_npy, overlay) =
-            match self.command {
-                Command::Saliency(a) => (
-                    Mode::Saliency,
-                    a.common,
-                    a.smooth_samples as usize,
-                    a.smooth_noise,
-                    a.seed,
-                    a.save_npy,
-                    a.overlay.overlay == "original",
-                ),
-                Command::Scores(c) => (Mode::Scores, c, 0, 0.2, 0, false, false),
-            };
+    /// Validates the flags into a request.
+    pub fn into_request(self) -> Result<Request, String> {
+        let (mode, common, overlay) = match self.command {
+            Command::Saliency(a) => (
+                Mode::Saliency {
+                    smooth_samples: a.smooth_samples as usize,
+                    smooth_noise: a.smooth_noise,
+                    seed: a.seed,
+                    save_npy: a.save_npy,
+                },
+                a.common,
+                a.overlay.overlay == "original",
+            ),
+            Command::Scores(c) => (Mode::Scores, c, false),
+            Command::Cam(a) => (
+                Mode::Cam {
+                    method: a.method,
+                    cam_batch: a.cam_batch as usize,
+                    max_n: a.max_n as usize,
+                    tf_keras_vis: a.tf_keras_vis,
+                },
+                a.common,
+                a.overlay.overlay == "original",
+            ),
+            Command::IntegratedGradients(a) => (
+                Mode::Ig {
+                    steps: a.steps as usize,
+                    rule: a.rule,
+                    baseline: a.baseline,
+                    internal_batch_size: a.internal_batch_size.map(|n| n as usize),
+                },
+                a.common,
+                a.overlay.overlay == "original",
+            ),
+            Command::Maximize(a) => return Ok(Request::Maximize(a)),
+        };
         for spec in &common.scores {
             if let ScoreSpec::Categorical(v) = spec {
                 if v.len() != 1 {
@@ -252,7 +431,7 @@ impl Cli {
         let (shard, shard_source) = shard_from_env(common.shard, common.shard_count, &|name| {
             std::env::var(name).ok()
         })?;
-        Ok(Job {
+        Ok(Request::Batch(Job {
             mode,
             model: common.model,
             images: common.images,
@@ -265,12 +444,8 @@ impl Cli {
             shard_source,
             overwrite: common.overwrite,
             strict: common.strict,
-            smooth_samples,
-            smooth_noise,
-            seed,
-            save_npy,
             overlay_original: overlay,
-        })
+        }))
     }
 }
 

@@ -12,6 +12,7 @@
 )]
 
 mod args;
+mod maximize;
 mod run;
 
 use std::io::Write;
@@ -32,7 +33,7 @@ fn run() -> Result<(), Failure> {
             }
             ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand => {
                 return Err(Failure::Flags(
-                    "a subcommand is required: saliency or scores (see tch-vis --help)".into(),
+                    "a subcommand is required: saliency, scores, cam, integrated-gradients or maximize (see tch-vis --help)".into(),
                 ))
             }
             _ => {
@@ -43,8 +44,10 @@ fn run() -> Result<(), Failure> {
             }
         },
     };
-    let job = cli.into_job().map_err(Failure::Flags)?;
-    run::execute(job)
+    match cli.into_request().map_err(Failure::Flags)? {
+        args::Request::Batch(job) => run::execute(job),
+        args::Request::Maximize(a) => maximize::execute(a),
+    }
 }
 
 fn main() -> ExitCode {

@@ -5,27 +5,130 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tch_vis::batch::{Engine, FolderSink, Method, Progress, SaliencyMethod, ScoresMethod};
+use tch_vis::batch::{
+    CamMapMethod, Engine, FolderSink, IgBaseline, IgMethod, Method, Progress, SaliencyMethod,
+    ScoresMethod,
+};
+use tch_vis::cam::CamMethod;
 use tch_vis::gallery::{self, Gallery};
+use tch_vis::integrated_gradients::Rule;
 use tch_vis::io::{self, Shard};
 use tch_vis::preprocess::{Preprocessor, Sidecar};
 use tch_vis::scores::ScoreSpec;
 use tch_vis::{device_name, DeviceSpec, Error, Model, Precision};
 
-/// Which subcommand.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+use crate::args::BaselineArg;
+
+/// Which batch subcommand, with its own settings.
+#[derive(Debug, Clone)]
 pub enum Mode {
-    /// Scores, gradients and maps.
-    Saliency,
+    /// Scores, gradients and saliency maps.
+    Saliency {
+        smooth_samples: usize,
+        smooth_noise: f64,
+        seed: u64,
+        save_npy: bool,
+    },
     /// Scores only.
     Scores,
+    /// Class activation maps.
+    Cam {
+        method: CamMethod,
+        cam_batch: usize,
+        max_n: usize,
+        tf_keras_vis: bool,
+    },
+    /// Integrated Gradients.
+    Ig {
+        steps: usize,
+        rule: Rule,
+        baseline: BaselineArg,
+        internal_batch_size: Option<usize>,
+    },
 }
 
 impl Mode {
-    fn name(self) -> &'static str {
+    fn name(&self) -> &'static str {
         match self {
-            Mode::Saliency => "saliency",
+            Mode::Saliency { .. } => "saliency",
             Mode::Scores => "scores",
+            Mode::Cam { .. } => "cam",
+            Mode::Ig { .. } => "integrated-gradients",
+        }
+    }
+
+    /// The method, and the settings it adds to the report.
+    fn method(
+        &self,
+        specs: &[ScoreSpec],
+        sidecar: &Sidecar,
+    ) -> tch_vis::Result<(Box<dyn Method>, serde_json::Value)> {
+        use serde_json::json;
+        Ok(match self {
+            Mode::Scores => (Box::new(ScoresMethod::new(specs)?), json!({})),
+            Mode::Saliency {
+                smooth_samples,
+                smooth_noise,
+                seed,
+                save_npy,
+            } => (
+                Box::new(
+                    SaliencyMethod::new(specs)?
+                        .smooth(*smooth_samples, *smooth_noise, *seed)
+                        .save_gradients(*save_npy),
+                ),
+                json!({"smooth_samples": smooth_samples, "smooth_noise": smooth_noise,
+                       "seed": seed, "save_npy": save_npy}),
+            ),
+            Mode::Cam {
+                method,
+                cam_batch,
+                max_n,
+                tf_keras_vis,
+            } => (
+                Box::new(
+                    CamMapMethod::new(*method, specs)?
+                        .score_cam_batch(*cam_batch)
+                        .max_n(*max_n)
+                        .tf_keras_vis(*tf_keras_vis),
+                ),
+                json!({"method": method.name(), "cam_batch": cam_batch, "max_n": max_n,
+                       "tf_keras_vis": tf_keras_vis}),
+            ),
+            Mode::Ig {
+                steps,
+                rule,
+                baseline,
+                internal_batch_size,
+            } => {
+                let b = match baseline {
+                    BaselineArg::Zero => IgBaseline::Zero,
+                    BaselineArg::Black => IgBaseline::Black,
+                    BaselineArg::Blur(s) => IgBaseline::Blur(*s),
+                    BaselineArg::Constant(v) => IgBaseline::Constant(*v),
+                };
+                let mut m = IgMethod::new(specs)?
+                    .steps(*steps)
+                    .rule(*rule)
+                    .baseline(b, sidecar)?;
+                if let Some(n) = internal_batch_size {
+                    m = m.internal_batch_size(*n);
+                }
+                (
+                    Box::new(m),
+                    json!({"steps": steps, "rule": rule.name(), "baseline": format!("{baseline:?}"),
+                           "internal_batch_size": internal_batch_size}),
+                )
+            }
+        })
+    }
+
+    fn outputs(&self) -> &'static str {
+        match self {
+            Mode::Saliency { .. } => ", REL.saliency.png/.npy",
+            Mode::Scores => "",
+            Mode::Cam { .. } => ", REL.cam.png/.npy",
+            Mode::Ig { .. } => ", REL.ig.png/.npy",
         }
     }
 }
@@ -45,10 +148,6 @@ pub struct Job {
     pub shard_source: String,
     pub overwrite: bool,
     pub strict: bool,
-    pub smooth_samples: usize,
-    pub smooth_noise: f64,
-    pub seed: u64,
-    pub save_npy: bool,
     pub overlay_original: bool,
 }
 
@@ -105,15 +204,10 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     ))?;
     let mut model = Model::load(&job.model, device).map_err(Failure::Usage)?;
     model.set_precision(job.precision).map_err(Failure::Usage)?;
-    let method: Box<dyn Method> = match job.mode {
-        Mode::Scores => Box::new(ScoresMethod::new(&job.specs).map_err(Failure::Usage)?),
-        Mode::Saliency => Box::new(
-            SaliencyMethod::new(&job.specs)
-                .map_err(Failure::Usage)?
-                .smooth(job.smooth_samples, job.smooth_noise, job.seed)
-                .save_gradients(job.save_npy),
-        ),
-    };
+    let (method, settings) = job
+        .mode
+        .method(&job.specs, &sidecar)
+        .map_err(Failure::Usage)?;
     let bar = ProgressLine::new();
     let pre = Preprocessor::new(sidecar.clone()).keep_original(job.overlay_original);
     let engine = Engine::new(&model, sidecar.clone(), method.as_ref())
@@ -174,11 +268,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         "input_size": sidecar.input_size,
         "channels": sidecar.channels,
         "batch_size": job.batch_size,
-        "smooth_samples": job.smooth_samples,
-        "smooth_noise": job.smooth_noise,
         "precision": job.precision.to_string(),
-        "seed": job.seed,
-        "save_npy": job.save_npy,
         "overlay": if job.overlay_original { "original" } else { "input" },
         "overwrite": job.overwrite,
         "shard": job.shard.to_string(),
@@ -189,6 +279,10 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         "error": fatal,
         "tch_vis_version": env!("CARGO_PKG_VERSION"),
     });
+    let mut report = report;
+    if let (Some(r), serde_json::Value::Object(extra)) = (report.as_object_mut(), settings) {
+        r.extend(extra);
+    }
     let finished = sink.finish(report);
     if let Some(e) = summary.fatal {
         return Err(Failure::Run(e));
@@ -196,7 +290,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     let finished = finished.map_err(Failure::Run)?;
     // The gallery of maps, by the last worker to finish (whose view of the
     // folder is complete); `scores` writes no maps and no gallery.
-    if finished.last && job.mode != Mode::Scores {
+    if finished.last && !matches!(job.mode, Mode::Scores) {
         let run = gallery::Run::from_merged(&job.out, &finished.merged);
         Gallery::new()
             .title(format!(
@@ -221,7 +315,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         ips,
         device_name(device),
         job.out.display(),
-        if job.mode == Mode::Saliency { ", REL.saliency.png/.npy" } else { "" }
+        job.mode.outputs()
     );
     if job.strict && !summary.failed.is_empty() {
         return Err(Failure::Strict {

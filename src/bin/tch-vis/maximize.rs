@@ -1,0 +1,126 @@
+//! `tch-vis maximize`: activation maximization, one image per sample.
+
+use std::io::Write;
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+use tch_vis::maximize::ActivationMaximization;
+use tch_vis::preprocess::Sidecar;
+use tch_vis::scores::{Score, ScoreSpec};
+use tch_vis::{device_name, io, Error, Model};
+
+use crate::args::MaximizeArgs;
+use crate::run::Failure;
+
+/// Runs `maximize`; `Ok` means exit 0.
+pub fn execute(a: MaximizeArgs) -> Result<(), Failure> {
+    let start = Instant::now();
+    let device = a.device.resolve().map_err(Failure::Usage)?;
+    let sidecar = Sidecar::for_model(&a.model)
+        .map_err(|e| Failure::Usage(e.context("cannot read the model sidecar")))?;
+    let model = Model::load(&a.model, device).map_err(Failure::Usage)?;
+    if let Ok(m) = std::fs::metadata(&a.out) {
+        if !m.is_dir() {
+            return Err(Failure::Usage(Error::OutputMismatch {
+                path: a.out.clone(),
+                reason: "exists and is not a directory".into(),
+            }));
+        }
+    }
+    // Every SPEC must fit its output (class indices in range) before anything is written.
+    let [h, w] = sidecar.size_i64();
+    let c = sidecar.channels as i64;
+    let probe = Tensor::f_zeros([1, c, h, w], (Kind::Float, device))
+        .map_err(|e| Failure::Usage(e.into()))?;
+    let outputs = model.forward(&[probe]).map_err(Failure::Usage)?;
+    if outputs.len() != a.scores.len() {
+        return Err(Failure::Usage(Error::ScoreCount {
+            outputs: outputs.len(),
+            scores: a.scores.len(),
+        }));
+    }
+    let mut scores = Vec::with_capacity(a.scores.len());
+    for (index, (spec, out)) in a.scores.iter().zip(&outputs).enumerate() {
+        let wrap = |e: Error| Error::Score {
+            index,
+            name: spec.to_string(),
+            source: Box::new(e),
+        };
+        if matches!(spec, ScoreSpec::Predicted) {
+            return Err(Failure::Usage(wrap(Error::InvalidValue {
+                what: "score for maximize (predicted needs an input image)",
+                value: spec.to_string(),
+            })));
+        }
+        spec.check(&out.size())
+            .map_err(|e| Failure::Usage(wrap(e)))?;
+        scores.push(spec.to_score().map_err(Failure::Usage)?);
+    }
+    let refs: Vec<&dyn Score> = scores.iter().map(|b| b.as_ref() as &dyn Score).collect();
+    let res = ActivationMaximization::new(&model, [c as usize, h as usize, w as usize])
+        .sidecar(&sidecar)
+        .steps(a.steps as usize)
+        .seed(a.seed)
+        .maximize(&refs)
+        .map_err(Failure::Run)?;
+    let write = || -> tch_vis::Result<Vec<f32>> {
+        let inputs = res.inputs.f_to_device(Device::Cpu)?;
+        let images = res.images.f_to_device(Device::Cpu)?;
+        let n = inputs.size()[0];
+        for k in 0..n {
+            io::write_npy_atomic(&a.out.join(format!("maximize_{k}.npy")), &inputs.f_get(k)?)?;
+            let img = images.f_get(k)?.f_clamp(0.0, 1.0)?;
+            let rgb = if c == 1 {
+                img.f_repeat([3, 1, 1])?
+            } else {
+                img
+            };
+            let bytes = Vec::<u8>::try_from(
+                &rgb.f_mul_scalar(255.0)?
+                    .f_round()?
+                    .f_permute([1, 2, 0])?
+                    .f_contiguous()?
+                    .f_to_kind(Kind::Uint8)?
+                    .f_reshape([-1])?,
+            )?;
+            let png = tch_vis::heatmap::encode_png(&bytes, w as u32, h as u32)?;
+            io::write_atomic(&a.out.join(format!("maximize_{k}.png")), &png)?;
+        }
+        let total = res
+            .scores
+            .iter()
+            .map(|s| s.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float))
+            .collect::<Result<Vec<_>, _>>()?;
+        let sum = total.iter().try_fold(
+            Tensor::f_zeros([n], (Kind::Float, Device::Cpu))?,
+            |acc, s| acc.f_add(s),
+        )?;
+        Ok(Vec::<f32>::try_from(&sum)?)
+    };
+    let finals = write().map_err(Failure::Run)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let report = serde_json::json!({
+        "command": "maximize",
+        "model": a.model.display().to_string(),
+        "scores": a.scores.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "samples": finals.len(),
+        "steps": a.steps,
+        "seed": a.seed,
+        "device": device_name(device),
+        "seconds": seconds,
+        "final_scores": finals,
+        "curve": res.curve,
+        "tch_vis_version": env!("CARGO_PKG_VERSION"),
+    });
+    let text = serde_json::to_vec_pretty(&report).unwrap_or_default();
+    io::write_atomic(&a.out.join("report.json"), &text).map_err(Failure::Run)?;
+    let _ = writeln!(
+        std::io::stdout(),
+        "tch-vis maximize: {} image(s), {} steps in {seconds:.1} s on {}; final scores {finals:?}; outputs in {} (maximize_K.npy/.png, report.json)",
+        finals.len(),
+        a.steps,
+        device_name(device),
+        a.out.display()
+    );
+    Ok(())
+}
