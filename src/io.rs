@@ -178,6 +178,88 @@ fn visit(
     ancestors.pop();
 }
 
+/// Entries for a list of files (a single file, or the lines of a list),
+/// named relative to `root` (`/`-joined) and sorted as [`walk`] sorts.
+/// `root` defaults to the deepest folder holding every file. Files that
+/// cannot be read are entries with a [`problem`](Entry::problem); a name
+/// listed twice is kept once. Returns the root used and the entries.
+///
+/// # Errors
+/// [`Error::Empty`] for an empty list; [`Error::InvalidValue`] for a path
+/// outside `root`; [`Error::Io`] when the current folder cannot be read.
+pub fn list(paths: &[PathBuf], root: Option<&Path>) -> Result<(PathBuf, Vec<Entry>)> {
+    if paths.is_empty() {
+        return Err(Error::Empty {
+            what: "list of images",
+        });
+    }
+    let cwd = std::env::current_dir().map_err(|e| Error::io(".", e))?;
+    let absolute = |p: &Path| {
+        lexical(&if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            cwd.join(p)
+        })
+    };
+    let files: Vec<PathBuf> = paths.iter().map(|p| absolute(p)).collect();
+    let root = match root {
+        Some(r) => absolute(r),
+        None => {
+            let mut common = files[0].parent().map(Path::to_path_buf).unwrap_or_default();
+            for f in &files[1..] {
+                while !f.starts_with(&common) {
+                    if !common.pop() {
+                        break;
+                    }
+                }
+            }
+            common
+        }
+    };
+    let mut out: Vec<Entry> = Vec::with_capacity(files.len());
+    for (given, file) in paths.iter().zip(&files) {
+        let Ok(rel) = file.strip_prefix(&root) else {
+            return Err(Error::InvalidValue {
+                what: "image path (not under the root folder)",
+                value: format!("{} (root {})", given.display(), root.display()),
+            });
+        };
+        let parts: Vec<String> = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        let rel = parts.join("/");
+        let problem = match fs::metadata(file) {
+            Ok(m) if m.is_file() => None,
+            Ok(_) => Some("not a regular file".to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        out.push(Entry {
+            rel,
+            path: file.clone(),
+            problem,
+        });
+    }
+    out.sort_by(|a, b| a.rel.cmp(&b.rel));
+    out.dedup_by(|a, b| a.rel == b.rel);
+    Ok((root, out))
+}
+
+/// `path` with `.` and `..` resolved without touching the file system.
+fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
 /// A shard of a sorted list: the items whose index is `index` modulo
 /// `count`. Written `K/N`, K from 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -410,6 +492,35 @@ mod tests {
         let q = dir.path().join("x.npy");
         write_npy_atomic(&q, &t).unwrap();
         assert!(Tensor::read_npy(&q).unwrap().equal(&t));
+    }
+
+    #[test]
+    fn lists_are_named_from_their_common_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("a/b")).unwrap();
+        fs::write(root.join("a/b/x.png"), b"").unwrap();
+        fs::write(root.join("a/y.png"), b"").unwrap();
+        let paths = vec![
+            root.join("a/y.png"),
+            root.join("a/b/../b/x.png"),
+            root.join("a/gone.png"),
+            root.join("a/y.png"),
+        ];
+        let (r, entries) = list(&paths, None).unwrap();
+        assert_eq!(r, root.join("a"));
+        let rels: Vec<_> = entries.iter().map(|e| e.rel.as_str()).collect();
+        assert_eq!(rels, ["b/x.png", "gone.png", "y.png"]);
+        assert!(entries[1].problem.is_some() && entries[0].problem.is_none());
+        let (_, one) = list(&[root.join("a/b/x.png")], None).unwrap();
+        assert_eq!(one[0].rel, "x.png");
+        let (_, rooted) = list(&paths[..1], Some(root)).unwrap();
+        assert_eq!(rooted[0].rel, "a/y.png");
+        assert!(matches!(
+            list(&paths[..1], Some(&root.join("a/b"))),
+            Err(Error::InvalidValue { .. })
+        ));
+        assert!(matches!(list(&[], None), Err(Error::Empty { .. })));
     }
 
     #[cfg(unix)]

@@ -9,7 +9,7 @@ use tch_vis::io::Shard;
 use tch_vis::scores::ScoreSpec;
 use tch_vis::{DeviceSpec, Precision};
 
-use crate::run::{Job, Mode};
+use crate::run::{Images, Job, Mode};
 
 const ABOUT: &str = "tf-keras-vis scores, saliency maps and SmoothGrad for TorchScript models, over folders of images";
 
@@ -170,10 +170,27 @@ pub struct CommonArgs {
     pub model: PathBuf,
 
     /// Folder of images, walked recursively in sorted order (relative path,
-    /// byte order). Files that are not decodable images are recorded as
-    /// failed in report.json and the run goes on.
-    #[arg(long, value_name = "DIR")]
-    pub images: PathBuf,
+    /// byte order), or a single image file. Files that are not decodable
+    /// images are recorded as failed in report.json and the run goes on.
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "images_from",
+        conflicts_with = "images_from"
+    )]
+    pub images: Option<PathBuf>,
+
+    /// A file listing image paths, one per line ('-' for standard input,
+    /// e.g. find ... | tch-vis saliency --images-from - ...). Outputs are
+    /// named by the paths relative to --root; sorting, shards and reruns
+    /// work as for a folder.
+    #[arg(long, value_name = "FILE")]
+    pub images_from: Option<PathBuf>,
+
+    /// With --images-from: the folder output names are relative to
+    /// (default: the deepest folder holding every listed file).
+    #[arg(long, value_name = "DIR", requires = "images_from")]
+    pub root: Option<PathBuf>,
 
     /// Output folder; outputs mirror each image's relative path REL.
     #[arg(long, value_name = "OUT")]
@@ -434,7 +451,14 @@ impl Cli {
         Ok(Request::Batch(Job {
             mode,
             model: common.model,
-            images: common.images,
+            images: match (common.images, common.images_from) {
+                (_, Some(list)) => Images::List {
+                    list,
+                    root: common.root,
+                },
+                (Some(path), None) => Images::Path(path),
+                (None, None) => return Err("--images DIR or --images-from FILE is required".into()),
+            },
             out: common.out,
             specs: common.scores,
             device: common.device,

@@ -37,10 +37,17 @@ fn run() -> Result<(), Failure> {
                 ))
             }
             _ => {
+                // clap's message, up to its usage lines, on one line.
                 let text = e.to_string();
-                let line = first_line(&text);
+                let line = text
+                    .lines()
+                    .map(str::trim)
+                    .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
+                    .filter(|l| !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" ");
                 let line = line.strip_prefix("error: ").unwrap_or(&line).to_string();
-                return Err(Failure::Flags(format!("{line} (see tch-vis --help)")));
+                return Err(Failure::Flags(format!("{} (see tch-vis --help)", first_line(&line))));
             }
         },
     };

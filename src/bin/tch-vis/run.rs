@@ -133,12 +133,53 @@ impl Mode {
     }
 }
 
+/// Where the images come from.
+#[derive(Debug)]
+pub enum Images {
+    /// A folder (walked) or a single file.
+    Path(PathBuf),
+    /// A list of paths in a file (`-`: standard input), named relative to
+    /// `root`.
+    List {
+        list: PathBuf,
+        root: Option<PathBuf>,
+    },
+}
+
+impl Images {
+    /// The inputs, sorted by relative path, and the root they are named
+    /// from.
+    fn entries(&self, out: &std::path::Path) -> tch_vis::Result<(PathBuf, Vec<io::Entry>)> {
+        match self {
+            Images::Path(p) if p.is_file() => io::list(std::slice::from_ref(p), None),
+            Images::Path(p) => Ok((p.clone(), io::walk(p, &[out.to_path_buf()])?)),
+            Images::List { list, root } => {
+                let text = if list.as_os_str() == "-" {
+                    let mut s = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                        .map_err(|e| Error::io("<stdin>", e))?;
+                    s
+                } else {
+                    std::fs::read_to_string(list).map_err(|e| Error::io(list, e))?
+                };
+                let paths: Vec<PathBuf> = text
+                    .lines()
+                    .map(|l| l.trim_end_matches('\r'))
+                    .filter(|l| !l.trim().is_empty())
+                    .map(PathBuf::from)
+                    .collect();
+                io::list(&paths, root.as_deref())
+            }
+        }
+    }
+}
+
 /// A validated command line.
 #[derive(Debug)]
 pub struct Job {
     pub mode: Mode,
     pub model: PathBuf,
-    pub images: PathBuf,
+    pub images: Images,
     pub out: PathBuf,
     pub specs: Vec<ScoreSpec>,
     pub device: DeviceSpec,
@@ -197,8 +238,10 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     // Everything that can be checked before the first image: exit 2, and
     // nothing written.
     let device = job.device.resolve().map_err(Failure::Usage)?;
-    let entries = io::walk(&job.images, std::slice::from_ref(&job.out))
-        .map_err(usage("cannot read the image folder"))?;
+    let (root, entries) = job
+        .images
+        .entries(&job.out)
+        .map_err(usage("cannot read the images"))?;
     let sidecar = Sidecar::for_model(&job.model).map_err(usage(
         "cannot read the model sidecar (M.json beside M.pt gives input_size, channels, mean and std)",
     ))?;
@@ -262,7 +305,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         "timings_seconds": summary.timings,
         "compute_threads": layout.compute_threads,
         "model": job.model.display().to_string(),
-        "images": job.images.display().to_string(),
+        "images": root.display().to_string(),
         "out": job.out.display().to_string(),
         "scores": if job.specs.is_empty() { vec!["predicted".to_string()] } else { job.specs.iter().map(ToString::to_string).collect() },
         "input_size": sidecar.input_size,
