@@ -29,7 +29,7 @@ struct Args {
     /// Images per Integrated Gradients batch.
     #[arg(long, default_value_t = 1)]
     batch: i64,
-    /// Integrated Gradients steps.
+    /// Integrated Gradients steps (0: skip).
     #[arg(long, default_value_t = 50)]
     ig_steps: usize,
     /// Path points per forward/backward pass.
@@ -43,6 +43,10 @@ struct Args {
     runs: usize,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Maximize without input modifiers and regularizers (to see their
+    /// share of the time).
+    #[arg(long)]
+    bare: bool,
 }
 
 fn main() -> Result<()> {
@@ -53,27 +57,32 @@ fn main() -> Result<()> {
     tch::manual_seed(0);
     let x = Tensor::randn([args.batch, c, s, s], (Kind::Float, device));
     let predicted = PredictedScore::new();
-    let ig = IntegratedGradients::new(&model)
-        .steps(args.ig_steps)
-        .internal_batch_size(args.internal_batch_size);
-    ig.attribute(&x, &[&predicted as &dyn Score])?; // warm-up
-    let start = Instant::now();
-    for _ in 0..args.runs {
-        ig.attribute(&x, &[&predicted as &dyn Score])?;
-    }
-    let per = start.elapsed().as_secs_f64() / (args.runs as f64 * args.batch as f64);
-    println!(
+    if args.ig_steps > 0 {
+        let ig = IntegratedGradients::new(&model)
+            .steps(args.ig_steps)
+            .internal_batch_size(args.internal_batch_size);
+        ig.attribute(&x, &[&predicted as &dyn Score])?; // warm-up
+        let start = Instant::now();
+        for _ in 0..args.runs {
+            ig.attribute(&x, &[&predicted as &dyn Score])?;
+        }
+        let per = start.elapsed().as_secs_f64() / (args.runs as f64 * args.batch as f64);
+        println!(
         "integrated gradients: {per:.3} s per image ({} steps, internal batch size {}, batch {}, {} threads, {device:?})",
         args.ig_steps,
         args.internal_batch_size,
         args.batch,
         tch::get_num_threads()
     );
+    }
 
     if args.maximize_steps > 0 {
         let score = CategoricalScore::new(1)?;
-        let am = ActivationMaximization::new(&model, [args.channels, args.size, args.size])
+        let mut am = ActivationMaximization::new(&model, [args.channels, args.size, args.size])
             .steps(args.maximize_steps);
+        if args.bare {
+            am = am.input_modifiers(vec![]).regularizers(vec![]);
+        }
         am.clone().steps(2).maximize(&[&score as &dyn Score])?; // warm-up
         let start = Instant::now();
         for _ in 0..args.runs {
@@ -81,9 +90,14 @@ fn main() -> Result<()> {
         }
         let per = start.elapsed().as_secs_f64() / args.runs as f64;
         println!(
-            "activation maximization: {per:.3} s per image ({} steps, {} threads, {device:?})",
+            "activation maximization: {per:.3} s per image ({} steps, {} threads, {device:?}{})",
             args.maximize_steps,
-            tch::get_num_threads()
+            tch::get_num_threads(),
+            if args.bare {
+                ", no modifiers or regularizers"
+            } else {
+                ""
+            }
         );
     }
     Ok(())
