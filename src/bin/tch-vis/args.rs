@@ -158,6 +158,38 @@ pub struct MaximizeArgs {
     /// Device: auto, cpu, cuda or cuda:N.
     #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = parse_device)]
     pub device: DeviceSpec,
+
+    /// Weight of the total-variation regularizer (smoothness).
+    #[arg(long, value_name = "W", default_value_t = 1.0, value_parser = parse_weight)]
+    pub tv: f64,
+
+    /// Weight of the L1-norm regularizer (small values).
+    #[arg(long, value_name = "W", default_value_t = 0.3, value_parser = parse_weight)]
+    pub norm: f64,
+
+    /// Largest random rotation per step, in degrees (input modifier).
+    #[arg(long, value_name = "DEG", default_value_t = 1.0, value_parser = parse_weight)]
+    pub rotate: f64,
+
+    /// Random jitter per step, in pixels (input modifier).
+    #[arg(long, value_name = "PX", default_value_t = 4)]
+    pub jitter: u32,
+
+    /// RMSprop learning rate (on pixels in 0..255).
+    #[arg(long, value_name = "F", default_value_t = 1.0, value_parser = parse_weight)]
+    pub lr: f64,
+
+    /// Optimise the image at H x W (or N x N) and upsample it bilinearly to
+    /// the model's input size: coarser shapes, fewer high-frequency
+    /// patterns (8 suits the 32 x 32 digits models).
+    #[arg(long, value_name = "N|HxW", value_parser = parse_resolution)]
+    pub resolution: Option<(usize, usize)>,
+
+    /// Ascend log(score) instead of the score (for probability outputs,
+    /// whose gradient vanishes as the softmax saturates; the maximiser is
+    /// the same). The report's final scores are the scores themselves.
+    #[arg(long)]
+    pub log: bool,
 }
 
 /// Flags of both subcommands.
@@ -289,6 +321,25 @@ where
     T::Err: std::fmt::Display,
 {
     s.parse::<T>().map_err(|e| e.to_string())
+}
+
+fn parse_weight(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a finite number >= 0")),
+    }
+}
+
+fn parse_resolution(s: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("{s:?} is not N or HxW with sizes >= 2");
+    let (h, w) = match s.trim().split_once(['x', 'X']) {
+        Some((h, w)) => (h.trim().parse::<usize>(), w.trim().parse::<usize>()),
+        None => (s.trim().parse::<usize>(), s.trim().parse::<usize>()),
+    };
+    match (h, w) {
+        (Ok(h), Ok(w)) if h >= 2 && w >= 2 => Ok((h, w)),
+        _ => Err(bad()),
+    }
 }
 
 fn parse_baseline(s: &str) -> Result<BaselineArg, String> {

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
-use tch_vis::maximize::ActivationMaximization;
+use tch_vis::maximize::{ActivationMaximization, InputModifier, Regularizer, RmsProp};
 use tch_vis::preprocess::Sidecar;
 use tch_vis::scores::{Score, ScoreSpec};
 use tch_vis::{device_name, io, Error, Model};
@@ -56,13 +56,49 @@ pub fn execute(a: MaximizeArgs) -> Result<(), Failure> {
             .map_err(|e| Failure::Usage(wrap(e)))?;
         scores.push(spec.to_score().map_err(Failure::Usage)?);
     }
-    let refs: Vec<&dyn Score> = scores.iter().map(|b| b.as_ref() as &dyn Score).collect();
-    let res = ActivationMaximization::new(&model, [c as usize, h as usize, w as usize])
+    // With --log, each active score s is ascended as log(max(s, 1e-30)).
+    let objective: Vec<Box<dyn Score + Send + Sync>> = a
+        .scores
+        .iter()
+        .map(|spec| -> tch_vis::Result<Box<dyn Score + Send + Sync>> {
+            let s = spec.to_score()?;
+            Ok(if a.log && !matches!(spec, ScoreSpec::Inactive) {
+                Box::new(LogScore(s))
+            } else {
+                s
+            })
+        })
+        .collect::<tch_vis::Result<_>>()
+        .map_err(Failure::Usage)?;
+    let refs: Vec<&dyn Score> = objective.iter().map(|b| b.as_ref() as &dyn Score).collect();
+    let mut am = ActivationMaximization::new(&model, [c as usize, h as usize, w as usize])
         .sidecar(&sidecar)
         .steps(a.steps as usize)
         .seed(a.seed)
-        .maximize(&refs)
-        .map_err(Failure::Run)?;
+        .regularizers(vec![
+            Regularizer::TotalVariation2D { weight: a.tv },
+            Regularizer::Norm {
+                weight: a.norm,
+                p: 1.0,
+            },
+        ])
+        .input_modifiers(vec![
+            InputModifier::Jitter {
+                jitter: i64::from(a.jitter),
+            },
+            InputModifier::Rotate2D { degree: a.rotate },
+        ])
+        .optimizer(RmsProp {
+            learning_rate: a.lr,
+            ..RmsProp::default()
+        });
+    if let Some((rh, rw)) = a.resolution {
+        am = am.resolution(rh, rw);
+    }
+    let res = am.maximize(&refs).map_err(|e| match e {
+        e @ (Error::InvalidValue { .. } | Error::Shape { .. }) => Failure::Usage(e),
+        e => Failure::Run(e),
+    })?;
     let write = || -> tch_vis::Result<Vec<f32>> {
         let inputs = res.inputs.f_to_device(Device::Cpu)?;
         let images = res.images.f_to_device(Device::Cpu)?;
@@ -86,11 +122,18 @@ pub fn execute(a: MaximizeArgs) -> Result<(), Failure> {
             let png = tch_vis::heatmap::encode_png(&bytes, w as u32, h as u32)?;
             io::write_atomic(&a.out.join(format!("maximize_{k}.png")), &png)?;
         }
-        let total = res
-            .scores
+        // The plain scores of the result (not the --log objective).
+        let outputs = model.forward(&[res.inputs.shallow_clone()])?;
+        let total = scores
             .iter()
-            .map(|s| s.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float))
-            .collect::<Result<Vec<_>, _>>()?;
+            .zip(&outputs)
+            .map(|(s, o)| {
+                let _g = tch::no_grad_guard();
+                Ok(tch_vis::scores::evaluate(s.as_ref(), o)?
+                    .f_to_device(Device::Cpu)?
+                    .f_to_kind(Kind::Float)?)
+            })
+            .collect::<tch_vis::Result<Vec<_>>>()?;
         let sum = total.iter().try_fold(
             Tensor::f_zeros([n], (Kind::Float, Device::Cpu))?,
             |acc, s| acc.f_add(s),
@@ -106,6 +149,12 @@ pub fn execute(a: MaximizeArgs) -> Result<(), Failure> {
         "samples": finals.len(),
         "steps": a.steps,
         "seed": a.seed,
+        "tv": a.tv,
+        "norm": a.norm,
+        "rotate": a.rotate,
+        "jitter": a.jitter,
+        "lr": a.lr,
+        "resolution": a.resolution,
         "device": device_name(device),
         "seconds": seconds,
         "final_scores": finals,
@@ -123,4 +172,21 @@ pub fn execute(a: MaximizeArgs) -> Result<(), Failure> {
         a.out.display()
     );
     Ok(())
+}
+
+/// `log(max(s, 1e-30))` of a score.
+struct LogScore(Box<dyn Score + Send + Sync>);
+
+impl Score for LogScore {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+
+    fn score(&self, output: &Tensor) -> tch_vis::Result<Tensor> {
+        Ok(self.0.score(output)?.f_clamp_min(1e-30)?.f_log()?)
+    }
+
+    fn classes(&self, output: &Tensor) -> tch_vis::Result<Option<Vec<usize>>> {
+        self.0.classes(output)
+    }
 }
