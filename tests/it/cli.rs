@@ -1222,3 +1222,244 @@ fn bf16_maps_correlate_with_fp32() {
         "{unsaturated:?}"
     );
 }
+
+/// `tch-vis cam`: every method writes REL.cam.npy (H, W) float32 maps in
+/// [0, 1] equal to the library's, and REL.cam.png; a model without
+/// forward_features / forward_head is bad usage (exit 2, nothing written).
+#[test]
+fn cam_subcommand_writes_the_librarys_maps() {
+    use tch_vis::cam::{Cam, CamMethod};
+    let t = Tree::good(5);
+    let m = model("digits_cnn");
+    let net = tch_vis::Model::load(&m, tch::Device::Cpu).unwrap();
+    let pre = tch_vis::preprocess::Preprocessor::new(
+        tch_vis::preprocess::Sidecar::for_model(&m).unwrap(),
+    );
+    for method in [
+        "gradcam",
+        "gradcam++",
+        "layercam",
+        "scorecam",
+        "fasterscorecam",
+    ] {
+        let out = t.out(method);
+        let args: Vec<String> = [
+            "cam",
+            "--model",
+            &m,
+            "--images",
+            s(&t.images()),
+            "--out",
+            s(&out),
+            "--method",
+            method,
+            "--score",
+            "categorical:3",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        let r = run_ok(&args, method);
+        assert_eq!(r["processed"], 5, "{method}");
+        let rel = "d1/img_001.png";
+        let got = Tensor::read_npy(out.join(format!("{rel}.cam.npy"))).unwrap();
+        assert_eq!((got.size(), got.kind()), (vec![32, 32], tch::Kind::Float));
+        let x = pre.load(t.images().join(rel)).unwrap().input.unsqueeze(0);
+        let score = tch_vis::scores::CategoricalScore::new(3).unwrap();
+        let method_enum: CamMethod = method.parse().unwrap();
+        let want = Cam::new(&net, method_enum)
+            .compute(&x, &[&score as &dyn tch_vis::scores::Score])
+            .unwrap()
+            .maps
+            .get(0);
+        let diff = (&got - &want).abs().max().double_value(&[]);
+        assert!(diff <= 1e-5, "{method}: CLI vs library max |diff| {diff}");
+        assert!(out.join(format!("{rel}.cam.png")).is_file());
+    }
+    let out = t.out("dense");
+    let o = tch_vis(&[
+        "cam",
+        "--model",
+        &model("digits_dense"),
+        "--images",
+        s(&t.images()),
+        "--out",
+        s(&out),
+        "--method",
+        "gradcam",
+    ]);
+    assert_code(&o, 2, "model without CAM methods");
+    assert_one_error_line(&o, "model without CAM methods");
+    assert!(stderr(&o).contains("export_cam_model.py"), "{}", stderr(&o));
+    assert!(!out.exists());
+}
+
+/// `tch-vis integrated-gradients`: REL.ig.npy (C, H, W) equal to the
+/// library's attributions, and an `ig_delta` column.
+#[test]
+fn integrated_gradients_subcommand_writes_attributions_and_deltas() {
+    use tch_vis::integrated_gradients::IntegratedGradients;
+    let t = Tree::good(3);
+    let m = model("digits_cnn");
+    let out = t.out("ig");
+    let args: Vec<String> = [
+        "integrated-gradients",
+        "--model",
+        &m,
+        "--images",
+        s(&t.images()),
+        "--out",
+        s(&out),
+        "--steps",
+        "16",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    run_ok(&args, "ig");
+    let text = fs::read_to_string(out.join("scores.csv")).unwrap();
+    assert!(
+        text.starts_with("path,score_0,class_0,label_0,ig_delta\n"),
+        "{text}"
+    );
+    let net = tch_vis::Model::load(&m, tch::Device::Cpu).unwrap();
+    let pre = tch_vis::preprocess::Preprocessor::new(
+        tch_vis::preprocess::Sidecar::for_model(&m).unwrap(),
+    );
+    let rel = "d0/img_000.png";
+    let x = pre.load(t.images().join(rel)).unwrap().input.unsqueeze(0);
+    let p = tch_vis::scores::PredictedScore::new();
+    let want = IntegratedGradients::new(&net)
+        .steps(16)
+        .attribute(&x, &[&p as &dyn tch_vis::scores::Score])
+        .unwrap();
+    let got = Tensor::read_npy(out.join(format!("{rel}.ig.npy"))).unwrap();
+    assert_eq!(got.size(), vec![1, 32, 32]);
+    let scale = want.attributions.abs().max().double_value(&[]);
+    let diff = (&got - want.attributions.get(0))
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(diff <= 1e-4 * scale, "max |diff| {diff} (largest {scale})");
+    let row = text.lines().find(|l| l.starts_with(rel)).unwrap();
+    let delta: f64 = row.rsplit(',').next().unwrap().parse().unwrap();
+    assert!(
+        (delta - want.delta.double_value(&[0])).abs() < 1e-4,
+        "{row}"
+    );
+}
+
+/// `tch-vis maximize`: one image per listed class, the same seed gives the
+/// same bytes, the npy fed to the model gives the reported score, and a
+/// class out of range is exit 2 with nothing written.
+#[test]
+fn maximize_subcommand_is_reproducible_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model("digits_cnn");
+    let run = |name: &str| {
+        let out = dir.path().join(name);
+        let o = tch_vis(&[
+            "maximize",
+            "--model",
+            &m,
+            "--out",
+            s(&out),
+            "--score",
+            "categorical:1,7",
+            "--steps",
+            "30",
+            "--seed",
+            "4",
+        ]);
+        assert_code(&o, 0, "maximize");
+        out
+    };
+    let (a, b) = (run("a"), run("b"));
+    for k in 0..2 {
+        for ext in ["npy", "png"] {
+            let f = format!("maximize_{k}.{ext}");
+            assert_eq!(
+                fs::read(a.join(&f)).unwrap(),
+                fs::read(b.join(&f)).unwrap(),
+                "{f}"
+            );
+        }
+    }
+    assert!(!a.join("maximize_2.npy").exists());
+    let r = report(&a);
+    let net = tch_vis::Model::load(&m, tch::Device::Cpu).unwrap();
+    for (k, class) in [(0usize, 1i64), (1, 7)] {
+        let x = Tensor::read_npy(a.join(format!("maximize_{k}.npy"))).unwrap();
+        assert_eq!(x.size(), vec![1, 32, 32]);
+        let p = net.forward(&[x.unsqueeze(0)]).unwrap()[0].double_value(&[0, class]);
+        let reported = r["final_scores"][k].as_f64().unwrap();
+        assert!((p - reported).abs() < 1e-5, "{p} vs {reported}");
+    }
+    let curve = r["curve"].as_array().unwrap();
+    assert_eq!(curve.len(), 30);
+    let out = dir.path().join("bad");
+    let o = tch_vis(&[
+        "maximize",
+        "--model",
+        &m,
+        "--out",
+        s(&out),
+        "--score",
+        "categorical:10",
+    ]);
+    assert_code(&o, 2, "class out of range");
+    assert_one_error_line(&o, "class out of range");
+    assert!(!out.exists());
+}
+
+/// `--images FILE` and `--images-from -` (with `--root`) name outputs as a
+/// folder run does.
+#[test]
+fn single_files_and_lists_of_paths() {
+    let t = Tree::good(4);
+    let m = model("digits_cnn");
+    let folder = t.out("folder");
+    run_ok(&saliency_args(&m, &t.images(), &folder, &[]), "folder");
+    let listed = t.out("listed");
+    let mut child = Command::new(BIN)
+        .args(
+            saliency_args(&m, Path::new("unused"), &listed, &[])
+                .iter()
+                .map(|a| {
+                    if a == "--images" {
+                        "--images-from".to_string()
+                    } else if a == "unused" {
+                        "-".to_string()
+                    } else {
+                        a.clone()
+                    }
+                }),
+        )
+        .args(["--root", s(&t.images())])
+        .env("CUDA_VISIBLE_DEVICES", "")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        for i in (0..4).rev() {
+            writeln!(
+                stdin,
+                "{}",
+                t.images()
+                    .join(format!("d{}/img_{i:03}.png", i % 3))
+                    .display()
+            )
+            .unwrap();
+        }
+    }
+    assert_code(&child.wait_with_output().unwrap(), 0, "--images-from -");
+    assert_same_tree(&listed, &folder, "list vs folder");
+    let single = t.out("single");
+    let file = t.images().join("d2/img_002.png");
+    run_ok(&saliency_args(&m, &file, &single, &[]), "single file");
+    assert_eq!(csv_paths(&single), ["img_002.png"]);
+}
