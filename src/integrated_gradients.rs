@@ -753,6 +753,10 @@ mod tests {
             mean: vec![0.5, 0.25, 0.0],
             std: vec![0.5, 0.25, 2.0],
             labels: None,
+            resize: None,
+            interpolation: None,
+            antialias: None,
+            crop: None,
         };
         let b = Baseline::black(&side).unwrap().resolve(&x).unwrap();
         assert_eq!(b.size(), vec![2, 3, 4, 5]);
