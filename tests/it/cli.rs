@@ -374,7 +374,6 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
     let images = s(&images);
     let out = t.out("out");
     let o = s(&out);
-    let file = t.images().join("d0/img_000.png");
     let g = dir.join("garbage.pt");
     let ns = dir.join("nosidecar.pt");
     let bs = dir.join("badsidecar.pt");
@@ -431,7 +430,22 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
             "missing DIR",
             usage("saliency", &cnn, "/nonexistent/dir", o, &[]),
         ),
-        ("DIR is a file", usage("scores", &cnn, s(&file), o, &[])),
+        (
+            "missing list of images",
+            vec![
+                "scores",
+                "--model",
+                &cnn,
+                "--images-from",
+                "/nonexistent/list.txt",
+                "--out",
+                o,
+            ],
+        ),
+        (
+            "--root without --images-from",
+            usage("scores", &cnn, images, o, &["--root", "/"]),
+        ),
         (
             "bad shard",
             usage("scores", &cnn, images, o, &["--shard", "3/3"]),

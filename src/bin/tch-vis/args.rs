@@ -496,6 +496,11 @@ impl Cli {
                 }
             }
         }
+        if common.root.is_some() && common.images_from.is_none() {
+            return Err(
+                "--root names the folder of an --images-from list; it needs --images-from".into(),
+            );
+        }
         let (shard, shard_source) = shard_from_env(common.shard, common.shard_count, &|name| {
             std::env::var(name).ok()
         })?;
