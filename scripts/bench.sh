@@ -22,6 +22,8 @@
 #   CLASS       class scored everywhere (default 1)
 #   DATA        data folder (default bench-data, git-ignored)
 #   SKIP_BUILD  1 = use the binaries already in target/release
+#   CAM         0 = leave out the CAM lines of scripts/bench_cam.sh (default 1;
+#               it needs the reference packages of scripts/golden_env.sh)
 #
 # One labelled line per comparison: ours, baseline, ratio. Everything is also
 # written to $DATA/bench-<date>.txt. No step stops the others.
@@ -36,6 +38,7 @@ CLASS=${CLASS:-1}
 BATCH=${BATCH:-8}
 DIGITS_BATCH=${DIGITS_BATCH:-32}
 WORKERS=${WORKERS:-$(nproc)}
+CAM=${CAM:-1}
 if [ "$QUICK" = 1 ]; then
     N_IMAGES=${N_IMAGES:-40}
     N_DIGITS=${N_DIGITS:-200}
@@ -241,6 +244,17 @@ if [ -x "$MEM" ]; then
     "$MEM" --model "$DIGITS" --calls "$MEM_CALLS" --warmup "$MEM_WARMUP" 2>&1 || echo "memory: FAILED (status $?)"
 else
     echo "memory: SKIPPED ($MEM not built)"
+fi
+
+echo "== 5. class activation maps vs pytorch-grad-cam (scripts/bench_cam.sh, cpu)"
+if [ "$CAM" = 1 ]; then
+    if [ "$QUICK" = 1 ]; then
+        N_IMAGES=8 N_SCORE=1 DATA="$DATA" SKIP_BUILD="${SKIP_BUILD:-0}" scripts/bench_cam.sh | grep -v '^== tch-vis CAM'
+    else
+        DATA="$DATA" SKIP_BUILD="${SKIP_BUILD:-0}" scripts/bench_cam.sh | grep -v '^== tch-vis CAM'
+    fi
+else
+    echo "cam: SKIPPED (CAM=0)"
 fi
 
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -6,7 +6,7 @@
 #   scripts/bench_scale.sh            100k and 1M
 #   SIZES="10000 100000" scripts/bench_scale.sh
 #
-# The images are hard links to one 32x32 PNG (made by this script), 1,000
+# The images are hard links to 32x32 PNGs (made by this script), 1,000
 # per folder, under $DATA/scale-N (git-ignored bench-data by default); they
 # cost inodes only once. Needs GNU time (/usr/bin/time) for the peak RSS.
 cd "$(dirname "$0")/.." || exit 1
@@ -35,10 +35,12 @@ def chunk(t, d):
     return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xffffffff)
 png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 32, 32, 8, 0, 0, 0, 0)) \
     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
-src = os.path.join(root, "source.png.img")
-with open(src, "wb") as f:
-    f.write(png)
 for i in range(n):
+    # ext4 allows 65,000 links to one inode: a fresh source every 50,000.
+    if i % 50000 == 0:
+        src = os.path.join(root, f"source-{i // 50000:03d}.png.img")
+        with open(src, "wb") as f:
+            f.write(png)
     d = os.path.join(root, "imgs", f"{i // 1000:04d}")
     if i % 1000 == 0:
         os.makedirs(d, exist_ok=True)

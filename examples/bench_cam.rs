@@ -1,0 +1,188 @@
+//! The Rust side of `scripts/bench_cam.sh`: class activation maps over a list
+//! of image files with the library's batch engine (decode pool, padded
+//! batches, compute, writer threads), writing one heatmap PNG per image
+//! (jet at alpha 0.5 over the resized and cropped input), as a folder job
+//! does. Prints one line:
+//!
+//! ```text
+//! rust-cam METHOD: N images in S s: X images/s (prepare P s)
+//! ```
+//!
+//! `S` is the time of the run itself; `P`, the checks before it (loading
+//! the model's methods and one probe batch), is reported apart.
+//!
+//! ```text
+//! cargo run --release --example bench_cam -- --model bench-data/resnet18_cam.pt \
+//!     --images bench-data/cam-images --list files.txt --method gradcam --out /tmp/cams
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use tch::{Device, Tensor};
+use tch_vis::batch::{BatchArray, BatchResult, Engine, ImageResult, Method, Sink};
+use tch_vis::cam::{Cam, CamMethod};
+use tch_vis::io::Entry;
+use tch_vis::preprocess::Sidecar;
+use tch_vis::scores::{PredictedScore, Score};
+use tch_vis::{heatmap, Error, Model};
+
+/// Runs one CAM method over image files and reports images per second.
+#[derive(Parser)]
+struct Args {
+    /// A model with forward_features / forward_head, its sidecar beside it.
+    #[arg(long)]
+    model: PathBuf,
+    /// The folder the listed paths are relative to.
+    #[arg(long)]
+    images: PathBuf,
+    /// A text file with one relative image path a line.
+    #[arg(long)]
+    list: PathBuf,
+    /// gradcam, gradcam++, layercam, scorecam or fasterscorecam.
+    #[arg(long)]
+    method: CamMethod,
+    /// Where the heatmap PNGs go (`REL.png`).
+    #[arg(long)]
+    out: PathBuf,
+    /// Images per model batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Masked inputs per Score-CAM forward pass.
+    #[arg(long, default_value_t = 64)]
+    score_cam_batch: usize,
+    /// Channels Faster-Score-CAM keeps.
+    #[arg(long, default_value_t = 10)]
+    max_n: usize,
+}
+
+/// One CAM method as the engine's per-batch computation, for the predicted
+/// class of each image.
+struct CamJob {
+    method: CamMethod,
+    score_cam_batch: usize,
+    max_n: usize,
+    score: PredictedScore,
+}
+
+impl Method for CamJob {
+    fn name(&self) -> &str {
+        self.method.name()
+    }
+
+    fn arrays(&self) -> Vec<(String, bool)> {
+        vec![("cam".into(), true)]
+    }
+
+    fn needs_gradients(&self) -> bool {
+        self.method.uses_gradients()
+    }
+
+    fn compute(&self, model: &Model, x: &Tensor, _keys: &[u64]) -> tch_vis::Result<BatchResult> {
+        let cams = Cam::new(model, self.method)
+            .score_cam_batch(self.score_cam_batch)
+            .max_n(self.max_n)
+            .compute(x, &[&self.score as &dyn Score])?;
+        Ok(BatchResult {
+            scores: cams.scores,
+            classes: cams.classes,
+            arrays: vec![BatchArray {
+                name: "cam".into(),
+                heat: Some(cams.maps.shallow_clone()),
+                values: cams.maps,
+            }],
+        })
+    }
+}
+
+/// Writes `OUT/REL.png`: the heatmap over the image as the model saw it.
+struct PngSink {
+    out: PathBuf,
+    channels: usize,
+    size: [usize; 2],
+}
+
+impl Sink for PngSink {
+    fn image(&self, r: ImageResult) -> tch_vis::Result<()> {
+        let heat = r
+            .arrays
+            .first()
+            .and_then(|a| a.heat.as_ref())
+            .ok_or(Error::Empty { what: "CAM map" })?;
+        let map = Vec::<f32>::try_from(&heat.f_contiguous()?.f_reshape([-1])?)?;
+        let image = Vec::<f32>::try_from(&r.image.f_contiguous()?.f_reshape([-1])?)?;
+        let [h, w] = self.size;
+        let png = heatmap::overlay_png(&image, self.channels, w, h, &map)?;
+        let path = self.out.join(format!("{}.png", r.rel));
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        std::fs::write(&path, png).map_err(|e| Error::io(&path, e))
+    }
+
+    fn failed(&self, rel: &str, error: &str) -> tch_vis::Result<()> {
+        eprintln!("bench_cam: {rel}: {error}");
+        Ok(())
+    }
+}
+
+fn entries(images: &Path, list: &Path) -> Result<Vec<Entry>> {
+    let text =
+        std::fs::read_to_string(list).with_context(|| format!("reading {}", list.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|rel| Entry {
+            rel: rel.to_string(),
+            path: images.join(rel),
+            problem: None,
+        })
+        .collect())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let inputs = entries(&args.images, &args.list)?;
+    if inputs.is_empty() {
+        bail!("{} lists no images", args.list.display());
+    }
+    let t = Instant::now();
+    let model = Model::load(&args.model, Device::Cpu)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    Cam::check(&model)?;
+    let sidecar = Sidecar::for_model(&args.model)?;
+    let job = CamJob {
+        method: args.method,
+        score_cam_batch: args.score_cam_batch,
+        max_n: args.max_n,
+        score: PredictedScore::new(),
+    };
+    let sink = PngSink {
+        out: args.out.clone(),
+        channels: sidecar.channels,
+        size: sidecar.input_size,
+    };
+    let engine = Engine::new(&model, sidecar, &job).batch_size(args.batch_size);
+    engine.prepare()?;
+    let prepare = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let summary = engine.run(&inputs, &sink)?;
+    let secs = t.elapsed().as_secs_f64();
+    if let Some(e) = summary.fatal {
+        return Err(e.into());
+    }
+    if !summary.failed.is_empty() {
+        bail!("{} of {} images failed", summary.failed.len(), inputs.len());
+    }
+    println!(
+        "rust-cam {}: {} images in {secs:.2} s: {:.3} images/s (prepare {prepare:.2} s)",
+        args.method,
+        summary.processed,
+        summary.processed as f64 / secs
+    );
+    Ok(())
+}
