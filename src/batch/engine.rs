@@ -255,7 +255,7 @@ impl<'a> Engine<'a> {
         for e in inputs {
             match &e.problem {
                 Some(p) => failed.push((e.rel.clone(), p.clone())),
-                None => pending.push(e.clone()),
+                None => pending.push(e),
             }
         }
         let total = inputs.len();
@@ -274,13 +274,16 @@ impl<'a> Engine<'a> {
             Collected::default()
         };
         failed.extend(collected.failed);
-        // Input order, as the caller gave it.
-        let order: std::collections::HashMap<&str, usize> = inputs
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (e.rel.as_str(), i))
-            .collect();
-        failed.sort_by_key(|(rel, _)| order.get(rel.as_str()).copied().unwrap_or(usize::MAX));
+        // Input order, as the caller gave it (memory in the failures only).
+        if !failed.is_empty() {
+            let mut by_rel: std::collections::HashMap<String, String> =
+                failed.drain(..).collect();
+            for e in inputs {
+                if let Some(why) = by_rel.remove(&e.rel) {
+                    failed.push((e.rel.clone(), why));
+                }
+            }
+        }
         Ok(Summary {
             processed: collected.processed,
             failed,
@@ -293,7 +296,7 @@ impl<'a> Engine<'a> {
     #[allow(clippy::too_many_arguments)]
     fn pipeline(
         &self,
-        pending: Vec<Entry>,
+        pending: Vec<&Entry>,
         sink: &dyn Sink,
         clock: &Clock,
         done: &AtomicUsize,
@@ -331,7 +334,7 @@ impl<'a> Engine<'a> {
                     let batch: Vec<_> = pool.install(|| {
                         chunk
                             .par_iter()
-                            .map(|e| (e.clone(), pre.load(&e.path)))
+                            .map(|e| ((*e).clone(), pre.load(&e.path)))
                             .collect()
                     });
                     let decoded = assemble(batch, batch_size, device);

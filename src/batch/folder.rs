@@ -77,8 +77,8 @@ pub struct FolderSink {
     id: String,
     done: HashSet<String>,
     journal: Mutex<Option<Journal>>,
-    last_merge: Mutex<Instant>,
-    merge_every: Duration,
+    /// When the last periodic merge ended, and the wait before the next.
+    last_merge: Mutex<(Instant, Duration)>,
     original: Option<Preprocessor>,
 }
 
@@ -139,8 +139,7 @@ impl FolderSink {
             id: now_id(),
             done: HashSet::new(),
             journal: Mutex::new(None),
-            last_merge: Mutex::new(Instant::now()),
-            merge_every: Duration::from_secs(60),
+            last_merge: Mutex::new((Instant::now(), Duration::from_secs(60))),
             original: None,
         };
         if !overwrite {
@@ -361,17 +360,16 @@ impl FolderSink {
             // crash, only images whose row was not yet appended are redone.
             j.writer.flush().map_err(|e| Error::io(&path, e))?;
         }
-        let due = {
-            let mut last = self.last_merge.lock().map_err(|_| poisoned())?;
-            if last.elapsed() >= self.merge_every {
-                *last = Instant::now();
-                true
-            } else {
-                false
+        // A periodic merge, so scores.csv follows a long run: once a minute,
+        // or less often when merging takes long (at most ~3% of one writer
+        // thread's time, however large the folder).
+        // One writer merges; the others never wait for it.
+        if let Ok(mut last) = self.last_merge.try_lock() {
+            if last.0.elapsed() >= last.1 {
+                let t = Instant::now();
+                self.merge()?;
+                *last = (Instant::now(), (t.elapsed() * 30).max(Duration::from_secs(60)));
             }
-        };
-        if due {
-            self.merge()?;
         }
         Ok(())
     }

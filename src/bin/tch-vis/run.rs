@@ -270,9 +270,11 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     }
 
     // The run.
+    // The list is moved, not copied: a million entries are ~200 MB.
+    let files_found = entries.len();
     let mut pending = Vec::new();
     let (mut selected, mut skipped) = (0usize, 0usize);
-    for (i, e) in entries.iter().enumerate() {
+    for (i, e) in entries.into_iter().enumerate() {
         if !job.shard.contains(i) {
             continue;
         }
@@ -280,7 +282,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         if e.problem.is_none() && !job.overwrite && sink.is_done(&e.rel) {
             skipped += 1;
         } else {
-            pending.push(e.clone());
+            pending.push(e);
         }
     }
     sink.begin().map_err(Failure::Run)?;
@@ -316,7 +318,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         "overwrite": job.overwrite,
         "shard": job.shard.to_string(),
         "shard_source": job.shard_source,
-        "files_found": entries.len(),
+        "files_found": files_found,
         "files_in_shard": selected,
         "to_process": pending.len(),
         "error": fatal,
