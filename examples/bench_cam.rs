@@ -93,6 +93,7 @@ impl Method for CamJob {
                 heat: Some(cams.maps.shallow_clone()),
                 values: cams.maps,
             }],
+            columns: Vec::new(),
         })
     }
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The `tch-vis saliency` job written the way a Python user would write it.
 
-Same inputs and outputs as the CLI (CONTRACT.md section 3), the idiomatic way:
+Same inputs and outputs as `tch-vis saliency` (see the README), the idiomatic way:
 
   * reads the model's sidecar M.json (input_size, channels, mean, std);
   * a torch Dataset over every file under --images (recursive, sorted),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks for tch-vis, as ratios measured side by side in one run, on one
-# machine, on the same TorchScript files (issue 5; see BENCHMARKS.md).
+# machine, on the same TorchScript files (see BENCHMARKS.md).
 #
 #   scripts/bench.sh                 full run (about 10-15 minutes on 2 cores)
 #   QUICK=1 scripts/bench.sh         smoke test: small sizes and counts (~2 min)
@@ -255,6 +255,24 @@ if [ "$CAM" = 1 ]; then
     fi
 else
     echo "cam: SKIPPED (CAM=0)"
+fi
+
+echo "== 6. pipeline alone: trivial 224 x 224 model, tch-vis saliency vs the Python job (scripts/bench_pipeline_alone.sh)"
+if [ "$QUICK" = 1 ]; then
+    N=40 ROUNDS=1 DATA="$DATA" SKIP_BUILD=1 scripts/bench_pipeline_alone.sh
+else
+    DATA="$DATA" SKIP_BUILD=1 scripts/bench_pipeline_alone.sh
+fi
+
+echo "== 7. scale: scores over 100,000 and 1,000,000 tiny images (scripts/bench_scale.sh; SCALE=0 skips)"
+if [ "${SCALE:-1}" = 1 ]; then
+    if [ "$QUICK" = 1 ]; then
+        SIZES="10000 100000" DATA="$DATA" SKIP_BUILD=1 scripts/bench_scale.sh
+    else
+        DATA="$DATA" SKIP_BUILD=1 scripts/bench_scale.sh
+    fi
+else
+    echo "scale: SKIPPED (SCALE=0)"
 fi
 
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"

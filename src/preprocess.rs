@@ -35,7 +35,7 @@
 //! On PNGs (where every decoder reads the same pixels) the result is
 //! bit-identical to torchvision 0.26 on the same CPU, for bilinear and
 //! bicubic, with and without antialiasing, at every aspect ratio tested
-//! (down to 1000 × 20); the contract allows one uint8 step per value and
+//! (down to 1000 × 20); tch-vis promises one uint8 step per value and
 //! 0.05 of a step on average. (On a CPU without AVX2, torchvision resizes
 //! bilinear in float and rounds, while libtorch's generic uint8 kernel is
 //! used here: expect rare one-step differences there.)

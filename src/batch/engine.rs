@@ -276,8 +276,7 @@ impl<'a> Engine<'a> {
         failed.extend(collected.failed);
         // Input order, as the caller gave it (memory in the failures only).
         if !failed.is_empty() {
-            let mut by_rel: std::collections::HashMap<String, String> =
-                failed.drain(..).collect();
+            let mut by_rel: std::collections::HashMap<String, String> = failed.drain(..).collect();
             for e in inputs {
                 if let Some(why) = by_rel.remove(&e.rel) {
                     failed.push((e.rel.clone(), why));

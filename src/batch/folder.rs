@@ -368,7 +368,10 @@ impl FolderSink {
             if last.0.elapsed() >= last.1 {
                 let t = Instant::now();
                 self.merge()?;
-                *last = (Instant::now(), (t.elapsed() * 30).max(Duration::from_secs(60)));
+                *last = (
+                    Instant::now(),
+                    (t.elapsed() * 30).max(Duration::from_secs(60)),
+                );
             }
         }
         Ok(())
@@ -467,6 +470,7 @@ impl FolderSink {
             }
         }
         report.insert("rows_in_scores_csv".into(), merged.rows.len().into());
+        report.insert("classes".into(), class_counts(&merged).into());
         report.insert(
             "failed_in_folder".into(),
             merged
@@ -520,6 +524,42 @@ impl FolderSink {
         let _ = fs::remove_dir(&dir);
         true
     }
+}
+
+/// For every `class_K` column of the folder's rows: how many images took
+/// each class, with its label (`[{"output": K, "class": C, "label": L,
+/// "images": N}, ...]`, by output then class).
+fn class_counts(merged: &Merged) -> Vec<serde_json::Value> {
+    let mut counts: BTreeMap<(usize, usize), (String, usize)> = BTreeMap::new();
+    for (c, name) in merged.header.iter().enumerate().skip(1) {
+        let Some(k) = name
+            .strip_prefix("class_")
+            .and_then(|k| k.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        let label_col = merged
+            .header
+            .iter()
+            .position(|h| *h == format!("label_{k}"));
+        for values in merged.rows.values() {
+            let Some(class) = values.get(c - 1).and_then(|v| v.parse::<usize>().ok()) else {
+                continue;
+            };
+            let label = label_col
+                .and_then(|l| values.get(l - 1))
+                .cloned()
+                .unwrap_or_default();
+            let entry = counts.entry((k, class)).or_insert((label, 0));
+            entry.1 += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .map(|((k, class), (label, n))| {
+            serde_json::json!({"output": k, "class": class, "label": label, "images": n})
+        })
+        .collect()
 }
 
 /// Whether a worker id (`TIME-HOST-PID`) names a process of this host

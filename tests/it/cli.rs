@@ -1,6 +1,6 @@
 //! End-to-end tests of the `tch-vis` binary: each builds a temporary tree of
 //! images, runs the real binary and checks exit codes, stderr, files and
-//! values (contract §3).
+//! values.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -1180,6 +1180,11 @@ fn scores_csv_has_class_and_label_columns() {
     for l in lines {
         assert!(l.ends_with(",7,7"), "{l}");
     }
+    let r = report(&out);
+    assert_eq!(
+        r["classes"],
+        serde_json::json!([{"output": 0, "class": 7, "label": "7", "images": 3}])
+    );
 }
 
 fn pearson(a: &Tensor, b: &Tensor) -> f64 {

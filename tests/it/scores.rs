@@ -1,5 +1,5 @@
-//! The library surface exactly as CONTRACT.md §2 writes it, and each
-//! validation rule of the contract.
+//! The library surface exactly as the README documents it, and each
+//! validation rule of the scores.
 
 use tch::{Device, Kind, Tensor};
 use tch_vis::scores::{
