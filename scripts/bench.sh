@@ -275,6 +275,13 @@ else
     echo "scale: SKIPPED (SCALE=0)"
 fi
 
+echo "== 8. integrated gradients vs captum, resnet18 (scripts/bench_ig.sh)"
+if [ "$QUICK" = 1 ]; then
+    N=2 STEPS=8 DATA="$DATA" SKIP_BUILD=1 scripts/bench_ig.sh
+else
+    DATA="$DATA" SKIP_BUILD=1 scripts/bench_ig.sh
+fi
+
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "== done $(date -Iseconds); log: $LOG"
 } 2>&1 | tee "$LOG"
