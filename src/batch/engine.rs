@@ -223,7 +223,7 @@ impl<'a> Engine<'a> {
         let keys = vec![0u64; rows];
         let result = self
             .method
-            .compute(self.model, &x, &keys)
+            .probe(self.model, &x, &keys)
             .map_err(|e| Error::Probe {
                 what: format!("{} fails on a probe input", self.method.name()),
                 source: Box::new(e),

@@ -104,6 +104,19 @@ pub trait Method: Sync {
     /// Any error of the model or the scores; the engine stops the run.
     fn compute(&self, model: &Model, x: &Tensor, keys: &[u64]) -> Result<BatchResult>;
 
+    /// What [`Engine::prepare`] runs on its zero probe input to
+    /// learn the result's layout (outputs, class columns, value columns)
+    /// and, on CUDA, that a batch fits in memory. The default is
+    /// [`Method::compute`]; a method whose cost does not scale that way
+    /// (Score-CAM: one forward pass per channel) may run a cheaper stand-in
+    /// with the same layout.
+    ///
+    /// # Errors
+    /// As [`Method::compute`].
+    fn probe(&self, model: &Model, x: &Tensor, keys: &[u64]) -> Result<BatchResult> {
+        self.compute(model, x, keys)
+    }
+
     /// Whether the method takes gradients (used to size the compute
     /// threads and the probe).
     fn needs_gradients(&self) -> bool {
