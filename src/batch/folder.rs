@@ -11,8 +11,10 @@
 //!   processes, so neither `O_APPEND` atomicity nor locks are needed;
 //! - `scores.csv`, rebuilt from all journals (and the rows of an older
 //!   `scores.csv` that no journal mentions), written under a temporary
-//!   name and renamed, at the end of the run and once a minute during it.
-//!   After the rename the worker checks that no journal grew since it read
+//!   name and renamed, at the end of every run (a merge costs the whole
+//!   folder, so it is never done per image or per minute: during a run the
+//!   rows are in the journals, and a crashed run's rows are merged by the
+//!   next run). After the rename the worker checks that no journal grew since it read
 //!   them, and merges again if one did; so the last rename always includes
 //!   every finished worker's rows. This relies on close-to-open
 //!   consistency (a file closed by one host is read whole by a host that
@@ -25,7 +27,7 @@ use std::fs;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::table::{self, State, END};
 use super::{ImageResult, Layout, Method, Sink};
@@ -77,8 +79,6 @@ pub struct FolderSink {
     id: String,
     done: HashSet<String>,
     journal: Mutex<Option<Journal>>,
-    /// When the last periodic merge ended, and the wait before the next.
-    last_merge: Mutex<(Instant, Duration)>,
     original: Option<Preprocessor>,
 }
 
@@ -139,7 +139,6 @@ impl FolderSink {
             id: now_id(),
             done: HashSet::new(),
             journal: Mutex::new(None),
-            last_merge: Mutex::new((Instant::now(), Duration::from_secs(60))),
             original: None,
         };
         if !overwrite {
@@ -359,20 +358,6 @@ impl FolderSink {
             // Every row reaches the file at once (one small write): after a
             // crash, only images whose row was not yet appended are redone.
             j.writer.flush().map_err(|e| Error::io(&path, e))?;
-        }
-        // A periodic merge, so scores.csv follows a long run: once a minute,
-        // or less often when merging takes long (at most ~3% of one writer
-        // thread's time, however large the folder).
-        // One writer merges; the others never wait for it.
-        if let Ok(mut last) = self.last_merge.try_lock() {
-            if last.0.elapsed() >= last.1 {
-                let t = Instant::now();
-                self.merge()?;
-                *last = (
-                    Instant::now(),
-                    (t.elapsed() * 30).max(Duration::from_secs(60)),
-                );
-            }
         }
         Ok(())
     }

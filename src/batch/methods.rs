@@ -478,9 +478,21 @@ impl Method for IgMethod {
         self.scores.check(outputs)
     }
 
-    fn compute(&self, model: &Model, x: &Tensor, _keys: &[u64]) -> Result<BatchResult> {
+    /// The probe takes the rule's fewest steps: the layout is the same,
+    /// and 50 steps would cost 50 passes before the first image.
+    fn probe(&self, model: &Model, x: &Tensor, keys: &[u64]) -> Result<BatchResult> {
+        self.run(model, x, keys, self.rule.min_steps())
+    }
+
+    fn compute(&self, model: &Model, x: &Tensor, keys: &[u64]) -> Result<BatchResult> {
+        self.run(model, x, keys, self.steps)
+    }
+}
+
+impl IgMethod {
+    fn run(&self, model: &Model, x: &Tensor, _keys: &[u64], steps: usize) -> Result<BatchResult> {
         let mut ig = IntegratedGradients::new(model)
-            .steps(self.steps)
+            .steps(steps)
             .rule(self.rule)
             .baseline(self.baseline_now()?);
         if let Some(rows) = self.internal_batch_size {
