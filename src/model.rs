@@ -308,18 +308,7 @@ impl Model {
                 scores: scores.len(),
             });
         }
-        let values = outputs
-            .iter()
-            .zip(scores)
-            .enumerate()
-            .map(|(index, (out, score))| {
-                scores::evaluate(*score, out).map_err(|e| Error::Score {
-                    index,
-                    name: score.name().to_string(),
-                    source: Box::new(e),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let values = scores::evaluate_each(&outputs, scores)?;
         let mut objective: Option<Tensor> = None;
         for v in &values {
             let s = v.f_sum(None::<Kind>)?;

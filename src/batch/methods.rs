@@ -121,18 +121,7 @@ impl Method for ScoresMethod {
         let outputs = model.forward(&[x.shallow_clone()])?;
         self.scores.check(&outputs)?;
         let _guard = tch::no_grad_guard();
-        let values = outputs
-            .iter()
-            .zip(&self.scores.scores)
-            .enumerate()
-            .map(|(index, (o, s))| {
-                scores::evaluate(s.as_ref(), o).map_err(|e| Error::Score {
-                    index,
-                    name: s.name().to_string(),
-                    source: Box::new(e),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let values = scores::evaluate_each(&outputs, &self.scores.refs())?;
         Ok(BatchResult {
             scores: values,
             classes: self.scores.classes(&outputs)?,

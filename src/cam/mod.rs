@@ -436,18 +436,7 @@ fn as_refs<'s>(fixed: &'s [Fixed], scores: &[&'s dyn Score]) -> Vec<&'s dyn Scor
 
 /// Each score on its output, with the output index as context.
 pub(crate) fn score_outputs(outputs: &[Tensor], scores: &[&dyn Score]) -> Result<Vec<Tensor>> {
-    outputs
-        .iter()
-        .zip(scores)
-        .enumerate()
-        .map(|(index, (out, score))| {
-            scores::evaluate(*score, out).map_err(|e| Error::Score {
-                index,
-                name: score.name().to_string(),
-                source: Box::new(e),
-            })
-        })
-        .collect()
+    scores::evaluate_each(outputs, scores)
 }
 
 /// d(Σ scores)/d(leaf); zeros when the objective does not depend on it.

@@ -220,6 +220,23 @@ pub fn evaluate(score: &dyn Score, output: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Each score on its output ([`evaluate`]), a failure wrapped in
+/// [`Error::Score`] with the output's index.
+pub(crate) fn evaluate_each(outputs: &[Tensor], scores: &[&dyn Score]) -> Result<Vec<Tensor>> {
+    outputs
+        .iter()
+        .zip(scores)
+        .enumerate()
+        .map(|(index, (out, score))| {
+            evaluate(*score, out).map_err(|e| Error::Score {
+                index,
+                name: score.name().to_string(),
+                source: Box::new(e),
+            })
+        })
+        .collect()
+}
+
 /// The batch size (dim 0) of an output; an error for a 0-d tensor.
 pub(crate) fn batch_size(output: &Tensor) -> Result<i64> {
     match output.size().first() {

@@ -1242,6 +1242,14 @@ fn bf16_maps_correlate_with_fp32() {
     );
 }
 
+/// The model on the CPU and its preprocessor, to compare the CLI with the
+/// library.
+fn model_and_preprocessor(m: &str) -> (tch_vis::Model, tch_vis::preprocess::Preprocessor) {
+    let net = tch_vis::Model::load(m, tch::Device::Cpu).unwrap();
+    let sidecar = tch_vis::preprocess::Sidecar::for_model(m).unwrap();
+    (net, tch_vis::preprocess::Preprocessor::new(sidecar))
+}
+
 /// `tch-vis cam`: every method writes REL.cam.npy (H, W) float32 maps in
 /// [0, 1] equal to the library's, and REL.cam.png; a model without
 /// forward_features / forward_head is bad usage (exit 2, nothing written).
@@ -1250,10 +1258,7 @@ fn cam_subcommand_writes_the_librarys_maps() {
     use tch_vis::cam::{Cam, CamMethod};
     let t = Tree::good(5);
     let m = model("digits_cnn");
-    let net = tch_vis::Model::load(&m, tch::Device::Cpu).unwrap();
-    let pre = tch_vis::preprocess::Preprocessor::new(
-        tch_vis::preprocess::Sidecar::for_model(&m).unwrap(),
-    );
+    let (net, pre) = model_and_preprocessor(&m);
     for method in [
         "gradcam",
         "gradcam++",
@@ -1341,10 +1346,7 @@ fn integrated_gradients_subcommand_writes_attributions_and_deltas() {
         text.starts_with("path,score_0,class_0,label_0,ig_delta\n"),
         "{text}"
     );
-    let net = tch_vis::Model::load(&m, tch::Device::Cpu).unwrap();
-    let pre = tch_vis::preprocess::Preprocessor::new(
-        tch_vis::preprocess::Sidecar::for_model(&m).unwrap(),
-    );
+    let (net, pre) = model_and_preprocessor(&m);
     let rel = "d0/img_000.png";
     let x = pre.load(t.images().join(rel)).unwrap().input.unsqueeze(0);
     let p = tch_vis::scores::PredictedScore::new();
