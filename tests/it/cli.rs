@@ -907,9 +907,9 @@ fn smoothgrad_is_reproducible_with_a_seed() {
 /// scripts/make_goldens.py on this project's CPU machine), float32: gradients
 /// at rtol 1e-5 / atol 1e-6; maps, which are in [0, 1] and amplify the tiny
 /// gradients of saturated softmax outputs, at atol 1e-5 plus what the
-/// measured gradient difference explains (the goldens were made with 2
-/// threads, the CLI computes small models on one, which sums in another
-/// order).
+/// measured gradient difference explains (another CPU's vector units or
+/// thread count sum in another order). The goldens are computed as the CLI
+/// computes: row 0 of a padded 32-row batch, on one thread.
 #[test]
 fn saliency_matches_pytorch_goldens() {
     check_goldens("cpu", 1e-5, 1e-6, 1e-5);
