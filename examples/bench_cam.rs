@@ -21,12 +21,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use tch::{Device, Tensor};
-use tch_vis::batch::{BatchArray, BatchResult, Engine, ImageResult, Method, Sink};
+use tch::Device;
+use tch_vis::batch::{CamMapMethod, Engine, ImageResult, Sink};
 use tch_vis::cam::{Cam, CamMethod};
 use tch_vis::io::Entry;
 use tch_vis::preprocess::Sidecar;
-use tch_vis::scores::{PredictedScore, Score};
+use tch_vis::scores::PredictedScore;
 use tch_vis::{heatmap, Error, Model};
 
 /// Runs one CAM method over image files and reports images per second.
@@ -56,46 +56,6 @@ struct Args {
     /// Channels Faster-Score-CAM keeps.
     #[arg(long, default_value_t = 10)]
     max_n: usize,
-}
-
-/// One CAM method as the engine's per-batch computation, for the predicted
-/// class of each image.
-struct CamJob {
-    method: CamMethod,
-    score_cam_batch: usize,
-    max_n: usize,
-    score: PredictedScore,
-}
-
-impl Method for CamJob {
-    fn name(&self) -> &str {
-        self.method.name()
-    }
-
-    fn arrays(&self) -> Vec<(String, bool)> {
-        vec![("cam".into(), true)]
-    }
-
-    fn needs_gradients(&self) -> bool {
-        self.method.uses_gradients()
-    }
-
-    fn compute(&self, model: &Model, x: &Tensor, _keys: &[u64]) -> tch_vis::Result<BatchResult> {
-        let cams = Cam::new(model, self.method)
-            .score_cam_batch(self.score_cam_batch)
-            .max_n(self.max_n)
-            .compute(x, &[&self.score as &dyn Score])?;
-        Ok(BatchResult {
-            scores: cams.scores,
-            classes: cams.classes,
-            arrays: vec![BatchArray {
-                name: "cam".into(),
-                heat: Some(cams.maps.shallow_clone()),
-                values: cams.maps,
-            }],
-            columns: Vec::new(),
-        })
-    }
 }
 
 /// Writes `OUT/REL.png`: the heatmap over the image as the model saw it.
@@ -155,12 +115,9 @@ fn main() -> Result<()> {
         .with_context(|| format!("loading {}", args.model.display()))?;
     Cam::check(&model)?;
     let sidecar = Sidecar::for_model(&args.model)?;
-    let job = CamJob {
-        method: args.method,
-        score_cam_batch: args.score_cam_batch,
-        max_n: args.max_n,
-        score: PredictedScore::new(),
-    };
+    let job = CamMapMethod::from_scores(args.method, vec![Box::new(PredictedScore::new())])
+        .score_cam_batch(args.score_cam_batch)
+        .max_n(args.max_n);
     let sink = PngSink {
         out: args.out.clone(),
         channels: sidecar.channels,

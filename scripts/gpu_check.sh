@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared check for the lent GPU machine (see ../shared/GPU.md, BENCHMARKS.md).
+# One prepared check for a GPU machine without cargo (see BENCHMARKS.md).
 #
 # There is no cargo there: build here, copy the executables into .gpu/ (git-ignored)
 # and carry it:

@@ -296,11 +296,7 @@ impl FolderSink {
         let mut last = (Merged::default(), Vec::new());
         for _ in 0..20 {
             let (merged, seen) = self.read_state()?;
-            let state = State {
-                rows: merged.rows.clone(),
-                failed: BTreeMap::new(),
-            };
-            io::write_atomic(&csv_path, &table::render(&self.header, &state)?)?;
+            io::write_atomic(&csv_path, &table::render(&self.header, &merged.rows)?)?;
             let grew = seen
                 .iter()
                 .any(|(p, len)| fs::metadata(p).map_or(true, |m| m.len() != *len));

@@ -49,20 +49,13 @@ impl ScoreSet {
 
     /// One score per output, and each specification fits its output.
     pub(crate) fn check(&self, outputs: &[Tensor]) -> Result<()> {
-        if outputs.len() != self.scores.len() {
+        if self.specs.is_empty() && outputs.len() != self.scores.len() {
             return Err(Error::ScoreCount {
                 outputs: outputs.len(),
                 scores: self.scores.len(),
             });
         }
-        for (index, (spec, out)) in self.specs.iter().zip(outputs).enumerate() {
-            spec.check(&out.size()).map_err(|e| Error::Score {
-                index,
-                name: spec.to_string(),
-                source: Box::new(e),
-            })?;
-        }
-        Ok(())
+        ScoreSpec::check_outputs(&self.specs, outputs)
     }
 
     /// The classes each score takes on `outputs`.
@@ -107,10 +100,6 @@ impl Method for ScoresMethod {
 
     fn arrays(&self) -> Vec<(String, bool)> {
         Vec::new()
-    }
-
-    fn needs_gradients(&self) -> bool {
-        false
     }
 
     fn check(&self, _model: &Model, outputs: &[Tensor]) -> Result<()> {
@@ -313,10 +302,6 @@ impl Method for CamMapMethod {
         vec![("cam".to_string(), true)]
     }
 
-    fn needs_gradients(&self) -> bool {
-        self.method.uses_gradients()
-    }
-
     fn check(&self, model: &Model, outputs: &[Tensor]) -> Result<()> {
         Cam::check(model)?;
         self.scores.check(outputs)
@@ -383,9 +368,18 @@ pub struct IgMethod {
     scores: ScoreSet,
     steps: usize,
     rule: Rule,
-    baseline: IgBaseline,
-    black: Option<Vec<f32>>,
+    start: Start,
     internal_batch_size: Option<usize>,
+}
+
+/// An [`IgBaseline`] resolved against the sidecar: black is its
+/// per-channel model input (kept as numbers: a tensor is not `Sync`).
+#[derive(Debug)]
+enum Start {
+    Zero,
+    Constant(f64),
+    Blur(f64),
+    PerChannel(Vec<f32>),
 }
 
 impl IgMethod {
@@ -400,8 +394,7 @@ impl IgMethod {
             scores: ScoreSet::from_specs(specs)?,
             steps: 50,
             rule: Rule::GaussLegendre,
-            baseline: IgBaseline::Zero,
-            black: None,
+            start: Start::Zero,
             internal_batch_size: None,
         })
     }
@@ -423,15 +416,21 @@ impl IgMethod {
     /// # Errors
     /// As [`Baseline::black`].
     pub fn baseline(mut self, baseline: IgBaseline, sidecar: &Sidecar) -> Result<Self> {
-        if matches!(baseline, IgBaseline::Black) {
-            self.black = match Baseline::black(sidecar)? {
-                Baseline::Tensor(t) => Some(Vec::<f32>::try_from(
+        self.start = match baseline {
+            IgBaseline::Zero => Start::Zero,
+            IgBaseline::Constant(v) => Start::Constant(v),
+            IgBaseline::Blur(sigma) => Start::Blur(sigma),
+            IgBaseline::Black => match Baseline::black(sidecar)? {
+                Baseline::Tensor(t) => Start::PerChannel(Vec::<f32>::try_from(
                     &t.f_to_kind(tch::Kind::Float)?.f_reshape([-1])?,
                 )?),
-                _ => None,
-            };
-        }
-        self.baseline = baseline;
+                other => {
+                    return Err(Error::Internal {
+                        what: format!("black baseline resolved to {other:?}"),
+                    })
+                }
+            },
+        };
         Ok(self)
     }
 
@@ -442,14 +441,13 @@ impl IgMethod {
     }
 
     fn baseline_now(&self) -> Result<Baseline> {
-        Ok(match (&self.baseline, &self.black) {
-            (IgBaseline::Zero, _) => Baseline::Zero,
-            (IgBaseline::Constant(v), _) => Baseline::Constant(*v),
-            (IgBaseline::Blur(sigma), _) => Baseline::Blur { sigma: *sigma },
-            (IgBaseline::Black, Some(v)) => {
+        Ok(match &self.start {
+            Start::Zero => Baseline::Zero,
+            Start::Constant(v) => Baseline::Constant(*v),
+            Start::Blur(sigma) => Baseline::Blur { sigma: *sigma },
+            Start::PerChannel(v) => {
                 Baseline::Tensor(Tensor::f_from_slice(v)?.f_view([v.len() as i64, 1, 1])?)
             }
-            (IgBaseline::Black, None) => Baseline::Zero,
         })
     }
 }

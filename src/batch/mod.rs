@@ -117,12 +117,6 @@ pub trait Method: Sync {
         self.compute(model, x, keys)
     }
 
-    /// Whether the method takes gradients (used to size the compute
-    /// threads and the probe).
-    fn needs_gradients(&self) -> bool {
-        true
-    }
-
     /// Checks, before the first image, that the method fits the model,
     /// given the model's outputs on a probe input of one zero image. The
     /// default accepts everything; [`Engine::prepare`] then runs

@@ -135,14 +135,14 @@ pub(crate) fn replay_journal(
     }
 }
 
-/// The bytes of `scores.csv` for `state`.
-pub(crate) fn render(header: &[String], state: &State) -> Result<Vec<u8>> {
-    let mut w = csv::Writer::from_writer(Vec::with_capacity(64 * (state.rows.len() + 1)));
+/// The bytes of `scores.csv` for `rows`.
+pub(crate) fn render(header: &[String], rows: &BTreeMap<String, Vec<String>>) -> Result<Vec<u8>> {
+    let mut w = csv::Writer::from_writer(Vec::with_capacity(64 * (rows.len() + 1)));
     let csv_err = |e: csv::Error| Error::Internal {
         what: format!("cannot render scores.csv: {e}"),
     };
     w.write_record(header).map_err(csv_err)?;
-    for (path, values) in &state.rows {
+    for (path, values) in rows {
         w.write_field(path).map_err(csv_err)?;
         w.write_record(values).map_err(csv_err)?;
     }
@@ -192,7 +192,7 @@ mod tests {
         let mut other = State::default();
         replay_journal(&bytes, &header(1, &[false], &[]), &mut other, &mut touched);
         assert_eq!(other, State::default());
-        let text = String::from_utf8(render(&h(), &state).unwrap()).unwrap();
+        let text = String::from_utf8(render(&h(), &state.rows).unwrap()).unwrap();
         assert_eq!(
             text,
             "path,score_0,score_1,class_0,label_0\n\"a,\"\"odd\"\".png\",0.5,1,3,three\nc.png,0.1,2,1,one\n"

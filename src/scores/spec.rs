@@ -164,6 +164,29 @@ impl ScoreSpec {
         })
     }
 
+    /// Checks `specs` against a model's `outputs`: one specification per
+    /// output, each fitting its output ([`ScoreSpec::check`]).
+    ///
+    /// # Errors
+    /// [`Error::ScoreCount`] for another number of specifications;
+    /// [`Error::Score`] (with the output index) for one that does not fit.
+    pub fn check_outputs(specs: &[ScoreSpec], outputs: &[tch::Tensor]) -> Result<()> {
+        if outputs.len() != specs.len() {
+            return Err(Error::ScoreCount {
+                outputs: outputs.len(),
+                scores: specs.len(),
+            });
+        }
+        for (index, (spec, out)) in specs.iter().zip(outputs).enumerate() {
+            spec.check(&out.size()).map_err(|e| Error::Score {
+                index,
+                name: spec.to_string(),
+                source: Box::new(e),
+            })?;
+        }
+        Ok(())
+    }
+
     /// Checks that this score fits a model output of shape `shape` (the
     /// batch size, dim 0, is not checked), so that a mismatch is found
     /// before any data is processed.

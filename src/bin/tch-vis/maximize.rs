@@ -33,29 +33,27 @@ pub fn execute(a: MaximizeArgs) -> Result<(), Failure> {
     let probe = Tensor::f_zeros([1, c, h, w], (Kind::Float, device))
         .map_err(|e| Failure::Usage(e.into()))?;
     let outputs = model.forward(&[probe]).map_err(Failure::Usage)?;
-    if outputs.len() != a.scores.len() {
-        return Err(Failure::Usage(Error::ScoreCount {
-            outputs: outputs.len(),
-            scores: a.scores.len(),
+    ScoreSpec::check_outputs(&a.scores, &outputs).map_err(Failure::Usage)?;
+    if let Some(index) = a
+        .scores
+        .iter()
+        .position(|s| matches!(s, ScoreSpec::Predicted))
+    {
+        return Err(Failure::Usage(Error::Score {
+            index,
+            name: "predicted".into(),
+            source: Box::new(Error::InvalidValue {
+                what: "score for maximize (predicted needs an input image)",
+                value: "predicted".into(),
+            }),
         }));
     }
-    let mut scores = Vec::with_capacity(a.scores.len());
-    for (index, (spec, out)) in a.scores.iter().zip(&outputs).enumerate() {
-        let wrap = |e: Error| Error::Score {
-            index,
-            name: spec.to_string(),
-            source: Box::new(e),
-        };
-        if matches!(spec, ScoreSpec::Predicted) {
-            return Err(Failure::Usage(wrap(Error::InvalidValue {
-                what: "score for maximize (predicted needs an input image)",
-                value: spec.to_string(),
-            })));
-        }
-        spec.check(&out.size())
-            .map_err(|e| Failure::Usage(wrap(e)))?;
-        scores.push(spec.to_score().map_err(Failure::Usage)?);
-    }
+    let scores = a
+        .scores
+        .iter()
+        .map(ScoreSpec::to_score)
+        .collect::<tch_vis::Result<Vec<_>>>()
+        .map_err(Failure::Usage)?;
     // With --log, each active score s is ascended as log(max(s, 1e-30)).
     let objective: Vec<Box<dyn Score + Send + Sync>> = a
         .scores
