@@ -49,11 +49,15 @@ impl ScoreSet {
 
     /// One score per output, and each specification fits its output.
     pub(crate) fn check(&self, outputs: &[Tensor]) -> Result<()> {
-        if self.specs.is_empty() && outputs.len() != self.scores.len() {
-            return Err(Error::ScoreCount {
-                outputs: outputs.len(),
-                scores: self.scores.len(),
-            });
+        if self.specs.is_empty() {
+            // Score objects: only their number can be checked here.
+            if outputs.len() != self.scores.len() {
+                return Err(Error::ScoreCount {
+                    outputs: outputs.len(),
+                    scores: self.scores.len(),
+                });
+            }
+            return Ok(());
         }
         ScoreSpec::check_outputs(&self.specs, outputs)
     }

@@ -202,6 +202,43 @@ fn engine_results_do_not_depend_on_batch_size() {
     }
 }
 
+/// Methods built from score objects (`from_scores`) run through the
+/// engine as their specification twins do, with the same maps; a wrong
+/// number of score objects is `ScoreCount` before the first image.
+#[test]
+fn engine_runs_methods_built_from_score_objects() {
+    let model = digits();
+    let sidecar = Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap();
+    let inputs = tch_vis::io::walk(&repo("examples/images/gray"), &[]).unwrap();
+    let by_spec = SaliencyMethod::new(&[ScoreSpec::Categorical(vec![3])]).unwrap();
+    let by_object = SaliencyMethod::from_scores(vec![Box::new(CategoricalScore::new(3).unwrap())]);
+    let mut runs = Vec::new();
+    for method in [&by_spec, &by_object] {
+        let engine = Engine::new(&model, sidecar.clone(), method).batch_size(4);
+        engine.prepare().unwrap();
+        let sink = Collect::default();
+        let summary = engine.run(&inputs, &sink).unwrap();
+        assert!(summary.fatal.is_none());
+        assert_eq!(summary.processed, inputs.len());
+        let mut got = sink.0.into_inner().unwrap();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        runs.push(got);
+    }
+    for (a, b) in runs[0].iter().zip(&runs[1]) {
+        assert_eq!((&a.0, &a.1), (&b.0, &b.1));
+        crate::util::assert_close(&a.0, &b.2, &a.2, 0.0, 0.0);
+    }
+    let two = SaliencyMethod::from_scores(vec![
+        Box::new(PredictedScore::new()),
+        Box::new(PredictedScore::new()),
+    ]);
+    let err = Engine::new(&model, sidecar, &two).prepare().unwrap_err();
+    assert!(
+        matches!(err, tch_vis::Error::ScoreCount { outputs: 1, scores: 2 }),
+        "{err:?}"
+    );
+}
+
 /// The preprocessing of every bundled sample equals PyTorch's (the inputs
 /// of the CLI goldens), bit for bit.
 #[test]
