@@ -105,6 +105,9 @@ fn entries(images: &Path, list: &Path) -> Result<Vec<Entry>> {
 }
 
 fn main() -> Result<()> {
+    // As the tch-vis binary: libtorch's OpenMP team sleeps, not spins,
+    // while decode and writer threads share the cores.
+    let _failed = tch_vis::batch::restart_with_passive_openmp();
     let args = Args::parse();
     let inputs = entries(&args.images, &args.list)?;
     if inputs.is_empty() {

@@ -46,7 +46,10 @@ mod folder;
 mod methods;
 mod table;
 
-pub use engine::{Engine, Layout, Progress, Summary, Timings};
+pub use engine::{
+    channels_last_default, compute_threads, restart_with_passive_openmp, Engine, Layout, Progress,
+    Summary, Timings,
+};
 pub use folder::{Finished, FolderSink, Merged, JOURNAL_DIR};
 pub use methods::{CamMapMethod, IgBaseline, IgMethod, SaliencyMethod, ScoresMethod};
 

@@ -57,7 +57,32 @@ fn run() -> Result<(), Failure> {
     }
 }
 
+/// At most two glibc malloc arenas. Each thread that allocates otherwise
+/// gets an arena of its own (up to 8 per core), and the decode threads'
+/// per-image tensors, freed by the compute and writer threads, fragment them:
+/// a 224² saliency run's anonymous memory grew from 500 to 565 MiB between
+/// 3,500 and 7,400 images with the default, and stayed at 687 MiB with two
+/// arenas (no slower: allocations here are few and large). Set before any
+/// thread exists; `MALLOC_ARENA_MAX` in the environment still wins.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+        }
+        const M_ARENA_MAX: std::ffi::c_int = -8;
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+            // SAFETY: mallopt only sets an allocator parameter; no thread
+            // has allocated yet.
+            unsafe {
+                mallopt(M_ARENA_MAX, 2);
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     // IEEE float32 on CUDA: cuDNN would otherwise run fp32 convolutions in
     // TF32 (PyTorch's default), about 1e-3 relative off the CPU values. Set
     // before any thread or CUDA context exists; the user's value wins.

@@ -6,8 +6,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tch_vis::batch::{
-    CamMapMethod, Engine, FolderSink, IgBaseline, IgMethod, Method, Progress, SaliencyMethod,
-    ScoresMethod,
+    compute_threads, restart_with_passive_openmp, CamMapMethod, Engine, FolderSink, IgBaseline,
+    IgMethod, Method, Progress, SaliencyMethod, ScoresMethod,
 };
 use tch_vis::cam::CamMethod;
 use tch_vis::gallery::{self, Gallery};
@@ -238,6 +238,13 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     // Everything that can be checked before the first image: exit 2, and
     // nothing written.
     let device = job.device.resolve().map_err(Failure::Usage)?;
+    if let Ok(sidecar) = Sidecar::for_model(&job.model) {
+        let [h, w] = sidecar.input_size;
+        if compute_threads(device, sidecar.channels * h * w) > 1 {
+            // Returns only if the restart fails: the run goes on here.
+            let _failed = restart_with_passive_openmp();
+        }
+    }
     let (root, entries) = job
         .images
         .entries(&job.out)
@@ -306,6 +313,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         "images_per_second": ips,
         "timings_seconds": summary.timings,
         "compute_threads": layout.compute_threads,
+        "channels_last": layout.channels_last,
         "model": job.model.display().to_string(),
         "images": root.display().to_string(),
         "out": job.out.display().to_string(),
