@@ -56,6 +56,9 @@ struct Args {
     /// Channels Faster-Score-CAM keeps.
     #[arg(long, default_value_t = 10)]
     max_n: usize,
+    /// Hand the model contiguous (NCHW) batches, not the engine's default.
+    #[arg(long)]
+    contiguous: bool,
 }
 
 /// Writes `OUT/REL.png`: the heatmap over the image as the model saw it.
@@ -126,7 +129,10 @@ fn main() -> Result<()> {
         channels: sidecar.channels,
         size: sidecar.input_size,
     };
-    let engine = Engine::new(&model, sidecar, &job).batch_size(args.batch_size);
+    let mut engine = Engine::new(&model, sidecar, &job).batch_size(args.batch_size);
+    if args.contiguous {
+        engine = engine.channels_last(false);
+    }
     engine.prepare()?;
     let prepare = t.elapsed().as_secs_f64();
 

@@ -58,6 +58,7 @@ pub(super) fn cam(
     let batch = plan.batch.max(1) as i64;
     let group = (batch / n.max(1)).max(1);
     let xe = x.f_unsqueeze(1)?; // (N, 1, C, H, W)
+    let channels_last = xs[1] > 1 && x.stride()[1] == 1;
     let mut columns = Vec::new();
     let mut k0 = 0;
     while k0 < k {
@@ -72,11 +73,22 @@ pub(super) fn cam(
             .f_div(&max.f_sub(&min)?.f_add_scalar(eps)?)?
             .f_to_kind(x.kind())?;
         // (N, gk, C, H, W) -> (gk, N, C, H, W): rows grouped by channel, so
-        // each block of N rows is one channel of every image.
-        let masked = xe
-            .f_mul(&masks.f_unsqueeze(2)?)?
-            .f_transpose(0, 1)?
-            .f_reshape([gk * n, xs[1], height, width])?;
+        // each block of N rows is one channel of every image. A
+        // channels-last input gives channels-last masked inputs (the same
+        // values, NHWC strides), as fast for the model as the input was.
+        let masked = if channels_last {
+            xe.f_permute([0, 1, 3, 4, 2])?
+                .f_mul(&masks.f_unsqueeze(-1)?)?
+                .f_transpose(0, 1)?
+                .f_contiguous()?
+                .f_reshape([gk * n, height, width, xs[1]])?
+                .f_permute([0, 3, 1, 2])?
+        } else {
+            xe.f_mul(&masks.f_unsqueeze(2)?)?
+                .f_transpose(0, 1)?
+                .f_contiguous()?
+                .f_reshape([gk * n, xs[1], height, width])?
+        };
         let outputs = forward_in_chunks(model, &masked, batch)?;
         let mut block_scores = Vec::with_capacity(gk as usize);
         for j in 0..gk {

@@ -247,8 +247,9 @@ fn engine_runs_methods_built_from_score_objects() {
 
 /// Channels-last batches (the CPU default for colour inputs over 64 × 64)
 /// give the results of contiguous ones to float rounding: the same
-/// classes, scores within 1e-5 and maps within 1e-5, for saliency and
-/// Grad-CAM on the bundled RGB digits model (forced on at its 32 × 32, where
+/// classes, scores within 1e-5 and maps within 1e-5, for saliency,
+/// Grad-CAM and Score-CAM (whose masked inputs follow the input's memory
+/// order) on the bundled RGB digits model (forced on at its 32 × 32, where
 /// the default is off).
 #[test]
 fn channels_last_batches_match_contiguous_ones() {
@@ -263,7 +264,12 @@ fn channels_last_batches_match_contiguous_ones() {
     let inputs = tch_vis::io::walk(&repo("examples/images/rgb"), &[]).unwrap();
     let saliency = SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap();
     let cam = CamMapMethod::new(CamMethod::GradCam, &[ScoreSpec::Predicted]).unwrap();
-    for (method, map_tol) in [(&saliency as &dyn Method, 1e-5), (&cam, 1e-5)] {
+    let score_cam = CamMapMethod::new(CamMethod::ScoreCam, &[ScoreSpec::Predicted]).unwrap();
+    for (method, map_tol) in [
+        (&saliency as &dyn Method, 1e-5),
+        (&cam, 1e-5),
+        (&score_cam, 1e-5),
+    ] {
         let mut runs = Vec::new();
         for on in [false, true] {
             let engine = Engine::new(&model, sidecar.clone(), method)
