@@ -45,6 +45,9 @@ struct Args {
     /// Skip the PNG compression sweep.
     #[arg(long)]
     no_png_sweep: bool,
+    /// Decode JPEGs at a DCT scale (`Preprocessor::jpeg_draft`).
+    #[arg(long)]
+    jpeg_draft: bool,
 }
 
 const STAGES: [&str; 8] = [
@@ -122,7 +125,7 @@ fn main() -> Result<()> {
     let mut paths = Vec::new();
     files(&args.images, &mut paths)?;
     paths.sort();
-    let pre = Preprocessor::new(sidecar(args.recipe)?);
+    let pre = Preprocessor::new(sidecar(args.recipe)?).jpeg_draft(args.jpeg_draft);
     let npy_dir = tempfile_dir()?;
     let npy_path = npy_dir.join("map.npy");
     let mut totals = [Duration::ZERO; STAGES.len()];

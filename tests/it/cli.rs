@@ -455,6 +455,16 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
             usage("scores", &cnn, images, o, &["--batch-size", "0"]),
         ),
         (
+            "--jpeg-draft with --overlay original",
+            usage(
+                "saliency",
+                &cnn,
+                images,
+                o,
+                &["--jpeg-draft", "--overlay", "original"],
+            ),
+        ),
+        (
             "negative noise",
             usage("saliency", &cnn, images, o, &["--smooth-noise", "-1"]),
         ),

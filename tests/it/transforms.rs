@@ -155,3 +155,95 @@ fn jpeg_decoder_distance() {
         }
     }
 }
+
+/// A 1600 × 1200 photo-like JPEG (smooth shading, edges, fine texture),
+/// quality 90.
+fn large_jpeg() -> Vec<u8> {
+    let (w, h) = (1600u32, 1200u32);
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        let (fx, fy) = (x as f32 / w as f32, y as f32 / h as f32);
+        let disc = ((fx - 0.4).powi(2) + (fy - 0.5).powi(2)).sqrt() < 0.25;
+        let texture = ((x as f32 * 0.21).sin() * (y as f32 * 0.17).cos() * 20.0) as i32;
+        let base = [
+            (40.0 + 180.0 * fx) as i32,
+            (60.0 + 120.0 * fy) as i32,
+            if disc { 220 } else { 50 },
+        ];
+        image::Rgb(base.map(|v| (v + texture).clamp(0, 255) as u8))
+    });
+    let mut bytes = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90)
+        .encode_image(&img)
+        .unwrap();
+    bytes
+}
+
+/// `jpeg_draft` decodes a large JPEG at a DCT scale that keeps the resize a
+/// downscale, with inputs close to the full decode's; PNGs, small JPEGs
+/// and a preprocessor that keeps the original are decoded as before.
+#[test]
+fn jpeg_draft_decodes_large_jpegs_smaller_and_close() {
+    let tv = Sidecar::from_json(
+        r#"{"input_size": [224, 224], "channels": 3, "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225], "resize": 256, "crop": [224, 224]}"#,
+        "s.json",
+    )
+    .unwrap();
+    let plain = Sidecar::from_json(
+        r#"{"input_size": [224, 224], "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}"#,
+        "s.json",
+    )
+    .unwrap();
+    let jpeg = large_jpeg();
+    // Resize(256) of 1600 x 1200 needs 341 x 256: 1/4 gives 400 x 300 (1/8,
+    // 200 x 150, is too small). The plain recipe needs 224 x 224: also 1/4.
+    // Measured: torchvision recipe max 17, mean 0.49 uint8 steps; plain
+    // recipe max 82, mean 0.97 (its bilinear resize without antialiasing
+    // aliases the fine texture of the full decode, which the DCT scaling
+    // filters out first).
+    for (sidecar, want_size, max_bound, mean_bound) in
+        [(tv, (400, 300), 30.0, 1.0), (plain, (400, 300), 120.0, 2.0)]
+    {
+        let full = Preprocessor::new(sidecar.clone());
+        let draft = Preprocessor::new(sidecar.clone()).jpeg_draft(true);
+        let a = full.prepare_bytes(&jpeg, "big.jpg").unwrap();
+        let b = draft.prepare_bytes(&jpeg, "big.jpg").unwrap();
+        assert_eq!(a.original_size, (1600, 1200));
+        assert_eq!(b.original_size, want_size);
+        let d = (a.image.to_kind(Kind::Double) - b.image.to_kind(Kind::Double)).abs() * 255.0;
+        let (max, mean) = (d.max().double_value(&[]), d.mean(None).double_value(&[]));
+        println!("draft vs full decode: max {max:.2} mean {mean:.3} uint8 steps");
+        assert!(
+            max <= max_bound && mean <= mean_bound,
+            "max {max}, mean {mean}"
+        );
+        // Keeping the original turns the draft off.
+        let kept = Preprocessor::new(sidecar.clone())
+            .jpeg_draft(true)
+            .keep_original(true)
+            .prepare_bytes(&jpeg, "big.jpg")
+            .unwrap();
+        assert_eq!(kept.original_size, (1600, 1200));
+        assert!(kept.image.equal(&a.image));
+    }
+    // A PNG of the same picture, and a JPEG too small to scale: as before.
+    let png = {
+        let img = image::load_from_memory(&jpeg).unwrap();
+        let mut out = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        out
+    };
+    let small = std::fs::read(repo("examples/images/rgb/1/heldout_0093.png")).unwrap();
+    let sidecar = Sidecar::for_model(repo("models/digits_rgb.pt")).unwrap();
+    for (bytes, name) in [(&png, "big.png"), (&small, "small.png")] {
+        let a = Preprocessor::new(sidecar.clone())
+            .prepare_bytes(bytes, name)
+            .unwrap();
+        let b = Preprocessor::new(sidecar.clone())
+            .jpeg_draft(true)
+            .prepare_bytes(bytes, name)
+            .unwrap();
+        assert!(a.input.equal(&b.input), "{name}");
+    }
+}

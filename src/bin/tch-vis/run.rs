@@ -190,6 +190,7 @@ pub struct Job {
     pub overwrite: bool,
     pub strict: bool,
     pub overlay_original: bool,
+    pub jpeg_draft: bool,
 }
 
 /// Why the command failed; the exit status comes from the kind.
@@ -259,7 +260,9 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         .method(&job.specs, &sidecar)
         .map_err(Failure::Usage)?;
     let bar = ProgressLine::new();
-    let pre = Preprocessor::new(sidecar.clone()).keep_original(job.overlay_original);
+    let pre = Preprocessor::new(sidecar.clone())
+        .keep_original(job.overlay_original)
+        .jpeg_draft(job.jpeg_draft);
     let engine = Engine::new(&model, sidecar.clone(), method.as_ref())
         .preprocessor(pre.clone())
         .batch_size(job.batch_size)
@@ -323,6 +326,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         "batch_size": job.batch_size,
         "precision": job.precision.to_string(),
         "overlay": if job.overlay_original { "original" } else { "input" },
+        "jpeg_draft": job.jpeg_draft,
         "overwrite": job.overwrite,
         "shard": job.shard.to_string(),
         "shard_source": job.shard_source,
