@@ -24,6 +24,8 @@
 #   SKIP_BUILD  1 = use the binaries already in target/release
 #   CAM         0 = leave out the CAM lines of scripts/bench_cam.sh (default 1;
 #               it needs the reference packages of scripts/golden_env.sh)
+#   RSS         0 = leave out section 9 (a 100,000-image 224 x 224 saliency
+#               run writing ~23 GB, removed at the end; default 1)
 #
 # One labelled line per comparison: ours, baseline, ratio. Everything is also
 # written to $DATA/bench-<date>.txt. No step stops the others.
@@ -259,7 +261,7 @@ fi
 
 echo "== 6. pipeline alone: trivial 224 x 224 model, tch-vis saliency vs the Python job (scripts/bench_pipeline_alone.sh)"
 if [ "$QUICK" = 1 ]; then
-    N=40 ROUNDS=1 DATA="$DATA" SKIP_BUILD=1 scripts/bench_pipeline_alone.sh
+    N=40 REPEAT=1 ROUNDS=1 DATA="$DATA" SKIP_BUILD=1 scripts/bench_pipeline_alone.sh
 else
     DATA="$DATA" SKIP_BUILD=1 scripts/bench_pipeline_alone.sh
 fi
@@ -280,6 +282,17 @@ if [ "$QUICK" = 1 ]; then
     N=2 STEPS=8 DATA="$DATA" SKIP_BUILD=1 scripts/bench_ig.sh
 else
     DATA="$DATA" SKIP_BUILD=1 scripts/bench_ig.sh
+fi
+
+echo "== 9. memory of a long 224 x 224 saliency run (scripts/bench_rss.sh; needs section 7's images; RSS=0 skips)"
+if [ "${SCALE:-1}" = 1 ] && [ "${RSS:-1}" = 1 ]; then
+    if [ "$QUICK" = 1 ]; then
+        N=10000 DATA="$DATA" scripts/bench_rss.sh | tail -n 1
+    else
+        N=100000 DATA="$DATA" scripts/bench_rss.sh | awk 'NR == 1 || NR % 6 == 2 || /^saliency/'
+    fi
+else
+    echo "rss: SKIPPED (SCALE=0 or RSS=0)"
 fi
 
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
