@@ -556,15 +556,15 @@ impl Preprocessor {
                 .collect();
             return Ok(Tensor::f_from_slice(&luma)?.f_view([1, 1, h, w])?);
         }
-        // Bytes to planar bytes, then to float: `x / 255` is IEEE division
-        // in float32, as in Rust.
+        // Bytes to float in one pass, in the bytes' own (H, W, C) order:
+        // `x / 255` is IEEE division in float32, as in Rust. The result is
+        // `(1, 3, H, W)` with channels-last strides, which libtorch's
+        // bilinear resize takes as it is (the same values as from planar
+        // input; tested bit for bit).
         Ok(Tensor::f_from_slice(rgb.as_raw())?
-            .f_view([h, w, 3])?
-            .f_permute([2, 0, 1])?
-            .f_contiguous()?
-            .f_to_kind(Kind::Float)?
+            .f_view([1, h, w, 3])?
             .f_div_scalar(255.0)?
-            .f_view([1, 3, h, w])?)
+            .f_permute([0, 3, 1, 2])?)
     }
 
     /// The plain bilinear resize of `(1, C, H, W)` planes to `input_size`,
@@ -578,7 +578,8 @@ impl Preprocessor {
         } else {
             x.f_upsample_bilinear2d([th, tw], false, None, None)?
         };
-        Ok(x.f_view([c, th, tw])?)
+        // Planar at the (small) input size, whatever the input's layout.
+        Ok(x.f_contiguous()?.f_view([c, th, tw])?)
     }
 
     /// The normalisation stage: `(image - mean) / std` per channel of a
@@ -929,20 +930,38 @@ mod tests {
 
     #[test]
     fn the_8bit_fast_path_equals_the_planes_path_bit_for_bit() {
-        let mut img = image::RgbImage::new(37, 23);
-        let mut state = 12345u32;
-        for p in img.pixels_mut() {
-            for v in p.0.iter_mut() {
-                state = state.wrapping_mul(1664525).wrapping_add(1013904223);
-                *v = (state >> 24) as u8;
+        let noise = |w: u32, h: u32| {
+            let mut img = image::RgbImage::new(w, h);
+            let mut state = 12345u32;
+            for p in img.pixels_mut() {
+                for v in p.0.iter_mut() {
+                    state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+                    *v = (state >> 24) as u8;
+                }
             }
-        }
-        let img = DynamicImage::ImageRgb8(img);
-        for (channels, size) in [(3, [16, 20]), (1, [16, 20]), (3, [23, 37]), (1, [40, 50])] {
+            DynamicImage::ImageRgb8(img)
+        };
+        let cases = [
+            ((37, 23), 3, [16, 20]),
+            ((37, 23), 1, [16, 20]),
+            ((37, 23), 3, [23, 37]),
+            ((37, 23), 1, [40, 50]),
+            ((37, 23), 3, [40, 50]),
+            ((640, 480), 3, [224, 224]),
+            ((640, 480), 3, [300, 500]),
+            ((333, 1001), 3, [224, 224]),
+        ];
+        // Decode threads run libtorch on one thread, which picks other
+        // resize kernels than several threads: both.
+        let threads = tch::get_num_threads();
+        let runs = cases.iter().flat_map(|c| [(*c, 1), (*c, threads.max(2))]);
+        for (((w, h), channels, size), t) in runs {
+            tch::set_num_threads(t);
+            let img = noise(w, h);
             let pre = Preprocessor::new(sidecar(channels, size));
             let fast = pre.prepare_image(img.clone(), "x.png").unwrap();
             let slow = pre
-                .prepare_planes(to_planes(&img, channels), (37, 23))
+                .prepare_planes(to_planes(&img, channels), (w, h))
                 .unwrap();
             let (a, b) = (
                 Vec::<f32>::try_from(&fast.input.reshape([-1])).unwrap(),
@@ -950,9 +969,10 @@ mod tests {
             );
             assert!(
                 a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{channels} {size:?}"
+                "{w}x{h} {channels} {size:?} on {t} threads"
             );
         }
+        tch::set_num_threads(threads);
     }
 
     #[test]
