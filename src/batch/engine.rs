@@ -178,20 +178,27 @@ pub fn channels_last_default(device: Device, channels: usize, pixels: usize) -> 
 /// the restart failed (the program can go on with the default policy); on
 /// success it does not return.
 pub fn restart_with_passive_openmp() -> Option<std::io::Error> {
-    use std::os::unix::process::CommandExt;
     if std::env::var_os("OMP_WAIT_POLICY").is_some() {
         return None;
     }
-    let exe = match std::env::current_exe() {
-        Ok(exe) => exe,
-        Err(e) => return Some(e),
-    };
-    Some(
-        std::process::Command::new(exe)
-            .args(std::env::args_os().skip(1))
-            .env("OMP_WAIT_POLICY", "PASSIVE")
-            .exec(),
-    )
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        let exe = match std::env::current_exe() {
+            Ok(exe) => exe,
+            Err(e) => return Some(e),
+        };
+        Some(
+            std::process::Command::new(exe)
+                .args(std::env::args_os().skip(1))
+                .env("OMP_WAIT_POLICY", "PASSIVE")
+                .exec(),
+        )
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
 }
 
 impl<'a> Engine<'a> {

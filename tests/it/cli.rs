@@ -1494,3 +1494,57 @@ fn single_files_and_lists_of_paths() {
     run_ok(&saliency_args(&m, &file, &single, &[]), "single file");
     assert_eq!(csv_paths(&single), ["img_002.png"]);
 }
+
+/// Colour inputs over 64 × 64 get every core: the binary restarts once with
+/// `OMP_WAIT_POLICY=PASSIVE` (its image list on standard input handed on
+/// unread) and hands the model channels-last batches. A policy the user set
+/// is kept, with the same outputs; a small model never restarts.
+#[test]
+fn large_colour_inputs_restart_with_passive_openmp() {
+    let t = Tree::good(4);
+    let big = root()
+        .join("tests/models/avgpool_rgb.pt")
+        .display()
+        .to_string();
+    let images = t.images();
+    let run = |model: &str, out: &Path, policy: Option<&str>| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["saliency", "--model", model, "--images-from", "-"])
+            .args(["--root", s(&images), "--out", s(out), "--device", "cpu"])
+            .env("CUDA_VISIBLE_DEVICES", "")
+            .env_remove("OMP_WAIT_POLICY")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(p) = policy {
+            cmd.env("OMP_WAIT_POLICY", p);
+        }
+        let mut child = cmd.spawn().unwrap();
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            for i in 0..4 {
+                let path = images.join(format!("d{}/img_{i:03}.png", i % 3));
+                writeln!(stdin, "{}", path.display()).unwrap();
+            }
+        }
+        assert_code(&child.wait_with_output().unwrap(), 0, model);
+        report(out)
+    };
+    let passive = t.out("passive");
+    let r = run(&big, &passive, None);
+    assert_eq!(r["openmp_wait_policy"], "PASSIVE");
+    assert_eq!(r["channels_last"], true);
+    assert_eq!(r["processed"], 4);
+    let active = t.out("active");
+    let r = run(&big, &active, Some("ACTIVE"));
+    assert_eq!(r["openmp_wait_policy"], "ACTIVE");
+    assert_same_tree(&passive, &active, "PASSIVE vs ACTIVE");
+    let small = t.out("small");
+    let r = run(&model("digits_cnn"), &small, None);
+    assert_eq!(r["openmp_wait_policy"], serde_json::Value::Null);
+    assert_eq!(
+        (r["channels_last"].clone(), r["compute_threads"].clone()),
+        (false.into(), 1.into())
+    );
+}

@@ -317,6 +317,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         "timings_seconds": summary.timings,
         "compute_threads": layout.compute_threads,
         "channels_last": layout.channels_last,
+        "openmp_wait_policy": std::env::var("OMP_WAIT_POLICY").ok(),
         "model": job.model.display().to_string(),
         "images": root.display().to_string(),
         "out": job.out.display().to_string(),
