@@ -362,9 +362,14 @@ pub fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(tmp)
 }
 
+/// Creates the parent folders of `path` if they are missing. It looks
+/// first: `create_dir_all` starts with a `mkdir`, which fails on an
+/// existing folder only after taking the lock of the folder above, and then
+/// looks anyway; one `stat` per file instead, and no lock for writer
+/// threads saving into one folder.
 fn ensure_parent(path: &Path) -> Result<()> {
     if let Some(parent) = path.parent() {
-        if !parent.as_os_str().is_empty() {
+        if !parent.as_os_str().is_empty() && !parent.is_dir() {
             fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
     }
