@@ -131,12 +131,12 @@ fn predicted_stays_fixed_across_smoothgrad_samples() {
     assert_ne!(moved, clean);
 }
 
+/// One image's path, scores and first array, as [`Collect`] keeps them.
+type Kept = (String, Vec<f32>, Tensor);
+
 /// A sink that keeps results in memory.
 #[derive(Default)]
-struct Collect(
-    Mutex<Vec<(String, Vec<f32>, Tensor)>>,
-    Mutex<Vec<(String, String)>>,
-);
+struct Collect(Mutex<Vec<Kept>>, Mutex<Vec<(String, String)>>);
 
 impl Sink for Collect {
     fn image(&self, r: ImageResult) -> tch_vis::Result<()> {
@@ -149,6 +149,23 @@ impl Sink for Collect {
         self.1.lock().unwrap().push((rel.into(), error.into()));
         Ok(())
     }
+}
+
+/// Runs `engine` over `inputs` into a [`Collect`] sink: the run ends
+/// without a fatal error and processes `processed` images. Returns the
+/// images' results sorted by path, and the failures.
+fn run_sorted(
+    engine: &Engine,
+    inputs: &[tch_vis::io::Entry],
+    processed: usize,
+) -> (Vec<Kept>, Vec<(String, String)>) {
+    let sink = Collect::default();
+    let summary = engine.run(inputs, &sink).unwrap();
+    assert!(summary.fatal.is_none());
+    assert_eq!(summary.processed, processed);
+    let mut got = sink.0.into_inner().unwrap();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    (got, sink.1.into_inner().unwrap())
 }
 
 /// The engine hands every image to the sink once, with the same map
@@ -172,13 +189,8 @@ fn engine_results_do_not_depend_on_batch_size() {
             (layout.outputs, layout.class_outputs.clone()),
             (1, vec![true])
         );
-        let sink = Collect::default();
-        let summary = engine.run(&inputs, &sink).unwrap();
-        assert_eq!(summary.processed, 24);
-        assert!(summary.fatal.is_none());
-        assert_eq!(sink.1.lock().unwrap().len(), 1);
-        let mut got = sink.0.into_inner().unwrap();
-        got.sort_by(|a, b| a.0.cmp(&b.0));
+        let (got, failed) = run_sorted(&engine, &inputs, 24);
+        assert_eq!(failed.len(), 1);
         runs.push(got);
     }
     // Another batch size is another model call shape, where libtorch may
@@ -216,13 +228,7 @@ fn engine_runs_methods_built_from_score_objects() {
     for method in [&by_spec, &by_object] {
         let engine = Engine::new(&model, sidecar.clone(), method).batch_size(4);
         engine.prepare().unwrap();
-        let sink = Collect::default();
-        let summary = engine.run(&inputs, &sink).unwrap();
-        assert!(summary.fatal.is_none());
-        assert_eq!(summary.processed, inputs.len());
-        let mut got = sink.0.into_inner().unwrap();
-        got.sort_by(|a, b| a.0.cmp(&b.0));
-        runs.push(got);
+        runs.push(run_sorted(&engine, &inputs, inputs.len()).0);
     }
     for (a, b) in runs[0].iter().zip(&runs[1]) {
         assert_eq!((&a.0, &a.1), (&b.0, &b.1));
@@ -276,13 +282,7 @@ fn channels_last_batches_match_contiguous_ones() {
                 .batch_size(8)
                 .channels_last(on);
             assert_eq!(engine.prepare().unwrap().channels_last, on);
-            let sink = Collect::default();
-            let summary = engine.run(&inputs, &sink).unwrap();
-            assert!(summary.fatal.is_none());
-            assert_eq!(summary.processed, inputs.len());
-            let mut got = sink.0.into_inner().unwrap();
-            got.sort_by(|a, b| a.0.cmp(&b.0));
-            runs.push(got);
+            runs.push(run_sorted(&engine, &inputs, inputs.len()).0);
         }
         for (a, b) in runs[0].iter().zip(&runs[1]) {
             assert_eq!(a.0, b.0);

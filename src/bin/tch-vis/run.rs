@@ -239,20 +239,19 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     // Everything that can be checked before the first image: exit 2, and
     // nothing written.
     let device = job.device.resolve().map_err(Failure::Usage)?;
-    if let Ok(sidecar) = Sidecar::for_model(&job.model) {
-        let [h, w] = sidecar.input_size;
-        if compute_threads(device, sidecar.channels * h * w) > 1 {
-            // Returns only if the restart fails: the run goes on here.
-            let _failed = restart_with_passive_openmp();
-        }
+    let sidecar = Sidecar::for_model(&job.model).map_err(usage(
+        "cannot read the model sidecar (M.json beside M.pt gives input_size, channels, mean and std)",
+    ))?;
+    let [h, w] = sidecar.input_size;
+    if compute_threads(device, sidecar.channels * h * w) > 1 {
+        // Before the image list is read (standard input is handed on).
+        // Returns only if the restart fails: the run goes on here.
+        let _failed = restart_with_passive_openmp();
     }
     let (root, entries) = job
         .images
         .entries(&job.out)
         .map_err(usage("cannot read the images"))?;
-    let sidecar = Sidecar::for_model(&job.model).map_err(usage(
-        "cannot read the model sidecar (M.json beside M.pt gives input_size, channels, mean and std)",
-    ))?;
     let mut model = Model::load(&job.model, device).map_err(Failure::Usage)?;
     model.set_precision(job.precision).map_err(Failure::Usage)?;
     let (method, settings) = job
