@@ -9,7 +9,7 @@ use tch_vis::cam::{Cam, CamMethod, CamResize, ScoreCamWeights};
 use tch_vis::scores::{CategoricalScore, InactiveScore, PredictedScore, RegressionScore, Score};
 use tch_vis::{Error, Model};
 
-use crate::util::{assert_close, devices, npy, repo};
+use crate::util::{assert_close, devices, golden_manifest, npy, repo, Target};
 
 #[derive(Deserialize)]
 struct Manifest {
@@ -38,18 +38,11 @@ struct Case {
     score: String,
 }
 
-#[derive(Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-enum Target {
-    Categorical { index: usize },
-    Predicted,
-}
-
 fn manifest() -> Manifest {
-    let path = repo("tests/golden/cam/manifest.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/make_cam_goldens.py)", path.display()));
-    serde_json::from_str(&text).unwrap()
+    golden_manifest(
+        "tests/golden/cam/manifest.json",
+        "scripts/make_cam_goldens.py",
+    )
 }
 
 fn golden(rel: &str) -> Tensor {
@@ -76,19 +69,12 @@ fn parity(name: &str, device: Device) -> Option<Vec<(String, f64)>> {
     let mut report = Vec::new();
     for case in m.cases.iter().filter(|c| c.model == name) {
         let method: CamMethod = case.method.parse().unwrap();
-        let categorical;
-        let predicted = PredictedScore::new();
-        let score: &dyn Score = match case.target {
-            Target::Categorical { index } => {
-                categorical = CategoricalScore::new(index).unwrap();
-                &categorical
-            }
-            Target::Predicted => &predicted,
-        };
+        let score = case.target.score();
+        let score = score.as_ref();
         let what = format!(
             "{name} {} {:?} on {device:?}",
             case.method,
-            case.target_name()
+            case.target.name()
         );
         let got = Cam::new(&model, method).compute(&x, &[score]).unwrap();
         let want = golden(&case.map);
@@ -118,19 +104,10 @@ fn parity(name: &str, device: Device) -> Option<Vec<(String, f64)>> {
             vec![Some(case.classes.clone())],
             "{what}: classes"
         );
-        report.push((format!("{} {}", case.method, case.target_name()), diff));
+        report.push((format!("{} {}", case.method, case.target.name()), diff));
     }
     assert!(!report.is_empty(), "no cases for {name}");
     Some(report)
-}
-
-impl Case {
-    fn target_name(&self) -> &'static str {
-        match self.target {
-            Target::Categorical { .. } => "categorical",
-            Target::Predicted => "predicted",
-        }
-    }
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -178,7 +155,7 @@ fn manifest_covers_every_method_and_target_on_each_model() {
                 assert!(
                     m.cases.iter().any(|c| c.model == model
                         && c.method == method
-                        && c.target_name() == target),
+                        && c.target.name() == target),
                     "no golden for {model} {method} {target}"
                 );
             }

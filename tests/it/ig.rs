@@ -15,7 +15,7 @@ use tch_vis::preprocess::Sidecar;
 use tch_vis::scores::{CategoricalScore, InactiveScore, PredictedScore, RegressionScore, Score};
 use tch_vis::{Error, Model};
 
-use crate::util::{assert_close, devices, max_rel_diff, npy, repo};
+use crate::util::{assert_close, devices, golden_manifest, max_rel_diff, npy, repo, Target};
 
 #[derive(Deserialize)]
 struct Manifest {
@@ -38,29 +38,11 @@ struct Case {
     delta: String,
 }
 
-#[derive(Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-enum Target {
-    Categorical { index: usize },
-    Predicted,
-}
-
 fn manifest() -> Manifest {
-    let path = repo("tests/golden_ig/manifest.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (run scripts/make_ig_goldens.py to write it)",
-            path.display()
-        )
-    });
-    serde_json::from_str(&text).unwrap()
-}
-
-fn score(target: &Target) -> Box<dyn Score> {
-    match target {
-        Target::Categorical { index } => Box::new(CategoricalScore::new(*index).unwrap()),
-        Target::Predicted => Box::new(PredictedScore::new()),
-    }
+    golden_manifest(
+        "tests/golden_ig/manifest.json",
+        "scripts/make_ig_goldens.py",
+    )
 }
 
 #[test]
@@ -92,7 +74,7 @@ fn every_rule_matches_captum() {
         for case in &m.cases {
             let model = Model::load(repo(&case.model), device).unwrap();
             let x = npy(dir.join(&case.input));
-            let s = score(&case.target);
+            let s = case.target.score();
             let rule: Rule = case.method.parse().unwrap();
             let got = IntegratedGradients::new(&model)
                 .steps(case.n_steps)

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use tch::{Kind, Tensor};
 use tch_vis::preprocess::{Preprocessor, Sidecar};
 
-use crate::util::{npy, repo};
+use crate::util::{golden_manifest, npy, repo};
 
 #[derive(Deserialize)]
 struct Manifest {
@@ -40,14 +40,10 @@ struct Jpeg {
 }
 
 fn manifest() -> Manifest {
-    let path = repo("tests/golden/transforms/manifest.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (run scripts/make_preprocess_goldens.py)",
-            path.display()
-        )
-    });
-    serde_json::from_str(&text).unwrap()
+    golden_manifest(
+        "tests/golden/transforms/manifest.json",
+        "scripts/make_preprocess_goldens.py",
+    )
 }
 
 /// `|got - want|` in uint8 steps: input-space differences times `std × 255`.

@@ -2,11 +2,49 @@
 
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
+use tch_vis::scores::{CategoricalScore, PredictedScore, Score};
 
 /// A path inside the repository.
 pub fn repo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// Reads the golden manifest at `rel` (inside the repository); a missing
+/// one is a failure that names the script writing it.
+pub fn golden_manifest<T: DeserializeOwned>(rel: &str, script: &str) -> T {
+    let path = repo(rel);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run {script} to write it)", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// What a golden case explains: a fixed class, or each image's argmax.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Target {
+    Categorical { index: usize },
+    Predicted,
+}
+
+impl Target {
+    /// The score of this target.
+    pub fn score(&self) -> Box<dyn Score> {
+        match self {
+            Target::Categorical { index } => Box::new(CategoricalScore::new(*index).unwrap()),
+            Target::Predicted => Box::new(PredictedScore::new()),
+        }
+    }
+
+    /// `categorical` or `predicted`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Target::Categorical { .. } => "categorical",
+            Target::Predicted => "predicted",
+        }
+    }
 }
 
 /// Reads a `.npy` file written by numpy.
