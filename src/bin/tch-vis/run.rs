@@ -296,6 +296,8 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     }
     sink.begin().map_err(Failure::Run)?;
     bar.start(pending.len());
+    // Model load, CUDA start, the probe batch (cuDNN's algorithm search).
+    let startup_seconds = start.elapsed().as_secs_f64();
     let summary = engine.run(&pending, &sink).map_err(Failure::Run)?;
     bar.finish();
     let seconds = start.elapsed().as_secs_f64();
@@ -313,6 +315,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         "device": device_name(device),
         "seconds": seconds,
         "images_per_second": ips,
+        "startup_seconds": startup_seconds,
         "timings_seconds": summary.timings,
         "compute_threads": layout.compute_threads,
         "channels_last": layout.channels_last,
