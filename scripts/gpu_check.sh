@@ -14,7 +14,7 @@
 #
 # Steps (each under `timeout`, none stops the others; no `set -e`):
 #   0. LD_LIBRARY_PATH from the machine's torch; captum from .gpu/wheels if missing
-#   1. .gpu/it --test-threads 1   (CPU and CUDA parity tests)      -> $OUT/it.txt
+#   1. .gpu/it --test-threads $IT_THREADS (CPU and CUDA tests)     -> $OUT/it.txt
 #   2. .gpu/tch-vis --version
 #   3. scripts/make_bench_data.py: resnet50 + 2000 mixed-size JPEGs
 #   4. bench_overhead resnet50 batch 64 --device cuda, --precision fp32 / fp16 / bf16
@@ -42,11 +42,13 @@ CLASS=1
 if [ "$QUICK" = 1 ]; then
     ARCH=${GPU_CHECK_ARCH:-resnet18}; N_IMAGES=${N_IMAGES:-24}; BATCH=${BATCH:-4}
     WORKERS=${WORKERS:-2}; ITERS=${ITERS:-2}; GPU_DATA=${GPU_DATA:-bench-data/gpu-quick}
-    IT_FILTER=${IT_FILTER-parity}; PEARSON_LIMIT=8
+    IT_FILTER=${IT_FILTER-parity}; PEARSON_LIMIT=8; IT_THREADS=${IT_THREADS:-1}
+    CAM_LIMIT=${CAM_LIMIT:-8}; SCORECAM_LIMIT=${SCORECAM_LIMIT:-1}
 else
     ARCH=${GPU_CHECK_ARCH:-resnet50}; N_IMAGES=${N_IMAGES:-2000}; BATCH=${BATCH:-64}
     WORKERS=${WORKERS:-12}; ITERS=${ITERS:-50}; GPU_DATA=${GPU_DATA:-bench-data/gpu}
-    IT_FILTER=${IT_FILTER-}; PEARSON_LIMIT=256
+    IT_FILTER=${IT_FILTER-}; PEARSON_LIMIT=256; IT_THREADS=${IT_THREADS:-8}
+    CAM_LIMIT=${CAM_LIMIT:-0}; SCORECAM_LIMIT=${SCORECAM_LIMIT:-16}; PY_LIMIT=${PY_LIMIT:-640}
 fi
 # fp16 convolutions on a CPU are very slow: a CPU smoke test leaves fp16 out.
 case "$DEVICE" in cpu) PRECISIONS=${PRECISIONS:-fp32 bf16} ;; *) PRECISIONS=${PRECISIONS:-fp32 fp16 bf16} ;; esac
@@ -71,6 +73,13 @@ step() {
     echo "--- $name: status $st, $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s$([ $st -eq 124 ] || [ $st -eq 137 ] && echo " (TIMED OUT after $secs s)")"
     return $st
 }
+# STEPS: the sections to run (default all): tests profile overhead python
+# pipeline pypipeline pearson cam scorecam tv digits
+want() { case " ${STEPS:-tests profile overhead python pipeline pypipeline pearson cam scorecam tv digits} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+# ips_of DIR: processed, seconds, images/s, steady images/s (after the
+# startup: model load, CUDA start, probe), startup seconds, from report.json
+ips_of() { "$PY" -c "import json,sys;r=json.load(open(sys.argv[1]));n=r['processed'];s=r['seconds'];u=r.get('startup_seconds',0.0);print(n,f'{s:.2f}',f\"{r['images_per_second']:.1f}\",f'{n/max(s-u,1e-9):.1f}',f'{u:.2f}')" "$1/report.json"; }
+timings_of() { "$PY" -c "import json,sys;r=json.load(open(sys.argv[1]));print(', '.join(f'{k} {v:.2f}s' for k,v in r.get('timings_seconds',{}).items()))" "$1/report.json"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a == "" || b == "" || b + 0 == 0) print "n/a"; else printf "%.3f", a / b }'; }
 
 echo "== tch-vis gpu_check $(date -Iseconds) (QUICK=$QUICK DEVICE=$DEVICE ARCH=$ARCH N_IMAGES=$N_IMAGES BATCH=$BATCH WORKERS=$WORKERS ITERS=$ITERS)"
@@ -104,13 +113,25 @@ if [ -x "$BIN/tch-vis" ] && [ ! -x target/release/tch-vis ]; then
 fi
 
 # 1. tests (CPU and CUDA parity)
-if [ -x "$BIN/it" ]; then
-    echo "--- it: $BIN/it --test-threads 1 $IT_FILTER (full output in it.txt)"
+if want tests && [ -x "$BIN/it" ]; then
+    echo "--- it: $BIN/it --test-threads $IT_THREADS $IT_FILTER (full output in it.txt)"
     t0=$(date +%s)
     # shellcheck disable=SC2086
-    timeout --kill-after=10 180 "$BIN/it" --test-threads 1 $IT_FILTER --nocapture >"$OUTDIR/it.txt" 2>&1
+    timeout --kill-after=10 ${IT_TIMEOUT:-240} "$BIN/it" --test-threads "$IT_THREADS" $IT_FILTER --nocapture >"$OUTDIR/it.txt" 2>&1
     st=$?
     grep -i -E 'parity|cuda|^test result|FAILED|panicked|error' "$OUTDIR/it.txt" | grep -v -E '\.\.\. ok$' | head -n 60
+    grep -E '^parity .*Cuda' "$OUTDIR/it.txt" | while read -r l; do say "$l"; done
+    # Failures again with libtorch, oneDNN and MKL held to AVX2 kernels (the
+    # instruction set the CPU goldens were computed with): tells float-sum
+    # order effects of a wider vector unit from real differences.
+    mapfile -t FAILED_TESTS < <(sed -n 's/^test \(.*\) \.\.\. FAILED$/\1/p' "$OUTDIR/it.txt")
+    if [ ${#FAILED_TESTS[@]} -gt 0 ]; then
+        timeout --kill-after=10 120 env ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 DNNL_MAX_CPU_ISA=AVX2 \
+            MKL_ENABLE_INSTRUCTIONS=AVX2 MKL_CBWR=AVX2 "$BIN/it" --exact --test-threads 4 "${FAILED_TESTS[@]}" \
+            >"$OUTDIR/it-avx2.txt" 2>&1
+        say "tests failed (${FAILED_TESTS[*]}) rerun with AVX2 kernels: $(grep -E '^test result' "$OUTDIR/it-avx2.txt" | tail -n1)"
+        grep -E 'max \|diff\||not close' "$OUTDIR/it-avx2.txt" | head -n 5 | while read -r l; do say "  $l"; done
+    fi
     say "tests: status $st in $(( $(date +%s) - t0 )) s; $(grep -E '^test result' "$OUTDIR/it.txt" | tail -n1)"
 else
     say "tests: SKIPPED ($BIN/it missing)"
@@ -142,9 +163,19 @@ else
     say "data: $MODEL NOT made (torchvision missing or failed; see above); model steps skipped"
 fi
 
+# 3b. per-stage CPU profile on this machine's cores (one thread, ms per image)
+if want profile && [ -x "$BIN/profile_stages" ] && [ -d "$IMAGES" ]; then
+    PROFILE_DIR="$IMAGES/b"; [ -d "$PROFILE_DIR" ] || PROFILE_DIR="$IMAGES"
+    for r in plain torchvision; do
+        if step "profile-$r" 90 "$BIN/profile_stages" --images "$PROFILE_DIR" --recipe $r --passes 2 --no-png-sweep; then
+            head -n 12 "$WORK/profile-$r.txt" | while read -r l; do say "  profile $r: $l"; done
+        fi
+    done
+fi
+
 # 4. overhead and model-alone ceiling per precision
 declare -A CEIL OURS_MS
-if [ -x "$BIN/bench_overhead" ] && [ -f "$MODEL" ]; then
+if want overhead && [ -x "$BIN/bench_overhead" ] && [ -f "$MODEL" ]; then
     for p in $PRECISIONS; do
         if step "overhead-$p" 120 "$BIN/bench_overhead" --model "$MODEL" --label "$ARCH" --batch "$BATCH" \
             --size 224 --channels 3 --iters "$ITERS" --device "$DEVICE" --precision "$p" --class "$CLASS"; then
@@ -164,7 +195,7 @@ else
 fi
 
 # 5. Python autograd loop, same file, batch, score
-if [ -f "$MODEL" ] && [ "${SKIP_PY_AUTOGRAD:-0}" != 1 ]; then
+if want python && [ -f "$MODEL" ] && [ "${SKIP_PY_AUTOGRAD:-0}" != 1 ]; then
     for p in $PRECISIONS; do
         if step "python-$p" 120 "$PY" scripts/bench_python.py --model "$MODEL" --label "$ARCH" --batch "$BATCH" \
             --size 224 --channels 3 --iters "$ITERS" --device "$DEVICE" --precision "$p" --class "$CLASS"; then
@@ -179,7 +210,7 @@ fi
 
 # 6. pipeline
 declare -A IPS
-if [ -x "$BIN/tch-vis" ] && [ -f "$MODEL" ]; then
+if want pipeline && [ -x "$BIN/tch-vis" ] && [ -f "$MODEL" ]; then
     PIPE_PRECISIONS=fp32
     [ $CLI_PRECISION = 1 ] && PIPE_PRECISIONS=$PRECISIONS
     for p in $PIPE_PRECISIONS; do
@@ -187,16 +218,30 @@ if [ -x "$BIN/tch-vis" ] && [ -f "$MODEL" ]; then
         [ $CLI_PRECISION = 1 ] && extra=(--precision "$p")
         if step "pipeline-$p" 180 "$BIN/tch-vis" saliency --model "$MODEL" --images "$IMAGES" --out "$WORK/cli-$p" \
             --batch-size "$BATCH" --overwrite --device "$DEVICE" --score "categorical:$CLASS" "${extra[@]}"; then
-            read -r n s ips < <("$PY" -c "import json,sys;r=json.load(open(sys.argv[1]));print(r['processed'],f\"{r['seconds']:.2f}\",f\"{r['images_per_second']:.1f}\")" "$WORK/cli-$p/report.json")
+            read -r n s ips steady up < <(ips_of "$WORK/cli-$p")
             IPS[$p]=$ips
-            say "  timings $p: $("$PY" -c "import json,sys;r=json.load(open(sys.argv[1]));print(', '.join(f'{k} {v:.2f}s' for k,v in r.get('timings_seconds',{}).items()))" "$WORK/cli-$p/report.json")"
-            say "tch-vis-pipeline $ARCH batch $BATCH $DEVICE $p: $n images in $s s, $ips images/s; ceiling ${CEIL[$p]:-n/a} images/s, pipeline/ceiling $(ratio "$ips" "${CEIL[$p]}") (target >= 0.90)"
+            say "  timings $p: $(timings_of "$WORK/cli-$p")"
+            say "tch-vis-pipeline $ARCH batch $BATCH $DEVICE $p: $n images in $s s, $ips images/s (steady $steady after $up s of startup); ceiling ${CEIL[$p]:-n/a} images/s, pipeline/ceiling $(ratio "$ips" "${CEIL[$p]}"), steady $(ratio "$steady" "${CEIL[$p]}") (target >= $([ "$p" = fp32 ] && echo 0.90 || echo 0.80))"
         else
             say "tch-vis-pipeline $ARCH $p: FAILED ($(tail -n1 "$WORK/pipeline-$p.txt"))"
         fi
     done
+    # Same-machine A/Bs in fp32: an older binary ($BIN/tch-vis-old), and
+    # two malloc arenas (the setting before one arena per core).
+    for v in ${AB_VARIANTS:-old arena2}; do
+        exe="$BIN/tch-vis"; envs=(); vp=fp32
+        case $v in old*) [ -x "$BIN/tch-vis-old" ] || continue; exe="$BIN/tch-vis-old" ;; esac
+        [ $v = old16 ] && vp=fp16
+        [ $v = arena2 ] && envs=(MALLOC_ARENA_MAX=2)
+        if step "pipeline-$v" 120 env "${envs[@]}" "$exe" saliency --model "$MODEL" --images "$IMAGES" --out "$WORK/cli-$v" \
+            --batch-size "$BATCH" --overwrite --device "$DEVICE" --score "categorical:$CLASS" --precision $vp; then
+            read -r n s ips steady up < <(ips_of "$WORK/cli-$v")
+            say "  timings $v: $(timings_of "$WORK/cli-$v")"
+            say "tch-vis-pipeline-$v $ARCH batch $BATCH $DEVICE $vp: $n images in $s s, $ips images/s (steady $steady after $up s of startup); pipeline/ceiling $(ratio "$ips" "${CEIL[$vp]}")"
+        fi
+    done
 fi
-if [ -f "$MODEL" ]; then
+if want pypipeline && [ -f "$MODEL" ]; then
     if step python-pipeline 300 "$PY" scripts/baseline_saliency.py --model "$MODEL" --images "$IMAGES" \
         --out "$WORK/py-fp32" --batch-size "$BATCH" --workers "$WORKERS" --device "$DEVICE" --class "$CLASS" --label "$ARCH" \
         ${PY_LIMIT:+--limit "$PY_LIMIT"}; then
@@ -209,15 +254,15 @@ if [ -f "$MODEL" ]; then
 fi
 
 # 7. agreement of half-precision maps with fp32: Pearson r per image
-pearson() {  # DIR_FP32 DIR_OTHER LABEL
-    "$PY" - "$1" "$2" "$3" <<'EOF'
+pearson() {  # DIR_FP32 DIR_OTHER LABEL [SUFFIX]
+    "$PY" - "$1" "$2" "$3" "${4:-.saliency.npy}" <<'EOF'
 import os, sys
 import numpy as np
-a_dir, b_dir, label = sys.argv[1:4]
+a_dir, b_dir, label, suffix = sys.argv[1:5]
 rs, bad = [], 0
 for d, _, fs in os.walk(a_dir):
     for f in fs:
-        if not f.endswith(".saliency.npy"):
+        if not f.endswith(suffix):
             continue
         pa = os.path.join(d, f)
         pb = os.path.join(b_dir, os.path.relpath(pa, a_dir))
@@ -237,7 +282,7 @@ else:
           f"{(ok < 0.99).sum()} below 0.99, {rs.size - ok.size} undefined, {bad} missing (target r >= 0.99)")
 EOF
 }
-if [ -f "$MODEL" ]; then
+if want pearson && [ -f "$MODEL" ]; then
     for p in $PRECISIONS; do
         [ "$p" = fp32 ] && continue
         if [ $CLI_PRECISION = 1 ]; then
@@ -256,6 +301,79 @@ if [ -f "$MODEL" ]; then
             say "$(pearson "$WORK/pyp-fp32" "$WORK/pyp-$p" "python-maps $ARCH fp32 vs $p (CLI lacks --precision)" 2>&1 | tail -n1)"
         fi
     done
+fi
+
+# 8. CAMs on resnet50 (random weights, torchvision recipe), against the model alone
+CAM_MODEL="$GPU_DATA/${ARCH}_cam.pt"
+if { want cam || want scorecam || want tv; } && [ ! -f "$CAM_MODEL" ]; then
+    step cam-export 120 "$PY" scripts/export_cam_model.py torchvision "$ARCH" --out "$CAM_MODEL"
+fi
+declare -A CAM_CEIL
+if { want cam || want scorecam || want tv; } && [ -f "$CAM_MODEL" ]; then
+    if step cam-ceiling 120 "$PY" scripts/bench_forward.py --model "$CAM_MODEL" --label "$ARCH" --batch "$BATCH" \
+        --iters "$((ITERS < 30 ? ITERS : 30))" --device "$DEVICE"; then
+        grep -E '^(forward|gradcam)-alone' "$WORK/cam-ceiling.txt" | while read -r l; do say "$l"; done
+        CAM_CEIL[forward]=$(sed -n 's/^forward-alone.*, \([0-9.]*\) images\/s/\1/p' "$WORK/cam-ceiling.txt")
+        CAM_CEIL[gradcam]=$(sed -n 's/^gradcam-alone.*, \([0-9.]*\) images\/s/\1/p' "$WORK/cam-ceiling.txt")
+    fi
+    find "$IMAGES" -type f | LC_ALL=C sort >"$WORK/all.txt"
+    [ "$CAM_LIMIT" -gt 0 ] && head -n "$CAM_LIMIT" "$WORK/all.txt" >"$WORK/cam.txt" || cp "$WORK/all.txt" "$WORK/cam.txt"
+    head -n 256 "$WORK/all.txt" >"$WORK/fsc.txt"
+    head -n "$SCORECAM_LIMIT" "$WORK/all.txt" >"$WORK/sc.txt"
+    for m in gradcam gradcam++ layercam fasterscorecam scorecam; do
+        case $m in *scorecam) want scorecam || continue ;; *) want cam || continue ;; esac
+        list="$WORK/cam.txt"
+        [ $m = fasterscorecam ] && list="$WORK/fsc.txt"
+        [ $m = scorecam ] && list="$WORK/sc.txt"
+        d="$WORK/cam-$m"
+        if step "cam-$m" 150 "$BIN/tch-vis" cam --model "$CAM_MODEL" --images-from "$list" --root "$IMAGES" --out "$d" \
+            --batch-size "$BATCH" --overwrite --device "$DEVICE" --method "$m" --cam-batch "$BATCH"; then
+            read -r n s ips steady up < <(ips_of "$d")
+            say "  cam timings $m: $(timings_of "$d")"
+            say "tch-vis-cam $m $ARCH batch $BATCH $DEVICE fp32: $n images in $s s, $ips images/s (steady $steady after $up s of startup); forward-pass ceiling ${CAM_CEIL[forward]:-n/a}: ratio $(ratio "$ips" "${CAM_CEIL[forward]}"), steady $(ratio "$steady" "${CAM_CEIL[forward]}") (target >= 0.90 for the Grad-CAM family); gradcam-alone ${CAM_CEIL[gradcam]:-n/a}: steady $(ratio "$steady" "${CAM_CEIL[gradcam]}")"
+        else
+            say "tch-vis-cam $m $ARCH: FAILED ($(tail -n1 "$WORK/cam-$m.txt"))"
+        fi
+    done
+    # The torchvision recipe for input gradients too (resize 256, crop 224).
+    declare -A TV_IPS
+    for p in $PRECISIONS; do
+        want tv || continue
+        d="$WORK/tv-$p"
+        if step "tv-pipeline-$p" 150 "$BIN/tch-vis" saliency --model "$CAM_MODEL" --images "$IMAGES" --out "$d" \
+            --batch-size "$BATCH" --overwrite --device "$DEVICE" --score "categorical:$CLASS" --precision "$p"; then
+            read -r n s ips steady up < <(ips_of "$d")
+            TV_IPS[$p]=$ips
+            say "  timings tv $p: $(timings_of "$d")"
+            say "tch-vis-pipeline-torchvision-recipe $ARCH batch $BATCH $DEVICE $p: $n images in $s s, $ips images/s (steady $steady after $up s of startup); ceiling ${CEIL[$p]:-n/a} images/s, pipeline/ceiling $(ratio "$ips" "${CEIL[$p]}"), steady $(ratio "$steady" "${CEIL[$p]}") (target >= $([ "$p" = fp32 ] && echo 0.90 || echo 0.80))"
+        else
+            say "tch-vis-pipeline-torchvision-recipe $ARCH $p: FAILED ($(tail -n1 "$WORK/tv-pipeline-$p.txt"))"
+        fi
+    done
+else
+    say "cam: SKIPPED ($CAM_MODEL not made)"
+fi
+
+# 9. half precision on a trained model: models/digits_rgb.pt, held-out digits
+DIGITS_RGB=${DIGITS_RGB:-$BIN/digits-rgb}
+if ! want digits; then
+    :
+elif [ -x "$BIN/tch-vis" ] && [ -d "$DIGITS_RGB" ]; then
+    for p in fp32 $PRECISIONS; do
+        [ -d "$WORK/drgb-sal-$p" ] && continue
+        step "drgb-sal-$p" 60 "$BIN/tch-vis" saliency --model models/digits_rgb.pt --images "$DIGITS_RGB" \
+            --out "$WORK/drgb-sal-$p" --overwrite --device "$DEVICE" --precision "$p" --batch-size 64 >/dev/null
+        step "drgb-cam-$p" 60 "$BIN/tch-vis" cam --model models/digits_rgb.pt --images "$DIGITS_RGB" \
+            --out "$WORK/drgb-cam-$p" --overwrite --device "$DEVICE" --precision "$p" --batch-size 64 \
+            --method gradcam >/dev/null
+    done
+    for p in $PRECISIONS; do
+        [ "$p" = fp32 ] && continue
+        say "$(pearson "$WORK/drgb-sal-fp32" "$WORK/drgb-sal-$p" "digits_rgb saliency fp32 vs $p" .saliency.npy 2>&1 | tail -n1)"
+        say "$(pearson "$WORK/drgb-cam-fp32" "$WORK/drgb-cam-$p" "digits_rgb gradcam fp32 vs $p" .cam.npy 2>&1 | tail -n1)"
+    done
+else
+    say "digits_rgb pearson: SKIPPED ($DIGITS_RGB missing: scripts/make_heldout_rgb.py --out $DIGITS_RGB)"
 fi
 
 echo
