@@ -55,7 +55,10 @@ ROOT = mg.ROOT
 OUT = os.path.join(ROOT, "tests", "golden_ig")  # not under tests/golden, which make_goldens.py rewrites whole
 RTOL = 1e-5
 # atol = ATOL_SCALE x the case's largest |attribution|: see tests/it/ig.rs.
-ATOL_SCALE = 1e-6
+# 1e-5: on a CPU with AVX-512 (libtorch's kernels then sum in wider
+# vectors than the AVX2 machine these goldens come from) one attribution of
+# digits_cnn was 7.7e-6 x max off; with the kernels held to AVX2 it matched.
+ATOL_SCALE = 1e-5
 METHODS = ["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"]
 # (model, images, fixed class, steps)
 MODELS = [

@@ -3,10 +3,13 @@
 //! from `scripts/make_ig_goldens.py`); the analytic integral of a square;
 //! internal batch sizes; the caller's tensors; errors.
 //!
-//! Parity tolerance on the CPU: rtol 1e-5 plus atol 1e-6 × the case's
+//! Parity tolerance on the CPU: rtol 1e-5 plus atol 1e-5 × the case's
 //! largest |attribution| (values near zero carry the rounding of sums of
-//! hundreds of products, which no relative bound can hold); the delta, a
-//! difference of two sums of that size, within 1e-5 × Σ|attribution|.
+//! hundreds of products, which no relative bound can hold, and that
+//! rounding depends on the CPU's vector unit: on an AVX-512 machine one
+//! digits_cnn value was 7.7e-6 × max off these goldens, made with AVX2
+//! kernels, and equal with libtorch held to AVX2); the delta, a difference
+//! of two sums of that size, within 1e-5 × Σ|attribution|.
 
 use serde::Deserialize;
 use tch::{CModule, Device, Kind, Tensor};
@@ -66,10 +69,10 @@ fn every_rule_matches_captum() {
     let dir = repo("tests/golden_ig");
     for device in devices() {
         // On CUDA, the command line's bound: rtol 1e-4, atol 1e-4 x max.
-        let (rtol, scale) = if device == Device::Cpu {
-            (m.rtol, m.atol_scale)
+        let (rtol, scale, delta_scale) = if device == Device::Cpu {
+            (m.rtol, m.atol_scale, 1e-5)
         } else {
-            (1e-4, 1e-4)
+            (1e-4, 1e-4, 1e-3)
         };
         for case in &m.cases {
             let model = Model::load(repo(&case.model), device).unwrap();
@@ -98,7 +101,7 @@ fn every_rule_matches_captum() {
                 &got.delta,
                 &want_delta,
                 0.0,
-                scale * 10.0 * mass,
+                delta_scale * mass,
             );
             let diff = (got.attributions.to_device(Device::Cpu) - &want)
                 .abs()
