@@ -932,3 +932,48 @@ fn padded_batch(
     };
     Ok(x.f_to_device(device)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pinned path's row copies, pad rows and memory order give the
+    /// batch the stacking path gives (here on the CPU, where the buffer is
+    /// not pinned and the copy is synchronous; the layout logic is the same).
+    #[test]
+    fn staged_rows_give_the_stacked_batch() {
+        let (bs, c, h, w) = (4usize, 3i64, 5i64, 6i64);
+        for channels_last in [false, true] {
+            for n in [1usize, 3, 4] {
+                let inputs: Vec<Tensor> = (0..n)
+                    .map(|i| Tensor::randn([c, h, w], (Kind::Float, Device::Cpu)) + i as f64)
+                    .collect();
+                let shape = if channels_last {
+                    [bs as i64, h, w, c]
+                } else {
+                    [bs as i64, c, h, w]
+                };
+                // A reused buffer: stale values in every row.
+                let buf = Tensor::full(shape, 7.0, (Kind::Float, Device::Cpu));
+                let rows = staging_rows(Some(&buf), n, channels_last);
+                for (mut row, x) in rows.into_iter().map(Option::unwrap).zip(&inputs) {
+                    row.f_copy_(x).unwrap();
+                }
+                let got = upload_staged(&buf, n, Device::Cpu, channels_last).unwrap();
+                let refs: Vec<&Tensor> = inputs.iter().collect();
+                let want = padded_batch(&refs, bs, Device::Cpu, channels_last).unwrap();
+                assert_eq!(got.size(), want.size());
+                assert_eq!(got.stride(), want.stride(), "memory order");
+                assert!(got.equal(&want), "n {n}, channels_last {channels_last}");
+            }
+        }
+    }
+
+    #[test]
+    fn same_tensor_means_a_shallow_clone() {
+        let a = Tensor::zeros([2, 3], (Kind::Float, Device::Cpu));
+        assert!(same_tensor(&a, &a.shallow_clone()));
+        assert!(!same_tensor(&a, &a.copy()));
+        assert!(!same_tensor(&a, &a.view([3, 2])));
+    }
+}
