@@ -393,14 +393,16 @@ fn fill_normal(rng: &mut SplitMix64, out: &mut [f32]) {
     }
 }
 
-/// A stable 64-bit key for a name (FNV-1a), for [`Saliency::compute_keyed`].
+/// A stable 64-bit key for a name (FNV-1a), for [`Saliency::compute_keyed`];
+/// never 0, which marks padding rows in the batch engine.
 pub fn key_for(name: &str) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
     for b in name.as_bytes() {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    h
+    // 0 marks a batch's padding rows (see `batch::Method::compute`).
+    h.max(1)
 }
 
 #[cfg(test)]

@@ -328,8 +328,13 @@ impl Method for CamMapMethod {
         Ok(Self::result(res))
     }
 
-    fn compute(&self, model: &Model, x: &Tensor, _keys: &[u64]) -> Result<BatchResult> {
-        let res = self.cam(model).compute(x, &self.scores.refs())?;
+    fn compute(&self, model: &Model, x: &Tensor, keys: &[u64]) -> Result<BatchResult> {
+        // Padding rows (key 0) come last: Score-CAM skips them.
+        let images = keys.iter().take_while(|&&k| k != 0).count();
+        let res = self
+            .cam(model)
+            .images(images)
+            .compute(x, &self.scores.refs())?;
         Ok(Self::result(res))
     }
 }
@@ -471,17 +476,23 @@ impl Method for IgMethod {
 
     /// The probe takes the rule's fewest steps: the layout is the same,
     /// and 50 steps would cost 50 passes before the first image.
-    fn probe(&self, model: &Model, x: &Tensor, keys: &[u64]) -> Result<BatchResult> {
-        self.run(model, x, keys, self.rule.min_steps())
+    fn probe(&self, model: &Model, x: &Tensor, _keys: &[u64]) -> Result<BatchResult> {
+        self.run(model, x, x.size()[0] as usize, self.rule.min_steps())
     }
 
+    /// One image at a time (padding rows, key 0, are skipped and get zero
+    /// attributions): each image's path runs in passes of at most
+    /// `internal_batch_size` of its own steps, so its attributions do not
+    /// depend on the rest of the batch, and a short last batch costs only
+    /// its images.
     fn compute(&self, model: &Model, x: &Tensor, keys: &[u64]) -> Result<BatchResult> {
-        self.run(model, x, keys, self.steps)
+        let images = keys.iter().take_while(|&&k| k != 0).count();
+        self.run(model, x, images, self.steps)
     }
 }
 
 impl IgMethod {
-    fn run(&self, model: &Model, x: &Tensor, _keys: &[u64], steps: usize) -> Result<BatchResult> {
+    fn run(&self, model: &Model, x: &Tensor, images: usize, steps: usize) -> Result<BatchResult> {
         let mut ig = IntegratedGradients::new(model)
             .steps(steps)
             .rule(self.rule)
@@ -489,7 +500,42 @@ impl IgMethod {
         if let Some(rows) = self.internal_batch_size {
             ig = ig.internal_batch_size(rows);
         }
-        let res = ig.attribute(x, &self.scores.refs())?;
+        let rows = x.size()[0];
+        let images = (images as i64).min(rows);
+        let refs = self.scores.refs();
+        let parts = (0..images)
+            .map(|i| ig.attribute(&x.f_narrow(0, i, 1)?, &refs))
+            .collect::<Result<Vec<_>>>()?;
+        let Some(first) = parts.first() else {
+            return Err(Error::Empty { what: "images" });
+        };
+        let pad = rows - images;
+        let stack = |f: &dyn Fn(&crate::integrated_gradients::Attributions) -> &Tensor| {
+            pad_rows(parts.iter().map(f).collect(), pad)
+        };
+        let scores = (0..first.scores.len())
+            .map(|o| stack(&|p| &p.scores[o]))
+            .collect::<Result<Vec<_>>>()?;
+        let classes = (0..first.classes.len())
+            .map(|o| {
+                first.classes[o].as_ref().map(|_| {
+                    let mut c: Vec<usize> = parts
+                        .iter()
+                        .flat_map(|p| p.classes[o].clone().unwrap_or_default())
+                        .collect();
+                    c.resize(rows as usize, 0);
+                    c
+                })
+            })
+            .collect();
+        let attributions = stack(&|p| &p.attributions)?;
+        let delta = stack(&|p| &p.delta)?;
+        let res = crate::integrated_gradients::Attributions {
+            attributions,
+            delta,
+            scores,
+            classes,
+        };
         let heat = normalized_map(&res.attributions.f_abs()?)?;
         Ok(BatchResult {
             scores: res.scores,
@@ -502,4 +548,16 @@ impl IgMethod {
             columns: vec![("ig_delta".into(), res.delta)],
         })
     }
+}
+
+/// `parts` concatenated along dim 0, then `pad` rows of zeros.
+fn pad_rows(parts: Vec<&Tensor>, pad: i64) -> Result<Tensor> {
+    let t = Tensor::f_cat(&parts, 0)?;
+    if pad <= 0 {
+        return Ok(t);
+    }
+    let mut shape = t.size();
+    shape[0] = pad;
+    let zeros = Tensor::f_zeros(shape.as_slice(), (t.kind(), t.device()))?;
+    Ok(Tensor::f_cat(&[t, zeros], 0)?)
 }

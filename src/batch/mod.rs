@@ -91,7 +91,9 @@ pub struct BatchResult {
 ///
 /// `compute` gets the padded batch `x` (`(B, C, H, W)` on the model's
 /// device) and one noise key per row (a stable hash of each image's
-/// relative path; 0 for padding rows), and returns results with `B` rows.
+/// relative path, never 0; 0 for the padding rows, which come last), and
+/// returns results with `B` rows. A method may skip the padding rows' work
+/// (Score-CAM does); their results are dropped.
 pub trait Method: Sync {
     /// The method's name, for reports (`"saliency"`).
     fn name(&self) -> &str;

@@ -218,6 +218,7 @@ pub struct Cam<'a> {
     resize: CamResize,
     alpha: AlphaNorm,
     score_cam_weights: ScoreCamWeights,
+    images: Option<usize>,
 }
 
 impl<'a> Cam<'a> {
@@ -232,7 +233,15 @@ impl<'a> Cam<'a> {
             resize: CamResize::HalfPixel,
             alpha: AlphaNorm::None,
             score_cam_weights: ScoreCamWeights::ChannelSoftmax,
+            images: None,
         }
+    }
+
+    /// Only the first `n` rows of the input are images; the rest pad a
+    /// fixed-size batch, and Score-CAM skips them (their maps are zero).
+    pub(crate) fn images(mut self, n: usize) -> Self {
+        self.images = Some(n);
+        self
     }
 
     /// Checks, before any image, that `model` has the methods
@@ -250,8 +259,8 @@ impl<'a> Cam<'a> {
     }
 
     /// Score-CAM and Faster-Score-CAM: at most `n` masked inputs per forward
-    /// pass (but at least one per image of the batch). Memory is bounded by
-    /// it whatever the number of channels; the maps do not depend on it.
+    /// pass, all of one image (as pytorch-grad-cam). Memory is bounded by it
+    /// whatever the number of channels; the maps do not depend on it.
     pub fn score_cam_batch(mut self, n: usize) -> Self {
         self.score_cam_batch = n;
         self
@@ -348,7 +357,14 @@ impl<'a> Cam<'a> {
                 weights: self.score_cam_weights,
             };
             (
-                scorecam::cam(self.model, &xd, &af, &fixed, plan)?,
+                scorecam::cam(
+                    self.model,
+                    &xd,
+                    &af,
+                    &fixed,
+                    plan,
+                    self.images.unwrap_or(size[0] as usize),
+                )?,
                 values,
                 classes,
             )

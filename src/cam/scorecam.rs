@@ -26,21 +26,26 @@ pub(super) struct Plan {
 ///
 /// `x` is the model input `(N, C, H, W)`, `a` the feature maps
 /// `(N, K, h, w)` as float32, both on the model's device; `scores` are
-/// already fixed on the clean output (one per model output).
+/// already fixed on the clean output (one per model output). Only the
+/// first `images` rows are scored; the rest (a batch's padding) get a zero
+/// map.
 ///
 /// Channel `k` of image `n` gives the mask `M = up(A_k)`, bilinearly
 /// resized to `H × W` with corners aligned and scaled to `[0, 1]` by
 /// `(M − min) / (max − min + ε)`; the score of the model on `x_n ⊙ M`
-/// (summed over outputs) is `s_nk`. Channels are taken in groups of
-/// `max(1, batch / N)`, every image of the batch at once, so one forward
-/// pass holds at most `max(batch, N)` masked inputs, whatever `K` is; the
-/// scores stay on the device.
+/// (summed over outputs) is `s_nk`. As in pytorch-grad-cam, one image at a
+/// time: its `K` masked inputs go to the model in chunks of `batch`, so a
+/// forward pass holds at most `batch` of them whatever `K` is, the chunks
+/// have the same shapes for every image (an image's map does not depend on
+/// the rest of its batch), and padding rows cost nothing. The scores stay
+/// on the device.
 pub(super) fn cam(
     model: &Model,
     x: &Tensor,
     a: &Tensor,
     scores: &[&dyn Score],
     plan: Plan,
+    images: usize,
 ) -> Result<Tensor> {
     let size = a.size();
     let (n, k) = (size[0], size[1]);
@@ -56,98 +61,98 @@ pub(super) fn cam(
         ScoreCamWeights::ClassSoftmax => 1e-7,
     };
     let batch = plan.batch.max(1) as i64;
-    let group = (batch / n.max(1)).max(1);
-    let xe = x.f_unsqueeze(1)?; // (N, 1, C, H, W)
     let channels_last = xs[1] > 1 && x.stride()[1] == 1;
-    let mut columns = Vec::new();
-    let mut k0 = 0;
-    while k0 < k {
-        let gk = group.min(k - k0);
-        let part = a.f_narrow(1, k0, gk)?;
-        let up = part.f_upsample_bilinear2d([height, width], true, None, None)?;
-        let flat = up.f_reshape([n, gk, -1])?;
-        let max = flat.f_amax(2, true)?.f_unsqueeze(-1)?;
-        let min = flat.f_amin(2, true)?.f_unsqueeze(-1)?;
-        let masks = up
-            .f_sub(&min)?
-            .f_div(&max.f_sub(&min)?.f_add_scalar(eps)?)?
-            .f_to_kind(x.kind())?;
-        // (N, gk, C, H, W) -> (gk, N, C, H, W): rows grouped by channel, so
-        // each block of N rows is one channel of every image. A
-        // channels-last input gives channels-last masked inputs (the same
-        // values, NHWC strides), as fast for the model as the input was.
-        let masked = if channels_last {
-            xe.f_permute([0, 1, 3, 4, 2])?
-                .f_mul(&masks.f_unsqueeze(-1)?)?
-                .f_transpose(0, 1)?
-                .f_contiguous()?
-                .f_reshape([gk * n, height, width, xs[1]])?
-                .f_permute([0, 3, 1, 2])?
-        } else {
-            xe.f_mul(&masks.f_unsqueeze(2)?)?
-                .f_transpose(0, 1)?
-                .f_contiguous()?
-                .f_reshape([gk * n, xs[1], height, width])?
-        };
-        let outputs = forward_in_chunks(model, &masked, batch)?;
-        let mut block_scores = Vec::with_capacity(gk as usize);
-        for j in 0..gk {
-            let block = outputs
-                .iter()
-                .map(|o| {
-                    let o = o.f_narrow(0, j * n, n)?;
-                    match plan.weights {
-                        ScoreCamWeights::ChannelSoftmax => Ok(o),
-                        ScoreCamWeights::ClassSoftmax => class_softmax(&o),
-                    }
+    let images = (images as i64).min(n);
+    let mut cams = Vec::with_capacity(n as usize);
+    for i in 0..images {
+        let ai = a.f_select(0, i)?; // (K, h, w)
+        let xi = x.f_select(0, i)?; // (C, H, W)
+        let mut chunks = Vec::new();
+        let mut k0 = 0;
+        while k0 < k {
+            let gk = batch.min(k - k0);
+            let part = ai.f_narrow(0, k0, gk)?.f_unsqueeze(1)?; // (gk, 1, h, w)
+            let up = part
+                .f_upsample_bilinear2d([height, width], true, None, None)?
+                .f_squeeze_dim(1)?; // (gk, H, W)
+            let flat = up.f_reshape([gk, -1])?;
+            let max = flat.f_amax(1, true)?.f_unsqueeze(-1)?;
+            let min = flat.f_amin(1, true)?.f_unsqueeze(-1)?;
+            let masks = up
+                .f_sub(&min)?
+                .f_div(&max.f_sub(&min)?.f_add_scalar(eps)?)?
+                .f_to_kind(x.kind())?;
+            // A channels-last input gives channels-last masked inputs (the
+            // same values, NHWC strides), as fast for the model as the
+            // input was.
+            let masked = if channels_last {
+                xi.f_permute([1, 2, 0])?
+                    .f_unsqueeze(0)?
+                    .f_mul(&masks.f_unsqueeze(-1)?)?
+                    .f_permute([0, 3, 1, 2])?
+            } else {
+                xi.f_unsqueeze(0)?.f_mul(&masks.f_unsqueeze(1)?)?
+            };
+            let outputs = model
+                .forward(&[masked])?
+                .into_iter()
+                .map(|o| match plan.weights {
+                    ScoreCamWeights::ChannelSoftmax => Ok(o),
+                    ScoreCamWeights::ClassSoftmax => class_softmax(&o),
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let values = score_outputs(&block, scores)?;
-            let mut total: Option<Tensor> = None;
-            for v in values {
-                let v = v.f_to_kind(Kind::Float)?;
-                total = Some(match total {
-                    None => v,
-                    Some(t) => t.f_add(&v)?,
-                });
+            for j in 0..gk {
+                chunks.push(image_score(&outputs, j, i, n, scores)?);
             }
-            let total = total.ok_or(Error::Empty { what: "scores" })?;
-            block_scores.push(total);
+            k0 += gk;
         }
-        columns.push(Tensor::f_stack(&block_scores, 1)?);
-        k0 += gk;
+        let s = Tensor::f_stack(&chunks, 0)?; // (K,)
+        let w = match plan.weights {
+            ScoreCamWeights::ChannelSoftmax => s.f_softmax(0, Kind::Float)?,
+            ScoreCamWeights::ClassSoftmax => s,
+        };
+        cams.push(
+            ai.f_mul(&w.f_unsqueeze(-1)?.f_unsqueeze(-1)?)?
+                .f_sum_dim_intlist(0, false, None::<Kind>)?,
+        );
     }
-    let s = Tensor::f_cat(&columns, 1)?; // (N, K)
-    let w = match plan.weights {
-        ScoreCamWeights::ChannelSoftmax => s.f_softmax(1, Kind::Float)?,
-        ScoreCamWeights::ClassSoftmax => s,
-    };
-    Ok(a.f_mul(&w.f_unsqueeze(-1)?.f_unsqueeze(-1)?)?
-        .f_sum_dim_intlist(1, false, None::<Kind>)?)
+    if images < n {
+        let zeros = Tensor::f_zeros([n - images, size[2], size[3]], (a.kind(), a.device()))?;
+        cams.extend((0..n - images).map(|r| zeros.get(r)));
+    }
+    Ok(Tensor::f_stack(&cams, 0)?)
 }
 
-/// The model's outputs on `x`, from forward passes of at most `batch` rows,
-/// concatenated per output.
-fn forward_in_chunks(model: &Model, x: &Tensor, batch: i64) -> Result<Vec<Tensor>> {
-    let rows = x.size()[0];
-    let mut parts: Vec<Vec<Tensor>> = Vec::new();
-    let mut r0 = 0;
-    while r0 < rows {
-        let len = batch.min(rows - r0);
-        let outs = model.forward(&[x.f_narrow(0, r0, len)?])?;
-        if parts.is_empty() {
-            parts = outs.into_iter().map(|o| vec![o]).collect();
-        } else {
-            for (p, o) in parts.iter_mut().zip(outs) {
-                p.push(o);
-            }
-        }
-        r0 += len;
-    }
-    parts
+/// The scores of image `i` of an `n`-image batch, summed over outputs, on
+/// row `j` of `outputs`: the scores are fixed per image (a class each), so
+/// row `j` is seen as every image's output and the value of image `i` is
+/// kept.
+fn image_score(
+    outputs: &[Tensor],
+    j: i64,
+    i: i64,
+    n: i64,
+    scores: &[&dyn Score],
+) -> Result<Tensor> {
+    let rows = outputs
         .iter()
-        .map(|p| Ok(Tensor::f_cat(p, 0)?))
-        .collect::<Result<Vec<_>>>()
+        .map(|o| {
+            let row = o.f_narrow(0, j, 1)?;
+            let mut shape = row.size();
+            shape[0] = n;
+            Ok(row.f_expand(shape.as_slice(), false)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let values = score_outputs(&rows, scores)?;
+    let mut total: Option<Tensor> = None;
+    for v in values {
+        let v = v.f_to_kind(Kind::Float)?.f_select(0, i)?;
+        total = Some(match total {
+            None => v,
+            Some(t) => t.f_add(&v)?,
+        });
+    }
+    total.ok_or(Error::Empty { what: "scores" })
 }
 
 /// Softmax over the class axis (dim 1).

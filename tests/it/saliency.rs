@@ -322,3 +322,62 @@ fn preprocessing_matches_the_cli_goldens() {
         crate::util::assert_close(rel, &got.unsqueeze(0), &want, 0.0, 0.0);
     }
 }
+
+/// Score-CAM and Integrated Gradients skip a batch's padding rows (key 0,
+/// last): pad rows filled with NaN give zero results, not NaN; the real
+/// row's results are those of the same batch padded with zeros, bit for
+/// bit, and those of the image alone to float rounding (the trunk's
+/// kernels may sum differently for 1 row than for 4).
+#[test]
+fn score_cam_and_ig_skip_padding_rows() {
+    use tch_vis::batch::{CamMapMethod, IgMethod, Method};
+    use tch_vis::cam::CamMethod;
+    use tch_vis::saliency::key_for;
+    let model = Model::load(repo("models/digits_rgb.pt"), Device::Cpu).unwrap();
+    let pre = tch_vis::preprocess::Preprocessor::new(
+        Sidecar::for_model(repo("models/digits_rgb.pt")).unwrap(),
+    );
+    let image = pre
+        .load(repo("examples/images/rgb/3/heldout_0091.png"))
+        .unwrap()
+        .input
+        .unsqueeze(0);
+    let pad = Tensor::full([3, 3, 32, 32], f64::NAN, (Kind::Float, Device::Cpu));
+    let batch = Tensor::cat(&[&image, &pad], 0);
+    let zero_padded = Tensor::cat(&[&image, &pad.zeros_like()], 0);
+    let keys = [key_for("rgb/3/a.png"), 0, 0, 0];
+    let methods: Vec<Box<dyn Method>> = vec![
+        Box::new(CamMapMethod::new(CamMethod::ScoreCam, &[ScoreSpec::Predicted]).unwrap()),
+        Box::new(CamMapMethod::new(CamMethod::FasterScoreCam, &[ScoreSpec::Predicted]).unwrap()),
+        Box::new(IgMethod::new(&[ScoreSpec::Predicted]).unwrap().steps(8)),
+    ];
+    for m in &methods {
+        let padded = m.compute(&model, &batch, &keys).unwrap();
+        let zeros = m.compute(&model, &zero_padded, &keys).unwrap();
+        let alone = m.compute(&model, &image, &keys[..1]).unwrap();
+        let (got, want) = (&padded.arrays[0].values, &zeros.arrays[0].values);
+        assert_eq!(got.size()[0], 4, "{}", m.name());
+        assert!(
+            got.narrow(0, 1, 3).eq(0.0).all().int64_value(&[]) == 1,
+            "{}: padding rows were computed",
+            m.name()
+        );
+        assert!(
+            got.equal(want),
+            "{}: the image's result depends on the padding",
+            m.name()
+        );
+        assert!(
+            got.narrow(0, 0, 1)
+                .allclose(&alone.arrays[0].values, 1e-5, 1e-6, false),
+            "{}: the image alone gives another result",
+            m.name()
+        );
+        assert_eq!(
+            padded.classes[0].as_ref().map(|c| c[0]),
+            alone.classes[0].as_ref().map(|c| c[0]),
+            "{}",
+            m.name()
+        );
+    }
+}
