@@ -111,7 +111,8 @@ pub struct IgArgs {
     #[arg(long, value_name = "B", default_value = "zero", value_parser = parse_baseline)]
     pub baseline: BaselineArg,
 
-    /// Most rows (images x steps) per model call; bounds memory.
+    /// Most rows per model call (path points of one image: images are
+    /// integrated one at a time); bounds memory.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub internal_batch_size: Option<u32>,
 
