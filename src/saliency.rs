@@ -232,6 +232,138 @@ impl<'a> Saliency<'a> {
         })
     }
 
+    /// SmoothGrad of a padded batch `x` (`(B, ...)`, the model's one input)
+    /// whose first `images` rows are images (keys `keys`) and the rest
+    /// padding: the noisy samples [`Saliency::compute_keyed`] gives each
+    /// image, packed `B` to a model call (image by image, sample by
+    /// sample; the last call padded with zeros), so a batch of `n` images
+    /// takes `⌈n × samples / B⌉` calls instead of `samples`, every call has
+    /// `B` rows, and each image's sums run in the same order. Each row is
+    /// scored as its image's clean output fixes it. Padding rows get zero
+    /// maps and gradients. (The batch engine's SmoothGrad.)
+    pub(crate) fn smooth_packed(
+        &self,
+        x: &Tensor,
+        keys: &[u64],
+        images: usize,
+        scores: &[&dyn Score],
+    ) -> Result<SaliencyMaps> {
+        if !self.smooth_noise.is_finite() || self.smooth_noise < 0.0 {
+            return Err(Error::InvalidValue {
+                what: "smooth noise",
+                value: self.smooth_noise.to_string(),
+            });
+        }
+        let b = x.size().first().copied().unwrap_or(0);
+        if keys.len() != b as usize {
+            return Err(Error::BatchMismatch {
+                what: "noise keys",
+                expected: b as usize,
+                got: keys.len(),
+            });
+        }
+        let (clean_scores, classes, _) = self.clean_scores(&[x.shallow_clone()], scores)?;
+        let clean_outputs = {
+            let _guard = tch::no_grad_guard();
+            self.model.forward(&[x.shallow_clone()])?
+        };
+        let sigmas = self.sigmas(x)?;
+        let clean = x.f_detach()?;
+        let images = images.min(b as usize);
+        let samples = self.smooth_samples as u64;
+        let items: Vec<(usize, u64)> = (0..images)
+            .flat_map(|i| (0..samples).map(move |s| (i, s)))
+            .collect();
+        let mut abs_sum: Vec<Option<Tensor>> = (0..images).map(|_| None).collect();
+        let mut signed_sum: Vec<Option<Tensor>> = (0..images).map(|_| None).collect();
+        for chunk in items.chunks(b.max(1) as usize) {
+            let mut rows = Vec::with_capacity(b as usize);
+            let mut owner = Vec::with_capacity(b as usize);
+            for &(i, s) in chunk {
+                let xi = clean.f_narrow(0, i as i64, 1)?;
+                let noise = gaussian_like(&xi, self.seed, 0, s, &keys[i..=i])?;
+                let sigma = sigmas.f_narrow(0, i as i64, 1)?;
+                rows.push(xi.f_add(&noise.f_mul(&sigma)?)?);
+                owner.push(i as i64);
+            }
+            let pad = b - chunk.len() as i64;
+            if pad > 0 {
+                let mut shape = x.size();
+                shape[0] = pad;
+                rows.push(Tensor::f_zeros(shape.as_slice(), (x.kind(), x.device()))?);
+                owner.extend(std::iter::repeat_n(0, pad as usize));
+            }
+            let noisy = Tensor::f_cat(&rows, 0)?;
+            drop(rows);
+            // Each row's score fixed as its image's clean output fixes it.
+            let index = Tensor::f_from_slice(&owner)?;
+            let fixed = scores
+                .iter()
+                .zip(&clean_outputs)
+                .enumerate()
+                .map(|(o, (score, out))| {
+                    let rows_out = out.f_index_select(0, &index.f_to_device(out.device())?)?;
+                    score.fixed_on(&rows_out).map_err(|e| Error::Score {
+                        index: o,
+                        name: score.name().to_string(),
+                        source: Box::new(e),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let refs: Vec<&dyn Score> = fixed
+                .iter()
+                .zip(scores)
+                .map(|(f, s)| match f {
+                    Some(f) => f.as_ref() as &dyn Score,
+                    None => *s,
+                })
+                .collect();
+            let g = self.model.gradients(&[noisy], &refs)?;
+            let grad = g
+                .inputs
+                .into_iter()
+                .next()
+                .ok_or(Error::Empty { what: "gradients" })?;
+            for (r, &(i, _)) in chunk.iter().enumerate() {
+                let row = grad.f_narrow(0, r as i64, 1)?;
+                let abs = row.f_abs()?;
+                abs_sum[i] = Some(match abs_sum[i].take() {
+                    None => abs,
+                    Some(acc) => acc.f_add(&abs)?,
+                });
+                signed_sum[i] = Some(match signed_sum[i].take() {
+                    None => row,
+                    Some(acc) => acc.f_add(&row)?,
+                });
+            }
+        }
+        let count = self.smooth_samples as f64;
+        let zeros = x.f_zeros_like()?.f_to_kind(Kind::Float)?;
+        let (mut abs_rows, mut signed_rows) = (Vec::new(), Vec::new());
+        for r in 0..b {
+            let i = r as usize;
+            match (
+                abs_sum.get_mut(i).and_then(Option::take),
+                signed_sum.get_mut(i).and_then(Option::take),
+            ) {
+                (Some(a), Some(s)) => {
+                    abs_rows.push(a.f_div_scalar(count)?);
+                    signed_rows.push(s.f_div_scalar(count)?);
+                }
+                _ => {
+                    abs_rows.push(zeros.f_narrow(0, r, 1)?);
+                    signed_rows.push(zeros.f_narrow(0, r, 1)?);
+                }
+            }
+        }
+        Ok(SaliencyMaps {
+            maps: vec![normalized_map(&Tensor::f_cat(&abs_rows, 0)?)?],
+            gradients: vec![Tensor::f_cat(&signed_rows, 0)?],
+            scores: clean_scores,
+            classes,
+        })
+    }
+
     /// From one forward pass without gradient on the inputs as given: the
     /// scores, the classes they take, and the scores with their classes
     /// fixed ([`Score::fixed_on`]) for the noisy samples.

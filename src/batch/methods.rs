@@ -193,12 +193,25 @@ impl Method for SaliencyMethod {
         self.scores.check(outputs)
     }
 
+    /// With SmoothGrad, the images' noisy samples are packed a batch to a
+    /// model call (`Saliency::smooth_packed`): padding rows (key 0) cost no
+    /// samples and get zero maps, and a short last batch costs only its
+    /// images.
     fn compute(&self, model: &Model, x: &Tensor, keys: &[u64]) -> Result<BatchResult> {
-        let res = Saliency::new(model)
+        let saliency = Saliency::new(model)
             .smooth_samples(self.smooth_samples)
             .smooth_noise(self.smooth_noise)
-            .seed(self.seed)
-            .compute_keyed(&[x.shallow_clone()], &self.scores.refs(), keys)?;
+            .seed(self.seed);
+        let refs = self.scores.refs();
+        let rows = keys.len();
+        let images = keys.iter().take_while(|&&k| k != 0).count();
+        // The whole batch at once: vanilla saliency, and the engine's probe
+        // (every row padding).
+        let res = if self.smooth_samples == 0 || rows != x.size()[0] as usize || images == 0 {
+            saliency.compute_keyed(&[x.shallow_clone()], &refs, keys)?
+        } else {
+            saliency.smooth_packed(x, keys, images, &refs)?
+        };
         let map = res.maps.into_iter().next().ok_or(Error::Empty {
             what: "saliency maps",
         })?;
@@ -516,18 +529,7 @@ impl IgMethod {
         let scores = (0..first.scores.len())
             .map(|o| stack(&|p| &p.scores[o]))
             .collect::<Result<Vec<_>>>()?;
-        let classes = (0..first.classes.len())
-            .map(|o| {
-                first.classes[o].as_ref().map(|_| {
-                    let mut c: Vec<usize> = parts
-                        .iter()
-                        .flat_map(|p| p.classes[o].clone().unwrap_or_default())
-                        .collect();
-                    c.resize(rows as usize, 0);
-                    c
-                })
-            })
-            .collect();
+        let classes = join_classes(parts.iter().map(|p| &p.classes).collect(), rows as usize);
         let attributions = stack(&|p| &p.attributions)?;
         let delta = stack(&|p| &p.delta)?;
         let res = crate::integrated_gradients::Attributions {
@@ -560,4 +562,24 @@ fn pad_rows(parts: Vec<&Tensor>, pad: i64) -> Result<Tensor> {
     shape[0] = pad;
     let zeros = Tensor::f_zeros(shape.as_slice(), (t.kind(), t.device()))?;
     Ok(Tensor::f_cat(&[t, zeros], 0)?)
+}
+
+/// Per-output classes of images computed one at a time, joined and padded
+/// with class 0 to `rows`.
+fn join_classes(parts: Vec<&Vec<Option<Vec<usize>>>>, rows: usize) -> Vec<Option<Vec<usize>>> {
+    let Some(first) = parts.first() else {
+        return Vec::new();
+    };
+    (0..first.len())
+        .map(|o| {
+            first[o].as_ref().map(|_| {
+                let mut c: Vec<usize> = parts
+                    .iter()
+                    .flat_map(|p| p[o].clone().unwrap_or_default())
+                    .collect();
+                c.resize(rows, 0);
+                c
+            })
+        })
+        .collect()
 }

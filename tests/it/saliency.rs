@@ -323,14 +323,14 @@ fn preprocessing_matches_the_cli_goldens() {
     }
 }
 
-/// Score-CAM and Integrated Gradients skip a batch's padding rows (key 0,
+/// Score-CAM, Integrated Gradients and SmoothGrad skip a batch's padding rows (key 0,
 /// last): pad rows filled with NaN give zero results, not NaN; the real
 /// row's results are those of the same batch padded with zeros, bit for
 /// bit, and those of the image alone to float rounding (the trunk's
 /// kernels may sum differently for 1 row than for 4).
 #[test]
-fn score_cam_and_ig_skip_padding_rows() {
-    use tch_vis::batch::{CamMapMethod, IgMethod, Method};
+fn score_cam_ig_and_smoothgrad_skip_padding_rows() {
+    use tch_vis::batch::{CamMapMethod, IgMethod, Method, SaliencyMethod};
     use tch_vis::cam::CamMethod;
     use tch_vis::saliency::key_for;
     let model = Model::load(repo("models/digits_rgb.pt"), Device::Cpu).unwrap();
@@ -350,6 +350,11 @@ fn score_cam_and_ig_skip_padding_rows() {
         Box::new(CamMapMethod::new(CamMethod::ScoreCam, &[ScoreSpec::Predicted]).unwrap()),
         Box::new(CamMapMethod::new(CamMethod::FasterScoreCam, &[ScoreSpec::Predicted]).unwrap()),
         Box::new(IgMethod::new(&[ScoreSpec::Predicted]).unwrap().steps(8)),
+        Box::new(
+            SaliencyMethod::new(&[ScoreSpec::Predicted])
+                .unwrap()
+                .smooth(5, 0.2, 7),
+        ),
     ];
     for m in &methods {
         let padded = m.compute(&model, &batch, &keys).unwrap();
