@@ -413,11 +413,23 @@ impl FolderSink {
             }
         };
         report.insert("worker".into(), self.id.clone().into());
-        let reports = self.out.join(JOURNAL_DIR).join("reports");
+        let dir = self.out.join(JOURNAL_DIR);
+        let reports = dir.join("reports");
         let own = serde_json::to_vec_pretty(&report).map_err(|e| Error::Internal {
             what: e.to_string(),
         })?;
+        // Report first, marker last: a worker that finds no other marker
+        // finds every other finished worker's report and journal complete.
         io::write_atomic(&reports.join(format!("{}.json", self.id)), &own)?;
+        let _ = fs::remove_file(dir.join("active").join(&self.id));
+        let last = !self.others_active();
+        // The last worker merges again: a worker may have finished since
+        // this one's merge, and its rows and report belong in the summary.
+        let (merged, seen) = if last {
+            self.merge_seen()?
+        } else {
+            (merged, seen)
+        };
         // Workers of earlier runs, folded into report.json by a compaction.
         let mut workers: Vec<serde_json::Value> = fs::read(self.out.join("report.json"))
             .ok()
@@ -466,26 +478,29 @@ impl FolderSink {
             what: e.to_string(),
         })?;
         io::write_atomic(&self.out.join("report.json"), &text)?;
-        let dir = self.out.join(JOURNAL_DIR);
-        let _ = fs::remove_file(dir.join("active").join(&self.id));
-        let last = self.compact(&seen, &report_files);
+        if last {
+            self.compact(&seen, &report_files);
+        }
         Ok(Finished { merged, last })
     }
 
-    /// When no other worker is active: removes the journals of the last
-    /// merge (all their rows are in `scores.csv`, renamed before) and the
-    /// per-worker reports (folded into `report.json`), leaving only the
-    /// folder's results. A journal that grew since it was merged is kept.
-    fn compact(&self, seen: &[(PathBuf, u64)], reports: &[PathBuf]) -> bool {
-        let dir = self.out.join(JOURNAL_DIR);
-        let others = fs::read_dir(dir.join("active")).map_or(0, |r| {
+    /// Whether another worker's marker is in the folder (markers of this
+    /// host's dead processes do not count).
+    fn others_active(&self) -> bool {
+        let active = self.out.join(JOURNAL_DIR).join("active");
+        fs::read_dir(active).is_ok_and(|r| {
             r.flatten()
-                .filter(|e| !is_dead_local(&e.file_name().to_string_lossy()))
-                .count()
-        });
-        if others > 0 {
-            return false;
-        }
+                .any(|e| !is_dead_local(&e.file_name().to_string_lossy()))
+        })
+    }
+
+    /// For the last worker: removes the journals of its final merge (all
+    /// their rows are in `scores.csv`, renamed before) and the per-worker
+    /// reports (folded into `report.json`), leaving only the folder's
+    /// results. A journal that grew since it was merged, and the marker of
+    /// a worker that started meanwhile, are kept.
+    fn compact(&self, seen: &[(PathBuf, u64)], reports: &[PathBuf]) {
+        let dir = self.out.join(JOURNAL_DIR);
         for (p, len) in seen {
             if fs::metadata(p).is_ok_and(|m| m.len() == *len) {
                 let _ = fs::remove_file(p);
@@ -496,14 +511,15 @@ impl FolderSink {
         }
         if let Ok(read) = fs::read_dir(dir.join("active")) {
             for e in read.flatten() {
-                let _ = fs::remove_file(e.path());
+                if is_dead_local(&e.file_name().to_string_lossy()) {
+                    let _ = fs::remove_file(e.path());
+                }
             }
         }
         for sub in ["rows", "reports", "active"] {
             let _ = fs::remove_dir(dir.join(sub));
         }
         let _ = fs::remove_dir(&dir);
-        true
     }
 }
 
