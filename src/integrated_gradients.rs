@@ -505,14 +505,7 @@ impl<'a> IntegratedGradients<'a> {
                     .map_err(|e| score_error(index, *score, e))?,
             );
         }
-        let active: Vec<&dyn Score> = owned
-            .iter()
-            .zip(scores)
-            .map(|(o, s)| match o {
-                Some(b) => b.as_ref() as &dyn Score,
-                None => *s,
-            })
-            .collect();
+        let active = crate::scores::fixed_or_given(&owned, scores);
         let classes = active
             .iter()
             .zip(&outputs)

@@ -646,14 +646,7 @@ impl<'a> ActivationMaximization<'a> {
                 source: Box::new(e),
             })?);
         }
-        let active: Vec<&dyn Score> = owned
-            .iter()
-            .zip(scores)
-            .map(|(o, s)| match o {
-                Some(b) => b.as_ref() as &dyn Score,
-                None => *s,
-            })
-            .collect();
+        let active = crate::scores::fixed_or_given(&owned, scores);
         drop(seed_outputs);
 
         let mut ms = v.f_zeros_like()?;

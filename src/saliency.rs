@@ -165,14 +165,7 @@ impl<'a> Saliency<'a> {
             });
         }
         let (clean_scores, classes, fixed) = self.clean_scores(inputs, scores)?;
-        let fixed_refs: Vec<&dyn Score> = fixed
-            .iter()
-            .zip(scores)
-            .map(|(f, s)| match f {
-                Some(f) => f.as_ref() as &dyn Score,
-                None => *s,
-            })
-            .collect();
+        let fixed_refs = crate::scores::fixed_or_given(&fixed, scores);
         let scores = fixed_refs.as_slice();
         for x in inputs {
             let n = x.size().first().copied().unwrap_or(0);
@@ -201,15 +194,7 @@ impl<'a> Saliency<'a> {
                 .collect::<Result<Vec<_>>>()?;
             let g = self.model.gradients(&noisy, scores)?;
             for (i, grad) in g.inputs.into_iter().enumerate() {
-                let abs = grad.f_abs()?;
-                abs_sum[i] = Some(match abs_sum[i].take() {
-                    None => abs,
-                    Some(acc) => acc.f_add(&abs)?,
-                });
-                signed_sum[i] = Some(match signed_sum[i].take() {
-                    None => grad,
-                    Some(acc) => acc.f_add(&grad)?,
-                });
+                accumulate(&mut abs_sum[i], &mut signed_sum[i], grad)?;
             }
         }
         let count = self.smooth_samples as f64;
@@ -310,14 +295,7 @@ impl<'a> Saliency<'a> {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let refs: Vec<&dyn Score> = fixed
-                .iter()
-                .zip(scores)
-                .map(|(f, s)| match f {
-                    Some(f) => f.as_ref() as &dyn Score,
-                    None => *s,
-                })
-                .collect();
+            let refs = crate::scores::fixed_or_given(&fixed, scores);
             let g = self.model.gradients(&[noisy], &refs)?;
             let grad = g
                 .inputs
@@ -325,16 +303,11 @@ impl<'a> Saliency<'a> {
                 .next()
                 .ok_or(Error::Empty { what: "gradients" })?;
             for (r, &(i, _)) in chunk.iter().enumerate() {
-                let row = grad.f_narrow(0, r as i64, 1)?;
-                let abs = row.f_abs()?;
-                abs_sum[i] = Some(match abs_sum[i].take() {
-                    None => abs,
-                    Some(acc) => acc.f_add(&abs)?,
-                });
-                signed_sum[i] = Some(match signed_sum[i].take() {
-                    None => row,
-                    Some(acc) => acc.f_add(&row)?,
-                });
+                accumulate(
+                    &mut abs_sum[i],
+                    &mut signed_sum[i],
+                    grad.f_narrow(0, r as i64, 1)?,
+                )?;
             }
         }
         let count = self.smooth_samples as f64;
@@ -416,6 +389,25 @@ impl<'a> Saliency<'a> {
         shape.extend(std::iter::repeat_n(1, size.len().saturating_sub(1)));
         Ok(range.f_reshape(shape)?)
     }
+}
+
+/// Adds a SmoothGrad sample's gradient to the running sums of `|g|` and
+/// `g` (the first sample starts them).
+fn accumulate(
+    abs_sum: &mut Option<Tensor>,
+    signed_sum: &mut Option<Tensor>,
+    g: Tensor,
+) -> Result<()> {
+    let abs = g.f_abs()?;
+    *abs_sum = Some(match abs_sum.take() {
+        None => abs,
+        Some(acc) => acc.f_add(&abs)?,
+    });
+    *signed_sum = Some(match signed_sum.take() {
+        None => g,
+        Some(acc) => acc.f_add(&g)?,
+    });
+    Ok(())
 }
 
 /// Max over channels (dim 1, for rank ≥ 3) of a non-negative gradient

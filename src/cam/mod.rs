@@ -336,7 +336,7 @@ impl<'a> Cam<'a> {
             let leaf = a.f_detach()?.f_set_requires_grad(true)?;
             let outputs = self.head_outputs(&leaf, scores)?;
             let (fixed, classes) = fix_scores(&outputs, scores)?;
-            let values = score_outputs(&outputs, &as_refs(&fixed, scores))?;
+            let values = score_outputs(&outputs, &crate::scores::fixed_or_given(&fixed, scores))?;
             let g = gradient(&values, &leaf)?.f_to_kind(Kind::Float)?;
             let cam = match self.method {
                 CamMethod::GradCam => gradcam::cam(&af, &g)?,
@@ -348,7 +348,7 @@ impl<'a> Cam<'a> {
             let _off = GradMode::set(false);
             let outputs = self.head_outputs(&a, scores)?;
             let (fixed, classes) = fix_scores(&outputs, scores)?;
-            let fixed = as_refs(&fixed, scores);
+            let fixed = crate::scores::fixed_or_given(&fixed, scores);
             let values = score_outputs(&outputs, &fixed)?;
             let xd = x.f_detach()?.f_to_device(self.model.device())?;
             let plan = scorecam::Plan {
@@ -436,18 +436,6 @@ fn fix_scores(outputs: &[Tensor], scores: &[&dyn Score]) -> Result<(Vec<Fixed>, 
         classes.push(score.classes(&out).map_err(context)?);
     }
     Ok((fixed, classes))
-}
-
-/// The fixed score where there is one, else the score given.
-fn as_refs<'s>(fixed: &'s [Fixed], scores: &[&'s dyn Score]) -> Vec<&'s dyn Score> {
-    fixed
-        .iter()
-        .zip(scores)
-        .map(|(f, s)| match f {
-            Some(f) => f.as_ref() as &dyn Score,
-            None => *s,
-        })
-        .collect()
 }
 
 /// Each score on its output, with the output index as context.

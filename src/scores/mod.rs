@@ -222,6 +222,22 @@ pub fn evaluate(score: &dyn Score, output: &Tensor) -> Result<Tensor> {
 
 /// Each score on its output ([`evaluate`]), a failure wrapped in
 /// [`Error::Score`] with the output's index.
+/// Each score fixed on its output where [`Score::fixed_on`] gave one, else
+/// the score as given.
+pub(crate) fn fixed_or_given<'s>(
+    fixed: &'s [Option<Box<dyn Score + Send + Sync>>],
+    scores: &[&'s dyn Score],
+) -> Vec<&'s dyn Score> {
+    fixed
+        .iter()
+        .zip(scores)
+        .map(|(f, s)| match f {
+            Some(f) => f.as_ref() as &dyn Score,
+            None => *s,
+        })
+        .collect()
+}
+
 pub(crate) fn evaluate_each(outputs: &[Tensor], scores: &[&dyn Score]) -> Result<Vec<Tensor>> {
     outputs
         .iter()
