@@ -403,7 +403,7 @@ impl FolderSink {
     /// # Errors
     /// [`Error::Io`] when a file cannot be written.
     pub fn finish(&self, report: serde_json::Value) -> Result<Finished> {
-        let (merged, seen) = self.merge_seen()?;
+        let merged = self.merge()?;
         let mut report = match report {
             serde_json::Value::Object(m) => m,
             other => {
@@ -414,22 +414,38 @@ impl FolderSink {
         };
         report.insert("worker".into(), self.id.clone().into());
         let dir = self.out.join(JOURNAL_DIR);
-        let reports = dir.join("reports");
         let own = serde_json::to_vec_pretty(&report).map_err(|e| Error::Internal {
             what: e.to_string(),
         })?;
-        // Report first, marker last: a worker that finds no other marker
-        // finds every other finished worker's report and journal complete.
-        io::write_atomic(&reports.join(format!("{}.json", self.id)), &own)?;
+        io::write_atomic(&dir.join("reports").join(format!("{}.json", self.id)), &own)?;
+        // Report and summary first, marker last: a worker that then finds
+        // no other marker writes after every other worker has written.
+        self.write_summary(&mut report, &merged)?;
         let _ = fs::remove_file(dir.join("active").join(&self.id));
-        let last = !self.others_active();
-        // The last worker merges again: a worker may have finished since
-        // this one's merge, and its rows and report belong in the summary.
-        let (merged, seen) = if last {
-            self.merge_seen()?
-        } else {
-            (merged, seen)
-        };
+        if self.others_active() {
+            return Ok(Finished {
+                merged,
+                last: false,
+            });
+        }
+        // The last worker merges and folds again: a worker may have
+        // finished since this one's merge and listing.
+        let (merged, seen) = self.merge_seen()?;
+        let report_files = self.write_summary(&mut report, &merged)?;
+        self.compact(&seen, &report_files);
+        Ok(Finished { merged, last: true })
+    }
+
+    /// Writes `report.json`: `report` plus `workers` (every per-worker
+    /// report in the folder, and those folded into `report.json` before),
+    /// the row count, the classes and the folder's failures. Returns the
+    /// per-worker report files it read.
+    fn write_summary(
+        &self,
+        report: &mut serde_json::Map<String, serde_json::Value>,
+        merged: &Merged,
+    ) -> Result<Vec<PathBuf>> {
+        let reports = self.out.join(JOURNAL_DIR).join("reports");
         // Workers of earlier runs, folded into report.json by a compaction.
         let mut workers: Vec<serde_json::Value> = fs::read(self.out.join("report.json"))
             .ok()
@@ -463,7 +479,7 @@ impl FolderSink {
             }
         }
         report.insert("rows_in_scores_csv".into(), merged.rows.len().into());
-        report.insert("classes".into(), class_counts(&merged).into());
+        report.insert("classes".into(), class_counts(merged).into());
         report.insert(
             "failed_in_folder".into(),
             merged
@@ -478,10 +494,7 @@ impl FolderSink {
             what: e.to_string(),
         })?;
         io::write_atomic(&self.out.join("report.json"), &text)?;
-        if last {
-            self.compact(&seen, &report_files);
-        }
-        Ok(Finished { merged, last })
+        Ok(report_files)
     }
 
     /// Whether another worker's marker is in the folder (markers of this
