@@ -139,12 +139,7 @@ impl<'a> Saliency<'a> {
         scores: &[&dyn Score],
         keys: &[u64],
     ) -> Result<SaliencyMaps> {
-        if !self.smooth_noise.is_finite() || self.smooth_noise < 0.0 {
-            return Err(Error::InvalidValue {
-                what: "smooth noise",
-                value: self.smooth_noise.to_string(),
-            });
-        }
+        self.check_noise()?;
         if self.smooth_samples == 0 {
             let plain = self.model.gradients(inputs, scores)?;
             let maps = plain
@@ -164,8 +159,8 @@ impl<'a> Saliency<'a> {
                 classes,
             });
         }
-        let (clean_scores, classes, fixed) = self.clean_scores(inputs, scores)?;
-        let fixed_refs = crate::scores::fixed_or_given(&fixed, scores);
+        let clean = self.clean(inputs, scores)?;
+        let fixed_refs = crate::scores::fixed_or_given(&clean.fixed, scores);
         let scores = fixed_refs.as_slice();
         for x in inputs {
             let n = x.size().first().copied().unwrap_or(0);
@@ -212,8 +207,8 @@ impl<'a> Saliency<'a> {
         Ok(SaliencyMaps {
             maps,
             gradients,
-            scores: clean_scores,
-            classes,
+            scores: clean.scores,
+            classes: clean.classes,
         })
     }
 
@@ -233,12 +228,7 @@ impl<'a> Saliency<'a> {
         images: usize,
         scores: &[&dyn Score],
     ) -> Result<SaliencyMaps> {
-        if !self.smooth_noise.is_finite() || self.smooth_noise < 0.0 {
-            return Err(Error::InvalidValue {
-                what: "smooth noise",
-                value: self.smooth_noise.to_string(),
-            });
-        }
+        self.check_noise()?;
         let b = x.size().first().copied().unwrap_or(0);
         if keys.len() != b as usize {
             return Err(Error::BatchMismatch {
@@ -247,11 +237,7 @@ impl<'a> Saliency<'a> {
                 got: keys.len(),
             });
         }
-        let (clean_scores, classes, _) = self.clean_scores(&[x.shallow_clone()], scores)?;
-        let clean_outputs = {
-            let _guard = tch::no_grad_guard();
-            self.model.forward(&[x.shallow_clone()])?
-        };
+        let clean_pass = self.clean(&[x.shallow_clone()], scores)?;
         let sigmas = self.sigmas(x)?;
         let clean = x.f_detach()?;
         let images = images.min(b as usize);
@@ -284,15 +270,13 @@ impl<'a> Saliency<'a> {
             let index = Tensor::f_from_slice(&owner)?;
             let fixed = scores
                 .iter()
-                .zip(&clean_outputs)
+                .zip(&clean_pass.outputs)
                 .enumerate()
                 .map(|(o, (score, out))| {
                     let rows_out = out.f_index_select(0, &index.f_to_device(out.device())?)?;
-                    score.fixed_on(&rows_out).map_err(|e| Error::Score {
-                        index: o,
-                        name: score.name().to_string(),
-                        source: Box::new(e),
-                    })
+                    score
+                        .fixed_on(&rows_out)
+                        .map_err(|e| score_error(o, *score, e))
                 })
                 .collect::<Result<Vec<_>>>()?;
             let refs = crate::scores::fixed_or_given(&fixed, scores);
@@ -310,46 +294,38 @@ impl<'a> Saliency<'a> {
                 )?;
             }
         }
+        // Each image's mean, then zero rows for the padding.
         let count = self.smooth_samples as f64;
-        let zeros = x.f_zeros_like()?.f_to_kind(Kind::Float)?;
-        let (mut abs_rows, mut signed_rows) = (Vec::new(), Vec::new());
-        for r in 0..b {
-            let i = r as usize;
-            match (
-                abs_sum.get_mut(i).and_then(Option::take),
-                signed_sum.get_mut(i).and_then(Option::take),
-            ) {
-                (Some(a), Some(s)) => {
-                    abs_rows.push(a.f_div_scalar(count)?);
-                    signed_rows.push(s.f_div_scalar(count)?);
-                }
-                _ => {
-                    abs_rows.push(zeros.f_narrow(0, r, 1)?);
-                    signed_rows.push(zeros.f_narrow(0, r, 1)?);
-                }
+        let mean = |sums: Vec<Option<Tensor>>| -> Result<Tensor> {
+            let mut rows = sums
+                .into_iter()
+                .map(|t| {
+                    Ok(t.ok_or(Error::Empty {
+                        what: "smoothgrad samples",
+                    })?
+                    .f_div_scalar(count)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if (images as i64) < b {
+                let mut shape = x.size();
+                shape[0] = b - images as i64;
+                let kind = rows.first().map_or(x.kind(), Tensor::kind);
+                rows.push(Tensor::f_zeros(shape.as_slice(), (kind, x.device()))?);
             }
-        }
+            Ok(Tensor::f_cat(&rows, 0)?)
+        };
         Ok(SaliencyMaps {
-            maps: vec![normalized_map(&Tensor::f_cat(&abs_rows, 0)?)?],
-            gradients: vec![Tensor::f_cat(&signed_rows, 0)?],
-            scores: clean_scores,
-            classes,
+            maps: vec![normalized_map(&mean(abs_sum)?)?],
+            gradients: vec![mean(signed_sum)?],
+            scores: clean_pass.scores,
+            classes: clean_pass.classes,
         })
     }
 
     /// From one forward pass without gradient on the inputs as given: the
-    /// scores, the classes they take, and the scores with their classes
-    /// fixed ([`Score::fixed_on`]) for the noisy samples.
-    #[allow(clippy::type_complexity)]
-    fn clean_scores(
-        &self,
-        inputs: &[Tensor],
-        scores: &[&dyn Score],
-    ) -> Result<(
-        Vec<Tensor>,
-        Vec<Option<Vec<usize>>>,
-        Vec<Option<Box<dyn Score + Send + Sync>>>,
-    )> {
+    /// outputs, the scores, the classes they take, and the scores with
+    /// their classes fixed ([`Score::fixed_on`]) for the noisy samples.
+    fn clean(&self, inputs: &[Tensor], scores: &[&dyn Score]) -> Result<Clean> {
         let outputs = self.model.forward(inputs)?;
         if outputs.len() != scores.len() {
             return Err(Error::ScoreCount {
@@ -363,17 +339,37 @@ impl<'a> Saliency<'a> {
         let mut classes = Vec::with_capacity(scores.len());
         let mut fixed = Vec::with_capacity(scores.len());
         for (index, (out, score)) in outputs.iter().zip(scores).enumerate() {
-            let wrap = |e: Error| Error::Score {
-                index,
-                name: score.name().to_string(),
-                source: Box::new(e),
-            };
-            let v = crate::scores::evaluate(*score, out).map_err(wrap)?;
+            let v =
+                crate::scores::evaluate(*score, out).map_err(|e| score_error(index, *score, e))?;
             values.push(v.f_to_device(device)?);
-            classes.push(score.classes(out).map_err(wrap)?);
-            fixed.push(score.fixed_on(out).map_err(wrap)?);
+            classes.push(
+                score
+                    .classes(out)
+                    .map_err(|e| score_error(index, *score, e))?,
+            );
+            fixed.push(
+                score
+                    .fixed_on(out)
+                    .map_err(|e| score_error(index, *score, e))?,
+            );
         }
-        Ok((values, classes, fixed))
+        Ok(Clean {
+            outputs,
+            scores: values,
+            classes,
+            fixed,
+        })
+    }
+
+    /// [`Error::InvalidValue`] for a negative or non-finite noise level.
+    fn check_noise(&self) -> Result<()> {
+        if !self.smooth_noise.is_finite() || self.smooth_noise < 0.0 {
+            return Err(Error::InvalidValue {
+                what: "smooth noise",
+                value: self.smooth_noise.to_string(),
+            });
+        }
+        Ok(())
     }
 
     /// σ per image, shaped to broadcast over the input: `(N, 1, ..., 1)`.
@@ -388,6 +384,27 @@ impl<'a> Saliency<'a> {
         let mut shape = vec![n];
         shape.extend(std::iter::repeat_n(1, size.len().saturating_sub(1)));
         Ok(range.f_reshape(shape)?)
+    }
+}
+
+/// What a forward pass on the clean inputs gives SmoothGrad.
+struct Clean {
+    /// The model's outputs.
+    outputs: Vec<Tensor>,
+    /// The scores, one `[N]` tensor per output.
+    scores: Vec<Tensor>,
+    /// The classes the scores take, per output.
+    classes: Vec<Option<Vec<usize>>>,
+    /// The scores with their classes fixed, where a score fixes them.
+    fixed: Vec<Option<Box<dyn Score + Send + Sync>>>,
+}
+
+/// A score's error, with the output index as context.
+fn score_error(index: usize, score: &dyn Score, e: Error) -> Error {
+    Error::Score {
+        index,
+        name: score.name().to_string(),
+        source: Box::new(e),
     }
 }
 

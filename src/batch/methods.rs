@@ -204,7 +204,7 @@ impl Method for SaliencyMethod {
             .seed(self.seed);
         let refs = self.scores.refs();
         let rows = keys.len();
-        let images = keys.iter().take_while(|&&k| k != 0).count();
+        let images = images_in(keys);
         // The whole batch at once: vanilla saliency, and the engine's probe
         // (every row padding).
         let res = if self.smooth_samples == 0 || rows != x.size()[0] as usize || images == 0 {
@@ -343,7 +343,7 @@ impl Method for CamMapMethod {
 
     fn compute(&self, model: &Model, x: &Tensor, keys: &[u64]) -> Result<BatchResult> {
         // Padding rows (key 0) come last: Score-CAM skips them.
-        let images = keys.iter().take_while(|&&k| k != 0).count();
+        let images = images_in(keys);
         let res = self
             .cam(model)
             .images(images)
@@ -499,7 +499,7 @@ impl Method for IgMethod {
     /// depend on the rest of the batch, and a short last batch costs only
     /// its images.
     fn compute(&self, model: &Model, x: &Tensor, keys: &[u64]) -> Result<BatchResult> {
-        let images = keys.iter().take_while(|&&k| k != 0).count();
+        let images = images_in(keys);
         self.run(model, x, images, self.steps)
     }
 }
@@ -582,4 +582,9 @@ fn join_classes(parts: Vec<&Vec<Option<Vec<usize>>>>, rows: usize) -> Vec<Option
             })
         })
         .collect()
+}
+
+/// The images of a batch's keys: the rows before the padding (key 0, last).
+fn images_in(keys: &[u64]) -> usize {
+    keys.iter().take_while(|&&k| k != 0).count()
 }
