@@ -8,7 +8,10 @@
 #
 # Rust side: examples/bench_cam.rs (the library's batch engine: decode
 # threads, padded batches, writer threads; one heatmap PNG per image) on
-# $DATA/resnet18_cam.pt from scripts/export_cam_model.py. Python side:
+# $DATA/resnet18_cam.pt from scripts/export_cam_model.py, and on the same
+# model exported with --freeze ($DATA/resnet18_cam_frozen.pt: batch norms
+# folded into the convolutions, channels-last constant weights), the form a
+# CPU deployment of a TorchScript model takes. Python side:
 # scripts/bench_cam.py (eager torchvision resnet18 with the same weights,
 # target_layers=[model.layer4[-1]], DataLoader, PIL, Resize 256 + CenterCrop
 # 224, show_cam_on_image PNGs). pytorch-grad-cam has no Faster-Score-CAM: ours
@@ -73,6 +76,11 @@ if [ ! -f "$MODEL" ] || [ ! -f "${MODEL%.pt}.json" ]; then
     "$PY" scripts/export_cam_model.py torchvision resnet18 --seed 0 --out "$MODEL" \
         || echo "bench_cam: export failed (status $?)"
 fi
+FROZEN="$DATA/resnet18_cam_frozen.pt"
+if [ ! -f "$FROZEN" ] || [ ! -f "${FROZEN%.pt}.json" ]; then
+    "$PY" scripts/export_cam_model.py torchvision resnet18 --seed 0 --freeze --out "$FROZEN" \
+        || echo "bench_cam: frozen export failed (status $?)"
+fi
 IMAGES="$DATA/cam-images"
 LIST="$DATA/cam-list.txt"
 LIST_SCORE="$DATA/cam-list-score.txt"
@@ -85,13 +93,15 @@ ips() { sed -n 's/.*: \([0-9.]*\) images\/s.*/\1/p' <<<"$1" | head -n1; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a == "" || b == "" || b + 0 == 0) print "n/a"; else printf "%.2f", a / b }'; }
 
 # rust METHOD LIST BATCH: the Rust job's line (or why it failed)
+# rust METHOD LIST BATCH MODEL
 rust() {
     local out
     rm -rf "$OUT/rust/$1"
     if [ ! -x "$RS" ]; then echo "rust-cam $1: SKIPPED ($RS not built)"; return; fi
-    out=$("$RS" --model "$MODEL" --images "$IMAGES" --list "$2" --method "$1" --batch-size "$3" \
+    out=$("$RS" --model "$4" --images "$IMAGES" --list "$2" --method "$1" --batch-size "$3" \
         --out "$OUT/rust/$1" 2>&1)
-    grep '^rust-cam' <<<"$out" || echo "rust-cam $1: FAILED: $(tail -n 2 <<<"$out" | tr '\n' ' ')"
+    grep '^rust-cam' <<<"$out" | sed "s|\$| [$(basename "$4")]|" \
+        || echo "rust-cam $1: FAILED: $(tail -n 2 <<<"$out" | tr '\n' ' ')"
 }
 
 # python METHOD LIST BATCH: the Python job's line (or why it failed)
@@ -117,7 +127,7 @@ faster() { awk -v a="$1" -v b="$2" 'BEGIN{exit !(b == "" || (a != "" && a + 0 > 
 
 echo "load average before measuring: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "== measurements (tch-vis, then pytorch-grad-cam, per method; $ROUNDS rounds but Score-CAM, fastest kept)"
-declare -A OURS PYTHON
+declare -A OURS FROZ PYTHON
 times >"$TIMES"
 B0=$(busy) M0=$(mine) T0=$(date +%s.%N)
 for m in $METHODS; do
@@ -126,10 +136,14 @@ for m in $METHODS; do
     *) list=$LIST batch=$BATCH rounds=$ROUNDS ;;
     esac
     for r in $(seq "$rounds"); do
-        l=$(rust "$m" "$list" "$batch")
+        l=$(rust "$m" "$list" "$batch" "$MODEL")
         echo "  round $r: $l"
         v=$(ips "$l")
         faster "$v" "${OURS[$m]}" && OURS[$m]=$v
+        l=$(rust "$m" "$list" "$batch" "$FROZEN")
+        echo "  round $r: $l"
+        v=$(ips "$l")
+        faster "$v" "${FROZ[$m]}" && FROZ[$m]=$v
         if [ "$m" != fasterscorecam ]; then
             l=$(python_job "$m" "$list" "$batch")
             echo "  round $r: $l"
@@ -147,11 +161,11 @@ echo "== results (cpu, resnet18 random weights, predicted class, heatmap PNGs wr
 for m in $METHODS; do
     case "$m" in
     gradcam | gradcam++ | layercam)
-        echo "cam $m: tch-vis ${OURS[$m]:-n/a} images/s, pytorch-grad-cam ${PYTHON[$m]:-n/a} images/s, ratio $(ratio "${OURS[$m]}" "${PYTHON[$m]}") (target >= 4; $N_IMAGES images, batch $BATCH)" ;;
+        echo "cam $m: tch-vis ${OURS[$m]:-n/a} images/s, pytorch-grad-cam ${PYTHON[$m]:-n/a} images/s, ratio $(ratio "${OURS[$m]}" "${PYTHON[$m]}"); frozen export ${FROZ[$m]:-n/a} images/s, ratio $(ratio "${FROZ[$m]}" "${PYTHON[$m]}") (target >= 4; $N_IMAGES images, batch $BATCH)" ;;
     scorecam)
-        echo "cam scorecam: tch-vis ${OURS[$m]:-n/a} images/s, pytorch-grad-cam ${PYTHON[$m]:-n/a} images/s, ratio $(ratio "${OURS[$m]}" "${PYTHON[$m]}") (target >= 1.2; $N_SCORE images, batch 1)" ;;
+        echo "cam scorecam: tch-vis ${OURS[$m]:-n/a} images/s, pytorch-grad-cam ${PYTHON[$m]:-n/a} images/s, ratio $(ratio "${OURS[$m]}" "${PYTHON[$m]}"); frozen export ${FROZ[$m]:-n/a} images/s, ratio $(ratio "${FROZ[$m]}" "${PYTHON[$m]}") (target >= 1.2; $N_SCORE images, batch 1)" ;;
     fasterscorecam)
-        echo "cam fasterscorecam: tch-vis ${OURS[$m]:-n/a} images/s, tch-vis scorecam ${OURS[scorecam]:-n/a} images/s, ratio $(ratio "${OURS[$m]}" "${OURS[scorecam]}") (target >= 20; max_n 10, $N_IMAGES images, batch $BATCH)" ;;
+        echo "cam fasterscorecam: tch-vis ${OURS[$m]:-n/a} images/s, tch-vis scorecam ${OURS[scorecam]:-n/a} images/s, ratio $(ratio "${OURS[$m]}" "${OURS[scorecam]}"); frozen export ${FROZ[$m]:-n/a} vs ${FROZ[scorecam]:-n/a}, ratio $(ratio "${FROZ[$m]}" "${FROZ[scorecam]}") (target >= 20; max_n 10, $N_IMAGES images, batch $BATCH)" ;;
     esac
 done
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"

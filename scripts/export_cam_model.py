@@ -12,6 +12,14 @@ OUT.json  the sidecar tch-vis reads: input_size, channels, mean, std (and
           resize / crop / interpolation / antialias for torchvision models,
           labels when given).
 
+--freeze writes the frozen form (torch.jit.freeze, the three methods kept):
+batch norms folded into the convolutions, weights as constants in
+channels-last order, which is how tch-vis hands colour batches to a model on
+a CPU. Its forward pass is 10-20% faster there; its outputs are checked to
+be within 1e-4 of their size of the unfrozen model's (resnet18: 4e-7). Its
+weights stay float32: tch-vis refuses it in fp16/bf16. Not for the digits
+re-export, whose goldens need the unfrozen weights bit for bit.
+
 Every export is checked before it is written: forward equals
 forward_head(forward_features(x)) on a random input, forward_head leaves its
 argument untouched and accepts a leaf that requires grad (no in-place op on
@@ -56,6 +64,7 @@ Examples (from the repository root, in the golden venv of
 scripts/golden_env.sh, which has torchvision):
 
     python scripts/export_cam_model.py torchvision resnet18 --out /tmp/resnet18_cam.pt
+    python scripts/export_cam_model.py torchvision resnet18 --freeze --out /tmp/resnet18_frozen.pt
     python scripts/export_cam_model.py torchvision resnet50 --weights resnet50.pth --out r50.pt
     python scripts/export_cam_model.py torchscript model.pt --features backbone \\
         --head avgpool flatten fc --input-size 224 224 --out model_cam.pt
@@ -211,14 +220,14 @@ def torchvision_sidecar(labels=None):
     return s
 
 
-def export_torchvision(name, out, weights=None, num_classes=None, seed=0, labels=None):
+def export_torchvision(name, out, weights=None, num_classes=None, seed=0, labels=None, frozen=False):
     model = torchvision_model(name, weights, num_classes, seed)
     features, head, target = torchvision_split(name, model)
     split = CamSplit(features, head).eval()
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         want = model(x)
-    save_checked(split, out, x, torchvision_sidecar(labels), eager_output=want)
+    save_checked(split, out, x, torchvision_sidecar(labels), eager_output=want, frozen=frozen)
     print(f"{name}: target layer {target}; wrote {out} ({os.path.getsize(out)} bytes)")
     return model
 
@@ -252,13 +261,13 @@ def resolve(model, path):
     return m
 
 
-def export_torchscript(src, out, features, head, input_size, channels, sidecar):
+def export_torchscript(src, out, features, head, input_size, channels, sidecar, frozen=False):
     model = torch.jit.load(src, map_location="cpu").eval()
     f = nn.Sequential(*[resolve(model, p) for p in features])
     h = nn.Sequential(*[resolve(model, p) for p in head])
     split = ScriptedSplit(model, f, h).eval()
     x = torch.randn(2, channels, *input_size, generator=torch.Generator().manual_seed(0))
-    save_checked(split, out, x, sidecar)
+    save_checked(split, out, x, sidecar, frozen=frozen)
     print(f"wrote {out} ({os.path.getsize(out)} bytes)")
 
 
@@ -302,13 +311,41 @@ def check_split(scripted, x, name):
     return y, a
 
 
-def save_checked(module, out, x, sidecar, eager_output=None):
+def freeze(scripted, x, name):
+    """The frozen form of a checked split: batch norms folded into the
+    convolutions, weights as constants in channels-last order (the order
+    tch-vis gives colour batches on a CPU), the three methods kept."""
+    with torch.no_grad():
+        before = flat(scripted(x))
+        for p in scripted.parameters():
+            if p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+    try:
+        frozen = torch.jit.freeze(scripted, preserved_attrs=["forward_features", "forward_head"])
+    except Exception as e:  # noqa: BLE001 - any failure of the pass
+        raise SystemExit(f"{name}: torch.jit.freeze failed ({e}); export without --freeze")
+    with torch.no_grad():
+        after = flat(frozen(x))
+    worst = 0.0
+    for u, v in zip(before, after):
+        scale = max(u.abs().max().item(), 1e-30)
+        worst = max(worst, (u - v).abs().max().item() / scale)
+    if worst > 1e-4:
+        raise SystemExit(f"{name}: the frozen model's outputs differ by {worst:.3g} of their size")
+    print(f"    frozen: outputs within {worst:.2g} of their size of the unfrozen model's")
+    return frozen
+
+
+def save_checked(module, out, x, sidecar, eager_output=None, frozen=False):
     module.eval()
     scripted = torch.jit.script(module)
     y, a = check_split(scripted, x, out)
     if eager_output is not None:
         for u, v in zip(flat(eager_output), y):
             assert torch.allclose(u, v, rtol=1e-4, atol=1e-5), "scripted differs from eager"
+    if frozen:
+        scripted = freeze(scripted, x, out)
+        y, a = check_split(scripted, x, out)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     torch.jit.save(scripted, out)
     reloaded = torch.jit.load(out)
@@ -385,6 +422,13 @@ def main(argv=None):
     ts.add_argument("--input-size", nargs=2, type=int, default=[224, 224])
     ts.add_argument("--channels", type=int, default=3)
     ts.add_argument("--sidecar", help="a sidecar JSON to copy beside the output (default: the input's)")
+    for sp in (tv, ts):
+        sp.add_argument(
+            "--freeze",
+            action="store_true",
+            help="write the frozen form (batch norms folded, channels-last constant weights): "
+            "a faster forward pass on CPUs, float32 only",
+        )
     sub.add_parser("digits", help="re-export the bundled digits models with the CAM methods")
     a = p.parse_args(argv)
 
@@ -394,14 +438,14 @@ def main(argv=None):
         if a.labels:
             with open(a.labels) as fh:
                 labels = [line.rstrip("\n") for line in fh if line.strip()]
-        export_torchvision(a.name, a.out, a.weights, a.num_classes, a.seed, labels)
+        export_torchvision(a.name, a.out, a.weights, a.num_classes, a.seed, labels, a.freeze)
     elif a.source == "torchscript":
         side = a.sidecar or os.path.splitext(a.model)[0] + ".json"
         sidecar = None
         if os.path.exists(side):
             with open(side) as fh:
                 sidecar = json.load(fh)
-        export_torchscript(a.model, a.out, a.features, a.head, a.input_size, a.channels, sidecar)
+        export_torchscript(a.model, a.out, a.features, a.head, a.input_size, a.channels, sidecar, a.freeze)
     else:
         if os.environ.get("PYTHONHASHSEED") != "0":
             # As scripts/make_models.py: reproducible archives.

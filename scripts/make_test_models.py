@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
-"""Writes tests/models/avgpool_rgb.pt (+ .json): a tiny TorchScript classifier
-that takes colour images of any size (global average pool, a seeded 3 -> 10
-linear layer, softmax), with a 96 x 96 sidecar. The CLI tests use it where
-the input must be larger than 64 x 64 (more than one compute thread,
-channels-last batches) without a large model.
+"""Writes the small models of the CLI tests under tests/models/:
+
+avgpool_rgb.pt (+ .json)  a tiny TorchScript classifier that takes colour
+    images of any size (global average pool, a seeded 3 -> 10 linear layer,
+    softmax), with a 96 x 96 sidecar. Used where the input must be larger
+    than 64 x 64 (more than one compute thread, channels-last batches)
+    without a large model.
+cam_rgb.pt, cam_rgb_frozen.pt (+ .json)  one small seeded CAM model (conv,
+    batch norm, ReLU twice; average pool and a linear head) exported by
+    scripts/export_cam_model.py, as it is and with --freeze.
 
     python scripts/make_test_models.py        (needs torch)
 """
@@ -23,3 +28,28 @@ with open(os.path.join(out, "avgpool_rgb.json"), "w") as f:
     json.dump({"input_size": [96, 96], "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}, f)
     f.write("\n")
 print("wrote tests/models/avgpool_rgb.pt and .json")
+
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import export_cam_model as ecm  # noqa: E402
+
+nn = torch.nn
+torch.manual_seed(1)
+features = nn.Sequential(
+    nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+    nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+)
+for bn in (features[1], features[4]):
+    # Statistics and affine terms away from the identity, so folding them
+    # into the convolutions changes the weights.
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-0.2, 0.2)
+head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(2))
+side = {"input_size": [96, 96], "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+for name, frozen in [("cam_rgb", False), ("cam_rgb_frozen", True)]:
+    ecm.save_checked(ecm.CamSplit(features, head), os.path.join(out, name + ".pt"), x, side, frozen=frozen)
+print("wrote tests/models/cam_rgb.pt, cam_rgb_frozen.pt and .json")

@@ -238,23 +238,52 @@ fn first_line(e: &tch::TchError) -> String {
 
 /// The first non-empty line of an error message, cut before libtorch's
 /// `(Exception raised from ...` and the C++ frames that follow it: what
-/// tch-vis prints for any error.
+/// tch-vis prints for any error. For an error raised inside a TorchScript
+/// method, whose first line only says so, the line that names the error
+/// (`RuntimeError: ...`, after the traceback).
 ///
 /// ```
 /// let text = "shape mismatch (Exception raised from f at a.cpp:1)\nframe #0: g";
 /// assert_eq!(tch_vis::message_line(text), "shape mismatch");
+/// let text = "The following operation failed in the TorchScript interpreter.\n\
+///             Traceback of TorchScript (most recent call last):\n  x = f(y)\n\
+///             RuntimeError: expected 2 dims\n";
+/// assert_eq!(
+///     tch_vis::message_line(text),
+///     "TorchScript: RuntimeError: expected 2 dims"
+/// );
 /// ```
 pub fn message_line(text: &str) -> String {
-    let line = text
+    let first = text
         .lines()
         .map(str::trim)
         .find(|l| !l.is_empty())
         .unwrap_or("unknown error");
+    if first.starts_with("The following operation failed in the TorchScript interpreter") {
+        if let Some(named) = text.lines().rev().map(str::trim).find(|l| error_name(l)) {
+            return format!("TorchScript: {}", cut_frames(named));
+        }
+    }
+    cut_frames(first)
+}
+
+fn cut_frames(line: &str) -> String {
     line.split(" (Exception raised from")
         .next()
         .unwrap_or(line)
         .trim_end()
         .to_string()
+}
+
+/// Whether a line starts as Python names an exception (`RuntimeError: ...`).
+fn error_name(line: &str) -> bool {
+    line.split_once(": ").is_some_and(|(name, _)| {
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_')
+            && (name.ends_with("Error") || name.ends_with("Exception"))
+    })
 }
 
 impl Error {

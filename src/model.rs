@@ -189,6 +189,12 @@ impl Model {
         Ok(())
     }
 
+    /// Whether the module holds any parameters (a frozen module's weights
+    /// are constants of its code instead).
+    pub(crate) fn has_parameters(&self) -> bool {
+        self.module.named_parameters().is_ok_and(|p| !p.is_empty())
+    }
+
     /// The precision the model computes in.
     pub fn precision(&self) -> Precision {
         self.precision

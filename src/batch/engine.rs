@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 use super::{ImageArray, ImageResult, Method, Sink};
 use crate::error::{Error, Result};
 use crate::io::Entry;
-use crate::model::Model;
+use crate::model::{Model, Precision};
 use crate::preprocess::{self, Prepared, Preprocessor, Sidecar};
 use crate::saliency::key_for;
 
@@ -293,15 +293,20 @@ impl<'a> Engine<'a> {
         let [h, w] = sidecar.size_i64();
         let c = sidecar.channels as i64;
         let probe = Tensor::f_zeros([1, c, h, w], (Kind::Float, device))?;
-        let outputs = self
-            .model
-            .forward(&[probe.shallow_clone()])
-            .map_err(|e| Error::Probe {
-                what: format!(
-                    "the model fails on a (1, {c}, {h}, {w}) input as its sidecar describes"
-                ),
+        let outputs = self.model.forward(&[probe.shallow_clone()]).map_err(|e| {
+            let mut what =
+                format!("the model fails on a (1, {c}, {h}, {w}) input as its sidecar describes");
+            if self.model.precision() != Precision::Fp32 && !self.model.has_parameters() {
+                what.push_str(
+                    " (its weights are constants, as in a frozen model, and keep the \
+                         precision it was saved in: use fp32, or export it unfrozen)",
+                );
+            }
+            Error::Probe {
+                what,
                 source: Box::new(e),
-            })?;
+            }
+        })?;
         self.method.check(self.model, &outputs)?;
         if device.is_cuda() {
             // Batches are padded to one fixed shape: let cuDNN pick the

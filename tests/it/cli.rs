@@ -1373,6 +1373,68 @@ fn cam_subcommand_writes_the_librarys_maps() {
     assert!(!out.exists());
 }
 
+/// A model exported with `scripts/export_cam_model.py --freeze` (batch norms
+/// folded into the convolutions, weights as constants): its maps equal its
+/// unfrozen twin's within float32 rounding on every method, and half
+/// precision, which cannot convert constants, is refused before the first
+/// image with a message that says why (exit 2, nothing written).
+#[test]
+fn frozen_cam_exports_match_their_unfrozen_twin_and_refuse_half_precision() {
+    let t = Tree::good(4);
+    let images = t.images();
+    let dir = root().join("tests/models");
+    let plain = dir.join("cam_rgb.pt").display().to_string();
+    let frozen = dir.join("cam_rgb_frozen.pt").display().to_string();
+    let run = |m: &str, out: &Path, method: &str, extra: &[&str]| {
+        let mut args = vec![
+            "cam",
+            "--model",
+            m,
+            "--images",
+            s(&images),
+            "--out",
+            s(out),
+            "--method",
+            method,
+            "--device",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        tch_vis(&args)
+    };
+    for method in ["gradcam", "gradcam++", "layercam", "scorecam"] {
+        let (a, b) = (
+            t.out(&format!("{method}-plain")),
+            t.out(&format!("{method}-frozen")),
+        );
+        assert_code(&run(&plain, &a, method, &[]), 0, method);
+        assert_code(&run(&frozen, &b, method, &[]), 0, method);
+        let mut compared = 0;
+        for rel in csv_paths(&a) {
+            let x = Tensor::read_npy(a.join(format!("{rel}.cam.npy"))).unwrap();
+            let y = Tensor::read_npy(b.join(format!("{rel}.cam.npy"))).unwrap();
+            assert_eq!(x.size(), vec![96, 96]);
+            let diff = (&x - &y).abs().max().double_value(&[]);
+            assert!(
+                diff <= 1e-5,
+                "{method} {rel}: frozen vs unfrozen max |diff| {diff}"
+            );
+            compared += 1;
+        }
+        assert_eq!(compared, 4, "{method}");
+    }
+    let out = t.out("bf16");
+    let o = run(&frozen, &out, "gradcam", &["--precision", "bf16"]);
+    assert_code(&o, 2, "frozen model in bf16");
+    assert_one_error_line(&o, "frozen model in bf16");
+    let err = stderr(&o);
+    assert!(
+        err.contains("frozen model") && err.contains("RuntimeError"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
 /// `tch-vis integrated-gradients`: REL.ig.npy (C, H, W) equal to the
 /// library's attributions, and an `ig_delta` column.
 #[test]
