@@ -229,12 +229,72 @@ fn blend_rgb(blend: &Blend, map: &[f32], planes: [&[f32]; 3], out: &mut [u8]) {
     blend_rgb_generic(blend, map, planes, out);
 }
 
+/// [`blend_rgb_generic`] eight pixels at a time with AVX2 intrinsics: the
+/// table index as `lut_index` computes it, the three colours gathered from
+/// the table, then the same multiply, add, clamp, scale and truncation, one
+/// IEEE operation each in the same order (no FMA), so the bytes are the
+/// scalar loop's. The last `n % 8` pixels take the scalar loop.
+///
 /// # Safety
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn blend_rgb_avx2(blend: &Blend, map: &[f32], planes: [&[f32]; 3], out: &mut [u8]) {
-    blend_rgb_generic(blend, map, planes, out);
+    use std::arch::x86_64::*;
+    let [r, g, b] = planes;
+    let n = map
+        .len()
+        .min(r.len())
+        .min(g.len())
+        .min(b.len())
+        .min(out.len() / 3);
+    let body = n - n % 8;
+    let lut = blend.lut.as_ptr().cast::<f32>();
+    let scale = _mm256_set1_ps(LUT_SIZE as f32);
+    let top_f = _mm256_set1_ps((LUT_SIZE - 1) as f32);
+    let top_i = _mm256_set1_epi32((LUT_SIZE - 1) as i32);
+    let zero = _mm256_setzero_ps();
+    let one = _mm256_set1_ps(1.0);
+    let keep = _mm256_set1_ps(blend.keep);
+    let c255 = _mm256_set1_ps(255.0);
+    let half = _mm256_set1_ps(0.5);
+    let mut lanes = [[0i32; 8]; 3];
+    let mut i = 0;
+    while i < body {
+        // SAFETY (loads): i + 8 <= n, within every slice.
+        let x = _mm256_mul_ps(_mm256_loadu_ps(map.as_ptr().add(i)), scale);
+        // lut_index: x >= 255 → 255; x > 0 → trunc(x); else (NaN too) 0.
+        let at_top = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x, top_f));
+        let positive = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(x, zero));
+        let idx = _mm256_and_si256(_mm256_cvttps_epi32(x), positive);
+        let idx = _mm256_blendv_epi8(idx, top_i, at_top);
+        // Offsets of [r, g, b] entries in the (256, 3) table; all < 768.
+        let off = _mm256_add_epi32(_mm256_add_epi32(idx, idx), idx);
+        for (c, (plane, lane)) in [r, g, b].iter().zip(lanes.iter_mut()).enumerate() {
+            // SAFETY (gather): every offset + c < 3 × LUT_SIZE.
+            let colour = _mm256_i32gather_ps::<4>(lut.add(c), off);
+            let px = _mm256_loadu_ps(plane.as_ptr().add(i));
+            let v = _mm256_add_ps(colour, _mm256_mul_ps(keep, px));
+            // clamp(v, 0, 1); max_ps returns its second operand (0) for a
+            // NaN, which then gives 0 as `NaN as u8` does.
+            let v = _mm256_min_ps(_mm256_max_ps(v, zero), one);
+            let q = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v, c255), half));
+            _mm256_storeu_si256(lane.as_mut_ptr().cast(), q);
+        }
+        let o = &mut out[3 * i..3 * i + 24];
+        for k in 0..8 {
+            o[3 * k] = lanes[0][k] as u8;
+            o[3 * k + 1] = lanes[1][k] as u8;
+            o[3 * k + 2] = lanes[2][k] as u8;
+        }
+        i += 8;
+    }
+    blend_rgb_generic(
+        blend,
+        &map[body..n],
+        [&r[body..n], &g[body..n], &b[body..n]],
+        &mut out[3 * body..3 * n],
+    );
 }
 
 #[inline(always)]
@@ -466,13 +526,35 @@ mod tests {
         let n = 4099;
         let f = |i: usize, k: f32| (i as f32 * k).sin() * 0.7 + 0.5;
         let mut map: Vec<f32> = (0..n).map(|i| f(i, 0.37)).collect();
-        map[7] = f32::NAN;
-        map[8] = -3.0;
-        map[9] = 7.0;
-        let planes: Vec<Vec<f32>> = [0.11f32, 0.23, 0.05]
+        // Every edge of the table index and of the clamp, in each of the
+        // eight lanes and in the scalar tail.
+        let edges = [
+            f32::NAN,
+            -3.0,
+            7.0,
+            0.0,
+            -0.0,
+            1.0,
+            255.0 / 256.0,
+            254.999 / 256.0,
+            1.0 / 256.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN_POSITIVE,
+        ];
+        for (k, &e) in edges.iter().enumerate() {
+            map[7 + 9 * k] = e;
+            map[n - 1 - k] = e;
+        }
+        let mut planes: Vec<Vec<f32>> = [0.11f32, 0.23, 0.05]
             .iter()
             .map(|&k| (0..n).map(|i| f(i, k)).collect())
             .collect();
+        for (c, plane) in planes.iter_mut().enumerate() {
+            for (k, &e) in edges.iter().enumerate() {
+                plane[200 + 11 * k + c] = e;
+            }
+        }
         let blend = Blend::new(Colormap::Jet, 0.4);
         let refs = [&planes[0][..], &planes[1][..], &planes[2][..]];
         let mut dispatched = vec![0u8; 3 * n];

@@ -70,7 +70,7 @@ use std::path::{Path, PathBuf};
 
 use image::{DynamicImage, ImageReader, Limits, RgbImage};
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::heatmap::MapRegion;
@@ -487,6 +487,16 @@ impl Preprocessor {
     /// allocation limit; [`Error::Torch`] if a tensor operation fails.
     pub fn prepare_image(&self, img: DynamicImage, path: impl AsRef<Path>) -> Result<Prepared> {
         let original_size = (img.width(), img.height());
+        if self.sidecar.resize.is_some() {
+            let rgb = img.into_rgb8();
+            let (image, input) = self.torchvision(&rgb, path.as_ref(), true)?;
+            return Ok(Prepared {
+                input: input.unwrap_or_else(|| image.shallow_clone()),
+                image,
+                original_size,
+                original: self.keep_original.then_some(rgb),
+            });
+        }
         let (image, original) = self.resize_image(img, path)?;
         let input = self.normalise(&image)?;
         Ok(Prepared {
@@ -511,7 +521,7 @@ impl Preprocessor {
     ) -> Result<(Tensor, Option<RgbImage>)> {
         if self.sidecar.resize.is_some() {
             let rgb = img.into_rgb8();
-            let image = self.torchvision(&rgb, path.as_ref())?;
+            let (image, _) = self.torchvision(&rgb, path.as_ref(), false)?;
             return Ok((image, self.keep_original.then_some(rgb)));
         }
         let original_size = (img.width(), img.height());
@@ -626,8 +636,15 @@ impl Preprocessor {
         self.resize_tensor(Tensor::f_from_slice(&pixels)?.f_view([1, c, h, w])?)
     }
 
-    /// The torchvision pipeline on 8-bit RGB: `(C, H, W)` in `[0, 1]`.
-    fn torchvision(&self, rgb: &RgbImage, path: &Path) -> Result<Tensor> {
+    /// The torchvision pipeline on 8-bit RGB: `(C, H, W)` in `[0, 1]`, and
+    /// when `with_input` the normalised model input too, both from one pass
+    /// over the cropped bytes.
+    fn torchvision(
+        &self,
+        rgb: &RgbImage,
+        path: &Path,
+        with_input: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let s = &self.sidecar;
         let Some(resize) = s.resize else {
             return Err(Error::InvalidValue {
@@ -647,12 +664,29 @@ impl Preprocessor {
                 ),
             });
         }
-        // (1, 3, H, W) over the interleaved bytes (channels-last strides, as
-        // `pil_to_tensor` makes; libtorch's kernels give the same values for
-        // either layout).
-        let x = Tensor::f_from_slice(rgb.as_raw())?
-            .f_view([1, h as i64, w as i64, 3])?
-            .f_permute([0, 3, 1, 2])?;
+        let raw = rgb.as_raw();
+        if raw.len() != h * w * 3 {
+            return Err(Error::Image {
+                path: path.to_path_buf(),
+                reason: format!("{} bytes for a {w}x{h} RGB image", raw.len()),
+            });
+        }
+        // (1, 3, H, W) over the interleaved bytes, without a copy
+        // (channels-last strides, as `pil_to_tensor` makes; libtorch's
+        // kernels give the same values for either layout).
+        // SAFETY: `raw` holds exactly h × w × 3 bytes (checked above) and
+        // outlives `x` and every view of it: all of them are dropped before
+        // this function returns, whose results are new buffers.
+        let x = unsafe {
+            Tensor::f_from_blob(
+                raw.as_ptr(),
+                &[1, h as i64, w as i64, 3],
+                &[(h * w * 3) as i64, (w * 3) as i64, 3, 1],
+                Kind::Uint8,
+                Device::Cpu,
+            )?
+        }
+        .f_permute([0, 3, 1, 2])?;
         let x = if c == 1 { grayscale_u8(&x)? } else { x };
         let x = if (nh, nw) == (h, w) {
             x
@@ -660,12 +694,32 @@ impl Preprocessor {
             resize_u8(&x, [nh as i64, nw as i64], s.interpolation(), s.antialias())?
         };
         let x = center_crop(&x, s.input_size)?;
-        // ToDtype(float32, scale=True): `x.to(float32).mul_(1 / 255)`.
-        let [th, tw] = s.size_i64();
-        Ok(x.f_to_kind(Kind::Float)?
-            .f_mul_scalar(1.0 / 255.0)?
-            .f_contiguous()?
-            .f_view([c as i64, th, tw])?)
+        // The crop's bytes in (H, W, C) order, and the outputs written in
+        // place into new tensors.
+        let hwc = x.f_permute([0, 2, 3, 1])?.f_contiguous()?;
+        drop(x);
+        let [th, tw] = s.input_size;
+        let n = th * tw;
+        let shape = [c as i64, th as i64, tw as i64];
+        let fresh = || Tensor::f_empty(shape, (Kind::Float, Device::Cpu));
+        let image = fresh()?;
+        let input = if with_input { Some(fresh()?) } else { None };
+        // SAFETY: `hwc` is a contiguous uint8 CPU tensor of n × c bytes
+        // (the crop), alive until the end of this block; `image` and
+        // `input` are new contiguous float CPU tensors of c × n values that
+        // nothing else refers to yet.
+        unsafe {
+            let bytes = std::slice::from_raw_parts(hwc.data_ptr() as *const u8, n * c);
+            let planes =
+                |t: &Tensor| std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, c * n);
+            planes_from_bytes(
+                bytes,
+                c,
+                planes(&image),
+                input.as_ref().map(|t| (planes(t), s)),
+            );
+        }
+        Ok((image, input))
     }
 
     /// Decodes an encoded image (format guessed from the bytes) within the
@@ -759,6 +813,36 @@ fn grayscale_u8(x: &Tensor) -> Result<Tensor> {
         .f_add(&g.f_mul_scalar(0.587)?)?
         .f_add(&b.f_mul_scalar(0.114)?)?;
     Ok(l.f_to_kind(Kind::Uint8)?.f_unsqueeze(1)?)
+}
+
+/// torchvision's `ToDtype(float32, scale=True)` and, with a sidecar,
+/// `Normalize`, on `n` pixels of interleaved `(H, W, C)` bytes: planar
+/// `(C, H, W)` values `v × (1/255 in float32)` — what libtorch's
+/// `x.to(float32).mul_(1 / 255)` computes — and `(v − mean) / std` per
+/// channel, each the same IEEE float32 operation as libtorch's kernels, in
+/// one pass instead of five tensor passes.
+fn planes_from_bytes(
+    bytes: &[u8],
+    c: usize,
+    image: &mut [f32],
+    input: Option<(&mut [f32], &Sidecar)>,
+) {
+    let k = (1.0f64 / 255.0) as f32;
+    let n = image.len() / c;
+    for (p, px) in bytes.chunks_exact(c).take(n).enumerate() {
+        for (ch, &v) in px.iter().enumerate() {
+            image[ch * n + p] = f32::from(v) * k;
+        }
+    }
+    if let Some((input, s)) = input {
+        for ch in 0..c {
+            let (m, d) = (s.mean[ch], s.std[ch]);
+            let plane = &image[ch * n..(ch + 1) * n];
+            for (o, &v) in input[ch * n..(ch + 1) * n].iter_mut().zip(plane) {
+                *o = (v - m) / d;
+            }
+        }
+    }
 }
 
 /// torchvision's `Resize` on a uint8 `(1, C, H, W)` tensor: libtorch's
@@ -973,6 +1057,125 @@ mod tests {
             );
         }
         tch::set_num_threads(threads);
+    }
+
+    /// The torchvision recipe's one pass over the cropped bytes gives the
+    /// bits of libtorch's `to(float32) * (1/255)` and `(x − mean) / std`
+    /// (the path it replaced), for gray and colour, bilinear and bicubic,
+    /// with and without antialiasing, an image already at the size (no
+    /// resize: the crop is a view of the decoded bytes) and one smaller
+    /// than the crop (padding).
+    #[test]
+    fn torchvision_one_pass_equals_libtorch_ops_bit_for_bit() {
+        let noise = |w: u32, h: u32, seed: u32| {
+            let mut img = image::RgbImage::new(w, h);
+            let mut state = seed;
+            for p in img.pixels_mut() {
+                for v in p.0.iter_mut() {
+                    state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+                    *v = (state >> 24) as u8;
+                }
+            }
+            img
+        };
+        let cases = [
+            (
+                (640, 480),
+                3,
+                Resize::ShorterSide(256),
+                Interpolation::Bilinear,
+                true,
+            ),
+            (
+                (480, 640),
+                1,
+                Resize::ShorterSide(256),
+                Interpolation::Bilinear,
+                true,
+            ),
+            (
+                (333, 1001),
+                3,
+                Resize::Exact([224, 224]),
+                Interpolation::Bicubic,
+                true,
+            ),
+            (
+                (300, 200),
+                3,
+                Resize::Exact([230, 240]),
+                Interpolation::Bilinear,
+                false,
+            ),
+            (
+                (224, 224),
+                3,
+                Resize::Exact([224, 224]),
+                Interpolation::Bilinear,
+                true,
+            ),
+            (
+                (100, 90),
+                3,
+                Resize::Exact([90, 100]),
+                Interpolation::Bilinear,
+                true,
+            ),
+        ];
+        for (k, ((w, h), channels, resize, filter, aa)) in cases.into_iter().enumerate() {
+            let side = Sidecar {
+                input_size: [224, 224],
+                channels,
+                mean: [0.485, 0.456, 0.406][..channels].to_vec(),
+                std: [0.229, 0.224, 0.225][..channels].to_vec(),
+                labels: None,
+                resize: Some(resize),
+                interpolation: Some(filter),
+                antialias: Some(aa),
+                crop: Some([224, 224]),
+            };
+            let rgb = noise(w, h, 7 + k as u32);
+            let pre = Preprocessor::new(side.clone());
+            let got = pre
+                .prepare_image(DynamicImage::ImageRgb8(rgb.clone()), "x.png")
+                .unwrap();
+            // The libtorch path.
+            let x = Tensor::from_slice(rgb.as_raw())
+                .view([1, i64::from(h), i64::from(w), 3])
+                .permute([0, 3, 1, 2]);
+            let x = if channels == 1 {
+                grayscale_u8(&x).unwrap()
+            } else {
+                x
+            };
+            let (nh, nw) = resize.output_size(h as usize, w as usize);
+            let x = if (nh, nw) == (h as usize, w as usize) {
+                x
+            } else {
+                resize_u8(&x, [nh as i64, nw as i64], filter, aa).unwrap()
+            };
+            let x = center_crop(&x, [224, 224]).unwrap();
+            let image = x
+                .to_kind(Kind::Float)
+                .f_mul_scalar(1.0 / 255.0)
+                .unwrap()
+                .contiguous()
+                .view([channels as i64, 224, 224]);
+            let input = pre.normalise(&image).unwrap();
+            let bits = |t: &Tensor| {
+                Vec::<f32>::try_from(&t.reshape([-1]))
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&got.image), bits(&image), "case {k}: image");
+            assert_eq!(bits(&got.input), bits(&input), "case {k}: input");
+            let (only, _) = pre
+                .resize_image(DynamicImage::ImageRgb8(rgb), "x.png")
+                .unwrap();
+            assert_eq!(bits(&only), bits(&image), "case {k}: resize_image");
+        }
     }
 
     #[test]
