@@ -147,8 +147,8 @@ fn cores() -> usize {
 /// starts (libgomp reads it once, at load): on 2 cores a trivial 224 × 224
 /// saliency run went from 340–370 to 460 images/s with it, with the same
 /// bytes. The `tch-vis` binary sets it for such runs
-/// ([`restart_with_passive_openmp`]); a program of your own can do the same
-/// or be started with it.
+/// ([`restart_with_passive_openmp`]) unless they are on one image file;
+/// a program of your own can do the same or be started with it.
 ///
 /// A model on CUDA gets one thread: its compute thread only queues kernels
 /// and copies results back, so an OpenMP team would only take cores from

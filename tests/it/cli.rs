@@ -1647,6 +1647,27 @@ fn large_colour_inputs_restart_with_passive_openmp() {
     let r = run(&big, &active, Some("ACTIVE"));
     assert_eq!(r["openmp_wait_policy"], "ACTIVE");
     assert_same_tree(&passive, &active, "PASSIVE vs ACTIVE");
+    // One image file: no restart (nothing shares the cores), same bytes.
+    let one = t.out("one");
+    let o = Command::new(BIN)
+        .args(["saliency", "--model", &big, "--images"])
+        .arg(images.join("d1/img_001.png"))
+        .args(["--out", s(&one), "--device", "cpu"])
+        .env("CUDA_VISIBLE_DEVICES", "")
+        .env_remove("OMP_WAIT_POLICY")
+        .output()
+        .unwrap();
+    assert_code(&o, 0, "one image");
+    let r = report(&one);
+    assert_eq!(r["openmp_wait_policy"], serde_json::Value::Null);
+    assert_eq!(r["processed"], 1);
+    for ext in ["saliency.npy", "saliency.png"] {
+        assert_eq!(
+            fs::read(one.join(format!("img_001.png.{ext}"))).unwrap(),
+            fs::read(passive.join(format!("d1/img_001.png.{ext}"))).unwrap(),
+            "one image vs the list: {ext}"
+        );
+    }
     let small = t.out("small");
     let r = run(&model("digits_cnn"), &small, None);
     assert_eq!(r["openmp_wait_policy"], serde_json::Value::Null);
