@@ -74,8 +74,8 @@ step() {
     return $st
 }
 # STEPS: the sections to run (default all): tests profile overhead python
-# pipeline pypipeline pearson cam scorecam tv digits
-want() { case " ${STEPS:-tests profile overhead python pipeline pypipeline pearson cam scorecam tv digits} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+# pipeline pypipeline pearson cam camfrozen scorecam tv digits
+want() { case " ${STEPS:-tests profile overhead python pipeline pypipeline pearson cam camfrozen scorecam tv digits} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 # ips_of DIR: processed, seconds, images/s, steady images/s (after the
 # startup: model load, CUDA start, probe), startup seconds, from report.json
 ips_of() { "$PY" -c "import json,sys;r=json.load(open(sys.argv[1]));n=r['processed'];s=r['seconds'];u=r.get('startup_seconds',0.0);print(n,f'{s:.2f}',f\"{r['images_per_second']:.1f}\",f'{n/max(s-u,1e-9):.1f}',f'{u:.2f}')" "$1/report.json"; }
@@ -305,11 +305,11 @@ fi
 
 # 8. CAMs on resnet50 (random weights, torchvision recipe), against the model alone
 CAM_MODEL="$GPU_DATA/${ARCH}_cam.pt"
-if { want cam || want scorecam || want tv; } && [ ! -f "$CAM_MODEL" ]; then
+if { want cam || want camfrozen || want scorecam || want tv; } && [ ! -f "$CAM_MODEL" ]; then
     step cam-export 120 "$PY" scripts/export_cam_model.py torchvision "$ARCH" --out "$CAM_MODEL"
 fi
 declare -A CAM_CEIL
-if { want cam || want scorecam || want tv; } && [ -f "$CAM_MODEL" ]; then
+if { want cam || want camfrozen || want scorecam || want tv; } && [ -f "$CAM_MODEL" ]; then
     if step cam-ceiling 120 "$PY" scripts/bench_forward.py --model "$CAM_MODEL" --label "$ARCH" --batch "$BATCH" \
         --iters "$((ITERS < 30 ? ITERS : 30))" --device "$DEVICE"; then
         grep -E '^(forward|gradcam)-alone' "$WORK/cam-ceiling.txt" | while read -r l; do say "$l"; done
@@ -335,6 +335,28 @@ if { want cam || want scorecam || want tv; } && [ -f "$CAM_MODEL" ]; then
             say "tch-vis-cam $m $ARCH: FAILED ($(tail -n1 "$WORK/cam-$m.txt"))"
         fi
     done
+    # The frozen export (export_cam_model.py --freeze: batch norms folded,
+    # channels-last constant weights), against its own forward ceiling.
+    FROZEN="$GPU_DATA/${ARCH}_cam_frozen.pt"
+    if want camfrozen && { [ -f "$FROZEN" ] || step cam-frozen-export 120 "$PY" scripts/export_cam_model.py \
+        torchvision "$ARCH" --freeze --out "$FROZEN"; }; then
+        fceil=""
+        if step cam-frozen-ceiling 120 "$PY" scripts/bench_forward.py --model "$FROZEN" --label "$ARCH-frozen" \
+            --batch "$BATCH" --iters "$((ITERS < 30 ? ITERS : 30))" --device "$DEVICE"; then
+            grep -E '^(forward|gradcam)-alone' "$WORK/cam-frozen-ceiling.txt" | while read -r l; do say "$l"; done
+            fceil=$(sed -n 's/^forward-alone.*, \([0-9.]*\) images\/s/\1/p' "$WORK/cam-frozen-ceiling.txt")
+        fi
+        d="$WORK/cam-frozen-gradcam"
+        if step cam-frozen-gradcam 150 "$BIN/tch-vis" cam --model "$FROZEN" --images-from "$WORK/cam.txt" \
+            --root "$IMAGES" --out "$d" --batch-size "$BATCH" --overwrite --device "$DEVICE" --method gradcam; then
+            read -r n s ips steady up < <(ips_of "$d")
+            say "  cam timings frozen gradcam: $(timings_of "$d")"
+            say "tch-vis-cam gradcam $ARCH-frozen batch $BATCH $DEVICE fp32: $n images in $s s, $ips images/s (steady $steady after $up s of startup); frozen forward ceiling ${fceil:-n/a}: steady $(ratio "$steady" "$fceil"); unfrozen forward ceiling ${CAM_CEIL[forward]:-n/a}: steady $(ratio "$steady" "${CAM_CEIL[forward]}")"
+            [ -d "$WORK/cam-gradcam" ] && say "$(pearson "$WORK/cam-gradcam" "$d" "gradcam $ARCH unfrozen vs frozen" .cam.npy 2>&1 | tail -n1)"
+        else
+            say "tch-vis-cam gradcam $ARCH-frozen: FAILED ($(tail -n1 "$WORK/cam-frozen-gradcam.txt"))"
+        fi
+    fi
     # The torchvision recipe for input gradients too (resize 256, crop 224).
     declare -A TV_IPS
     for p in $PRECISIONS; do
