@@ -371,21 +371,18 @@ impl FolderSink {
         for a in &r.arrays {
             io::write_npy_atomic(&self.file(&r.rel, &format!(".{}.npy", a.name)), &a.values)?;
             if let Some(heat) = &a.heat {
-                let map = Vec::<f32>::try_from(&heat.f_contiguous()?.f_reshape([-1])?)?;
-                let png = match (&self.original, &r.original) {
+                let png = with_values(heat, |map| match (&self.original, &r.original) {
                     (Some(pre), Some(original)) => heatmap::overlay_original_region_png(
                         original,
-                        &map,
+                        map,
                         w,
                         h,
                         pre.map_region(r.original_size),
-                    )?,
-                    _ => {
-                        let image =
-                            Vec::<f32>::try_from(&r.image.f_contiguous()?.f_reshape([-1])?)?;
-                        heatmap::overlay_png(&image, self.channels, w, h, &map)?
-                    }
-                };
+                    ),
+                    _ => with_values(&r.image, |image| {
+                        heatmap::overlay_png(image, self.channels, w, h, map)
+                    }),
+                })?;
                 io::write_atomic(&self.file(&r.rel, &format!(".{}.png", a.name)), &png)?;
             }
         }
@@ -633,4 +630,23 @@ impl Sink for FolderSink {
         record.push(END.into());
         self.append(&record)
     }
+}
+
+/// Calls `f` with the values of `t` as float32 on the CPU, borrowed from
+/// the tensor when it is already a contiguous float CPU tensor (the
+/// engine's maps and images are), copied otherwise.
+fn with_values<R>(t: &tch::Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t
+        .f_to_device(tch::Device::Cpu)?
+        .f_to_kind(tch::Kind::Float)?
+        .f_contiguous()?;
+    let n = t.numel();
+    if n == 0 {
+        return f(&[]);
+    }
+    // SAFETY: `t` is a contiguous float32 CPU tensor of `n` values (made so
+    // just above), alive until this function returns, and nothing writes
+    // to the results the writers read.
+    let values = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, n) };
+    f(values)
 }
