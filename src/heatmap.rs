@@ -229,6 +229,17 @@ fn blend_rgb(blend: &Blend, map: &[f32], planes: [&[f32]; 3], out: &mut [u8]) {
     blend_rgb_generic(blend, map, planes, out);
 }
 
+/// The pixels a blend covers: as many as the map, every plane and the
+/// output all hold.
+#[inline(always)]
+fn pixels(map: &[f32], [r, g, b]: [&[f32]; 3], out: &[u8]) -> usize {
+    map.len()
+        .min(r.len())
+        .min(g.len())
+        .min(b.len())
+        .min(out.len() / 3)
+}
+
 /// [`blend_rgb_generic`] eight pixels at a time with AVX2 intrinsics: the
 /// table index as `lut_index` computes it, the three colours gathered from
 /// the table, then the same multiply, add, clamp, scale and truncation, one
@@ -242,12 +253,7 @@ fn blend_rgb(blend: &Blend, map: &[f32], planes: [&[f32]; 3], out: &mut [u8]) {
 unsafe fn blend_rgb_avx2(blend: &Blend, map: &[f32], planes: [&[f32]; 3], out: &mut [u8]) {
     use std::arch::x86_64::*;
     let [r, g, b] = planes;
-    let n = map
-        .len()
-        .min(r.len())
-        .min(g.len())
-        .min(b.len())
-        .min(out.len() / 3);
+    let n = pixels(map, planes, out);
     let body = n - n % 8;
     let lut = blend.lut.as_ptr().cast::<f32>();
     let scale = _mm256_set1_ps(LUT_SIZE as f32);
@@ -298,13 +304,9 @@ unsafe fn blend_rgb_avx2(blend: &Blend, map: &[f32], planes: [&[f32]; 3], out: &
 }
 
 #[inline(always)]
-fn blend_rgb_generic(blend: &Blend, map: &[f32], [r, g, b]: [&[f32]; 3], out: &mut [u8]) {
-    let n = map
-        .len()
-        .min(r.len())
-        .min(g.len())
-        .min(b.len())
-        .min(out.len() / 3);
+fn blend_rgb_generic(blend: &Blend, map: &[f32], planes: [&[f32]; 3], out: &mut [u8]) {
+    let n = pixels(map, planes, out);
+    let [r, g, b] = planes;
     let (map, r, g, b) = (&map[..n], &r[..n], &g[..n], &b[..n]);
     let out = &mut out[..3 * n];
     for i in 0..n {
