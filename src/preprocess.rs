@@ -490,8 +490,12 @@ impl Preprocessor {
         if self.sidecar.resize.is_some() {
             let rgb = img.into_rgb8();
             let (image, input) = self.torchvision(&rgb, path.as_ref(), true)?;
+            let input = match input {
+                Some(input) => input,
+                None => self.normalise(&image)?,
+            };
             return Ok(Prepared {
-                input: input.unwrap_or_else(|| image.shallow_clone()),
+                input,
                 image,
                 original_size,
                 original: self.keep_original.then_some(rgb),
@@ -700,6 +704,14 @@ impl Preprocessor {
         drop(x);
         let [th, tw] = s.input_size;
         let n = th * tw;
+        if hwc.numel() != n * c || hwc.kind() != Kind::Uint8 {
+            return Err(Error::Internal {
+                what: format!("the crop has {} values, expected {}", hwc.numel(), n * c),
+            });
+        }
+        // A sidecar built by hand (not validated) may not have one mean and
+        // std per channel: libtorch's normalisation reports that.
+        let with_input = with_input && s.mean.len() == c && s.std.len() == c;
         let shape = [c as i64, th as i64, tw as i64];
         let fresh = || Tensor::f_empty(shape, (Kind::Float, Device::Cpu));
         let image = fresh()?;
@@ -1176,6 +1188,19 @@ mod tests {
                 .unwrap();
             assert_eq!(bits(&only), bits(&image), "case {k}: resize_image");
         }
+    }
+
+    /// A sidecar built by hand with the wrong number of means is an error
+    /// of the normalisation, not a panic of the one-pass conversion.
+    #[test]
+    fn torchvision_recipe_with_a_bad_hand_built_sidecar_is_an_error() {
+        let mut side = sidecar(3, [8, 8]);
+        side.resize = Some(Resize::Exact([8, 8]));
+        side.crop = Some([8, 8]);
+        side.mean = vec![0.5, 0.5];
+        let img = DynamicImage::ImageRgb8(image::RgbImage::new(12, 10));
+        let got = Preprocessor::new(side).prepare_image(img, "x.png");
+        assert!(matches!(got, Err(Error::Torch(_))), "{got:?}");
     }
 
     #[test]
