@@ -20,6 +20,7 @@
 # speed in the first version of this script.
 #
 #   scripts/bench_pipeline_alone.sh   (200 images x REPEAT=5, ROUNDS=2, fastest kept)
+#   RUNS=/dev/shm/alone-runs scripts/bench_pipeline_alone.sh   (outputs on tmpfs)
 cd "$(dirname "$0")/.." || exit 1
 DATA=${DATA:-bench-data}
 N=${N:-200}
@@ -62,9 +63,12 @@ json.dump({"input_size": [224, 224], "channels": 3, "mean": [0.485, 0.456, 0.406
            "std": [0.229, 0.224, 0.225], "resize": [224, 224], "interpolation": "bilinear",
            "antialias": True, "crop": [224, 224]}, open(sys.argv[1], "w"))
 PY
-RUNS="$DATA/alone-runs"
+# RUNS: where both sides write (default under DATA; a tmpfs such as
+# /dev/shm/alone-runs takes the file system's cost out of both).
+RUNS=${RUNS:-"$DATA/alone-runs"}
 rm -rf "$RUNS"
 mkdir -p "$RUNS"
+FSTYPE=$(df --output=fstype "$RUNS" 2>/dev/null | tail -n1)
 ips() { "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(round(r['processed']/r['seconds'],1))" "$1/report.json"; }
 gt() { "$PY" -c "import sys; sys.exit(0 if float('${1:-0}') > float('${2:-0}') else 1)"; }
 declare -A best stages
@@ -93,6 +97,6 @@ rm -rf "$RUNS"
 cores=$(nproc)
 for recipe in torchvision plain; do
     o=${best[$recipe]}
-    echo "pipeline-alone $recipe (trivial 224 model, $n_images images, $cores cores): tch-vis $o images/s ($("$PY" -c "print(round($o/$cores,1))") per core), python $best_py images/s, ratio $("$PY" -c "print(round($o/max($best_py,1e-9),2))") (target >= 15)"
+    echo "pipeline-alone $recipe (trivial 224 model, $n_images images, $cores cores, outputs on $FSTYPE): tch-vis $o images/s ($("$PY" -c "print(round($o/$cores,1))") per core), python $best_py images/s, ratio $("$PY" -c "print(round($o/max($best_py,1e-9),2))") (target >= 15)"
     echo "  tch-vis stage seconds ($recipe, fastest round): ${stages[$recipe]}"
 done
