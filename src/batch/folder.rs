@@ -66,8 +66,10 @@ struct Journal {
 
 /// An output folder: `REL.NAME.npy` (and `REL.NAME.png` heatmaps over the
 /// image) for every array of the method, `scores.csv`, `report.json`.
-/// Any number of workers may write into one folder at once (see the
-/// [module docs](self)).
+/// Any number of workers may write into one folder at once: each writes
+/// its files under temporary names renamed into place and its rows to a
+/// journal of its own under [`JOURNAL_DIR`], and `scores.csv` is merged
+/// from every journal at the end of each run.
 pub struct FolderSink {
     out: PathBuf,
     header: Vec<String>,
