@@ -8,5 +8,7 @@ cd "$(dirname "$0")/.."
 tch_vis_setup
 cargo test --release --all-targets "$@"
 cargo test --release --doc "$@"
+echo "docs: cargo doc --no-deps --lib, warnings (broken or private links) are errors"
+RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps --lib --quiet
 echo "user crate: examples/user-crate, built against tch-vis by path, run with LD_LIBRARY_PATH unset"
 (cd examples/user-crate && env -u LD_LIBRARY_PATH cargo run --release --quiet --target-dir ../../target)
