@@ -128,6 +128,15 @@ faster() { awk -v a="$1" -v b="$2" 'BEGIN{exit !(b == "" || (a != "" && a + 0 > 
 echo "load average before measuring: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "== measurements (tch-vis, then pytorch-grad-cam, per method; $ROUNDS rounds but Score-CAM, fastest kept)"
 declare -A OURS FROZ PYTHON
+# keep BEST LINE: prints this round's LINE, and keeps its images/s in the
+# associative array BEST under the method $m when it is the fastest yet.
+keep() {
+    local -n best=$1
+    local v
+    echo "  round $r: $2"
+    v=$(ips "$2")
+    if faster "$v" "${best[$m]}"; then best[$m]=$v; fi
+}
 times >"$TIMES"
 B0=$(busy) M0=$(mine) T0=$(date +%s.%N)
 for m in $METHODS; do
@@ -136,20 +145,9 @@ for m in $METHODS; do
     *) list=$LIST batch=$BATCH rounds=$ROUNDS ;;
     esac
     for r in $(seq "$rounds"); do
-        l=$(rust "$m" "$list" "$batch" "$MODEL")
-        echo "  round $r: $l"
-        v=$(ips "$l")
-        faster "$v" "${OURS[$m]}" && OURS[$m]=$v
-        l=$(rust "$m" "$list" "$batch" "$FROZEN")
-        echo "  round $r: $l"
-        v=$(ips "$l")
-        faster "$v" "${FROZ[$m]}" && FROZ[$m]=$v
-        if [ "$m" != fasterscorecam ]; then
-            l=$(python_job "$m" "$list" "$batch")
-            echo "  round $r: $l"
-            v=$(ips "$l")
-            faster "$v" "${PYTHON[$m]}" && PYTHON[$m]=$v
-        fi
+        keep OURS "$(rust "$m" "$list" "$batch" "$MODEL")"
+        keep FROZ "$(rust "$m" "$list" "$batch" "$FROZEN")"
+        [ "$m" != fasterscorecam ] && keep PYTHON "$(python_job "$m" "$list" "$batch")"
     done
 done
 times >"$TIMES"

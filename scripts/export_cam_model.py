@@ -311,12 +311,12 @@ def check_split(scripted, x, name):
     return y, a
 
 
-def freeze(scripted, x, name):
-    """The frozen form of a checked split: batch norms folded into the
-    convolutions, weights as constants in channels-last order (the order
-    tch-vis gives colour batches on a CPU), the three methods kept."""
+def freeze(scripted, x, before, name):
+    """The frozen form of a checked split whose outputs on `x` are `before`:
+    batch norms folded into the convolutions, weights as constants in
+    channels-last order (the order tch-vis gives colour batches on a CPU),
+    the three methods kept."""
     with torch.no_grad():
-        before = flat(scripted(x))
         for p in scripted.parameters():
             if p.dim() == 4:
                 p.data = p.data.contiguous(memory_format=torch.channels_last)
@@ -344,7 +344,7 @@ def save_checked(module, out, x, sidecar, eager_output=None, frozen=False):
         for u, v in zip(flat(eager_output), y):
             assert torch.allclose(u, v, rtol=1e-4, atol=1e-5), "scripted differs from eager"
     if frozen:
-        scripted = freeze(scripted, x, out)
+        scripted = freeze(scripted, x, y, out)
         y, a = check_split(scripted, x, out)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     torch.jit.save(scripted, out)
