@@ -20,7 +20,20 @@ be within 1e-4 of their size of the unfrozen model's (resnet18: 4e-7). Its
 weights stay float32: tch-vis refuses it in fp16/bf16. Not for the digits
 re-export, whose goldens need the unfrozen weights bit for bit.
 
-Every export is checked before it is written: forward equals
+--layer NODE writes the second form instead, for any layer of a torchvision
+model, also one the outputs reach by other paths too (inside a residual
+block), which no forward_features/forward_head split can express:
+OUT.pt    forward(x) returns {"features": A, "output": the model's output},
+          A the output of graph node NODE (a name from torchvision's
+          get_graph_node_names: "layer4.1.conv2", "features.denseblock3",
+          "layer3.0.add"); torchvision's create_feature_extractor, scripted.
+          Checked: A equals the node's output computed alone (no later
+          in-place op writes into it) and takes a gradient from the output.
+tch-vis runs such a model with a graph from the input and backpropagates
+from the scores to A only. dict_form(model, NODE) and export_dict(...) do the
+same for an eager model of your own (from Python, importing this file).
+
+Every methods-form export is checked before it is written: forward equals
 forward_head(forward_features(x)) on a random input, forward_head leaves its
 argument untouched and accepts a leaf that requires grad (no in-place op on
 A), and the reloaded file gives the same values.
@@ -66,6 +79,7 @@ scripts/golden_env.sh, which has torchvision):
     python scripts/export_cam_model.py torchvision resnet18 --out /tmp/resnet18_cam.pt
     python scripts/export_cam_model.py torchvision resnet18 --freeze --out /tmp/resnet18_frozen.pt
     python scripts/export_cam_model.py torchvision resnet50 --weights resnet50.pth --out r50.pt
+    python scripts/export_cam_model.py torchvision resnet18 --layer layer4.1.conv2 --out /tmp/r18_inner.pt
     python scripts/export_cam_model.py torchscript model.pt --features backbone \\
         --head avgpool flatten fc --input-size 224 224 --out model_cam.pt
     python scripts/export_cam_model.py digits
@@ -220,8 +234,13 @@ def torchvision_sidecar(labels=None):
     return s
 
 
-def export_torchvision(name, out, weights=None, num_classes=None, seed=0, labels=None, frozen=False):
+def export_torchvision(name, out, weights=None, num_classes=None, seed=0, labels=None, frozen=False, layer=None):
     model = torchvision_model(name, weights, num_classes, seed)
+    if layer is not None:
+        x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+        export_dict(model, layer, out, x, torchvision_sidecar(labels), frozen=frozen)
+        print(f"{name}: target layer {layer} (dict form); wrote {out} ({os.path.getsize(out)} bytes)")
+        return model
     features, head, target = torchvision_split(name, model)
     split = CamSplit(features, head).eval()
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
@@ -230,6 +249,92 @@ def export_torchvision(name, out, weights=None, num_classes=None, seed=0, labels
     save_checked(split, out, x, torchvision_sidecar(labels), eager_output=want, frozen=frozen)
     print(f"{name}: target layer {target}; wrote {out} ({os.path.getsize(out)} bytes)")
     return model
+
+
+# --------------------------------------------------------------------------
+# The dict form: any layer, also inside a residual block
+# --------------------------------------------------------------------------
+
+
+def dict_form(model, layer):
+    """torchvision's feature extractor of an eager `model`: forward(x)
+    returns {"features": the output of graph node `layer`, "output": the
+    model's output}. `layer` is a node name of
+    torchvision.models.feature_extraction.get_graph_node_names: a module
+    path ("layer4.1.conv2") or a function node ("layer4.1.add")."""
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    nodes = get_graph_node_names(model.eval())[1]
+    if layer not in nodes:
+        inside = [n for n in nodes if n.startswith(layer + ".")][-6:]
+        near = inside or [n for n in nodes if n.startswith(layer.rsplit(".", 1)[0] + ".")][:12] or nodes[-12:]
+        raise SystemExit(f"export_cam_model: no graph node {layer!r}; nodes such as {near}")
+    if layer == nodes[-1]:
+        raise SystemExit(f"export_cam_model: {layer!r} is the model's output, not a feature map")
+    return create_feature_extractor(model, return_nodes={layer: "features", nodes[-1]: "output"}).eval()
+
+
+def check_dict(scripted, alone, x, name):
+    """The dict form's checks: "features" is (N, K, h, w), equals the node's
+    output computed alone (so nothing after it writes into it in place),
+    and takes a gradient from the output."""
+    with torch.no_grad():
+        d = scripted(x)
+        want = alone(x)["features"]
+    if list(d.keys()) != ["features", "output"]:
+        raise SystemExit(f"{name}: forward returns the keys {list(d.keys())}, expected features, output")
+    a = d["features"]
+    if a.dim() != 4:
+        raise SystemExit(f"{name}: the features have shape {tuple(a.shape)}, expected (N, K, h, w)")
+    if not torch.equal(a, want):
+        raise SystemExit(
+            f"{name}: an operation after the layer modifies its output in place "
+            "(an in-place ReLU?), so the dict would hold other values: pick another node"
+        )
+    with torch.enable_grad():
+        xg = x.clone().requires_grad_(True)
+        g = scripted(xg)
+        (grad,) = torch.autograd.grad(g["output"].sum(), g["features"], allow_unused=True)
+    if grad is None:
+        raise SystemExit(f"{name}: no gradient reaches the features from the output")
+    return flat(d["output"]), a
+
+
+def export_dict(model, layer, out, x, sidecar, frozen=False):
+    """Writes the dict form of an eager `model` at node `layer` (checked)."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    extractor = dict_form(model, layer)
+    alone = create_feature_extractor(model, return_nodes={layer: "features"}).eval()
+    scripted = torch.jit.script(extractor)
+    y, a = check_dict(scripted, alone, x, out)
+    with torch.no_grad():
+        want = flat(model(x))
+    for u, v in zip(want, y):
+        assert torch.allclose(u, v, rtol=1e-4, atol=1e-5), "scripted differs from eager"
+    if frozen:
+        with torch.no_grad():
+            for p in scripted.parameters():
+                if p.dim() == 4:
+                    p.data = p.data.contiguous(memory_format=torch.channels_last)
+        scripted = torch.jit.freeze(scripted)
+        y2, a = check_dict(scripted, alone, x, out)
+        worst = max((u - v).abs().max().item() / max(u.abs().max().item(), 1e-30) for u, v in zip(y, y2))
+        if worst > 1e-4:
+            raise SystemExit(f"{out}: the frozen model's outputs differ by {worst:.3g} of their size")
+        print(f"    frozen: outputs within {worst:.2g} of their size of the unfrozen model's")
+        y = y2
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    torch.jit.save(scripted, out)
+    reloaded = torch.jit.load(out)
+    with torch.no_grad():
+        for u, v in zip(y, flat(reloaded(x)["output"])):
+            assert torch.equal(u, v), "reloaded model differs"
+    if sidecar is not None:
+        with open(os.path.splitext(out)[0] + ".json", "w") as fh:
+            json.dump(sidecar, fh, indent=2)
+            fh.write("\n")
+    print(f"    dict form: features {tuple(a.shape)} at {layer}, output {tuple(y[0].shape)}")
 
 
 # --------------------------------------------------------------------------
@@ -414,6 +519,12 @@ def main(argv=None):
     tv.add_argument("--num-classes", type=int)
     tv.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     tv.add_argument("--labels", help="a text file with one class label a line")
+    tv.add_argument(
+        "--layer",
+        help="write the dict form with this graph node's output as the feature maps "
+        "(any module or operation, e.g. layer4.1.conv2 inside a residual block); "
+        "default: the methods form at the family's recommended layer",
+    )
     ts = sub.add_parser("torchscript", help="a TorchScript file with a known split")
     ts.add_argument("model")
     ts.add_argument("--out", required=True)
@@ -438,7 +549,7 @@ def main(argv=None):
         if a.labels:
             with open(a.labels) as fh:
                 labels = [line.rstrip("\n") for line in fh if line.strip()]
-        export_torchvision(a.name, a.out, a.weights, a.num_classes, a.seed, labels, a.freeze)
+        export_torchvision(a.name, a.out, a.weights, a.num_classes, a.seed, labels, a.freeze, a.layer)
     elif a.source == "torchscript":
         side = a.sidecar or os.path.splitext(a.model)[0] + ".json"
         sidecar = None

@@ -19,6 +19,9 @@ tests/golden/cam/resnet_narrow.pt/.json
                                    ResNet (BasicBlock, [2, 2, 2, 2]) at 1/8 of
                                    resnet18's widths, 10 classes (~0.7 MB),
                                    exported by scripts/export_cam_model.py
+tests/golden/cam/resnet_narrow_inner.pt/.json
+                                   the same model in the dict form
+                                   (export_cam_model.export_dict)
 bench-data/resnet18_cam.pt/.json   torchvision resnet18, random weights (seed
                                    0, the weights of make_bench_data.py's),
                                    exported by scripts/export_cam_model.py;
@@ -29,6 +32,11 @@ Models and target layers (the module whose output is forward_features):
   digits_cnn     models/digits_cnn.pt, eager DigitsCNN, features[7]
   digits_rgb     models/digits_rgb.pt, eager DigitsRGB, features[10]
   resnet_narrow  layer4[-1], input 2 x 3 x 96 x 128 (non-square, features 3 x 4)
+  resnet_narrow_inner
+                 the same weights in the dict form (forward returns
+                 {"features", "output"}), layer4[1].conv2: inside the last
+                 residual block, so the output also depends on the input
+                 by the skip connection
   resnet18       layer4[-1], input 1 x 3 x 128 x 160 (non-square, features 4 x 5)
 Targets: "categorical" = ClassifierOutputTarget(I) for every image,
 "predicted" = targets None (pytorch-grad-cam's argmax of the output).
@@ -169,6 +177,12 @@ def main():
     narrow_side = dict(ecm.torchvision_sidecar(), input_size=[96, 128], crop=[96, 128], resize=[96, 128])
     ecm.save_checked(ecm.CamSplit(features, head), os.path.join(OUT, "resnet_narrow.pt"), x_narrow, narrow_side, want)
 
+    # The dict form of the same narrow resnet, at a layer inside its last
+    # residual block (conv2 of layer4[1], before its batch norm and the
+    # skip connection's sum): a target no forward_features/forward_head
+    # split can express.
+    ecm.export_dict(narrow, "layer4.1.conv2", os.path.join(OUT, "resnet_narrow_inner.pt"), x_narrow, narrow_side)
+
     r18_path = os.path.join(ROOT, "bench-data", "resnet18_cam.pt")
     r18 = ecm.export_torchvision("resnet18", r18_path, seed=0)
     x_r18 = smooth_noise(1, 128, 160, seed=2)
@@ -177,6 +191,7 @@ def main():
         ("digits_cnn", "models/digits_cnn.pt", False, load_digits(mm.DigitsCNN, "digits_cnn"), "features[7]", gray, 3),
         ("digits_rgb", "models/digits_rgb.pt", False, load_digits(mm.DigitsRGB, "digits_rgb"), "features[10]", rgb, 3),
         ("resnet_narrow", "tests/golden/cam/resnet_narrow.pt", False, narrow, "layer4[-1]", x_narrow, 7),
+        ("resnet_narrow_inner", "tests/golden/cam/resnet_narrow_inner.pt", False, narrow, "layer4[1].conv2", x_narrow, 7),
         ("resnet18", "bench-data/resnet18_cam.pt", True, r18, "layer4[-1]", x_r18, 7),
     ]
     manifest = {
@@ -193,7 +208,7 @@ def main():
             p.requires_grad_(True)  # pytorch-grad-cam hooks need a graph
         manifest["models"].append(
             {"name": name, "model": model_rel, "optional": optional, "input": save(f"{name}/input.npy", x.numpy()),
-             "layer": layer_name}
+             "layer": layer_name, "form": "dict" if name.endswith("_inner") else "methods"}
         )
         with torch.no_grad():
             out = model(x)

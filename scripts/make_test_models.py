@@ -9,6 +9,11 @@ avgpool_rgb.pt (+ .json)  a tiny TorchScript classifier that takes colour
 cam_rgb.pt, cam_rgb_frozen.pt (+ .json)  one small seeded CAM model (conv,
     batch norm, ReLU twice; average pool and a linear head) exported by
     scripts/export_cam_model.py, as it is and with --freeze.
+dict_*.pt (+ .json)  small models whose forward returns a dict, each wrong
+    for the dict form of the CAM convention in one way: no "features" entry
+    (dict_no_features), features that are not (N, K, h, w)
+    (dict_flat_features), features detached from the input
+    (dict_detached), and nothing but the features (dict_only_features).
 
     python scripts/make_test_models.py        (needs torch)
 """
@@ -53,3 +58,41 @@ side = {"input_size": [96, 96], "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [
 for name, frozen in [("cam_rgb", False), ("cam_rgb_frozen", True)]:
     ecm.save_checked(ecm.CamSplit(features, head), os.path.join(out, name + ".pt"), x, side, frozen=frozen)
 print("wrote tests/models/cam_rgb.pt, cam_rgb_frozen.pt and .json")
+
+
+from typing import Dict  # noqa: E402
+
+F = torch.nn.functional
+
+
+class DictModel(nn.Module):
+    """A conv layer and a linear head; forward returns a dict of `kind`."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        a = F.relu(self.conv(x))
+        if self.kind == "detached":
+            a = a.detach()
+        y = self.fc(a.mean((2, 3)))
+        if self.kind == "no_features":
+            return {"logits": y}
+        if self.kind == "flat_features":
+            return {"features": a.mean((2, 3)), "output": y}
+        if self.kind == "only_features":
+            return {"features": a}
+        return {"features": a, "output": y}
+
+
+torch.manual_seed(3)
+for kind in ["no_features", "flat_features", "detached", "only_features"]:
+    name = "dict_" + kind
+    torch.jit.script(DictModel(kind).eval()).save(os.path.join(out, name + ".pt"))
+    with open(os.path.join(out, name + ".json"), "w") as f:
+        json.dump({"input_size": [16, 16], "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}, f)
+        f.write("\n")
+print("wrote tests/models/dict_*.pt and .json")

@@ -101,11 +101,12 @@ pub enum Error {
         source: tch::TchError,
     },
 
-    /// The model does not follow the CAM convention: it lacks the methods
-    /// `forward_features(x)` (feature maps `(N, K, h, w)`) and
-    /// `forward_head(a)` (the outputs from those maps).
+    /// The model follows neither form of the CAM convention: it lacks the
+    /// methods `forward_features(x)` (feature maps `(N, K, h, w)`) and
+    /// `forward_head(a)` (the outputs from those maps), and its `forward`
+    /// does not return a dict with the feature maps under `"features"`.
     #[error(
-        "model {} cannot give class activation maps: it has no {} method (export one with `forward_features` and `forward_head` with scripts/export_cam_model.py)",
+        "model {} cannot give class activation maps: it has no {} method, and its forward does not return a dict with the feature maps under \"features\" (export one with scripts/export_cam_model.py)",
         path.display(),
         missing.join(" or ")
     )]

@@ -52,6 +52,8 @@ pub struct Model {
     device: Device,
     source: PathBuf,
     precision: Precision,
+    /// Whether `forward_features` and `forward_head` exist (looked up once).
+    cam_methods: std::sync::OnceLock<bool>,
 }
 
 /// The floating-point precision a model computes in.
@@ -162,6 +164,7 @@ impl Model {
             device,
             source,
             precision: Precision::Fp32,
+            cam_methods: std::sync::OnceLock::new(),
         })
     }
 
@@ -373,6 +376,24 @@ impl Model {
 pub(crate) const FEATURES_METHOD: &str = "forward_features";
 /// The TorchScript method that maps the feature maps to the outputs.
 pub(crate) const HEAD_METHOD: &str = "forward_head";
+/// The dict key of the feature maps in the second CAM form.
+pub const FEATURES_KEY: &str = "features";
+
+/// The two forms of the CAM convention (see [`crate::cam`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CamForm {
+    /// Methods `forward_features(x) -> A` and `forward_head(A) -> outputs`:
+    /// the trunk runs without a graph and gradients flow through the head
+    /// only.
+    Methods,
+    /// `forward(x)` returns a dict whose entry `"features"` is `A`
+    /// `(N, K, h, w)` and whose other entries, in order, are the outputs.
+    /// `A` may be any intermediate tensor, also one that the outputs reach
+    /// by other paths too (a layer inside a residual block); gradient
+    /// methods run the forward pass with a graph from the input and
+    /// backpropagate from the scores to `A`, not through the trunk.
+    Dict,
+}
 
 impl Model {
     /// Whether the TorchScript module has a method called `name`.
@@ -387,26 +408,124 @@ impl Model {
         }
     }
 
+    /// Whether the model has both CAM methods (`forward_features` and
+    /// `forward_head`); looked up once.
+    pub(crate) fn has_cam_methods(&self) -> bool {
+        *self
+            .cam_methods
+            .get_or_init(|| self.has_method(FEATURES_METHOD) && self.has_method(HEAD_METHOD))
+    }
+
+    /// Which form of the CAM convention the model follows. A model with
+    /// `forward_features` and `forward_head` is [`CamForm::Methods`] without
+    /// running anything; otherwise `x` `(N, C, H, W)` is run through
+    /// `forward` once, and a dict with a `(N, K, h, w)` entry `"features"`
+    /// and at least one other entry makes it [`CamForm::Dict`].
+    ///
+    /// # Errors
+    /// [`Error::NotCamModel`] for a model of neither form; the errors of
+    /// [`Model::forward`].
+    pub fn cam_form(&self, x: &Tensor) -> Result<CamForm> {
+        if self.has_cam_methods() {
+            return Ok(CamForm::Methods);
+        }
+        let batch = x.size().first().copied().unwrap_or(0);
+        let _ = self.split_features(self.forward_named(&[x.shallow_clone()])?, batch)?;
+        Ok(CamForm::Dict)
+    }
+
+    /// The outputs of the CAM convention for `x`, without a graph: the
+    /// model's outputs for the methods form, the entries other than
+    /// `"features"` for the dict form.
+    pub(crate) fn cam_outputs(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        if self.has_cam_methods() {
+            return self.forward(&[x.shallow_clone()]);
+        }
+        let batch = x.size().first().copied().unwrap_or(0);
+        Ok(self
+            .split_features(self.forward_named(&[x.shallow_clone()])?, batch)?
+            .1)
+    }
+
+    /// The dict form's forward pass: `(A, outputs)`. With `graph`, the
+    /// input is made a leaf that requires grad so that a graph reaches `A`
+    /// and the outputs; without, nothing is recorded.
+    ///
+    /// # Errors
+    /// [`Error::NotCamModel`] when `forward` returns no `"features"`
+    /// entry; [`Error::Shape`] when it is not `(N, K, h, w)`;
+    /// [`Error::InvalidValue`] when, with `graph`, it does not depend on
+    /// the input.
+    pub(crate) fn dict_pass(&self, x: &Tensor, graph: bool) -> Result<(Tensor, Vec<Tensor>)> {
+        let _mode = GradMode::set(graph);
+        let batch = x.size().first().copied().unwrap_or(0);
+        let mut x = self.prepare(x)?;
+        if graph {
+            x = x.f_detach()?.f_set_requires_grad(true)?;
+        }
+        let (a, outputs) = self.split_features(self.run(&[x])?, batch)?;
+        if graph && !a.requires_grad() {
+            return Err(Error::InvalidValue {
+                what: "the \"features\" entry of the model's dict (it does not depend on the input, so no gradient reaches it)",
+                value: format!("{:?}", a.size()),
+            });
+        }
+        Ok((a, outputs))
+    }
+
+    /// Takes the `"features"` entry out of a forward pass's named outputs:
+    /// `(A, the other outputs in order)`.
+    fn split_features(
+        &self,
+        mut named: Vec<(String, Tensor)>,
+        batch: i64,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let Some(at) = named.iter().position(|(n, _)| n == FEATURES_KEY) else {
+            return Err(self.not_cam_model());
+        };
+        let (_, a) = named.remove(at);
+        let size = a.size();
+        if size.len() != 4 || size[0] != batch {
+            return Err(Error::shape(
+                format!("the \"{FEATURES_KEY}\" entry of the model's dict"),
+                format!("(N, K, h, w) with N = {batch}"),
+                &size,
+            ));
+        }
+        if named.is_empty() {
+            return Err(Error::UnsupportedOutput {
+                kind: format!("a dict with only the \"{FEATURES_KEY}\" entry (no output to score)"),
+            });
+        }
+        Ok((a, named.into_iter().map(|(_, t)| t).collect()))
+    }
+
+    fn not_cam_model(&self) -> Error {
+        Error::NotCamModel {
+            path: self.source.clone(),
+            missing: [FEATURES_METHOD, HEAD_METHOD]
+                .into_iter()
+                .filter(|m| !self.has_method(m))
+                .collect(),
+        }
+    }
+
     /// Checks that the model follows the CAM convention: methods
     /// `forward_features(x) -> A` (the feature maps `(N, K, h, w)` of the
     /// target layer) and `forward_head(A) -> outputs`, with
     /// `forward(x) == forward_head(forward_features(x))`.
-    /// `scripts/export_cam_model.py` exports such models.
+    /// `scripts/export_cam_model.py` exports such models. This looks the
+    /// methods up without running anything, so it knows only
+    /// [`CamForm::Methods`]; [`Model::cam_form`] runs the model to find the
+    /// dict form too.
     ///
     /// # Errors
     /// [`Error::NotCamModel`] naming the missing methods.
     pub fn check_cam(&self) -> Result<()> {
-        let missing: Vec<&'static str> = [FEATURES_METHOD, HEAD_METHOD]
-            .into_iter()
-            .filter(|m| !self.has_method(m))
-            .collect();
-        if missing.is_empty() {
+        if self.has_cam_methods() {
             Ok(())
         } else {
-            Err(Error::NotCamModel {
-                path: self.source.clone(),
-                missing,
-            })
+            Err(self.not_cam_model())
         }
     }
 

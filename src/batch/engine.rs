@@ -307,7 +307,7 @@ impl<'a> Engine<'a> {
                 source: Box::new(e),
             }
         })?;
-        self.method.check(self.model, &outputs)?;
+        self.method.check(self.model, &probe, &outputs)?;
         if device.is_cuda() {
             // Batches are padded to one fixed shape: let cuDNN pick the
             // fastest algorithm for it once, here.

@@ -3,7 +3,7 @@
 use tch::Tensor;
 
 use super::{BatchArray, BatchResult, Method};
-use crate::cam::{AlphaNorm, Cam, CamMethod, CamResize, ScoreCamWeights};
+use crate::cam::{AlphaNorm, Cam, CamForm, CamMethod, CamResize, ScoreCamWeights};
 use crate::error::{Error, Result};
 use crate::integrated_gradients::{Baseline, IntegratedGradients, Rule};
 use crate::model::Model;
@@ -106,7 +106,7 @@ impl Method for ScoresMethod {
         Vec::new()
     }
 
-    fn check(&self, _model: &Model, outputs: &[Tensor]) -> Result<()> {
+    fn check(&self, _model: &Model, _x: &Tensor, outputs: &[Tensor]) -> Result<()> {
         self.scores.check(outputs)
     }
 
@@ -189,7 +189,7 @@ impl Method for SaliencyMethod {
         a
     }
 
-    fn check(&self, _model: &Model, outputs: &[Tensor]) -> Result<()> {
+    fn check(&self, _model: &Model, _x: &Tensor, outputs: &[Tensor]) -> Result<()> {
         self.scores.check(outputs)
     }
 
@@ -319,9 +319,14 @@ impl Method for CamMapMethod {
         vec![("cam".to_string(), true)]
     }
 
-    fn check(&self, model: &Model, outputs: &[Tensor]) -> Result<()> {
-        Cam::check(model)?;
-        self.scores.check(outputs)
+    /// Either form of the CAM convention; the scores are checked against
+    /// the outputs they score (for the dict form, the entries other than
+    /// the feature maps).
+    fn check(&self, model: &Model, x: &Tensor, outputs: &[Tensor]) -> Result<()> {
+        match model.cam_form(x)? {
+            CamForm::Methods => self.scores.check(outputs),
+            CamForm::Dict => self.scores.check(&model.cam_outputs(x)?),
+        }
     }
 
     /// Score-CAM's probe would take one forward pass per channel (512 on
@@ -483,7 +488,7 @@ impl Method for IgMethod {
         vec![("ig".to_string(), true)]
     }
 
-    fn check(&self, _model: &Model, outputs: &[Tensor]) -> Result<()> {
+    fn check(&self, _model: &Model, _x: &Tensor, outputs: &[Tensor]) -> Result<()> {
         self.scores.check(outputs)
     }
 

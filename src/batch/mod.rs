@@ -123,14 +123,14 @@ pub trait Method: Sync {
     }
 
     /// Checks, before the first image, that the method fits the model,
-    /// given the model's outputs on a probe input of one zero image. The
-    /// default accepts everything; [`Engine::prepare`] then runs
-    /// [`Method::compute`] on the probe anyway.
+    /// given a probe input `x` of one zero image and the model's outputs
+    /// on it. The default accepts everything; [`Engine::prepare`] then
+    /// runs [`Method::compute`] on the probe anyway.
     ///
     /// # Errors
     /// Whatever does not fit, as a typed error.
-    fn check(&self, model: &Model, outputs: &[Tensor]) -> Result<()> {
-        let _ = (model, outputs);
+    fn check(&self, model: &Model, x: &Tensor, outputs: &[Tensor]) -> Result<()> {
+        let _ = (model, x, outputs);
         Ok(())
     }
 }

@@ -60,6 +60,7 @@ use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::grad::GradMode;
+pub use crate::model::{CamForm, FEATURES_KEY};
 use crate::model::{Model, Precision};
 use crate::scores::{self, Score};
 
@@ -245,7 +246,9 @@ impl<'a> Cam<'a> {
     }
 
     /// Checks, before any image, that `model` has the methods
-    /// `forward_features` and `forward_head`.
+    /// `forward_features` and `forward_head` ([`CamForm::Methods`]), without
+    /// running it. A model of the dict form fails this check: use
+    /// [`Model::cam_form`] on an input to accept both forms.
     ///
     /// # Errors
     /// [`Error::NotCamModel`] naming the missing methods.
@@ -328,16 +331,28 @@ impl<'a> Cam<'a> {
             });
         }
         let (height, width) = (size[2], size[3]);
-        let a = self.model.features(x)?;
-        let af = a.f_detach()?.f_to_kind(Kind::Float)?;
+        let methods = self.model.has_cam_methods();
         let (cam, values, classes) = if self.method.uses_gradients() {
-            // The head on a leaf A, with a graph from A only.
             let _on = GradMode::set(true);
-            let leaf = a.f_detach()?.f_set_requires_grad(true)?;
-            let outputs = self.head_outputs(&leaf, scores)?;
+            // The methods form: the head on a leaf A, with a graph from A
+            // only. The dict form: one forward pass with a graph from the
+            // input; the backward pass below still stops at A.
+            let (a, outputs) = if methods {
+                let leaf = self
+                    .model
+                    .features(x)?
+                    .f_detach()?
+                    .f_set_requires_grad(true)?;
+                let outputs = self.head_outputs(&leaf)?;
+                (leaf, outputs)
+            } else {
+                self.model.dict_pass(x, true)?
+            };
+            check_count(&outputs, scores)?;
+            let af = a.f_detach()?.f_to_kind(Kind::Float)?;
             let (fixed, classes) = fix_scores(&outputs, scores)?;
             let values = score_outputs(&outputs, &crate::scores::fixed_or_given(&fixed, scores))?;
-            let g = gradient(&values, &leaf)?.f_to_kind(Kind::Float)?;
+            let g = gradient(&values, &a)?.f_to_kind(Kind::Float)?;
             let cam = match self.method {
                 CamMethod::GradCam => gradcam::cam(&af, &g)?,
                 CamMethod::GradCamPlusPlus => gradcam_plus_plus::cam(&af, &g, self.alpha)?,
@@ -346,7 +361,15 @@ impl<'a> Cam<'a> {
             (cam, values, classes)
         } else {
             let _off = GradMode::set(false);
-            let outputs = self.head_outputs(&a, scores)?;
+            let (a, outputs) = if methods {
+                let a = self.model.features(x)?;
+                let outputs = self.head_outputs(&a)?;
+                (a, outputs)
+            } else {
+                self.model.dict_pass(x, false)?
+            };
+            check_count(&outputs, scores)?;
+            let af = a.f_to_kind(Kind::Float)?;
             let (fixed, classes) = fix_scores(&outputs, scores)?;
             let fixed = crate::scores::fixed_or_given(&fixed, scores);
             let values = score_outputs(&outputs, &fixed)?;
@@ -395,22 +418,26 @@ impl<'a> Cam<'a> {
 }
 
 impl Cam<'_> {
-    /// `forward_head(a)` in the current grad mode, one output per score.
-    fn head_outputs(&self, a: &Tensor, scores: &[&dyn Score]) -> Result<Vec<Tensor>> {
-        let outputs: Vec<Tensor> = self
+    /// `forward_head(a)` in the current grad mode.
+    fn head_outputs(&self, a: &Tensor) -> Result<Vec<Tensor>> {
+        Ok(self
             .model
             .run_head(a)?
             .into_iter()
             .map(|(_, t)| t)
-            .collect();
-        if outputs.len() != scores.len() {
-            return Err(Error::ScoreCount {
-                outputs: outputs.len(),
-                scores: scores.len(),
-            });
-        }
-        Ok(outputs)
+            .collect())
     }
+}
+
+/// One score per output.
+fn check_count(outputs: &[Tensor], scores: &[&dyn Score]) -> Result<()> {
+    if outputs.len() != scores.len() {
+        return Err(Error::ScoreCount {
+            outputs: outputs.len(),
+            scores: scores.len(),
+        });
+    }
+    Ok(())
 }
 
 /// A score fixed on its (clean) output, where the score picks its class

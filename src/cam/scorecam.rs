@@ -94,7 +94,7 @@ pub(super) fn cam(
                 xi.f_unsqueeze(0)?.f_mul(&masks.f_unsqueeze(1)?)?
             };
             let outputs = model
-                .forward(&[masked])?
+                .cam_outputs(&masked)?
                 .into_iter()
                 .map(|o| match plan.weights {
                     ScoreCamWeights::ChannelSoftmax => Ok(o),

@@ -5,7 +5,7 @@
 
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
-use tch_vis::cam::{Cam, CamMethod, CamResize, ScoreCamWeights};
+use tch_vis::cam::{Cam, CamForm, CamMethod, CamResize, ScoreCamWeights};
 use tch_vis::scores::{CategoricalScore, InactiveScore, PredictedScore, RegressionScore, Score};
 use tch_vis::{Error, Model};
 
@@ -25,6 +25,8 @@ struct ModelEntry {
     model: String,
     optional: bool,
     input: String,
+    /// `"methods"` (forward_features / forward_head) or `"dict"`.
+    form: String,
 }
 
 #[derive(Deserialize)]
@@ -64,8 +66,21 @@ fn parity(name: &str, device: Device) -> Option<Vec<(String, f64)>> {
         return None;
     }
     let model = Model::load(&path, device).unwrap();
-    Cam::check(&model).unwrap();
     let x = golden(&entry.input).to_device(device);
+    let form = model.cam_form(&x).unwrap();
+    match entry.form.as_str() {
+        "dict" => {
+            assert_eq!(form, CamForm::Dict, "{name}");
+            assert!(
+                Cam::check(&model).is_err(),
+                "{name}: Cam::check knows the methods only"
+            );
+        }
+        _ => {
+            assert_eq!(form, CamForm::Methods, "{name}");
+            Cam::check(&model).unwrap();
+        }
+    }
     let mut report = Vec::new();
     for case in m.cases.iter().filter(|c| c.model == name) {
         let method: CamMethod = case.method.parse().unwrap();
@@ -141,6 +156,14 @@ fn parity_resnet_narrow() {
     run_parity("resnet_narrow");
 }
 
+/// The dict form (forward returns {"features", "output"}) at a layer
+/// inside a residual block, which no forward_features / forward_head split
+/// can express: pytorch-grad-cam hooked at `layer4[1].conv2`.
+#[test]
+fn parity_resnet_narrow_inner() {
+    run_parity("resnet_narrow_inner");
+}
+
 #[test]
 fn parity_resnet18() {
     run_parity("resnet18");
@@ -149,7 +172,13 @@ fn parity_resnet18() {
 #[test]
 fn manifest_covers_every_method_and_target_on_each_model() {
     let m = manifest();
-    for model in ["digits_cnn", "digits_rgb", "resnet_narrow", "resnet18"] {
+    for model in [
+        "digits_cnn",
+        "digits_rgb",
+        "resnet_narrow",
+        "resnet_narrow_inner",
+        "resnet18",
+    ] {
         for method in ["gradcam", "gradcam++", "layercam", "scorecam"] {
             for target in ["categorical", "predicted"] {
                 assert!(
@@ -190,6 +219,65 @@ fn a_model_without_the_cam_methods_is_a_typed_error() {
         .compute(&x, &[&s as &dyn Score])
         .unwrap_err();
     assert!(matches!(e, Error::NotCamModel { .. }), "{e:?}");
+}
+
+/// Models whose forward returns a dict that does not fit the dict form:
+/// each is a typed error, found by `Model::cam_form` before any image.
+#[test]
+fn dict_models_that_do_not_fit_the_dict_form_are_typed_errors() {
+    let load = |name: &str| {
+        Model::load(repo(&format!("tests/models/dict_{name}.pt")), Device::Cpu).unwrap()
+    };
+    let x = Tensor::rand([2, 3, 16, 16], (Kind::Float, Device::Cpu));
+    let s = CategoricalScore::new(1).unwrap();
+    let scores = [&s as &dyn Score];
+
+    // No "features" entry: neither form.
+    let m = load("no_features");
+    let e = m.cam_form(&x).unwrap_err();
+    match &e {
+        Error::NotCamModel { missing, .. } => {
+            assert_eq!(missing, &vec!["forward_features", "forward_head"])
+        }
+        other => panic!("expected NotCamModel, got {other:?}"),
+    }
+    assert!(e.to_string().contains("\"features\""), "{e}");
+    let e = Cam::new(&m, CamMethod::LayerCam)
+        .compute(&x, &scores)
+        .unwrap_err();
+    assert!(matches!(e, Error::NotCamModel { .. }), "{e:?}");
+
+    // Features that are not (N, K, h, w).
+    let e = load("flat_features").cam_form(&x).unwrap_err();
+    assert!(
+        matches!(&e, Error::Shape { got, .. } if got == &vec![2, 4]),
+        "{e:?}"
+    );
+
+    // Nothing to score beside the features.
+    let e = load("only_features").cam_form(&x).unwrap_err();
+    assert!(matches!(e, Error::UnsupportedOutput { .. }), "{e:?}");
+
+    // Features detached from the input: no gradient can reach them, so
+    // the gradient methods refuse; Score-CAM needs none and runs.
+    let m = load("detached");
+    assert_eq!(m.cam_form(&x).unwrap(), CamForm::Dict);
+    for method in [
+        CamMethod::GradCam,
+        CamMethod::GradCamPlusPlus,
+        CamMethod::LayerCam,
+    ] {
+        let e = Cam::new(&m, method).compute(&x, &scores).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidValue { what, .. } if what.contains("does not depend on the input")),
+            "{method:?}: {e:?}"
+        );
+    }
+    let maps = Cam::new(&m, CamMethod::ScoreCam)
+        .compute(&x, &scores)
+        .unwrap()
+        .maps;
+    assert_eq!(maps.size(), vec![2, 16, 16]);
 }
 
 #[test]

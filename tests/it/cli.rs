@@ -1373,6 +1373,88 @@ fn cam_subcommand_writes_the_librarys_maps() {
     assert!(!out.exists());
 }
 
+/// `tch-vis cam` on the dict form of the CAM convention (forward returns
+/// {"features", "output"}; here at a layer inside a residual block): the
+/// library's maps for every method; a model whose dict has no "features"
+/// entry, or nothing else, is bad usage (exit 2, nothing written).
+#[test]
+fn cam_subcommand_takes_the_dict_form() {
+    use tch_vis::cam::{Cam, CamMethod};
+    let t = Tree::good(2);
+    let m = root()
+        .join("tests/golden/cam/resnet_narrow_inner.pt")
+        .display()
+        .to_string();
+    let (net, pre) = model_and_preprocessor(&m);
+    for method in ["gradcam", "layercam", "fasterscorecam"] {
+        let out = t.out(method);
+        let args: Vec<String> = [
+            "cam",
+            "--model",
+            &m,
+            "--images",
+            s(&t.images()),
+            "--out",
+            s(&out),
+            "--method",
+            method,
+            "--score",
+            "categorical:7",
+            "--device",
+            "cpu",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        let r = run_ok(&args, method);
+        assert_eq!(r["processed"], 2, "{method}");
+        for rel in csv_paths(&out) {
+            let got = Tensor::read_npy(out.join(format!("{rel}.cam.npy"))).unwrap();
+            assert_eq!(got.size(), vec![96, 128]);
+            let x = pre.load(t.images().join(&rel)).unwrap().input.unsqueeze(0);
+            let score = tch_vis::scores::CategoricalScore::new(7).unwrap();
+            let method_enum: CamMethod = method.parse().unwrap();
+            let want = Cam::new(&net, method_enum)
+                .compute(&x, &[&score as &dyn tch_vis::scores::Score])
+                .unwrap()
+                .maps
+                .get(0);
+            let diff = (&got - &want).abs().max().double_value(&[]);
+            assert!(
+                diff <= 1e-5,
+                "{method} {rel}: CLI vs library max |diff| {diff}"
+            );
+            assert!(
+                got.max().double_value(&[]) > 0.5,
+                "{method} {rel}: an empty map"
+            );
+            assert!(out.join(format!("{rel}.cam.png")).is_file());
+        }
+    }
+    for (name, says) in [
+        ("no_features", "\"features\""),
+        ("only_features", "only the"),
+    ] {
+        let out = t.out(name);
+        let bad = root().join(format!("tests/models/dict_{name}.pt"));
+        let o = tch_vis(&[
+            "cam",
+            "--model",
+            s(&bad),
+            "--images",
+            s(&t.images()),
+            "--out",
+            s(&out),
+            "--method",
+            "gradcam",
+        ]);
+        assert_code(&o, 2, name);
+        assert_one_error_line(&o, name);
+        assert!(stderr(&o).contains(says), "{name}: {}", stderr(&o));
+        assert!(!out.exists(), "{name}");
+    }
+}
+
 /// A model exported with `scripts/export_cam_model.py --freeze` (batch norms
 /// folded into the convolutions, weights as constants): its maps equal its
 /// unfrozen twin's within float32 rounding on every method, and half
