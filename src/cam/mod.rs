@@ -9,11 +9,22 @@
 //! classifier or from a TorchScript file with a known split; see
 //! [`Model::check_cam`].
 //!
-//! One engine ([`Cam`]) runs every method: the features are computed
-//! without a graph, `A` becomes a leaf that requires grad, the head runs
-//! and the scores (one per model output, summed) are backpropagated to `A`
-//! only — never through the trunk. Each method then turns `A` and its
-//! gradient `g = ∂S/∂A` into a map `L` `(N, h, w)`:
+//! A second form ([`CamForm::Dict`]) reaches any layer, also one inside a
+//! residual block whose outputs depend on the input by other paths too
+//! (which no split into two methods can express): `forward(x)` returns a
+//! dict with `A` under `"features"` ([`FEATURES_KEY`]) and the outputs as
+//! its other entries, in order (`scripts/export_cam_model.py --layer NODE`
+//! writes one from a torchvision model with its feature extractor).
+//! [`Model::cam_form`] tells the forms apart.
+//!
+//! One engine ([`Cam`]) runs every method. For the methods form the
+//! features are computed without a graph, `A` becomes a leaf that requires
+//! grad, the head runs and the scores (one per model output, summed) are
+//! backpropagated to `A` only — never through the trunk. For the dict form
+//! the forward pass records a graph from the input, and the scores are
+//! backpropagated to `A` only (autograd runs the part of the graph between
+//! them; `A` must not be written in place after it is taken). Each method
+//! then turns `A` and its gradient `g = ∂S/∂A` into a map `L` `(N, h, w)`:
 //!
 //! | method | `L` (before ReLU) | tf-keras-vis differs by |
 //! |---|---|---|

@@ -42,9 +42,10 @@ pub enum Command {
     Scores(CommonArgs),
     /// Class activation maps (Grad-CAM, Grad-CAM++, Layer-CAM, Score-CAM,
     /// Faster-Score-CAM) of models exported with forward_features and
-    /// forward_head (scripts/export_cam_model.py; its --freeze form runs
-    /// faster on CPUs): REL.cam.png, REL.cam.npy, scores.csv and report.json
-    /// under OUT.
+    /// forward_head, or whose forward returns a dict with the feature maps
+    /// under "features" (scripts/export_cam_model.py, --layer for the dict
+    /// form; --freeze runs faster on CPUs): REL.cam.png, REL.cam.npy,
+    /// scores.csv and report.json under OUT.
     #[command(after_help = AFTER)]
     Cam(CamArgs),
     /// Integrated Gradients: REL.ig.npy (C, H, W) attributions, REL.ig.png,
