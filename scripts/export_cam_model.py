@@ -274,7 +274,7 @@ def dict_form(model, layer):
     return create_feature_extractor(model, return_nodes={layer: "features", nodes[-1]: "output"}).eval()
 
 
-def check_dict(scripted, alone, x, name):
+def check_dict(scripted, alone, x, name, frozen=False):
     """The dict form's checks: "features" is (N, K, h, w), equals the node's
     output computed alone (so nothing after it writes into it in place),
     and takes a gradient from the output."""
@@ -286,7 +286,12 @@ def check_dict(scripted, alone, x, name):
     a = d["features"]
     if a.dim() != 4:
         raise SystemExit(f"{name}: the features have shape {tuple(a.shape)}, expected (N, K, h, w)")
-    if not torch.equal(a, want):
+    if frozen and not torch.allclose(a, want, rtol=1e-4, atol=1e-4 * want.abs().max().item()):
+        raise SystemExit(
+            f"{name}: freezing changed the features by more than float rounding: "
+            "export without --freeze, or pick another node"
+        )
+    if not frozen and not torch.equal(a, want):
         raise SystemExit(
             f"{name}: an operation after the layer modifies its output in place "
             "(an in-place ReLU?), so the dict would hold other values: pick another node"
@@ -312,28 +317,11 @@ def export_dict(model, layer, out, x, sidecar, frozen=False):
         want = flat(model(x))
     for u, v in zip(want, y):
         assert torch.allclose(u, v, rtol=1e-4, atol=1e-5), "scripted differs from eager"
+    outputs = lambda m, v: flat(m(v)["output"])  # noqa: E731
     if frozen:
-        with torch.no_grad():
-            for p in scripted.parameters():
-                if p.dim() == 4:
-                    p.data = p.data.contiguous(memory_format=torch.channels_last)
-        scripted = torch.jit.freeze(scripted)
-        y2, a = check_dict(scripted, alone, x, out)
-        worst = max((u - v).abs().max().item() / max(u.abs().max().item(), 1e-30) for u, v in zip(y, y2))
-        if worst > 1e-4:
-            raise SystemExit(f"{out}: the frozen model's outputs differ by {worst:.3g} of their size")
-        print(f"    frozen: outputs within {worst:.2g} of their size of the unfrozen model's")
-        y = y2
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    torch.jit.save(scripted, out)
-    reloaded = torch.jit.load(out)
-    with torch.no_grad():
-        for u, v in zip(y, flat(reloaded(x)["output"])):
-            assert torch.equal(u, v), "reloaded model differs"
-    if sidecar is not None:
-        with open(os.path.splitext(out)[0] + ".json", "w") as fh:
-            json.dump(sidecar, fh, indent=2)
-            fh.write("\n")
+        scripted = freeze(scripted, x, y, out, preserved=(), outputs=outputs)
+        y, a = check_dict(scripted, alone, x, out, frozen=True)
+    write(scripted, out, x, y, sidecar, outputs)
     print(f"    dict form: features {tuple(a.shape)} at {layer}, output {tuple(y[0].shape)}")
 
 
@@ -416,21 +404,23 @@ def check_split(scripted, x, name):
     return y, a
 
 
-def freeze(scripted, x, before, name):
-    """The frozen form of a checked split whose outputs on `x` are `before`:
-    batch norms folded into the convolutions, weights as constants in
-    channels-last order (the order tch-vis gives colour batches on a CPU),
-    the three methods kept."""
+def freeze(scripted, x, before, name, preserved=("forward_features", "forward_head"), outputs=None):
+    """The frozen form of a checked export whose outputs on `x` are `before`
+    (`outputs(module, x)` reads them; default: flat(module(x))): batch norms
+    folded into the convolutions, weights as constants in channels-last
+    order (the order tch-vis gives colour batches on a CPU), the methods
+    `preserved` kept."""
+    outputs = outputs or (lambda m, v: flat(m(v)))
     with torch.no_grad():
         for p in scripted.parameters():
             if p.dim() == 4:
                 p.data = p.data.contiguous(memory_format=torch.channels_last)
     try:
-        frozen = torch.jit.freeze(scripted, preserved_attrs=["forward_features", "forward_head"])
+        frozen = torch.jit.freeze(scripted, preserved_attrs=list(preserved))
     except Exception as e:  # noqa: BLE001 - any failure of the pass
         raise SystemExit(f"{name}: torch.jit.freeze failed ({e}); export without --freeze")
     with torch.no_grad():
-        after = flat(frozen(x))
+        after = outputs(frozen, x)
     worst = 0.0
     for u, v in zip(before, after):
         scale = max(u.abs().max().item(), 1e-30)
@@ -451,17 +441,25 @@ def save_checked(module, out, x, sidecar, eager_output=None, frozen=False):
     if frozen:
         scripted = freeze(scripted, x, y, out)
         y, a = check_split(scripted, x, out)
+    write(scripted, out, x, y, sidecar)
+    print(f"    features {tuple(a.shape)}; forward == forward_head(forward_features): exact")
+
+
+def write(scripted, out, x, y, sidecar, outputs=None):
+    """Saves a checked export, checks that the file gives its outputs `y`
+    on `x` (`outputs(module, x)` reads them; default: flat(module(x))),
+    and writes the sidecar beside it."""
+    outputs = outputs or (lambda m, v: flat(m(v)))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     torch.jit.save(scripted, out)
     reloaded = torch.jit.load(out)
     with torch.no_grad():
-        for u, v in zip(y, flat(reloaded(x))):
+        for u, v in zip(y, outputs(reloaded, x)):
             assert torch.equal(u, v), "reloaded model differs"
     if sidecar is not None:
         with open(os.path.splitext(out)[0] + ".json", "w") as fh:
             json.dump(sidecar, fh, indent=2)
             fh.write("\n")
-    print(f"    features {tuple(a.shape)}; forward == forward_head(forward_features): exact")
 
 
 # --------------------------------------------------------------------------

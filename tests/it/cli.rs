@@ -1305,15 +1305,69 @@ fn model_and_preprocessor(m: &str) -> (tch_vis::Model, tch_vis::preprocess::Prep
     (net, tch_vis::preprocess::Preprocessor::new(sidecar))
 }
 
+/// Runs `tch-vis cam --method METHOD --score categorical:CLASS` on the CPU
+/// and checks each REL.cam.npy against the library's map of the same
+/// preprocessed image (max |diff| ≤ 1e-5) and that REL.cam.png exists;
+/// returns `(REL, map)` for every image.
+fn cam_matches_library(
+    m: &str,
+    images: &Path,
+    out: &Path,
+    method: &str,
+    class: usize,
+) -> Vec<(String, Tensor)> {
+    use tch_vis::cam::{Cam, CamMethod};
+    let (net, pre) = model_and_preprocessor(m);
+    let spec = format!("categorical:{class}");
+    let args: Vec<String> = [
+        "cam",
+        "--model",
+        m,
+        "--images",
+        s(images),
+        "--out",
+        s(out),
+        "--method",
+        method,
+        "--score",
+        &spec,
+        "--device",
+        "cpu",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    run_ok(&args, method);
+    let score = tch_vis::scores::CategoricalScore::new(class).unwrap();
+    let method_enum: CamMethod = method.parse().unwrap();
+    csv_paths(out)
+        .into_iter()
+        .map(|rel| {
+            let got = Tensor::read_npy(out.join(format!("{rel}.cam.npy"))).unwrap();
+            let x = pre.load(images.join(&rel)).unwrap().input.unsqueeze(0);
+            let want = Cam::new(&net, method_enum)
+                .compute(&x, &[&score as &dyn tch_vis::scores::Score])
+                .unwrap()
+                .maps
+                .get(0);
+            let diff = (&got - &want).abs().max().double_value(&[]);
+            assert!(
+                diff <= 1e-5,
+                "{method} {rel}: CLI vs library max |diff| {diff}"
+            );
+            assert!(out.join(format!("{rel}.cam.png")).is_file(), "{rel}");
+            (rel, got)
+        })
+        .collect()
+}
+
 /// `tch-vis cam`: every method writes REL.cam.npy (H, W) float32 maps in
 /// [0, 1] equal to the library's, and REL.cam.png; a model without
 /// forward_features / forward_head is bad usage (exit 2, nothing written).
 #[test]
 fn cam_subcommand_writes_the_librarys_maps() {
-    use tch_vis::cam::{Cam, CamMethod};
     let t = Tree::good(5);
     let m = model("digits_cnn");
-    let (net, pre) = model_and_preprocessor(&m);
     for method in [
         "gradcam",
         "gradcam++",
@@ -1321,39 +1375,13 @@ fn cam_subcommand_writes_the_librarys_maps() {
         "scorecam",
         "fasterscorecam",
     ] {
-        let out = t.out(method);
-        let args: Vec<String> = [
-            "cam",
-            "--model",
-            &m,
-            "--images",
-            s(&t.images()),
-            "--out",
-            s(&out),
-            "--method",
-            method,
-            "--score",
-            "categorical:3",
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect();
-        let r = run_ok(&args, method);
-        assert_eq!(r["processed"], 5, "{method}");
-        let rel = "d1/img_001.png";
-        let got = Tensor::read_npy(out.join(format!("{rel}.cam.npy"))).unwrap();
+        let maps = cam_matches_library(&m, &t.images(), &t.out(method), method, 3);
+        assert_eq!(maps.len(), 5, "{method}");
+        let (_, got) = maps
+            .iter()
+            .find(|(rel, _)| rel == "d1/img_001.png")
+            .unwrap();
         assert_eq!((got.size(), got.kind()), (vec![32, 32], tch::Kind::Float));
-        let x = pre.load(t.images().join(rel)).unwrap().input.unsqueeze(0);
-        let score = tch_vis::scores::CategoricalScore::new(3).unwrap();
-        let method_enum: CamMethod = method.parse().unwrap();
-        let want = Cam::new(&net, method_enum)
-            .compute(&x, &[&score as &dyn tch_vis::scores::Score])
-            .unwrap()
-            .maps
-            .get(0);
-        let diff = (&got - &want).abs().max().double_value(&[]);
-        assert!(diff <= 1e-5, "{method}: CLI vs library max |diff| {diff}");
-        assert!(out.join(format!("{rel}.cam.png")).is_file());
     }
     let out = t.out("dense");
     let o = tch_vis(&[
@@ -1379,56 +1407,20 @@ fn cam_subcommand_writes_the_librarys_maps() {
 /// entry, or nothing else, is bad usage (exit 2, nothing written).
 #[test]
 fn cam_subcommand_takes_the_dict_form() {
-    use tch_vis::cam::{Cam, CamMethod};
     let t = Tree::good(2);
     let m = root()
         .join("tests/golden/cam/resnet_narrow_inner.pt")
         .display()
         .to_string();
-    let (net, pre) = model_and_preprocessor(&m);
     for method in ["gradcam", "layercam", "fasterscorecam"] {
-        let out = t.out(method);
-        let args: Vec<String> = [
-            "cam",
-            "--model",
-            &m,
-            "--images",
-            s(&t.images()),
-            "--out",
-            s(&out),
-            "--method",
-            method,
-            "--score",
-            "categorical:7",
-            "--device",
-            "cpu",
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect();
-        let r = run_ok(&args, method);
-        assert_eq!(r["processed"], 2, "{method}");
-        for rel in csv_paths(&out) {
-            let got = Tensor::read_npy(out.join(format!("{rel}.cam.npy"))).unwrap();
-            assert_eq!(got.size(), vec![96, 128]);
-            let x = pre.load(t.images().join(&rel)).unwrap().input.unsqueeze(0);
-            let score = tch_vis::scores::CategoricalScore::new(7).unwrap();
-            let method_enum: CamMethod = method.parse().unwrap();
-            let want = Cam::new(&net, method_enum)
-                .compute(&x, &[&score as &dyn tch_vis::scores::Score])
-                .unwrap()
-                .maps
-                .get(0);
-            let diff = (&got - &want).abs().max().double_value(&[]);
-            assert!(
-                diff <= 1e-5,
-                "{method} {rel}: CLI vs library max |diff| {diff}"
-            );
+        let maps = cam_matches_library(&m, &t.images(), &t.out(method), method, 7);
+        assert_eq!(maps.len(), 2, "{method}");
+        for (rel, got) in maps {
+            assert_eq!(got.size(), vec![96, 128], "{method} {rel}");
             assert!(
                 got.max().double_value(&[]) > 0.5,
                 "{method} {rel}: an empty map"
             );
-            assert!(out.join(format!("{rel}.cam.png")).is_file());
         }
     }
     for (name, says) in [
