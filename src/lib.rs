@@ -67,4 +67,4 @@ pub struct ReadmeDoctests;
 
 pub use device::{device_name, DeviceSpec};
 pub use error::{message_line, Error, Result};
-pub use model::{Gradients, Model, Precision};
+pub use model::{CamForm, Gradients, Model, Precision};

@@ -422,6 +422,17 @@ impl Model {
     /// `forward` once, and a dict with a `(N, K, h, w)` entry `"features"`
     /// and at least one other entry makes it [`CamForm::Dict`].
     ///
+    /// ```no_run
+    /// use tch::{Device, Kind, Tensor};
+    /// use tch_vis::{CamForm, Model};
+    /// # fn main() -> tch_vis::Result<()> {
+    /// // scripts/export_cam_model.py torchvision resnet18 --layer layer4.1.conv2 --out r18_inner.pt
+    /// let model = Model::load("r18_inner.pt", Device::Cpu)?;
+    /// let x = Tensor::zeros([1, 3, 224, 224], (Kind::Float, Device::Cpu));
+    /// assert_eq!(model.cam_form(&x)?, CamForm::Dict);
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// [`Error::NotCamModel`] for a model of neither form; the errors of
     /// [`Model::forward`].
