@@ -30,7 +30,8 @@
 # Environment: DEVICE (cuda), GPU_CHECK_QUICK (0), GPU_CHECK_ARCH (resnet50; quick
 # resnet18), N_IMAGES (2000; quick 24), BATCH (64; quick 4), WORKERS (12; quick 2),
 # ITERS (50; quick 2), PRECISIONS (fp32 fp16 bf16; on cpu fp32 bf16), PYTHON (python3), GPU_DATA (bench-data/gpu[-quick]),
-# BUILD_ROOT (/work/main: where the test executable was built), IT_FILTER (quick: parity).
+# BUILD_ROOT (/work/main: where the test executable was built), IT_FILTER (quick: parity),
+# DICT_LAYER (the camdict node; resnet18/34 layer4.1.relu_1, else layer4.2.relu_2).
 
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$(pwd)
@@ -50,6 +51,12 @@ else
     IT_FILTER=${IT_FILTER-}; PEARSON_LIMIT=256; IT_THREADS=${IT_THREADS:-8}
     CAM_LIMIT=${CAM_LIMIT:-0}; SCORECAM_LIMIT=${SCORECAM_LIMIT:-16}; PY_LIMIT=${PY_LIMIT:-640}
 fi
+# The dict form's node: the last residual block's output (the methods
+# export's features).
+case $ARCH in
+resnet18 | resnet34) DICT_LAYER=${DICT_LAYER:-layer4.1.relu_1} ;;
+*) DICT_LAYER=${DICT_LAYER:-layer4.2.relu_2} ;;
+esac
 # fp16 convolutions on a CPU are very slow: a CPU smoke test leaves fp16 out.
 case "$DEVICE" in cpu) PRECISIONS=${PRECISIONS:-fp32 bf16} ;; *) PRECISIONS=${PRECISIONS:-fp32 fp16 bf16} ;; esac
 OUTDIR=${OUT:-/tmp/tch-vis-gpu-out}
@@ -74,8 +81,8 @@ step() {
     return $st
 }
 # STEPS: the sections to run (default all): tests profile overhead python
-# pipeline pypipeline pearson cam camfrozen scorecam tv digits
-want() { case " ${STEPS:-tests profile overhead python pipeline pypipeline pearson cam camfrozen scorecam tv digits} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+# pipeline pypipeline pearson cam camfrozen camdict scorecam tv digits
+want() { case " ${STEPS:-tests profile overhead python pipeline pypipeline pearson cam camfrozen camdict scorecam tv digits} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 # ips_of DIR: processed, seconds, images/s, steady images/s (after the
 # startup: model load, CUDA start, probe), startup seconds, from report.json
 ips_of() { "$PY" -c "import json,sys;r=json.load(open(sys.argv[1]));n=r['processed'];s=r['seconds'];u=r.get('startup_seconds',0.0);print(n,f'{s:.2f}',f\"{r['images_per_second']:.1f}\",f'{n/max(s-u,1e-9):.1f}',f'{u:.2f}')" "$1/report.json"; }
@@ -305,11 +312,11 @@ fi
 
 # 8. CAMs on resnet50 (random weights, torchvision recipe), against the model alone
 CAM_MODEL="$GPU_DATA/${ARCH}_cam.pt"
-if { want cam || want camfrozen || want scorecam || want tv; } && [ ! -f "$CAM_MODEL" ]; then
+if { want cam || want camfrozen || want camdict || want scorecam || want tv; } && [ ! -f "$CAM_MODEL" ]; then
     step cam-export 120 "$PY" scripts/export_cam_model.py torchvision "$ARCH" --out "$CAM_MODEL"
 fi
 declare -A CAM_CEIL
-if { want cam || want camfrozen || want scorecam || want tv; } && [ -f "$CAM_MODEL" ]; then
+if { want cam || want camfrozen || want camdict || want scorecam || want tv; } && [ -f "$CAM_MODEL" ]; then
     if step cam-ceiling 120 "$PY" scripts/bench_forward.py --model "$CAM_MODEL" --label "$ARCH" --batch "$BATCH" \
         --iters "$((ITERS < 30 ? ITERS : 30))" --device "$DEVICE"; then
         grep -E '^(forward|gradcam)-alone' "$WORK/cam-ceiling.txt" | while read -r l; do say "$l"; done
@@ -335,6 +342,21 @@ if { want cam || want camfrozen || want scorecam || want tv; } && [ -f "$CAM_MOD
             say "tch-vis-cam $m $ARCH: FAILED ($(tail -n1 "$WORK/cam-$m.txt"))"
         fi
     done
+    # cam_variant NAME FILE CEIL: Grad-CAM with another export of the same
+    # network, against its own forward ceiling CEIL (if measured), the
+    # methods export's, and the methods export's maps.
+    cam_variant() {
+        local name=$1 file=$2 ceil=$3 d="$WORK/cam-$1-gradcam"
+        if step "cam-$name-gradcam" 150 "$BIN/tch-vis" cam --model "$file" --images-from "$WORK/cam.txt" \
+            --root "$IMAGES" --out "$d" --batch-size "$BATCH" --overwrite --device "$DEVICE" --method gradcam; then
+            read -r n s ips steady up < <(ips_of "$d")
+            say "  cam timings $name gradcam: $(timings_of "$d")"
+            say "tch-vis-cam gradcam $ARCH-$name batch $BATCH $DEVICE fp32: $n images in $s s, $ips images/s (steady $steady after $up s of startup); its forward ceiling ${ceil:-n/a}: steady $(ratio "$steady" "$ceil"); the methods export's forward ceiling ${CAM_CEIL[forward]:-n/a}: steady $(ratio "$steady" "${CAM_CEIL[forward]}")"
+            [ -d "$WORK/cam-gradcam" ] && say "$(pearson "$WORK/cam-gradcam" "$d" "gradcam $ARCH methods export vs $name" .cam.npy 2>&1 | tail -n1)"
+        else
+            say "tch-vis-cam gradcam $ARCH-$name: FAILED ($(tail -n1 "$WORK/cam-$name-gradcam.txt"))"
+        fi
+    }
     # The frozen export (export_cam_model.py --freeze: batch norms folded,
     # channels-last constant weights), against its own forward ceiling.
     FROZEN="$GPU_DATA/${ARCH}_cam_frozen.pt"
@@ -346,16 +368,16 @@ if { want cam || want camfrozen || want scorecam || want tv; } && [ -f "$CAM_MOD
             grep -E '^(forward|gradcam)-alone' "$WORK/cam-frozen-ceiling.txt" | while read -r l; do say "$l"; done
             fceil=$(sed -n 's/^forward-alone.*, \([0-9.]*\) images\/s/\1/p' "$WORK/cam-frozen-ceiling.txt")
         fi
-        d="$WORK/cam-frozen-gradcam"
-        if step cam-frozen-gradcam 150 "$BIN/tch-vis" cam --model "$FROZEN" --images-from "$WORK/cam.txt" \
-            --root "$IMAGES" --out "$d" --batch-size "$BATCH" --overwrite --device "$DEVICE" --method gradcam; then
-            read -r n s ips steady up < <(ips_of "$d")
-            say "  cam timings frozen gradcam: $(timings_of "$d")"
-            say "tch-vis-cam gradcam $ARCH-frozen batch $BATCH $DEVICE fp32: $n images in $s s, $ips images/s (steady $steady after $up s of startup); frozen forward ceiling ${fceil:-n/a}: steady $(ratio "$steady" "$fceil"); unfrozen forward ceiling ${CAM_CEIL[forward]:-n/a}: steady $(ratio "$steady" "${CAM_CEIL[forward]}")"
-            [ -d "$WORK/cam-gradcam" ] && say "$(pearson "$WORK/cam-gradcam" "$d" "gradcam $ARCH unfrozen vs frozen" .cam.npy 2>&1 | tail -n1)"
-        else
-            say "tch-vis-cam gradcam $ARCH-frozen: FAILED ($(tail -n1 "$WORK/cam-frozen-gradcam.txt"))"
-        fi
+        cam_variant frozen "$FROZEN" "$fceil"
+    fi
+    # The dict form (export_cam_model.py --layer: forward returns the
+    # features and the output, run with a graph from the input) at the node
+    # whose output is the methods export's features: same maps, and what
+    # the graph through the trunk costs on the device.
+    DICT_MODEL="$GPU_DATA/${ARCH}_cam_dict.pt"
+    if want camdict && { [ -f "$DICT_MODEL" ] || step cam-dict-export 120 "$PY" scripts/export_cam_model.py \
+        torchvision "$ARCH" --layer "$DICT_LAYER" --out "$DICT_MODEL"; }; then
+        cam_variant dict "$DICT_MODEL" ""
     fi
     # The torchvision recipe for input gradients too (resize 256, crop 224).
     declare -A TV_IPS
