@@ -541,13 +541,18 @@ impl Model {
     }
 
     /// The feature maps `forward_features(x)`, `(N, K, h, w)`, computed
-    /// without a graph, on the model's device and in its precision.
+    /// without a graph, on the model's device and in its precision; for a
+    /// model of the dict form ([`CamForm::Dict`]), the `"features"` entry
+    /// of `forward(x)`.
     ///
     /// # Errors
-    /// [`Error::NotCamModel`] when the model has no `forward_features`;
-    /// [`Error::Shape`] when it does not return an `(N, K, h, w)` tensor
+    /// [`Error::NotCamModel`] when the model follows neither form;
+    /// [`Error::Shape`] when the features are not an `(N, K, h, w)` tensor
     /// with the input's batch size; [`Error::Torch`] when it fails.
     pub fn features(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.has_cam_methods() {
+            return Ok(self.dict_pass(x, false)?.0);
+        }
         let _mode = GradMode::set(false);
         let x = self.prepare(x)?;
         let batch = x.size().first().copied();

@@ -262,6 +262,7 @@ fn dict_models_that_do_not_fit_the_dict_form_are_typed_errors() {
     // the gradient methods refuse; Score-CAM needs none and runs.
     let m = load("detached");
     assert_eq!(m.cam_form(&x).unwrap(), CamForm::Dict);
+    assert_eq!(m.features(&x).unwrap().size(), vec![2, 4, 16, 16]);
     for method in [
         CamMethod::GradCam,
         CamMethod::GradCamPlusPlus,
