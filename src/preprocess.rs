@@ -538,7 +538,19 @@ impl Preprocessor {
             // the conversion done by libtorch's vectorised kernels on the
             // bytes, and no float copy of the whole image in Rust.
             let rgb = img.into_rgb8();
-            let image = self.resize_tensor(self.planes_8bit(&rgb)?)?;
+            let [th, tw] = self.sidecar.input_size;
+            let c = self.sidecar.channels;
+            let same = (rgb.height() as usize, rgb.width() as usize) == (th, tw);
+            let image = match (same, c) {
+                (false, 1 | 3) => bilinear_from_bytes(&rgb, c, th, tw, tch::get_num_threads() == 1),
+                _ => None,
+            };
+            let image = match image {
+                Some(planes) => {
+                    Tensor::f_from_slice(&planes)?.f_view([c as i64, th as i64, tw as i64])?
+                }
+                None => self.resize_tensor(self.planes_8bit(&rgb)?)?,
+            };
             return Ok((image, self.keep_original.then_some(rgb)));
         }
         let c = self.sidecar.channels as i64;
@@ -857,6 +869,114 @@ fn planes_from_bytes(
     }
 }
 
+/// libtorch's float bilinear resize (`upsample_bilinear2d`,
+/// `align_corners = false`, no antialiasing) of the `[0, 1]` planes of
+/// 8-bit RGB (`v / 255`, or for one channel the luma of those, as
+/// [`Preprocessor::planes_8bit`] makes them), computed from the bytes the
+/// interpolation reads instead of from a float copy of the whole image:
+/// planar `(C, th, tw)`, the same bits as libtorch's kernels.
+///
+/// libtorch has two kernels with different operation orders and picks one
+/// by the output size and the calling thread's thread count (its
+/// `upsample_bilinear2d_kernel_impl_float`): the channels-last kernel when
+/// `th + tw <= 128`, or on one thread for three channels, summing the four
+/// weighted taps in one chain; the generic kernel otherwise, interpolating
+/// along the width and then the height. Both are followed here, fused
+/// multiply-adds where libtorch's compiled kernels have them (found by
+/// comparing bits; `bilinear_from_bytes_equals_libtorch_bit_for_bit`).
+fn bilinear_from_bytes(
+    rgb: &RgbImage,
+    c: usize,
+    th: usize,
+    tw: usize,
+    one_thread: bool,
+) -> Option<Vec<f32>> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has FMA (checked just above).
+            return Some(unsafe { bilinear_from_bytes_fma(rgb, c, th, tw, one_thread) });
+        }
+    }
+    let _ = (rgb, c, th, tw, one_thread);
+    None
+}
+
+/// [`bilinear_from_bytes`] compiled with hardware fused multiply-adds
+/// (`mul_add` is one instruction here, a library call elsewhere).
+///
+/// # Safety
+/// The CPU must support FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn bilinear_from_bytes_fma(
+    rgb: &RgbImage,
+    c: usize,
+    th: usize,
+    tw: usize,
+    one_thread: bool,
+) -> Vec<f32> {
+    let w = rgb.width() as usize;
+    let raw = rgb.as_raw();
+    // v / 255 in float32 for each byte value: the same IEEE division.
+    let scaled: [f32; 256] = std::array::from_fn(|v| f32::from(v as u8) / 255.0);
+    let (ys, xs) = (linear_taps(rgb.height() as usize, th), linear_taps(w, tw));
+    let channels_last = th + tw <= 128 || (one_thread && c == 3);
+    let plane = th * tw;
+    let mut out = vec![0f32; c * plane];
+    // The `[0, 1]` value of channel `ch` (or the luma, for one channel) of
+    // the pixel at byte offset `i` of a row.
+    let value = |row: &[u8], i: usize, ch: usize| -> f32 {
+        if c == 1 {
+            // The luma of `planes_8bit`, without fused operations.
+            0.299f32 * scaled[usize::from(row[i])]
+                + 0.587f32 * scaled[usize::from(row[i + 1])]
+                + 0.114f32 * scaled[usize::from(row[i + 2])]
+        } else {
+            scaled[usize::from(row[i + ch])]
+        }
+    };
+    for (oy, &(y0, y1, h0, h1)) in ys.iter().enumerate() {
+        let r0 = &raw[y0 * w * 3..(y0 + 1) * w * 3];
+        let r1 = &raw[y1 * w * 3..(y1 + 1) * w * 3];
+        for ch in 0..c {
+            let dst = &mut out[ch * plane + oy * tw..ch * plane + (oy + 1) * tw];
+            for (o, &(x0, x1, w0, w1)) in dst.iter_mut().zip(&xs) {
+                let (i0, i1) = (x0 * 3, x1 * 3);
+                let (a, b) = (value(r0, i0, ch), value(r0, i1, ch));
+                let (p, q) = (value(r1, i0, ch), value(r1, i1, ch));
+                *o = if channels_last {
+                    let (w00, w01, w10, w11) = (h0 * w0, h0 * w1, h1 * w0, h1 * w1);
+                    q.mul_add(w11, p.mul_add(w10, a.mul_add(w00, b * w01)))
+                } else {
+                    h0.mul_add(w0.mul_add(a, w1 * b), h1 * w0.mul_add(p, w1 * q))
+                };
+            }
+        }
+    }
+    out
+}
+
+/// libtorch's source taps of a linear resize from `n_in` to `n_out`
+/// samples (`align_corners = false`): `(i0, i1, λ0, λ1)` per output
+/// sample, from `scale × (o + 0.5) − 0.5` in float32 (a fused
+/// multiply-add, as compiled there), clamped at 0.
+fn linear_taps(n_in: usize, n_out: usize) -> Vec<(usize, usize, f32, f32)> {
+    if n_in == n_out {
+        return (0..n_out).map(|i| (i, i, 1.0, 0.0)).collect();
+    }
+    let scale = n_in as f32 / n_out as f32;
+    (0..n_out)
+        .map(|o| {
+            let src = scale.mul_add(o as f32 + 0.5, -0.5).max(0.0);
+            let i0 = (src.floor() as usize).min(n_in - 1);
+            let l1 = (src - i0 as f32).clamp(0.0, 1.0);
+            let i1 = if i0 < n_in - 1 { i0 + 1 } else { i0 };
+            (i0, i1, 1.0 - l1, l1)
+        })
+        .collect()
+}
+
 /// torchvision's `Resize` on a uint8 `(1, C, H, W)` tensor: libtorch's
 /// uint8 kernels (`align_corners = false`), the ones torchvision calls on
 /// the CPU.
@@ -1046,6 +1166,16 @@ mod tests {
             ((640, 480), 3, [224, 224]),
             ((640, 480), 3, [300, 500]),
             ((333, 1001), 3, [224, 224]),
+            ((333, 1001), 1, [224, 224]),
+            ((29, 31), 3, [32, 32]),
+            ((29, 31), 1, [32, 32]),
+            ((37, 1000), 3, [64, 64]),
+            ((77, 100), 3, [224, 224]),
+            ((77, 100), 1, [96, 128]),
+            ((300, 224), 3, [224, 224]),
+            ((1, 1), 3, [8, 8]),
+            ((2000, 3), 3, [60, 60]),
+            ((3, 2000), 1, [224, 224]),
         ];
         // Decode threads run libtorch on one thread, which picks other
         // resize kernels than several threads: both.
