@@ -23,7 +23,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tch::Device;
 use tch_vis::batch::{CamMapMethod, Engine, ImageResult, Sink};
-use tch_vis::cam::{Cam, CamMethod};
+use tch_vis::cam::CamMethod;
 use tch_vis::io::Entry;
 use tch_vis::preprocess::Sidecar;
 use tch_vis::scores::PredictedScore;
@@ -119,8 +119,14 @@ fn main() -> Result<()> {
     let t = Instant::now();
     let model = Model::load(&args.model, Device::Cpu)
         .with_context(|| format!("loading {}", args.model.display()))?;
-    Cam::check(&model)?;
     let sidecar = Sidecar::for_model(&args.model)?;
+    let [h, w] = sidecar.size_i64();
+    let probe = tch::Tensor::zeros(
+        [1, sidecar.channels as i64, h, w],
+        (tch::Kind::Float, Device::Cpu),
+    );
+    // Either form of the CAM convention (methods or a dict from forward).
+    model.cam_form(&probe)?;
     let job = CamMapMethod::from_scores(args.method, vec![Box::new(PredictedScore::new())])
         .score_cam_batch(args.score_cam_batch)
         .max_n(args.max_n);

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 use tch_vis::cam::{Cam, CamMethod};
 use tch_vis::heatmap::{self, Colormap};
 use tch_vis::preprocess::{self, Preprocessor, Sidecar};
@@ -69,13 +69,18 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let model = Model::load(&args.model, Device::Cpu)
         .with_context(|| format!("loading {}", args.model.display()))?;
-    Cam::check(&model)?;
     let pre = Preprocessor::new(Sidecar::for_model(&args.model)?);
     let [h, w] = pre.sidecar().input_size;
     if h != w {
         bail!("the figure wants square inputs, the sidecar says {h} x {w}");
     }
     let channels = pre.sidecar().channels;
+    // Either form of the CAM convention (methods or a dict from forward).
+    let probe = Tensor::zeros(
+        [1, channels as i64, h as i64, w as i64],
+        (Kind::Float, Device::Cpu),
+    );
+    model.cam_form(&probe)?;
 
     let mut inputs = Vec::new();
     let mut pictures = Vec::new();
