@@ -415,7 +415,7 @@ impl<'a> Engine<'a> {
             .num_threads(self.decode_threads)
             .thread_name(|i| format!("tch-vis-decode-{i}"))
             .start_handler(move |_| {
-                tch::set_num_threads(1);
+                set_torch_threads(1);
                 if device.is_cuda() {
                     yield_to_compute();
                 }
@@ -423,7 +423,7 @@ impl<'a> Engine<'a> {
             .build()
             .map_err(|e| Error::io("<decode threads>", std::io::Error::other(e.to_string())))?;
         let threads = *self.compute_threads.get_or_init(cores);
-        tch::set_num_threads(i32::try_from(threads).unwrap_or(1));
+        set_torch_threads(threads);
         let pre = &self.pre;
         let abort = &abort;
         let channels_last = self.uses_channels_last();
@@ -466,7 +466,7 @@ impl<'a> Engine<'a> {
                 let rx = rx_write.clone();
                 let tx = tx_event.clone();
                 s.spawn(move || {
-                    tch::set_num_threads(1);
+                    set_torch_threads(1);
                     if device.is_cuda() {
                         yield_to_compute();
                     }
@@ -653,6 +653,20 @@ impl<'a> Engine<'a> {
         }
         Ok(())
     }
+}
+
+/// Sets the calling thread's libtorch intra-op thread count to `n`, for
+/// good. libtorch sets a thread's count lazily, at its first parallel
+/// operation, to the count last set by *any* thread: a decode thread that
+/// set 1 when it started took the compute thread's 2 at its first
+/// operation whenever the compute thread had set it in between. Which of
+/// libtorch's float bilinear kernels runs depends on the count, so the
+/// inputs' last bits depended on that race (a one-image run and a
+/// four-image run of the same image once wrote different maps). Starting
+/// the lazy initialisation first makes the setting stick.
+pub(crate) fn set_torch_threads(n: usize) {
+    let _ = tch::get_num_threads();
+    tch::set_num_threads(i32::try_from(n).unwrap_or(1));
 }
 
 /// Lowers the calling thread's scheduling priority (nice +10, Linux),
@@ -940,6 +954,32 @@ fn padded_batch(
 
 #[cfg(test)]
 mod tests {
+    /// A thread's libtorch thread count, once set with `set_torch_threads`,
+    /// survives another thread setting its own afterwards (with a bare
+    /// `tch::set_num_threads` it would become the other thread's at its
+    /// first operation).
+    #[test]
+    fn a_threads_libtorch_thread_count_sticks() {
+        use std::sync::{Arc, Barrier};
+        let barrier = Arc::new(Barrier::new(2));
+        let theirs = barrier.clone();
+        let decode = std::thread::spawn(move || {
+            super::set_torch_threads(1);
+            theirs.wait(); // the other thread sets 3 now
+            theirs.wait();
+            let x = tch::Tensor::ones([64], (tch::Kind::Float, tch::Device::Cpu));
+            let _ = x.sum(tch::Kind::Float);
+            tch::get_num_threads()
+        });
+        barrier.wait();
+        let before = tch::get_num_threads();
+        super::set_torch_threads(3);
+        barrier.wait();
+        let got = decode.join().unwrap();
+        super::set_torch_threads(usize::try_from(before).unwrap_or(1));
+        assert_eq!(got, 1);
+    }
+
     use super::*;
 
     /// The pinned path's row copies, pad rows and memory order give the
