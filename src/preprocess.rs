@@ -542,7 +542,7 @@ impl Preprocessor {
             let c = self.sidecar.channels;
             let same = (rgb.height() as usize, rgb.width() as usize) == (th, tw);
             let image = match (same, c) {
-                (false, 1 | 3) => bilinear_from_bytes(&rgb, c, th, tw, tch::get_num_threads() == 1),
+                (false, 1 | 3) => bilinear_from_bytes(&rgb, c, th, tw),
                 _ => None,
             };
             let image = match image {
@@ -881,24 +881,20 @@ fn planes_from_bytes(
 /// `upsample_bilinear2d_kernel_impl_float`): the channels-last kernel when
 /// `th + tw <= 128`, or on one thread for three channels, summing the four
 /// weighted taps in one chain; the generic kernel otherwise, interpolating
-/// along the width and then the height. Both are followed here, fused
-/// multiply-adds where libtorch's compiled kernels have them (found by
-/// comparing bits; `bilinear_from_bytes_equals_libtorch_bit_for_bit`).
-fn bilinear_from_bytes(
-    rgb: &RgbImage,
-    c: usize,
-    th: usize,
-    tw: usize,
-    one_thread: bool,
-) -> Option<Vec<f32>> {
+/// along the width and then the height. This follows libtorch on more than
+/// one thread (as PyTorch usually runs), whatever the calling thread's
+/// count: the bits do not depend on the thread a decode runs on. Fused
+/// multiply-adds are where libtorch's compiled kernels have them (found by
+/// comparing bits; `the_8bit_fast_path_equals_the_planes_path_bit_for_bit`).
+fn bilinear_from_bytes(rgb: &RgbImage, c: usize, th: usize, tw: usize) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU has FMA (checked just above).
-            return Some(unsafe { bilinear_from_bytes_fma(rgb, c, th, tw, one_thread) });
+            return Some(unsafe { bilinear_from_bytes_fma(rgb, c, th, tw) });
         }
     }
-    let _ = (rgb, c, th, tw, one_thread);
+    let _ = (rgb, c, th, tw);
     None
 }
 
@@ -909,19 +905,13 @@ fn bilinear_from_bytes(
 /// The CPU must support FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma")]
-unsafe fn bilinear_from_bytes_fma(
-    rgb: &RgbImage,
-    c: usize,
-    th: usize,
-    tw: usize,
-    one_thread: bool,
-) -> Vec<f32> {
+unsafe fn bilinear_from_bytes_fma(rgb: &RgbImage, c: usize, th: usize, tw: usize) -> Vec<f32> {
     let w = rgb.width() as usize;
     let raw = rgb.as_raw();
     // v / 255 in float32 for each byte value: the same IEEE division.
     let scaled: [f32; 256] = std::array::from_fn(|v| f32::from(v as u8) / 255.0);
     let (ys, xs) = (linear_taps(rgb.height() as usize, th), linear_taps(w, tw));
-    let channels_last = th + tw <= 128 || (one_thread && c == 3);
+    let channels_last = th + tw <= 128;
     let plane = th * tw;
     let mut out = vec![0f32; c * plane];
     // The `[0, 1]` value of channel `ch` (or the luma, for one channel) of
@@ -1176,27 +1166,33 @@ mod tests {
             ((1, 1), 3, [8, 8]),
             ((2000, 3), 3, [60, 60]),
             ((3, 2000), 1, [224, 224]),
+            // Either side of libtorch's kernel threshold (height + width 128).
+            ((50, 41), 3, [64, 65]),
+            ((50, 41), 3, [65, 63]),
         ];
-        // Decode threads run libtorch on one thread, which picks other
-        // resize kernels than several threads: both.
+        // The fast path gives libtorch's bits on several threads, and the
+        // same bits on one thread (where libtorch would pick its other
+        // kernel for colour images larger than 128 in height + width).
         let threads = tch::get_num_threads();
-        let runs = cases.iter().flat_map(|c| [(*c, 1), (*c, threads.max(2))]);
-        for (((w, h), channels, size), t) in runs {
-            tch::set_num_threads(t);
+        let bits = |t: &Tensor| -> Vec<u32> {
+            Vec::<f32>::try_from(&t.reshape([-1]))
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        for ((w, h), channels, size) in cases {
             let img = noise(w, h);
             let pre = Preprocessor::new(sidecar(channels, size));
-            let fast = pre.prepare_image(img.clone(), "x.png").unwrap();
+            tch::set_num_threads(threads.max(2));
+            let fast = bits(&pre.prepare_image(img.clone(), "x.png").unwrap().input);
             let slow = pre
                 .prepare_planes(to_planes(&img, channels), (w, h))
                 .unwrap();
-            let (a, b) = (
-                Vec::<f32>::try_from(&fast.input.reshape([-1])).unwrap(),
-                Vec::<f32>::try_from(&slow.input.reshape([-1])).unwrap(),
-            );
-            assert!(
-                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{w}x{h} {channels} {size:?} on {t} threads"
-            );
+            assert!(fast == bits(&slow.input), "{w}x{h} {channels} {size:?}");
+            tch::set_num_threads(1);
+            let one = bits(&pre.prepare_image(img.clone(), "x.png").unwrap().input);
+            assert!(one == fast, "{w}x{h} {channels} {size:?} on one thread");
         }
         tch::set_num_threads(threads);
     }
