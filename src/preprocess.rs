@@ -11,7 +11,9 @@
 //! 3. a bilinear resize to `input_size`, only when the size differs, with
 //!    libtorch's `upsample_bilinear2d` (`align_corners = false`, no
 //!    antialiasing) — exactly `torch.nn.functional.interpolate(x, size,
-//!    mode="bilinear")`;
+//!    mode="bilinear")` as PyTorch computes it on more than one thread
+//!    (libtorch picks between two kernels by the thread count; 8-bit images
+//!    are resized from their bytes with that choice on every thread);
 //! 4. `(x - mean) / std` per channel, in `f32`.
 //!
 //! # The torchvision pipeline (a sidecar with `resize`)
