@@ -440,9 +440,7 @@ impl Model {
         if self.has_cam_methods() {
             return Ok(CamForm::Methods);
         }
-        let batch = x.size().first().copied().unwrap_or(0);
-        let _ = self.split_features(self.forward_named(&[x.shallow_clone()])?, batch)?;
-        Ok(CamForm::Dict)
+        self.dict_pass(x, false).map(|_| CamForm::Dict)
     }
 
     /// The outputs of the CAM convention for `x`, without a graph: the
@@ -452,10 +450,27 @@ impl Model {
         if self.has_cam_methods() {
             return self.forward(&[x.shallow_clone()]);
         }
-        let batch = x.size().first().copied().unwrap_or(0);
-        Ok(self
-            .split_features(self.forward_named(&[x.shallow_clone()])?, batch)?
-            .1)
+        Ok(self.dict_pass(x, false)?.1)
+    }
+
+    /// The feature maps `A` and the outputs of `x` in either CAM form. With
+    /// `graph`, the scores of the outputs can be backpropagated to `A`: for
+    /// the methods form `A` is a leaf that requires grad and only the head
+    /// records a graph; for the dict form the forward pass records one from
+    /// the input (see [`Model::dict_pass`]).
+    pub(crate) fn cam_pass(&self, x: &Tensor, graph: bool) -> Result<(Tensor, Vec<Tensor>)> {
+        if !self.has_cam_methods() {
+            return self.dict_pass(x, graph);
+        }
+        let a = self.features(x)?;
+        let a = if graph {
+            a.f_detach()?.f_set_requires_grad(true)?
+        } else {
+            a
+        };
+        let _mode = GradMode::set(graph);
+        let outputs = self.run_head(&a)?.into_iter().map(|(_, t)| t).collect();
+        Ok((a, outputs))
     }
 
     /// The dict form's forward pass: `(A, outputs)`. With `graph`, the

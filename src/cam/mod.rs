@@ -342,66 +342,39 @@ impl<'a> Cam<'a> {
             });
         }
         let (height, width) = (size[2], size[3]);
-        let methods = self.model.has_cam_methods();
-        let (cam, values, classes) = if self.method.uses_gradients() {
-            let _on = GradMode::set(true);
-            // The methods form: the head on a leaf A, with a graph from A
-            // only. The dict form: one forward pass with a graph from the
-            // input; the backward pass below still stops at A.
-            let (a, outputs) = if methods {
-                let leaf = self
-                    .model
-                    .features(x)?
-                    .f_detach()?
-                    .f_set_requires_grad(true)?;
-                let outputs = self.head_outputs(&leaf)?;
-                (leaf, outputs)
-            } else {
-                self.model.dict_pass(x, true)?
-            };
-            check_count(&outputs, scores)?;
-            let af = a.f_detach()?.f_to_kind(Kind::Float)?;
-            let (fixed, classes) = fix_scores(&outputs, scores)?;
-            let values = score_outputs(&outputs, &crate::scores::fixed_or_given(&fixed, scores))?;
+        let uses_gradients = self.method.uses_gradients();
+        // A graph reaches A only for the gradient methods: from A for the
+        // methods form, from the input for the dict form; the backward pass
+        // below stops at A either way.
+        let _mode = GradMode::set(uses_gradients);
+        let (a, outputs) = self.model.cam_pass(x, uses_gradients)?;
+        check_count(&outputs, scores)?;
+        let af = a.f_detach()?.f_to_kind(Kind::Float)?;
+        let (fixed, classes) = fix_scores(&outputs, scores)?;
+        let fixed = crate::scores::fixed_or_given(&fixed, scores);
+        let values = score_outputs(&outputs, &fixed)?;
+        let cam = if uses_gradients {
             let g = gradient(&values, &a)?.f_to_kind(Kind::Float)?;
-            let cam = match self.method {
+            match self.method {
                 CamMethod::GradCam => gradcam::cam(&af, &g)?,
                 CamMethod::GradCamPlusPlus => gradcam_plus_plus::cam(&af, &g, self.alpha)?,
                 _ => layercam::cam(&af, &g)?,
-            };
-            (cam, values, classes)
+            }
         } else {
-            let _off = GradMode::set(false);
-            let (a, outputs) = if methods {
-                let a = self.model.features(x)?;
-                let outputs = self.head_outputs(&a)?;
-                (a, outputs)
-            } else {
-                self.model.dict_pass(x, false)?
-            };
-            check_count(&outputs, scores)?;
-            let af = a.f_to_kind(Kind::Float)?;
-            let (fixed, classes) = fix_scores(&outputs, scores)?;
-            let fixed = crate::scores::fixed_or_given(&fixed, scores);
-            let values = score_outputs(&outputs, &fixed)?;
             let xd = x.f_detach()?.f_to_device(self.model.device())?;
             let plan = scorecam::Plan {
                 batch: self.score_cam_batch,
                 max_n: (self.method == CamMethod::FasterScoreCam).then_some(self.max_n),
                 weights: self.score_cam_weights,
             };
-            (
-                scorecam::cam(
-                    self.model,
-                    &xd,
-                    &af,
-                    &fixed,
-                    plan,
-                    self.images.unwrap_or(size[0] as usize),
-                )?,
-                values,
-                classes,
-            )
+            scorecam::cam(
+                self.model,
+                &xd,
+                &af,
+                &fixed,
+                plan,
+                self.images.unwrap_or(size[0] as usize),
+            )?
         };
         let _off = GradMode::set(false);
         let raw = cam.f_relu()?;
@@ -425,18 +398,6 @@ impl<'a> Cam<'a> {
             scores,
             classes,
         })
-    }
-}
-
-impl Cam<'_> {
-    /// `forward_head(a)` in the current grad mode.
-    fn head_outputs(&self, a: &Tensor) -> Result<Vec<Tensor>> {
-        Ok(self
-            .model
-            .run_head(a)?
-            .into_iter()
-            .map(|(_, t)| t)
-            .collect())
     }
 }
 
