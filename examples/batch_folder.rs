@@ -32,6 +32,8 @@ impl Sink for JsonLines {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The allocator settings of the tch-vis binary (before any thread).
+    tch_vis::batch::tune_malloc();
     let model = Model::load("models/digits_cnn.pt", DeviceSpec::Auto.resolve()?)?;
     let sidecar = Sidecar::for_model("models/digits_cnn.pt")?;
     let method = SaliencyMethod::new(&[ScoreSpec::Predicted])?.smooth(10, 0.2, 0);

@@ -108,7 +108,9 @@ fn entries(images: &Path, list: &Path) -> Result<Vec<Entry>> {
 }
 
 fn main() -> Result<()> {
-    // As the tch-vis binary: libtorch's OpenMP team sleeps, not spins,
+    // As the tch-vis binary: its allocator settings,
+    tch_vis::batch::tune_malloc();
+    // and libtorch's OpenMP team that sleeps, not spins,
     // while decode and writer threads share the cores.
     let _failed = tch_vis::batch::restart_with_passive_openmp();
     let args = Args::parse();
@@ -156,6 +158,11 @@ fn main() -> Result<()> {
         args.method,
         summary.processed,
         summary.processed as f64 / secs
+    );
+    let t = &summary.timings;
+    eprintln!(
+        "timings: decode {:.2} s, wait decode {:.2} s, compute {:.2} s (method {:.2} s), wait write {:.2} s, write {:.2} s",
+        t.decode, t.compute_wait_decode, t.compute, t.compute_method, t.compute_wait_write, t.write_all_threads
     );
     Ok(())
 }

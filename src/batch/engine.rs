@@ -175,6 +175,63 @@ pub fn channels_last_default(device: Device, channels: usize, pixels: usize) -> 
     device == Device::Cpu && channels > 1 && channels * pixels > 64 * 64 * 3
 }
 
+/// glibc malloc settings for batch runs, each unless the environment sets
+/// it (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`):
+///
+/// - one arena per core (at least two). Each thread that allocates
+///   otherwise gets an arena of its own (up to 8 per core), and the decode
+///   threads' per-image tensors, freed by the compute and writer threads,
+///   fragment them: on 2 cores a 224² saliency run's anonymous memory grew
+///   from 420 to 960 MiB over 10,000 images with the default, and stayed
+///   within 435–770 MiB with two. Fewer arenas than cores would make the
+///   decode and writer threads (one of each per core) queue for the
+///   arena locks;
+/// - batch-sized blocks (up to 32 MiB) from the heap, and freed memory kept
+///   (256 MiB before trimming): otherwise each batch's tensors are fresh
+///   mappings whose pages the kernel faults in and zeroes again, a fifth of
+///   the system time of a trivial-model saliency run (4.5 → 4.1 ms of CPU
+///   per image).
+///
+/// glibc only; elsewhere it does nothing. Call it first thing in `main` of
+/// an executable that runs batch jobs, before any thread exists (the
+/// `tch-vis` binary does). It changes the allocator of the whole process,
+/// so the library never calls it on its own.
+///
+/// ```no_run
+/// // First thing in `main`:
+/// tch_vis::batch::tune_malloc();
+/// // ... then load a model and run an `Engine`.
+/// ```
+pub fn tune_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::ffi::c_int;
+        extern "C" {
+            fn mallopt(param: c_int, value: c_int) -> c_int;
+        }
+        const M_TRIM_THRESHOLD: c_int = -1;
+        const M_MMAP_THRESHOLD: c_int = -3;
+        const M_ARENA_MAX: c_int = -8;
+        let arenas = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(2, 1024) as c_int;
+        for (env, param, value) in [
+            ("MALLOC_ARENA_MAX", M_ARENA_MAX, arenas),
+            ("MALLOC_MMAP_THRESHOLD_", M_MMAP_THRESHOLD, 32 << 20),
+            ("MALLOC_TRIM_THRESHOLD_", M_TRIM_THRESHOLD, 256 << 20),
+        ] {
+            if std::env::var_os(env).is_none() {
+                // SAFETY: mallopt only sets an allocator parameter,
+                // under glibc's own lock; it reads and writes no memory of
+                // ours.
+                unsafe {
+                    mallopt(param, value);
+                }
+            }
+        }
+    }
+}
+
 /// Starts the running program again, with the same arguments, standard
 /// streams and process id, and `OMP_WAIT_POLICY=PASSIVE` in its environment,
 /// unless the variable is set already (by the user, or by this restart).
