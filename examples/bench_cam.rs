@@ -110,9 +110,6 @@ fn entries(images: &Path, list: &Path) -> Result<Vec<Entry>> {
 fn main() -> Result<()> {
     // As the tch-vis binary: its allocator settings,
     tch_vis::batch::tune_malloc();
-    // and libtorch's OpenMP team that sleeps, not spins,
-    // while decode and writer threads share the cores.
-    let _failed = tch_vis::batch::restart_with_passive_openmp();
     let args = Args::parse();
     let inputs = entries(&args.images, &args.list)?;
     if inputs.is_empty() {
@@ -122,6 +119,11 @@ fn main() -> Result<()> {
     let model = Model::load(&args.model, Device::Cpu)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let sidecar = Sidecar::for_model(&args.model)?;
+    // and, as it does, libtorch's OpenMP team sleeping at its barriers
+    // for a light model only (a heavy one runs faster with it spinning).
+    if tch_vis::batch::passive_openmp_pays(&model, &sidecar)? {
+        let _failed = tch_vis::batch::restart_with_passive_openmp();
+    }
     let [h, w] = sidecar.size_i64();
     let probe = tch::Tensor::zeros(
         [1, sidecar.channels as i64, h, w],

@@ -6,6 +6,10 @@ avgpool_rgb.pt (+ .json)  a tiny TorchScript classifier that takes colour
     softmax), with a 96 x 96 sidecar. Used where the input must be larger
     than 64 x 64 (more than one compute thread, channels-last batches)
     without a large model.
+conv_rgb_heavy.pt (+ .json)  a small file but a heavy forward pass: two
+    3 x 3 convolutions (3 -> 64 -> 96 channels) at 224 x 224, ~8 GFLOP per
+    image, average pool, a 96 -> 10 linear layer. The model whose forward
+    pass no machine runs in 2 ms, for the OpenMP wait policy's choice.
 cam_rgb.pt, cam_rgb_frozen.pt (+ .json)  one small seeded CAM model (conv,
     batch norm, ReLU twice; average pool and a linear head) exported by
     scripts/export_cam_model.py, as it is and with --freeze.
@@ -33,6 +37,16 @@ with open(os.path.join(out, "avgpool_rgb.json"), "w") as f:
     json.dump({"input_size": [96, 96], "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}, f)
     f.write("\n")
 print("wrote tests/models/avgpool_rgb.pt and .json")
+torch.manual_seed(3)
+m = torch.nn.Sequential(
+    torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(64, 96, 3, padding=1),
+    torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(96, 10),
+).eval()
+torch.jit.script(m).save(os.path.join(out, "conv_rgb_heavy.pt"))
+with open(os.path.join(out, "conv_rgb_heavy.json"), "w") as f:
+    json.dump({"input_size": [224, 224], "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}, f)
+    f.write("\n")
+print("wrote tests/models/conv_rgb_heavy.pt and .json")
 
 import sys  # noqa: E402
 

@@ -146,9 +146,10 @@ fn cores() -> usize {
 /// unless `OMP_WAIT_POLICY=PASSIVE` is in the environment when the process
 /// starts (libgomp reads it once, at load): on 2 cores a trivial 224 × 224
 /// saliency run went from 340–370 to 460 images/s with it, with the same
-/// bytes. The `tch-vis` binary sets it for such runs
-/// ([`restart_with_passive_openmp`]) unless they are on one image file;
-/// a program of your own can do the same or be started with it.
+/// bytes. The `tch-vis` binary sets it for such runs on a light model
+/// ([`passive_openmp_pays`], [`restart_with_passive_openmp`]) unless they
+/// are on one image file; a heavy model runs faster with the team
+/// spinning. A program of your own can do the same or be started with it.
 ///
 /// A model on CUDA gets one thread: its compute thread only queues kernels
 /// and copies results back, so an OpenMP team would only take cores from
@@ -230,6 +231,55 @@ pub fn tune_malloc() {
             }
         }
     }
+}
+
+/// A model's forward pass on one image below this time leaves a CPU run
+/// to the decode and writer threads (see [`passive_openmp_pays`]).
+const LIGHT_MODEL: Duration = Duration::from_millis(2);
+
+/// Whether a batch job that runs `model` on `sidecar`'s inputs should put
+/// libtorch's OpenMP team to sleep at its barriers
+/// (`OMP_WAIT_POLICY=PASSIVE`, see [`restart_with_passive_openmp`]) rather
+/// than let it spin, libgomp's default.
+///
+/// Only a CPU run whose compute thread gets more than one thread
+/// ([`compute_threads`]) has a team to share the cores with the decode and
+/// writer threads. Then it depends on the model: a model whose forward pass
+/// on one image takes under 2 ms leaves the run to decoding and writing,
+/// and the team's spinning takes their cores (a trivial 224 × 224 model's
+/// saliency run over 1,000 images on 2 cores: 441–515 images/s spinning,
+/// 562–639 sleeping, 4 alternating rounds);
+/// every real network at 224 × 224 takes longer (mobilenet_v3_small ~10 ms,
+/// resnet18 ~45 ms on 2 cores), keeps the cores busy with its own work,
+/// and runs faster spinning, as waking a sleeping team at each of the
+/// forward pass's parallel regions costs more than it saves (resnet18
+/// Grad-CAM: +11% images/s, faster in 8 of 8 alternating runs;
+/// mobilenet_v3_small Grad-CAM +12%, 3 of 4).
+///
+/// It times the model: three forward passes on a zero image (the first two
+/// are TorchScript's profiling and optimising runs), the third timed. The
+/// answer changes speed only, never results: the thread count, which
+/// decides libtorch's summation order, does not depend on it.
+///
+/// # Errors
+/// What [`Model::forward`] returns when the model fails on a
+/// `(1, C, H, W)` zero input.
+pub fn passive_openmp_pays(model: &Model, sidecar: &Sidecar) -> Result<bool> {
+    let device = model.device();
+    let [h, w] = sidecar.size_i64();
+    let c = sidecar.channels as i64;
+    if compute_threads(device, (c * h * w) as usize) <= 1 {
+        return Ok(false);
+    }
+    let _mode = crate::grad::GradMode::set(false);
+    let x = Tensor::f_zeros([1, c, h, w], (Kind::Float, device))?;
+    let mut last = Duration::ZERO;
+    for _ in 0..3 {
+        let t = Instant::now();
+        model.forward(&[x.shallow_clone()])?;
+        last = t.elapsed();
+    }
+    Ok(last < LIGHT_MODEL)
 }
 
 /// Starts the running program again, with the same arguments, standard

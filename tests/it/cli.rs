@@ -1735,6 +1735,26 @@ fn large_colour_inputs_restart_with_passive_openmp() {
     let r = report(&one);
     assert_eq!(r["openmp_wait_policy"], serde_json::Value::Null);
     assert_eq!(r["processed"], 1);
+    // A heavy model keeps libgomp's spinning team: no restart.
+    let heavy_out = t.out("heavy");
+    let heavy = root().join("tests/models/conv_rgb_heavy.pt");
+    let o = Command::new(BIN)
+        .args([
+            "scores",
+            "--model",
+            s(&heavy),
+            "--images",
+            s(&images.join("d1")),
+        ])
+        .args(["--out", s(&heavy_out), "--device", "cpu"])
+        .env("CUDA_VISIBLE_DEVICES", "")
+        .env_remove("OMP_WAIT_POLICY")
+        .output()
+        .unwrap();
+    assert_code(&o, 0, "heavy model");
+    let r = report(&heavy_out);
+    assert_eq!(r["openmp_wait_policy"], serde_json::Value::Null);
+    assert!(r["processed"].as_u64().unwrap() >= 1);
     for ext in ["saliency.npy", "saliency.png"] {
         assert_eq!(
             fs::read(one.join(format!("img_001.png.{ext}"))).unwrap(),

@@ -386,3 +386,20 @@ fn score_cam_ig_and_smoothgrad_skip_padding_rows() {
         );
     }
 }
+
+#[test]
+fn openmp_sleeps_only_for_light_models_on_every_core() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pays = |rel: &str| {
+        let path = repo(rel);
+        let model = Model::load(&path, Device::Cpu).unwrap();
+        tch_vis::batch::passive_openmp_pays(&model, &Sidecar::for_model(&path).unwrap()).unwrap()
+    };
+    // A global average pool on 96 x 96 colour images: microseconds a
+    // forward pass, the run is decoding and writing.
+    assert_eq!(pays("tests/models/avgpool_rgb.pt"), cores > 1);
+    // ~8 GFLOP a forward pass: tens of milliseconds on any CPU.
+    assert!(!pays("tests/models/conv_rgb_heavy.pt"));
+    // 32 x 32 gray inputs: one compute thread, no team to put to sleep.
+    assert!(!pays("models/digits_cnn.pt"));
+}

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tch_vis::batch::{
-    compute_threads, restart_with_passive_openmp, CamMapMethod, Engine, FolderSink, IgBaseline,
+    passive_openmp_pays, restart_with_passive_openmp, CamMapMethod, Engine, FolderSink, IgBaseline,
     IgMethod, Method, Progress, SaliencyMethod, ScoresMethod,
 };
 use tch_vis::cam::CamMethod;
@@ -242,12 +242,16 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     let sidecar = Sidecar::for_model(&job.model).map_err(usage(
         "cannot read the model sidecar (M.json beside M.pt gives input_size, channels, mean and std)",
     ))?;
-    let [h, w] = sidecar.input_size;
     // One image file: no decode and writer threads to share the cores
     // with, so the restart would only add its ~0.4 s.
     let one_image = matches!(&job.images, Images::Path(p) if p.is_file());
-    if !one_image && compute_threads(device, sidecar.channels * h * w) > 1 {
-        // Before the image list is read (standard input is handed on).
+    let mut model = Model::load(&job.model, device).map_err(Failure::Usage)?;
+    model.set_precision(job.precision).map_err(Failure::Usage)?;
+    // A light model on every core: its OpenMP team sleeps at barriers
+    // instead of spinning on the decode and writer threads' cores. Before
+    // the image list is read (standard input is handed on); a model that
+    // fails here fails again, with its message, in `prepare` below.
+    if !one_image && passive_openmp_pays(&model, &sidecar).unwrap_or(false) {
         // Returns only if the restart fails: the run goes on here.
         let _failed = restart_with_passive_openmp();
     }
@@ -255,8 +259,6 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         .images
         .entries(&job.out)
         .map_err(usage("cannot read the images"))?;
-    let mut model = Model::load(&job.model, device).map_err(Failure::Usage)?;
-    model.set_precision(job.precision).map_err(Failure::Usage)?;
     let (method, settings) = job
         .mode
         .method(&job.specs, &sidecar)
