@@ -472,6 +472,35 @@ impl Preprocessor {
         self.prepare_bytes(&bytes, path)
     }
 
+    /// As [`Preprocessor::load`], with the model input written into `dest`,
+    /// a `(C, H, W)` float32 CPU tensor of the sidecar's size (for example a
+    /// row of a batch, contiguous or in channels-last order), instead of a
+    /// new tensor; the returned [`Prepared::input`] is `dest` itself. The
+    /// same values as [`Preprocessor::load`], bit for bit, without a tensor
+    /// per image to copy into the batch afterwards.
+    ///
+    /// # Errors
+    /// As [`Preprocessor::load`]; [`Error::Shape`] when `dest` is not a
+    /// float32 CPU tensor of the input's shape.
+    pub fn load_into(&self, path: impl AsRef<Path>, dest: &Tensor) -> Result<Prepared> {
+        let path = path.as_ref();
+        let [h, w] = self.sidecar.size_i64();
+        let want = [self.sidecar.channels as i64, h, w];
+        if dest.size() != want || dest.kind() != Kind::Float || dest.device() != Device::Cpu {
+            return Err(Error::shape(
+                "the destination of an input",
+                format!("a float32 CPU tensor {want:?}"),
+                &dest.size(),
+            ));
+        }
+        let bytes = std::fs::read(path).map_err(|e| Error::Image {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let img = self.decode(&bytes, path)?;
+        self.prepare_image_into(img, path, Some(dest))
+    }
+
     /// Prepares an encoded image held in memory; `path` names it in errors.
     ///
     /// # Errors
@@ -488,13 +517,28 @@ impl Preprocessor {
     /// [`Error::Image`] when the torchvision resize would exceed the
     /// allocation limit; [`Error::Torch`] if a tensor operation fails.
     pub fn prepare_image(&self, img: DynamicImage, path: impl AsRef<Path>) -> Result<Prepared> {
+        self.prepare_image_into(img, path.as_ref(), None)
+    }
+
+    /// [`Preprocessor::prepare_image`], with the input written into `dest`
+    /// when given (checked by the caller: `(C, H, W)`, float32, CPU).
+    fn prepare_image_into(
+        &self,
+        img: DynamicImage,
+        path: &Path,
+        dest: Option<&Tensor>,
+    ) -> Result<Prepared> {
         let original_size = (img.width(), img.height());
         if self.sidecar.resize.is_some() {
             let rgb = img.into_rgb8();
-            let (image, input) = self.torchvision(&rgb, path.as_ref(), true)?;
+            let to = match dest {
+                Some(d) => InputTo::Into(d),
+                None => InputTo::New,
+            };
+            let (image, input) = self.torchvision(&rgb, path, to)?;
             let input = match input {
                 Some(input) => input,
-                None => self.normalise(&image)?,
+                None => self.normalise_into(&image, dest)?,
             };
             return Ok(Prepared {
                 input,
@@ -504,7 +548,7 @@ impl Preprocessor {
             });
         }
         let (image, original) = self.resize_image(img, path)?;
-        let input = self.normalise(&image)?;
+        let input = self.normalise_into(&image, dest)?;
         Ok(Prepared {
             input,
             image,
@@ -527,7 +571,7 @@ impl Preprocessor {
     ) -> Result<(Tensor, Option<RgbImage>)> {
         if self.sidecar.resize.is_some() {
             let rgb = img.into_rgb8();
-            let (image, _) = self.torchvision(&rgb, path.as_ref(), false)?;
+            let (image, _) = self.torchvision(&rgb, path.as_ref(), InputTo::None)?;
             return Ok((image, self.keep_original.then_some(rgb)));
         }
         let original_size = (img.width(), img.height());
@@ -622,6 +666,20 @@ impl Preprocessor {
         Ok(image.f_sub(&mean)?.f_div(&std)?)
     }
 
+    /// [`Preprocessor::normalise`], copied into `dest` when given. (In
+    /// place on a channels-last row, libtorch's subtraction and division
+    /// broadcast over the innermost three values: slower than two passes
+    /// over contiguous planes and a copy.)
+    fn normalise_into(&self, image: &Tensor, dest: Option<&Tensor>) -> Result<Tensor> {
+        let input = self.normalise(image)?;
+        let Some(dest) = dest else {
+            return Ok(input);
+        };
+        let mut d = dest.shallow_clone();
+        d.f_copy_(&input)?;
+        Ok(d)
+    }
+
     /// Prepares planar `[0, 1]` pixels `(C, height, width)` (C = the
     /// sidecar's channels) of an already decoded image, with the plain
     /// bilinear resize to `input_size` (the sidecar's `resize` keys do not
@@ -661,7 +719,7 @@ impl Preprocessor {
         &self,
         rgb: &RgbImage,
         path: &Path,
-        with_input: bool,
+        to: InputTo,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let s = &self.sidecar;
         let Some(resize) = s.resize else {
@@ -725,11 +783,14 @@ impl Preprocessor {
         }
         // A sidecar built by hand (not validated) may not have one mean and
         // std per channel: libtorch's normalisation reports that.
-        let with_input = with_input && s.mean.len() == c && s.std.len() == c;
+        let valid = s.mean.len() == c && s.std.len() == c;
         let shape = [c as i64, th as i64, tw as i64];
         let fresh = || Tensor::f_empty(shape, (Kind::Float, Device::Cpu));
         let image = fresh()?;
-        let input = if with_input { Some(fresh()?) } else { None };
+        let input = match to {
+            InputTo::New if valid => Some(fresh()?),
+            _ => None,
+        };
         // SAFETY: `hwc` is a contiguous uint8 CPU tensor of n × c bytes
         // (the crop), alive until the end of this block; `image` and
         // `input` are new contiguous float CPU tensors of c × n values that
@@ -744,6 +805,21 @@ impl Preprocessor {
                 planes(&image),
                 input.as_ref().map(|t| (planes(t), s)),
             );
+        }
+        if let (InputTo::Into(dest), true) = (to, valid) {
+            if let Some(order) = Order::of(dest, c, n) {
+                // SAFETY: `hwc` holds the crop's n × c bytes (checked
+                // above) and is alive here; `dest` is a float32 CPU tensor
+                // of c × n values (checked by `load_into`) laid out as
+                // `order` says, which nothing else reads or writes while
+                // its decode thread fills it.
+                unsafe {
+                    let bytes = std::slice::from_raw_parts(hwc.data_ptr() as *const u8, n * c);
+                    let out = std::slice::from_raw_parts_mut(dest.data_ptr() as *mut f32, c * n);
+                    normalise_bytes(bytes, c, order, out, s);
+                }
+                return Ok((image, Some(dest.shallow_clone())));
+            }
         }
         Ok((image, input))
     }
@@ -847,6 +923,74 @@ fn grayscale_u8(x: &Tensor) -> Result<Tensor> {
 /// `x.to(float32).mul_(1 / 255)` computes — and `(v − mean) / std` per
 /// channel, each the same IEEE float32 operation as libtorch's kernels, in
 /// one pass instead of five tensor passes.
+/// Where [`Preprocessor::torchvision`] puts the model input.
+#[derive(Clone, Copy)]
+enum InputTo<'a> {
+    /// Nowhere (the image is wanted alone).
+    None,
+    /// A new tensor.
+    New,
+    /// A given `(C, H, W)` float32 CPU tensor.
+    Into(&'a Tensor),
+}
+
+/// The memory order of a `(C, H, W)` tensor that [`normalise_bytes`] can
+/// write to directly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Order {
+    /// Contiguous planes.
+    Planes,
+    /// Interleaved `(H, W, C)` values (a channels-last batch row).
+    Interleaved,
+}
+
+impl Order {
+    /// The order of `t`, `(C, H, W)` with `n = H × W`, or `None` for other
+    /// strides.
+    fn of(t: &Tensor, c: usize, n: usize) -> Option<Self> {
+        let (c, n) = (c as i64, n as i64);
+        let size = t.size();
+        let stride = t.stride();
+        if size.len() != 3 || size[0] != c || size[1] * size[2] != n {
+            return None;
+        }
+        let w = size[2];
+        if t.is_contiguous() {
+            Some(Order::Planes)
+        } else if stride == [1, w * c, c] {
+            Some(Order::Interleaved)
+        } else {
+            None
+        }
+    }
+}
+
+/// The normalised input `(v / 255 − mean) / std` of (H, W, C) bytes, into
+/// `out` in `order`: the same float32 operations, in the same order, as
+/// [`planes_from_bytes`] (so the same bits).
+fn normalise_bytes(bytes: &[u8], c: usize, order: Order, out: &mut [f32], s: &Sidecar) {
+    let k = (1.0f64 / 255.0) as f32;
+    let n = out.len() / c;
+    match order {
+        Order::Interleaved => {
+            for (o, px) in out.chunks_exact_mut(c).zip(bytes.chunks_exact(c)) {
+                for ch in 0..c {
+                    o[ch] = (f32::from(px[ch]) * k - s.mean[ch]) / s.std[ch];
+                }
+            }
+        }
+        Order::Planes => {
+            for ch in 0..c {
+                let (m, d) = (s.mean[ch], s.std[ch]);
+                let plane = &mut out[ch * n..(ch + 1) * n];
+                for (o, px) in plane.iter_mut().zip(bytes.chunks_exact(c)) {
+                    *o = (f32::from(px[ch]) * k - m) / d;
+                }
+            }
+        }
+    }
+}
+
 fn planes_from_bytes(
     bytes: &[u8],
     c: usize,
@@ -1342,6 +1486,67 @@ mod tests {
         assert_eq!(center_crop_window(11, 10), (0, 0, 10)); // 0.5 -> 0
         assert_eq!(center_crop_window(13, 10), (2, 0, 10)); // 1.5 -> 2
         assert_eq!(center_crop_window(7, 10), (0, 1, 7)); // pad 1 before, 2 after
+    }
+
+    #[test]
+    fn inputs_written_into_batch_rows_equal_new_ones_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        // A photo-like colour image (odd size, every byte value used).
+        let img = image::RgbImage::from_fn(61, 47, |x, y| {
+            image::Rgb([(x * 7 + y * 3) as u8, (x * y) as u8, (255 - x * 4) as u8])
+        });
+        let path = dir.path().join("x.png");
+        img.save(&path).unwrap();
+        let sidecars = [
+            // Plain stretch, colour and gray; torchvision recipes, colour
+            // and gray, bilinear and bicubic.
+            r#"{"input_size": [24, 20], "channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}"#,
+            r#"{"input_size": [24, 20], "channels": 1, "mean": [0.5], "std": [0.25]}"#,
+            r#"{"input_size": [24, 20], "channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resize": 26, "crop": [24, 20]}"#,
+            r#"{"input_size": [24, 20], "channels": 1, "mean": [0.5], "std": [0.25], "resize": 30, "interpolation": "bicubic", "crop": [24, 20]}"#,
+        ];
+        for json in sidecars {
+            let s = Sidecar::from_json(json, "m.json").unwrap();
+            let pre = Preprocessor::new(s.clone());
+            let want = pre.load(&path).unwrap();
+            let c = s.channels as i64;
+            // A batch of two in either memory order; the image goes to row 1.
+            for channels_last in [false, true] {
+                let batch = if channels_last {
+                    Tensor::full([2, 24, 20, c], f64::NAN, (Kind::Float, Device::Cpu))
+                        .permute([0, 3, 1, 2])
+                } else {
+                    Tensor::full([2, c, 24, 20], f64::NAN, (Kind::Float, Device::Cpu))
+                };
+                let row = batch.get(1);
+                let got = pre.load_into(&path, &row).unwrap();
+                let bits = |t: &Tensor| {
+                    let v = Vec::<f32>::try_from(&t.contiguous().reshape([-1])).unwrap();
+                    v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    bits(&got.input),
+                    bits(&want.input),
+                    "{json} {channels_last}"
+                );
+                assert_eq!(
+                    bits(&batch.get(1)),
+                    bits(&want.input),
+                    "{json} {channels_last}"
+                );
+                assert_eq!(
+                    bits(&got.image),
+                    bits(&want.image),
+                    "{json} {channels_last}"
+                );
+                // Row 0 untouched.
+                assert!(bool::try_from(batch.get(0).isnan().all()).unwrap());
+            }
+            // A destination of another shape is refused.
+            let wrong = Tensor::zeros([c, 24, 21], (Kind::Float, Device::Cpu));
+            let e = pre.load_into(&path, &wrong).unwrap_err();
+            assert!(matches!(e, Error::Shape { .. }), "{e}");
+        }
     }
 
     #[test]

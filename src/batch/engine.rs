@@ -558,12 +558,15 @@ impl<'a> Engine<'a> {
                             .par_iter()
                             .zip(rows.into_par_iter())
                             .map(|(e, row)| {
-                                let p = pre.load(&e.path);
-                                // Each decode thread copies its own image
-                                // into the pinned batch.
-                                let staged = match (&p, row) {
-                                    (Ok(p), Some(mut row)) => row.f_copy_(&p.input).is_ok(),
-                                    _ => false,
+                                // Each decode thread writes its own image's
+                                // input into its row of the batch.
+                                let (p, staged) = match row {
+                                    Some(row) => {
+                                        let p = pre.load_into(&e.path, &row);
+                                        let ok = p.is_ok();
+                                        (p, ok)
+                                    }
+                                    None => (pre.load(&e.path), false),
                                 };
                                 ((*e).clone(), p, staged)
                             })
@@ -635,7 +638,7 @@ impl<'a> Engine<'a> {
                 }
                 let Some(x) = x else {
                     // Nothing was uploaded from the pinned buffer.
-                    if let Some(buf) = staging {
+                    if let (Some(buf), true) = (staging, device.is_cuda()) {
                         let _ = tx_free.send(buf);
                     }
                     waiting = Instant::now();
@@ -645,8 +648,9 @@ impl<'a> Engine<'a> {
                 let result = x.and_then(|x| self.compute_batch(ok, &x, &tx_write, clock));
                 Clock::add(&clock.compute, t);
                 // The batch's results came back to the host, after its
-                // upload on the same stream: its pinned buffer is free.
-                if let (Some(buf), true) = (staging, result.is_ok()) {
+                // upload on the same stream: its pinned buffer is free (a
+                // CPU batch's buffer is dropped with the batch).
+                if let (Some(buf), true) = (staging, result.is_ok() && device.is_cuda()) {
                     let _ = tx_free.send(buf);
                 }
                 waiting = Instant::now();
@@ -888,15 +892,17 @@ struct Decoded {
     staging: Option<Tensor>,
 }
 
-/// Page-locked (pinned) host batches for a CUDA model. The decode threads
-/// copy each image straight into its row, and the batch goes to the GPU
-/// with one asynchronous copy: no stacking pass on the producer, no
+/// Host batches that the decode threads write each image's input into,
+/// row by row ([`Preprocessor::load_into`]): no tensor per image, no
+/// stacking pass on the producer. For a CUDA model they are page-locked
+/// (pinned), and the batch goes to the GPU with one asynchronous copy: no
 /// pageable staging copy in the CUDA driver, and the compute thread never
-/// waits for an upload. A buffer is reused only after the compute thread
-/// has finished the batch uploaded from it (its results came back to the
-/// host on the same stream, so the upload had completed), and at most
-/// [`Staging::MAX`] exist: the two queued batches, the one computing and
-/// the one being decoded.
+/// waits for an upload. A pinned buffer is reused only after the compute
+/// thread has finished the batch uploaded from it (its results came back
+/// to the host on the same stream, so the upload had completed), and at
+/// most [`Staging::MAX`] exist: the two queued batches, the one computing
+/// and the one being decoded. On a CPU the buffer is the batch itself,
+/// which a method's results may view: each batch gets a new one.
 struct Staging {
     device: Device,
     shape: [i64; 4],
@@ -912,9 +918,6 @@ impl Staging {
         batch_size: usize,
         channels_last: bool,
     ) -> Option<Self> {
-        if !device.is_cuda() {
-            return None;
-        }
         let [h, w] = sidecar.size_i64();
         let (n, c) = (batch_size as i64, sidecar.channels as i64);
         let shape = if channels_last {
@@ -929,10 +932,14 @@ impl Staging {
         })
     }
 
-    /// A free buffer: one handed back, else a new one while fewer than
-    /// `MAX` exist, else the next one handed back. `None` when pinned
-    /// memory cannot be had (the batch then takes the pageable path).
+    /// A free buffer: on a CPU a new one; on CUDA one handed back, else a
+    /// new one while fewer than `MAX` exist, else the next one handed back.
+    /// `None` when the memory cannot be had (the batch then takes the
+    /// stacking path).
     fn take(&mut self, free: &Receiver<Tensor>) -> Option<Tensor> {
+        if !self.device.is_cuda() {
+            return Tensor::f_empty(self.shape, (Kind::Float, Device::Cpu)).ok();
+        }
         if let Ok(buf) = free.try_recv() {
             return Some(buf);
         }
