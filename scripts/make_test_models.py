@@ -28,25 +28,26 @@ import torch
 
 out = os.path.join(os.path.dirname(__file__), "..", "tests", "models")
 os.makedirs(out, exist_ok=True)
+
+
+def save_scripted(name, model, size):
+    """Scripts `model` (eval mode) to tests/models/NAME.pt with a colour sidecar of `size`."""
+    torch.jit.script(model.eval()).save(os.path.join(out, name + ".pt"))
+    with open(os.path.join(out, name + ".json"), "w") as f:
+        json.dump({"input_size": size, "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}, f)
+        f.write("\n")
+    print(f"wrote tests/models/{name}.pt and .json")
+
+
 torch.manual_seed(0)
-m = torch.nn.Sequential(
+save_scripted("avgpool_rgb", torch.nn.Sequential(
     torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 10), torch.nn.Softmax(1)
-).eval()
-torch.jit.script(m).save(os.path.join(out, "avgpool_rgb.pt"))
-with open(os.path.join(out, "avgpool_rgb.json"), "w") as f:
-    json.dump({"input_size": [96, 96], "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}, f)
-    f.write("\n")
-print("wrote tests/models/avgpool_rgb.pt and .json")
+), [96, 96])
 torch.manual_seed(3)
-m = torch.nn.Sequential(
+save_scripted("conv_rgb_heavy", torch.nn.Sequential(
     torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(64, 96, 3, padding=1),
     torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(96, 10),
-).eval()
-torch.jit.script(m).save(os.path.join(out, "conv_rgb_heavy.pt"))
-with open(os.path.join(out, "conv_rgb_heavy.json"), "w") as f:
-    json.dump({"input_size": [224, 224], "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}, f)
-    f.write("\n")
-print("wrote tests/models/conv_rgb_heavy.pt and .json")
+), [224, 224])
 
 import sys  # noqa: E402
 
