@@ -464,12 +464,7 @@ impl Preprocessor {
     /// format, truncated data, over the limits); [`Error::Torch`] if a
     /// tensor operation fails.
     pub fn load(&self, path: impl AsRef<Path>) -> Result<Prepared> {
-        let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::Image {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        self.prepare_bytes(&bytes, path)
+        self.load_to(path.as_ref(), None)
     }
 
     /// As [`Preprocessor::load`], with the model input written into `dest`,
@@ -493,12 +488,18 @@ impl Preprocessor {
                 &dest.size(),
             ));
         }
+        self.load_to(path, Some(dest))
+    }
+
+    /// Reads, decodes and prepares the image file at `path`, with the input
+    /// written into `dest` when given.
+    fn load_to(&self, path: &Path, dest: Option<&Tensor>) -> Result<Prepared> {
         let bytes = std::fs::read(path).map_err(|e| Error::Image {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
         let img = self.decode(&bytes, path)?;
-        self.prepare_image_into(img, path, Some(dest))
+        self.prepare_image_into(img, path, dest)
     }
 
     /// Prepares an encoded image held in memory; `path` names it in errors.
@@ -785,43 +786,37 @@ impl Preprocessor {
         // std per channel: libtorch's normalisation reports that.
         let valid = s.mean.len() == c && s.std.len() == c;
         let shape = [c as i64, th as i64, tw as i64];
-        let fresh = || Tensor::f_empty(shape, (Kind::Float, Device::Cpu));
-        let image = fresh()?;
-        let input = match to {
-            InputTo::New if valid => Some(fresh()?),
-            _ => None,
-        };
+        let image = Tensor::f_empty(shape, (Kind::Float, Device::Cpu))?;
         // SAFETY: `hwc` is a contiguous uint8 CPU tensor of n × c bytes
-        // (the crop), alive until the end of this block; `image` and
-        // `input` are new contiguous float CPU tensors of c × n values that
-        // nothing else refers to yet.
+        // (the crop), alive until the end of this block; `image` is a new
+        // contiguous float CPU tensor of c × n values that nothing else
+        // refers to yet.
         unsafe {
             let bytes = std::slice::from_raw_parts(hwc.data_ptr() as *const u8, n * c);
-            let planes =
-                |t: &Tensor| std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, c * n);
-            planes_from_bytes(
-                bytes,
-                c,
-                planes(&image),
-                input.as_ref().map(|t| (planes(t), s)),
-            );
+            let planes = std::slice::from_raw_parts_mut(image.data_ptr() as *mut f32, c * n);
+            planes_from_bytes(bytes, c, planes);
         }
-        if let (InputTo::Into(dest), true) = (to, valid) {
-            if let Some(order) = Order::of(dest, c, n) {
-                // SAFETY: `hwc` holds the crop's n × c bytes (checked
-                // above) and is alive here; `dest` is a float32 CPU tensor
-                // of c × n values (checked by `load_into`) laid out as
-                // `order` says, which nothing else reads or writes while
-                // its decode thread fills it.
-                unsafe {
-                    let bytes = std::slice::from_raw_parts(hwc.data_ptr() as *const u8, n * c);
-                    let out = std::slice::from_raw_parts_mut(dest.data_ptr() as *mut f32, c * n);
-                    normalise_bytes(bytes, c, order, out, s);
-                }
-                return Ok((image, Some(dest.shallow_clone())));
-            }
+        let input = match to {
+            InputTo::New if valid => Tensor::f_empty(shape, (Kind::Float, Device::Cpu))?,
+            InputTo::Into(dest) if valid => dest.shallow_clone(),
+            // No input wanted, or the caller's libtorch normalisation
+            // reports the mismatch.
+            _ => return Ok((image, None)),
+        };
+        // A destination of other strides: the caller normalises and copies.
+        let Some(order) = Order::of(&input, c, n) else {
+            return Ok((image, None));
+        };
+        // SAFETY: `image` holds c × n floats (written above) and `input`
+        // is a float32 CPU tensor of c × n values (a new one, or checked by
+        // `load_into`) laid out as `order` says, which nothing else reads
+        // or writes while this thread fills it; the two do not overlap.
+        unsafe {
+            let planes = std::slice::from_raw_parts(image.data_ptr() as *const f32, c * n);
+            let out = std::slice::from_raw_parts_mut(input.data_ptr() as *mut f32, c * n);
+            normalise_planes(planes, c, order, out, s);
         }
-        Ok((image, input))
+        Ok((image, Some(input)))
     }
 
     /// Decodes an encoded image (format guessed from the bytes) within the
@@ -917,12 +912,6 @@ fn grayscale_u8(x: &Tensor) -> Result<Tensor> {
     Ok(l.f_to_kind(Kind::Uint8)?.f_unsqueeze(1)?)
 }
 
-/// torchvision's `ToDtype(float32, scale=True)` and, with a sidecar,
-/// `Normalize`, on `n` pixels of interleaved `(H, W, C)` bytes: planar
-/// `(C, H, W)` values `v × (1/255 in float32)` — what libtorch's
-/// `x.to(float32).mul_(1 / 255)` computes — and `(v − mean) / std` per
-/// channel, each the same IEEE float32 operation as libtorch's kernels, in
-/// one pass instead of five tensor passes.
 /// Where [`Preprocessor::torchvision`] puts the model input.
 #[derive(Clone, Copy)]
 enum InputTo<'a> {
@@ -934,7 +923,7 @@ enum InputTo<'a> {
     Into(&'a Tensor),
 }
 
-/// The memory order of a `(C, H, W)` tensor that [`normalise_bytes`] can
+/// The memory order of a `(C, H, W)` tensor that [`normalise_planes`] can
 /// write to directly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Order {
@@ -950,14 +939,12 @@ impl Order {
     fn of(t: &Tensor, c: usize, n: usize) -> Option<Self> {
         let (c, n) = (c as i64, n as i64);
         let size = t.size();
-        let stride = t.stride();
         if size.len() != 3 || size[0] != c || size[1] * size[2] != n {
             return None;
         }
-        let w = size[2];
         if t.is_contiguous() {
             Some(Order::Planes)
-        } else if stride == [1, w * c, c] {
+        } else if t.stride() == [1, size[2] * c, c] {
             Some(Order::Interleaved)
         } else {
             None
@@ -965,38 +952,11 @@ impl Order {
     }
 }
 
-/// The normalised input `(v / 255 − mean) / std` of (H, W, C) bytes, into
-/// `out` in `order`: the same float32 operations, in the same order, as
-/// [`planes_from_bytes`] (so the same bits).
-fn normalise_bytes(bytes: &[u8], c: usize, order: Order, out: &mut [f32], s: &Sidecar) {
-    let k = (1.0f64 / 255.0) as f32;
-    let n = out.len() / c;
-    match order {
-        Order::Interleaved => {
-            for (o, px) in out.chunks_exact_mut(c).zip(bytes.chunks_exact(c)) {
-                for ch in 0..c {
-                    o[ch] = (f32::from(px[ch]) * k - s.mean[ch]) / s.std[ch];
-                }
-            }
-        }
-        Order::Planes => {
-            for ch in 0..c {
-                let (m, d) = (s.mean[ch], s.std[ch]);
-                let plane = &mut out[ch * n..(ch + 1) * n];
-                for (o, px) in plane.iter_mut().zip(bytes.chunks_exact(c)) {
-                    *o = (f32::from(px[ch]) * k - m) / d;
-                }
-            }
-        }
-    }
-}
-
-fn planes_from_bytes(
-    bytes: &[u8],
-    c: usize,
-    image: &mut [f32],
-    input: Option<(&mut [f32], &Sidecar)>,
-) {
+/// torchvision's `ToDtype(float32, scale=True)` on `n` pixels of
+/// interleaved `(H, W, C)` bytes: planar `(C, H, W)` values
+/// `v × (1/255 in float32)` — what libtorch's `x.to(float32).mul_(1 / 255)`
+/// computes — in one pass.
+fn planes_from_bytes(bytes: &[u8], c: usize, image: &mut [f32]) {
     let k = (1.0f64 / 255.0) as f32;
     let n = image.len() / c;
     for (p, px) in bytes.chunks_exact(c).take(n).enumerate() {
@@ -1004,12 +964,26 @@ fn planes_from_bytes(
             image[ch * n + p] = f32::from(v) * k;
         }
     }
-    if let Some((input, s)) = input {
-        for ch in 0..c {
-            let (m, d) = (s.mean[ch], s.std[ch]);
-            let plane = &image[ch * n..(ch + 1) * n];
-            for (o, &v) in input[ch * n..(ch + 1) * n].iter_mut().zip(plane) {
-                *o = (v - m) / d;
+}
+
+/// torchvision's `Normalize` of `(C, H, W)` planes: `(v − mean) / std` per
+/// channel, the same IEEE float32 operations as libtorch's kernels, into
+/// `out` in `order` (planes, or interleaved for a channels-last row).
+fn normalise_planes(image: &[f32], c: usize, order: Order, out: &mut [f32], s: &Sidecar) {
+    let n = image.len() / c;
+    for ch in 0..c {
+        let (m, d) = (s.mean[ch], s.std[ch]);
+        let plane = &image[ch * n..(ch + 1) * n];
+        match order {
+            Order::Planes => {
+                for (o, &v) in out[ch * n..(ch + 1) * n].iter_mut().zip(plane) {
+                    *o = (v - m) / d;
+                }
+            }
+            Order::Interleaved => {
+                for (o, &v) in out[ch..].iter_mut().step_by(c).zip(plane) {
+                    *o = (v - m) / d;
+                }
             }
         }
     }

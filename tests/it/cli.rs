@@ -1721,40 +1721,30 @@ fn large_colour_inputs_restart_with_passive_openmp() {
     let r = run(&big, &active, Some("ACTIVE"));
     assert_eq!(r["openmp_wait_policy"], "ACTIVE");
     assert_same_tree(&passive, &active, "PASSIVE vs ACTIVE");
+    // Runs `tch-vis CMD --model M --images IMAGES` on the CPU, with no
+    // wait policy given, to its report.
+    let direct = |cmd: &str, model: &Path, images: &Path, out: &Path, what: &str| {
+        let o = Command::new(BIN)
+            .args([cmd, "--model", s(model), "--images", s(images)])
+            .args(["--out", s(out), "--device", "cpu"])
+            .env("CUDA_VISIBLE_DEVICES", "")
+            .env_remove("OMP_WAIT_POLICY")
+            .output()
+            .unwrap();
+        assert_code(&o, 0, what);
+        report(out)
+    };
     // One image file: no restart (nothing shares the cores), same bytes.
     let one = t.out("one");
-    let o = Command::new(BIN)
-        .args(["saliency", "--model", &big, "--images"])
-        .arg(images.join("d1/img_001.png"))
-        .args(["--out", s(&one), "--device", "cpu"])
-        .env("CUDA_VISIBLE_DEVICES", "")
-        .env_remove("OMP_WAIT_POLICY")
-        .output()
-        .unwrap();
-    assert_code(&o, 0, "one image");
-    let r = report(&one);
+    let r = direct(
+        "saliency",
+        Path::new(&big),
+        &images.join("d1/img_001.png"),
+        &one,
+        "one image",
+    );
     assert_eq!(r["openmp_wait_policy"], serde_json::Value::Null);
     assert_eq!(r["processed"], 1);
-    // A heavy model keeps libgomp's spinning team: no restart.
-    let heavy_out = t.out("heavy");
-    let heavy = root().join("tests/models/conv_rgb_heavy.pt");
-    let o = Command::new(BIN)
-        .args([
-            "scores",
-            "--model",
-            s(&heavy),
-            "--images",
-            s(&images.join("d1")),
-        ])
-        .args(["--out", s(&heavy_out), "--device", "cpu"])
-        .env("CUDA_VISIBLE_DEVICES", "")
-        .env_remove("OMP_WAIT_POLICY")
-        .output()
-        .unwrap();
-    assert_code(&o, 0, "heavy model");
-    let r = report(&heavy_out);
-    assert_eq!(r["openmp_wait_policy"], serde_json::Value::Null);
-    assert!(r["processed"].as_u64().unwrap() >= 1);
     for ext in ["saliency.npy", "saliency.png"] {
         assert_eq!(
             fs::read(one.join(format!("img_001.png.{ext}"))).unwrap(),
@@ -1762,6 +1752,17 @@ fn large_colour_inputs_restart_with_passive_openmp() {
             "one image vs the list: {ext}"
         );
     }
+    // A heavy model keeps libgomp's spinning team: no restart.
+    let heavy = t.out("heavy");
+    let r = direct(
+        "scores",
+        &root().join("tests/models/conv_rgb_heavy.pt"),
+        &images.join("d1"),
+        &heavy,
+        "heavy model",
+    );
+    assert_eq!(r["openmp_wait_policy"], serde_json::Value::Null);
+    assert!(r["processed"].as_u64().unwrap() >= 1);
     let small = t.out("small");
     let r = run(&model("digits_cnn"), &small, None);
     assert_eq!(r["openmp_wait_policy"], serde_json::Value::Null);
