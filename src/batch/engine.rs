@@ -256,7 +256,9 @@ const LIGHT_MODEL: Duration = Duration::from_millis(2);
 /// Grad-CAM: +11% images/s, faster in 8 of 8 alternating runs;
 /// mobilenet_v3_small Grad-CAM +12%, 3 of 4).
 ///
-/// It times the model's forward pass on a zero image: light as soon as one
+/// `false` without running anything when `OMP_WAIT_POLICY` is set
+/// already (by the user, or in the process the restart started). Otherwise
+/// it times the model's forward pass on a zero image: light as soon as one
 /// pass takes under 2 ms, heavy when the second (after TorchScript's
 /// profiling run) takes over 20 ms, else the third decides. The answer
 /// changes speed only, never results: the thread count, which decides
@@ -266,6 +268,11 @@ const LIGHT_MODEL: Duration = Duration::from_millis(2);
 /// What [`Model::forward`] returns when the model fails on a
 /// `(1, C, H, W)` zero input.
 pub fn passive_openmp_pays(model: &Model, sidecar: &Sidecar) -> Result<bool> {
+    // The policy is chosen already (by the user, or by the restart): no
+    // model to time.
+    if std::env::var_os("OMP_WAIT_POLICY").is_some() {
+        return Ok(false);
+    }
     let device = model.device();
     let [h, w] = sidecar.size_i64();
     let c = sidecar.channels as i64;

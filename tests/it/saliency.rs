@@ -396,8 +396,10 @@ fn openmp_sleeps_only_for_light_models_on_every_core() {
         tch_vis::batch::passive_openmp_pays(&model, &Sidecar::for_model(&path).unwrap()).unwrap()
     };
     // A global average pool on 96 x 96 colour images: microseconds a
-    // forward pass, the run is decoding and writing.
-    assert_eq!(pays("tests/models/avgpool_rgb.pt"), cores > 1);
+    // forward pass, the run is decoding and writing (unless the policy is
+    // chosen already in this process's environment).
+    let chosen = std::env::var_os("OMP_WAIT_POLICY").is_some();
+    assert_eq!(pays("tests/models/avgpool_rgb.pt"), cores > 1 && !chosen);
     // ~8 GFLOP a forward pass: tens of milliseconds on any CPU.
     assert!(!pays("tests/models/conv_rgb_heavy.pt"));
     // 32 x 32 gray inputs: one compute thread, no team to put to sleep.
