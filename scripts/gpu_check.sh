@@ -81,12 +81,23 @@ step() {
     return $st
 }
 # STEPS: the sections to run (default all): tests profile overhead python
-# pipeline pypipeline pearson cam camfrozen camdict scorecam tv digits
-want() { case " ${STEPS:-tests profile overhead python pipeline pypipeline pearson cam camfrozen camdict scorecam tv digits} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+# pipeline pypipeline pearson cam camold camfrozen camdict scorecam tv tvold digits
+# (camold, tvold: the Grad-CAM and torchvision-recipe jobs again with
+# $BIN/tch-vis-old, a previous binary, for a same-machine A/B)
+want() { case " ${STEPS:-tests profile overhead python pipeline pypipeline pearson cam camold camfrozen camdict scorecam tv tvold digits} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 # ips_of DIR: processed, seconds, images/s, steady images/s (after the
 # startup: model load, CUDA start, probe), startup seconds, from report.json
 ips_of() { "$PY" -c "import json,sys;r=json.load(open(sys.argv[1]));n=r['processed'];s=r['seconds'];u=r.get('startup_seconds',0.0);print(n,f'{s:.2f}',f\"{r['images_per_second']:.1f}\",f'{n/max(s-u,1e-9):.1f}',f'{u:.2f}')" "$1/report.json"; }
 timings_of() { "$PY" -c "import json,sys;r=json.load(open(sys.argv[1]));print(', '.join(f'{k} {v:.2f}s' for k,v in r.get('timings_seconds',{}).items()))" "$1/report.json"; }
+# same_files DIR_A DIR_B SUFFIX LABEL: how many of A's SUFFIX files B has byte for byte
+same_files() {
+    local total=0 same=0 f
+    while IFS= read -r f; do
+        total=$((total + 1))
+        cmp -s "$1/$f" "$2/$f" && same=$((same + 1))
+    done < <(cd "$1" && find . -name "*$3" | LC_ALL=C sort)
+    echo "identical $4: $same of $total $3 files byte for byte"
+}
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a == "" || b == "" || b + 0 == 0) print "n/a"; else printf "%.3f", a / b }'; }
 
 echo "== tch-vis gpu_check $(date -Iseconds) (QUICK=$QUICK DEVICE=$DEVICE ARCH=$ARCH N_IMAGES=$N_IMAGES BATCH=$BATCH WORKERS=$WORKERS ITERS=$ITERS)"
@@ -245,6 +256,7 @@ if want pipeline && [ -x "$BIN/tch-vis" ] && [ -f "$MODEL" ]; then
             read -r n s ips steady up < <(ips_of "$WORK/cli-$v")
             say "  timings $v: $(timings_of "$WORK/cli-$v")"
             say "tch-vis-pipeline-$v $ARCH batch $BATCH $DEVICE $vp: $n images in $s s, $ips images/s (steady $steady after $up s of startup); pipeline/ceiling $(ratio "$ips" "${CEIL[$vp]}")"
+            [ "$v" = old ] && [ -d "$WORK/cli-fp32" ] && say "$(same_files "$WORK/cli-fp32" "$WORK/cli-$v" .saliency.npy "saliency $ARCH fp32 this binary vs the old one")"
         fi
     done
 fi
@@ -342,6 +354,18 @@ if { want cam || want camfrozen || want camdict || want scorecam || want tv; } &
             say "tch-vis-cam $m $ARCH: FAILED ($(tail -n1 "$WORK/cam-$m.txt"))"
         fi
     done
+    # The same Grad-CAM job with the previous binary ($BIN/tch-vis-old), for
+    # a same-machine A/B.
+    if want camold && [ -x "$BIN/tch-vis-old" ]; then
+        d="$WORK/cam-old-gradcam"
+        if step cam-old-gradcam 150 "$BIN/tch-vis-old" cam --model "$CAM_MODEL" --images-from "$WORK/cam.txt" \
+            --root "$IMAGES" --out "$d" --batch-size "$BATCH" --overwrite --device "$DEVICE" --method gradcam; then
+            read -r n s ips steady up < <(ips_of "$d")
+            say "  cam timings old gradcam: $(timings_of "$d")"
+            say "tch-vis-old-cam gradcam $ARCH batch $BATCH $DEVICE fp32: $n images in $s s, $ips images/s (steady $steady after $up s of startup); forward-pass ceiling ${CAM_CEIL[forward]:-n/a}: steady $(ratio "$steady" "${CAM_CEIL[forward]}")"
+            [ -d "$WORK/cam-gradcam" ] && say "$(same_files "$WORK/cam-gradcam" "$d" .cam.npy "gradcam $ARCH this binary vs the old one")"
+        fi
+    fi
     # cam_variant NAME FILE CEIL: Grad-CAM with another export of the same
     # network, against its own forward ceiling CEIL (if measured), the
     # methods export's, and the methods export's maps.
@@ -381,18 +405,26 @@ if { want cam || want camfrozen || want camdict || want scorecam || want tv; } &
     fi
     # The torchvision recipe for input gradients too (resize 256, crop 224).
     declare -A TV_IPS
+    TV_EXES="tch-vis"
+    want tvold && [ -x "$BIN/tch-vis-old" ] && TV_EXES="tch-vis tch-vis-old"
+    for exe in $TV_EXES; do
     for p in $PRECISIONS; do
         want tv || continue
+        [ "$exe" = tch-vis-old ] && [ "$p" = bf16 ] && continue
         d="$WORK/tv-$p"
-        if step "tv-pipeline-$p" 150 "$BIN/tch-vis" saliency --model "$CAM_MODEL" --images "$IMAGES" --out "$d" \
+        [ "$exe" = tch-vis-old ] && d="$WORK/tv-old-$p"
+        tag=""; [ "$exe" = tch-vis-old ] && tag="-old"
+        if step "tv-pipeline$tag-$p" 150 "$BIN/$exe" saliency --model "$CAM_MODEL" --images "$IMAGES" --out "$d" \
             --batch-size "$BATCH" --overwrite --device "$DEVICE" --score "categorical:$CLASS" --precision "$p"; then
             read -r n s ips steady up < <(ips_of "$d")
-            TV_IPS[$p]=$ips
-            say "  timings tv $p: $(timings_of "$d")"
-            say "tch-vis-pipeline-torchvision-recipe $ARCH batch $BATCH $DEVICE $p: $n images in $s s, $ips images/s (steady $steady after $up s of startup); ceiling ${CEIL[$p]:-n/a} images/s, pipeline/ceiling $(ratio "$ips" "${CEIL[$p]}"), steady $(ratio "$steady" "${CEIL[$p]}") (target >= $([ "$p" = fp32 ] && echo 0.90 || echo 0.80))"
+            [ -z "$tag" ] && TV_IPS[$p]=$ips
+            say "  timings tv$tag $p: $(timings_of "$d")"
+            say "tch-vis$tag-pipeline-torchvision-recipe $ARCH batch $BATCH $DEVICE $p: $n images in $s s, $ips images/s (steady $steady after $up s of startup); ceiling ${CEIL[$p]:-n/a} images/s, pipeline/ceiling $(ratio "$ips" "${CEIL[$p]}"), steady $(ratio "$steady" "${CEIL[$p]}") (target >= $([ "$p" = fp32 ] && echo 0.90 || echo 0.80))"
+            [ -n "$tag" ] && [ -d "$WORK/tv-$p" ] && say "$(same_files "$WORK/tv-$p" "$d" .saliency.npy "tv saliency $ARCH $p this binary vs the old one")" && say "$(same_files "$WORK/tv-$p" "$d" .saliency.png "tv saliency $ARCH $p this binary vs the old one")"
         else
-            say "tch-vis-pipeline-torchvision-recipe $ARCH $p: FAILED ($(tail -n1 "$WORK/tv-pipeline-$p.txt"))"
+            say "tch-vis$tag-pipeline-torchvision-recipe $ARCH $p: FAILED ($(tail -n1 "$WORK/tv-pipeline$tag-$p.txt"))"
         fi
+    done
     done
 else
     say "cam: SKIPPED ($CAM_MODEL not made)"

@@ -464,7 +464,7 @@ impl Preprocessor {
     /// format, truncated data, over the limits); [`Error::Torch`] if a
     /// tensor operation fails.
     pub fn load(&self, path: impl AsRef<Path>) -> Result<Prepared> {
-        self.load_to(path.as_ref(), None)
+        self.load_to(path.as_ref(), InputTo::New)
     }
 
     /// As [`Preprocessor::load`], with the model input written into `dest`,
@@ -488,18 +488,67 @@ impl Preprocessor {
                 &dest.size(),
             ));
         }
-        self.load_to(path, Some(dest))
+        self.load_to(path, InputTo::Into(dest))
+    }
+
+    /// Whether [`Preprocessor::load_bytes_into`] serves this sidecar: a
+    /// torchvision recipe (`resize` key), whose input is a function of the
+    /// crop's bytes, with one mean and std per channel.
+    pub(crate) fn has_byte_inputs(&self) -> bool {
+        let s = &self.sidecar;
+        s.resize.is_some() && s.mean.len() == s.channels && s.std.len() == s.channels
+    }
+
+    /// For a torchvision recipe ([`Preprocessor::has_byte_inputs`]): as
+    /// [`Preprocessor::load`], with the crop's 8-bit values written into
+    /// `dest`, a contiguous `(H, W, C)` uint8 CPU tensor (a row of a pinned
+    /// batch), instead of the normalised input, which
+    /// [`ByteNormaliser`] computes from a batch of them on the device; the returned [`Prepared::input`] is `dest` itself.
+    pub(crate) fn load_bytes_into(&self, path: &Path, dest: &Tensor) -> Result<Prepared> {
+        let [h, w] = self.sidecar.size_i64();
+        let want = [h, w, self.sidecar.channels as i64];
+        if !self.has_byte_inputs()
+            || dest.size() != want
+            || dest.kind() != Kind::Uint8
+            || dest.device() != Device::Cpu
+            || !dest.is_contiguous()
+        {
+            return Err(Error::shape(
+                "the destination of an input's bytes",
+                format!("a contiguous uint8 CPU tensor {want:?} (torchvision recipe)"),
+                &dest.size(),
+            ));
+        }
+        self.load_to(path, InputTo::Bytes(dest))
+    }
+
+    /// The normalisation of batches of crops from
+    /// [`Preprocessor::load_bytes_into`] on `device`.
+    ///
+    /// # Errors
+    /// [`Error::Torch`] when the constants cannot be put on the device.
+    pub(crate) fn byte_normaliser(&self, device: Device) -> Result<ByteNormaliser> {
+        let c = self.sidecar.channels as i64;
+        let t = |v: &[f32]| -> Result<Tensor> {
+            Ok(Tensor::f_from_slice(v)?
+                .f_view([1, c, 1, 1])?
+                .f_to_device(device)?)
+        };
+        Ok(ByteNormaliser {
+            mean: t(&self.sidecar.mean)?,
+            std: t(&self.sidecar.std)?,
+        })
     }
 
     /// Reads, decodes and prepares the image file at `path`, with the input
-    /// written into `dest` when given.
-    fn load_to(&self, path: &Path, dest: Option<&Tensor>) -> Result<Prepared> {
+    /// written as `to` says.
+    fn load_to(&self, path: &Path, to: InputTo) -> Result<Prepared> {
         let bytes = std::fs::read(path).map_err(|e| Error::Image {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
         let img = self.decode(&bytes, path)?;
-        self.prepare_image_into(img, path, dest)
+        self.prepare_image_into(img, path, to)
     }
 
     /// Prepares an encoded image held in memory; `path` names it in errors.
@@ -518,24 +567,25 @@ impl Preprocessor {
     /// [`Error::Image`] when the torchvision resize would exceed the
     /// allocation limit; [`Error::Torch`] if a tensor operation fails.
     pub fn prepare_image(&self, img: DynamicImage, path: impl AsRef<Path>) -> Result<Prepared> {
-        self.prepare_image_into(img, path.as_ref(), None)
+        self.prepare_image_into(img, path.as_ref(), InputTo::New)
     }
 
-    /// [`Preprocessor::prepare_image`], with the input written into `dest`
-    /// when given (checked by the caller: `(C, H, W)`, float32, CPU).
-    fn prepare_image_into(
-        &self,
-        img: DynamicImage,
-        path: &Path,
-        dest: Option<&Tensor>,
-    ) -> Result<Prepared> {
+    /// [`Preprocessor::prepare_image`], with the input written as `to`
+    /// says (a destination checked by the caller).
+    fn prepare_image_into(&self, img: DynamicImage, path: &Path, to: InputTo) -> Result<Prepared> {
         let original_size = (img.width(), img.height());
+        let dest = match to {
+            InputTo::Into(d) => Some(d),
+            InputTo::New => None,
+            InputTo::None | InputTo::Bytes(_) if self.sidecar.resize.is_some() => None,
+            InputTo::None | InputTo::Bytes(_) => {
+                return Err(Error::Internal {
+                    what: "an input's bytes asked of a recipe without resize".into(),
+                })
+            }
+        };
         if self.sidecar.resize.is_some() {
             let rgb = img.into_rgb8();
-            let to = match dest {
-                Some(d) => InputTo::Into(d),
-                None => InputTo::New,
-            };
             let (image, input) = self.torchvision(&rgb, path, to)?;
             let input = match input {
                 Some(input) => input,
@@ -797,6 +847,11 @@ impl Preprocessor {
             planes_from_bytes(bytes, c, planes);
         }
         let input = match to {
+            InputTo::Bytes(dest) => {
+                let mut d = dest.shallow_clone();
+                d.f_copy_(&hwc.f_view([th as i64, tw as i64, c as i64])?)?;
+                return Ok((image, Some(d)));
+            }
             InputTo::New if valid => Tensor::f_empty(shape, (Kind::Float, Device::Cpu))?,
             InputTo::Into(dest) if valid => dest.shallow_clone(),
             // No input wanted, or the caller's libtorch normalisation
@@ -912,6 +967,32 @@ fn grayscale_u8(x: &Tensor) -> Result<Tensor> {
     Ok(l.f_to_kind(Kind::Uint8)?.f_unsqueeze(1)?)
 }
 
+/// The model inputs of a batch of crops from
+/// [`Preprocessor::load_bytes_into`], computed where the crops are (on the
+/// GPU, for a CUDA model): [`Preprocessor::byte_normaliser`].
+pub(crate) struct ByteNormaliser {
+    /// `(1, C, 1, 1)` float32 on the device.
+    mean: Tensor,
+    std: Tensor,
+}
+
+impl ByteNormaliser {
+    /// `(N, H, W, C)` uint8 crops to `(N, C, H, W)` float32 inputs,
+    /// contiguous, on their device: the same bits as
+    /// [`Preprocessor::load`] (`v × (1/255)`, then `(v − mean) / std`, each
+    /// an IEEE float32 operation, on a CPU as on CUDA: libtorch divides by
+    /// a tensor, never by the reciprocal).
+    pub(crate) fn normalise(&self, x: &Tensor) -> Result<Tensor> {
+        let k = (1.0f64 / 255.0) as f32;
+        Ok(x.f_permute([0, 3, 1, 2])?
+            .f_to_kind(Kind::Float)?
+            .f_mul_scalar(f64::from(k))?
+            .f_sub(&self.mean)?
+            .f_div(&self.std)?
+            .f_contiguous()?)
+    }
+}
+
 /// Where [`Preprocessor::torchvision`] puts the model input.
 #[derive(Clone, Copy)]
 enum InputTo<'a> {
@@ -921,6 +1002,9 @@ enum InputTo<'a> {
     New,
     /// A given `(C, H, W)` float32 CPU tensor.
     Into(&'a Tensor),
+    /// Not the input but the crop's bytes, into a given contiguous
+    /// `(H, W, C)` uint8 CPU tensor (torchvision recipe only).
+    Bytes(&'a Tensor),
 }
 
 /// The memory order of a `(C, H, W)` tensor that [`normalise_planes`] can
@@ -1521,6 +1605,67 @@ mod tests {
             let e = pre.load_into(&path, &wrong).unwrap_err();
             assert!(matches!(e, Error::Shape { .. }), "{e}");
         }
+    }
+
+    /// The byte rows of a CUDA batch: the crop's bytes in the row, and the
+    /// batch normalised afterwards (here on the CPU; the GPU runs the same
+    /// libtorch operations, checked on CUDA by the engine's tests) equal
+    /// `load`'s input bit for bit; a plain recipe has no byte rows.
+    #[test]
+    fn byte_rows_normalised_in_a_batch_equal_new_inputs_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image::RgbImage::from_fn(61, 47, |x, y| {
+            image::Rgb([(x * 7 + y * 3) as u8, (x * y) as u8, (255 - x * 4) as u8])
+        });
+        let path = dir.path().join("x.png");
+        img.save(&path).unwrap();
+        for json in [
+            r#"{"input_size": [24, 20], "channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resize": 26, "crop": [24, 20]}"#,
+            r#"{"input_size": [24, 20], "channels": 1, "mean": [0.5], "std": [0.25], "resize": 30, "interpolation": "bicubic", "crop": [24, 20]}"#,
+        ] {
+            let s = Sidecar::from_json(json, "m.json").unwrap();
+            let pre = Preprocessor::new(s.clone());
+            assert!(pre.has_byte_inputs());
+            let want = pre.load(&path).unwrap();
+            let c = s.channels as i64;
+            let batch = Tensor::full([2, 24, 20, c], 255, (Kind::Uint8, Device::Cpu));
+            let got = pre.load_bytes_into(&path, &batch.get(1)).unwrap();
+            let bits = |t: &Tensor| {
+                let v = Vec::<f32>::try_from(&t.contiguous().reshape([-1])).unwrap();
+                v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&got.image), bits(&want.image), "{json}");
+            let x = pre
+                .byte_normaliser(Device::Cpu)
+                .unwrap()
+                .normalise(&batch)
+                .unwrap();
+            assert_eq!(x.size(), vec![2, c, 24, 20]);
+            assert!(x.is_contiguous());
+            assert_eq!(bits(&x.get(1)), bits(&want.input), "{json}");
+            // Row 0 untouched: all 255, normalised.
+            let white = Tensor::ones([c, 24, 20], (Kind::Float, Device::Cpu));
+            assert_eq!(bits(&x.get(0)), bits(&pre.normalise(&white).unwrap()));
+            // A float or planar destination is refused.
+            for wrong in [
+                Tensor::zeros([24, 20, c], (Kind::Float, Device::Cpu)),
+                Tensor::zeros([c, 24, 20], (Kind::Uint8, Device::Cpu)),
+            ] {
+                let e = pre.load_bytes_into(&path, &wrong).unwrap_err();
+                assert!(matches!(e, Error::Shape { .. }), "{e}");
+            }
+        }
+        let plain = Preprocessor::new(
+            Sidecar::from_json(
+                r#"{"input_size": [24, 20], "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}"#,
+                "m.json",
+            )
+            .unwrap(),
+        );
+        assert!(!plain.has_byte_inputs());
+        let row = Tensor::zeros([24, 20, 3], (Kind::Uint8, Device::Cpu));
+        let e = plain.load_bytes_into(&path, &row).unwrap_err();
+        assert!(matches!(e, Error::Shape { .. }), "{e}");
     }
 
     #[test]

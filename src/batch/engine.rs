@@ -12,7 +12,7 @@ use super::{ImageArray, ImageResult, Method, Sink};
 use crate::error::{Error, Result};
 use crate::io::Entry;
 use crate::model::{Model, Precision};
-use crate::preprocess::{self, Prepared, Preprocessor, Sidecar};
+use crate::preprocess::{self, ByteNormaliser, Prepared, Preprocessor, Sidecar};
 use crate::saliency::key_for;
 
 /// What [`Engine::prepare`] found out about the model and method, before
@@ -58,8 +58,10 @@ pub struct Timings {
     /// The compute thread running batches (model, method, copies).
     pub compute: f64,
     /// The part of `compute` in [`Method::compute`] until the device had
-    /// finished it (the model and the method's own work); the rest is
-    /// copying results to the host and handing them to the writers.
+    /// finished it (the model and the method's own work; on CUDA also the
+    /// copies of its results to the host, which the device makes
+    /// asynchronously); the rest is copying results to the host (CPU) and
+    /// handing them to the writers.
     pub compute_method: f64,
     /// The compute thread blocked on a full writer queue.
     pub compute_wait_write: f64,
@@ -552,14 +554,15 @@ impl<'a> Engine<'a> {
         std::thread::scope(|s| {
             // Producer: decode one batch at a time with rayon, keep 2 queued.
             s.spawn(move || {
-                let mut staging = Staging::new(device, pre.sidecar(), batch_size, channels_last);
+                let mut staging = Staging::new(device, pre, batch_size, channels_last);
                 for chunk in pending.chunks(batch_size) {
                     if abort.load(Ordering::Relaxed) {
                         break;
                     }
                     let t = Instant::now();
-                    let buf = staging.as_mut().and_then(|st| st.take(&rx_free));
-                    let rows = staging_rows(buf.as_ref(), chunk.len(), channels_last);
+                    let buf = staging.take(&rx_free);
+                    let rows = staging.rows(buf.as_ref(), chunk.len());
+                    let byte_rows = staging.bytes.is_some();
                     let batch: Vec<_> = pool.install(|| {
                         chunk
                             .par_iter()
@@ -567,19 +570,12 @@ impl<'a> Engine<'a> {
                             .map(|(e, row)| {
                                 // Each decode thread writes its own image's
                                 // input into its row of the batch.
-                                let (p, staged) = match row {
-                                    Some(row) => {
-                                        let p = pre.load_into(&e.path, &row);
-                                        let ok = p.is_ok();
-                                        (p, ok)
-                                    }
-                                    None => (pre.load(&e.path), false),
-                                };
+                                let (p, staged) = load_row(pre, &e.path, row, byte_rows);
                                 ((*e).clone(), p, staged)
                             })
                             .collect()
                     });
-                    let decoded = assemble(batch, batch_size, device, channels_last, buf);
+                    let decoded = staging.assemble(batch, batch_size, buf);
                     Clock::add(&clock.decode, t);
                     if tx_batch.send(decoded).is_err() {
                         break;
@@ -617,8 +613,11 @@ impl<'a> Engine<'a> {
             let collector =
                 s.spawn(move || collect(rx_event, progress, done, n_failed, total, start));
 
-            // Compute, on this thread.
+            // Compute, on this thread. On CUDA a batch's results are handed
+            // out while the device computes the next one (see `Flight`).
             let tx_ev = tx_event;
+            let cuda = device.is_cuda();
+            let mut in_flight: Option<Flight> = None;
             let mut waiting = Instant::now();
             for batch in rx_batch.iter() {
                 Clock::add(&clock.wait_decode, waiting);
@@ -645,26 +644,56 @@ impl<'a> Engine<'a> {
                 }
                 let Some(x) = x else {
                     // Nothing was uploaded from the pinned buffer.
-                    if let (Some(buf), true) = (staging, device.is_cuda()) {
+                    if let (Some(buf), true) = (staging, cuda) {
                         let _ = tx_free.send(buf);
                     }
                     waiting = Instant::now();
                     continue;
                 };
                 let t = Instant::now();
-                let result = x.and_then(|x| self.compute_batch(ok, &x, &tx_write, clock));
+                let started = x.and_then(|x| self.start_batch(ok, &x));
+                let mut method = t.elapsed();
+                // The previous batch's results reached the host at the last
+                // synchronisation: out to the writers while this one runs.
+                let handed = match in_flight.take() {
+                    Some(prev) => self.hand_out(prev, &tx_write, clock),
+                    None => Ok(()),
+                };
+                let result = handed.and(started).and_then(|flight| {
+                    if let Device::Cuda(i) = device {
+                        // Kernels and copies run asynchronously: wait for
+                        // this batch's (the time is the method's).
+                        let t = Instant::now();
+                        tch::Cuda::synchronize(i as i64);
+                        method += t.elapsed();
+                        // Its upload is done: the pinned buffer is free.
+                        if let Some(buf) = staging {
+                            let _ = tx_free.send(buf);
+                        }
+                        in_flight = Some(flight);
+                        Ok(())
+                    } else {
+                        self.hand_out(flight, &tx_write, clock)
+                    }
+                });
+                clock
+                    .method
+                    .fetch_add(method.as_nanos() as u64, Ordering::Relaxed);
                 Clock::add(&clock.compute, t);
-                // The batch's results came back to the host, after its
-                // upload on the same stream: its pinned buffer is free (a
-                // CPU batch's buffer is dropped with the batch).
-                if let (Some(buf), true) = (staging, result.is_ok() && device.is_cuda()) {
-                    let _ = tx_free.send(buf);
-                }
                 waiting = Instant::now();
                 if let Err(e) = result {
                     let _ = tx_ev.send(Event::Fatal(e));
                     break;
                 }
+            }
+            // The last batch's results (or, after a stop, those of the
+            // batch before the one that failed).
+            if let Some(prev) = in_flight.take() {
+                let t = Instant::now();
+                if let Err(e) = self.hand_out(prev, &tx_write, clock) {
+                    let _ = tx_ev.send(Event::Fatal(e));
+                }
+                Clock::add(&clock.compute, t);
             }
             abort.store(true, Ordering::Relaxed);
             drop(rx_batch);
@@ -678,68 +707,90 @@ impl<'a> Engine<'a> {
         })
     }
 
-    fn compute_batch(
-        &self,
-        ok: Vec<(Entry, Prepared)>,
-        x: &Tensor,
-        tx_write: &Sender<ImageResult>,
-        clock: &Clock,
-    ) -> Result<()> {
+    /// Computes a batch, and starts copying its results to the host:
+    /// on CUDA asynchronously, into pinned memory (valid once the device
+    /// is synchronised), on a CPU at once.
+    fn start_batch(&self, ok: Vec<(Entry, Prepared)>, x: &Tensor) -> Result<Flight> {
         let n = ok.len();
         let mut keys: Vec<u64> = ok.iter().map(|(e, _)| key_for(&e.rel)).collect();
         keys.resize(self.batch_size.max(n), 0);
-        let t = Instant::now();
         let res = self.method.compute(self.model, x, &keys)?;
-        if let Device::Cuda(i) = self.model.device() {
-            // Kernels run asynchronously: wait for them here (the copies
-            // below would), so the split of the time is true.
-            tch::Cuda::synchronize(i as i64);
-        }
-        Clock::add(&clock.method, t);
-        let to_cpu = |t: &Tensor| -> Result<Tensor> {
-            Ok(t.f_narrow(0, 0, n as i64)?
-                .f_to_device(Device::Cpu)?
-                .f_to_kind(Kind::Float)?
-                .f_contiguous()?)
+        let to_host = |t: &Tensor| -> Result<Tensor> {
+            let t = t.f_narrow(0, 0, n as i64)?.f_to_kind(Kind::Float)?;
+            if t.device().is_cuda() {
+                // A non-blocking copy from the device lands in pinned
+                // memory (libtorch's `_to_copy`), from its caching host
+                // allocator: no pageable staging copy, nothing waits.
+                Ok(t.f_contiguous()?
+                    .f_to_device_(Device::Cpu, Kind::Float, true, false)?)
+            } else {
+                Ok(t.f_contiguous()?)
+            }
         };
-        let mut scores = Vec::with_capacity(res.scores.len());
-        for t in &res.scores {
-            let v = Vec::<f32>::try_from(&to_cpu(t)?.f_reshape([-1])?)?;
-            if v.len() != n {
-                return Err(Error::BatchMismatch {
-                    what: "score values",
-                    expected: n,
-                    got: v.len(),
-                });
-            }
-            scores.push(v);
-        }
-        let mut columns = Vec::with_capacity(res.columns.len());
-        for (name, t) in &res.columns {
-            let v = Vec::<f32>::try_from(&to_cpu(t)?.f_reshape([-1])?)?;
-            if v.len() != n {
-                return Err(Error::BatchMismatch {
-                    what: "per-image values",
-                    expected: n,
-                    got: v.len(),
-                });
-            }
-            columns.push((name.clone(), v));
-        }
+        let scores = res.scores.iter().map(to_host).collect::<Result<_>>()?;
+        let columns = res
+            .columns
+            .iter()
+            .map(|(name, t)| Ok((name.clone(), to_host(t)?)))
+            .collect::<Result<_>>()?;
         let arrays = res
             .arrays
             .iter()
             .map(|a| {
-                let values = to_cpu(&a.values)?;
+                let values = to_host(&a.values)?;
                 // A heatmap that is the values themselves (saliency, CAM
                 // maps) comes back once.
                 let heat = match &a.heat {
                     Some(h) if same_tensor(h, &a.values) => Some(values.shallow_clone()),
-                    Some(h) => Some(to_cpu(h)?),
+                    Some(h) => Some(to_host(h)?),
                     None => None,
                 };
                 Ok((a.name.clone(), values, heat))
             })
+            .collect::<Result<_>>()?;
+        Ok(Flight {
+            ok,
+            scores,
+            classes: res.classes,
+            columns,
+            arrays,
+        })
+    }
+
+    /// Hands a batch whose results are on the host to the writers, image
+    /// by image.
+    fn hand_out(
+        &self,
+        flight: Flight,
+        tx_write: &Sender<ImageResult>,
+        clock: &Clock,
+    ) -> Result<()> {
+        let Flight {
+            ok,
+            scores,
+            classes,
+            columns,
+            arrays,
+        } = flight;
+        let n = ok.len();
+        let values_of = |t: &Tensor, what: &'static str| -> Result<Vec<f32>> {
+            let v = Vec::<f32>::try_from(&t.f_reshape([-1])?)?;
+            if v.len() != n {
+                return Err(Error::BatchMismatch {
+                    what,
+                    expected: n,
+                    got: v.len(),
+                });
+            }
+            Ok(v)
+        };
+        let scores = scores
+            .iter()
+            .map(|t| values_of(t, "score values"))
+            .collect::<Result<Vec<_>>>()?;
+        let columns = columns
+            .iter()
+            .map(|(name, t)| Ok((name.clone(), values_of(t, "per-image values")?)))
             .collect::<Result<Vec<_>>>()?;
         for (i, (entry, p)) in ok.into_iter().enumerate() {
             let i64i = i as i64;
@@ -757,8 +808,7 @@ impl<'a> Engine<'a> {
                 rel: entry.rel,
                 path: entry.path,
                 scores: scores.iter().map(|s| s[i]).collect(),
-                classes: res
-                    .classes
+                classes: classes
                     .iter()
                     .map(|c| c.as_ref().and_then(|c| c.get(i).copied()))
                     .collect(),
@@ -779,6 +829,22 @@ impl<'a> Engine<'a> {
         }
         Ok(())
     }
+}
+
+/// A computed batch whose results are on their way to the host: on CUDA
+/// the compute thread starts the next batch before handing these out, so
+/// the device never waits for the host's share of a batch (copying
+/// results, splitting them, queueing them for the writers). Its copies
+/// are complete once the device has been synchronised after them.
+struct Flight {
+    ok: Vec<(Entry, Prepared)>,
+    /// Per output, `(n,)` float32 host scores.
+    scores: Vec<Tensor>,
+    classes: Vec<Option<Vec<usize>>>,
+    /// Per-image value columns, `(n,)` float32 on the host.
+    columns: Vec<(String, Tensor)>,
+    /// Per array: name, values and heatmap on the host, `(n, ...)`.
+    arrays: Vec<(String, Tensor, Option<Tensor>)>,
 }
 
 /// Sets the calling thread's libtorch intra-op thread count to `n`, for
@@ -904,39 +970,56 @@ struct Decoded {
 /// stacking pass on the producer. For a CUDA model they are page-locked
 /// (pinned), and the batch goes to the GPU with one asynchronous copy: no
 /// pageable staging copy in the CUDA driver, and the compute thread never
-/// waits for an upload. A pinned buffer is reused only after the compute
-/// thread has finished the batch uploaded from it (its results came back
-/// to the host on the same stream, so the upload had completed), and at
-/// most [`Staging::MAX`] exist: the two queued batches, the one computing
-/// and the one being decoded. On a CPU the buffer is the batch itself,
-/// which a method's results may view: each batch gets a new one.
+/// waits for an upload. With a torchvision recipe the rows hold the crops'
+/// 8-bit values instead, normalised on the device
+/// ([`Preprocessor::load_bytes_into`]): a quarter of the upload, and no
+/// normalisation on the decode threads. A pinned buffer is reused only
+/// after the device was synchronised after the batch uploaded from it, and
+/// at most [`Staging::MAX`] exist: the two queued batches, the one
+/// computing and the one being decoded. On a CPU the buffer is the batch
+/// itself, which a method's results may view: each batch gets a new one.
 struct Staging {
     device: Device,
+    /// `(N, C, H, W)`, or `(N, H, W, C)` for channels-last or byte rows.
     shape: [i64; 4],
+    channels_last: bool,
+    /// Byte rows: the normalisation on the device.
+    bytes: Option<ByteNormaliser>,
     made: usize,
 }
 
 impl Staging {
     const MAX: usize = 4;
 
-    fn new(
-        device: Device,
-        sidecar: &Sidecar,
-        batch_size: usize,
-        channels_last: bool,
-    ) -> Option<Self> {
+    fn new(device: Device, pre: &Preprocessor, batch_size: usize, channels_last: bool) -> Self {
+        let sidecar = pre.sidecar();
         let [h, w] = sidecar.size_i64();
         let (n, c) = (batch_size as i64, sidecar.channels as i64);
-        let shape = if channels_last {
+        // Byte rows for a CUDA model fed by a torchvision recipe (whose
+        // constants on the device cannot be had: float rows).
+        let bytes = (device.is_cuda() && !channels_last && pre.has_byte_inputs())
+            .then(|| pre.byte_normaliser(device).ok())
+            .flatten();
+        let shape = if channels_last || bytes.is_some() {
             [n, h, w, c]
         } else {
             [n, c, h, w]
         };
-        Some(Staging {
+        Staging {
             device,
             shape,
+            channels_last,
+            bytes,
             made: 0,
-        })
+        }
+    }
+
+    fn kind(&self) -> Kind {
+        if self.bytes.is_some() {
+            Kind::Uint8
+        } else {
+            Kind::Float
+        }
     }
 
     /// A free buffer: on a CPU a new one; on CUDA one handed back, else a
@@ -945,13 +1028,13 @@ impl Staging {
     /// stacking path).
     fn take(&mut self, free: &Receiver<Tensor>) -> Option<Tensor> {
         if !self.device.is_cuda() {
-            return Tensor::f_empty(self.shape, (Kind::Float, Device::Cpu)).ok();
+            return Tensor::f_empty(self.shape, (self.kind(), Device::Cpu)).ok();
         }
         if let Ok(buf) = free.try_recv() {
             return Some(buf);
         }
         if self.made < Self::MAX {
-            let buf = Tensor::f_zeros(self.shape, (Kind::Float, Device::Cpu))
+            let buf = Tensor::f_zeros(self.shape, (self.kind(), Device::Cpu))
                 .and_then(|t| t.f_internal_pin_memory(self.device))
                 .ok()?;
             self.made += 1;
@@ -959,72 +1042,131 @@ impl Staging {
         }
         free.recv().ok()
     }
-}
 
-/// Row views of a staging buffer for the first `n` images ((C, H, W), or
-/// (H, W, C) in channels-last order), or `None`s without one.
-fn staging_rows(buf: Option<&Tensor>, n: usize, channels_last: bool) -> Vec<Option<Tensor>> {
-    (0..n)
-        .map(|i| {
-            let row = buf?.f_select(0, i as i64).ok()?;
-            if channels_last {
-                // The (C, H, W) view of the (H, W, C) row: copy_ writes
-                // the image in the buffer's order.
-                row.f_permute([2, 0, 1]).ok()
-            } else {
-                Some(row)
+    /// Row views of a buffer for the first `n` images, or `None`s without
+    /// one: `(C, H, W)` float rows (a view of an `(H, W, C)` row in
+    /// channels-last order), or `(H, W, C)` byte rows.
+    fn rows(&self, buf: Option<&Tensor>, n: usize) -> Vec<Option<Tensor>> {
+        (0..n)
+            .map(|i| {
+                let row = buf?.f_select(0, i as i64).ok()?;
+                if self.channels_last && self.bytes.is_none() {
+                    // The (C, H, W) view of the (H, W, C) row: the input
+                    // is written in the buffer's order.
+                    row.f_permute([2, 0, 1]).ok()
+                } else {
+                    Some(row)
+                }
+            })
+            .collect()
+    }
+
+    /// Splits a decoded chunk and makes its model input, off the compute
+    /// thread: from the buffer `buf` when every image that decoded is in
+    /// its row (the rows of files that failed are closed up), else by
+    /// stacking the images' inputs.
+    fn assemble(
+        &self,
+        batch: Vec<(Entry, Result<Prepared>, bool)>,
+        batch_size: usize,
+        buf: Option<Tensor>,
+    ) -> Decoded {
+        let mut ok = Vec::with_capacity(batch.len());
+        let mut failed = Vec::new();
+        let mut all_staged = true;
+        let mut moved = Ok(());
+        for (i, (entry, prepared, staged)) in batch.into_iter().enumerate() {
+            match prepared {
+                Ok(p) => {
+                    all_staged &= staged;
+                    if let (Some(buf), true, true) = (&buf, staged, i != ok.len()) {
+                        // A row above was a file that failed: move this
+                        // image's row up.
+                        moved = moved.and_then(|()| move_row(buf, i, ok.len()));
+                    }
+                    ok.push((entry, p));
+                }
+                Err(e) => failed.push((entry.rel, e.summary())),
             }
-        })
-        .collect()
-}
-
-/// Splits a decoded chunk and stacks its images into one model input, off
-/// the compute thread.
-fn assemble(
-    batch: Vec<(Entry, Result<Prepared>, bool)>,
-    batch_size: usize,
-    device: Device,
-    channels_last: bool,
-    staging: Option<Tensor>,
-) -> Decoded {
-    let mut ok = Vec::with_capacity(batch.len());
-    let mut failed = Vec::new();
-    let mut all_staged = true;
-    for (entry, prepared, staged) in batch {
-        all_staged &= staged;
-        match prepared {
-            Ok(p) => ok.push((entry, p)),
-            Err(e) => failed.push((entry.rel, e.summary())),
         }
-    }
-    if ok.is_empty() {
-        return Decoded {
-            ok,
-            failed,
-            x: None,
-            staging,
-        };
-    }
-    // Every image is in its row of the pinned batch: upload it.
-    if let (Some(buf), true) = (&staging, all_staged) {
-        if let Ok(x) = upload_staged(buf, ok.len(), device, channels_last) {
+        if ok.is_empty() {
             return Decoded {
                 ok,
                 failed,
-                x: Some(Ok(x)),
-                staging,
+                x: None,
+                staging: buf,
             };
         }
+        if let (Some(b), true, Ok(())) = (&buf, all_staged, &moved) {
+            let x = match &self.bytes {
+                Some(norm) => upload_bytes(b, ok.len(), self.device, norm),
+                None => upload_staged(b, ok.len(), self.device, self.channels_last),
+            };
+            // A byte batch has no other way up.
+            if x.is_ok() || self.bytes.is_some() {
+                return Decoded {
+                    ok,
+                    failed,
+                    x: Some(x),
+                    staging: buf,
+                };
+            }
+        }
+        if self.bytes.is_some() && buf.is_some() {
+            let why = moved.err().unwrap_or_else(|| Error::Internal {
+                what: "an image missing from a byte batch".into(),
+            });
+            return Decoded {
+                ok,
+                failed,
+                x: Some(Err(why)),
+                staging: buf,
+            };
+        }
+        // Pinned memory is not in use (or a row could not be written).
+        let inputs: Vec<&Tensor> = ok.iter().map(|(_, p)| &p.input).collect();
+        let x = Some(padded_batch(
+            &inputs,
+            batch_size,
+            self.device,
+            self.channels_last,
+        ));
+        Decoded {
+            ok,
+            failed,
+            x,
+            staging: buf,
+        }
     }
-    // A file failed (its row is a hole) or pinned memory is not in use.
-    let inputs: Vec<&Tensor> = ok.iter().map(|(_, p)| &p.input).collect();
-    let x = Some(padded_batch(&inputs, batch_size, device, channels_last));
-    Decoded {
-        ok,
-        failed,
-        x,
-        staging,
+}
+
+/// Decodes one image into its row (of bytes or of the input), when it has
+/// one; whether it is there.
+fn load_row(
+    pre: &Preprocessor,
+    path: &std::path::Path,
+    row: Option<Tensor>,
+    bytes: bool,
+) -> (Result<Prepared>, bool) {
+    match row {
+        Some(row) => {
+            let p = if bytes {
+                pre.load_bytes_into(path, &row)
+            } else {
+                pre.load_into(path, &row)
+            };
+            let ok = p.is_ok();
+            (p, ok)
+        }
+        None => (pre.load(path), false),
     }
+}
+
+/// Copies row `from` of a staging buffer to row `to`.
+fn move_row(buf: &Tensor, from: usize, to: usize) -> Result<()> {
+    let mut dst = buf.f_select(0, to as i64)?;
+    dst.f_copy_(&buf.f_select(0, from as i64)?)?;
+    Ok(())
 }
 
 /// Zeroes the pad rows of a staging buffer whose first `n` rows hold the
@@ -1041,6 +1183,20 @@ fn upload_staged(buf: &Tensor, n: usize, device: Device, channels_last: bool) ->
         buf.shallow_clone()
     };
     Ok(x.f_to_device_(device, Kind::Float, true, false)?)
+}
+
+/// Starts the asynchronous copy of a byte buffer whose first `n` rows hold
+/// the batch to `device`, and its normalisation there; the pad rows are
+/// zero model inputs, as in every batch.
+fn upload_bytes(buf: &Tensor, n: usize, device: Device, norm: &ByteNormaliser) -> Result<Tensor> {
+    let x = buf.f_to_device_(device, Kind::Uint8, true, false)?;
+    let x = norm.normalise(&x)?;
+    let rows = x.size()[0];
+    if (n as i64) < rows {
+        let mut pad = x.f_narrow(0, n as i64, rows - n as i64)?;
+        let _ = pad.f_zero_()?;
+    }
+    Ok(x)
 }
 
 /// Stacks `inputs` and pads them with zero images to `batch_size` rows
@@ -1111,25 +1267,28 @@ mod tests {
 
     use super::*;
 
-    /// The pinned path's row copies, pad rows and memory order give the
-    /// batch the stacking path gives (here on the CPU, where the buffer is
-    /// not pinned and the copy is synchronous; the layout logic is the same).
+    /// The pinned path's row copies, closed-up holes, pad rows and memory
+    /// order give the batch the stacking path gives (here on the CPU, where
+    /// the buffer is not pinned and the copy is synchronous; the layout
+    /// logic is the same).
     #[test]
     fn staged_rows_give_the_stacked_batch() {
         let (bs, c, h, w) = (4usize, 3i64, 5i64, 6i64);
+        let sidecar = Sidecar::from_json(
+            r#"{"input_size": [5, 6], "channels": 3, "mean": [0, 0, 0], "std": [1, 1, 1]}"#,
+            "m.json",
+        )
+        .unwrap();
+        let pre = Preprocessor::new(sidecar);
         for channels_last in [false, true] {
+            let staging = Staging::new(Device::Cpu, &pre, bs, channels_last);
             for n in [1usize, 3, 4] {
                 let inputs: Vec<Tensor> = (0..n)
                     .map(|i| Tensor::randn([c, h, w], (Kind::Float, Device::Cpu)) + i as f64)
                     .collect();
-                let shape = if channels_last {
-                    [bs as i64, h, w, c]
-                } else {
-                    [bs as i64, c, h, w]
-                };
                 // A reused buffer: stale values in every row.
-                let buf = Tensor::full(shape, 7.0, (Kind::Float, Device::Cpu));
-                let rows = staging_rows(Some(&buf), n, channels_last);
+                let buf = Tensor::full(staging.shape, 7.0, (Kind::Float, Device::Cpu));
+                let rows = staging.rows(Some(&buf), n);
                 for (mut row, x) in rows.into_iter().map(Option::unwrap).zip(&inputs) {
                     row.f_copy_(x).unwrap();
                 }
@@ -1139,6 +1298,46 @@ mod tests {
                 assert_eq!(got.size(), want.size());
                 assert_eq!(got.stride(), want.stride(), "memory order");
                 assert!(got.equal(&want), "n {n}, channels_last {channels_last}");
+                // Row 0 failed to decode: the others move up.
+                if n > 1 {
+                    let buf = Tensor::full(staging.shape, 7.0, (Kind::Float, Device::Cpu));
+                    let rows = staging.rows(Some(&buf), n);
+                    let mut batch = Vec::new();
+                    for (i, (mut row, x)) in rows
+                        .into_iter()
+                        .map(Option::unwrap)
+                        .zip(&inputs)
+                        .enumerate()
+                    {
+                        let entry = Entry {
+                            rel: format!("{i}.png"),
+                            path: format!("{i}.png").into(),
+                            problem: None,
+                        };
+                        if i == 0 {
+                            batch.push((entry, Err(Error::Internal { what: "x".into() }), false));
+                            continue;
+                        }
+                        row.f_copy_(x).unwrap();
+                        let p = Prepared {
+                            input: row,
+                            image: x.shallow_clone(),
+                            original_size: (6, 5),
+                            original: None,
+                        };
+                        batch.push((entry, Ok(p), true));
+                    }
+                    let d = staging.assemble(batch, bs, Some(buf));
+                    assert_eq!(d.ok.len(), n - 1);
+                    assert_eq!(d.failed.len(), 1);
+                    let got = d.x.unwrap().unwrap();
+                    let refs: Vec<&Tensor> = inputs[1..].iter().collect();
+                    let want = padded_batch(&refs, bs, Device::Cpu, channels_last).unwrap();
+                    assert!(
+                        got.equal(&want),
+                        "hole: n {n}, channels_last {channels_last}"
+                    );
+                }
             }
         }
     }

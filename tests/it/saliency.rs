@@ -405,3 +405,104 @@ fn openmp_sleeps_only_for_light_models_on_every_core() {
     // 32 x 32 gray inputs: one compute thread, no team to put to sleep.
     assert!(!pays("models/digits_cnn.pt"));
 }
+
+/// A method that returns its batch: the model input each image got, with
+/// each row's sum as its score.
+struct Echo;
+
+impl tch_vis::batch::Method for Echo {
+    fn name(&self) -> &str {
+        "echo"
+    }
+
+    fn arrays(&self) -> Vec<(String, bool)> {
+        vec![("input".to_string(), false)]
+    }
+
+    fn compute(
+        &self,
+        _model: &Model,
+        x: &Tensor,
+        _keys: &[u64],
+    ) -> tch_vis::Result<tch_vis::batch::BatchResult> {
+        Ok(tch_vis::batch::BatchResult {
+            scores: vec![x.f_sum_dim_intlist([1i64, 2, 3].as_slice(), false, Kind::Float)?],
+            classes: vec![None],
+            arrays: vec![tch_vis::batch::BatchArray {
+                name: "input".into(),
+                values: x.shallow_clone(),
+                heat: None,
+            }],
+            columns: Vec::new(),
+        })
+    }
+}
+
+/// Each image's row of a batch is the input `Preprocessor::load` makes
+/// of it, bit for bit, on every device: on a CPU written by the decode
+/// threads into the batch (in channels-last order for colour inputs over
+/// 64 × 64), on CUDA from pinned rows (the torchvision recipe's crops as
+/// bytes, normalised on the GPU) and brought back while the next batch
+/// runs. A file that fails to decode leaves no hole: the rows after it
+/// close up. Batches of 5 over 12 images, the last one padded.
+#[test]
+fn engine_batches_hold_each_images_input_bit_for_bit() {
+    use tch_vis::preprocess::Preprocessor;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a_broken.png"), b"not an image").unwrap();
+    for (i, (w, h)) in [(120, 97), (96, 96), (61, 140), (300, 200)]
+        .into_iter()
+        .cycle()
+        .take(11)
+        .enumerate()
+    {
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            let v = (x * 7 + y * 3 + i as u32 * 29) as u8;
+            image::Rgb([v, (x * y) as u8, 255 - v])
+        });
+        img.save(dir.path().join(format!("img_{i:02}.png")))
+            .unwrap();
+    }
+    let inputs = tch_vis::io::walk(dir.path(), &[]).unwrap();
+    assert_eq!(inputs.len(), 12);
+    for device in crate::util::devices() {
+        for (file, json) in [
+            (
+                "tests/models/avgpool_rgb.pt",
+                r#"{"input_size": [96, 96], "channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resize": 100, "crop": [96, 96]}"#,
+            ),
+            (
+                "tests/models/avgpool_rgb.pt",
+                r#"{"input_size": [96, 96], "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}"#,
+            ),
+            (
+                "models/digits_cnn.pt",
+                r#"{"input_size": [32, 32], "channels": 1, "mean": [0.5], "std": [0.25], "resize": 36, "interpolation": "bicubic", "crop": [32, 32]}"#,
+            ),
+        ] {
+            let model = Model::load(repo(file), device).unwrap();
+            let sidecar = Sidecar::from_json(json, "m.json").unwrap();
+            let pre = Preprocessor::new(sidecar.clone());
+            let engine = Engine::new(&model, sidecar, &Echo).batch_size(5);
+            engine.prepare().unwrap();
+            let (got, failed) = run_sorted(&engine, &inputs, 11);
+            assert_eq!(failed.len(), 1, "{json}");
+            assert_eq!(failed[0].0, "a_broken.png");
+            for (rel, score, x) in &got {
+                let want = pre.load(dir.path().join(rel)).unwrap().input;
+                let bits = |t: &Tensor| {
+                    let v = Vec::<f32>::try_from(&t.contiguous().reshape([-1])).unwrap();
+                    v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                };
+                assert_eq!(x.device(), Device::Cpu);
+                assert_eq!(bits(x), bits(&want), "{rel} on {device:?}: {json}");
+                let sum = want.sum(Kind::Double).double_value(&[]) as f32;
+                assert!(
+                    (score[0] - sum).abs() <= 1e-4 * sum.abs().max(1.0),
+                    "{rel} on {device:?}: score {} vs {sum}",
+                    score[0]
+                );
+            }
+        }
+    }
+}
