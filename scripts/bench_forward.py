@@ -47,7 +47,10 @@ def main():
     ap.add_argument("--channels", type=int, default=3)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="cuDNN's algorithm search on (tch-vis's batch engine turns it on)")
     args = ap.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device(args.device)
@@ -70,7 +73,7 @@ def main():
 
     for name, fn in (("forward-alone", forward), ("gradcam-alone", gradcam)):
         t = timed(fn, args.iters, device)
-        print(f"{name} {args.label} batch {args.batch} {args.device}: {t * 1e3:.2f} ms per call, "
+        print(f"{name} {args.label} batch {args.batch} {args.device}{' (cudnn benchmark)' if args.cudnn_benchmark else ''}: {t * 1e3:.2f} ms per call, "
               f"{args.batch / t:.1f} images/s")
 
 

@@ -440,13 +440,28 @@ impl<'a> Engine<'a> {
         let rows = if device.is_cuda() { self.batch_size } else { 1 };
         let x = Tensor::f_zeros([rows as i64, c, h, w], (Kind::Float, device))?;
         let keys = vec![0u64; rows];
-        let result = self
-            .method
-            .probe(self.model, &x, &keys)
-            .map_err(|e| Error::Probe {
-                what: format!("{} fails on a probe input", self.method.name()),
-                source: Box::new(e),
-            })?;
+        // On CUDA the probe batch runs three times, so that what happens
+        // once happens here rather than in the run's first batches:
+        // cuDNN's algorithm search and the caching allocator's growth (the
+        // first time), TorchScript's optimisation of each method's graph
+        // (at its second call, after a profiling run).
+        let probes = if device.is_cuda() { 3 } else { 1 };
+        let mut result = None;
+        for _ in 0..probes {
+            let r = self
+                .method
+                .probe(self.model, &x, &keys)
+                .map_err(|e| Error::Probe {
+                    what: format!("{} fails on a probe input", self.method.name()),
+                    source: Box::new(e),
+                })?;
+            result = Some(r);
+        }
+        let Some(result) = result else {
+            return Err(Error::Internal {
+                what: "no probe ran".into(),
+            });
+        };
         let threads = compute_threads(device, (c * h * w) as usize);
         let _ = self.compute_threads.set(threads);
         Ok(Layout {

@@ -18,7 +18,9 @@ use tch_vis::preprocess::Sidecar;
 use tch_vis::scores::{CategoricalScore, InactiveScore, PredictedScore, RegressionScore, Score};
 use tch_vis::{Error, Model};
 
-use crate::util::{assert_close, devices, golden_manifest, max_rel_diff, npy, repo, Target};
+use crate::util::{
+    assert_close, devices, golden_manifest, max_pool_tie, max_rel_diff, npy, repo, Target,
+};
 
 #[derive(Deserialize)]
 struct Manifest {
@@ -93,7 +95,14 @@ fn every_rule_matches_captum() {
             let want = npy(dir.join(&case.attributions));
             let max = want.abs().max().double_value(&[]);
             let what = format!("{} on {device:?}", case.name);
-            assert_close(&what, &got.attributions, &want, rtol, scale * max);
+            let atol = scale * max;
+            let cpu = got.attributions.to_device(Device::Cpu);
+            if cpu.allclose(&want, rtol, atol, false) {
+                assert_close(&what, &got.attributions, &want, rtol, atol);
+            } else {
+                // The upscaled RGB digits' flat areas (see the function).
+                max_pool_tie(&what, &cpu, &want, rtol, atol, 0.25);
+            }
             let want_delta = npy(dir.join(&case.delta));
             let mass = want.abs().sum(Kind::Double).double_value(&[]);
             assert_close(

@@ -104,3 +104,50 @@ pub fn devices() -> Vec<Device> {
     }
     v
 }
+
+/// Accepts a gradient (or attributions, the input-weighted gradients of
+/// Integrated Gradients) that differs from PyTorch's only where a
+/// max-pool window held equal values, and panics otherwise; `what` names
+/// the values. Flat regions of an upscaled digit give windows whose values
+/// are equal up to the last bit, so which one is the maximum (and takes the
+/// whole gradient of the window) depends on the order the platform sums
+/// in: on an AVX-512 machine, on CUDA there, and with libtorch's kernels
+/// held to plain C++ here (`ATEN_CPU_CAPABILITY=default`),
+/// rgb/4/heldout_0087_w48h40.png moved gradient between neighbouring
+/// pixels (43 of 1024 values, up to 0.0034 against a maximum of 0.079).
+/// Moving a window's gradient to an equal neighbour keeps the gradient's
+/// sum (the same convolution weights carry it; and the attributions' sum,
+/// the neighbours' inputs being equal in a flat region) and its size, and
+/// stays local, while a wrong class, input or formula changes all three:
+/// the sum within 1e-5 × Σ|g| + atol, Σ|g| within 1e-3, at most
+/// `max_off` of the values off (a tenth for one gradient; Integrated
+/// Gradients' fifty path points each have ties of their own: with
+/// libtorch's plain C++ kernels, 990 of 6,144 attributions of two RGB
+/// digits moved, their sum by 3e-8 of 171).
+pub fn max_pool_tie(what: &str, got: &Tensor, want: &Tensor, rtol: f64, atol: f64, max_off: f64) {
+    let got = got.to_device(Device::Cpu).to_kind(Kind::Double);
+    let want = want.to_device(Device::Cpu).to_kind(Kind::Double);
+    let sum = |t: &Tensor| t.sum(Kind::Double).double_value(&[]);
+    let l1 = |t: &Tensor| t.abs().sum(Kind::Double).double_value(&[]);
+    let off = (&got - &want)
+        .abs()
+        .gt_tensor(&(want.abs() * rtol + atol))
+        .sum(Kind::Int64)
+        .int64_value(&[]);
+    let n = want.numel() as i64;
+    let (ds, dl1) = ((sum(&got) - sum(&want)).abs(), (l1(&got) - l1(&want)).abs());
+    let gdiff = (&got - &want).abs().max().double_value(&[]);
+    println!(
+        "{what}: gradient moved across a max-pool tie ({off} of {n} values off, \
+         max |diff| {gdiff:.2e}; sum off by {ds:.1e}, sum of |g| by {dl1:.1e} of {:.3e})",
+        l1(&want)
+    );
+    assert!(
+        off as f64 <= max_off * n as f64
+            && ds <= 1e-5 * l1(&want) + atol
+            && dl1 <= 1e-3 * l1(&want),
+        "{what}: max |diff| {gdiff} (rtol {rtol:e}, atol {atol:e}), \
+         {off} of {n} values off, sum off by {ds:e}, sum of |g| off by {dl1:e}: \
+         not a max-pool tie"
+    );
+}
