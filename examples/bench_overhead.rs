@@ -12,9 +12,13 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Parser;
-use tch::{CModule, Device, Kind, Tensor};
+use tch::{CModule, Kind, Tensor};
 use tch_vis::scores::{CategoricalScore, Score};
 use tch_vis::{DeviceSpec, Model, Precision};
+
+#[path = "common/timing.rs"]
+mod timing;
+use timing::{median, sync};
 
 #[derive(Parser)]
 struct Args {
@@ -41,17 +45,6 @@ struct Args {
     /// Class scored.
     #[arg(long, default_value_t = 1)]
     class: usize,
-}
-
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn main() -> Result<()> {

@@ -16,10 +16,14 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Parser;
-use tch::{CModule, Device, IValue, Kind, Tensor};
+use tch::{CModule, IValue, Kind, Tensor};
 use tch_vis::cam::{Cam, CamMethod};
 use tch_vis::scores::{CategoricalScore, Score};
 use tch_vis::{CamForm, DeviceSpec, Model};
+
+#[path = "common/timing.rs"]
+mod timing;
+use timing::{median, sync};
 
 #[derive(Parser)]
 struct Args {
@@ -42,17 +46,6 @@ struct Args {
     /// cuDNN's algorithm search on CUDA (the batch engine turns it on).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     cudnn_benchmark: bool,
-}
-
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 type Stage<'a> = (&'static str, Box<dyn Fn() -> Result<()> + 'a>);
