@@ -236,7 +236,7 @@ pub fn tune_malloc() {
 }
 
 /// A second probe batch ([`Engine::prepare`]) over this time is the last.
-const SLOW_PROBE: Duration = Duration::from_millis(500);
+const SLOW_PROBE: Duration = Duration::from_secs(2);
 
 /// A model's forward pass on one image below this time leaves a CPU run
 /// to the decode and writer threads (see [`passive_openmp_pays`]).
@@ -409,7 +409,7 @@ impl<'a> Engine<'a> {
     /// runs on one zero image of the sidecar's size, the method fits its
     /// outputs ([`Method::check`]) and computes on it; on CUDA the method
     /// runs on a whole zero batch, so a batch that does not fit in memory
-    /// is found here, three times (twice when the second takes over half a
+    /// is found here, three times (twice when the second takes over two
     /// second), so that TorchScript's optimisation of the model's methods
     /// and cuDNN's algorithm search are done before the first image (on an
     /// H100, Grad-CAM on resnet50 ran 12% more images/s after its
@@ -454,7 +454,7 @@ impl<'a> Engine<'a> {
         // (at its second call, after a profiling run). A method that calls
         // the model many times a batch (SmoothGrad, Integrated Gradients)
         // has done all that within its first probes: a second probe over
-        // half a second ends them.
+        // two seconds ends them.
         let probes = if device.is_cuda() { 3 } else { 1 };
         let mut result = None;
         let mut probe_took = Duration::ZERO;
