@@ -410,7 +410,7 @@ impl<'a> Engine<'a> {
     /// outputs ([`Method::check`]) and computes on it; on CUDA the method
     /// runs on a whole zero batch, so a batch that does not fit in memory
     /// is found here, three times (twice when the second takes over two
-    /// second), so that TorchScript's optimisation of the model's methods
+    /// seconds), so that TorchScript's optimisation of the model's methods
     /// and cuDNN's algorithm search are done before the first image (on an
     /// H100, Grad-CAM on resnet50 ran 12% more images/s after its
     /// start-up). Also picks the compute threads.
