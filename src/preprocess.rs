@@ -1041,6 +1041,30 @@ impl Order {
 /// `v × (1/255 in float32)` — what libtorch's `x.to(float32).mul_(1 / 255)`
 /// computes — in one pass.
 fn planes_from_bytes(bytes: &[u8], c: usize, image: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { planes_from_bytes_avx2(bytes, c, image) };
+            return;
+        }
+    }
+    planes_from_bytes_generic(bytes, c, image);
+}
+
+/// [`planes_from_bytes`] compiled for AVX2 (the crate's baseline is SSE2):
+/// the same operations, 2.5× faster for a 224² crop (0.052 → 0.020 ms).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn planes_from_bytes_avx2(bytes: &[u8], c: usize, image: &mut [f32]) {
+    planes_from_bytes_generic(bytes, c, image);
+}
+
+#[inline(always)]
+fn planes_from_bytes_generic(bytes: &[u8], c: usize, image: &mut [f32]) {
     let k = (1.0f64 / 255.0) as f32;
     let n = image.len() / c;
     for (p, px) in bytes.chunks_exact(c).take(n).enumerate() {
@@ -1054,6 +1078,14 @@ fn planes_from_bytes(bytes: &[u8], c: usize, image: &mut [f32]) {
 /// channel, the same IEEE float32 operations as libtorch's kernels, into
 /// `out` in `order` (planes, or interleaved for a channels-last row).
 fn normalise_planes(image: &[f32], c: usize, order: Order, out: &mut [f32], s: &Sidecar) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if c == 3 && order == Order::Interleaved && std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { interleave_rgb_avx2(image, out, s) };
+            return;
+        }
+    }
     let n = image.len() / c;
     for ch in 0..c {
         let (m, d) = (s.mean[ch], s.std[ch]);
@@ -1070,6 +1102,26 @@ fn normalise_planes(image: &[f32], c: usize, order: Order, out: &mut [f32], s: &
                 }
             }
         }
+    }
+}
+
+/// [`normalise_planes`] of three planes into an interleaved row, pixel by
+/// pixel, compiled for AVX2: the same operations, twice as fast for a 224²
+/// crop (0.063 → 0.029 ms) as plane by plane with strided writes.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn interleave_rgb_avx2(image: &[f32], out: &mut [f32], s: &Sidecar) {
+    let n = image.len() / 3;
+    let (r, gb) = image.split_at(n);
+    let (g, b) = gb.split_at(n);
+    let (m, d) = (&s.mean[..3], &s.std[..3]);
+    for (((o, r), g), b) in out.chunks_exact_mut(3).zip(r).zip(g).zip(b) {
+        o[0] = (r - m[0]) / d[0];
+        o[1] = (g - m[1]) / d[1];
+        o[2] = (b - m[2]) / d[2];
     }
 }
 
