@@ -638,15 +638,22 @@ impl Preprocessor {
             let [th, tw] = self.sidecar.input_size;
             let c = self.sidecar.channels;
             let same = (rgb.height() as usize, rgb.width() as usize) == (th, tw);
-            let image = match (same, c) {
-                (false, 1 | 3) => bilinear_from_bytes(&rgb, c, th, tw),
-                _ => None,
+            let image =
+                Tensor::f_empty([c as i64, th as i64, tw as i64], (Kind::Float, Device::Cpu))?;
+            let written = match (same, c) {
+                // SAFETY: `image` is a new contiguous float32 CPU tensor of
+                // c × th × tw values that nothing else refers to yet.
+                (false, 1 | 3) => unsafe {
+                    let out =
+                        std::slice::from_raw_parts_mut(image.data_ptr() as *mut f32, c * th * tw);
+                    bilinear_from_bytes(&rgb, c, th, tw, out)
+                },
+                _ => false,
             };
-            let image = match image {
-                Some(planes) => {
-                    Tensor::f_from_slice(&planes)?.f_view([c as i64, th as i64, tw as i64])?
-                }
-                None => self.resize_tensor(self.planes_8bit(&rgb)?)?,
+            let image = if written {
+                image
+            } else {
+                self.resize_tensor(self.planes_8bit(&rgb)?)?
             };
             return Ok((image, self.keep_original.then_some(rgb)));
         }
@@ -717,11 +724,37 @@ impl Preprocessor {
         Ok(image.f_sub(&mean)?.f_div(&std)?)
     }
 
-    /// [`Preprocessor::normalise`], copied into `dest` when given. (In
-    /// place on a channels-last row, libtorch's subtraction and division
-    /// broadcast over the innermost three values: slower than two passes
-    /// over contiguous planes and a copy.)
+    /// [`Preprocessor::normalise`], written into `dest` when given:
+    /// directly from the image's planes by [`normalise_planes`] (the same
+    /// operations) when it can, else by libtorch and a copy. (In place on a
+    /// channels-last row, libtorch's subtraction and division broadcast over
+    /// the innermost three values: slower than two passes over contiguous
+    /// planes and a copy.)
     fn normalise_into(&self, image: &Tensor, dest: Option<&Tensor>) -> Result<Tensor> {
+        let s = &self.sidecar;
+        let c = s.channels;
+        if let Some(dest) = dest {
+            let n = image.numel() / c.max(1);
+            let fits = s.mean.len() == c
+                && s.std.len() == c
+                && image.kind() == Kind::Float
+                && image.device() == Device::Cpu
+                && image.is_contiguous()
+                && image.size() == dest.size();
+            if let (true, Some(order)) = (fits, Order::of(dest, c, n)) {
+                // SAFETY: `image` is a contiguous float32 CPU tensor of
+                // c × n values and `dest` a float32 CPU tensor of the same
+                // shape (checked by `load_into`) laid out as `order` says,
+                // which nothing else reads or writes while this thread
+                // fills it; the two do not overlap (a new image and a row).
+                unsafe {
+                    let planes = std::slice::from_raw_parts(image.data_ptr() as *const f32, c * n);
+                    let out = std::slice::from_raw_parts_mut(dest.data_ptr() as *mut f32, c * n);
+                    normalise_planes(planes, c, order, out, s);
+                }
+                return Ok(dest.shallow_clone());
+            }
+        }
         let input = self.normalise(image)?;
         let Some(dest) = dest else {
             return Ok(input);
@@ -1130,7 +1163,9 @@ unsafe fn interleave_rgb_avx2(image: &[f32], out: &mut [f32], s: &Sidecar) {
 /// 8-bit RGB (`v / 255`, or for one channel the luma of those, as
 /// [`Preprocessor::planes_8bit`] makes them), computed from the bytes the
 /// interpolation reads instead of from a float copy of the whole image:
-/// planar `(C, th, tw)`, the same bits as libtorch's kernels.
+/// planar `(C, th, tw)` into `out` (C × th × tw values), the same bits as
+/// libtorch's kernels. `false`, with nothing written, on a CPU without FMA
+/// (or `out` of another length): the caller resizes with libtorch.
 ///
 /// libtorch has two kernels with different operation orders and picks one
 /// by the output size and the calling thread's thread count (its
@@ -1142,16 +1177,17 @@ unsafe fn interleave_rgb_avx2(image: &[f32], out: &mut [f32], s: &Sidecar) {
 /// count: the bits do not depend on the thread a decode runs on. Fused
 /// multiply-adds are where libtorch's compiled kernels have them (found by
 /// comparing bits; `the_8bit_fast_path_equals_the_planes_path_bit_for_bit`).
-fn bilinear_from_bytes(rgb: &RgbImage, c: usize, th: usize, tw: usize) -> Option<Vec<f32>> {
+fn bilinear_from_bytes(rgb: &RgbImage, c: usize, th: usize, tw: usize, out: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("fma") {
+        if std::is_x86_feature_detected!("fma") && out.len() == c * th * tw {
             // SAFETY: the CPU has FMA (checked just above).
-            return Some(unsafe { bilinear_from_bytes_fma(rgb, c, th, tw) });
+            unsafe { bilinear_from_bytes_fma(rgb, c, th, tw, out) };
+            return true;
         }
     }
-    let _ = (rgb, c, th, tw);
-    None
+    let _ = (rgb, c, th, tw, out);
+    false
 }
 
 /// [`bilinear_from_bytes`] compiled with hardware fused multiply-adds
@@ -1161,7 +1197,7 @@ fn bilinear_from_bytes(rgb: &RgbImage, c: usize, th: usize, tw: usize) -> Option
 /// The CPU must support FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma")]
-unsafe fn bilinear_from_bytes_fma(rgb: &RgbImage, c: usize, th: usize, tw: usize) -> Vec<f32> {
+unsafe fn bilinear_from_bytes_fma(rgb: &RgbImage, c: usize, th: usize, tw: usize, out: &mut [f32]) {
     let w = rgb.width() as usize;
     let raw = rgb.as_raw();
     // v / 255 in float32 for each byte value: the same IEEE division.
@@ -1169,7 +1205,6 @@ unsafe fn bilinear_from_bytes_fma(rgb: &RgbImage, c: usize, th: usize, tw: usize
     let (ys, xs) = (linear_taps(rgb.height() as usize, th), linear_taps(w, tw));
     let channels_last = th + tw <= 128;
     let plane = th * tw;
-    let mut out = vec![0f32; c * plane];
     // The `[0, 1]` value of channel `ch` (or the luma, for one channel) of
     // the pixel at byte offset `i` of a row.
     let value = |row: &[u8], i: usize, ch: usize| -> f32 {
@@ -1200,7 +1235,6 @@ unsafe fn bilinear_from_bytes_fma(rgb: &RgbImage, c: usize, th: usize, tw: usize
             }
         }
     }
-    out
 }
 
 /// libtorch's source taps of a linear resize from `n_in` to `n_out`
