@@ -81,6 +81,12 @@ pub struct Summary {
     pub fatal: Option<Error>,
     /// Wall time of the run.
     pub seconds: f64,
+    /// Images per second once the first batch's worth was done: the images
+    /// after it over the time from then to the last one, which leaves out
+    /// the run's start (threads, the first batch's decoding and compute)
+    /// and shows the rate a long run settles at. `None` for a run of one
+    /// batch or less.
+    pub steady_images_per_second: Option<f64>,
     /// Where the time went.
     pub timings: Timings,
 }
@@ -539,6 +545,7 @@ impl<'a> Engine<'a> {
             failed,
             fatal: fatal.or(collected.fatal),
             seconds: start.elapsed().as_secs_f64(),
+            steady_images_per_second: collected.steady,
             timings: clock.timings(),
         })
     }
@@ -641,8 +648,9 @@ impl<'a> Engine<'a> {
             }
             drop(rx_write);
             let progress = self.progress.as_deref();
-            let collector =
-                s.spawn(move || collect(rx_event, progress, done, n_failed, total, start));
+            let collector = s.spawn(move || {
+                collect(rx_event, progress, done, n_failed, total, start, batch_size)
+            });
 
             // Compute, on this thread. On CUDA a batch's results are handed
             // out while the device computes the next one (see `Flight`).
@@ -947,8 +955,10 @@ struct Collected {
     processed: usize,
     failed: Vec<(String, String)>,
     fatal: Option<Error>,
+    steady: Option<f64>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn collect(
     rx: Receiver<Event>,
     progress: Option<&(dyn Fn(&Progress) + Send + Sync)>,
@@ -956,13 +966,21 @@ fn collect(
     n_failed: &AtomicUsize,
     total: usize,
     start: Instant,
+    batch_size: usize,
 ) -> Collected {
     let mut out = Collected::default();
+    // When the first batch's worth of images was done, and the last image.
+    let (mut first_batch, mut last) = (None, None);
     for event in rx.iter() {
         match event {
             Event::Done => {
                 out.processed += 1;
                 done.fetch_add(1, Ordering::Relaxed);
+                let now = Instant::now();
+                if out.processed == batch_size {
+                    first_batch = Some(now);
+                }
+                last = Some(now);
             }
             Event::Failed { rel, error } => {
                 out.failed.push((rel, error));
@@ -979,6 +997,12 @@ fn collect(
                 total,
                 elapsed: start.elapsed(),
             });
+        }
+    }
+    if let (Some(t0), Some(t1)) = (first_batch, last) {
+        let span = t1.duration_since(t0).as_secs_f64();
+        if out.processed > batch_size && span > 0.0 {
+            out.steady = Some((out.processed - batch_size) as f64 / span);
         }
     }
     out

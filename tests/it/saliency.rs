@@ -214,6 +214,34 @@ fn engine_results_do_not_depend_on_batch_size() {
     }
 }
 
+/// The steady rate: images after the first batch's worth over the time
+/// from then to the last one; none for a run of one batch.
+#[test]
+fn engine_reports_a_steady_rate_past_the_first_batch() {
+    let model = digits();
+    let sidecar = Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap();
+    let method = SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap();
+    let inputs = tch_vis::io::walk(&repo("examples/images/gray"), &[]).unwrap();
+    let n = inputs.len();
+    assert!(n > 4, "{n} images");
+    for (batch, some) in [(4, true), (n, false)] {
+        let engine = Engine::new(&model, sidecar.clone(), &method).batch_size(batch);
+        engine.prepare().unwrap();
+        let summary = engine.run(&inputs, &Collect::default()).unwrap();
+        assert_eq!(summary.processed, n);
+        match summary.steady_images_per_second {
+            Some(r) => {
+                assert!(some, "batch {batch}: a rate for one batch");
+                assert!(r.is_finite() && r > 0.0, "batch {batch}: {r}");
+                // Its images over less than the whole run's time.
+                let floor = (n - batch) as f64 / summary.seconds;
+                assert!(r >= floor, "batch {batch}: {r} < {floor}");
+            }
+            None => assert!(!some, "batch {batch}: no rate"),
+        }
+    }
+}
+
 /// Methods built from score objects (`from_scores`) run through the
 /// engine as their specification twins do, with the same maps; a wrong
 /// number of score objects is `ScoreCount` before the first image.

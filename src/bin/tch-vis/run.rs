@@ -321,6 +321,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         "seconds": seconds,
         "images_per_second": ips,
         "startup_seconds": startup_seconds,
+        "steady_images_per_second": summary.steady_images_per_second,
         "timings_seconds": summary.timings,
         "compute_threads": layout.compute_threads,
         "channels_last": layout.channels_last,
