@@ -9,11 +9,16 @@
 //! callback.
 //!
 //! ```text
-//!  producer thread            compute (the calling thread)   writer threads        collector thread
-//!  rayon: read+decode+resize  stack, to device, Method   ──► Sink::image (files, ──► progress callback,
-//!  one batch at a time   ──►  on a padded batch, back        rows), all cores        failures, counts
-//!  (bounded channel, 2)       to the CPU (bounded channel)
+//!  producer thread              compute (the calling thread)   writer threads        collector thread
+//!  rayon: read+decode+resize,   Method on a padded batch,  ──► Sink::image (files, ──► progress callback,
+//!  each image into its row  ──► results back to the CPU        rows), all cores        failures, counts
+//!  of the batch (channel, 2)    (bounded channel)
 //! ```
+//!
+//! On CUDA the batch is page-locked (pinned) host memory uploaded
+//! asynchronously — for a torchvision recipe the crops' bytes, normalised
+//! on the GPU — and a batch's results come back into pinned memory while
+//! the GPU runs the next batch.
 //!
 //! Memory is bounded by the channel capacities, whatever the number of
 //! inputs. Every model call has exactly `batch_size` rows: a short batch is
