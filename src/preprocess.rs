@@ -495,8 +495,15 @@ impl Preprocessor {
     /// torchvision recipe (`resize` key), whose input is a function of the
     /// crop's bytes, with one mean and std per channel.
     pub(crate) fn has_byte_inputs(&self) -> bool {
+        self.sidecar.resize.is_some() && self.stats_per_channel()
+    }
+
+    /// Whether the sidecar has one mean and one std per channel (a sidecar
+    /// built by hand is not validated: libtorch's normalisation reports
+    /// the mismatch).
+    fn stats_per_channel(&self) -> bool {
         let s = &self.sidecar;
-        s.resize.is_some() && s.mean.len() == s.channels && s.std.len() == s.channels
+        s.mean.len() == s.channels && s.std.len() == s.channels
     }
 
     /// For a torchvision recipe ([`Preprocessor::has_byte_inputs`]): as
@@ -575,29 +582,24 @@ impl Preprocessor {
     fn prepare_image_into(&self, img: DynamicImage, path: &Path, to: InputTo) -> Result<Prepared> {
         let original_size = (img.width(), img.height());
         let dest = match to {
-            InputTo::Into(d) => Some(d),
             InputTo::New => None,
-            InputTo::None | InputTo::Bytes(_) if self.sidecar.resize.is_some() => None,
-            InputTo::None | InputTo::Bytes(_) => {
-                return Err(Error::Internal {
-                    what: "an input's bytes asked of a recipe without resize".into(),
-                })
+            InputTo::Into(d) => Some(d),
+            InputTo::Bytes(row) => {
+                if self.sidecar.resize.is_none() {
+                    return Err(Error::Internal {
+                        what: "an input's bytes asked of a recipe without resize".into(),
+                    });
+                }
+                let rgb = img.into_rgb8();
+                let image = self.torchvision(&rgb, path, Some(row))?;
+                return Ok(Prepared {
+                    input: row.shallow_clone(),
+                    image,
+                    original_size,
+                    original: self.keep_original.then_some(rgb),
+                });
             }
         };
-        if self.sidecar.resize.is_some() {
-            let rgb = img.into_rgb8();
-            let (image, input) = self.torchvision(&rgb, path, to)?;
-            let input = match input {
-                Some(input) => input,
-                None => self.normalise_into(&image, dest)?,
-            };
-            return Ok(Prepared {
-                input,
-                image,
-                original_size,
-                original: self.keep_original.then_some(rgb),
-            });
-        }
         let (image, original) = self.resize_image(img, path)?;
         let input = self.normalise_into(&image, dest)?;
         Ok(Prepared {
@@ -622,7 +624,7 @@ impl Preprocessor {
     ) -> Result<(Tensor, Option<RgbImage>)> {
         if self.sidecar.resize.is_some() {
             let rgb = img.into_rgb8();
-            let (image, _) = self.torchvision(&rgb, path.as_ref(), InputTo::None)?;
+            let image = self.torchvision(&rgb, path.as_ref(), None)?;
             return Ok((image, self.keep_original.then_some(rgb)));
         }
         let original_size = (img.width(), img.height());
@@ -724,35 +726,41 @@ impl Preprocessor {
         Ok(image.f_sub(&mean)?.f_div(&std)?)
     }
 
-    /// [`Preprocessor::normalise`], written into `dest` when given:
-    /// directly from the image's planes by [`normalise_planes`] (the same
-    /// operations) when it can, else by libtorch and a copy. (In place on a
-    /// channels-last row, libtorch's subtraction and division broadcast over
-    /// the innermost three values: slower than two passes over contiguous
-    /// planes and a copy.)
+    /// [`Preprocessor::normalise`] of a `(C, H, W)` image, into `dest` when
+    /// given (a float32 CPU tensor of the image's shape, checked by
+    /// `load_into`), else into a new tensor: in one pass over the image's
+    /// planes by [`normalise_planes`] (the same IEEE operations as
+    /// libtorch's) when the destination is contiguous or a channels-last
+    /// row, else by libtorch and a copy. (In place on a channels-last row,
+    /// libtorch's subtraction and division broadcast over the innermost
+    /// three values: slower than two passes over contiguous planes and a
+    /// copy.)
     fn normalise_into(&self, image: &Tensor, dest: Option<&Tensor>) -> Result<Tensor> {
-        let s = &self.sidecar;
-        let c = s.channels;
-        if let Some(dest) = dest {
-            let n = image.numel() / c.max(1);
-            let fits = s.mean.len() == c
-                && s.std.len() == c
-                && image.kind() == Kind::Float
-                && image.device() == Device::Cpu
-                && image.is_contiguous()
-                && image.size() == dest.size();
-            if let (true, Some(order)) = (fits, Order::of(dest, c, n)) {
+        let c = self.sidecar.channels;
+        let n = image.numel() / c.max(1);
+        let planar = self.stats_per_channel()
+            && image.kind() == Kind::Float
+            && image.device() == Device::Cpu
+            && image.is_contiguous()
+            && image.size().len() == 3;
+        if planar {
+            let out = match dest {
+                Some(d) => d.shallow_clone(),
+                None => Tensor::f_empty(image.size().as_slice(), (Kind::Float, Device::Cpu))?,
+            };
+            if let Some(order) = Order::of(&out, c, n) {
                 // SAFETY: `image` is a contiguous float32 CPU tensor of
-                // c × n values and `dest` a float32 CPU tensor of the same
-                // shape (checked by `load_into`) laid out as `order` says,
-                // which nothing else reads or writes while this thread
-                // fills it; the two do not overlap (a new image and a row).
+                // c × n values and `out` a float32 CPU tensor of c × n values
+                // laid out as `order` says (a new one, or a destination of
+                // the image's shape), which nothing else reads or writes
+                // while this thread fills it; the two do not overlap (a new
+                // image, and a new tensor or a row).
                 unsafe {
                     let planes = std::slice::from_raw_parts(image.data_ptr() as *const f32, c * n);
-                    let out = std::slice::from_raw_parts_mut(dest.data_ptr() as *mut f32, c * n);
-                    normalise_planes(planes, c, order, out, s);
+                    let o = std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, c * n);
+                    normalise_planes(planes, c, order, o, &self.sidecar);
                 }
-                return Ok(dest.shallow_clone());
+                return Ok(out);
             }
         }
         let input = self.normalise(image)?;
@@ -796,15 +804,11 @@ impl Preprocessor {
         self.resize_tensor(Tensor::f_from_slice(&pixels)?.f_view([1, c, h, w])?)
     }
 
-    /// The torchvision pipeline on 8-bit RGB: `(C, H, W)` in `[0, 1]`, and
-    /// when `with_input` the normalised model input too, both from one pass
-    /// over the cropped bytes.
-    fn torchvision(
-        &self,
-        rgb: &RgbImage,
-        path: &Path,
-        to: InputTo,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+    /// The torchvision pipeline on 8-bit RGB: `(C, H, W)` in `[0, 1]` from
+    /// one pass over the cropped bytes, and the bytes themselves into
+    /// `bytes` when given (a contiguous `(H, W, C)` uint8 row, checked by
+    /// `load_bytes_into`).
+    fn torchvision(&self, rgb: &RgbImage, path: &Path, bytes: Option<&Tensor>) -> Result<Tensor> {
         let s = &self.sidecar;
         let Some(resize) = s.resize else {
             return Err(Error::InvalidValue {
@@ -854,8 +858,7 @@ impl Preprocessor {
             resize_u8(&x, [nh as i64, nw as i64], s.interpolation(), s.antialias())?
         };
         let x = center_crop(&x, s.input_size)?;
-        // The crop's bytes in (H, W, C) order, and the outputs written in
-        // place into new tensors.
+        // The crop's bytes in (H, W, C) order.
         let hwc = x.f_permute([0, 2, 3, 1])?.f_contiguous()?;
         drop(x);
         let [th, tw] = s.input_size;
@@ -865,9 +868,6 @@ impl Preprocessor {
                 what: format!("the crop has {} values, expected {}", hwc.numel(), n * c),
             });
         }
-        // A sidecar built by hand (not validated) may not have one mean and
-        // std per channel: libtorch's normalisation reports that.
-        let valid = s.mean.len() == c && s.std.len() == c;
         let shape = [c as i64, th as i64, tw as i64];
         let image = Tensor::f_empty(shape, (Kind::Float, Device::Cpu))?;
         // SAFETY: `hwc` is a contiguous uint8 CPU tensor of n × c bytes
@@ -875,36 +875,15 @@ impl Preprocessor {
         // contiguous float CPU tensor of c × n values that nothing else
         // refers to yet.
         unsafe {
-            let bytes = std::slice::from_raw_parts(hwc.data_ptr() as *const u8, n * c);
+            let crop = std::slice::from_raw_parts(hwc.data_ptr() as *const u8, n * c);
             let planes = std::slice::from_raw_parts_mut(image.data_ptr() as *mut f32, c * n);
-            planes_from_bytes(bytes, c, planes);
+            planes_from_bytes(crop, c, planes);
         }
-        let input = match to {
-            InputTo::Bytes(dest) => {
-                let mut d = dest.shallow_clone();
-                d.f_copy_(&hwc.f_view([th as i64, tw as i64, c as i64])?)?;
-                return Ok((image, Some(d)));
-            }
-            InputTo::New if valid => Tensor::f_empty(shape, (Kind::Float, Device::Cpu))?,
-            InputTo::Into(dest) if valid => dest.shallow_clone(),
-            // No input wanted, or the caller's libtorch normalisation
-            // reports the mismatch.
-            _ => return Ok((image, None)),
-        };
-        // A destination of other strides: the caller normalises and copies.
-        let Some(order) = Order::of(&input, c, n) else {
-            return Ok((image, None));
-        };
-        // SAFETY: `image` holds c × n floats (written above) and `input`
-        // is a float32 CPU tensor of c × n values (a new one, or checked by
-        // `load_into`) laid out as `order` says, which nothing else reads
-        // or writes while this thread fills it; the two do not overlap.
-        unsafe {
-            let planes = std::slice::from_raw_parts(image.data_ptr() as *const f32, c * n);
-            let out = std::slice::from_raw_parts_mut(input.data_ptr() as *mut f32, c * n);
-            normalise_planes(planes, c, order, out, s);
+        if let Some(row) = bytes {
+            let mut row = row.shallow_clone();
+            row.f_copy_(&hwc.f_view([th as i64, tw as i64, c as i64])?)?;
         }
-        Ok((image, Some(input)))
+        Ok(image)
     }
 
     /// Decodes an encoded image (format guessed from the bytes) within the
@@ -1026,11 +1005,9 @@ impl ByteNormaliser {
     }
 }
 
-/// Where [`Preprocessor::torchvision`] puts the model input.
+/// Where [`Preprocessor::load`] and its kin put the model input.
 #[derive(Clone, Copy)]
 enum InputTo<'a> {
-    /// Nowhere (the image is wanted alone).
-    None,
     /// A new tensor.
     New,
     /// A given `(C, H, W)` float32 CPU tensor.
@@ -1464,13 +1441,6 @@ mod tests {
         // same bits on one thread (where libtorch would pick its other
         // kernel for colour images larger than 128 in height + width).
         let threads = tch::get_num_threads();
-        let bits = |t: &Tensor| -> Vec<u32> {
-            Vec::<f32>::try_from(&t.reshape([-1]))
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect()
-        };
         for ((w, h), channels, size) in cases {
             let img = noise(w, h);
             let pre = Preprocessor::new(sidecar(channels, size));
@@ -1590,13 +1560,6 @@ mod tests {
                 .contiguous()
                 .view([channels as i64, 224, 224]);
             let input = pre.normalise(&image).unwrap();
-            let bits = |t: &Tensor| {
-                Vec::<f32>::try_from(&t.reshape([-1]))
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>()
-            };
             assert_eq!(bits(&got.image), bits(&image), "case {k}: image");
             assert_eq!(bits(&got.input), bits(&input), "case {k}: input");
             let (only, _) = pre
@@ -1632,15 +1595,26 @@ mod tests {
         assert_eq!(center_crop_window(7, 10), (0, 1, 7)); // pad 1 before, 2 after
     }
 
-    #[test]
-    fn inputs_written_into_batch_rows_equal_new_ones_bit_for_bit() {
-        let dir = tempfile::tempdir().unwrap();
-        // A photo-like colour image (odd size, every byte value used).
+    /// A photo-like colour PNG in `dir` (odd size, every byte value used).
+    fn photo_png(dir: &Path) -> std::path::PathBuf {
         let img = image::RgbImage::from_fn(61, 47, |x, y| {
             image::Rgb([(x * 7 + y * 3) as u8, (x * y) as u8, (255 - x * 4) as u8])
         });
-        let path = dir.path().join("x.png");
+        let path = dir.join("x.png");
         img.save(&path).unwrap();
+        path
+    }
+
+    /// The bits of a float tensor's values, in logical order.
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let v = Vec::<f32>::try_from(&t.contiguous().reshape([-1])).unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn inputs_written_into_batch_rows_equal_new_ones_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = photo_png(dir.path());
         let sidecars = [
             // Plain stretch, colour and gray; torchvision recipes, colour
             // and gray, bilinear and bicubic.
@@ -1653,6 +1627,12 @@ mod tests {
             let s = Sidecar::from_json(json, "m.json").unwrap();
             let pre = Preprocessor::new(s.clone());
             let want = pre.load(&path).unwrap();
+            // The one-pass normalisation is libtorch's, bit for bit.
+            assert_eq!(
+                bits(&want.input),
+                bits(&pre.normalise(&want.image).unwrap()),
+                "{json}"
+            );
             let c = s.channels as i64;
             // A batch of two in either memory order; the image goes to row 1.
             for channels_last in [false, true] {
@@ -1664,10 +1644,6 @@ mod tests {
                 };
                 let row = batch.get(1);
                 let got = pre.load_into(&path, &row).unwrap();
-                let bits = |t: &Tensor| {
-                    let v = Vec::<f32>::try_from(&t.contiguous().reshape([-1])).unwrap();
-                    v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
-                };
                 assert_eq!(
                     bits(&got.input),
                     bits(&want.input),
@@ -1700,11 +1676,7 @@ mod tests {
     #[test]
     fn byte_rows_normalised_in_a_batch_equal_new_inputs_bit_for_bit() {
         let dir = tempfile::tempdir().unwrap();
-        let img = image::RgbImage::from_fn(61, 47, |x, y| {
-            image::Rgb([(x * 7 + y * 3) as u8, (x * y) as u8, (255 - x * 4) as u8])
-        });
-        let path = dir.path().join("x.png");
-        img.save(&path).unwrap();
+        let path = photo_png(dir.path());
         for json in [
             r#"{"input_size": [24, 20], "channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resize": 26, "crop": [24, 20]}"#,
             r#"{"input_size": [24, 20], "channels": 1, "mean": [0.5], "std": [0.25], "resize": 30, "interpolation": "bicubic", "crop": [24, 20]}"#,
@@ -1716,10 +1688,6 @@ mod tests {
             let c = s.channels as i64;
             let batch = Tensor::full([2, 24, 20, c], 255, (Kind::Uint8, Device::Cpu));
             let got = pre.load_bytes_into(&path, &batch.get(1)).unwrap();
-            let bits = |t: &Tensor| {
-                let v = Vec::<f32>::try_from(&t.contiguous().reshape([-1])).unwrap();
-                v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
-            };
             assert_eq!(bits(&got.image), bits(&want.image), "{json}");
             let x = pre
                 .byte_normaliser(Device::Cpu)
