@@ -461,29 +461,25 @@ impl<'a> Engine<'a> {
         // the model many times a batch (SmoothGrad, Integrated Gradients)
         // has done all that within its first probes: a second probe over
         // two seconds ends them.
-        let probes = if device.is_cuda() { 3 } else { 1 };
-        let mut result = None;
-        let mut probe_took = Duration::ZERO;
-        for i in 0..probes {
-            if i == 2 && probe_took > SLOW_PROBE {
-                break;
-            }
+        let run_probe = || {
             let t = Instant::now();
-            let r = self
+            let result = self
                 .method
                 .probe(self.model, &x, &keys)
                 .map_err(|e| Error::Probe {
                     what: format!("{} fails on a probe input", self.method.name()),
                     source: Box::new(e),
                 })?;
-            result = Some(r);
-            probe_took = t.elapsed();
-        }
-        let Some(result) = result else {
-            return Err(Error::Internal {
-                what: "no probe ran".into(),
-            });
+            Ok::<_, Error>((result, t.elapsed()))
         };
+        let (mut result, _) = run_probe()?;
+        if device.is_cuda() {
+            let (second, took) = run_probe()?;
+            result = second;
+            if took <= SLOW_PROBE {
+                result = run_probe()?.0;
+            }
+        }
         let threads = compute_threads(device, (c * h * w) as usize);
         let _ = self.compute_threads.set(threads);
         Ok(Layout {
@@ -1146,54 +1142,47 @@ impl Staging {
                 Err(e) => failed.push((entry.rel, e.summary())),
             }
         }
-        if ok.is_empty() {
-            return Decoded {
-                ok,
-                failed,
-                x: None,
-                staging: buf,
-            };
-        }
-        if let (Some(b), true, Ok(())) = (&buf, all_staged, &moved) {
-            let x = match &self.bytes {
-                Some(norm) => upload_bytes(b, ok.len(), self.device, norm),
-                None => upload_staged(b, ok.len(), self.device, self.channels_last),
-            };
-            // A byte batch has no other way up.
-            if x.is_ok() || self.bytes.is_some() {
-                return Decoded {
-                    ok,
-                    failed,
-                    x: Some(x),
-                    staging: buf,
-                };
-            }
-        }
-        if self.bytes.is_some() && buf.is_some() {
-            let why = moved.err().unwrap_or_else(|| Error::Internal {
-                what: "an image missing from a byte batch".into(),
-            });
-            return Decoded {
-                ok,
-                failed,
-                x: Some(Err(why)),
-                staging: buf,
-            };
-        }
-        // Pinned memory is not in use (or a row could not be written).
-        let inputs: Vec<&Tensor> = ok.iter().map(|(_, p)| &p.input).collect();
-        let x = Some(padded_batch(
-            &inputs,
-            batch_size,
-            self.device,
-            self.channels_last,
-        ));
+        let x =
+            (!ok.is_empty()).then(|| self.input(&ok, buf.as_ref(), all_staged, moved, batch_size));
         Decoded {
             ok,
             failed,
             x,
             staging: buf,
         }
+    }
+
+    /// The model input of the decoded images `ok`, on the device: `buf`
+    /// uploaded when every one is in its row (`all_staged`, the rows closed
+    /// up as `moved` says), else their inputs stacked.
+    fn input(
+        &self,
+        ok: &[(Entry, Prepared)],
+        buf: Option<&Tensor>,
+        all_staged: bool,
+        moved: Result<()>,
+        batch_size: usize,
+    ) -> Result<Tensor> {
+        if let Some(b) = buf {
+            if let Some(norm) = &self.bytes {
+                // A byte batch has no other way up.
+                moved?;
+                if !all_staged {
+                    return Err(Error::Internal {
+                        what: "an image missing from a byte batch".into(),
+                    });
+                }
+                return upload_bytes(b, ok.len(), self.device, norm);
+            }
+            if let (true, Ok(())) = (all_staged, moved) {
+                if let Ok(x) = upload_staged(b, ok.len(), self.device, self.channels_last) {
+                    return Ok(x);
+                }
+            }
+        }
+        // Pinned memory is not in use (or a row could not be written).
+        let inputs: Vec<&Tensor> = ok.iter().map(|(_, p)| &p.input).collect();
+        padded_batch(&inputs, batch_size, self.device, self.channels_last)
     }
 }
 
@@ -1229,11 +1218,7 @@ fn move_row(buf: &Tensor, from: usize, to: usize) -> Result<()> {
 /// Zeroes the pad rows of a staging buffer whose first `n` rows hold the
 /// batch, and starts its asynchronous copy to `device`.
 fn upload_staged(buf: &Tensor, n: usize, device: Device, channels_last: bool) -> Result<Tensor> {
-    let rows = buf.size()[0];
-    if (n as i64) < rows {
-        let mut pad = buf.f_narrow(0, n as i64, rows - n as i64)?;
-        let _ = pad.f_zero_()?;
-    }
+    zero_rows_from(buf, n)?;
     let x = if channels_last {
         buf.f_permute([0, 3, 1, 2])?
     } else {
@@ -1248,12 +1233,18 @@ fn upload_staged(buf: &Tensor, n: usize, device: Device, channels_last: bool) ->
 fn upload_bytes(buf: &Tensor, n: usize, device: Device, norm: &ByteNormaliser) -> Result<Tensor> {
     let x = buf.f_to_device_(device, Kind::Uint8, true, false)?;
     let x = norm.normalise(&x)?;
-    let rows = x.size()[0];
+    zero_rows_from(&x, n)?;
+    Ok(x)
+}
+
+/// Zeroes the rows of `t` from row `n` on (a batch's padding).
+fn zero_rows_from(t: &Tensor, n: usize) -> Result<()> {
+    let rows = t.size()[0];
     if (n as i64) < rows {
-        let mut pad = x.f_narrow(0, n as i64, rows - n as i64)?;
+        let mut pad = t.f_narrow(0, n as i64, rows - n as i64)?;
         let _ = pad.f_zero_()?;
     }
-    Ok(x)
+    Ok(())
 }
 
 /// Stacks `inputs` and pads them with zero images to `batch_size` rows
