@@ -76,7 +76,7 @@ impl Sink for PngSink {
             .and_then(|a| a.heat.as_ref())
             .ok_or(Error::Empty { what: "CAM map" })?;
         let map = Vec::<f32>::try_from(&heat.f_contiguous()?.f_reshape([-1])?)?;
-        let image = Vec::<f32>::try_from(&r.image.f_contiguous()?.f_reshape([-1])?)?;
+        let image = Vec::<f32>::try_from(&r.image.to_planes()?.f_reshape([-1])?)?;
         let [h, w] = self.size;
         let png = heatmap::overlay_png(&image, self.channels, w, h, &map)?;
         let path = self.out.join(format!("{}.png", r.rel));

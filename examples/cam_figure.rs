@@ -86,7 +86,7 @@ fn main() -> Result<()> {
     let mut pictures = Vec::new();
     for rel in IMAGES {
         let p = pre.load(args.images.join(rel))?;
-        pictures.push(planes(&p.image)?);
+        pictures.push(planes(&p.image.to_planes()?)?);
         inputs.push(p.input);
     }
     let x = preprocess::stack(&inputs.iter().collect::<Vec<_>>())?;

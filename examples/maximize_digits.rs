@@ -156,7 +156,7 @@ fn main() -> Result<()> {
             .collect();
         names.sort();
         let first = names.first().with_context(|| format!("{dir} is empty"))?;
-        examples.push(pre.load(first)?.image);
+        examples.push(pre.load(first)?.image.to_planes()?);
     }
 
     let rows = [examples, (0..10).map(|i| out.images.get(i)).collect()];

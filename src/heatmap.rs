@@ -138,16 +138,21 @@ impl Blend {
     #[inline]
     fn px(&self, m: f32, px: [f32; 3]) -> [u8; 3] {
         let c = &self.lut[lut_index(m)];
-        // `(v × 255).round()` without the libm call: for the non-negative
-        // values here `floor(x + 0.5)` is the same (the sum is exact except
-        // within 2^-25 of 0.5).
-        let to_u8 = |v: f32| (v.clamp(0.0, 1.0) * 255.0 + 0.5) as u8;
         [
             to_u8(c[0] + self.keep * px[0]),
             to_u8(c[1] + self.keep * px[1]),
             to_u8(c[2] + self.keep * px[2]),
         ]
     }
+}
+
+/// A blended value in `[0, 1]` (clamped; NaN is 0) to 8 bits:
+/// `(v × 255).round()` without the libm call: for the non-negative values
+/// here `floor(x + 0.5)` is the same (the sum is exact except within 2^-25
+/// of 0.5).
+#[inline(always)]
+fn to_u8(v: f32) -> u8 {
+    (v.clamp(0.0, 1.0) * 255.0 + 0.5) as u8
 }
 
 /// Blends `map` (`height × width` values in `[0, 1]`) coloured with `cmap`
@@ -211,6 +216,140 @@ pub fn overlay_into(
         blend_rgb(&blend, map, [r, g, b], out);
     }
     Ok(())
+}
+
+/// [`overlay_into`] of an image given as interleaved `(height, width, C)`
+/// bytes (C = 1 or 3), byte `v` standing for `v × (1/255)` in float32 (as
+/// [`crate::preprocess::InputImage::to_planes`] converts them): the same
+/// output bytes as [`overlay_into`] of those planes, without making them.
+///
+/// # Errors
+/// As [`overlay`].
+#[allow(clippy::too_many_arguments)]
+pub fn overlay_bytes_into(
+    bytes: &[u8],
+    channels: usize,
+    width: usize,
+    height: usize,
+    map: &[f32],
+    cmap: Colormap,
+    alpha: f32,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let n = width * height;
+    if map.len() != n || bytes.len() != channels * n || !(channels == 1 || channels == 3) {
+        return Err(Error::shape(
+            "overlay image and map",
+            format!(
+                "{height} x {width} x {channels} bytes (C = 1 or 3) and {height} x {width} map"
+            ),
+            &[bytes.len() as i64, map.len() as i64],
+        ));
+    }
+    let blend = Blend::new(cmap, alpha);
+    // `(1 − alpha) × v × (1/255)` for every byte value: the product
+    // `Blend::px` forms from the planes' value.
+    let k = (1.0f64 / 255.0) as f32;
+    let kept: [f32; 256] = std::array::from_fn(|v| blend.keep * (f32::from(v as u8) * k));
+    out.clear();
+    out.resize(3 * n, 0);
+    blend_bytes(&blend, &kept, map, bytes, channels, out);
+    Ok(())
+}
+
+/// [`overlay_bytes_into`] encoded as a PNG, as [`overlay_png`].
+///
+/// # Errors
+/// As [`overlay_png`].
+pub fn overlay_bytes_png(
+    bytes: &[u8],
+    channels: usize,
+    width: usize,
+    height: usize,
+    map: &[f32],
+) -> Result<Vec<u8>> {
+    let mut rgb = Vec::new();
+    overlay_bytes_into(
+        bytes,
+        channels,
+        width,
+        height,
+        map,
+        Colormap::Jet,
+        0.5,
+        &mut rgb,
+    )?;
+    encode_png(
+        &rgb,
+        u32::try_from(width).unwrap_or(u32::MAX),
+        u32::try_from(height).unwrap_or(u32::MAX),
+    )
+}
+
+/// The blend of [`overlay_bytes_into`] (lengths checked by it), compiled
+/// for AVX2 where the CPU has it.
+fn blend_bytes(
+    blend: &Blend,
+    kept: &[f32; 256],
+    map: &[f32],
+    bytes: &[u8],
+    c: usize,
+    out: &mut [u8],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { blend_bytes_avx2(blend, kept, map, bytes, c, out) };
+            return;
+        }
+    }
+    blend_bytes_generic(blend, kept, map, bytes, c, out);
+}
+
+/// [`blend_bytes_generic`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn blend_bytes_avx2(
+    blend: &Blend,
+    kept: &[f32; 256],
+    map: &[f32],
+    bytes: &[u8],
+    c: usize,
+    out: &mut [u8],
+) {
+    blend_bytes_generic(blend, kept, map, bytes, c, out);
+}
+
+#[inline(always)]
+fn blend_bytes_generic(
+    blend: &Blend,
+    kept: &[f32; 256],
+    map: &[f32],
+    bytes: &[u8],
+    c: usize,
+    out: &mut [u8],
+) {
+    let px = out.chunks_exact_mut(3).zip(map);
+    if c == 3 {
+        for ((o, &m), v) in px.zip(bytes.chunks_exact(3)) {
+            let col = &blend.lut[lut_index(m)];
+            o[0] = to_u8(col[0] + kept[usize::from(v[0])]);
+            o[1] = to_u8(col[1] + kept[usize::from(v[1])]);
+            o[2] = to_u8(col[2] + kept[usize::from(v[2])]);
+        }
+    } else {
+        for ((o, &m), &v) in px.zip(bytes) {
+            let col = &blend.lut[lut_index(m)];
+            let g = kept[usize::from(v)];
+            o[0] = to_u8(col[0] + g);
+            o[1] = to_u8(col[1] + g);
+            o[2] = to_u8(col[2] + g);
+        }
+    }
 }
 
 /// The RGB case of [`overlay_into`]: the same arithmetic, compiled for
@@ -574,6 +713,50 @@ mod tests {
         for i in 0..n {
             let want = blend.px(map[i], [planes[0][i], planes[1][i], planes[2][i]]);
             assert_eq!(&dispatched[3 * i..3 * i + 3], &want[..], "pixel {i}");
+        }
+    }
+
+    /// Overlays from an image's bytes are those from its `[0, 1]` planes
+    /// (`v × (1/255)` in float32), byte for byte, in colour and in gray,
+    /// every byte value and every edge of the map included; wrong lengths
+    /// are shape errors.
+    #[test]
+    fn byte_overlays_equal_plane_overlays() {
+        let (w, h) = (67, 31);
+        let n = w * h;
+        let k = (1.0f64 / 255.0) as f32;
+        let mut map: Vec<f32> = (0..n)
+            .map(|i| ((i as f32 * 0.37).sin() + 1.0) / 2.0)
+            .collect();
+        for (j, e) in [f32::NAN, -1.0, 2.0, 0.0, 1.0, 255.0 / 256.0]
+            .into_iter()
+            .enumerate()
+        {
+            map[5 + 13 * j] = e;
+        }
+        for c in [1, 3] {
+            let bytes: Vec<u8> = (0..n * c).map(|i| (i * 7 % 256) as u8).collect();
+            let mut planes = vec![0f32; n * c];
+            for (i, &v) in bytes.iter().enumerate() {
+                planes[(i % c) * n + i / c] = f32::from(v) * k;
+            }
+            let mut want = Vec::new();
+            overlay_into(&planes, c, w, h, &map, Colormap::Jet, 0.4, &mut want).unwrap();
+            let mut got = vec![9u8; 5];
+            overlay_bytes_into(&bytes, c, w, h, &map, Colormap::Jet, 0.4, &mut got).unwrap();
+            assert_eq!(got, want, "{c} channels");
+            let mut generic = vec![0u8; 3 * n];
+            let blend = Blend::new(Colormap::Jet, 0.4);
+            let kept: [f32; 256] = std::array::from_fn(|v| blend.keep * (f32::from(v as u8) * k));
+            blend_bytes_generic(&blend, &kept, &map, &bytes, c, &mut generic);
+            assert_eq!(generic, want, "{c} channels, baseline loop");
+            assert_eq!(
+                overlay_bytes_png(&bytes, c, w, h, &map).unwrap(),
+                overlay_png(&planes, c, w, h, &map).unwrap()
+            );
+            let short =
+                overlay_bytes_into(&bytes[1..], c, w, h, &map, Colormap::Jet, 0.4, &mut got);
+            assert!(matches!(short, Err(Error::Shape { .. })), "{short:?}");
         }
     }
 

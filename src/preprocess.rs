@@ -336,14 +336,95 @@ impl Sidecar {
     }
 }
 
+/// The image as the model saw it before normalisation: at the model's
+/// input size, after any resize and crop (for overlays).
+#[derive(Debug)]
+pub enum InputImage {
+    /// The crop's 8-bit values, `(H, W, C)` uint8, contiguous: what the
+    /// torchvision recipe (a sidecar with `resize`) resizes and crops.
+    /// Value `v` stands for `v × (1/255)` in float32, as
+    /// [`InputImage::to_planes`] gives it.
+    Bytes(Tensor),
+    /// `(C, H, W)` float32 in `[0, 1]`, contiguous: the plain recipe
+    /// resizes in float.
+    Planes(Tensor),
+}
+
+impl InputImage {
+    /// The image as `(C, H, W)` float32 planes in `[0, 1]`: the planes
+    /// themselves, or the bytes times `1/255` in float32 (torchvision's
+    /// `ToDtype(float32, scale=True)`), the values the model's input was
+    /// normalised from.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for bytes that are not `(H, W, C)` uint8 on the
+    /// CPU; [`Error::Torch`] if a tensor operation fails.
+    pub fn to_planes(&self) -> Result<Tensor> {
+        match self {
+            InputImage::Planes(t) => Ok(t.shallow_clone()),
+            InputImage::Bytes(t) => {
+                let (bytes, [h, w, c]) = crop_bytes(t)?;
+                let image =
+                    Tensor::f_empty([c as i64, h as i64, w as i64], (Kind::Float, Device::Cpu))?;
+                // SAFETY: `image` is a new contiguous float32 CPU tensor of
+                // c × h × w values that nothing else refers to yet.
+                unsafe {
+                    let planes =
+                        std::slice::from_raw_parts_mut(image.data_ptr() as *mut f32, c * h * w);
+                    planes_from_bytes(bytes, c, planes);
+                }
+                Ok(image)
+            }
+        }
+    }
+
+    /// The channels, height and width.
+    pub fn chw(&self) -> [usize; 3] {
+        let s = match self {
+            InputImage::Bytes(t) | InputImage::Planes(t) => t.size(),
+        };
+        let d = |i: usize| s.get(i).map_or(0, |&v| v.max(0) as usize);
+        match self {
+            InputImage::Bytes(_) => [d(2), d(0), d(1)],
+            InputImage::Planes(_) => [d(0), d(1), d(2)],
+        }
+    }
+}
+
+/// The bytes of an `(H, W, C)` uint8 CPU crop, made contiguous when it is
+/// not, and its `[H, W, C]`.
+fn crop_bytes(t: &Tensor) -> Result<(&[u8], [usize; 3])> {
+    let size = t.size();
+    if size.len() != 3 || t.kind() != Kind::Uint8 || t.device() != Device::Cpu || !t.is_contiguous()
+    {
+        return Err(Error::shape(
+            "an image's bytes",
+            "a contiguous (H, W, C) uint8 CPU tensor",
+            &size,
+        ));
+    }
+    let dims = [size[0] as usize, size[1] as usize, size[2] as usize];
+    let n = dims.iter().product::<usize>();
+    if n == 0 {
+        return Ok((&[], dims));
+    }
+    // SAFETY: `t` is a contiguous uint8 CPU tensor of n bytes (checked
+    // above) that lives as long as the borrow of `t`.
+    Ok((
+        unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, n) },
+        dims,
+    ))
+}
+
 /// One image, ready for the model.
 #[derive(Debug)]
 pub struct Prepared {
     /// The model input `(C, H, W)`, float32, normalised.
     pub input: Tensor,
-    /// The resized (and cropped) image `(C, H, W)` in `[0, 1]` before
-    /// normalisation (for overlays at the model's input size).
-    pub image: Tensor,
+    /// The resized (and cropped) image before normalisation (for overlays
+    /// at the model's input size): the crop's bytes for the torchvision
+    /// recipe, float planes for the plain one.
+    pub image: InputImage,
     /// The decoded image's `(width, height)` before resizing.
     pub original_size: (u32, u32),
     /// The decoded image at full resolution as 8-bit RGB, kept when
@@ -591,10 +672,12 @@ impl Preprocessor {
                     });
                 }
                 let rgb = img.into_rgb8();
-                let image = self.torchvision(&rgb, path, Some(row))?;
+                let hwc = self.torchvision(&rgb, path)?;
+                let mut r = row.shallow_clone();
+                r.f_copy_(&hwc)?;
                 return Ok(Prepared {
                     input: row.shallow_clone(),
-                    image,
+                    image: InputImage::Bytes(hwc),
                     original_size,
                     original: self.keep_original.then_some(rgb),
                 });
@@ -611,8 +694,9 @@ impl Preprocessor {
     }
 
     /// The resize stage of [`Preprocessor::prepare_image`]: the decoded
-    /// image as `(C, H, W)` float32 in `[0, 1]` at the model's input size
-    /// (what [`Prepared::image`] holds), and the decoded image as 8-bit RGB
+    /// image at the model's input size (what [`Prepared::image`] holds: the
+    /// crop's bytes for the torchvision recipe, `(C, H, W)` float32 planes
+    /// in `[0, 1]` for the plain one), and the decoded image as 8-bit RGB
     /// when [`Preprocessor::keep_original`] is on.
     ///
     /// # Errors
@@ -621,10 +705,10 @@ impl Preprocessor {
         &self,
         img: DynamicImage,
         path: impl AsRef<Path>,
-    ) -> Result<(Tensor, Option<RgbImage>)> {
+    ) -> Result<(InputImage, Option<RgbImage>)> {
         if self.sidecar.resize.is_some() {
             let rgb = img.into_rgb8();
-            let image = self.torchvision(&rgb, path.as_ref(), None)?;
+            let image = InputImage::Bytes(self.torchvision(&rgb, path.as_ref())?);
             return Ok((image, self.keep_original.then_some(rgb)));
         }
         let original_size = (img.width(), img.height());
@@ -657,7 +741,7 @@ impl Preprocessor {
             } else {
                 self.resize_tensor(self.planes_8bit(&rgb)?)?
             };
-            return Ok((image, self.keep_original.then_some(rgb)));
+            return Ok((InputImage::Planes(image), self.keep_original.then_some(rgb)));
         }
         let c = self.sidecar.channels as i64;
         let pixels = to_planes(&img, self.sidecar.channels);
@@ -668,7 +752,7 @@ impl Preprocessor {
             i64::from(original_size.0),
         ])?;
         Ok((
-            self.resize_tensor(x)?,
+            InputImage::Planes(self.resize_tensor(x)?),
             self.keep_original.then(|| img.into_rgb8()),
         ))
     }
@@ -726,16 +810,61 @@ impl Preprocessor {
         Ok(image.f_sub(&mean)?.f_div(&std)?)
     }
 
-    /// [`Preprocessor::normalise`] of a `(C, H, W)` image, into `dest` when
-    /// given (a float32 CPU tensor of the image's shape, checked by
-    /// `load_into`), else into a new tensor: in one pass over the image's
-    /// planes by [`normalise_planes`] (the same IEEE operations as
-    /// libtorch's) when the destination is contiguous or a channels-last
-    /// row, else by libtorch and a copy. (In place on a channels-last row,
-    /// libtorch's subtraction and division broadcast over the innermost
-    /// three values: slower than two passes over contiguous planes and a
-    /// copy.)
-    fn normalise_into(&self, image: &Tensor, dest: Option<&Tensor>) -> Result<Tensor> {
+    /// The normalisation stage of an image from [`Preprocessor::resize_image`]
+    /// (or [`Prepared::image`]): the model input `(C, H, W)`, float32, the
+    /// same bits as [`Preprocessor::normalise`] of its
+    /// [`InputImage::to_planes`], for bytes in one pass over them.
+    ///
+    /// # Errors
+    /// As [`Preprocessor::normalise`]; [`Error::Shape`] for bytes that are
+    /// not `(H, W, C)` uint8 on the CPU.
+    pub fn normalise_image(&self, image: &InputImage) -> Result<Tensor> {
+        self.normalise_into(image, None)
+    }
+
+    /// [`Preprocessor::normalise`] of an image, into `dest` when given (a
+    /// float32 CPU tensor of the image's `(C, H, W)` shape, checked by
+    /// `load_into`), else into a new tensor. A crop's bytes are normalised
+    /// in one pass by [`normalise_bytes`], one table lookup a value (the
+    /// same IEEE operations on the same `[0, 1]` values as for planes),
+    /// when the destination is contiguous or a channels-last row; planes as
+    /// [`Preprocessor::normalise_planes_into`] says.
+    fn normalise_into(&self, image: &InputImage, dest: Option<&Tensor>) -> Result<Tensor> {
+        let InputImage::Bytes(t) = image else {
+            return self.normalise_planes_into(&image.to_planes()?, dest);
+        };
+        let (bytes, [h, w, c]) = crop_bytes(t)?;
+        if self.stats_per_channel() && c == self.sidecar.channels {
+            let out = match dest {
+                Some(d) => d.shallow_clone(),
+                None => {
+                    Tensor::f_empty([c as i64, h as i64, w as i64], (Kind::Float, Device::Cpu))?
+                }
+            };
+            if let Some(order) = Order::of(&out, c, h * w) {
+                // SAFETY: `out` is a float32 CPU tensor of c × h × w values
+                // laid out as `order` says (a new one, or a destination of
+                // the image's shape), which nothing else reads or writes
+                // while this thread fills it, and which does not overlap
+                // the crop's bytes.
+                unsafe {
+                    let o = std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, c * h * w);
+                    normalise_bytes(bytes, c, order, o, &self.sidecar);
+                }
+                return Ok(out);
+            }
+        }
+        self.normalise_planes_into(&image.to_planes()?, dest)
+    }
+
+    /// [`Preprocessor::normalise`] of `(C, H, W)` planes, into `dest` when
+    /// given, else into a new tensor: in one pass over the planes by
+    /// [`normalise_planes`] (the same IEEE operations as libtorch's) when
+    /// the destination is contiguous or a channels-last row, else by
+    /// libtorch and a copy. (In place on a channels-last row, libtorch's
+    /// subtraction and division broadcast over the innermost three values:
+    /// slower than two passes over contiguous planes and a copy.)
+    fn normalise_planes_into(&self, image: &Tensor, dest: Option<&Tensor>) -> Result<Tensor> {
         let c = self.sidecar.channels;
         let n = image.numel() / c.max(1);
         let planar = self.stats_per_channel()
@@ -785,7 +914,7 @@ impl Preprocessor {
         let input = self.normalise(&image)?;
         Ok(Prepared {
             input,
-            image,
+            image: InputImage::Planes(image),
             original_size,
             original: None,
         })
@@ -804,11 +933,9 @@ impl Preprocessor {
         self.resize_tensor(Tensor::f_from_slice(&pixels)?.f_view([1, c, h, w])?)
     }
 
-    /// The torchvision pipeline on 8-bit RGB: `(C, H, W)` in `[0, 1]` from
-    /// one pass over the cropped bytes, and the bytes themselves into
-    /// `bytes` when given (a contiguous `(H, W, C)` uint8 row, checked by
-    /// `load_bytes_into`).
-    fn torchvision(&self, rgb: &RgbImage, path: &Path, bytes: Option<&Tensor>) -> Result<Tensor> {
+    /// The torchvision pipeline on 8-bit RGB up to the crop: its bytes,
+    /// `(H, W, C)` uint8, contiguous.
+    fn torchvision(&self, rgb: &RgbImage, path: &Path) -> Result<Tensor> {
         let s = &self.sidecar;
         let Some(resize) = s.resize else {
             return Err(Error::InvalidValue {
@@ -858,32 +985,29 @@ impl Preprocessor {
             resize_u8(&x, [nh as i64, nw as i64], s.interpolation(), s.antialias())?
         };
         let x = center_crop(&x, s.input_size)?;
-        // The crop's bytes in (H, W, C) order.
+        // The crop's bytes in (H, W, C) order, in memory of their own: with
+        // no resize, and a crop that keeps whole rows, `contiguous` returns
+        // a view of `raw`, which the caller may free.
         let hwc = x.f_permute([0, 2, 3, 1])?.f_contiguous()?;
         drop(x);
+        let at = hwc.data_ptr() as usize;
+        let raw_at = raw.as_ptr() as usize;
+        let hwc = if (raw_at..raw_at + raw.len()).contains(&at) {
+            hwc.f_detach_copy()?
+        } else {
+            hwc
+        };
         let [th, tw] = s.input_size;
-        let n = th * tw;
-        if hwc.numel() != n * c || hwc.kind() != Kind::Uint8 {
+        if hwc.numel() != th * tw * c || hwc.kind() != Kind::Uint8 {
             return Err(Error::Internal {
-                what: format!("the crop has {} values, expected {}", hwc.numel(), n * c),
+                what: format!(
+                    "the crop has {} values, expected {}",
+                    hwc.numel(),
+                    th * tw * c
+                ),
             });
         }
-        let shape = [c as i64, th as i64, tw as i64];
-        let image = Tensor::f_empty(shape, (Kind::Float, Device::Cpu))?;
-        // SAFETY: `hwc` is a contiguous uint8 CPU tensor of n × c bytes
-        // (the crop), alive until the end of this block; `image` is a new
-        // contiguous float CPU tensor of c × n values that nothing else
-        // refers to yet.
-        unsafe {
-            let crop = std::slice::from_raw_parts(hwc.data_ptr() as *const u8, n * c);
-            let planes = std::slice::from_raw_parts_mut(image.data_ptr() as *mut f32, c * n);
-            planes_from_bytes(crop, c, planes);
-        }
-        if let Some(row) = bytes {
-            let mut row = row.shallow_clone();
-            row.f_copy_(&hwc.f_view([th as i64, tw as i64, c as i64])?)?;
-        }
-        Ok(image)
+        Ok(hwc.f_view([th as i64, tw as i64, c as i64])?)
     }
 
     /// Decodes an encoded image (format guessed from the bytes) within the
@@ -1132,6 +1256,47 @@ unsafe fn interleave_rgb_avx2(image: &[f32], out: &mut [f32], s: &Sidecar) {
         o[0] = (r - m[0]) / d[0];
         o[1] = (g - m[1]) / d[1];
         o[2] = (b - m[2]) / d[2];
+    }
+}
+
+/// [`normalise_planes`] of the `[0, 1]` values of interleaved `(H, W, C)`
+/// bytes (`v × (1/255)` in float32, as [`planes_from_bytes`] makes them):
+/// every byte value's result is computed once per channel, with the same
+/// IEEE operations, and each value is then a table lookup, into `out` in
+/// `order`.
+fn normalise_bytes(bytes: &[u8], c: usize, order: Order, out: &mut [f32], s: &Sidecar) {
+    let k = (1.0f64 / 255.0) as f32;
+    let tables: Vec<[f32; 256]> = (0..c)
+        .map(|ch| {
+            let (m, d) = (s.mean[ch], s.std[ch]);
+            std::array::from_fn(|v| (f32::from(v as u8) * k - m) / d)
+        })
+        .collect();
+    let n = out.len() / c.max(1);
+    match order {
+        Order::Interleaved if c == 3 => {
+            let [r, g, b] = [&tables[0], &tables[1], &tables[2]];
+            for (o, px) in out.chunks_exact_mut(3).zip(bytes.chunks_exact(3)) {
+                o[0] = r[usize::from(px[0])];
+                o[1] = g[usize::from(px[1])];
+                o[2] = b[usize::from(px[2])];
+            }
+        }
+        Order::Interleaved => {
+            for (o, px) in out.chunks_exact_mut(c).zip(bytes.chunks_exact(c)) {
+                for ((o, &v), t) in o.iter_mut().zip(px).zip(&tables) {
+                    *o = t[usize::from(v)];
+                }
+            }
+        }
+        Order::Planes => {
+            for (ch, t) in tables.iter().enumerate() {
+                let plane = &mut out[ch * n..(ch + 1) * n];
+                for (o, px) in plane.iter_mut().zip(bytes.chunks_exact(c)) {
+                    *o = t[usize::from(px[ch])];
+                }
+            }
+        }
     }
 }
 
@@ -1560,12 +1725,30 @@ mod tests {
                 .contiguous()
                 .view([channels as i64, 224, 224]);
             let input = pre.normalise(&image).unwrap();
-            assert_eq!(bits(&got.image), bits(&image), "case {k}: image");
+            assert_eq!(
+                bits(&got.image.to_planes().unwrap()),
+                bits(&image),
+                "case {k}: image"
+            );
             assert_eq!(bits(&got.input), bits(&input), "case {k}: input");
+            // The torchvision recipe keeps the crop's bytes themselves.
+            let InputImage::Bytes(crop) = &got.image else {
+                panic!("case {k}: {:?}", got.image)
+            };
+            let want_crop = x
+                .permute([0, 2, 3, 1])
+                .contiguous()
+                .view([224, 224, channels as i64]);
+            assert!(crop.equal(&want_crop), "case {k}: bytes");
+            assert_eq!(got.image.chw(), [channels, 224, 224]);
             let (only, _) = pre
                 .resize_image(DynamicImage::ImageRgb8(rgb), "x.png")
                 .unwrap();
-            assert_eq!(bits(&only), bits(&image), "case {k}: resize_image");
+            assert_eq!(
+                bits(&only.to_planes().unwrap()),
+                bits(&image),
+                "case {k}: resize_image"
+            );
         }
     }
 
@@ -1630,7 +1813,7 @@ mod tests {
             // The one-pass normalisation is libtorch's, bit for bit.
             assert_eq!(
                 bits(&want.input),
-                bits(&pre.normalise(&want.image).unwrap()),
+                bits(&pre.normalise(&want.image.to_planes().unwrap()).unwrap()),
                 "{json}"
             );
             let c = s.channels as i64;
@@ -1655,8 +1838,8 @@ mod tests {
                     "{json} {channels_last}"
                 );
                 assert_eq!(
-                    bits(&got.image),
-                    bits(&want.image),
+                    bits(&got.image.to_planes().unwrap()),
+                    bits(&want.image.to_planes().unwrap()),
                     "{json} {channels_last}"
                 );
                 // Row 0 untouched.
@@ -1688,7 +1871,11 @@ mod tests {
             let c = s.channels as i64;
             let batch = Tensor::full([2, 24, 20, c], 255, (Kind::Uint8, Device::Cpu));
             let got = pre.load_bytes_into(&path, &batch.get(1)).unwrap();
-            assert_eq!(bits(&got.image), bits(&want.image), "{json}");
+            assert_eq!(
+                bits(&got.image.to_planes().unwrap()),
+                bits(&want.image.to_planes().unwrap()),
+                "{json}"
+            );
             let x = pre
                 .byte_normaliser(Device::Cpu)
                 .unwrap()
@@ -1739,10 +1926,11 @@ mod tests {
         assert_eq!(p.input.size(), vec![3, 4, 6]);
         assert_eq!(p.original.as_ref().map(|o| o.dimensions()), Some((3, 5)));
         // The 2 x 2 image sits at rows 1-2, columns 2-3; zeros around it.
-        let r = Vec::<f32>::try_from(&p.image.get(0).reshape([-1])).unwrap();
+        let image = p.image.to_planes().unwrap();
+        let r = Vec::<f32>::try_from(&image.get(0).reshape([-1])).unwrap();
         let ones: Vec<usize> = (0..24).filter(|&i| r[i] == 1.0).collect();
         assert_eq!(ones, vec![8, 9, 14, 15]);
-        let b = p.image.get(2).double_value(&[1, 2]);
+        let b = image.get(2).double_value(&[1, 2]);
         assert!((b - 0.2).abs() < 1e-6, "{b}");
         // A resize far past the allocation limit is an image error.
         let big = Sidecar::from_json(

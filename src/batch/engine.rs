@@ -1369,7 +1369,7 @@ mod tests {
                         row.f_copy_(x).unwrap();
                         let p = Prepared {
                             input: row,
-                            image: x.shallow_clone(),
+                            image: crate::preprocess::InputImage::Planes(x.shallow_clone()),
                             original_size: (6, 5),
                             original: None,
                         };

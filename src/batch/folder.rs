@@ -34,7 +34,7 @@ use super::{ImageResult, Layout, Method, Sink};
 use crate::error::{Error, Result};
 use crate::heatmap;
 use crate::io;
-use crate::preprocess::{Preprocessor, Sidecar};
+use crate::preprocess::{InputImage, Preprocessor, Sidecar};
 
 /// The folder, under an output folder, holding the row journals and
 /// per-worker reports.
@@ -381,9 +381,14 @@ impl FolderSink {
                         h,
                         pre.map_region(r.original_size),
                     ),
-                    _ => with_values(&r.image, |image| {
-                        heatmap::overlay_png(image, self.channels, w, h, map)
-                    }),
+                    _ => match &r.image {
+                        InputImage::Bytes(t) => with_bytes(t, |bytes| {
+                            heatmap::overlay_bytes_png(bytes, self.channels, w, h, map)
+                        }),
+                        InputImage::Planes(t) => with_values(t, |image| {
+                            heatmap::overlay_png(image, self.channels, w, h, map)
+                        }),
+                    },
                 })?;
                 io::write_atomic(&self.file(&r.rel, &format!(".{}.png", a.name)), &png)?;
             }
@@ -637,6 +642,23 @@ impl Sink for FolderSink {
 /// Calls `f` with the values of `t` as float32 on the CPU, borrowed from
 /// the tensor when it is already a contiguous float CPU tensor (the
 /// engine's maps and images are), copied otherwise.
+/// `f` of the bytes of a uint8 tensor (made contiguous on the CPU).
+fn with_bytes<R>(t: &tch::Tensor, f: impl FnOnce(&[u8]) -> Result<R>) -> Result<R> {
+    let t = t
+        .f_to_device(tch::Device::Cpu)?
+        .f_to_kind(tch::Kind::Uint8)?
+        .f_contiguous()?;
+    let n = t.numel();
+    if n == 0 {
+        return f(&[]);
+    }
+    // SAFETY: `t` is a contiguous uint8 CPU tensor of `n` bytes (made so
+    // just above), alive until this function returns, and nothing writes
+    // to the images the writers read.
+    let bytes = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, n) };
+    f(bytes)
+}
+
 fn with_values<R>(t: &tch::Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let t = t
         .f_to_device(tch::Device::Cpu)?

@@ -155,9 +155,10 @@ pub struct ImageResult {
     pub arrays: Vec<ImageArray>,
     /// The method's named per-image values ([`BatchResult::columns`]).
     pub columns: Vec<(String, f32)>,
-    /// The resized image `(C, H, W)`, `[0, 1]`, as the model saw it before
-    /// normalisation (for overlays).
-    pub image: Tensor,
+    /// The resized image as the model saw it before normalisation (for
+    /// overlays): the crop's bytes for the torchvision recipe, `[0, 1]`
+    /// float planes for the plain one.
+    pub image: crate::preprocess::InputImage,
     /// The decoded image's `(width, height)`.
     pub original_size: (u32, u32),
     /// The decoded image itself, when the engine's preprocessor keeps it
