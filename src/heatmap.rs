@@ -307,7 +307,13 @@ fn blend_bytes(
     blend_bytes_generic(blend, kept, map, bytes, c, out);
 }
 
-/// [`blend_bytes_generic`] compiled for AVX2.
+/// [`blend_bytes_generic`] eight RGB pixels at a time with AVX2
+/// intrinsics: the colours as [`blend_rgb_avx2`] finds them, each channel's
+/// eight bytes picked out of the pixels' 24 by two byte shuffles, then
+/// `keep × (v × (1/255))`, the two products of the `kept` table, and the
+/// same add, clamp, scale and truncation (no FMA), so the bytes are the
+/// scalar loop's. Gray images, and the last `n % 8` pixels, take the
+/// scalar loop.
 ///
 /// # Safety
 /// The CPU must support AVX2.
@@ -321,7 +327,95 @@ unsafe fn blend_bytes_avx2(
     c: usize,
     out: &mut [u8],
 ) {
-    blend_bytes_generic(blend, kept, map, bytes, c, out);
+    use std::arch::x86_64::*;
+    let n = map.len().min(out.len() / 3).min(bytes.len() / c.max(1));
+    if c != 3 {
+        blend_bytes_generic(blend, kept, map, bytes, c, out);
+        return;
+    }
+    let body = n - n % 8;
+    let lut = blend.lut.as_ptr().cast::<f32>();
+    let scale = _mm256_set1_ps(LUT_SIZE as f32);
+    let top_f = _mm256_set1_ps((LUT_SIZE - 1) as f32);
+    let top_i = _mm256_set1_epi32((LUT_SIZE - 1) as i32);
+    let zero = _mm256_setzero_ps();
+    let one = _mm256_set1_ps(1.0);
+    let keep = _mm256_set1_ps(blend.keep);
+    let k = _mm256_set1_ps((1.0f64 / 255.0) as f32);
+    let c255 = _mm256_set1_ps(255.0);
+    let half = _mm256_set1_ps(0.5);
+    // Byte shuffles picking channel c of 8 pixels out of their 24 bytes:
+    // the first 16 bytes (pixels 0-4 and part of 5) and the last 8.
+    let pick = |lo: [i8; 16], hi: [i8; 16]| unsafe {
+        (
+            _mm_loadu_si128(lo.as_ptr().cast()),
+            _mm_loadu_si128(hi.as_ptr().cast()),
+        )
+    };
+    let z = -1i8;
+    let shuffles = [
+        pick(
+            [0, 3, 6, 9, 12, 15, z, z, z, z, z, z, z, z, z, z],
+            [z, z, z, z, z, z, 2, 5, z, z, z, z, z, z, z, z],
+        ),
+        pick(
+            [1, 4, 7, 10, 13, z, z, z, z, z, z, z, z, z, z, z],
+            [z, z, z, z, z, 0, 3, 6, z, z, z, z, z, z, z, z],
+        ),
+        pick(
+            [2, 5, 8, 11, 14, z, z, z, z, z, z, z, z, z, z, z],
+            [z, z, z, z, z, 1, 4, 7, z, z, z, z, z, z, z, z],
+        ),
+    ];
+    let mut lanes = [_mm256_setzero_si256(); 3];
+    let interleave = _mm256_setr_epi8(
+        0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11, z, z, z, z, 0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11, z,
+        z, z, z,
+    );
+    let mut i = 0;
+    while i < body {
+        // SAFETY (loads): i + 8 <= n, so the map's 8 values and the 24
+        // bytes at 3i are within their slices.
+        let x = _mm256_mul_ps(_mm256_loadu_ps(map.as_ptr().add(i)), scale);
+        let at_top = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x, top_f));
+        let positive = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(x, zero));
+        let idx = _mm256_and_si256(_mm256_cvttps_epi32(x), positive);
+        let idx = _mm256_blendv_epi8(idx, top_i, at_top);
+        let off = _mm256_add_epi32(_mm256_add_epi32(idx, idx), idx);
+        let src = bytes.as_ptr().add(3 * i);
+        let lo = _mm_loadu_si128(src.cast());
+        let hi = _mm_loadl_epi64(src.add(16).cast());
+        for (ch, ((s_lo, s_hi), lane)) in shuffles.iter().zip(lanes.iter_mut()).enumerate() {
+            // SAFETY (gather): every offset + ch < 3 × LUT_SIZE.
+            let colour = _mm256_i32gather_ps::<4>(lut.add(ch), off);
+            let v8 = _mm_or_si128(_mm_shuffle_epi8(lo, *s_lo), _mm_shuffle_epi8(hi, *s_hi));
+            let px = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v8)), k);
+            let v = _mm256_add_ps(colour, _mm256_mul_ps(keep, px));
+            let v = _mm256_min_ps(_mm256_max_ps(v, zero), one);
+            *lane = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v, c255), half));
+        }
+        // 0..=255 each: packed to bytes without saturating, each 128-bit
+        // half [r0-3 g0-3 b0-3 b0-3] (pixels 0-3, then 4-7), interleaved
+        // into 12 bytes of RGB by one shuffle.
+        let [r, g, b] = lanes;
+        let rg = _mm256_packus_epi32(r, g);
+        let bb = _mm256_packus_epi32(b, b);
+        let rgb = _mm256_shuffle_epi8(_mm256_packus_epi16(rg, bb), interleave);
+        let mut px = [0u8; 32];
+        _mm256_storeu_si256(px.as_mut_ptr().cast(), rgb);
+        let o = &mut out[3 * i..3 * i + 24];
+        o[..12].copy_from_slice(&px[..12]);
+        o[12..].copy_from_slice(&px[16..28]);
+        i += 8;
+    }
+    blend_bytes_generic(
+        blend,
+        kept,
+        &map[body..n],
+        &bytes[3 * body..3 * n],
+        3,
+        &mut out[3 * body..3 * n],
+    );
 }
 
 #[inline(always)]
