@@ -505,67 +505,74 @@ fn fused_abs_map(g: &Tensor) -> Result<Option<Tensor>> {
             std::slice::from_raw_parts_mut(map.data_ptr() as *mut f32, n * hw),
         )
     };
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return Ok(unsafe { abs_maps_avx2(grad, c, hw, channels_last, out) }.then_some(map));
+        }
+    }
+    Ok(abs_maps(grad, c, hw, channels_last, out).then_some(map))
+}
+
+/// [`abs_maps`] compiled for AVX2 (the crate's baseline is SSE2).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn abs_maps_avx2(grad: &[f32], c: usize, hw: usize, channels_last: bool, out: &mut [f32]) -> bool {
+    abs_maps(grad, c, hw, channels_last, out)
+}
+
+/// The maps of [`fused_abs_map`] into `out`, one `hw` slice per image of
+/// `c × hw` gradient values; `false` (with `out` partly written) at the
+/// first image holding a NaN. Worked on the values' bits: for the
+/// non-negative floats that `|v|` gives, the order of their bit patterns
+/// as integers is the order of their values (+0 lowest; `v & 0x7fffffff`
+/// is `|v|`), so the channel maximum, the image's minimum and maximum are
+/// integer `max`/`min`s, exact and vectorisable, and a NaN shows as a
+/// maximum above infinity's bits.
+#[inline(always)]
+fn abs_maps(grad: &[f32], c: usize, hw: usize, channels_last: bool, out: &mut [f32]) -> bool {
+    const ABS: u32 = 0x7fff_ffff;
+    const INF: u32 = 0x7f80_0000;
     let eps = 1e-7f64 as f32;
     for (image, m) in grad.chunks_exact(c * hw).zip(out.chunks_exact_mut(hw)) {
-        let nan = if channels_last {
-            channel_max_interleaved(image, c, m)
+        let bits = |v: f32| v.to_bits() & ABS;
+        let max = |a: u32, b: u32| if a > b { a } else { b };
+        if !channels_last {
+            for (o, &x) in m.iter_mut().zip(&image[..hw]) {
+                *o = f32::from_bits(bits(x));
+            }
+            for plane in image.chunks_exact(hw).skip(1) {
+                for (o, &x) in m.iter_mut().zip(plane) {
+                    *o = f32::from_bits(max(o.to_bits(), bits(x)));
+                }
+            }
+        } else if c == 3 {
+            for (o, px) in m.iter_mut().zip(image.chunks_exact(3)) {
+                *o = f32::from_bits(max(max(bits(px[0]), bits(px[1])), bits(px[2])));
+            }
         } else {
-            channel_max_planes(image, m)
-        };
-        if nan {
-            return Ok(None);
+            for (o, px) in m.iter_mut().zip(image.chunks_exact(c)) {
+                *o = f32::from_bits(px.iter().fold(0, |a, &x| max(a, bits(x))));
+            }
         }
-        let (lo, hi) = m
-            .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
-                (lo.min(v), hi.max(v))
-            });
+        let (lo, hi) = m.iter().fold((u32::MAX, 0u32), |(lo, hi), &v| {
+            let b = v.to_bits();
+            (if b < lo { b } else { lo }, if b > hi { b } else { hi })
+        });
+        if hi > INF {
+            return false;
+        }
+        let (lo, hi) = (f32::from_bits(lo), f32::from_bits(hi));
         let span = (hi - lo) + eps;
         for v in m.iter_mut() {
             *v = (*v - lo) / span;
         }
     }
-    Ok(Some(map))
-}
-
-/// Per pixel, the largest `|value|` over `c` interleaved channels, into
-/// `m`; whether a NaN was seen.
-fn channel_max_interleaved(image: &[f32], c: usize, m: &mut [f32]) -> bool {
-    let mut nan = false;
-    if c == 3 {
-        for (o, px) in m.iter_mut().zip(image.chunks_exact(3)) {
-            nan |= px[0].is_nan() | px[1].is_nan() | px[2].is_nan();
-            *o = px[0].abs().max(px[1].abs()).max(px[2].abs());
-        }
-        return nan;
-    }
-    for (o, px) in m.iter_mut().zip(image.chunks_exact(c)) {
-        let mut v = px[0].abs();
-        for x in &px[1..] {
-            v = v.max(x.abs());
-        }
-        nan |= px.iter().any(|x| x.is_nan());
-        *o = v;
-    }
-    nan
-}
-
-/// Per pixel, the largest `|value|` over the planes, into `m`; whether a
-/// NaN was seen.
-fn channel_max_planes(image: &[f32], m: &mut [f32]) -> bool {
-    let hw = m.len();
-    let mut nan = false;
-    for (o, &x) in m.iter_mut().zip(&image[..hw]) {
-        nan |= x.is_nan();
-        *o = x.abs();
-    }
-    for plane in image.chunks_exact(hw).skip(1) {
-        for (o, &x) in m.iter_mut().zip(plane) {
-            nan |= x.is_nan();
-            *o = o.max(x.abs());
-        }
-    }
-    nan
+    true
 }
 
 /// `(m − min) / (max − min + 1e-7)` with min and max over every axis but
