@@ -521,7 +521,13 @@ fn fused_abs_map(g: &Tensor) -> Result<Option<Tensor>> {
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn abs_maps_avx2(grad: &[f32], c: usize, hw: usize, channels_last: bool, out: &mut [f32]) -> bool {
+unsafe fn abs_maps_avx2(
+    grad: &[f32],
+    c: usize,
+    hw: usize,
+    channels_last: bool,
+    out: &mut [f32],
+) -> bool {
     abs_maps(grad, c, hw, channels_last, out)
 }
 

@@ -561,8 +561,8 @@ impl<'a> Engine<'a> {
         let batch_size = self.batch_size;
         let abort = AtomicBool::new(false);
         let (tx_batch, rx_batch) = bounded::<Decoded>(2);
-        // Pinned host batches for a CUDA model, handed back by the compute
-        // thread once their batch is done (see `Staging`).
+        // Host batches handed back by the compute thread once their batch
+        // is done (pinned ones for a CUDA model; see `Staging`).
         let (tx_free, rx_free) = unbounded::<Tensor>();
         let (tx_write, rx_write) = bounded::<ImageResult>(batch_size.max(16) * 2);
         let (tx_event, rx_event) = unbounded::<Event>();
@@ -651,7 +651,6 @@ impl<'a> Engine<'a> {
             // Compute, on this thread. On CUDA a batch's results are handed
             // out while the device computes the next one (see `Flight`).
             let tx_ev = tx_event;
-            let cuda = device.is_cuda();
             let mut in_flight: Option<Flight> = None;
             let mut waiting = Instant::now();
             for batch in rx_batch.iter() {
@@ -680,8 +679,8 @@ impl<'a> Engine<'a> {
                     break;
                 }
                 let Some(x) = x else {
-                    // Nothing was uploaded from the pinned buffer.
-                    if let (Some(buf), true) = (staging, cuda) {
+                    // Nothing was read from the buffer.
+                    if let Some(buf) = staging {
                         let _ = tx_free.send(buf);
                     }
                     waiting = Instant::now();
@@ -710,7 +709,16 @@ impl<'a> Engine<'a> {
                         in_flight = Some(flight);
                         Ok(())
                     } else {
-                        self.hand_out(flight, &tx_write, clock)
+                        // The buffer serves the next batch but one unless a
+                        // result is a view of it (a method that returns its
+                        // input): fresh memory is paged in anew, a fault
+                        // every 4 KiB.
+                        let free = staging.filter(|buf| !flight.views(buf));
+                        let handed = self.hand_out(flight, &tx_write, clock);
+                        if let Some(buf) = free {
+                            let _ = tx_free.send(buf);
+                        }
+                        handed
                     }
                 });
                 clock
@@ -882,6 +890,21 @@ struct Flight {
     columns: Vec<(String, Tensor)>,
     /// Per array: name, values and heatmap on the host, `(n, ...)`.
     arrays: Vec<(String, Tensor, Option<Tensor>)>,
+}
+
+impl Flight {
+    /// Whether a result is a view of (or into) the host buffer `buf`.
+    fn views(&self, buf: &Tensor) -> bool {
+        let lo = buf.data_ptr() as usize;
+        let hi = lo + buf.numel() * buf.kind().elt_size_in_bytes();
+        let inside = |t: &Tensor| (lo..hi).contains(&(t.data_ptr() as usize));
+        self.scores.iter().any(inside)
+            || self.columns.iter().any(|(_, t)| inside(t))
+            || self
+                .arrays
+                .iter()
+                .any(|(_, v, h)| inside(v) || h.as_ref().is_some_and(inside))
+    }
 }
 
 /// Sets the calling thread's libtorch intra-op thread count to `n`, for
@@ -1075,16 +1098,15 @@ impl Staging {
         }
     }
 
-    /// A free buffer: on a CPU a new one; on CUDA one handed back, else a
-    /// new one while fewer than `MAX` exist, else the next one handed back.
-    /// `None` when the memory cannot be had (the batch then takes the
-    /// stacking path).
+    /// A free buffer: one handed back, else a new one (on CUDA while fewer
+    /// than `MAX` exist, else the next one handed back). `None` when the
+    /// memory cannot be had (the batch then takes the stacking path).
     fn take(&mut self, free: &Receiver<Tensor>) -> Option<Tensor> {
-        if !self.device.is_cuda() {
-            return Tensor::f_empty(self.shape, (self.kind(), Device::Cpu)).ok();
-        }
         if let Ok(buf) = free.try_recv() {
             return Some(buf);
+        }
+        if !self.device.is_cuda() {
+            return Tensor::f_empty(self.shape, (self.kind(), Device::Cpu)).ok();
         }
         if self.made < Self::MAX {
             let buf = Tensor::f_zeros(self.shape, (self.kind(), Device::Cpu))
