@@ -362,18 +362,26 @@ pub fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(tmp)
 }
 
-/// Creates the parent folders of `path` if they are missing. It looks
-/// first: `create_dir_all` starts with a `mkdir`, which fails on an
-/// existing folder only after taking the lock of the folder above, and then
-/// looks anyway; one `stat` per file instead, and no lock for writer
-/// threads saving into one folder.
-fn ensure_parent(path: &Path) -> Result<()> {
-    if let Some(parent) = path.parent() {
-        if !parent.as_os_str().is_empty() && !parent.is_dir() {
-            fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        }
+/// Runs `create`, which creates the file `tmp`; when that fails because
+/// a folder above it is missing, creates the folders and runs it once
+/// more. Trying first costs nothing where the folder exists (nearly every
+/// file of a run), against a `stat` per file for looking first (and
+/// `create_dir_all` starts with a `mkdir`, which fails on an existing
+/// folder only after taking the lock of the folder above).
+fn with_parent<T>(
+    tmp: &Path,
+    mut create: impl FnMut() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    match create() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match tmp.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => {
+                fs::create_dir_all(parent)?;
+                create()
+            }
+            _ => Err(e),
+        },
+        other => other,
     }
-    Ok(())
 }
 
 fn commit(tmp: &Path, path: &Path) -> Result<()> {
@@ -390,9 +398,8 @@ fn commit(tmp: &Path, path: &Path) -> Result<()> {
 /// # Errors
 /// [`Error::Io`] when a directory cannot be created or the file written.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    ensure_parent(path)?;
     let tmp = temp_path(path);
-    let written = fs::File::create(&tmp).and_then(|mut f| f.write_all(bytes));
+    let written = with_parent(&tmp, || fs::File::create(&tmp)).and_then(|mut f| f.write_all(bytes));
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
         return Err(Error::io(path, e));
@@ -406,11 +413,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// # Errors
 /// [`Error::Io`] when a directory cannot be created or the file written.
 pub fn write_npy_atomic(path: &Path, tensor: &Tensor) -> Result<()> {
-    ensure_parent(path)?;
     let tmp = temp_path(path);
-    if let Err(e) = tensor.f_contiguous().and_then(|t| t.write_npy(&tmp)) {
+    let written = tensor
+        .f_contiguous()
+        .map_err(std::io::Error::other)
+        .and_then(|t| {
+            with_parent(&tmp, || {
+                t.write_npy(&tmp).map_err(|e| match e {
+                    tch::TchError::Io(e) => e,
+                    e => std::io::Error::other(e.to_string()),
+                })
+            })
+        });
+    if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
-        return Err(Error::io(path, std::io::Error::other(e.to_string())));
+        return Err(Error::io(path, e));
     }
     commit(&tmp, path)
 }
@@ -497,6 +514,20 @@ mod tests {
         let q = dir.path().join("x.npy");
         write_npy_atomic(&q, &t).unwrap();
         assert!(Tensor::read_npy(&q).unwrap().equal(&t));
+        // Missing folders are made for npy files too; a folder that is a
+        // file is an I/O error naming the output, and leaves nothing.
+        let q = dir.path().join("d/e/x.npy");
+        write_npy_atomic(&q, &t).unwrap();
+        assert!(Tensor::read_npy(&q).unwrap().equal(&t));
+        fs::write(dir.path().join("f"), b"").unwrap();
+        for bad in [
+            write_atomic(&dir.path().join("f/g/c.txt"), b"x"),
+            write_npy_atomic(&dir.path().join("f/x.npy"), &t),
+        ] {
+            assert!(matches!(bad, Err(Error::Io { .. })), "{bad:?}");
+        }
+        // a/, x.npy, d/ and f.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 4);
     }
 
     #[test]
