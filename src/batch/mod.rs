@@ -98,7 +98,10 @@ pub struct BatchResult {
 /// device) and one noise key per row (a stable hash of each image's
 /// relative path, never 0; 0 for the padding rows, which come last), and
 /// returns results with `B` rows. A method may skip the padding rows' work
-/// (Score-CAM does); their results are dropped.
+/// (Score-CAM does); their results are dropped. The memory of `x` serves
+/// a later batch once the results are handed out (unless a result is a
+/// view of it): a method that keeps anything of `x` past the call keeps a
+/// copy.
 pub trait Method: Sync {
     /// The method's name, for reports (`"saliency"`).
     fn name(&self) -> &str;
