@@ -192,16 +192,7 @@ pub fn overlay_into(
     alpha: f32,
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    let n = width * height;
-    if map.len() != n || image.len() != channels * n || !(channels == 1 || channels == 3) {
-        return Err(Error::shape(
-            "overlay image and map",
-            format!(
-                "{channels} x {height} x {width} image (C = 1 or 3) and {height} x {width} map"
-            ),
-            &[image.len() as i64, map.len() as i64],
-        ));
-    }
+    let n = overlay_pixels(image.len(), channels, width, height, map.len())?;
     let blend = Blend::new(cmap, alpha);
     out.clear();
     out.resize(3 * n, 0);
@@ -216,6 +207,29 @@ pub fn overlay_into(
         blend_rgb(&blend, map, [r, g, b], out);
     }
     Ok(())
+}
+
+/// The pixels of an overlay of `width × height`, once the image's
+/// `values` (planes or bytes) and the map's fit that size and 1 or 3
+/// channels.
+fn overlay_pixels(
+    values: usize,
+    channels: usize,
+    width: usize,
+    height: usize,
+    map: usize,
+) -> Result<usize> {
+    let n = width * height;
+    if map != n || values != channels * n || !(channels == 1 || channels == 3) {
+        return Err(Error::shape(
+            "overlay image and map",
+            format!(
+                "{channels} x {height} x {width} image (C = 1 or 3) and {height} x {width} map"
+            ),
+            &[values as i64, map as i64],
+        ));
+    }
+    Ok(n)
 }
 
 /// [`overlay_into`] of an image given as interleaved `(height, width, C)`
@@ -236,16 +250,7 @@ pub fn overlay_bytes_into(
     alpha: f32,
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    let n = width * height;
-    if map.len() != n || bytes.len() != channels * n || !(channels == 1 || channels == 3) {
-        return Err(Error::shape(
-            "overlay image and map",
-            format!(
-                "{height} x {width} x {channels} bytes (C = 1 or 3) and {height} x {width} map"
-            ),
-            &[bytes.len() as i64, map.len() as i64],
-        ));
-    }
+    let n = overlay_pixels(bytes.len(), channels, width, height, map.len())?;
     let blend = Blend::new(cmap, alpha);
     // `(1 − alpha) × v × (1/255)` for every byte value: the product
     // `Blend::px` forms from the planes' value.
@@ -307,6 +312,116 @@ fn blend_bytes(
     blend_bytes_generic(blend, kept, map, bytes, c, out);
 }
 
+/// The AVX2 arithmetic both blends share, eight pixels at a time: the
+/// table offsets of `lut_index`, the blend of a colour and a pixel value
+/// to `0..=255`, and the interleaved RGB store; the same IEEE operations in
+/// the same order (no FMA) as [`Blend::px`].
+#[cfg(target_arch = "x86_64")]
+struct Lanes {
+    lut: *const f32,
+    scale: std::arch::x86_64::__m256,
+    top_f: std::arch::x86_64::__m256,
+    top_i: std::arch::x86_64::__m256i,
+    zero: std::arch::x86_64::__m256,
+    one: std::arch::x86_64::__m256,
+    keep: std::arch::x86_64::__m256,
+    c255: std::arch::x86_64::__m256,
+    half: std::arch::x86_64::__m256,
+    interleave: std::arch::x86_64::__m256i,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes {
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    unsafe fn new(blend: &Blend) -> Self {
+        use std::arch::x86_64::*;
+        let z = -1i8;
+        Lanes {
+            lut: blend.lut.as_ptr().cast::<f32>(),
+            scale: _mm256_set1_ps(LUT_SIZE as f32),
+            top_f: _mm256_set1_ps((LUT_SIZE - 1) as f32),
+            top_i: _mm256_set1_epi32((LUT_SIZE - 1) as i32),
+            zero: _mm256_setzero_ps(),
+            one: _mm256_set1_ps(1.0),
+            keep: _mm256_set1_ps(blend.keep),
+            c255: _mm256_set1_ps(255.0),
+            half: _mm256_set1_ps(0.5),
+            // Per 128-bit half [r0-3 g0-3 b0-3 b0-3] to 12 bytes of RGB.
+            interleave: _mm256_setr_epi8(
+                0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11, z, z, z, z, 0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7,
+                11, z, z, z, z,
+            ),
+        }
+    }
+
+    /// The colours of eight map values at `map`, channel by channel:
+    /// `lut_index` (x >= 255 → 255; x > 0 → trunc(x); else, NaN too, 0),
+    /// then the gathered `[r, g, b]` entries.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `map` points at eight values.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn colours(&self, map: *const f32) -> [std::arch::x86_64::__m256; 3] {
+        use std::arch::x86_64::*;
+        let x = _mm256_mul_ps(_mm256_loadu_ps(map), self.scale);
+        let at_top = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x, self.top_f));
+        let positive = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(x, self.zero));
+        let idx = _mm256_and_si256(_mm256_cvttps_epi32(x), positive);
+        let idx = _mm256_blendv_epi8(idx, self.top_i, at_top);
+        // Offsets of [r, g, b] entries in the (256, 3) table; all < 768, so
+        // every offset + c < 3 × LUT_SIZE.
+        let off = _mm256_add_epi32(_mm256_add_epi32(idx, idx), idx);
+        // (No closures here: they would not inherit AVX2, and each
+        // intrinsic would become a call.)
+        [
+            _mm256_i32gather_ps::<4>(self.lut, off),
+            _mm256_i32gather_ps::<4>(self.lut.add(1), off),
+            _mm256_i32gather_ps::<4>(self.lut.add(2), off),
+        ]
+    }
+
+    /// `clamp(colour + keep × px, 0, 1) × 255 + 0.5`, truncated. (max_ps
+    /// returns its second operand, 0, for a NaN, which gives 0 as `NaN as
+    /// u8` does.)
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn blend(
+        &self,
+        colour: std::arch::x86_64::__m256,
+        px: std::arch::x86_64::__m256,
+    ) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        let v = _mm256_add_ps(colour, _mm256_mul_ps(self.keep, px));
+        let v = _mm256_min_ps(_mm256_max_ps(v, self.zero), self.one);
+        _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v, self.c255), self.half))
+    }
+
+    /// Eight pixels' channel values (each in `0..=255`) as 24 bytes of
+    /// interleaved RGB: packed to bytes (nothing saturates), then one
+    /// shuffle per 128-bit half.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn store(&self, [r, g, b]: [std::arch::x86_64::__m256i; 3], out: &mut [u8]) {
+        use std::arch::x86_64::*;
+        let rg = _mm256_packus_epi32(r, g);
+        let bb = _mm256_packus_epi32(b, b);
+        let rgb = _mm256_shuffle_epi8(_mm256_packus_epi16(rg, bb), self.interleave);
+        let mut px = [0u8; 32];
+        _mm256_storeu_si256(px.as_mut_ptr().cast(), rgb);
+        out[..12].copy_from_slice(&px[..12]);
+        out[12..24].copy_from_slice(&px[16..28]);
+    }
+}
+
 /// [`blend_bytes_generic`] eight RGB pixels at a time with AVX2
 /// intrinsics: the colours as [`blend_rgb_avx2`] finds them, each channel's
 /// eight bytes picked out of the pixels' 24 by two byte shuffles, then
@@ -334,16 +449,8 @@ unsafe fn blend_bytes_avx2(
         return;
     }
     let body = n - n % 8;
-    let lut = blend.lut.as_ptr().cast::<f32>();
-    let scale = _mm256_set1_ps(LUT_SIZE as f32);
-    let top_f = _mm256_set1_ps((LUT_SIZE - 1) as f32);
-    let top_i = _mm256_set1_epi32((LUT_SIZE - 1) as i32);
-    let zero = _mm256_setzero_ps();
-    let one = _mm256_set1_ps(1.0);
-    let keep = _mm256_set1_ps(blend.keep);
+    let lanes = Lanes::new(blend);
     let k = _mm256_set1_ps((1.0f64 / 255.0) as f32);
-    let c255 = _mm256_set1_ps(255.0);
-    let half = _mm256_set1_ps(0.5);
     // Byte shuffles picking channel c of 8 pixels out of their 24 bytes:
     // the first 16 bytes (pixels 0-4 and part of 5) and the last 8.
     let pick = |lo: [i8; 16], hi: [i8; 16]| unsafe {
@@ -367,45 +474,22 @@ unsafe fn blend_bytes_avx2(
             [z, z, z, z, z, 1, 4, 7, z, z, z, z, z, z, z, z],
         ),
     ];
-    let mut lanes = [_mm256_setzero_si256(); 3];
-    let interleave = _mm256_setr_epi8(
-        0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11, z, z, z, z, 0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11, z,
-        z, z, z,
-    );
     let mut i = 0;
     while i < body {
         // SAFETY (loads): i + 8 <= n, so the map's 8 values and the 24
         // bytes at 3i are within their slices.
-        let x = _mm256_mul_ps(_mm256_loadu_ps(map.as_ptr().add(i)), scale);
-        let at_top = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x, top_f));
-        let positive = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(x, zero));
-        let idx = _mm256_and_si256(_mm256_cvttps_epi32(x), positive);
-        let idx = _mm256_blendv_epi8(idx, top_i, at_top);
-        let off = _mm256_add_epi32(_mm256_add_epi32(idx, idx), idx);
+        let colours = lanes.colours(map.as_ptr().add(i));
         let src = bytes.as_ptr().add(3 * i);
         let lo = _mm_loadu_si128(src.cast());
         let hi = _mm_loadl_epi64(src.add(16).cast());
-        for (ch, ((s_lo, s_hi), lane)) in shuffles.iter().zip(lanes.iter_mut()).enumerate() {
-            // SAFETY (gather): every offset + ch < 3 × LUT_SIZE.
-            let colour = _mm256_i32gather_ps::<4>(lut.add(ch), off);
-            let v8 = _mm_or_si128(_mm_shuffle_epi8(lo, *s_lo), _mm_shuffle_epi8(hi, *s_hi));
+        let mut q = [_mm256_setzero_si256(); 3];
+        for ch in 0..3 {
+            let (s_lo, s_hi) = shuffles[ch];
+            let v8 = _mm_or_si128(_mm_shuffle_epi8(lo, s_lo), _mm_shuffle_epi8(hi, s_hi));
             let px = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v8)), k);
-            let v = _mm256_add_ps(colour, _mm256_mul_ps(keep, px));
-            let v = _mm256_min_ps(_mm256_max_ps(v, zero), one);
-            *lane = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v, c255), half));
+            q[ch] = lanes.blend(colours[ch], px);
         }
-        // 0..=255 each: packed to bytes without saturating, each 128-bit
-        // half [r0-3 g0-3 b0-3 b0-3] (pixels 0-3, then 4-7), interleaved
-        // into 12 bytes of RGB by one shuffle.
-        let [r, g, b] = lanes;
-        let rg = _mm256_packus_epi32(r, g);
-        let bb = _mm256_packus_epi32(b, b);
-        let rgb = _mm256_shuffle_epi8(_mm256_packus_epi16(rg, bb), interleave);
-        let mut px = [0u8; 32];
-        _mm256_storeu_si256(px.as_mut_ptr().cast(), rgb);
-        let o = &mut out[3 * i..3 * i + 24];
-        o[..12].copy_from_slice(&px[..12]);
-        o[12..].copy_from_slice(&px[16..28]);
+        lanes.store(q, &mut out[3 * i..3 * i + 24]);
         i += 8;
     }
     blend_bytes_generic(
@@ -488,44 +572,16 @@ unsafe fn blend_rgb_avx2(blend: &Blend, map: &[f32], planes: [&[f32]; 3], out: &
     let [r, g, b] = planes;
     let n = pixels(map, planes, out);
     let body = n - n % 8;
-    let lut = blend.lut.as_ptr().cast::<f32>();
-    let scale = _mm256_set1_ps(LUT_SIZE as f32);
-    let top_f = _mm256_set1_ps((LUT_SIZE - 1) as f32);
-    let top_i = _mm256_set1_epi32((LUT_SIZE - 1) as i32);
-    let zero = _mm256_setzero_ps();
-    let one = _mm256_set1_ps(1.0);
-    let keep = _mm256_set1_ps(blend.keep);
-    let c255 = _mm256_set1_ps(255.0);
-    let half = _mm256_set1_ps(0.5);
-    let mut lanes = [[0i32; 8]; 3];
+    let lanes = Lanes::new(blend);
     let mut i = 0;
     while i < body {
         // SAFETY (loads): i + 8 <= n, within every slice.
-        let x = _mm256_mul_ps(_mm256_loadu_ps(map.as_ptr().add(i)), scale);
-        // lut_index: x >= 255 → 255; x > 0 → trunc(x); else (NaN too) 0.
-        let at_top = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x, top_f));
-        let positive = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(x, zero));
-        let idx = _mm256_and_si256(_mm256_cvttps_epi32(x), positive);
-        let idx = _mm256_blendv_epi8(idx, top_i, at_top);
-        // Offsets of [r, g, b] entries in the (256, 3) table; all < 768.
-        let off = _mm256_add_epi32(_mm256_add_epi32(idx, idx), idx);
-        for (c, (plane, lane)) in [r, g, b].iter().zip(lanes.iter_mut()).enumerate() {
-            // SAFETY (gather): every offset + c < 3 × LUT_SIZE.
-            let colour = _mm256_i32gather_ps::<4>(lut.add(c), off);
-            let px = _mm256_loadu_ps(plane.as_ptr().add(i));
-            let v = _mm256_add_ps(colour, _mm256_mul_ps(keep, px));
-            // clamp(v, 0, 1); max_ps returns its second operand (0) for a
-            // NaN, which then gives 0 as `NaN as u8` does.
-            let v = _mm256_min_ps(_mm256_max_ps(v, zero), one);
-            let q = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v, c255), half));
-            _mm256_storeu_si256(lane.as_mut_ptr().cast(), q);
+        let colours = lanes.colours(map.as_ptr().add(i));
+        let mut q = [_mm256_setzero_si256(); 3];
+        for (c, plane) in [r, g, b].iter().enumerate() {
+            q[c] = lanes.blend(colours[c], _mm256_loadu_ps(plane.as_ptr().add(i)));
         }
-        let o = &mut out[3 * i..3 * i + 24];
-        for k in 0..8 {
-            o[3 * k] = lanes[0][k] as u8;
-            o[3 * k + 1] = lanes[1][k] as u8;
-            o[3 * k + 2] = lanes[2][k] as u8;
-        }
+        lanes.store(q, &mut out[3 * i..3 * i + 24]);
         i += 8;
     }
     blend_rgb_generic(

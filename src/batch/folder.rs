@@ -382,7 +382,7 @@ impl FolderSink {
                         pre.map_region(r.original_size),
                     ),
                     _ => match &r.image {
-                        InputImage::Bytes(t) => with_bytes(t, |bytes| {
+                        InputImage::Bytes(t) => with_values(t, |bytes| {
                             heatmap::overlay_bytes_png(bytes, self.channels, w, h, map)
                         }),
                         InputImage::Planes(t) => with_values(t, |image| {
@@ -639,38 +639,25 @@ impl Sink for FolderSink {
     }
 }
 
-/// Calls `f` with the values of `t` as float32 on the CPU, borrowed from
-/// the tensor when it is already a contiguous float CPU tensor (the
-/// engine's maps and images are), copied otherwise.
-/// `f` of the bytes of a uint8 tensor (made contiguous on the CPU).
-fn with_bytes<R>(t: &tch::Tensor, f: impl FnOnce(&[u8]) -> Result<R>) -> Result<R> {
+/// Calls `f` with the values of `t` as `T` (float32 values, uint8 bytes)
+/// on the CPU, borrowed from the tensor when it is already a contiguous CPU
+/// tensor of that kind (the engine's maps and images are), copied
+/// otherwise.
+fn with_values<T: tch::kind::Element, R>(
+    t: &tch::Tensor,
+    f: impl FnOnce(&[T]) -> Result<R>,
+) -> Result<R> {
     let t = t
         .f_to_device(tch::Device::Cpu)?
-        .f_to_kind(tch::Kind::Uint8)?
+        .f_to_kind(T::KIND)?
         .f_contiguous()?;
     let n = t.numel();
     if n == 0 {
         return f(&[]);
     }
-    // SAFETY: `t` is a contiguous uint8 CPU tensor of `n` bytes (made so
-    // just above), alive until this function returns, and nothing writes
-    // to the images the writers read.
-    let bytes = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, n) };
-    f(bytes)
-}
-
-fn with_values<R>(t: &tch::Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t
-        .f_to_device(tch::Device::Cpu)?
-        .f_to_kind(tch::Kind::Float)?
-        .f_contiguous()?;
-    let n = t.numel();
-    if n == 0 {
-        return f(&[]);
-    }
-    // SAFETY: `t` is a contiguous float32 CPU tensor of `n` values (made so
-    // just above), alive until this function returns, and nothing writes
-    // to the results the writers read.
-    let values = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, n) };
+    // SAFETY: `t` is a contiguous CPU tensor of `n` values of `T`'s kind
+    // (made so just above), alive until this function returns, and nothing
+    // writes to the results the writers read.
+    let values = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, n) };
     f(values)
 }
