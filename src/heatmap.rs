@@ -15,6 +15,7 @@ use image::codecs::png::{CompressionType, FilterType, PngEncoder};
 use image::{ExtendedColorType, ImageEncoder, RgbImage};
 
 use crate::error::{Error, Result};
+use crate::preprocess::SCALE_8BIT;
 
 /// A colour map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -254,7 +255,7 @@ pub fn overlay_bytes_into(
     let blend = Blend::new(cmap, alpha);
     // `(1 − alpha) × v × (1/255)` for every byte value: the product
     // `Blend::px` forms from the planes' value.
-    let k = (1.0f64 / 255.0) as f32;
+    let k = SCALE_8BIT;
     let kept: [f32; 256] = std::array::from_fn(|v| blend.keep * (f32::from(v as u8) * k));
     out.clear();
     out.resize(3 * n, 0);
@@ -423,7 +424,7 @@ impl Lanes {
 }
 
 /// [`blend_bytes_generic`] eight RGB pixels at a time with AVX2
-/// intrinsics: the colours as [`blend_rgb_avx2`] finds them, each channel's
+/// intrinsics: the colours and the blend of [`Lanes`], each channel's
 /// eight bytes picked out of the pixels' 24 by two byte shuffles, then
 /// `keep × (v × (1/255))`, the two products of the `kept` table, and the
 /// same add, clamp, scale and truncation (no FMA), so the bytes are the
@@ -450,7 +451,7 @@ unsafe fn blend_bytes_avx2(
     }
     let body = n - n % 8;
     let lanes = Lanes::new(blend);
-    let k = _mm256_set1_ps((1.0f64 / 255.0) as f32);
+    let k = _mm256_set1_ps(SCALE_8BIT);
     // Byte shuffles picking channel c of 8 pixels out of their 24 bytes:
     // the first 16 bytes (pixels 0-4 and part of 5) and the last 8.
     let pick = |lo: [i8; 16], hi: [i8; 16]| unsafe {

@@ -377,22 +377,10 @@ impl InputImage {
             }
         }
     }
-
-    /// The channels, height and width.
-    pub fn chw(&self) -> [usize; 3] {
-        let s = match self {
-            InputImage::Bytes(t) | InputImage::Planes(t) => t.size(),
-        };
-        let d = |i: usize| s.get(i).map_or(0, |&v| v.max(0) as usize);
-        match self {
-            InputImage::Bytes(_) => [d(2), d(0), d(1)],
-            InputImage::Planes(_) => [d(0), d(1), d(2)],
-        }
-    }
 }
 
-/// The bytes of an `(H, W, C)` uint8 CPU crop, made contiguous when it is
-/// not, and its `[H, W, C]`.
+/// The bytes of a contiguous `(H, W, C)` uint8 CPU crop, and its
+/// `[H, W, C]`.
 fn crop_bytes(t: &Tensor) -> Result<(&[u8], [usize; 3])> {
     let size = t.size();
     if size.len() != 3 || t.kind() != Kind::Uint8 || t.device() != Device::Cpu || !t.is_contiguous()
@@ -662,29 +650,20 @@ impl Preprocessor {
     /// says (a destination checked by the caller).
     fn prepare_image_into(&self, img: DynamicImage, path: &Path, to: InputTo) -> Result<Prepared> {
         let original_size = (img.width(), img.height());
-        let dest = match to {
-            InputTo::New => None,
-            InputTo::Into(d) => Some(d),
+        let (image, original) = self.resize_image(img, path)?;
+        let input = match to {
+            InputTo::New => self.normalise_into(&image, None)?,
+            InputTo::Into(dest) => self.normalise_into(&image, Some(dest))?,
             InputTo::Bytes(row) => {
-                if self.sidecar.resize.is_none() {
+                let InputImage::Bytes(hwc) = &image else {
                     return Err(Error::Internal {
                         what: "an input's bytes asked of a recipe without resize".into(),
                     });
-                }
-                let rgb = img.into_rgb8();
-                let hwc = self.torchvision(&rgb, path)?;
-                let mut r = row.shallow_clone();
-                r.f_copy_(&hwc)?;
-                return Ok(Prepared {
-                    input: row.shallow_clone(),
-                    image: InputImage::Bytes(hwc),
-                    original_size,
-                    original: self.keep_original.then_some(rgb),
-                });
+                };
+                row.shallow_clone().f_copy_(hwc)?;
+                row.shallow_clone()
             }
         };
-        let (image, original) = self.resize_image(img, path)?;
-        let input = self.normalise_into(&image, dest)?;
         Ok(Prepared {
             input,
             image,
@@ -1119,10 +1098,9 @@ impl ByteNormaliser {
     /// an IEEE float32 operation, on a CPU as on CUDA: libtorch divides by
     /// a tensor, never by the reciprocal).
     pub(crate) fn normalise(&self, x: &Tensor) -> Result<Tensor> {
-        let k = (1.0f64 / 255.0) as f32;
         Ok(x.f_permute([0, 3, 1, 2])?
             .f_to_kind(Kind::Float)?
-            .f_mul_scalar(f64::from(k))?
+            .f_mul_scalar(f64::from(SCALE_8BIT))?
             .f_sub(&self.mean)?
             .f_div(&self.std)?
             .f_contiguous()?)
@@ -1170,6 +1148,12 @@ impl Order {
     }
 }
 
+/// `1/255` rounded to float32: the factor of torchvision's
+/// `ToDtype(float32, scale=True)` on uint8 (libtorch's
+/// `x.to(float32).mul_(1 / 255)`), by which every 8-bit value `v` of a
+/// torchvision-recipe crop stands for `v × SCALE_8BIT`.
+pub(crate) const SCALE_8BIT: f32 = (1.0f64 / 255.0) as f32;
+
 /// torchvision's `ToDtype(float32, scale=True)` on `n` pixels of
 /// interleaved `(H, W, C)` bytes: planar `(C, H, W)` values
 /// `v × (1/255 in float32)` — what libtorch's `x.to(float32).mul_(1 / 255)`
@@ -1199,7 +1183,7 @@ unsafe fn planes_from_bytes_avx2(bytes: &[u8], c: usize, image: &mut [f32]) {
 
 #[inline(always)]
 fn planes_from_bytes_generic(bytes: &[u8], c: usize, image: &mut [f32]) {
-    let k = (1.0f64 / 255.0) as f32;
+    let k = SCALE_8BIT;
     let n = image.len() / c;
     for (p, px) in bytes.chunks_exact(c).take(n).enumerate() {
         for (ch, &v) in px.iter().enumerate() {
@@ -1265,7 +1249,7 @@ unsafe fn interleave_rgb_avx2(image: &[f32], out: &mut [f32], s: &Sidecar) {
 /// IEEE operations, and each value is then a table lookup, into `out` in
 /// `order`.
 fn normalise_bytes(bytes: &[u8], c: usize, order: Order, out: &mut [f32], s: &Sidecar) {
-    let k = (1.0f64 / 255.0) as f32;
+    let k = SCALE_8BIT;
     let tables: Vec<[f32; 256]> = (0..c)
         .map(|ch| {
             let (m, d) = (s.mean[ch], s.std[ch]);
@@ -1740,7 +1724,7 @@ mod tests {
                 .contiguous()
                 .view([224, 224, channels as i64]);
             assert!(crop.equal(&want_crop), "case {k}: bytes");
-            assert_eq!(got.image.chw(), [channels, 224, 224]);
+            assert_eq!(crop.size(), vec![224, 224, channels as i64]);
             let (only, _) = pre
                 .resize_image(DynamicImage::ImageRgb8(rgb), "x.png")
                 .unwrap();
