@@ -44,6 +44,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+mod aa_resize;
 pub mod batch;
 pub mod cam;
 mod device;

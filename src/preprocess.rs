@@ -941,6 +941,29 @@ impl Preprocessor {
                 reason: format!("{} bytes for a {w}x{h} RGB image", raw.len()),
             });
         }
+        let [th, tw] = s.input_size;
+        if c == 3 && s.antialias() && (nh, nw) != (h, w) && th <= nh && tw <= nw {
+            // The crop's pixels of the resize and nothing else, straight
+            // into the result (the same bytes as libtorch's kernels below).
+            let (top, _, _) = center_crop_window(nh, th);
+            let (left, _, _) = center_crop_window(nw, tw);
+            let out = Tensor::f_empty([th as i64, tw as i64, 3], (Kind::Uint8, Device::Cpu))?;
+            // SAFETY: `out` is a new contiguous uint8 tensor of th × tw × 3
+            // bytes, not shared with anything until it is returned.
+            let bytes =
+                unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut u8, th * tw * 3) };
+            let done = crate::aa_resize::resize_window(
+                raw,
+                (h, w, 3),
+                (nh, nw),
+                (top..top + th, left..left + tw),
+                s.interpolation(),
+                bytes,
+            );
+            if done {
+                return Ok(out);
+            }
+        }
         // (1, 3, H, W) over the interleaved bytes, without a copy
         // (channels-last strides, as `pil_to_tensor` makes; libtorch's
         // kernels give the same values for either layout).
@@ -976,7 +999,6 @@ impl Preprocessor {
         } else {
             hwc
         };
-        let [th, tw] = s.input_size;
         if hwc.numel() != th * tw * c || hwc.kind() != Kind::Uint8 {
             return Err(Error::Internal {
                 what: format!(
