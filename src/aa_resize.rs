@@ -209,9 +209,12 @@ fn resize_window_with(
         // The width first, into those rows (or into `out` when the height
         // is kept).
         let to: &mut [u8] = if down.is_some() {
-            mid.clear();
-            mid.resize(span.len() * stride, 0);
-            mid
+            // Every byte is written below: grown, never cleared.
+            let need = span.len() * stride;
+            if mid.len() < need {
+                mid.resize(need, 0);
+            }
+            &mut mid[..need]
         } else {
             out
         };
@@ -224,7 +227,7 @@ fn resize_window_with(
             horizontal(src, w * c, c, span.clone(), &across, to, simd);
         }
         if let Some(down) = &down {
-            vertical(mid, stride, span.start, down, out, simd);
+            vertical(&mid[..span.len() * stride], stride, span.start, down, out, simd);
         }
     });
     true

@@ -177,8 +177,8 @@ pub fn overlay(
     Ok(out)
 }
 
-/// [`overlay`] into `out` (cleared first), so a caller can reuse one buffer
-/// for every image.
+/// [`overlay`] into `out` (its contents replaced), so a caller can reuse
+/// one buffer for every image.
 ///
 /// # Errors
 /// As [`overlay`].
@@ -195,7 +195,8 @@ pub fn overlay_into(
 ) -> Result<()> {
     let n = overlay_pixels(image.len(), channels, width, height, map.len())?;
     let blend = Blend::new(cmap, alpha);
-    out.clear();
+    // The blend writes every byte: only new room is zeroed.
+    out.truncate(3 * n);
     out.resize(3 * n, 0);
     if channels == 1 {
         let px = out.chunks_exact_mut(3).zip(map);
@@ -257,7 +258,8 @@ pub fn overlay_bytes_into(
     // `Blend::px` forms from the planes' value.
     let k = SCALE_8BIT;
     let kept: [f32; 256] = std::array::from_fn(|v| blend.keep * (f32::from(v as u8) * k));
-    out.clear();
+    // The blend writes every byte: only new room is zeroed.
+    out.truncate(3 * n);
     out.resize(3 * n, 0);
     blend_bytes(&blend, &kept, map, bytes, channels, out);
     Ok(())
@@ -896,6 +898,13 @@ mod tests {
             let mut got = vec![9u8; 5];
             overlay_bytes_into(&bytes, c, w, h, &map, Colormap::Jet, 0.4, &mut got).unwrap();
             assert_eq!(got, want, "{c} channels");
+            // A reused buffer, longer and full of other bytes.
+            for mut used in [vec![0xa5u8; 3 * n], vec![0x5au8; 3 * n + 7]] {
+                overlay_bytes_into(&bytes, c, w, h, &map, Colormap::Jet, 0.4, &mut used).unwrap();
+                assert_eq!(used, want, "{c} channels, a used buffer");
+                overlay_into(&planes, c, w, h, &map, Colormap::Jet, 0.4, &mut used).unwrap();
+                assert_eq!(used, want, "{c} channels, planes, a used buffer");
+            }
             let mut generic = vec![0u8; 3 * n];
             let blend = Blend::new(Colormap::Jet, 0.4);
             let kept: [f32; 256] = std::array::from_fn(|v| blend.keep * (f32::from(v as u8) * k));
