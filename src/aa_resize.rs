@@ -227,7 +227,14 @@ fn resize_window_with(
             horizontal(src, w * c, c, span.clone(), &across, to, simd);
         }
         if let Some(down) = &down {
-            vertical(&mid[..span.len() * stride], stride, span.start, down, out, simd);
+            vertical(
+                &mid[..span.len() * stride],
+                stride,
+                span.start,
+                down,
+                out,
+                simd,
+            );
         }
     });
     true
