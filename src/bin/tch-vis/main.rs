@@ -79,14 +79,36 @@ fn main() -> ExitCode {
             first_line(&msg)
         );
     }));
-    match std::panic::catch_unwind(run) {
-        Ok(Ok(())) => ExitCode::SUCCESS,
+    let code = match std::panic::catch_unwind(run) {
+        Ok(Ok(())) => 0,
         Ok(Err(f)) => {
             let _ = writeln!(std::io::stderr(), "tch-vis: error: {}", f.message());
-            ExitCode::from(f.code())
+            f.code()
         }
-        Err(_) => ExitCode::from(1),
+        Err(_) => 1,
+    };
+    exit_now(code)
+}
+
+/// Ends the process with `code` once standard output is flushed. On Unix
+/// without running the C++ static destructors of libtorch and its CUDA
+/// libraries (`_exit`): everything tch-vis writes is closed by then, and
+/// they took 0.1–0.15 s of every run's wall time, unregistering thousands
+/// of operators from tables the process is about to drop.
+fn exit_now(code: u8) -> ExitCode {
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    #[cfg(unix)]
+    {
+        extern "C" {
+            fn _exit(status: std::os::raw::c_int) -> !;
+        }
+        // SAFETY: `_exit` ends the process; every Rust value of the run was
+        // dropped when `run` returned and both standard streams are flushed.
+        unsafe { _exit(i32::from(code)) }
     }
+    #[cfg(not(unix))]
+    ExitCode::from(code)
 }
 
 #[cfg(test)]
