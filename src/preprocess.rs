@@ -686,7 +686,7 @@ impl Preprocessor {
         path: impl AsRef<Path>,
     ) -> Result<(InputImage, Option<RgbImage>)> {
         if self.sidecar.resize.is_some() {
-            let rgb = img.into_rgb8();
+            let rgb = rgb8(img);
             let image = InputImage::Bytes(self.torchvision(&rgb, path.as_ref())?);
             return Ok((image, self.keep_original.then_some(rgb)));
         }
@@ -699,7 +699,7 @@ impl Preprocessor {
             // 8-bit images (nearly all): the same values as `to_planes`, with
             // the conversion done by libtorch's vectorised kernels on the
             // bytes, and no float copy of the whole image in Rust.
-            let rgb = img.into_rgb8();
+            let rgb = rgb8(img);
             let [th, tw] = self.sidecar.input_size;
             let c = self.sidecar.channels;
             let same = (rgb.height() as usize, rgb.width() as usize) == (th, tw);
@@ -732,7 +732,7 @@ impl Preprocessor {
         ])?;
         Ok((
             InputImage::Planes(self.resize_tensor(x)?),
-            self.keep_original.then(|| img.into_rgb8()),
+            self.keep_original.then(|| rgb8(img)),
         ))
     }
 
@@ -1088,6 +1088,29 @@ impl Preprocessor {
             PixelFormat::L16 | PixelFormat::CMYK32 => None,
         }
     }
+}
+
+/// `img.into_rgb8()` with the same bytes, for the 8-bit layouts by a plain
+/// loop (gray repeated, alpha dropped): the `image` crate converts them
+/// through float colour transforms, ~0.45 ms for a 400 × 400 PNG.
+fn rgb8(img: DynamicImage) -> RgbImage {
+    let (w, h) = (img.width(), img.height());
+    let bytes: Vec<u8> = match &img {
+        DynamicImage::ImageRgb8(_) => return img.into_rgb8(),
+        DynamicImage::ImageLuma8(g) => g.as_raw().iter().flat_map(|&v| [v, v, v]).collect(),
+        DynamicImage::ImageLumaA8(g) => g
+            .as_raw()
+            .chunks_exact(2)
+            .flat_map(|p| [p[0], p[0], p[0]])
+            .collect(),
+        DynamicImage::ImageRgba8(c) => c
+            .as_raw()
+            .chunks_exact(4)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .collect(),
+        _ => return img.into_rgb8(),
+    };
+    RgbImage::from_raw(w, h, bytes).unwrap_or_else(|| img.into_rgb8())
 }
 
 /// torchvision's `Grayscale` on a uint8 `(1, 3, H, W)` tensor:
@@ -1501,6 +1524,34 @@ pub fn stack(inputs: &[&Tensor]) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rgb8_gives_the_image_crates_bytes() {
+        // Every value, with alpha and odd sizes; 16-bit goes to the crate.
+        let (w, h) = (37u32, 29u32);
+        let v = |i: u32| ((i * 97 + 13) % 256) as u8;
+        let imgs = [
+            DynamicImage::ImageLuma8(image::GrayImage::from_fn(w, h, |x, y| {
+                image::Luma([v(x + w * y)])
+            })),
+            DynamicImage::ImageLumaA8(image::GrayAlphaImage::from_fn(w, h, |x, y| {
+                image::LumaA([v(x + w * y), v(3 * x + y)])
+            })),
+            DynamicImage::ImageRgba8(image::RgbaImage::from_fn(w, h, |x, y| {
+                image::Rgba([v(x), v(y + 7), v(x * y), v(x + y)])
+            })),
+            DynamicImage::ImageRgb8(image::RgbImage::from_fn(w, h, |x, y| {
+                image::Rgb([v(x), v(y), v(x ^ y)])
+            })),
+            DynamicImage::ImageLuma16(image::ImageBuffer::from_fn(w, h, |x, y| {
+                image::Luma([(x * 1000 + y) as u16])
+            })),
+        ];
+        for img in imgs {
+            let want = img.clone().into_rgb8();
+            assert_eq!(rgb8(img.clone()), want, "{:?}", img.color());
+        }
+    }
 
     fn sidecar(channels: usize, size: [usize; 2]) -> Sidecar {
         Sidecar {
