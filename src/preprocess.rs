@@ -29,7 +29,12 @@
 //!    CPU (`_upsample_bilinear2d_aa`, `upsample_bilinear2d`,
 //!    `_upsample_bicubic2d_aa`, `upsample_bicubic2d` on uint8, which round
 //!    and clamp to 0..255 themselves), output size by torchvision's rule
-//!    ([`Resize::output_size`]), skipped when the size does not change;
+//!    ([`Resize::output_size`]), skipped when the size does not change.
+//!    For RGB with antialiasing (the usual recipe) tch-vis runs the same
+//!    algorithm itself and computes only the pixels the crop keeps: the
+//!    same per-axis int16 weights and integer sums, so the same bytes (a
+//!    test compares it with libtorch's kernels over 1,500 random sizes and
+//!    windows), 1.8–2.4× faster for `Resize(256)` + `CenterCrop(224)`;
 //! 4. `CenterCrop` to `input_size` ([`center_crop_window`]: Python's
 //!    round-half-to-even offsets, zero padding when the crop is larger);
 //! 5. `ToDtype(float32, scale=True)` (`x × (1 / 255)`), then `Normalize`.
