@@ -275,7 +275,7 @@ impl Model {
             .iter()
             .map(|t| IValue::Tensor(t.shallow_clone()))
             .collect();
-        self.executor()?;
+        let _executor = self.executor()?;
         let value = self
             .module
             .forward_is(&args)
@@ -572,7 +572,7 @@ impl Model {
         let _mode = GradMode::set(false);
         let x = self.prepare(x)?;
         let batch = x.size().first().copied();
-        self.executor()?;
+        let _executor = self.executor()?;
         let value = self
             .module
             .method_is(FEATURES_METHOD, &[IValue::Tensor(x)])
@@ -612,7 +612,7 @@ impl Model {
     /// `forward_head(a)` in the current grad mode (a graph is built when
     /// autograd is on and `a` requires grad).
     pub(crate) fn run_head(&self, a: &Tensor) -> Result<Vec<(String, Tensor)>> {
-        self.executor()?;
+        let _executor = self.executor()?;
         let value = self
             .module
             .method_is(HEAD_METHOD, &[IValue::Tensor(a.shallow_clone())])
@@ -621,15 +621,14 @@ impl Model {
     }
 
     /// Sets how TorchScript's graph executor runs this model's methods on
-    /// the calling thread (a per-thread setting in libtorch): on a CPU
+    /// the calling thread until the returned guard is dropped (a
+    /// per-thread setting in libtorch, restored to what it was): on a CPU
     /// without its profiling run and optimisation passes, which cost the
     /// first calls ~50 ms on a trivial model and ~100 ms on resnet18, for
     /// no measured gain after them (there is no fusion on CPUs); on CUDA
     /// with them (fusions).
-    fn executor(&self) -> Result<()> {
-        Ok(tch::jit::f_set_graph_executor_optimize(
-            self.device.is_cuda(),
-        )?)
+    fn executor(&self) -> Result<ExecutorMode> {
+        ExecutorMode::set(self.device.is_cuda())
     }
 
     fn method_error(&self, e: tch::TchError, method: &'static str) -> Error {
@@ -663,6 +662,36 @@ fn is_floating(kind: Kind) -> bool {
 }
 
 /// Maps libtorch's argument-count messages to [`Error::InputCount`].
+/// The calling thread's TorchScript graph-executor setting, set for a
+/// call and restored when dropped ([`Model`]'s methods change it for their
+/// own calls only: a program's other modules on the thread keep its own).
+struct ExecutorMode {
+    before: bool,
+}
+
+// libtorch's getter, which tch does not wrap (a C++ function without
+// arguments returning `bool`: the same call as C's on the platforms
+// libtorch supports; exported by libtorch_cpu).
+extern "C" {
+    #[link_name = "_ZN5torch3jit24getGraphExecutorOptimizeEv"]
+    fn torch_jit_get_graph_executor_optimize() -> bool;
+}
+
+impl ExecutorMode {
+    fn set(optimize: bool) -> Result<ExecutorMode> {
+        // SAFETY: reads a thread-local flag; no arguments, no side effects.
+        let before = unsafe { torch_jit_get_graph_executor_optimize() };
+        tch::jit::f_set_graph_executor_optimize(optimize)?;
+        Ok(ExecutorMode { before })
+    }
+}
+
+impl Drop for ExecutorMode {
+    fn drop(&mut self) {
+        let _ = tch::jit::f_set_graph_executor_optimize(self.before);
+    }
+}
+
 fn forward_error(e: tch::TchError, got: usize) -> Error {
     let text = match &e {
         tch::TchError::Torch(msg) => msg.trim_start().to_lowercase(),
@@ -688,4 +717,31 @@ fn forward_error(e: tch::TchError, got: usize) -> Error {
         };
     }
     Error::Torch(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn optimize() -> bool {
+        // SAFETY: as in `ExecutorMode::set`.
+        unsafe { torch_jit_get_graph_executor_optimize() }
+    }
+
+    #[test]
+    fn calls_leave_the_threads_executor_setting_as_it_was() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/models/digits_cnn.pt");
+        let model = Model::load(path, Device::Cpu).unwrap();
+        let x = Tensor::zeros([2, 1, 32, 32], (Kind::Float, Device::Cpu));
+        for before in [false, true] {
+            tch::jit::set_graph_executor_optimize(before);
+            {
+                let _on_cpu = model.executor().unwrap();
+                assert!(!optimize(), "a CPU model runs without the passes");
+            }
+            assert_eq!(optimize(), before);
+            model.forward(&[x.shallow_clone()]).unwrap();
+            assert_eq!(optimize(), before, "after forward");
+        }
+    }
 }
