@@ -1356,6 +1356,15 @@ fn normalise_bytes(bytes: &[u8], c: usize, order: Order, out: &mut [f32], s: &Si
 fn bilinear_from_bytes(rgb: &RgbImage, c: usize, th: usize, tw: usize, out: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
+        let planar_rgb = c == 3 && th + tw > 128 && out.len() == c * th * tw;
+        if planar_rgb
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            unsafe { bilinear_rgb_avx2(rgb, th, tw, out) };
+            return true;
+        }
         if std::is_x86_feature_detected!("fma") && out.len() == c * th * tw {
             // SAFETY: the CPU has FMA (checked just above).
             unsafe { bilinear_from_bytes_fma(rgb, c, th, tw, out) };
@@ -1408,6 +1417,112 @@ unsafe fn bilinear_from_bytes_fma(rgb: &RgbImage, c: usize, th: usize, tw: usize
                 } else {
                     h0.mul_add(w0.mul_add(a, w1 * b), h1 * w0.mul_add(p, w1 * q))
                 };
+            }
+        }
+    }
+}
+
+/// [`bilinear_from_bytes_fma`] for RGB into planes (outputs over 128 rows
+/// plus columns), eight output columns at a time: per output row, the
+/// four source pixels of each column are copied as 4-byte words (RGB and
+/// one byte more) into four rows of words by scalar loads, then each
+/// channel is taken from them with a shift and a mask, made `v / 255` (a
+/// multiplication by the float reciprocal and one fused correction: the
+/// same float as the division for every byte value, tested) and
+/// interpolated with the same fused operations as the scalar loop, lane
+/// by lane.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bilinear_rgb_avx2(rgb: &RgbImage, th: usize, tw: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let w = rgb.width() as usize;
+    let raw = rgb.as_raw();
+    let (ys, xs) = (linear_taps(rgb.height() as usize, th), linear_taps(w, tw));
+    let plane = th * tw;
+    assert!(raw.len() == rgb.height() as usize * w * 3 && out.len() == 3 * plane);
+    let w0: Vec<f32> = xs.iter().map(|t| t.2).collect();
+    let w1: Vec<f32> = xs.iter().map(|t| t.3).collect();
+    let offsets: Vec<(usize, usize)> = xs.iter().map(|t| (t.0 * 3, t.1 * 3)).collect();
+    let h = rgb.height() as usize;
+    // The four words of each column: a, b from the upper row, p, q from
+    // the lower (x0 and x1 in each).
+    let mut words = vec![0u32; 4 * tw];
+    let word = |row: &[u8], i: usize| -> u32 {
+        match row.get(i..i + 4) {
+            Some(b) => u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            // The image's last pixel: three bytes.
+            None => u32::from_le_bytes([row[i], row[i + 1], row[i + 2], 0]),
+        }
+    };
+    let reciprocal = _mm256_set1_ps(1.0 / 255.0);
+    let n255 = _mm256_set1_ps(255.0);
+    let low = _mm256_set1_epi32(0xff);
+    let whole = tw / 8 * 8;
+    for (oy, &(y0, y1, h0, h1)) in ys.iter().enumerate() {
+        // Rows from their start to the image's end: a word may take the
+        // next row's first byte, never past the buffer.
+        let (r0, r1) = (&raw[y0 * w * 3..], &raw[y1 * w * 3..]);
+        if y1 + 1 < h {
+            // Every word of these rows lies inside the image (y0 ≤ y1):
+            // unchecked reads.
+            let (p0, p1, out) = (r0.as_ptr(), r1.as_ptr(), words.as_mut_ptr());
+            for (x, &(i0, i1)) in offsets.iter().enumerate() {
+                *out.add(x) = p0.add(i0).cast::<u32>().read_unaligned();
+                *out.add(tw + x) = p0.add(i1).cast::<u32>().read_unaligned();
+                *out.add(2 * tw + x) = p1.add(i0).cast::<u32>().read_unaligned();
+                *out.add(3 * tw + x) = p1.add(i1).cast::<u32>().read_unaligned();
+            }
+        } else {
+            for (x, &(i0, i1)) in offsets.iter().enumerate() {
+                words[x] = word(r0, i0);
+                words[tw + x] = word(r0, i1);
+                words[2 * tw + x] = word(r1, i0);
+                words[3 * tw + x] = word(r1, i1);
+            }
+        }
+        let (vh0, vh1) = (_mm256_set1_ps(h0), _mm256_set1_ps(h1));
+        let mut x = 0;
+        while x < whole {
+            // No closures here: they would not inherit the target features.
+            let mut t = [_mm256_setzero_si256(); 4];
+            for (k, t) in t.iter_mut().enumerate() {
+                *t = _mm256_loadu_si256(words.as_ptr().add(k * tw + x).cast());
+            }
+            let (vw0, vw1) = (
+                _mm256_loadu_ps(w0.as_ptr().add(x)),
+                _mm256_loadu_ps(w1.as_ptr().add(x)),
+            );
+            for ch in 0..3 {
+                let shift = _mm_cvtsi32_si128(8 * ch as i32);
+                let mut v = [_mm256_setzero_ps(); 4];
+                for (v, &t) in v.iter_mut().zip(&t) {
+                    let f = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(t, shift), low));
+                    // f / 255: f × (1/255), corrected by its fused residual.
+                    let q0 = _mm256_mul_ps(f, reciprocal);
+                    let e = _mm256_fnmadd_ps(q0, n255, f);
+                    *v = _mm256_fmadd_ps(e, reciprocal, q0);
+                }
+                let [a, b, p, q] = v;
+                // h0·(w0·a + w1·b) + h1·(w0·p + w1·q), fused as the scalar loop.
+                let top = _mm256_fmadd_ps(vw0, a, _mm256_mul_ps(vw1, b));
+                let bottom = _mm256_mul_ps(vh1, _mm256_fmadd_ps(vw0, p, _mm256_mul_ps(vw1, q)));
+                let o = _mm256_fmadd_ps(vh0, top, bottom);
+                _mm256_storeu_ps(out.as_mut_ptr().add(ch * plane + oy * tw + x), o);
+            }
+            x += 8;
+        }
+        // The last columns, by the scalar loop's formula.
+        for x in whole..tw {
+            let (x0, x1, w0, w1) = xs[x];
+            for ch in 0..3 {
+                let f = |row: &[u8], i: usize| f32::from(row[i + ch]) / 255.0;
+                let (a, b) = (f(r0, x0 * 3), f(r0, x1 * 3));
+                let (p, q) = (f(r1, x0 * 3), f(r1, x1 * 3));
+                out[ch * plane + oy * tw + x] =
+                    h0.mul_add(w0.mul_add(a, w1 * b), h1 * w0.mul_add(p, w1 * q));
             }
         }
     }
@@ -1663,6 +1778,10 @@ mod tests {
             // Either side of libtorch's kernel threshold (height + width 128).
             ((50, 41), 3, [64, 65]),
             ((50, 41), 3, [65, 63]),
+            // The vector loop's tail columns, and the image's last pixel
+            // read by it (3 bytes left, not a word).
+            ((31, 17), 3, [100, 101]),
+            ((640, 480), 3, [97, 250]),
         ];
         // The fast path gives libtorch's bits on several threads, and the
         // same bits on one thread (where libtorch would pick its other
