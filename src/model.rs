@@ -669,12 +669,19 @@ struct ExecutorMode {
     before: bool,
 }
 
-// libtorch's getter, which tch does not wrap (a C++ function without
-// arguments returning `bool`: the same call as C's on the platforms
-// libtorch supports; exported by libtorch_cpu).
+// libtorch's getter, which tch does not wrap: a C++ function without
+// arguments returning `bool` (called as C calls it), exported by
+// libtorch_cpu under its Itanium-ABI name (Linux, macOS).
+#[cfg(not(target_env = "msvc"))]
 extern "C" {
     #[link_name = "_ZN5torch3jit24getGraphExecutorOptimizeEv"]
     fn torch_jit_get_graph_executor_optimize() -> bool;
+}
+
+/// Elsewhere the setting is taken to be libtorch's default.
+#[cfg(target_env = "msvc")]
+unsafe fn torch_jit_get_graph_executor_optimize() -> bool {
+    true
 }
 
 impl ExecutorMode {
