@@ -661,7 +661,6 @@ fn is_floating(kind: Kind) -> bool {
     )
 }
 
-/// Maps libtorch's argument-count messages to [`Error::InputCount`].
 /// The calling thread's TorchScript graph-executor setting, set for a
 /// call and restored when dropped ([`Model`]'s methods change it for their
 /// own calls only: a program's other modules on the thread keep its own).
@@ -699,6 +698,7 @@ impl Drop for ExecutorMode {
     }
 }
 
+/// Maps libtorch's argument-count messages to [`Error::InputCount`].
 fn forward_error(e: tch::TchError, got: usize) -> Error {
     let text = match &e {
         tch::TchError::Torch(msg) => msg.trim_start().to_lowercase(),
