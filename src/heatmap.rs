@@ -193,11 +193,8 @@ pub fn overlay_into(
     alpha: f32,
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    let n = overlay_pixels(image.len(), channels, width, height, map.len())?;
+    let n = overlay_buffer(image.len(), channels, width, height, map.len(), out)?;
     let blend = Blend::new(cmap, alpha);
-    // The blend writes every byte: only new room is zeroed.
-    out.truncate(3 * n);
-    out.resize(3 * n, 0);
     if channels == 1 {
         let px = out.chunks_exact_mut(3).zip(map);
         for ((o, &m), &v) in px.zip(image) {
@@ -213,13 +210,15 @@ pub fn overlay_into(
 
 /// The pixels of an overlay of `width × height`, once the image's
 /// `values` (planes or bytes) and the map's fit that size and 1 or 3
-/// channels.
-fn overlay_pixels(
+/// channels; `out` then holds 3 bytes a pixel. The blends write every
+/// byte, so only new room is zeroed.
+fn overlay_buffer(
     values: usize,
     channels: usize,
     width: usize,
     height: usize,
     map: usize,
+    out: &mut Vec<u8>,
 ) -> Result<usize> {
     let n = width * height;
     if map != n || values != channels * n || !(channels == 1 || channels == 3) {
@@ -231,6 +230,8 @@ fn overlay_pixels(
             &[values as i64, map as i64],
         ));
     }
+    out.truncate(3 * n);
+    out.resize(3 * n, 0);
     Ok(n)
 }
 
@@ -252,15 +253,12 @@ pub fn overlay_bytes_into(
     alpha: f32,
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    let n = overlay_pixels(bytes.len(), channels, width, height, map.len())?;
+    overlay_buffer(bytes.len(), channels, width, height, map.len(), out)?;
     let blend = Blend::new(cmap, alpha);
     // `(1 − alpha) × v × (1/255)` for every byte value: the product
     // `Blend::px` forms from the planes' value.
     let k = SCALE_8BIT;
     let kept: [f32; 256] = std::array::from_fn(|v| blend.keep * (f32::from(v as u8) * k));
-    // The blend writes every byte: only new room is zeroed.
-    out.truncate(3 * n);
-    out.resize(3 * n, 0);
     blend_bytes(&blend, &kept, map, bytes, channels, out);
     Ok(())
 }
