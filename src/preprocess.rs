@@ -1356,7 +1356,7 @@ fn normalise_bytes(bytes: &[u8], c: usize, order: Order, out: &mut [f32], s: &Si
 fn bilinear_from_bytes(rgb: &RgbImage, c: usize, th: usize, tw: usize, out: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        let planar_rgb = c == 3 && th + tw > 128 && out.len() == c * th * tw;
+        let planar_rgb = c == 3 && th + tw > 128 && tw >= 8 && out.len() == c * th * tw;
         if planar_rgb
             && std::is_x86_feature_detected!("avx2")
             && std::is_x86_feature_detected!("fma")
@@ -1423,7 +1423,9 @@ unsafe fn bilinear_from_bytes_fma(rgb: &RgbImage, c: usize, th: usize, tw: usize
 }
 
 /// [`bilinear_from_bytes_fma`] for RGB into planes (outputs over 128 rows
-/// plus columns), eight output columns at a time: per output row, the
+/// plus columns, at least 8 wide), eight output columns at a time (the
+/// last eight when the width is not a multiple: some columns are computed
+/// twice, to the same values): per output row, the
 /// four source pixels of each column are copied as 4-byte words (RGB and
 /// one byte more) into four rows of words by scalar loads, then each
 /// channel is taken from them with a shift and a mask, made `v / 255` (a
@@ -1438,15 +1440,14 @@ unsafe fn bilinear_from_bytes_fma(rgb: &RgbImage, c: usize, th: usize, tw: usize
 #[target_feature(enable = "avx2,fma")]
 unsafe fn bilinear_rgb_avx2(rgb: &RgbImage, th: usize, tw: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
-    let w = rgb.width() as usize;
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
     let raw = rgb.as_raw();
-    let (ys, xs) = (linear_taps(rgb.height() as usize, th), linear_taps(w, tw));
+    let (ys, xs) = (linear_taps(h, th), linear_taps(w, tw));
     let plane = th * tw;
-    assert!(raw.len() == rgb.height() as usize * w * 3 && out.len() == 3 * plane);
+    assert!(raw.len() == h * w * 3 && out.len() == 3 * plane && tw >= 8);
     let w0: Vec<f32> = xs.iter().map(|t| t.2).collect();
     let w1: Vec<f32> = xs.iter().map(|t| t.3).collect();
     let offsets: Vec<(usize, usize)> = xs.iter().map(|t| (t.0 * 3, t.1 * 3)).collect();
-    let h = rgb.height() as usize;
     // The four words of each column: a, b from the upper row, p, q from
     // the lower (x0 and x1 in each).
     let mut words = vec![0u32; 4 * tw];
@@ -1460,7 +1461,8 @@ unsafe fn bilinear_rgb_avx2(rgb: &RgbImage, th: usize, tw: usize, out: &mut [f32
     let reciprocal = _mm256_set1_ps(1.0 / 255.0);
     let n255 = _mm256_set1_ps(255.0);
     let low = _mm256_set1_epi32(0xff);
-    let whole = tw / 8 * 8;
+    // The first column of each group of eight.
+    let groups: Vec<usize> = (0..tw.div_ceil(8)).map(|g| (8 * g).min(tw - 8)).collect();
     for (oy, &(y0, y1, h0, h1)) in ys.iter().enumerate() {
         // Rows from their start to the image's end: a word may take the
         // next row's first byte, never past the buffer.
@@ -1484,8 +1486,7 @@ unsafe fn bilinear_rgb_avx2(rgb: &RgbImage, th: usize, tw: usize, out: &mut [f32
             }
         }
         let (vh0, vh1) = (_mm256_set1_ps(h0), _mm256_set1_ps(h1));
-        let mut x = 0;
-        while x < whole {
+        for &x in &groups {
             // No closures here: they would not inherit the target features.
             let mut t = [_mm256_setzero_si256(); 4];
             for (k, t) in t.iter_mut().enumerate() {
@@ -1511,18 +1512,6 @@ unsafe fn bilinear_rgb_avx2(rgb: &RgbImage, th: usize, tw: usize, out: &mut [f32
                 let bottom = _mm256_mul_ps(vh1, _mm256_fmadd_ps(vw0, p, _mm256_mul_ps(vw1, q)));
                 let o = _mm256_fmadd_ps(vh0, top, bottom);
                 _mm256_storeu_ps(out.as_mut_ptr().add(ch * plane + oy * tw + x), o);
-            }
-            x += 8;
-        }
-        // The last columns, by the scalar loop's formula.
-        for x in whole..tw {
-            let (x0, x1, w0, w1) = xs[x];
-            for ch in 0..3 {
-                let f = |row: &[u8], i: usize| f32::from(row[i + ch]) / 255.0;
-                let (a, b) = (f(r0, x0 * 3), f(r0, x1 * 3));
-                let (p, q) = (f(r1, x0 * 3), f(r1, x1 * 3));
-                out[ch * plane + oy * tw + x] =
-                    h0.mul_add(w0.mul_add(a, w1 * b), h1 * w0.mul_add(p, w1 * q));
             }
         }
     }
@@ -1778,10 +1767,12 @@ mod tests {
             // Either side of libtorch's kernel threshold (height + width 128).
             ((50, 41), 3, [64, 65]),
             ((50, 41), 3, [65, 63]),
-            // The vector loop's tail columns, and the image's last pixel
-            // read by it (3 bytes left, not a word).
+            // The vector loop's last, overlapping group of eight columns, and the
+            // image's last pixel read by it (3 bytes left, not a word).
             ((31, 17), 3, [100, 101]),
             ((640, 480), 3, [97, 250]),
+            // Under 8 columns: the scalar loop.
+            ((640, 480), 3, [200, 5]),
         ];
         // The fast path gives libtorch's bits on several threads, and the
         // same bits on one thread (where libtorch would pick its other
