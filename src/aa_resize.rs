@@ -382,39 +382,24 @@ mod avx2 {
         let (sp, op) = (src.as_ptr(), out.as_mut_ptr());
         let mut y = rows.start;
         while y < rows.end {
-            let block = (rows.end - y).min(4);
-            if block < 4 || (y + 3) * stride + reach > src.len() {
-                // Fewer than four rows left, or the image's last bytes
-                // within 16 of a read: one row, by the same kernel where
-                // its reads stay inside the image, else checked.
+            // Up to four rows, none whose reads would pass the image's end.
+            let mut block = (rows.end - y).min(4);
+            while block > 0 && (y + block - 1) * stride + reach > src.len() {
+                block -= 1;
+            }
+            if block == 0 {
+                // The image's last bytes within 16 of a read: one row,
+                // checked.
                 let o_row = &mut out[(y - rows.start) * width..(y - rows.start + 1) * width];
-                if y * stride + reach > src.len() {
-                    super::horizontal_scalar(src, stride, 3, y..y + 1, axis, o_row);
-                    y += 1;
-                    continue;
-                }
-                for (o, (&x0, &used)) in axis.first.iter().zip(&used).enumerate() {
-                    let base = sp.add(y * stride + x0 * 3);
-                    let ks = kernels.as_ptr().add(o * groups);
-                    let mut acc = _mm256_setzero_si256();
-                    for g in 0..used {
-                        let px =
-                            _mm256_broadcastsi128_si256(_mm_loadu_si128(base.add(12 * g).cast()));
-                        acc = _mm256_add_epi32(
-                            acc,
-                            _mm256_madd_epi16(_mm256_shuffle_epi8(px, shuffle), *ks.add(g)),
-                        );
-                    }
-                    let sum = _mm256_add_epi32(acc, _mm256_permute2x128_si256::<0x01>(acc, acc));
-                    let v = _mm256_sra_epi32(_mm256_add_epi32(sum, init), shift);
-                    let v = _mm256_packus_epi16(_mm256_packs_epi32(v, v), v);
-                    let [r, g, b, _] = (_mm256_extract_epi32::<0>(v) as u32).to_le_bytes();
-                    o_row[o * 3] = r;
-                    o_row[o * 3 + 1] = g;
-                    o_row[o * 3 + 2] = b;
-                }
+                super::horizontal_scalar(src, stride, 3, y..y + 1, axis, o_row);
                 y += 1;
                 continue;
+            }
+            // Under four rows left: the missing ones read row `y` again and
+            // are not stored.
+            let mut from = [0; 4];
+            for (r, from) in from.iter_mut().enumerate().take(block) {
+                *from = r * stride;
             }
             let o_at = op.add((y - rows.start) * width);
             for (o, (&x0, &used)) in axis.first.iter().zip(&used).enumerate() {
@@ -426,7 +411,7 @@ mod avx2 {
                     let at = base.add(12 * g);
                     for (r, a) in acc.iter_mut().enumerate() {
                         let px =
-                            _mm256_broadcastsi128_si256(_mm_loadu_si128(at.add(r * stride).cast()));
+                            _mm256_broadcastsi128_si256(_mm_loadu_si128(at.add(from[r]).cast()));
                         *a = _mm256_add_epi32(
                             *a,
                             _mm256_madd_epi16(_mm256_shuffle_epi8(px, shuffle), k),
@@ -454,7 +439,7 @@ mod avx2 {
                     _mm256_extract_epi32::<1>(v),
                     _mm256_extract_epi32::<5>(v),
                 ];
-                for (r, &v) in px.iter().enumerate() {
+                for (r, &v) in px.iter().enumerate().take(block) {
                     let at = o_at.add(r * width + o * 3);
                     if o + 1 < n {
                         // The fourth byte is the next pixel's, written next.
@@ -467,7 +452,7 @@ mod avx2 {
                     }
                 }
             }
-            y += 4;
+            y += block;
         }
     }
 
