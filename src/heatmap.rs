@@ -119,15 +119,17 @@ fn lut_index(v: f32) -> usize {
 /// A blend table: for each colour-table entry, `alpha × colour × 255` per
 /// channel, so a pixel costs a lookup and one multiply-add per channel.
 struct Blend {
-    lut: [[f32; 3]; LUT_SIZE],
+    /// `alpha × colour` per entry, `[r, g, b, 0]`: 16 bytes an entry, so
+    /// the vector kernel loads an entry whole.
+    lut: [[f32; 4]; LUT_SIZE],
     keep: f32,
 }
 
 impl Blend {
     fn new(cmap: Colormap, alpha: f32) -> Self {
-        let mut lut = [[0f32; 3]; LUT_SIZE];
+        let mut lut = [[0f32; 4]; LUT_SIZE];
         for (d, s) in lut.iter_mut().zip(cmap.table()) {
-            *d = [alpha * s[0], alpha * s[1], alpha * s[2]];
+            *d = [alpha * s[0], alpha * s[1], alpha * s[2], 0.0];
         }
         Blend {
             lut,
@@ -359,7 +361,9 @@ impl Lanes {
 
     /// The colours of eight map values at `map`, channel by channel:
     /// `lut_index` (x >= 255 → 255; x > 0 → trunc(x); else, NaN too, 0),
-    /// then the gathered `[r, g, b]` entries.
+    /// then the eight `[r, g, b, 0]` entries loaded whole and transposed
+    /// (this CPU family's gathers cost more than eight loads and seven
+    /// shuffles).
     ///
     /// # Safety
     /// The CPU must support AVX2; `map` points at eight values.
@@ -372,15 +376,25 @@ impl Lanes {
         let positive = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(x, self.zero));
         let idx = _mm256_and_si256(_mm256_cvttps_epi32(x), positive);
         let idx = _mm256_blendv_epi8(idx, self.top_i, at_top);
-        // Offsets of [r, g, b] entries in the (256, 3) table; all < 768, so
-        // every offset + c < 3 × LUT_SIZE.
-        let off = _mm256_add_epi32(_mm256_add_epi32(idx, idx), idx);
+        // Offsets of the entries (4 floats each); all indices are < 256.
+        let mut at = [0i32; 8];
+        _mm256_storeu_si256(at.as_mut_ptr().cast(), _mm256_slli_epi32::<2>(idx));
         // (No closures here: they would not inherit AVX2, and each
         // intrinsic would become a call.)
+        let e = |k: usize| self.lut.add(at[k] as usize);
+        // Pixels k and k + 4 in one register: [r g b 0 | r g b 0].
+        let a0 = _mm256_loadu2_m128(e(4), e(0));
+        let a1 = _mm256_loadu2_m128(e(5), e(1));
+        let a2 = _mm256_loadu2_m128(e(6), e(2));
+        let a3 = _mm256_loadu2_m128(e(7), e(3));
+        let rg01 = _mm256_unpacklo_ps(a0, a1); // r0 r1 g0 g1 | r4 r5 g4 g5
+        let rg23 = _mm256_unpacklo_ps(a2, a3);
+        let b01 = _mm256_unpackhi_ps(a0, a1); // b0 b1 0 0 | b4 b5 0 0
+        let b23 = _mm256_unpackhi_ps(a2, a3);
         [
-            _mm256_i32gather_ps::<4>(self.lut, off),
-            _mm256_i32gather_ps::<4>(self.lut.add(1), off),
-            _mm256_i32gather_ps::<4>(self.lut.add(2), off),
+            _mm256_shuffle_ps::<0x44>(rg01, rg23),
+            _mm256_shuffle_ps::<0xee>(rg01, rg23),
+            _mm256_shuffle_ps::<0x44>(b01, b23),
         ]
     }
 
