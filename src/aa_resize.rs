@@ -336,11 +336,16 @@ mod avx2 {
 
     use super::Axis;
 
-    /// The width's pass for RGB, four rows at a time: per output pixel and
-    /// group of four taps, the 16 bytes from the group's first pixel in
-    /// both lanes, shuffled into `(tap, tap + 1)` pairs per channel widened
-    /// to `i16` (taps 0–1 in the low lane, 2–3 in the high), multiplied by
-    /// the pairs' weights and summed in `i32` (`madd`).
+    /// The width's pass for RGB, four rows and four outputs at a time
+    /// (outputs under 4 wide: the scalar kernel). Two rows share a
+    /// register, one in each lane: per output and group of four taps, the
+    /// 16 bytes from the group's first pixel, shuffled twice into
+    /// `(tap, tap + 1)` pairs per channel widened to `i16` (taps 0–1, then
+    /// 2–3), multiplied by the pairs' weights and summed in `i32` (`madd`)
+    /// onto the rounding term. Four outputs' sums are then shifted, packed
+    /// to bytes and squeezed to 12 bytes of RGB a row. The last four
+    /// outputs overlap the group before when the width is not a multiple of
+    /// four (those outputs are computed twice, to the same bytes).
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn horizontal_rgb(
         src: &[u8],
@@ -350,18 +355,22 @@ mod avx2 {
         out: &mut [u8],
     ) {
         let n = axis.first.len();
+        if n < 4 {
+            super::horizontal_scalar(src, stride, 3, rows, axis, out);
+            return;
+        }
         let groups = axis.taps / 4;
-        // The weights of each output's groups: (w0, w1) four times in the
-        // low lane, (w2, w3) in the high.
-        let mut kernels = Vec::with_capacity(n * groups);
+        // The weights of each output's groups: (w0, w1) and (w2, w3) as
+        // `i16` pairs.
+        let mut pairs = Vec::with_capacity(2 * n * groups);
         for o in 0..n {
             let w = axis.weights(o);
             for g in 0..groups {
-                let pair = |k: usize| {
-                    (i32::from(w[4 * g + k]) & 0xffff) | (i32::from(w[4 * g + k + 1]) << 16)
-                };
-                let (a, b) = (pair(0), pair(2));
-                kernels.push(_mm256_setr_epi32(a, a, a, a, b, b, b, b));
+                for k in [0, 2] {
+                    pairs.push(
+                        (i32::from(w[4 * g + k]) & 0xffff) | (i32::from(w[4 * g + k + 1]) << 16),
+                    );
+                }
             }
         }
         // The groups each output reads, and how far past a row's start the
@@ -371,14 +380,26 @@ mod avx2 {
             .map(|o| (axis.first[o] + 4 * used[o] - 4) * 3 + 16)
             .max()
             .unwrap_or(0);
-        let shuffle = _mm256_setr_epi8(
-            0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1, //
-            6, -1, 9, -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1, -1,
+        let z = -1i8;
+        let taps01 = _mm256_setr_epi8(
+            0, z, 3, z, 1, z, 4, z, 2, z, 5, z, z, z, z, z, //
+            0, z, 3, z, 1, z, 4, z, 2, z, 5, z, z, z, z, z,
+        );
+        let taps23 = _mm256_setr_epi8(
+            6, z, 9, z, 7, z, 10, z, 8, z, 11, z, z, z, z, z, //
+            6, z, 9, z, 7, z, 10, z, 8, z, 11, z, z, z, z, z,
+        );
+        // Four outputs' [r g b x] bytes to their 12 bytes of RGB, per lane.
+        let squeeze = _mm256_setr_epi8(
+            0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, z, z, z, z, //
+            0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, z, z, z, z,
         );
         let init = _mm256_set1_epi32(1 << (axis.precision - 1));
         let shift = _mm_cvtsi32_si128(axis.precision as i32);
         let width = n * 3;
-        assert!(out.len() >= rows.len() * width && kernels.len() == n * groups);
+        assert!(out.len() >= rows.len() * width && pairs.len() == 2 * n * groups);
+        // The first output of each group of four.
+        let starts: Vec<usize> = (0..n.div_ceil(4)).map(|q| (4 * q).min(n - 4)).collect();
         let (sp, op) = (src.as_ptr(), out.as_mut_ptr());
         let mut y = rows.start;
         while y < rows.end {
@@ -402,53 +423,53 @@ mod avx2 {
                 *from = r * stride;
             }
             let o_at = op.add((y - rows.start) * width);
-            for (o, (&x0, &used)) in axis.first.iter().zip(&used).enumerate() {
-                let base = sp.add(y * stride + x0 * 3);
-                let ks = kernels.as_ptr().add(o * groups);
-                let mut acc = [_mm256_setzero_si256(); 4];
-                for g in 0..used {
-                    let k = *ks.add(g);
-                    let at = base.add(12 * g);
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        let px =
-                            _mm256_broadcastsi128_si256(_mm_loadu_si128(at.add(from[r]).cast()));
-                        *a = _mm256_add_epi32(
-                            *a,
-                            _mm256_madd_epi16(_mm256_shuffle_epi8(px, shuffle), k),
-                        );
+            for &o0 in &starts {
+                // Per output of the four: rows 0 | 1, rows 2 | 3.
+                let mut sums = [[init; 2]; 4];
+                for (j, sums) in sums.iter_mut().enumerate() {
+                    let o = o0 + j;
+                    let base = sp.add(y * stride + axis.first[o] * 3);
+                    let ks = pairs.as_ptr().add(2 * o * groups);
+                    for g in 0..*used.get_unchecked(o) {
+                        let k01 = _mm256_set1_epi32(*ks.add(2 * g));
+                        let k23 = _mm256_set1_epi32(*ks.add(2 * g + 1));
+                        let at = base.add(12 * g);
+                        for (h, sum) in sums.iter_mut().enumerate() {
+                            let px = _mm256_loadu2_m128i(
+                                at.add(from[2 * h + 1]).cast(),
+                                at.add(from[2 * h]).cast(),
+                            );
+                            let a = _mm256_madd_epi16(_mm256_shuffle_epi8(px, taps01), k01);
+                            let b = _mm256_madd_epi16(_mm256_shuffle_epi8(px, taps23), k23);
+                            *sum = _mm256_add_epi32(*sum, _mm256_add_epi32(a, b));
+                        }
+                    }
+                    for sum in sums.iter_mut() {
+                        *sum = _mm256_sra_epi32(*sum, shift);
                     }
                 }
-                // Lanes summed: rows 0 and 1, rows 2 and 3 in one register
-                // (no closure: it would not inherit the target feature).
-                let s01 = _mm256_add_epi32(
-                    _mm256_permute2x128_si256::<0x20>(acc[0], acc[1]),
-                    _mm256_permute2x128_si256::<0x31>(acc[0], acc[1]),
-                );
-                let s23 = _mm256_add_epi32(
-                    _mm256_permute2x128_si256::<0x20>(acc[2], acc[3]),
-                    _mm256_permute2x128_si256::<0x31>(acc[2], acc[3]),
-                );
-                let s01 = _mm256_sra_epi32(_mm256_add_epi32(s01, init), shift);
-                let s23 = _mm256_sra_epi32(_mm256_add_epi32(s23, init), shift);
-                let p = _mm256_packs_epi32(s01, s23);
-                let v = _mm256_packus_epi16(p, p);
-                // Rows 0, 2 in the low lane; 1, 3 in the high.
-                let px = [
-                    _mm256_extract_epi32::<0>(v),
-                    _mm256_extract_epi32::<4>(v),
-                    _mm256_extract_epi32::<1>(v),
-                    _mm256_extract_epi32::<5>(v),
-                ];
-                for (r, &v) in px.iter().enumerate().take(block) {
-                    let at = o_at.add(r * width + o * 3);
-                    if o + 1 < n {
-                        // The fourth byte is the next pixel's, written next.
-                        at.cast::<u32>().write_unaligned(v as u32);
-                    } else {
-                        let [r, g, b, _] = (v as u32).to_le_bytes();
-                        *at = r;
-                        *at.add(1) = g;
-                        *at.add(2) = b;
+                for h in 0..2 {
+                    // Outputs 0-1 and 2-3 packed to i16, then to bytes:
+                    // per lane (one row each), four [r g b x] pixels.
+                    let lo = _mm256_packs_epi32(sums[0][h], sums[1][h]);
+                    let hi = _mm256_packs_epi32(sums[2][h], sums[3][h]);
+                    let v = _mm256_shuffle_epi8(_mm256_packus_epi16(lo, hi), squeeze);
+                    for (lane, r) in [(0, 2 * h), (1, 2 * h + 1)] {
+                        if r >= block {
+                            continue;
+                        }
+                        let v = if lane == 0 {
+                            _mm256_castsi256_si128(v)
+                        } else {
+                            _mm256_extracti128_si256::<1>(v)
+                        };
+                        // 12 bytes: eight, then four (a 16-byte store would
+                        // reach past the row's end at the last outputs).
+                        let at = o_at.add(r * width + o0 * 3);
+                        _mm_storel_epi64(at.cast(), v);
+                        at.add(8)
+                            .cast::<i32>()
+                            .write_unaligned(_mm_extract_epi32::<2>(v));
                     }
                 }
             }
