@@ -424,35 +424,42 @@ mod avx2 {
             }
             let o_at = op.add((y - rows.start) * width);
             for &o0 in &starts {
-                // Per output of the four: rows 0 | 1, rows 2 | 3.
-                let mut sums = [[init; 2]; 4];
-                for (j, sums) in sums.iter_mut().enumerate() {
+                // Each output's sums of rows 0 | 1 and rows 2 | 3.
+                let mut per = [[init; 2]; 4];
+                for (j, per) in per.iter_mut().enumerate() {
                     let o = o0 + j;
                     let base = sp.add(y * stride + axis.first[o] * 3);
                     let ks = pairs.as_ptr().add(2 * o * groups);
+                    let mut acc = [init; 2];
                     for g in 0..*used.get_unchecked(o) {
                         let k01 = _mm256_set1_epi32(*ks.add(2 * g));
                         let k23 = _mm256_set1_epi32(*ks.add(2 * g + 1));
                         let at = base.add(12 * g);
-                        for (h, sum) in sums.iter_mut().enumerate() {
+                        for (h, acc) in acc.iter_mut().enumerate() {
                             let px = _mm256_loadu2_m128i(
                                 at.add(from[2 * h + 1]).cast(),
                                 at.add(from[2 * h]).cast(),
                             );
                             let a = _mm256_madd_epi16(_mm256_shuffle_epi8(px, taps01), k01);
                             let b = _mm256_madd_epi16(_mm256_shuffle_epi8(px, taps23), k23);
-                            *sum = _mm256_add_epi32(*sum, _mm256_add_epi32(a, b));
+                            *acc = _mm256_add_epi32(*acc, _mm256_add_epi32(a, b));
                         }
                     }
-                    for sum in sums.iter_mut() {
-                        *sum = _mm256_sra_epi32(*sum, shift);
-                    }
+                    *per = [
+                        _mm256_sra_epi32(acc[0], shift),
+                        _mm256_sra_epi32(acc[1], shift),
+                    ];
                 }
-                for h in 0..2 {
+                // (No closure: it would not inherit the target feature.)
+                let sums = [
+                    [per[0][0], per[1][0], per[2][0], per[3][0]],
+                    [per[0][1], per[1][1], per[2][1], per[3][1]],
+                ];
+                for (h, outs) in sums.iter().enumerate() {
                     // Outputs 0-1 and 2-3 packed to i16, then to bytes:
                     // per lane (one row each), four [r g b x] pixels.
-                    let lo = _mm256_packs_epi32(sums[0][h], sums[1][h]);
-                    let hi = _mm256_packs_epi32(sums[2][h], sums[3][h]);
+                    let lo = _mm256_packs_epi32(outs[0], outs[1]);
+                    let hi = _mm256_packs_epi32(outs[2], outs[3]);
                     let v = _mm256_shuffle_epi8(_mm256_packus_epi16(lo, hi), squeeze);
                     for (lane, r) in [(0, 2 * h), (1, 2 * h + 1)] {
                         if r >= block {
