@@ -75,7 +75,7 @@
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-use image::{DynamicImage, ImageReader, Limits, RgbImage};
+use image::{ColorType, DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -693,7 +693,7 @@ impl Preprocessor {
         if self.sidecar.resize.is_some() {
             let rgb = rgb8(img);
             let image = InputImage::Bytes(self.torchvision(&rgb, path.as_ref())?);
-            return Ok((image, self.keep_original.then_some(rgb)));
+            return Ok((image, self.keep(rgb)));
         }
         let original_size = (img.width(), img.height());
         if let DynamicImage::ImageLuma8(_)
@@ -725,7 +725,7 @@ impl Preprocessor {
             } else {
                 self.resize_tensor(self.planes_8bit(&rgb)?)?
             };
-            return Ok((InputImage::Planes(image), self.keep_original.then_some(rgb)));
+            return Ok((InputImage::Planes(image), self.keep(rgb)));
         }
         let c = self.sidecar.channels as i64;
         let pixels = to_planes(&img, self.sidecar.channels);
@@ -739,6 +739,22 @@ impl Preprocessor {
             InputImage::Planes(self.resize_tensor(x)?),
             self.keep_original.then(|| rgb8(img)),
         ))
+    }
+
+    /// The decoded image when [`Preprocessor::keep_original`] is on; else
+    /// its pixels' buffer goes back to the thread, for the next image to
+    /// be decoded into.
+    fn keep(&self, rgb: RgbImage) -> Option<RgbImage> {
+        if self.keep_original {
+            return Some(rgb);
+        }
+        let raw = rgb.into_raw();
+        SPARE_PIXELS.with_borrow_mut(|spare| {
+            if raw.capacity() > spare.capacity() {
+                *spare = raw;
+            }
+        });
+        None
     }
 
     /// `(1, C, H, W)` float `[0, 1]` planes of 8-bit RGB: `v / 255` in
@@ -1044,8 +1060,37 @@ impl Preprocessor {
         limits.max_image_width = Some(self.max_dimension);
         limits.max_image_height = Some(self.max_dimension);
         limits.max_alloc = Some(self.max_alloc);
-        reader.limits(limits);
-        let img = reader.decode().map_err(|e| err(e.to_string()))?;
+        reader.limits(limits.clone());
+        // `ImageReader::decode`, step by step: its limits (the pixels'
+        // bytes reserved, the rest left to the decoder), then 8-bit RGB
+        // (JPEG photos, most PNGs) into the thread's spare buffer instead
+        // of a new zeroed one.
+        let mut decoder = reader.into_decoder().map_err(|e| err(e.to_string()))?;
+        limits
+            .reserve(decoder.total_bytes())
+            .map_err(|e| err(e.to_string()))?;
+        decoder.set_limits(limits).map_err(|e| err(e.to_string()))?;
+        let img = if decoder.color_type() == ColorType::Rgb8 {
+            let (w, h) = decoder.dimensions();
+            let mut buf = SPARE_PIXELS.with_borrow_mut(std::mem::take);
+            // Within the allocation limit (reserved above), so it fits.
+            let n = decoder.total_bytes() as usize;
+            // Bytes a previous image wrote (kept, to be overwritten), or
+            // zeroed where the buffer grows.
+            if buf.len() >= n {
+                buf.truncate(n);
+            } else {
+                buf.resize(n, 0);
+            }
+            decoder
+                .read_image(&mut buf)
+                .map_err(|e| err(e.to_string()))?;
+            let rgb = RgbImage::from_raw(w, h, buf)
+                .ok_or_else(|| err(format!("{n} bytes for a {w}x{h} RGB image")))?;
+            DynamicImage::ImageRgb8(rgb)
+        } else {
+            DynamicImage::from_decoder(decoder).map_err(|e| err(e.to_string()))?
+        };
         if img.width() == 0 || img.height() == 0 {
             return Err(err("image has no pixels".into()));
         }
@@ -1093,6 +1138,13 @@ impl Preprocessor {
             PixelFormat::L16 | PixelFormat::CMYK32 => None,
         }
     }
+}
+
+thread_local! {
+    /// A decoded image's pixels, handed back once the image is resized:
+    /// the next 8-bit RGB image of the thread is decoded into them (no
+    /// new, zeroed buffer per image).
+    static SPARE_PIXELS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `img.into_rgb8()` with the same bytes, for the 8-bit layouts by a plain
@@ -2040,6 +2092,46 @@ mod tests {
         let path = dir.join("x.png");
         img.save(&path).unwrap();
         path
+    }
+
+    /// Images decoded into the thread's spare buffer (which holds the
+    /// previous image's bytes) equal the image crate's own decoding into a
+    /// new zeroed buffer, also for a JPEG cut short (whose missing part the
+    /// decoder must write, not leave as the previous image's bytes) and a
+    /// PNG cut short (an error).
+    #[test]
+    fn decoding_into_a_used_buffer_gives_the_image_crates_pixels() {
+        let photo = image::RgbImage::from_fn(96, 80, |x, y| {
+            image::Rgb([(x * 5 + y) as u8, (x ^ y) as u8, (200 - y) as u8])
+        });
+        let mut jpeg = Vec::new();
+        image::DynamicImage::ImageRgb8(photo.clone())
+            .write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+            .unwrap();
+        let mut png = Vec::new();
+        image::DynamicImage::ImageRgb8(photo)
+            .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let white = image::RgbImage::from_pixel(120, 90, image::Rgb([255, 255, 255]));
+        let pre = Preprocessor::new(
+            Sidecar::from_json(
+                r#"{"input_size": [32, 32], "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize": 32, "crop": [32, 32]}"#,
+                "m.json",
+            )
+            .unwrap(),
+        );
+        let cut = jpeg.len() / 2;
+        for bytes in [&jpeg[..], &jpeg[..cut], &png[..]] {
+            // The spare buffer now holds a white image's bytes.
+            pre.prepare_image(image::DynamicImage::ImageRgb8(white.clone()), "w.png")
+                .unwrap();
+            pre.keep(white.clone());
+            let got = pre.decode(bytes, "x").unwrap().into_rgb8();
+            let want = image::load_from_memory(bytes).unwrap().into_rgb8();
+            assert_eq!(got, want, "{} bytes", bytes.len());
+        }
+        let e = pre.decode(&png[..png.len() / 2], "x").unwrap_err();
+        assert!(matches!(e, Error::Image { .. }), "{e}");
     }
 
     /// The bits of a float tensor's values, in logical order.
