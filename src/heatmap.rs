@@ -573,8 +573,8 @@ fn pixels(map: &[f32], [r, g, b]: [&[f32]; 3], out: &[u8]) -> usize {
 }
 
 /// [`blend_rgb_generic`] eight pixels at a time with AVX2 intrinsics: the
-/// table index as `lut_index` computes it, the three colours gathered from
-/// the table, then the same multiply, add, clamp, scale and truncation, one
+/// table index as `lut_index` computes it, the three colours read from
+/// the table ([`Lanes::colours`]), then the same multiply, add, clamp, scale and truncation, one
 /// IEEE operation each in the same order (no FMA), so the bytes are the
 /// scalar loop's. The last `n % 8` pixels take the scalar loop.
 ///
