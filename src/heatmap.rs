@@ -359,43 +359,31 @@ impl Lanes {
         }
     }
 
-    /// The colours of eight map values at `map`, channel by channel:
-    /// `lut_index` (x >= 255 → 255; x > 0 → trunc(x); else, NaN too, 0),
-    /// then the eight `[r, g, b, 0]` entries loaded whole and transposed
-    /// (this CPU family's gathers cost more than eight loads and seven
-    /// shuffles).
+    /// `lut_index` of eight map values at `map` (x >= 255 → 255; x > 0 →
+    /// trunc(x); else, NaN too, 0).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `map` points at eight values.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn indices(&self, map: *const f32) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        let x = _mm256_mul_ps(_mm256_loadu_ps(map), self.scale);
+        let at_top = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x, self.top_f));
+        let positive = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(x, self.zero));
+        let idx = _mm256_and_si256(_mm256_cvttps_epi32(x), positive);
+        _mm256_blendv_epi8(idx, self.top_i, at_top)
+    }
+
+    /// The colours of eight map values at `map`, channel by channel: their
+    /// [`Lanes::indices`], then the table's entries ([`entries`]).
     ///
     /// # Safety
     /// The CPU must support AVX2; `map` points at eight values.
     #[target_feature(enable = "avx2")]
     #[inline]
     unsafe fn colours(&self, map: *const f32) -> [std::arch::x86_64::__m256; 3] {
-        use std::arch::x86_64::*;
-        let x = _mm256_mul_ps(_mm256_loadu_ps(map), self.scale);
-        let at_top = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x, self.top_f));
-        let positive = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(x, self.zero));
-        let idx = _mm256_and_si256(_mm256_cvttps_epi32(x), positive);
-        let idx = _mm256_blendv_epi8(idx, self.top_i, at_top);
-        // Offsets of the entries (4 floats each); all indices are < 256.
-        let mut at = [0i32; 8];
-        _mm256_storeu_si256(at.as_mut_ptr().cast(), _mm256_slli_epi32::<2>(idx));
-        // (No closures here: they would not inherit AVX2, and each
-        // intrinsic would become a call.)
-        let e = |k: usize| self.lut.add(at[k] as usize);
-        // Pixels k and k + 4 in one register: [r g b 0 | r g b 0].
-        let a0 = _mm256_loadu2_m128(e(4), e(0));
-        let a1 = _mm256_loadu2_m128(e(5), e(1));
-        let a2 = _mm256_loadu2_m128(e(6), e(2));
-        let a3 = _mm256_loadu2_m128(e(7), e(3));
-        let rg01 = _mm256_unpacklo_ps(a0, a1); // r0 r1 g0 g1 | r4 r5 g4 g5
-        let rg23 = _mm256_unpacklo_ps(a2, a3);
-        let b01 = _mm256_unpackhi_ps(a0, a1); // b0 b1 0 0 | b4 b5 0 0
-        let b23 = _mm256_unpackhi_ps(a2, a3);
-        [
-            _mm256_shuffle_ps::<0x44>(rg01, rg23),
-            _mm256_shuffle_ps::<0xee>(rg01, rg23),
-            _mm256_shuffle_ps::<0x44>(b01, b23),
-        ]
+        entries(self.lut, self.indices(map))
     }
 
     /// `clamp(colour + keep × px, 0, 1) × 255 + 0.5`, truncated. (max_ps
@@ -437,6 +425,77 @@ impl Lanes {
     }
 }
 
+/// The first three values of the eight 16-byte entries of `table` at
+/// indices `idx` (each below 256, the table's length), channel by channel:
+/// the entries loaded whole, two per register, and transposed (this CPU
+/// family's gathers cost more than eight loads and seven shuffles). The
+/// values are moved as bits: a table of integers works the same.
+///
+/// # Safety
+/// The CPU must support AVX2; `table` holds 256 entries of 4 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn entries(
+    table: *const f32,
+    idx: std::arch::x86_64::__m256i,
+) -> [std::arch::x86_64::__m256; 3] {
+    use std::arch::x86_64::*;
+    let mut at = [0i32; 8];
+    _mm256_storeu_si256(at.as_mut_ptr().cast(), _mm256_slli_epi32::<2>(idx));
+    // (No closures here: they would not inherit AVX2.)
+    let a0 = _mm256_loadu2_m128(table.add(at[4] as usize), table.add(at[0] as usize));
+    let a1 = _mm256_loadu2_m128(table.add(at[5] as usize), table.add(at[1] as usize));
+    let a2 = _mm256_loadu2_m128(table.add(at[6] as usize), table.add(at[2] as usize));
+    let a3 = _mm256_loadu2_m128(table.add(at[7] as usize), table.add(at[3] as usize));
+    // Pixels k and k + 4 in one register: [r g b 0 | r g b 0].
+    let rg01 = _mm256_unpacklo_ps(a0, a1); // r0 r1 g0 g1 | r4 r5 g4 g5
+    let rg23 = _mm256_unpacklo_ps(a2, a3);
+    let b01 = _mm256_unpackhi_ps(a0, a1); // b0 b1 0 0 | b4 b5 0 0
+    let b23 = _mm256_unpackhi_ps(a2, a3);
+    [
+        _mm256_shuffle_ps::<0x44>(rg01, rg23),
+        _mm256_shuffle_ps::<0xee>(rg01, rg23),
+        _mm256_shuffle_ps::<0x44>(b01, b23),
+    ]
+}
+
+/// The channels of the eight RGB pixels at `src` (24 bytes), each as eight
+/// `i32`: the first 16 bytes and the last 8 loaded, each channel's bytes
+/// picked out of both by two byte shuffles, then widened.
+///
+/// # Safety
+/// The CPU must support AVX2; `src` points at 24 readable bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn channels8(src: *const u8) -> [std::arch::x86_64::__m256i; 3] {
+    use std::arch::x86_64::*;
+    const Z: i8 = -1;
+    // From the first 16 bytes (pixels 0-4 and part of 5), and the last 8.
+    const FROM_LO: [[i8; 16]; 3] = [
+        [0, 3, 6, 9, 12, 15, Z, Z, Z, Z, Z, Z, Z, Z, Z, Z],
+        [1, 4, 7, 10, 13, Z, Z, Z, Z, Z, Z, Z, Z, Z, Z, Z],
+        [2, 5, 8, 11, 14, Z, Z, Z, Z, Z, Z, Z, Z, Z, Z, Z],
+    ];
+    const FROM_HI: [[i8; 16]; 3] = [
+        [Z, Z, Z, Z, Z, Z, 2, 5, Z, Z, Z, Z, Z, Z, Z, Z],
+        [Z, Z, Z, Z, Z, 0, 3, 6, Z, Z, Z, Z, Z, Z, Z, Z],
+        [Z, Z, Z, Z, Z, 1, 4, 7, Z, Z, Z, Z, Z, Z, Z, Z],
+    ];
+    let lo = _mm_loadu_si128(src.cast());
+    let hi = _mm_loadl_epi64(src.add(16).cast());
+    let mut out = [_mm256_setzero_si256(); 3];
+    for (ch, out) in out.iter_mut().enumerate() {
+        let v8 = _mm_or_si128(
+            _mm_shuffle_epi8(lo, _mm_loadu_si128(FROM_LO[ch].as_ptr().cast())),
+            _mm_shuffle_epi8(hi, _mm_loadu_si128(FROM_HI[ch].as_ptr().cast())),
+        );
+        *out = _mm256_cvtepu8_epi32(v8);
+    }
+    out
+}
+
 /// [`blend_bytes_generic`] eight RGB pixels at a time with AVX2
 /// intrinsics: the colours and the blend of [`Lanes`], each channel's
 /// eight bytes picked out of the pixels' 24 by two byte shuffles, then
@@ -466,43 +525,16 @@ unsafe fn blend_bytes_avx2(
     let body = n - n % 8;
     let lanes = Lanes::new(blend);
     let k = _mm256_set1_ps(SCALE_8BIT);
-    // Byte shuffles picking channel c of 8 pixels out of their 24 bytes:
-    // the first 16 bytes (pixels 0-4 and part of 5) and the last 8.
-    let pick = |lo: [i8; 16], hi: [i8; 16]| unsafe {
-        (
-            _mm_loadu_si128(lo.as_ptr().cast()),
-            _mm_loadu_si128(hi.as_ptr().cast()),
-        )
-    };
-    let z = -1i8;
-    let shuffles = [
-        pick(
-            [0, 3, 6, 9, 12, 15, z, z, z, z, z, z, z, z, z, z],
-            [z, z, z, z, z, z, 2, 5, z, z, z, z, z, z, z, z],
-        ),
-        pick(
-            [1, 4, 7, 10, 13, z, z, z, z, z, z, z, z, z, z, z],
-            [z, z, z, z, z, 0, 3, 6, z, z, z, z, z, z, z, z],
-        ),
-        pick(
-            [2, 5, 8, 11, 14, z, z, z, z, z, z, z, z, z, z, z],
-            [z, z, z, z, z, 1, 4, 7, z, z, z, z, z, z, z, z],
-        ),
-    ];
     let mut i = 0;
     while i < body {
         // SAFETY (loads): i + 8 <= n, so the map's 8 values and the 24
         // bytes at 3i are within their slices.
         let colours = lanes.colours(map.as_ptr().add(i));
-        let src = bytes.as_ptr().add(3 * i);
-        let lo = _mm_loadu_si128(src.cast());
-        let hi = _mm_loadl_epi64(src.add(16).cast());
+        let px = channels8(bytes.as_ptr().add(3 * i));
         let mut q = [_mm256_setzero_si256(); 3];
-        for ch in 0..3 {
-            let (s_lo, s_hi) = shuffles[ch];
-            let v8 = _mm_or_si128(_mm_shuffle_epi8(lo, s_lo), _mm_shuffle_epi8(hi, s_hi));
-            let px = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v8)), k);
-            q[ch] = lanes.blend(colours[ch], px);
+        for (ch, q) in q.iter_mut().enumerate() {
+            let v = _mm256_mul_ps(_mm256_cvtepi32_ps(px[ch]), k);
+            *q = lanes.blend(colours[ch], v);
         }
         lanes.store(q, &mut out[3 * i..3 * i + 24]);
         i += 8;
@@ -750,6 +782,20 @@ pub fn overlay_original(
     cmap: Colormap,
     alpha: f32,
 ) -> Result<RgbImage> {
+    overlay_original_with(original, map, (width, height), region, cmap, alpha, true)
+}
+
+/// [`overlay_original`], with the vector kernel where the CPU has it when
+/// `simd`, with the scalar loop only otherwise.
+fn overlay_original_with(
+    original: &RgbImage,
+    map: &[f32],
+    (width, height): (usize, usize),
+    region: MapRegion,
+    cmap: Colormap,
+    alpha: f32,
+    simd: bool,
+) -> Result<RgbImage> {
     let (ow, oh) = original.dimensions();
     if map.len() != width * height || width == 0 || height == 0 || ow == 0 || oh == 0 {
         return Err(Error::shape(
@@ -774,18 +820,30 @@ pub fn overlay_original(
         *k = ((1.0 - alpha) * v as f32 * 256.0).round() as u32;
     }
     let mut out = original.clone();
+    // The columns the map covers: one run (pixel centres inside the
+    // region), their taps.
+    let first = xs.iter().position(Option::is_some).unwrap_or(0);
+    let taps: Vec<(usize, usize, f32)> = xs[first..].iter().map_while(|t| *t).collect();
+    let vector = simd
+        .then(|| OverlayLanes::new(&colour, &keep, cmap, alpha))
+        .flatten();
     let row_len = 3 * ow as usize;
     let mut row = vec![0f32; width];
+    let mut values = vec![0f32; taps.len()];
     for (y, line) in out.chunks_exact_mut(row_len).enumerate() {
         let Some((y0, y1, wy)) = ys[y] else { continue };
-        // The map row at this height, interpolated once per output row.
+        // The map row at this height, interpolated once per output row,
+        // then at each column of the run.
         let (a, b) = (&map[y0 * width..][..width], &map[y1 * width..][..width]);
         for ((r, &a), &b) in row.iter_mut().zip(a).zip(b) {
             *r = a + (b - a) * wy;
         }
-        for (px, tap) in line.chunks_exact_mut(3).zip(&xs) {
-            let Some((x0, x1, wx)) = *tap else { continue };
-            let m = row[x0] + (row[x1] - row[x0]) * wx;
+        for (m, &(x0, x1, wx)) in values.iter_mut().zip(&taps) {
+            *m = row[x0] + (row[x1] - row[x0]) * wx;
+        }
+        let line = &mut line[3 * first..3 * (first + taps.len())];
+        let done = vector.as_ref().map_or(0, |v| v.blend(&values, line));
+        for (px, &m) in line[3 * done..].chunks_exact_mut(3).zip(&values[done..]) {
             let c = &colour[lut_index(m)];
             for (p, c) in px.iter_mut().zip(c) {
                 *p = ((c + keep[usize::from(*p)] + 128) >> 8).min(255) as u8;
@@ -793,6 +851,108 @@ pub fn overlay_original(
         }
     }
     Ok(out)
+}
+
+/// The vector kernel of [`overlay_original`] (AVX2), when the CPU has it
+/// and its arithmetic gives the scalar tables: the colour part per table
+/// entry as 16-byte `[r, g, b, 0]` entries, the image part
+/// `round((1 − alpha) × v × 256)` computed in float (checked against the
+/// table for all 256 byte values when made).
+struct OverlayLanes {
+    #[cfg(target_arch = "x86_64")]
+    lanes: Lanes,
+    colour: Box<[[u32; 4]; LUT_SIZE]>,
+    keep: f32,
+}
+
+impl OverlayLanes {
+    fn new(
+        colour: &[[u32; 3]; LUT_SIZE],
+        keep: &[u32; 256],
+        cmap: Colormap,
+        alpha: f32,
+    ) -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !std::arch::is_x86_feature_detected!("avx2") {
+                return None;
+            }
+            let k = 1.0 - alpha;
+            // The kernel's `trunc(k × v × 256 + 0.5)` (the same IEEE
+            // operations): for these non-negative values, `round`.
+            let exact = keep
+                .iter()
+                .enumerate()
+                .all(|(v, &want)| (k * v as f32 * 256.0 + 0.5) as u32 == want);
+            if !exact {
+                return None;
+            }
+            let mut table = Box::new([[0u32; 4]; LUT_SIZE]);
+            for (d, c) in table.iter_mut().zip(colour) {
+                *d = [c[0], c[1], c[2], 0];
+            }
+            // SAFETY: AVX2 is available (checked above).
+            let lanes = unsafe { Lanes::new(&Blend::new(cmap, alpha)) };
+            Some(OverlayLanes {
+                lanes,
+                colour: table,
+                keep: k,
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (colour, keep, cmap, alpha);
+            None
+        }
+    }
+
+    /// Blends the first multiple of eight pixels of `line` (RGB bytes, one
+    /// pixel per value of `values`) in place; returns how many.
+    fn blend(&self, values: &[f32], line: &mut [u8]) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: the CPU has AVX2 (`new` checked it).
+            unsafe { self.blend_avx2(values, line) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (values, line);
+            0
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn blend_avx2(&self, values: &[f32], line: &mut [u8]) -> usize {
+        use std::arch::x86_64::*;
+        let n = values.len().min(line.len() / 3);
+        let body = n - n % 8;
+        let k = _mm256_set1_ps(self.keep);
+        let (c256, half) = (_mm256_set1_ps(256.0), _mm256_set1_ps(0.5));
+        let (round, top) = (_mm256_set1_epi32(128), _mm256_set1_epi32(255));
+        let table = self.colour.as_ptr().cast::<f32>();
+        let mut i = 0;
+        while i < body {
+            // SAFETY (loads): i + 8 <= n: eight values, 24 bytes.
+            let colours = entries(table, self.lanes.indices(values.as_ptr().add(i)));
+            let px = channels8(line.as_ptr().add(3 * i));
+            let mut q = [_mm256_setzero_si256(); 3];
+            for (ch, q) in q.iter_mut().enumerate() {
+                let f = _mm256_cvtepi32_ps(px[ch]);
+                let keep = _mm256_cvttps_epi32(_mm256_add_ps(
+                    _mm256_mul_ps(_mm256_mul_ps(k, f), c256),
+                    half,
+                ));
+                let sum = _mm256_add_epi32(_mm256_castps_si256(colours[ch]), keep);
+                *q = _mm256_min_epu32(_mm256_srli_epi32::<8>(_mm256_add_epi32(sum, round)), top);
+            }
+            self.lanes.store(q, &mut line[3 * i..3 * i + 24]);
+            i += 8;
+        }
+        body
+    }
 }
 
 /// [`overlay_original`] over the whole image with jet at alpha 0.5, as a
@@ -993,6 +1153,65 @@ mod tests {
         assert!(overlay_original(&original, &[0.0], 2, 1, region, Colormap::Jet, 0.5).is_err());
         let png = overlay_original_png(&original, &[0.2, 0.8], 2, 1).unwrap();
         assert_eq!(&png[1..4], b"PNG");
+    }
+
+    /// The vector kernel of the overlay on the original writes the scalar
+    /// loop's bytes: a map with values outside [0, 1] and NaN, regions
+    /// cutting the image at odd columns, alphas whose image part the
+    /// kernel computes (and 0.3, whatever path it takes).
+    #[test]
+    fn overlay_original_paths_agree_byte_for_byte() {
+        let (ow, oh) = (203u32, 37u32);
+        let original = RgbImage::from_fn(ow, oh, |x, y| {
+            image::Rgb([(x * 7 + y) as u8, (x ^ (3 * y)) as u8, (x * y + 11) as u8])
+        });
+        let (w, h) = (13, 5);
+        let mut map: Vec<f32> = (0..w * h)
+            .map(|i| (i as f32 * 0.61).sin() * 0.8 + 0.5)
+            .collect();
+        map[3] = f32::NAN;
+        map[17] = -2.0;
+        map[30] = 4.0;
+        map[44] = 1.0;
+        let regions = [
+            MapRegion::whole(ow, oh),
+            MapRegion {
+                x0: 10.3,
+                y0: 2.0,
+                x1: 190.7,
+                y1: 35.5,
+            },
+            MapRegion {
+                x0: 5.0,
+                y0: 0.0,
+                x1: 11.0,
+                y1: 37.0,
+            },
+        ];
+        for region in regions {
+            for alpha in [0.5, 0.3, 0.0, 1.0, 0.77] {
+                let run = |simd| {
+                    overlay_original_with(
+                        &original,
+                        &map,
+                        (w, h),
+                        region,
+                        Colormap::Jet,
+                        alpha,
+                        simd,
+                    )
+                    .unwrap()
+                };
+                let (vector, scalar) = (run(true), run(false));
+                let differ = vector
+                    .as_raw()
+                    .iter()
+                    .zip(scalar.as_raw())
+                    .filter(|(a, b)| a != b)
+                    .count();
+                assert_eq!(differ, 0, "{region:?} alpha {alpha}");
+            }
+        }
     }
 
     #[test]
