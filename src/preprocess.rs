@@ -750,7 +750,7 @@ impl Preprocessor {
         }
         let raw = rgb.into_raw();
         SPARE_PIXELS.with_borrow_mut(|spare| {
-            if raw.capacity() > spare.capacity() {
+            if raw.capacity() > spare.capacity() && raw.capacity() <= SPARE_MAX {
                 *spare = raw;
             }
         });
@@ -1146,6 +1146,11 @@ thread_local! {
     /// new, zeroed buffer per image).
     static SPARE_PIXELS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
+
+/// The largest buffer a thread keeps for its next image (a 4K photo's
+/// 25 MB fits): a run's memory does not stay at its largest image's size
+/// times the decode threads.
+const SPARE_MAX: usize = 32 << 20;
 
 /// `img.into_rgb8()` with the same bytes, for the 8-bit layouts by a plain
 /// loop (gray repeated, alpha dropped): the `image` crate converts them
