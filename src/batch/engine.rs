@@ -156,8 +156,9 @@ fn cores() -> usize {
 /// saliency run went from 340–370 to 460 images/s with it, with the same
 /// bytes. The `tch-vis` binary sets it for such runs on a light model
 /// ([`passive_openmp_pays`], [`restart_with_passive_openmp`]) unless they
-/// are on one image file; a heavy model runs faster with the team
-/// spinning. A program of your own can do the same or be started with it.
+/// are on one image file or fewer than 1,000 listed images (the restart's
+/// second load of libtorch would cost more); a heavy model runs faster
+/// with the team spinning. A program of your own can do the same or be started with it.
 ///
 /// A model on CUDA gets one thread: its compute thread only queues kernels
 /// and copies results back, so an OpenMP team would only take cores from

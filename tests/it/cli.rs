@@ -1649,7 +1649,8 @@ fn single_files_and_lists_of_paths() {
 /// Colour inputs over 64 × 64 get every core: the binary restarts once with
 /// `OMP_WAIT_POLICY=PASSIVE` (its image list on standard input handed on
 /// unread) and hands the model channels-last batches. A policy the user set
-/// is kept, with the same outputs; a small model never restarts.
+/// is kept, with the same outputs; a small model never restarts, nor does a
+/// folder of fewer images than the restart pays for.
 #[test]
 fn large_colour_inputs_restart_with_passive_openmp() {
     let t = Tree::good(4);
@@ -1722,6 +1723,18 @@ fn large_colour_inputs_restart_with_passive_openmp() {
             "one image vs the list: {ext}"
         );
     }
+    // A folder of fewer images than the restart pays for (1,000): no
+    // restart, the same bytes as the list's run.
+    let few = t.out("few");
+    let r = direct("saliency", Path::new(&big), &images, &few, "a few images");
+    assert_eq!(r["openmp_wait_policy"], serde_json::Value::Null);
+    assert_eq!(r["channels_last"], true);
+    assert_eq!(r["processed"], 4);
+    assert_same_tree(
+        &passive,
+        &few,
+        "the list after the restart vs the folder without",
+    );
     // A heavy model keeps libgomp's spinning team: no restart.
     let heavy = t.out("heavy");
     let r = direct(
