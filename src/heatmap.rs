@@ -315,42 +315,30 @@ fn blend_bytes(
     blend_bytes_generic(blend, kept, map, bytes, c, out);
 }
 
-/// The AVX2 arithmetic both blends share, eight pixels at a time: the
-/// table offsets of `lut_index`, the blend of a colour and a pixel value
-/// to `0..=255`, and the interleaved RGB store; the same IEEE operations in
-/// the same order (no FMA) as [`Blend::px`].
+/// The table-independent AVX2 parts of the blends, eight pixels at a time:
+/// the colour-table indices of `lut_index` and the interleaved RGB store.
 #[cfg(target_arch = "x86_64")]
-struct Lanes {
-    lut: *const f32,
+struct Pixels8 {
     scale: std::arch::x86_64::__m256,
     top_f: std::arch::x86_64::__m256,
     top_i: std::arch::x86_64::__m256i,
     zero: std::arch::x86_64::__m256,
-    one: std::arch::x86_64::__m256,
-    keep: std::arch::x86_64::__m256,
-    c255: std::arch::x86_64::__m256,
-    half: std::arch::x86_64::__m256,
     interleave: std::arch::x86_64::__m256i,
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Lanes {
+impl Pixels8 {
     /// # Safety
     /// The CPU must support AVX2.
     #[target_feature(enable = "avx2")]
-    unsafe fn new(blend: &Blend) -> Self {
+    unsafe fn new() -> Self {
         use std::arch::x86_64::*;
         let z = -1i8;
-        Lanes {
-            lut: blend.lut.as_ptr().cast::<f32>(),
+        Pixels8 {
             scale: _mm256_set1_ps(LUT_SIZE as f32),
             top_f: _mm256_set1_ps((LUT_SIZE - 1) as f32),
             top_i: _mm256_set1_epi32((LUT_SIZE - 1) as i32),
             zero: _mm256_setzero_ps(),
-            one: _mm256_set1_ps(1.0),
-            keep: _mm256_set1_ps(blend.keep),
-            c255: _mm256_set1_ps(255.0),
-            half: _mm256_set1_ps(0.5),
             // Per 128-bit half [r0-3 g0-3 b0-3 b0-3] to 12 bytes of RGB.
             interleave: _mm256_setr_epi8(
                 0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11, z, z, z, z, 0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7,
@@ -375,15 +363,69 @@ impl Lanes {
         _mm256_blendv_epi8(idx, self.top_i, at_top)
     }
 
+    /// Eight pixels' channel values (each in `0..=255`) as 24 bytes of
+    /// interleaved RGB: packed to bytes (nothing saturates), then one
+    /// shuffle per 128-bit half.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn store(&self, [r, g, b]: [std::arch::x86_64::__m256i; 3], out: &mut [u8]) {
+        use std::arch::x86_64::*;
+        let rg = _mm256_packus_epi32(r, g);
+        let bb = _mm256_packus_epi32(b, b);
+        let rgb = _mm256_shuffle_epi8(_mm256_packus_epi16(rg, bb), self.interleave);
+        let mut px = [0u8; 32];
+        _mm256_storeu_si256(px.as_mut_ptr().cast(), rgb);
+        out[..12].copy_from_slice(&px[..12]);
+        out[12..24].copy_from_slice(&px[16..28]);
+    }
+}
+
+/// The AVX2 arithmetic both blends share, eight pixels at a time: the
+/// colours of the map values ([`Pixels8`] indices into the blend's
+/// table), the blend of a colour and a pixel value to `0..=255`; the same
+/// IEEE operations in the same order (no FMA) as [`Blend::px`].
+#[cfg(target_arch = "x86_64")]
+struct Lanes {
+    lut: *const f32,
+    px: Pixels8,
+    zero: std::arch::x86_64::__m256,
+    one: std::arch::x86_64::__m256,
+    keep: std::arch::x86_64::__m256,
+    c255: std::arch::x86_64::__m256,
+    half: std::arch::x86_64::__m256,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes {
+    /// # Safety
+    /// The CPU must support AVX2; `blend` outlives the lanes (they keep a
+    /// pointer to its table).
+    #[target_feature(enable = "avx2")]
+    unsafe fn new(blend: &Blend) -> Self {
+        use std::arch::x86_64::*;
+        Lanes {
+            lut: blend.lut.as_ptr().cast::<f32>(),
+            px: Pixels8::new(),
+            zero: _mm256_setzero_ps(),
+            one: _mm256_set1_ps(1.0),
+            keep: _mm256_set1_ps(blend.keep),
+            c255: _mm256_set1_ps(255.0),
+            half: _mm256_set1_ps(0.5),
+        }
+    }
+
     /// The colours of eight map values at `map`, channel by channel: their
-    /// [`Lanes::indices`], then the table's entries ([`entries`]).
+    /// [`Pixels8::indices`], then the table's entries ([`entries`]).
     ///
     /// # Safety
     /// The CPU must support AVX2; `map` points at eight values.
     #[target_feature(enable = "avx2")]
     #[inline]
     unsafe fn colours(&self, map: *const f32) -> [std::arch::x86_64::__m256; 3] {
-        entries(self.lut, self.indices(map))
+        entries(self.lut, self.px.indices(map))
     }
 
     /// `clamp(colour + keep × px, 0, 1) × 255 + 0.5`, truncated. (max_ps
@@ -403,25 +445,6 @@ impl Lanes {
         let v = _mm256_add_ps(colour, _mm256_mul_ps(self.keep, px));
         let v = _mm256_min_ps(_mm256_max_ps(v, self.zero), self.one);
         _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v, self.c255), self.half))
-    }
-
-    /// Eight pixels' channel values (each in `0..=255`) as 24 bytes of
-    /// interleaved RGB: packed to bytes (nothing saturates), then one
-    /// shuffle per 128-bit half.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    unsafe fn store(&self, [r, g, b]: [std::arch::x86_64::__m256i; 3], out: &mut [u8]) {
-        use std::arch::x86_64::*;
-        let rg = _mm256_packus_epi32(r, g);
-        let bb = _mm256_packus_epi32(b, b);
-        let rgb = _mm256_shuffle_epi8(_mm256_packus_epi16(rg, bb), self.interleave);
-        let mut px = [0u8; 32];
-        _mm256_storeu_si256(px.as_mut_ptr().cast(), rgb);
-        out[..12].copy_from_slice(&px[..12]);
-        out[12..24].copy_from_slice(&px[16..28]);
     }
 }
 
@@ -536,7 +559,7 @@ unsafe fn blend_bytes_avx2(
             let v = _mm256_mul_ps(_mm256_cvtepi32_ps(px[ch]), k);
             *q = lanes.blend(colours[ch], v);
         }
-        lanes.store(q, &mut out[3 * i..3 * i + 24]);
+        lanes.px.store(q, &mut out[3 * i..3 * i + 24]);
         i += 8;
     }
     blend_bytes_generic(
@@ -606,9 +629,9 @@ fn pixels(map: &[f32], [r, g, b]: [&[f32]; 3], out: &[u8]) -> usize {
 
 /// [`blend_rgb_generic`] eight pixels at a time with AVX2 intrinsics: the
 /// table index as `lut_index` computes it, the three colours read from
-/// the table ([`Lanes::colours`]), then the same multiply, add, clamp, scale and truncation, one
-/// IEEE operation each in the same order (no FMA), so the bytes are the
-/// scalar loop's. The last `n % 8` pixels take the scalar loop.
+/// the table ([`Lanes::colours`]), then the same multiply, add, clamp,
+/// scale and truncation, one IEEE operation each in the same order (no
+/// FMA), so the bytes are the scalar loop's. The last `n % 8` pixels take the scalar loop.
 ///
 /// # Safety
 /// The CPU must support AVX2.
@@ -628,7 +651,7 @@ unsafe fn blend_rgb_avx2(blend: &Blend, map: &[f32], planes: [&[f32]; 3], out: &
         for (c, plane) in [r, g, b].iter().enumerate() {
             q[c] = lanes.blend(colours[c], _mm256_loadu_ps(plane.as_ptr().add(i)));
         }
-        lanes.store(q, &mut out[3 * i..3 * i + 24]);
+        lanes.px.store(q, &mut out[3 * i..3 * i + 24]);
         i += 8;
     }
     blend_rgb_generic(
@@ -811,9 +834,11 @@ fn overlay_original_with(
     // so a pixel is two lookups, an add and a shift per channel (within one
     // step of the float blend of `overlay`).
     let alpha = alpha.clamp(0.0, 1.0);
-    let mut colour = [[0u32; 3]; LUT_SIZE];
+    // `[r, g, b, 0]`: 16 bytes an entry, for the vector kernel.
+    let mut colour = [[0u32; 4]; LUT_SIZE];
     for (d, c) in colour.iter_mut().zip(cmap.table()) {
-        *d = c.map(|v| (alpha * v * 255.0 * 256.0).round() as u32);
+        let [r, g, b] = c.map(|v| (alpha * v * 255.0 * 256.0).round() as u32);
+        *d = [r, g, b, 0];
     }
     let mut keep = [0u32; 256];
     for (v, k) in keep.iter_mut().enumerate() {
@@ -824,9 +849,7 @@ fn overlay_original_with(
     // region), their taps.
     let first = xs.iter().position(Option::is_some).unwrap_or(0);
     let taps: Vec<(usize, usize, f32)> = xs[first..].iter().map_while(|t| *t).collect();
-    let vector = simd
-        .then(|| OverlayLanes::new(&colour, &keep, cmap, alpha))
-        .flatten();
+    let vector = simd.then(|| OverlayLanes::new(&keep, alpha)).flatten();
     let row_len = 3 * ow as usize;
     let mut row = vec![0f32; width];
     let mut values = vec![0f32; taps.len()];
@@ -842,7 +865,9 @@ fn overlay_original_with(
             *m = row[x0] + (row[x1] - row[x0]) * wx;
         }
         let line = &mut line[3 * first..3 * (first + taps.len())];
-        let done = vector.as_ref().map_or(0, |v| v.blend(&values, line));
+        let done = vector
+            .as_ref()
+            .map_or(0, |v| v.blend(&colour, &values, line));
         for (px, &m) in line[3 * done..].chunks_exact_mut(3).zip(&values[done..]) {
             let c = &colour[lut_index(m)];
             for (p, c) in px.iter_mut().zip(c) {
@@ -854,24 +879,18 @@ fn overlay_original_with(
 }
 
 /// The vector kernel of [`overlay_original`] (AVX2), when the CPU has it
-/// and its arithmetic gives the scalar tables: the colour part per table
-/// entry as 16-byte `[r, g, b, 0]` entries, the image part
+/// and its arithmetic gives the scalar tables: the colour part read from
+/// the 16-byte `[r, g, b, 0]` entries, the image part
 /// `round((1 − alpha) × v × 256)` computed in float (checked against the
 /// table for all 256 byte values when made).
 struct OverlayLanes {
     #[cfg(target_arch = "x86_64")]
-    lanes: Lanes,
-    colour: Box<[[u32; 4]; LUT_SIZE]>,
+    px: Pixels8,
     keep: f32,
 }
 
 impl OverlayLanes {
-    fn new(
-        colour: &[[u32; 3]; LUT_SIZE],
-        keep: &[u32; 256],
-        cmap: Colormap,
-        alpha: f32,
-    ) -> Option<Self> {
+    fn new(keep: &[u32; 256], alpha: f32) -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
         {
             if !std::arch::is_x86_feature_detected!("avx2") {
@@ -884,39 +903,31 @@ impl OverlayLanes {
                 .iter()
                 .enumerate()
                 .all(|(v, &want)| (k * v as f32 * 256.0 + 0.5) as u32 == want);
-            if !exact {
-                return None;
-            }
-            let mut table = Box::new([[0u32; 4]; LUT_SIZE]);
-            for (d, c) in table.iter_mut().zip(colour) {
-                *d = [c[0], c[1], c[2], 0];
-            }
             // SAFETY: AVX2 is available (checked above).
-            let lanes = unsafe { Lanes::new(&Blend::new(cmap, alpha)) };
-            Some(OverlayLanes {
-                lanes,
-                colour: table,
+            exact.then(|| OverlayLanes {
+                px: unsafe { Pixels8::new() },
                 keep: k,
             })
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (colour, keep, cmap, alpha);
+            let _ = (keep, alpha);
             None
         }
     }
 
     /// Blends the first multiple of eight pixels of `line` (RGB bytes, one
-    /// pixel per value of `values`) in place; returns how many.
-    fn blend(&self, values: &[f32], line: &mut [u8]) -> usize {
+    /// pixel per value of `values`) in place with `colour`'s entries;
+    /// returns how many.
+    fn blend(&self, colour: &[[u32; 4]; LUT_SIZE], values: &[f32], line: &mut [u8]) -> usize {
         #[cfg(target_arch = "x86_64")]
         {
             // SAFETY: the CPU has AVX2 (`new` checked it).
-            unsafe { self.blend_avx2(values, line) }
+            unsafe { self.blend_avx2(colour, values, line) }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (values, line);
+            let _ = (colour, values, line);
             0
         }
     }
@@ -925,18 +936,23 @@ impl OverlayLanes {
     /// The CPU must support AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn blend_avx2(&self, values: &[f32], line: &mut [u8]) -> usize {
+    unsafe fn blend_avx2(
+        &self,
+        colour: &[[u32; 4]; LUT_SIZE],
+        values: &[f32],
+        line: &mut [u8],
+    ) -> usize {
         use std::arch::x86_64::*;
         let n = values.len().min(line.len() / 3);
         let body = n - n % 8;
         let k = _mm256_set1_ps(self.keep);
         let (c256, half) = (_mm256_set1_ps(256.0), _mm256_set1_ps(0.5));
         let (round, top) = (_mm256_set1_epi32(128), _mm256_set1_epi32(255));
-        let table = self.colour.as_ptr().cast::<f32>();
+        let table = colour.as_ptr().cast::<f32>();
         let mut i = 0;
         while i < body {
             // SAFETY (loads): i + 8 <= n: eight values, 24 bytes.
-            let colours = entries(table, self.lanes.indices(values.as_ptr().add(i)));
+            let colours = entries(table, self.px.indices(values.as_ptr().add(i)));
             let px = channels8(line.as_ptr().add(3 * i));
             let mut q = [_mm256_setzero_si256(); 3];
             for (ch, q) in q.iter_mut().enumerate() {
@@ -948,7 +964,7 @@ impl OverlayLanes {
                 let sum = _mm256_add_epi32(_mm256_castps_si256(colours[ch]), keep);
                 *q = _mm256_min_epu32(_mm256_srli_epi32::<8>(_mm256_add_epi32(sum, round)), top);
             }
-            self.lanes.store(q, &mut line[3 * i..3 * i + 24]);
+            self.px.store(q, &mut line[3 * i..3 * i + 24]);
             i += 8;
         }
         body

@@ -1366,29 +1366,23 @@ fn normalise_bytes(bytes: &[u8], c: usize, order: Order, out: &mut [f32], s: &Si
             std::array::from_fn(|v| (f32::from(v as u8) * k - m) / d)
         })
         .collect();
-    let n = out.len() / c.max(1);
+    // RGB into a channels-last row: the vector kernel, then the tables for
+    // the last values (under 24).
+    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     {
         if c == 3 && order == Order::Interleaved && std::arch::is_x86_feature_detected!("avx2") {
             let len = out.len().min(bytes.len());
-            let body = len - len % 24;
+            done = len - len % 24;
             // SAFETY: the CPU supports AVX2 (checked just above); both
-            // slices hold `body` values.
+            // slices hold `done` values.
             unsafe {
-                normalise_rgb_bytes_avx2(&bytes[..body], &mut out[..body], s);
+                normalise_rgb_bytes_avx2(&bytes[..done], &mut out[..done], s);
             }
-            let [r, g, b] = [&tables[0], &tables[1], &tables[2]];
-            for (o, px) in out[body..len]
-                .chunks_exact_mut(3)
-                .zip(bytes[body..].chunks_exact(3))
-            {
-                o[0] = r[usize::from(px[0])];
-                o[1] = g[usize::from(px[1])];
-                o[2] = b[usize::from(px[2])];
-            }
-            return;
         }
     }
+    let (bytes, out) = (&bytes[done..], &mut out[done..]);
+    let n = out.len() / c.max(1);
     match order {
         Order::Interleaved if c == 3 => {
             let [r, g, b] = [&tables[0], &tables[1], &tables[2]];
@@ -1434,16 +1428,13 @@ unsafe fn normalise_rgb_bytes_avx2(bytes: &[u8], out: &mut [f32], s: &Sidecar) {
     use std::arch::x86_64::*;
     debug_assert!(bytes.len() == out.len() && out.len().is_multiple_of(24));
     let k = _mm256_set1_ps(SCALE_8BIT);
-    // Lane j of the k-th eight values holds channel (8k + j) mod 3.
-    let pattern = |v: &[f32]| -> [__m256; 3] {
-        let at = |i: usize| v[i % 3];
-        std::array::from_fn(|q| {
-            let f: [f32; 8] = std::array::from_fn(|j| at(8 * q + j));
-            // SAFETY: AVX is part of AVX2 (the caller's guarantee).
-            unsafe { _mm256_loadu_ps(f.as_ptr()) }
-        })
+    // Lane j of the q-th eight values holds channel (8q + j) mod 3.
+    let lanes = |v: &[f32]| -> [[f32; 8]; 3] {
+        std::array::from_fn(|q| std::array::from_fn(|j| v[(8 * q + j) % 3]))
     };
-    let (m, d) = (pattern(&s.mean[..3]), pattern(&s.std[..3]));
+    let (mean, std) = (lanes(&s.mean[..3]), lanes(&s.std[..3]));
+    let m = mean.map(|v| _mm256_loadu_ps(v.as_ptr()));
+    let d = std.map(|v| _mm256_loadu_ps(v.as_ptr()));
     let streaming = (out.as_ptr() as usize).is_multiple_of(32);
     let (src, dst) = (bytes.as_ptr(), out.as_mut_ptr());
     let mut i = 0;

@@ -158,7 +158,8 @@ fn cores() -> usize {
 /// ([`passive_openmp_pays`], [`restart_with_passive_openmp`]) unless they
 /// are on one image file or fewer than 1,000 listed images (the restart's
 /// second load of libtorch would cost more); a heavy model runs faster
-/// with the team spinning. A program of your own can do the same or be started with it.
+/// with the team spinning. A program of your own can do the same or be
+/// started with it.
 ///
 /// A model on CUDA gets one thread: its compute thread only queues kernels
 /// and copies results back, so an OpenMP team would only take cores from
