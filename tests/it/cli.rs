@@ -1007,6 +1007,7 @@ fn check_goldens(device: &str, rtol: f64, atol: f64, map_atol: f64) {
                 rtol,
                 atol,
                 0.1,
+                1e-3,
             );
             ties += 1;
         }

@@ -119,12 +119,22 @@ pub fn devices() -> Vec<Device> {
 /// sum (the same convolution weights carry it; and the attributions' sum,
 /// the neighbours' inputs being equal in a flat region) and its size, and
 /// stays local, while a wrong class, input or formula changes all three:
-/// the sum within 1e-5 × Σ|g| + atol, Σ|g| within 1e-3, at most
-/// `max_off` of the values off (a tenth for one gradient; Integrated
-/// Gradients' fifty path points each have ties of their own: with
-/// libtorch's plain C++ kernels, 990 of 6,144 attributions of two RGB
-/// digits moved, their sum by 3e-8 of 171).
-pub fn max_pool_tie(what: &str, got: &Tensor, want: &Tensor, rtol: f64, atol: f64, max_off: f64) {
+/// the sum within 1e-5 × Σ|g| + atol, Σ|g| within `l1_rtol` of itself, at
+/// most `max_off` of the values off (a tenth and 1e-3 for one gradient;
+/// Integrated Gradients' fifty path points each have ties of their own:
+/// with libtorch's plain C++ kernels, 990 of 6,144 attributions of two RGB
+/// digits moved, their sum by 3e-8 of 171, and on a 16-core H100 host's
+/// CPU 1,084 moved, their sum by 7e-7 of ~180 and Σ|a| by 0.30, 1.7e-3 of
+/// itself: a quarter and 5e-3 there).
+pub fn max_pool_tie(
+    what: &str,
+    got: &Tensor,
+    want: &Tensor,
+    rtol: f64,
+    atol: f64,
+    max_off: f64,
+    l1_rtol: f64,
+) {
     let got = got.to_device(Device::Cpu).to_kind(Kind::Double);
     let want = want.to_device(Device::Cpu).to_kind(Kind::Double);
     let sum = |t: &Tensor| t.sum(Kind::Double).double_value(&[]);
@@ -145,7 +155,7 @@ pub fn max_pool_tie(what: &str, got: &Tensor, want: &Tensor, rtol: f64, atol: f6
     assert!(
         off as f64 <= max_off * n as f64
             && ds <= 1e-5 * l1(&want) + atol
-            && dl1 <= 1e-3 * l1(&want),
+            && dl1 <= l1_rtol * l1(&want),
         "{what}: max |diff| {gdiff} (rtol {rtol:e}, atol {atol:e}), \
          {off} of {n} values off, sum off by {ds:e}, sum of |g| off by {dl1:e}: \
          not a max-pool tie"
