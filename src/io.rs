@@ -384,7 +384,30 @@ fn with_parent<T>(
     }
 }
 
-fn commit(tmp: &Path, path: &Path) -> Result<()> {
+/// How a written temporary file takes its final name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Replace {
+    /// Renamed over an existing file: a reader always finds one, the old
+    /// or the new (files that other processes read while this one writes:
+    /// `scores.csv`, reports).
+    Atomic,
+    /// An existing file removed first, then the rename: for a file that
+    /// only this call writes and no one reads meanwhile (a run's per-image
+    /// outputs). It is absent for an instant, never partial. Renaming over
+    /// an existing file makes ext4 (`auto_da_alloc`, on by default) write
+    /// the new file's data out at the rename, in the writer's thread, to
+    /// protect the old contents: an `--overwrite` rerun's writers were 6×
+    /// slower than a fresh run's on a GPU host's disk (2,000-image runs,
+    /// 55–78 s of writer time against 9–11 s), enough to halve the run.
+    RemoveFirst,
+}
+
+fn commit(tmp: &Path, path: &Path, replace: Replace) -> Result<()> {
+    if replace == Replace::RemoveFirst {
+        // Nothing there (a fresh run): one failed lookup. Anything that
+        // cannot be removed (a folder) makes the rename fail below.
+        let _ = fs::remove_file(path);
+    }
     fs::rename(tmp, path).map_err(|e| {
         let _ = fs::remove_file(tmp);
         Error::io(path, e)
@@ -398,13 +421,18 @@ fn commit(tmp: &Path, path: &Path) -> Result<()> {
 /// # Errors
 /// [`Error::Io`] when a directory cannot be created or the file written.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_bytes(path, bytes, Replace::Atomic)
+}
+
+/// [`write_atomic`], with an existing file replaced as `replace` says.
+pub(crate) fn write_bytes(path: &Path, bytes: &[u8], replace: Replace) -> Result<()> {
     let tmp = temp_path(path);
     let written = with_parent(&tmp, || fs::File::create(&tmp)).and_then(|mut f| f.write_all(bytes));
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
         return Err(Error::io(path, e));
     }
-    commit(&tmp, path)
+    commit(&tmp, path, replace)
 }
 
 /// Writes `tensor` as a `.npy` file (tch's writer, dtype and shape kept),
@@ -413,6 +441,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// # Errors
 /// [`Error::Io`] when a directory cannot be created or the file written.
 pub fn write_npy_atomic(path: &Path, tensor: &Tensor) -> Result<()> {
+    write_npy(path, tensor, Replace::Atomic)
+}
+
+/// [`write_npy_atomic`], with an existing file replaced as `replace` says.
+pub(crate) fn write_npy(path: &Path, tensor: &Tensor, replace: Replace) -> Result<()> {
     let tmp = temp_path(path);
     let written = tensor
         .f_contiguous()
@@ -429,7 +462,7 @@ pub fn write_npy_atomic(path: &Path, tensor: &Tensor) -> Result<()> {
         let _ = fs::remove_file(&tmp);
         return Err(Error::io(path, e));
     }
-    commit(&tmp, path)
+    commit(&tmp, path, replace)
 }
 
 /// Removes temporary files (see [`temp_path`]) left under `root` by
@@ -528,6 +561,24 @@ mod tests {
         }
         // a/, x.npy, d/ and f.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 4);
+        // Per-image outputs replace an existing file by removing it first:
+        // the new contents, no temporaries; a folder in the way is an I/O
+        // error and is kept.
+        let o = dir.path().join("o/img.png");
+        let n = dir.path().join("o/img.npy");
+        for round in [&b"old"[..], b"new"] {
+            write_bytes(&o, round, Replace::RemoveFirst).unwrap();
+        }
+        write_npy(&n, &(&t + 1), Replace::RemoveFirst).unwrap();
+        write_npy(&n, &t, Replace::RemoveFirst).unwrap();
+        assert_eq!(fs::read(&o).unwrap(), b"new");
+        assert!(Tensor::read_npy(&n).unwrap().equal(&t));
+        assert_eq!(fs::read_dir(o.parent().unwrap()).unwrap().count(), 2);
+        fs::create_dir(dir.path().join("o/dir.png")).unwrap();
+        let bad = write_bytes(&dir.path().join("o/dir.png"), b"x", Replace::RemoveFirst);
+        assert!(matches!(bad, Err(Error::Io { .. })), "{bad:?}");
+        assert!(dir.path().join("o/dir.png").is_dir());
+        assert_eq!(fs::read_dir(o.parent().unwrap()).unwrap().count(), 3);
     }
 
     #[test]

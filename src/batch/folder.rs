@@ -33,7 +33,7 @@ use super::table::{self, State, END};
 use super::{ImageResult, Layout, Method, Sink};
 use crate::error::{Error, Result};
 use crate::heatmap;
-use crate::io;
+use crate::io::{self, Replace};
 use crate::preprocess::{InputImage, Preprocessor, Sidecar};
 
 /// The folder, under an output folder, holding the row journals and
@@ -371,7 +371,9 @@ impl FolderSink {
     fn write_files(&self, r: &ImageResult) -> Result<()> {
         let [h, w] = self.size;
         for a in &r.arrays {
-            io::write_npy_atomic(&self.file(&r.rel, &format!(".{}.npy", a.name)), &a.values)?;
+            // Only this worker writes an image's files (see `Replace`).
+            let npy = self.file(&r.rel, &format!(".{}.npy", a.name));
+            io::write_npy(&npy, &a.values, Replace::RemoveFirst)?;
             if let Some(heat) = &a.heat {
                 let png = with_values(heat, |map| match (&self.original, &r.original) {
                     (Some(pre), Some(original)) => heatmap::overlay_original_region_png(
@@ -390,7 +392,8 @@ impl FolderSink {
                         }),
                     },
                 })?;
-                io::write_atomic(&self.file(&r.rel, &format!(".{}.png", a.name)), &png)?;
+                let path = self.file(&r.rel, &format!(".{}.png", a.name));
+                io::write_bytes(&path, &png, Replace::RemoveFirst)?;
             }
         }
         Ok(())
