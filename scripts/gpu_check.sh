@@ -40,6 +40,7 @@ QUICK=${GPU_CHECK_QUICK:-0}
 PY=${PYTHON:-python3}
 BIN=.gpu
 CLASS=1
+REPEAT=${REPEAT:-1}
 if [ "$QUICK" = 1 ]; then
     ARCH=${GPU_CHECK_ARCH:-resnet18}; N_IMAGES=${N_IMAGES:-24}; BATCH=${BATCH:-4}
     WORKERS=${WORKERS:-2}; ITERS=${ITERS:-2}; GPU_DATA=${GPU_DATA:-bench-data/gpu-quick}
@@ -81,10 +82,13 @@ step() {
     return $st
 }
 # STEPS: the sections to run (default all): tests profile overhead python
-# pipeline pypipeline pearson cam camold camfrozen camdict scorecam tv tvold digits
+# pipeline pypipeline pearson cam camold camfrozen camdict scorecam camceil tv tvold digits
 # (camold, tvold: the Grad-CAM and torchvision-recipe jobs again with
-# $BIN/tch-vis-old, a previous binary, for a same-machine A/B)
-want() { case " ${STEPS:-tests profile overhead python pipeline pypipeline pearson cam camold camfrozen camdict scorecam tv tvold digits} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+# $BIN/tch-vis-old, a previous binary, for a same-machine A/B; camceil: the
+# CAM export's own model-alone ceiling per precision). REPEAT=N runs the
+# pipeline and tv jobs N times in turn (default 1); every timed job starts
+# after a `sync`, so no earlier step's writeback lands in it.
+want() { case " ${STEPS:-tests profile overhead python pipeline pypipeline pearson cam camold camfrozen camdict scorecam camceil tv tvold digits} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 # ips_of DIR: processed, seconds, images/s, steady images/s (after the
 # startup: model load, CUDA start, probe), startup seconds, from report.json
 ips_of() { "$PY" -c "import json,sys;r=json.load(open(sys.argv[1]));n=r['processed'];s=r['seconds'];u=r.get('startup_seconds',0.0);fb=r.get('steady_images_per_second');print(n,f'{s:.2f}',f\"{r['images_per_second']:.1f}\",f'{n/max(s-u,1e-9):.1f}',f'{u:.2f}',f'{fb:.1f}' if fb else 'n/a')" "$1/report.json"; }
@@ -175,6 +179,8 @@ ARCH_FLAGS=""
 step data 180 "$PY" scripts/make_bench_data.py --out "$GPU_DATA" --n-images "$N_IMAGES" --png-every 0 \
     --n-digits 0 $ARCH_FLAGS
 IMAGES="$GPU_DATA/images"
+# The data's dirty pages written back now, not while a timed run writes.
+sync
 if [ -f "$MODEL" ]; then
     say "data: $MODEL, $(find "$IMAGES" -type f 2>/dev/null | wc -l) JPEGs in $IMAGES"
 else
@@ -231,33 +237,38 @@ declare -A IPS
 if want pipeline && [ -x "$BIN/tch-vis" ] && [ -f "$MODEL" ]; then
     PIPE_PRECISIONS=fp32
     [ $CLI_PRECISION = 1 ] && PIPE_PRECISIONS=$PRECISIONS
-    for p in $PIPE_PRECISIONS; do
-        extra=()
-        [ $CLI_PRECISION = 1 ] && extra=(--precision "$p")
-        if step "pipeline-$p" 180 "$BIN/tch-vis" saliency --model "$MODEL" --images "$IMAGES" --out "$WORK/cli-$p" \
-            --batch-size "$BATCH" --overwrite --device "$DEVICE" --score "categorical:$CLASS" "${extra[@]}"; then
-            read -r n s ips steady up fb < <(ips_of "$WORK/cli-$p")
-            IPS[$p]=$ips
-            say "  timings $p: $(timings_of "$WORK/cli-$p")"
-            say "tch-vis-pipeline $ARCH batch $BATCH $DEVICE $p: $n images in $s s, $ips images/s (steady $steady after $up s of startup; past the first batch $fb); ceiling ${CEIL[$p]:-n/a} images/s, pipeline/ceiling $(ratio "$ips" "${CEIL[$p]}"), steady $(ratio "$steady" "${CEIL[$p]}"), past the first batch $(ratio "$fb" "${CEIL[$p]}") (target >= $([ "$p" = fp32 ] && echo 0.90 || echo 0.80))"
-        else
-            say "tch-vis-pipeline $ARCH $p: FAILED ($(tail -n1 "$WORK/pipeline-$p.txt"))"
-        fi
-    done
-    # Same-machine A/Bs in fp32: an older binary ($BIN/tch-vis-old), and
-    # two malloc arenas (the setting before one arena per core).
-    for v in ${AB_VARIANTS:-old arena2}; do
-        exe="$BIN/tch-vis"; envs=(); vp=fp32
-        case $v in old*) [ -x "$BIN/tch-vis-old" ] || continue; exe="$BIN/tch-vis-old" ;; esac
-        [ $v = old16 ] && vp=fp16
-        [ $v = arena2 ] && envs=(MALLOC_ARENA_MAX=2)
-        if step "pipeline-$v" 120 env "${envs[@]}" "$exe" saliency --model "$MODEL" --images "$IMAGES" --out "$WORK/cli-$v" \
-            --batch-size "$BATCH" --overwrite --device "$DEVICE" --score "categorical:$CLASS" --precision $vp; then
-            read -r n s ips steady up fb < <(ips_of "$WORK/cli-$v")
-            say "  timings $v: $(timings_of "$WORK/cli-$v")"
-            say "tch-vis-pipeline-$v $ARCH batch $BATCH $DEVICE $vp: $n images in $s s, $ips images/s (steady $steady after $up s of startup; past the first batch $fb); pipeline/ceiling $(ratio "$ips" "${CEIL[$vp]}")"
-            [ "$v" = old ] && [ -d "$WORK/cli-fp32" ] && say "$(same_files "$WORK/cli-fp32" "$WORK/cli-$v" .saliency.npy "saliency $ARCH fp32 this binary vs the old one")"
-        fi
+    for rep in $(seq "$REPEAT"); do
+    RUN_TAG=""; [ "$REPEAT" -gt 1 ] && RUN_TAG=" (run $rep of $REPEAT)"
+        for p in $PIPE_PRECISIONS; do
+            extra=()
+            [ $CLI_PRECISION = 1 ] && extra=(--precision "$p")
+            sync
+            if step "pipeline-$p" 180 "$BIN/tch-vis" saliency --model "$MODEL" --images "$IMAGES" --out "$WORK/cli-$p" \
+                --batch-size "$BATCH" --overwrite --device "$DEVICE" --score "categorical:$CLASS" "${extra[@]}"; then
+                read -r n s ips steady up fb < <(ips_of "$WORK/cli-$p")
+                IPS[$p]=$ips
+                say "  timings $p: $(timings_of "$WORK/cli-$p")"
+                say "tch-vis-pipeline$RUN_TAG $ARCH batch $BATCH $DEVICE $p: $n images in $s s, $ips images/s (steady $steady after $up s of startup; past the first batch $fb); ceiling ${CEIL[$p]:-n/a} images/s, pipeline/ceiling $(ratio "$ips" "${CEIL[$p]}"), steady $(ratio "$steady" "${CEIL[$p]}"), past the first batch $(ratio "$fb" "${CEIL[$p]}") (target >= $([ "$p" = fp32 ] && echo 0.90 || echo 0.80))"
+            else
+                say "tch-vis-pipeline $ARCH $p: FAILED ($(tail -n1 "$WORK/pipeline-$p.txt"))"
+            fi
+        done
+        # Same-machine A/Bs in fp32: an older binary ($BIN/tch-vis-old), and
+        # two malloc arenas (the setting before one arena per core).
+        for v in ${AB_VARIANTS:-old arena2}; do
+            exe="$BIN/tch-vis"; envs=(); vp=fp32
+            case $v in old*) [ -x "$BIN/tch-vis-old" ] || continue; exe="$BIN/tch-vis-old" ;; esac
+            [ $v = old16 ] && vp=fp16
+            [ $v = arena2 ] && envs=(MALLOC_ARENA_MAX=2)
+            sync
+            if step "pipeline-$v" 120 env "${envs[@]}" "$exe" saliency --model "$MODEL" --images "$IMAGES" --out "$WORK/cli-$v" \
+                --batch-size "$BATCH" --overwrite --device "$DEVICE" --score "categorical:$CLASS" --precision $vp; then
+                read -r n s ips steady up fb < <(ips_of "$WORK/cli-$v")
+                say "  timings $v: $(timings_of "$WORK/cli-$v")"
+                say "tch-vis-pipeline-$v$RUN_TAG $ARCH batch $BATCH $DEVICE $vp: $n images in $s s, $ips images/s (steady $steady after $up s of startup; past the first batch $fb); pipeline/ceiling $(ratio "$ips" "${CEIL[$vp]}")"
+                [ "$v" = old ] && [ -d "$WORK/cli-fp32" ] && say "$(same_files "$WORK/cli-fp32" "$WORK/cli-$v" .saliency.npy "saliency $ARCH fp32 this binary vs the old one")"
+            fi
+        done
     done
 fi
 if want pypipeline && [ -f "$MODEL" ]; then
@@ -324,11 +335,11 @@ fi
 
 # 8. CAMs on resnet50 (random weights, torchvision recipe), against the model alone
 CAM_MODEL="$GPU_DATA/${ARCH}_cam.pt"
-if { want cam || want camfrozen || want camdict || want scorecam || want tv; } && [ ! -f "$CAM_MODEL" ]; then
+if { want cam || want camfrozen || want camdict || want scorecam || want camceil || { want tv && [ "${TV_ON:-traced}" = cam ]; }; } && [ ! -f "$CAM_MODEL" ]; then
     step cam-export 120 "$PY" scripts/export_cam_model.py torchvision "$ARCH" --out "$CAM_MODEL"
 fi
 declare -A CAM_CEIL
-if { want cam || want camfrozen || want camdict || want scorecam || want tv; } && [ -f "$CAM_MODEL" ]; then
+if { want cam || want camfrozen || want camdict || want scorecam; } && [ -f "$CAM_MODEL" ]; then
     if step cam-ceiling 120 "$PY" scripts/bench_forward.py --model "$CAM_MODEL" --label "$ARCH" --batch "$BATCH" \
         --iters "$((ITERS < 30 ? ITERS : 30))" --device "$DEVICE"; then
         grep -E '^(forward|gradcam)-alone' "$WORK/cam-ceiling.txt" | while read -r l; do say "$l"; done
@@ -403,31 +414,65 @@ if { want cam || want camfrozen || want camdict || want scorecam || want tv; } &
         torchvision "$ARCH" --layer "$DICT_LAYER" --out "$DICT_MODEL"; }; then
         cam_variant dict "$DICT_MODEL" ""
     fi
-    # The torchvision recipe for input gradients too (resize 256, crop 224).
+elif want cam || want camfrozen || want camdict || want scorecam; then
+    say "cam: SKIPPED ($CAM_MODEL not made)"
+fi
+
+# 8b. The torchvision recipe for input gradients (resize 256, crop 224): by
+# default on the very file whose model-alone ceiling step 4 measured (the
+# traced export, with a torchvision-recipe sidecar beside a link to it), so
+# pipeline/ceiling compares like with like; TV_ON=cam runs the CAM export
+# instead, against its own ceiling when step camceil measured it.
+declare -A CAMM_CEIL
+if want camceil && [ -x "$BIN/bench_overhead" ] && [ -f "$CAM_MODEL" ]; then
+    for p in $PRECISIONS; do
+        if step "camceil-$p" 120 "$BIN/bench_overhead" --model "$CAM_MODEL" --label "$ARCH-cam-export" --batch "$BATCH" \
+            --size 224 --channels 3 --iters "$ITERS" --device "$DEVICE" --precision "$p" --class "$CLASS"; then
+            grep -E '^model-alone' "$WORK/camceil-$p.txt" | while read -r l; do say "$l"; done
+            CAMM_CEIL[$p]=$(sed -n 's/^model-alone.*: \([0-9.]*\) images\/s.*/\1/p' "$WORK/camceil-$p.txt")
+        fi
+    done
+fi
+TV_MODEL="$GPU_DATA/${ARCH}_tv.pt"
+if [ "${TV_ON:-traced}" = cam ]; then
+    TV_MODEL=$CAM_MODEL
+elif [ -f "$MODEL" ]; then
+    ln -sf "$ARCH.pt" "$TV_MODEL"
+    "$PY" -c 'import json,sys;s=json.load(open(sys.argv[1]));s.update(resize=256,crop=[224,224],interpolation="bilinear",antialias=True);json.dump(s,open(sys.argv[2],"w"),indent=2)' \
+        "$GPU_DATA/$ARCH.json" "$GPU_DATA/${ARCH}_tv.json"
+fi
+declare -A TV_CEIL
+for p in $PRECISIONS; do
+    TV_CEIL[$p]=${CEIL[$p]}
+    [ "${TV_ON:-traced}" = cam ] && TV_CEIL[$p]=${CAMM_CEIL[$p]:-${CEIL[$p]}}
+done
+if want tv && [ -x "$BIN/tch-vis" ] && [ -f "$TV_MODEL" ]; then
+    say "torchvision recipe on $TV_MODEL"
     declare -A TV_IPS
     TV_EXES="tch-vis"
     want tvold && [ -x "$BIN/tch-vis-old" ] && TV_EXES="tch-vis tch-vis-old"
+    for rep in $(seq "$REPEAT"); do
+    RUN_TAG=""; [ "$REPEAT" -gt 1 ] && RUN_TAG=" (run $rep of $REPEAT)"
     for exe in $TV_EXES; do
     for p in $PRECISIONS; do
-        want tv || continue
         [ "$exe" = tch-vis-old ] && [ "$p" = bf16 ] && continue
         d="$WORK/tv-$p"
         [ "$exe" = tch-vis-old ] && d="$WORK/tv-old-$p"
         tag=""; [ "$exe" = tch-vis-old ] && tag="-old"
-        if step "tv-pipeline$tag-$p" 150 "$BIN/$exe" saliency --model "$CAM_MODEL" --images "$IMAGES" --out "$d" \
+        sync
+        if step "tv-pipeline$tag-$p" 150 "$BIN/$exe" saliency --model "$TV_MODEL" --images "$IMAGES" --out "$d" \
             --batch-size "$BATCH" --overwrite --device "$DEVICE" --score "categorical:$CLASS" --precision "$p"; then
             read -r n s ips steady up fb < <(ips_of "$d")
             [ -z "$tag" ] && TV_IPS[$p]=$ips
             say "  timings tv$tag $p: $(timings_of "$d")"
-            say "tch-vis$tag-pipeline-torchvision-recipe $ARCH batch $BATCH $DEVICE $p: $n images in $s s, $ips images/s (steady $steady after $up s of startup; past the first batch $fb); ceiling ${CEIL[$p]:-n/a} images/s, pipeline/ceiling $(ratio "$ips" "${CEIL[$p]}"), steady $(ratio "$steady" "${CEIL[$p]}"), past the first batch $(ratio "$fb" "${CEIL[$p]}") (target >= $([ "$p" = fp32 ] && echo 0.90 || echo 0.80))"
+            say "tch-vis$tag-pipeline-torchvision-recipe$RUN_TAG $ARCH batch $BATCH $DEVICE $p: $n images in $s s, $ips images/s (steady $steady after $up s of startup; past the first batch $fb); ceiling ${TV_CEIL[$p]:-n/a} images/s, pipeline/ceiling $(ratio "$ips" "${TV_CEIL[$p]}"), steady $(ratio "$steady" "${TV_CEIL[$p]}"), past the first batch $(ratio "$fb" "${TV_CEIL[$p]}") (target >= $([ "$p" = fp32 ] && echo 0.90 || echo 0.80))"
             [ -n "$tag" ] && [ -d "$WORK/tv-$p" ] && say "$(same_files "$WORK/tv-$p" "$d" .saliency.npy "tv saliency $ARCH $p this binary vs the old one")" && say "$(same_files "$WORK/tv-$p" "$d" .saliency.png "tv saliency $ARCH $p this binary vs the old one")"
         else
             say "tch-vis$tag-pipeline-torchvision-recipe $ARCH $p: FAILED ($(tail -n1 "$WORK/tv-pipeline$tag-$p.txt"))"
         fi
     done
     done
-else
-    say "cam: SKIPPED ($CAM_MODEL not made)"
+    done
 fi
 
 # 9. half precision on a trained model: models/digits_rgb.pt, held-out digits
