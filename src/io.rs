@@ -397,7 +397,7 @@ pub(crate) enum Replace {
     /// an existing file makes ext4 (`auto_da_alloc`, on by default) write
     /// the new file's data out at the rename, in the writer's thread, to
     /// protect the old contents: an `--overwrite` rerun's writers were 6×
-    /// slower than a fresh run's on a GPU host's disk (2,000-image runs,
+    /// slower than a fresh run's on an H100 host's disk (6,000-image runs,
     /// 55–78 s of writer time against 9–11 s), enough to halve the run.
     RemoveFirst,
 }
