@@ -198,13 +198,19 @@ if want profile && [ -x "$BIN/profile_stages" ] && [ -d "$IMAGES" ]; then
 fi
 
 # 4. overhead and model-alone ceiling per precision
+# ceiling_step NAME MODEL LABEL P: bench_overhead on MODEL in precision P
+# (step NAME), its lines to the summary; model_alone NAME: its images/s.
+ceiling_step() {
+    step "$1" 120 "$BIN/bench_overhead" --model "$2" --label "$3" --batch "$BATCH" \
+        --size 224 --channels 3 --iters "$ITERS" --device "$DEVICE" --precision "$4" --class "$CLASS" || return
+    grep -E '^(overhead|model-alone)' "$WORK/$1.txt" | while read -r l; do say "$l"; done
+}
+model_alone() { sed -n 's/^model-alone.*: \([0-9.]*\) images\/s.*/\1/p' "$WORK/$1.txt"; }
 declare -A CEIL OURS_MS
 if want overhead && [ -x "$BIN/bench_overhead" ] && [ -f "$MODEL" ]; then
     for p in $PRECISIONS; do
-        if step "overhead-$p" 120 "$BIN/bench_overhead" --model "$MODEL" --label "$ARCH" --batch "$BATCH" \
-            --size 224 --channels 3 --iters "$ITERS" --device "$DEVICE" --precision "$p" --class "$CLASS"; then
-            grep -E '^(overhead|model-alone)' "$WORK/overhead-$p.txt" | while read -r l; do say "$l"; done
-            CEIL[$p]=$(sed -n 's/^model-alone.*: \([0-9.]*\) images\/s.*/\1/p' "$WORK/overhead-$p.txt")
+        if ceiling_step "overhead-$p" "$MODEL" "$ARCH" "$p"; then
+            CEIL[$p]=$(model_alone "overhead-$p")
             OURS_MS[$p]=$(sed -n 's/^overhead.*: ours \([0-9.]*\) ms.*/\1/p' "$WORK/overhead-$p.txt")
         else
             say "overhead $ARCH $p: FAILED ($(tail -n1 "$WORK/overhead-$p.txt"))"
@@ -426,11 +432,7 @@ fi
 declare -A CAMM_CEIL
 if want camceil && [ -x "$BIN/bench_overhead" ] && [ -f "$CAM_MODEL" ]; then
     for p in $PRECISIONS; do
-        if step "camceil-$p" 120 "$BIN/bench_overhead" --model "$CAM_MODEL" --label "$ARCH-cam-export" --batch "$BATCH" \
-            --size 224 --channels 3 --iters "$ITERS" --device "$DEVICE" --precision "$p" --class "$CLASS"; then
-            grep -E '^model-alone' "$WORK/camceil-$p.txt" | while read -r l; do say "$l"; done
-            CAMM_CEIL[$p]=$(sed -n 's/^model-alone.*: \([0-9.]*\) images\/s.*/\1/p' "$WORK/camceil-$p.txt")
-        fi
+        ceiling_step "camceil-$p" "$CAM_MODEL" "$ARCH-cam-export" "$p" && CAMM_CEIL[$p]=$(model_alone "camceil-$p")
     done
 fi
 TV_MODEL="$GPU_DATA/${ARCH}_tv.pt"
