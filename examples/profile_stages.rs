@@ -227,10 +227,13 @@ fn main() -> Result<()> {
 
     if !args.no_png_sweep {
         println!("PNG settings on {} 224x224 overlays:", overlays.len());
-        let settings: [(&str, CompressionType, FilterType); 7] = [
+        let settings: [(&str, CompressionType, FilterType); 10] = [
             ("fast+adaptive", CompressionType::Fast, FilterType::Adaptive),
             ("fast+sub", CompressionType::Fast, FilterType::Sub),
             ("fast+paeth", CompressionType::Fast, FilterType::Paeth),
+            ("fast+up", CompressionType::Fast, FilterType::Up),
+            ("fast+avg", CompressionType::Fast, FilterType::Avg),
+            ("fast+none", CompressionType::Fast, FilterType::NoFilter),
             (
                 "level1+adaptive",
                 CompressionType::Level(1),
