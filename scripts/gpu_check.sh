@@ -244,7 +244,7 @@ if want pipeline && [ -x "$BIN/tch-vis" ] && [ -f "$MODEL" ]; then
     PIPE_PRECISIONS=fp32
     [ $CLI_PRECISION = 1 ] && PIPE_PRECISIONS=$PRECISIONS
     for rep in $(seq "$REPEAT"); do
-    RUN_TAG=""; [ "$REPEAT" -gt 1 ] && RUN_TAG=" (run $rep of $REPEAT)"
+        RUN_TAG=""; [ "$REPEAT" -gt 1 ] && RUN_TAG=" (run $rep of $REPEAT)"
         for p in $PIPE_PRECISIONS; do
             extra=()
             [ $CLI_PRECISION = 1 ] && extra=(--precision "$p")
@@ -256,7 +256,7 @@ if want pipeline && [ -x "$BIN/tch-vis" ] && [ -f "$MODEL" ]; then
                 say "  timings $p: $(timings_of "$WORK/cli-$p")"
                 say "tch-vis-pipeline$RUN_TAG $ARCH batch $BATCH $DEVICE $p: $n images in $s s, $ips images/s (steady $steady after $up s of startup; past the first batch $fb); ceiling ${CEIL[$p]:-n/a} images/s, pipeline/ceiling $(ratio "$ips" "${CEIL[$p]}"), steady $(ratio "$steady" "${CEIL[$p]}"), past the first batch $(ratio "$fb" "${CEIL[$p]}") (target >= $([ "$p" = fp32 ] && echo 0.90 || echo 0.80))"
             else
-                say "tch-vis-pipeline $ARCH $p: FAILED ($(tail -n1 "$WORK/pipeline-$p.txt"))"
+                say "tch-vis-pipeline$RUN_TAG $ARCH $p: FAILED ($(tail -n1 "$WORK/pipeline-$p.txt"))"
             fi
         done
         # Same-machine A/Bs in fp32: an older binary ($BIN/tch-vis-old), and
@@ -438,7 +438,7 @@ fi
 TV_MODEL="$GPU_DATA/${ARCH}_tv.pt"
 if [ "${TV_ON:-traced}" = cam ]; then
     TV_MODEL=$CAM_MODEL
-elif [ -f "$MODEL" ]; then
+elif want tv && [ -f "$MODEL" ]; then
     ln -sf "$ARCH.pt" "$TV_MODEL"
     "$PY" -c 'import json,sys;s=json.load(open(sys.argv[1]));s.update(resize=256,crop=[224,224],interpolation="bilinear",antialias=True);json.dump(s,open(sys.argv[2],"w"),indent=2)' \
         "$GPU_DATA/$ARCH.json" "$GPU_DATA/${ARCH}_tv.json"
@@ -450,7 +450,6 @@ for p in $PRECISIONS; do
 done
 if want tv && [ -x "$BIN/tch-vis" ] && [ -f "$TV_MODEL" ]; then
     say "torchvision recipe on $TV_MODEL"
-    declare -A TV_IPS
     TV_EXES="tch-vis"
     want tvold && [ -x "$BIN/tch-vis-old" ] && TV_EXES="tch-vis tch-vis-old"
     for rep in $(seq "$REPEAT"); do
@@ -465,12 +464,11 @@ if want tv && [ -x "$BIN/tch-vis" ] && [ -f "$TV_MODEL" ]; then
         if step "tv-pipeline$tag-$p" 150 "$BIN/$exe" saliency --model "$TV_MODEL" --images "$IMAGES" --out "$d" \
             --batch-size "$BATCH" --overwrite --device "$DEVICE" --score "categorical:$CLASS" --precision "$p"; then
             read -r n s ips steady up fb < <(ips_of "$d")
-            [ -z "$tag" ] && TV_IPS[$p]=$ips
             say "  timings tv$tag $p: $(timings_of "$d")"
             say "tch-vis$tag-pipeline-torchvision-recipe$RUN_TAG $ARCH batch $BATCH $DEVICE $p: $n images in $s s, $ips images/s (steady $steady after $up s of startup; past the first batch $fb); ceiling ${TV_CEIL[$p]:-n/a} images/s, pipeline/ceiling $(ratio "$ips" "${TV_CEIL[$p]}"), steady $(ratio "$steady" "${TV_CEIL[$p]}"), past the first batch $(ratio "$fb" "${TV_CEIL[$p]}") (target >= $([ "$p" = fp32 ] && echo 0.90 || echo 0.80))"
             [ -n "$tag" ] && [ -d "$WORK/tv-$p" ] && say "$(same_files "$WORK/tv-$p" "$d" .saliency.npy "tv saliency $ARCH $p this binary vs the old one")" && say "$(same_files "$WORK/tv-$p" "$d" .saliency.png "tv saliency $ARCH $p this binary vs the old one")"
         else
-            say "tch-vis$tag-pipeline-torchvision-recipe $ARCH $p: FAILED ($(tail -n1 "$WORK/tv-pipeline$tag-$p.txt"))"
+            say "tch-vis$tag-pipeline-torchvision-recipe$RUN_TAG $ARCH $p: FAILED ($(tail -n1 "$WORK/tv-pipeline$tag-$p.txt"))"
         fi
     done
     done
