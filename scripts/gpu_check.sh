@@ -103,6 +103,36 @@ same_files() {
     echo "identical $4: $same of $total $3 files byte for byte"
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a == "" || a == "n/a" || b == "" || b == "n/a" || b + 0 == 0) print "n/a"; else printf "%.3f", a / b }'; }
+# pearson DIR_FP32 DIR_OTHER LABEL [SUFFIX]: Pearson r per image between
+# the SUFFIX arrays of two runs
+pearson() {  # DIR_FP32 DIR_OTHER LABEL [SUFFIX]
+    "$PY" - "$1" "$2" "$3" "${4:-.saliency.npy}" <<'EOF'
+import os, sys
+import numpy as np
+a_dir, b_dir, label, suffix = sys.argv[1:5]
+rs, bad = [], 0
+for d, _, fs in os.walk(a_dir):
+    for f in fs:
+        if not f.endswith(suffix):
+            continue
+        pa = os.path.join(d, f)
+        pb = os.path.join(b_dir, os.path.relpath(pa, a_dir))
+        if not os.path.exists(pb):
+            bad += 1
+            continue
+        a = np.load(pa).astype(np.float64).ravel()
+        b = np.load(pb).astype(np.float64).ravel()
+        r = np.corrcoef(a, b)[0, 1] if a.std() > 0 and b.std() > 0 else float("nan")
+        rs.append(r)
+rs = np.array(rs)
+if rs.size == 0:
+    print(f"pearson {label}: no pairs ({bad} missing)")
+else:
+    ok = rs[np.isfinite(rs)]
+    print(f"pearson {label}: {rs.size} images, r min {np.nanmin(rs):.4f}, mean {np.nanmean(rs):.4f}, "
+          f"{(ok < 0.99).sum()} below 0.99, {rs.size - ok.size} undefined, {bad} missing (target r >= 0.99)")
+EOF
+}
 
 echo "== tch-vis gpu_check $(date -Iseconds) (QUICK=$QUICK DEVICE=$DEVICE ARCH=$ARCH N_IMAGES=$N_IMAGES BATCH=$BATCH WORKERS=$WORKERS ITERS=$ITERS)"
 echo "machine: $(nproc) cores; $(nvidia-smi -L 2>/dev/null | head -n1 || echo 'no nvidia-smi')"
@@ -155,7 +185,7 @@ if want tests && [ -x "$BIN/it" ]; then
         grep -E 'max \|diff\||not close' "$OUTDIR/it-avx2.txt" | head -n 5 | while read -r l; do say "  $l"; done
     fi
     say "tests: status $st in $(( $(date +%s) - t0 )) s; $(grep -E '^test result' "$OUTDIR/it.txt" | tail -n1)"
-else
+elif want tests; then
     say "tests: SKIPPED ($BIN/it missing)"
 fi
 
@@ -259,12 +289,14 @@ if want pipeline && [ -x "$BIN/tch-vis" ] && [ -f "$MODEL" ]; then
                 say "tch-vis-pipeline$RUN_TAG $ARCH $p: FAILED ($(tail -n1 "$WORK/pipeline-$p.txt"))"
             fi
         done
-        # Same-machine A/Bs in fp32: an older binary ($BIN/tch-vis-old), and
-        # two malloc arenas (the setting before one arena per core).
+        # Same-machine A/Bs: an older binary ($BIN/tch-vis-old: old in fp32,
+        # old16 in fp16, oldbf16 in bf16), and two malloc arenas in fp32 (the
+        # setting before one arena per core).
         for v in ${AB_VARIANTS:-old arena2}; do
             exe="$BIN/tch-vis"; envs=(); vp=fp32
             case $v in old*) [ -x "$BIN/tch-vis-old" ] || continue; exe="$BIN/tch-vis-old" ;; esac
             [ $v = old16 ] && vp=fp16
+            [ $v = oldbf16 ] && vp=bf16
             [ $v = arena2 ] && envs=(MALLOC_ARENA_MAX=2)
             sync
             if step "pipeline-$v" 120 env "${envs[@]}" "$exe" saliency --model "$MODEL" --images "$IMAGES" --out "$WORK/cli-$v" \
@@ -272,7 +304,8 @@ if want pipeline && [ -x "$BIN/tch-vis" ] && [ -f "$MODEL" ]; then
                 read -r n s ips steady up fb < <(ips_of "$WORK/cli-$v")
                 say "  timings $v: $(timings_of "$WORK/cli-$v")"
                 say "tch-vis-pipeline-$v$RUN_TAG $ARCH batch $BATCH $DEVICE $vp: $n images in $s s, $ips images/s (steady $steady after $up s of startup; past the first batch $fb); pipeline/ceiling $(ratio "$ips" "${CEIL[$vp]}")"
-                [ "$v" = old ] && [ -d "$WORK/cli-fp32" ] && say "$(same_files "$WORK/cli-fp32" "$WORK/cli-$v" .saliency.npy "saliency $ARCH fp32 this binary vs the old one")"
+                case $v in old*) [ -d "$WORK/cli-$vp" ] && say "$(same_files "$WORK/cli-$vp" "$WORK/cli-$v" .saliency.npy "saliency $ARCH $vp this binary vs the old one")" ;; esac
+                case $v in old16 | oldbf16) [ -d "$WORK/cli-$vp" ] && say "$(pearson "$WORK/cli-$vp" "$WORK/cli-$v" "saliency $ARCH $vp this binary vs the old one" 2>&1 | tail -n1)" ;; esac
             fi
         done
     done
@@ -290,34 +323,6 @@ if want pypipeline && [ -f "$MODEL" ]; then
 fi
 
 # 7. agreement of half-precision maps with fp32: Pearson r per image
-pearson() {  # DIR_FP32 DIR_OTHER LABEL [SUFFIX]
-    "$PY" - "$1" "$2" "$3" "${4:-.saliency.npy}" <<'EOF'
-import os, sys
-import numpy as np
-a_dir, b_dir, label, suffix = sys.argv[1:5]
-rs, bad = [], 0
-for d, _, fs in os.walk(a_dir):
-    for f in fs:
-        if not f.endswith(suffix):
-            continue
-        pa = os.path.join(d, f)
-        pb = os.path.join(b_dir, os.path.relpath(pa, a_dir))
-        if not os.path.exists(pb):
-            bad += 1
-            continue
-        a = np.load(pa).astype(np.float64).ravel()
-        b = np.load(pb).astype(np.float64).ravel()
-        r = np.corrcoef(a, b)[0, 1] if a.std() > 0 and b.std() > 0 else float("nan")
-        rs.append(r)
-rs = np.array(rs)
-if rs.size == 0:
-    print(f"pearson {label}: no pairs ({bad} missing)")
-else:
-    ok = rs[np.isfinite(rs)]
-    print(f"pearson {label}: {rs.size} images, r min {np.nanmin(rs):.4f}, mean {np.nanmean(rs):.4f}, "
-          f"{(ok < 0.99).sum()} below 0.99, {rs.size - ok.size} undefined, {bad} missing (target r >= 0.99)")
-EOF
-}
 if want pearson && [ -f "$MODEL" ]; then
     for p in $PRECISIONS; do
         [ "$p" = fp32 ] && continue

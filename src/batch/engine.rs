@@ -378,6 +378,18 @@ impl<'a> Engine<'a> {
         })
     }
 
+    /// The kind of a CUDA batch's float rows when the model computes in
+    /// fp16 or bf16 and the method sees its input only through the model's
+    /// cast ([`Method::input_through_model_only`]): the rows hold the
+    /// values rounded to the model's precision, half the upload of float32.
+    fn rounded_rows(&self) -> Option<Kind> {
+        let precision = self.model.precision();
+        (self.model.device().is_cuda()
+            && precision != Precision::Fp32
+            && self.method.input_through_model_only())
+        .then(|| precision.kind())
+    }
+
     /// Images per model call (at least 1).
     pub fn batch_size(mut self, n: usize) -> Self {
         self.batch_size = n.max(1);
@@ -587,10 +599,12 @@ impl<'a> Engine<'a> {
         let pre = &self.pre;
         let abort = &abort;
         let channels_last = self.uses_channels_last();
+        let rounded = self.rounded_rows();
         std::thread::scope(|s| {
             // Producer: decode one batch at a time with rayon, keep 2 queued.
             s.spawn(move || {
-                let mut staging = Staging::new(device, pre, batch_size, channels_last);
+                let mut staging =
+                    Staging::new(device, pre, batch_size, channels_last).rounded(rounded);
                 for chunk in pending.chunks(batch_size) {
                     if abort.load(Ordering::Relaxed) {
                         break;
@@ -598,7 +612,7 @@ impl<'a> Engine<'a> {
                     let t = Instant::now();
                     let buf = staging.take(&rx_free);
                     let rows = staging.rows(buf.as_ref(), chunk.len());
-                    let byte_rows = staging.bytes.is_some();
+                    let row_kind = staging.kind();
                     let batch: Vec<_> = pool.install(|| {
                         chunk
                             .par_iter()
@@ -606,7 +620,7 @@ impl<'a> Engine<'a> {
                             .map(|(e, row)| {
                                 // Each decode thread writes its own image's
                                 // input into its row of the batch.
-                                let (p, staged) = load_row(pre, &e.path, row, byte_rows);
+                                let (p, staged) = load_row(pre, &e.path, row, row_kind);
                                 ((*e).clone(), p, staged)
                             })
                             .collect()
@@ -1051,7 +1065,11 @@ struct Decoded {
 /// waits for an upload. With a torchvision recipe the rows hold the crops'
 /// 8-bit values instead, normalised on the device
 /// ([`Preprocessor::load_bytes_into`]): a quarter of the upload, and no
-/// normalisation on the decode threads. A pinned buffer is reused only
+/// normalisation on the decode threads. Float rows for a method that sees
+/// its input only through a half-precision model's cast hold the values
+/// rounded to the model's precision ([`Engine::rounded_rows`]): half the
+/// upload, widened to float32 on the device, the same bits in the model.
+/// A pinned buffer is reused only
 /// after the device was synchronised after the batch uploaded from it, and
 /// at most [`Staging::MAX`] exist: the two queued batches, the one
 /// computing and the one being decoded. On a CPU the buffer is the batch
@@ -1063,6 +1081,8 @@ struct Staging {
     channels_last: bool,
     /// Byte rows: the normalisation on the device.
     bytes: Option<ByteNormaliser>,
+    /// Float rows rounded to fp16 or bf16 (never with byte rows).
+    rounded: Option<Kind>,
     made: usize,
 }
 
@@ -1088,15 +1108,26 @@ impl Staging {
             shape,
             channels_last,
             bytes,
+            rounded: None,
             made: 0,
         }
     }
 
+    /// Float rows rounded to `kind` (fp16 or bf16), unless the rows hold
+    /// bytes.
+    fn rounded(mut self, kind: Option<Kind>) -> Self {
+        if self.bytes.is_none() {
+            self.rounded = kind;
+        }
+        self
+    }
+
+    /// The kind of the buffers' values.
     fn kind(&self) -> Kind {
-        if self.bytes.is_some() {
-            Kind::Uint8
-        } else {
-            Kind::Float
+        match (&self.bytes, self.rounded) {
+            (Some(_), _) => Kind::Uint8,
+            (None, Some(kind)) => kind,
+            (None, None) => Kind::Float,
         }
     }
 
@@ -1206,30 +1237,56 @@ impl Staging {
         }
         // Pinned memory is not in use (or a row could not be written).
         let inputs: Vec<&Tensor> = ok.iter().map(|(_, p)| &p.input).collect();
-        padded_batch(&inputs, batch_size, self.device, self.channels_last)
+        let x = padded_batch(&inputs, batch_size, self.device, self.channels_last)?;
+        // Rounded rows widened (the model input is float32).
+        Ok(x.f_to_kind(Kind::Float)?)
     }
 }
 
-/// Decodes one image into its row (of bytes or of the input), when it has
-/// one; whether it is there.
+/// Decodes one image into its row (of bytes, of the input, or of the
+/// input rounded to `kind`), when it has one; whether it is there.
 fn load_row(
     pre: &Preprocessor,
     path: &std::path::Path,
     row: Option<Tensor>,
-    bytes: bool,
+    kind: Kind,
 ) -> (Result<Prepared>, bool) {
     match row {
         Some(row) => {
-            let p = if bytes {
-                pre.load_bytes_into(path, &row)
-            } else {
-                pre.load_into(path, &row)
+            let p = match kind {
+                Kind::Uint8 => pre.load_bytes_into(path, &row),
+                Kind::Float => pre.load_into(path, &row),
+                _ => load_rounded(pre, path, &row),
             };
             let ok = p.is_ok();
             (p, ok)
         }
         None => (pre.load(path), false),
     }
+}
+
+/// [`Preprocessor::load_into`] a float32 input of this thread's own, then
+/// into the fp16 or bf16 `row` by libtorch's conversion, which rounds to
+/// nearest even as the device's does; the returned input is `row`.
+fn load_rounded(pre: &Preprocessor, path: &std::path::Path, row: &Tensor) -> Result<Prepared> {
+    thread_local! {
+        static INPUT: std::cell::RefCell<Option<Tensor>> = const { std::cell::RefCell::new(None) };
+    }
+    INPUT.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let size = row.size();
+        let input = match cell.take() {
+            Some(t) if t.size() == size => t,
+            _ => Tensor::f_empty(size.as_slice(), (Kind::Float, Device::Cpu))?,
+        };
+        let result = pre.load_into(path, &input).and_then(|mut p| {
+            row.shallow_clone().f_copy_(&input)?;
+            p.input = row.shallow_clone();
+            Ok(p)
+        });
+        *cell = Some(input);
+        result
+    })
 }
 
 /// Copies row `from` of a staging buffer to row `to`.
@@ -1240,7 +1297,8 @@ fn move_row(buf: &Tensor, from: usize, to: usize) -> Result<()> {
 }
 
 /// Zeroes the pad rows of a staging buffer whose first `n` rows hold the
-/// batch, and starts its asynchronous copy to `device`.
+/// batch, and starts its asynchronous copy to `device` (rows rounded to
+/// fp16 or bf16 are then widened to float32 there).
 fn upload_staged(buf: &Tensor, n: usize, device: Device, channels_last: bool) -> Result<Tensor> {
     zero_rows_from(buf, n)?;
     let x = if channels_last {
@@ -1248,7 +1306,12 @@ fn upload_staged(buf: &Tensor, n: usize, device: Device, channels_last: bool) ->
     } else {
         buf.shallow_clone()
     };
-    Ok(x.f_to_device_(device, Kind::Float, true, false)?)
+    let x = x.f_to_device_(device, buf.kind(), true, false)?;
+    if x.kind() == Kind::Float {
+        Ok(x)
+    } else {
+        Ok(x.f_to_kind(Kind::Float)?)
+    }
 }
 
 /// Starts the asynchronous copy of a byte buffer whose first `n` rows hold
@@ -1342,9 +1405,17 @@ mod tests {
     /// The pinned path's row copies, closed-up holes, pad rows and memory
     /// order give the batch the stacking path gives (here on the CPU, where
     /// the buffer is not pinned and the copy is synchronous; the layout
-    /// logic is the same).
+    /// logic is the same); rows rounded to fp16 or bf16 give that batch
+    /// rounded, widened to float32.
     #[test]
     fn staged_rows_give_the_stacked_batch() {
+        for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
+            staged_rows_of_kind(kind);
+        }
+    }
+
+    fn staged_rows_of_kind(kind: Kind) {
+        let rounded = |t: Tensor| t.to_kind(kind).to_kind(Kind::Float);
         let (bs, c, h, w) = (4usize, 3i64, 5i64, 6i64);
         let sidecar = Sidecar::from_json(
             r#"{"input_size": [5, 6], "channels": 3, "mean": [0, 0, 0], "std": [1, 1, 1]}"#,
@@ -1353,26 +1424,32 @@ mod tests {
         .unwrap();
         let pre = Preprocessor::new(sidecar);
         for channels_last in [false, true] {
-            let staging = Staging::new(Device::Cpu, &pre, bs, channels_last);
+            let staging = Staging::new(Device::Cpu, &pre, bs, channels_last)
+                .rounded((kind != Kind::Float).then_some(kind));
+            assert_eq!(staging.kind(), kind);
             for n in [1usize, 3, 4] {
                 let inputs: Vec<Tensor> = (0..n)
                     .map(|i| Tensor::randn([c, h, w], (Kind::Float, Device::Cpu)) + i as f64)
                     .collect();
                 // A reused buffer: stale values in every row.
-                let buf = Tensor::full(staging.shape, 7.0, (Kind::Float, Device::Cpu));
+                let buf = Tensor::full(staging.shape, 7.0, (kind, Device::Cpu));
                 let rows = staging.rows(Some(&buf), n);
                 for (mut row, x) in rows.into_iter().map(Option::unwrap).zip(&inputs) {
                     row.f_copy_(x).unwrap();
                 }
                 let got = upload_staged(&buf, n, Device::Cpu, channels_last).unwrap();
                 let refs: Vec<&Tensor> = inputs.iter().collect();
-                let want = padded_batch(&refs, bs, Device::Cpu, channels_last).unwrap();
+                let want = rounded(padded_batch(&refs, bs, Device::Cpu, channels_last).unwrap());
+                assert_eq!(got.kind(), Kind::Float);
                 assert_eq!(got.size(), want.size());
                 assert_eq!(got.stride(), want.stride(), "memory order");
-                assert!(got.equal(&want), "n {n}, channels_last {channels_last}");
+                assert!(
+                    got.equal(&want),
+                    "n {n}, channels_last {channels_last}, {kind:?}"
+                );
                 // Row 0 failed to decode: the others move up.
                 if n > 1 {
-                    let buf = Tensor::full(staging.shape, 7.0, (Kind::Float, Device::Cpu));
+                    let buf = Tensor::full(staging.shape, 7.0, (kind, Device::Cpu));
                     let rows = staging.rows(Some(&buf), n);
                     let mut batch = Vec::new();
                     for (i, (mut row, x)) in rows
@@ -1404,11 +1481,57 @@ mod tests {
                     assert_eq!(d.failed.len(), 1);
                     let got = d.x.unwrap().unwrap();
                     let refs: Vec<&Tensor> = inputs[1..].iter().collect();
-                    let want = padded_batch(&refs, bs, Device::Cpu, channels_last).unwrap();
+                    let want =
+                        rounded(padded_batch(&refs, bs, Device::Cpu, channels_last).unwrap());
                     assert!(
                         got.equal(&want),
-                        "hole: n {n}, channels_last {channels_last}"
+                        "hole: n {n}, channels_last {channels_last}, {kind:?}"
                     );
+                }
+            }
+        }
+    }
+
+    /// A decode thread's rounded row holds `Preprocessor::load`'s input
+    /// rounded to the row's kind, for images of two sizes in turn (the
+    /// thread's float32 input is reused) and in a channels-last view; a
+    /// file that fails is an error and leaves the next image's row right.
+    #[test]
+    fn rounded_rows_hold_the_rounded_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut paths = Vec::new();
+        for (i, (w, h)) in [(40u32, 30u32), (13, 57)].into_iter().enumerate() {
+            let img = image::RgbImage::from_fn(w, h, |x, y| {
+                image::Rgb([(x * 37 + y) as u8, (y * 11 + i as u32) as u8, (x ^ y) as u8])
+            });
+            let path = dir.path().join(format!("{i}.png"));
+            img.save(&path).unwrap();
+            paths.push(path);
+        }
+        let broken = dir.path().join("broken.png");
+        std::fs::write(&broken, b"not an image").unwrap();
+        let sidecar = Sidecar::from_json(
+            r#"{"input_size": [9, 11], "channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}"#,
+            "m.json",
+        )
+        .unwrap();
+        let pre = Preprocessor::new(sidecar);
+        for kind in [Kind::Half, Kind::BFloat16] {
+            for channels_last in [false, true] {
+                let staging = Staging::new(Device::Cpu, &pre, 2, channels_last).rounded(Some(kind));
+                let buf = Tensor::zeros(staging.shape, (kind, Device::Cpu));
+                for path in [&paths[0], &broken, &paths[1], &paths[0]] {
+                    let row = staging.rows(Some(&buf), 1).pop().flatten().unwrap();
+                    let (p, staged) = load_row(&pre, path, Some(row.shallow_clone()), kind);
+                    if path == &broken {
+                        assert!(matches!(p, Err(Error::Image { .. })), "{p:?}");
+                        assert!(!staged);
+                        continue;
+                    }
+                    assert!(staged);
+                    let want = pre.load(path).unwrap().input.to_kind(kind);
+                    assert!(row.equal(&want), "{path:?} {kind:?} {channels_last}");
+                    assert!(p.unwrap().input.equal(&want));
                 }
             }
         }

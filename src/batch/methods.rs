@@ -110,6 +110,10 @@ impl Method for ScoresMethod {
         self.scores.check(outputs)
     }
 
+    fn input_through_model_only(&self) -> bool {
+        true
+    }
+
     fn compute(&self, model: &Model, x: &Tensor, _keys: &[u64]) -> Result<BatchResult> {
         let outputs = model.forward(&[x.shallow_clone()])?;
         self.scores.check(&outputs)?;
@@ -191,6 +195,11 @@ impl Method for SaliencyMethod {
 
     fn check(&self, _model: &Model, _x: &Tensor, outputs: &[Tensor]) -> Result<()> {
         self.scores.check(outputs)
+    }
+
+    /// Vanilla saliency: SmoothGrad adds its noise in float32.
+    fn input_through_model_only(&self) -> bool {
+        self.smooth_samples == 0
     }
 
     /// With SmoothGrad, the images' noisy samples are packed a batch to a
@@ -329,6 +338,11 @@ impl Method for CamMapMethod {
             // The dict form's outputs (an error for a model of neither form).
             self.scores.check(&model.cam_outputs(x)?)
         }
+    }
+
+    /// The gradient CAMs: Score-CAM masks the input in float32.
+    fn input_through_model_only(&self) -> bool {
+        self.method.uses_gradients()
     }
 
     /// Score-CAM's probe would take one forward pass per channel (512 on

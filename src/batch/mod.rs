@@ -141,6 +141,17 @@ pub trait Method: Sync {
         let _ = (model, x, outputs);
         Ok(())
     }
+
+    /// Whether the results depend on `x` only through the model's own
+    /// conversion of its inputs to the model's [`Precision`](crate::Precision)
+    /// (they enter the model as they are, with no noise, mask or path made
+    /// of them in float32 first). For such a method, a CUDA engine whose
+    /// model computes in fp16 or bf16 uploads each batch already rounded
+    /// to that precision (half the bytes of float32) and widens it on the
+    /// device: the model sees the same bits. The default is `false`.
+    fn input_through_model_only(&self) -> bool {
+        false
+    }
 }
 
 /// One image's results, as a [`Sink`] receives them (on the CPU).

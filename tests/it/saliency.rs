@@ -438,6 +438,101 @@ fn openmp_sleeps_only_for_light_models_on_every_core() {
 /// each row's sum as its score.
 struct Echo;
 
+/// [`Echo`], saying that its results depend on the input only through the
+/// model's cast to its precision.
+struct EchoThroughModel;
+
+impl tch_vis::batch::Method for EchoThroughModel {
+    fn name(&self) -> &str {
+        "echo"
+    }
+
+    fn arrays(&self) -> Vec<(String, bool)> {
+        Echo.arrays()
+    }
+
+    fn compute(
+        &self,
+        model: &Model,
+        x: &Tensor,
+        keys: &[u64],
+    ) -> tch_vis::Result<tch_vis::batch::BatchResult> {
+        Echo.compute(model, x, keys)
+    }
+
+    fn input_through_model_only(&self) -> bool {
+        true
+    }
+}
+
+/// 11 PNGs of four sizes and a file that is not an image, in `dir`.
+fn mixed_pngs(dir: &std::path::Path) -> Vec<tch_vis::io::Entry> {
+    std::fs::write(dir.join("a_broken.png"), b"not an image").unwrap();
+    for (i, (w, h)) in [(120, 97), (96, 96), (61, 140), (300, 200)]
+        .into_iter()
+        .cycle()
+        .take(11)
+        .enumerate()
+    {
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            let v = (x * 7 + y * 3 + i as u32 * 29) as u8;
+            image::Rgb([v, (x * y) as u8, 255 - v])
+        });
+        img.save(dir.join(format!("img_{i:02}.png"))).unwrap();
+    }
+    let inputs = tch_vis::io::walk(dir, &[]).unwrap();
+    assert_eq!(inputs.len(), 12);
+    inputs
+}
+
+/// The bits of a float32 tensor's values.
+fn bits(t: &Tensor) -> Vec<u32> {
+    let v = Vec::<f32>::try_from(&t.contiguous().reshape([-1])).unwrap();
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// On CUDA, a model in fp16 or bf16 gets a plain recipe's batch uploaded
+/// rounded to its precision when the method sees the input only through
+/// the model: each image's input is `Preprocessor::load`'s, rounded and
+/// widened to float32, bit for bit (the same bits the model's own cast
+/// gives). A method that does not say so, and every CPU run, get the
+/// float32 input itself.
+#[test]
+fn half_precision_batches_round_only_for_methods_that_allow_it() {
+    use tch_vis::preprocess::Preprocessor;
+    use tch_vis::Precision;
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = mixed_pngs(dir.path());
+    let json = r#"{"input_size": [96, 96], "channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}"#;
+    let sidecar = Sidecar::from_json(json, "m.json").unwrap();
+    let pre = Preprocessor::new(sidecar.clone());
+    for device in crate::util::devices() {
+        for precision in [Precision::Fp16, Precision::Bf16] {
+            let mut model = Model::load(repo("tests/models/avgpool_rgb.pt"), device).unwrap();
+            model.set_precision(precision).unwrap();
+            let methods: [&dyn tch_vis::batch::Method; 2] = [&Echo, &EchoThroughModel];
+            for (m, method) in methods.into_iter().enumerate() {
+                let engine = Engine::new(&model, sidecar.clone(), method).batch_size(5);
+                engine.prepare().unwrap();
+                let (got, failed) = run_sorted(&engine, &inputs, 11);
+                assert_eq!(failed.len(), 1);
+                for (rel, _, x) in &got {
+                    let mut want = pre.load(dir.path().join(rel)).unwrap().input;
+                    if device.is_cuda() && m == 1 {
+                        want = want.to_kind(precision.kind()).to_kind(Kind::Float);
+                    }
+                    assert_eq!(x.kind(), Kind::Float);
+                    assert_eq!(
+                        bits(x),
+                        bits(&want),
+                        "{rel} on {device:?}, {precision}, method {m}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 impl tch_vis::batch::Method for Echo {
     fn name(&self) -> &str {
         "echo"
@@ -477,22 +572,7 @@ impl tch_vis::batch::Method for Echo {
 fn engine_batches_hold_each_images_input_bit_for_bit() {
     use tch_vis::preprocess::Preprocessor;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("a_broken.png"), b"not an image").unwrap();
-    for (i, (w, h)) in [(120, 97), (96, 96), (61, 140), (300, 200)]
-        .into_iter()
-        .cycle()
-        .take(11)
-        .enumerate()
-    {
-        let img = image::RgbImage::from_fn(w, h, |x, y| {
-            let v = (x * 7 + y * 3 + i as u32 * 29) as u8;
-            image::Rgb([v, (x * y) as u8, 255 - v])
-        });
-        img.save(dir.path().join(format!("img_{i:02}.png")))
-            .unwrap();
-    }
-    let inputs = tch_vis::io::walk(dir.path(), &[]).unwrap();
-    assert_eq!(inputs.len(), 12);
+    let inputs = mixed_pngs(dir.path());
     for device in crate::util::devices() {
         for (file, json) in [
             (
@@ -518,10 +598,6 @@ fn engine_batches_hold_each_images_input_bit_for_bit() {
             assert_eq!(failed[0].0, "a_broken.png");
             for (rel, score, x) in &got {
                 let want = pre.load(dir.path().join(rel)).unwrap().input;
-                let bits = |t: &Tensor| {
-                    let v = Vec::<f32>::try_from(&t.contiguous().reshape([-1])).unwrap();
-                    v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
-                };
                 assert_eq!(x.device(), Device::Cpu);
                 assert_eq!(bits(x), bits(&want), "{rel} on {device:?}: {json}");
                 let sum = want.sum(Kind::Double).double_value(&[]) as f32;
