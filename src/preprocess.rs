@@ -1199,6 +1199,14 @@ pub(crate) struct ByteNormaliser {
 }
 
 impl ByteNormaliser {
+    /// The same normaliser, sharing its constants.
+    pub(crate) fn shallow_clone(&self) -> ByteNormaliser {
+        ByteNormaliser {
+            mean: self.mean.shallow_clone(),
+            std: self.std.shallow_clone(),
+        }
+    }
+
     /// `(N, H, W, C)` uint8 crops to `(N, C, H, W)` float32 inputs,
     /// contiguous, on their device: the same bits as
     /// [`Preprocessor::load`] (`v × (1/255)`, then `(v − mean) / std`, each

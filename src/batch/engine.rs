@@ -8,6 +8,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
 
+use super::cuda_rt::{self, CopyStream};
 use super::{ImageArray, ImageResult, Method, Sink};
 use crate::error::{Error, Result};
 use crate::io::Entry;
@@ -577,7 +578,7 @@ impl<'a> Engine<'a> {
         let (tx_batch, rx_batch) = bounded::<Decoded>(2);
         // Host batches handed back by the compute thread once their batch
         // is done (pinned ones for a CUDA model; see `Staging`).
-        let (tx_free, rx_free) = unbounded::<Tensor>();
+        let (tx_free, rx_free) = unbounded::<Buf>();
         let (tx_write, rx_write) = bounded::<ImageResult>(batch_size.max(16) * 2);
         let (tx_event, rx_event) = unbounded::<Event>();
         // One decode pool whose threads keep libtorch single-threaded
@@ -611,7 +612,7 @@ impl<'a> Engine<'a> {
                     }
                     let t = Instant::now();
                     let buf = staging.take(&rx_free);
-                    let rows = staging.rows(buf.as_ref(), chunk.len());
+                    let rows = staging.rows(buf.as_ref().map(|b| &b.host), chunk.len());
                     let row_kind = staging.kind();
                     let batch: Vec<_> = pool.install(|| {
                         chunk
@@ -665,9 +666,16 @@ impl<'a> Engine<'a> {
             });
 
             // Compute, on this thread. On CUDA a batch's results are handed
-            // out while the device computes the next one (see `Flight`).
+            // out while the device computes the next one (see `Flight`),
+            // and with events (see `Queued`) the next one is queued before
+            // this thread waits for the batch before it.
             let tx_ev = tx_event;
-            let mut in_flight: Option<Flight> = None;
+            // Events on stream 0 need it to be this thread's device's.
+            let events = match device {
+                Device::Cuda(i) => cuda_rt::use_device(i),
+                _ => false,
+            };
+            let mut in_flight: Option<Queued> = None;
             let mut waiting = Instant::now();
             for batch in rx_batch.iter() {
                 Clock::add(&clock.wait_decode, waiting);
@@ -703,40 +711,68 @@ impl<'a> Engine<'a> {
                     continue;
                 };
                 let t = Instant::now();
-                let started = x.and_then(|x| self.start_batch(ok, &x));
+                let started = x
+                    .and_then(Upload::into_input)
+                    .and_then(|x| self.start_batch(ok, &x));
                 let mut method = t.elapsed();
-                // The previous batch's results reached the host at the last
-                // synchronisation: out to the writers while this one runs.
-                let handed = match in_flight.take() {
-                    Some(prev) => self.hand_out(prev, &tx_write, clock),
-                    None => Ok(()),
-                };
-                let result = handed.and(started).and_then(|flight| {
-                    if let Device::Cuda(i) = device {
-                        // Kernels and copies run asynchronously: wait for
-                        // this batch's (the time is the method's).
-                        let t = Instant::now();
-                        tch::Cuda::synchronize(i as i64);
-                        method += t.elapsed();
-                        // Its upload is done: the pinned buffer is free.
-                        if let Some(buf) = staging {
-                            let _ = tx_free.send(buf);
+                let result = if let Device::Cuda(i) = device {
+                    // Kernels and copies run asynchronously: this batch is
+                    // queued, with the event of its end.
+                    let queued = started.and_then(|flight| {
+                        let end = match events {
+                            true => cuda_rt::Event::on_default_stream().transpose()?,
+                            false => None,
+                        };
+                        Ok(Queued {
+                            flight: Some(flight),
+                            end,
+                            staging,
+                        })
+                    });
+                    // The previous batch: wait for its end (the time is
+                    // the method's), then its results out to the writers
+                    // while this one runs.
+                    let handed = match in_flight.take() {
+                        Some(prev) => {
+                            let t = Instant::now();
+                            let ended = prev.wait();
+                            method += t.elapsed();
+                            ended.and_then(|(flight, buf)| {
+                                // Its upload is done: the buffer is free.
+                                if let Some(buf) = buf {
+                                    let _ = tx_free.send(buf);
+                                }
+                                self.hand_out(flight, &tx_write, clock)
+                            })
                         }
-                        in_flight = Some(flight);
-                        Ok(())
-                    } else {
+                        None => Ok(()),
+                    };
+                    handed.and(queued).map(|mut queued| {
+                        if queued.end.is_none() {
+                            // Without events, the whole device, now.
+                            let t = Instant::now();
+                            tch::Cuda::synchronize(i as i64);
+                            method += t.elapsed();
+                            if let Some(buf) = queued.staging.take() {
+                                let _ = tx_free.send(buf);
+                            }
+                        }
+                        in_flight = Some(queued);
+                    })
+                } else {
+                    started.and_then(|flight| {
                         // The buffer serves the next batch but one unless a
                         // result is a view of it (a method that returns its
                         // input): fresh memory is paged in anew, a fault
                         // every 4 KiB.
-                        let free = staging.filter(|buf| !flight.views(buf));
+                        let free = staging.filter(|buf| !flight.views(&buf.host));
                         let handed = self.hand_out(flight, &tx_write, clock);
                         if let Some(buf) = free {
                             let _ = tx_free.send(buf);
                         }
                         handed
-                    }
-                });
+                    })
+                };
                 clock
                     .method
                     .fetch_add(method.as_nanos() as u64, Ordering::Relaxed);
@@ -751,7 +787,10 @@ impl<'a> Engine<'a> {
             // batch, those of the batch before); none after the sink failed.
             if let (Some(prev), false) = (in_flight.take(), abort.load(Ordering::Relaxed)) {
                 let t = Instant::now();
-                if let Err(e) = self.hand_out(prev, &tx_write, clock) {
+                let handed = prev
+                    .wait()
+                    .and_then(|(flight, _)| self.hand_out(flight, &tx_write, clock));
+                if let Err(e) = handed {
                     let _ = tx_ev.send(Event::Fatal(e));
                 }
                 Clock::add(&clock.compute, t);
@@ -889,6 +928,45 @@ impl<'a> Engine<'a> {
             }
         }
         Ok(())
+    }
+}
+
+/// A batch queued on a CUDA device. Its end is an event on stream 0 after
+/// the copies of its results to the host, where the runtime's functions
+/// are found ([`cuda_rt`]); the compute thread then queues the next batch
+/// before it waits for this one, so the device goes from batch to batch
+/// without waiting for the host, whose share of a batch (queueing the
+/// next one's kernels, handing this one out) varies with the load of the
+/// decode and writer threads. Without events, `end` is `None` and the
+/// device was synchronised already. Dropped unfinished (a run that stops),
+/// it waits for the end: the buffer it was uploaded from goes back to the
+/// caching allocators.
+struct Queued {
+    flight: Option<Flight>,
+    end: Option<cuda_rt::Event>,
+    /// The buffer the batch was uploaded from, free after the end.
+    staging: Option<Buf>,
+}
+
+impl Queued {
+    /// Waits for the batch's end: its results, on the host, and the buffer
+    /// it was uploaded from.
+    fn wait(mut self) -> Result<(Flight, Option<Buf>)> {
+        if let Some(end) = self.end.take() {
+            end.synchronize()?;
+        }
+        let flight = self.flight.take().ok_or(Error::Internal {
+            what: "a queued batch without results".into(),
+        })?;
+        Ok((flight, self.staging.take()))
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        if let Some(end) = self.end.take() {
+            let _ = end.synchronize();
+        }
     }
 }
 
@@ -1049,12 +1127,93 @@ struct Decoded {
     ok: Vec<(Entry, Prepared)>,
     /// Files that did not, with the reason.
     failed: Vec<(String, String)>,
-    /// The model input of `ok`, padded to the batch size, on the model's
-    /// device; `None` when nothing decoded.
-    x: Option<Result<Tensor>>,
-    /// The pinned host batch `x` was uploaded from, to be handed back to
-    /// the producer when the batch is done.
-    staging: Option<Tensor>,
+    /// The model input of `ok`, padded to the batch size, on its way to
+    /// the model's device; `None` when nothing decoded.
+    x: Option<Result<Upload>>,
+    /// The buffer `x` was uploaded from, to be handed back to the producer
+    /// when the batch is done.
+    staging: Option<Buf>,
+}
+
+/// A batch's model input on its way to the device.
+enum Upload {
+    /// On a CPU, or queued on the device's stream 0: ready to use.
+    Ready(Tensor),
+    /// Being copied on the copy stream.
+    Copying {
+        copy: Copying,
+        finish: Finish,
+        /// The images in the batch (the rest is padding).
+        n: usize,
+    },
+}
+
+/// A copy to the device tensor `raw` on the copy stream, which ends at
+/// `done`. Dropped before the input was made (a run that stops), it waits
+/// for the copy: the caching allocator may hand `raw`'s memory out again
+/// at once, and the pinned rows it copies from go back to the producer.
+struct Copying {
+    raw: Tensor,
+    done: Option<cuda_rt::Event>,
+}
+
+impl Drop for Copying {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = done.synchronize();
+        }
+    }
+}
+
+/// What makes the model input of a batch copied to the device.
+enum Finish {
+    /// Float rows (maybe rounded, maybe channels-last): widened to float32.
+    Float { channels_last: bool },
+    /// Byte rows: normalised, and the pad rows zeroed.
+    Bytes(ByteNormaliser),
+}
+
+impl Upload {
+    /// The model input. For a batch still being copied, the work the
+    /// calling thread queues on stream 0 from now on waits for the copy
+    /// (the thread does not): call it on the compute thread, right before
+    /// the batch's kernels.
+    fn into_input(self) -> Result<Tensor> {
+        let (mut copy, finish, n) = match self {
+            Upload::Ready(x) => return Ok(x),
+            Upload::Copying { copy, finish, n } => (copy, finish, n),
+        };
+        if let Some(done) = &copy.done {
+            done.wait_on_default_stream()?;
+        }
+        // Stream 0 now waits for the copy: `raw` may go whenever.
+        copy.done = None;
+        let raw = copy.raw.shallow_clone();
+        match finish {
+            Finish::Float { channels_last } => {
+                let x = if channels_last {
+                    raw.f_permute([0, 3, 1, 2])?
+                } else {
+                    raw
+                };
+                // (`to_kind` of a float32 tensor is the tensor itself.)
+                Ok(x.f_to_kind(Kind::Float)?)
+            }
+            Finish::Bytes(norm) => {
+                let x = norm.normalise(&raw)?;
+                zero_rows_from(&x, n)?;
+                Ok(x)
+            }
+        }
+    }
+}
+
+/// A staging buffer: host rows (pinned for a CUDA model) and, when the
+/// engine has a copy stream, the device buffer of the same layout that
+/// they are copied into.
+struct Buf {
+    host: Tensor,
+    dev: Option<Tensor>,
 }
 
 /// Host batches that the decode threads write each image's input into,
@@ -1069,10 +1228,17 @@ struct Decoded {
 /// its input only through a half-precision model's cast hold the values
 /// rounded to the model's precision ([`Engine::rounded_rows`]): half the
 /// upload, widened to float32 on the device, the same bits in the model.
-/// A pinned buffer is reused only
-/// after the device was synchronised after the batch uploaded from it, and
-/// at most [`Staging::MAX`] exist: the two queued batches, the one
-/// computing and the one being decoded. On a CPU the buffer is the batch
+/// Where the CUDA runtime's functions are found ([`cuda_rt`]), each pinned
+/// buffer has a device twin that it is copied into on a copy stream of the
+/// engine's own, while the GPU computes the batch before: the compute
+/// thread makes stream 0 wait for the copy, and the widening or
+/// normalisation runs there. Without them the copy is queued on stream 0
+/// behind the previous batch's kernels.
+/// A pinned buffer (and its twin) is reused only
+/// once the batch uploaded from it has ended on the device, and at most
+/// [`Staging::MAX`] exist: the two batches in the channel, the one the
+/// device computes, the one before it (until its end) and the one being
+/// decoded. On a CPU the buffer is the batch
 /// itself, which a method's results may view: each batch gets a new one.
 struct Staging {
     device: Device,
@@ -1084,10 +1250,12 @@ struct Staging {
     /// Float rows rounded to fp16 or bf16 (never with byte rows).
     rounded: Option<Kind>,
     made: usize,
+    /// The copy stream of a CUDA model, where the runtime is found.
+    copy: Option<CopyStream>,
 }
 
 impl Staging {
-    const MAX: usize = 4;
+    const MAX: usize = 5;
 
     fn new(device: Device, pre: &Preprocessor, batch_size: usize, channels_last: bool) -> Self {
         let sidecar = pre.sidecar();
@@ -1110,6 +1278,10 @@ impl Staging {
             bytes,
             rounded: None,
             made: 0,
+            copy: match device {
+                Device::Cuda(i) => CopyStream::new(i),
+                _ => None,
+            },
         }
     }
 
@@ -1134,19 +1306,25 @@ impl Staging {
     /// A free buffer: one handed back, else a new one (on CUDA while fewer
     /// than `MAX` exist, else the next one handed back). `None` when the
     /// memory cannot be had (the batch then takes the stacking path).
-    fn take(&mut self, free: &Receiver<Tensor>) -> Option<Tensor> {
+    fn take(&mut self, free: &Receiver<Buf>) -> Option<Buf> {
         if let Ok(buf) = free.try_recv() {
             return Some(buf);
         }
         if !self.device.is_cuda() {
-            return Tensor::f_empty(self.shape, (self.kind(), Device::Cpu)).ok();
+            let host = Tensor::f_empty(self.shape, (self.kind(), Device::Cpu)).ok()?;
+            return Some(Buf { host, dev: None });
         }
         if self.made < Self::MAX {
-            let buf = Tensor::f_zeros(self.shape, (self.kind(), Device::Cpu))
+            let host = Tensor::f_zeros(self.shape, (self.kind(), Device::Cpu))
                 .and_then(|t| t.f_internal_pin_memory(self.device))
                 .ok()?;
+            // Without its twin the buffer goes up on stream 0.
+            let dev = self
+                .copy
+                .as_ref()
+                .and_then(|_| Tensor::f_empty(self.shape, (self.kind(), self.device)).ok());
             self.made += 1;
-            return Some(buf);
+            return Some(Buf { host, dev });
         }
         free.recv().ok()
     }
@@ -1177,7 +1355,7 @@ impl Staging {
         &self,
         batch: Vec<(Entry, Result<Prepared>, bool)>,
         batch_size: usize,
-        buf: Option<Tensor>,
+        buf: Option<Buf>,
     ) -> Decoded {
         let mut ok = Vec::with_capacity(batch.len());
         let mut failed = Vec::new();
@@ -1190,7 +1368,7 @@ impl Staging {
                     if let (Some(buf), true, true) = (&buf, staged, i != ok.len()) {
                         // A row above was a file that failed: move this
                         // image's row up.
-                        moved = moved.and_then(|()| move_row(buf, i, ok.len()));
+                        moved = moved.and_then(|()| move_row(&buf.host, i, ok.len()));
                     }
                     ok.push((entry, p));
                 }
@@ -1207,17 +1385,18 @@ impl Staging {
         }
     }
 
-    /// The model input of the decoded images `ok`, on the device: `buf`
-    /// uploaded when every one is in its row (`all_staged`, the rows closed
-    /// up as `moved` says), else their inputs stacked.
+    /// The model input of the decoded images `ok`, on its way to the
+    /// device: `buf` uploaded when every one is in its row (`all_staged`,
+    /// the rows closed up as `moved` says), else their inputs stacked.
     fn input(
         &self,
         ok: &[(Entry, Prepared)],
-        buf: Option<&Tensor>,
+        buf: Option<&Buf>,
         all_staged: bool,
         moved: Result<()>,
         batch_size: usize,
-    ) -> Result<Tensor> {
+    ) -> Result<Upload> {
+        let n = ok.len();
         if let Some(b) = buf {
             if let Some(norm) = &self.bytes {
                 // A byte batch has no other way up.
@@ -1227,11 +1406,20 @@ impl Staging {
                         what: "an image missing from a byte batch".into(),
                     });
                 }
-                return upload_bytes(b, ok.len(), self.device, norm);
+                if let Some(up) = self.copy_up(b, n, Finish::Bytes(norm.shallow_clone())) {
+                    return up;
+                }
+                return upload_bytes(&b.host, n, self.device, norm).map(Upload::Ready);
             }
             if let (true, Ok(())) = (all_staged, moved) {
-                if let Ok(x) = upload_staged(b, ok.len(), self.device, self.channels_last) {
-                    return Ok(x);
+                let finish = Finish::Float {
+                    channels_last: self.channels_last,
+                };
+                if let Some(up) = self.copy_up(b, n, finish) {
+                    return up;
+                }
+                if let Ok(x) = upload_staged(&b.host, n, self.device, self.channels_last) {
+                    return Ok(Upload::Ready(x));
                 }
             }
         }
@@ -1239,7 +1427,30 @@ impl Staging {
         let inputs: Vec<&Tensor> = ok.iter().map(|(_, p)| &p.input).collect();
         let x = padded_batch(&inputs, batch_size, self.device, self.channels_last)?;
         // Rounded rows widened (the model input is float32).
-        Ok(x.f_to_kind(Kind::Float)?)
+        Ok(Upload::Ready(x.f_to_kind(Kind::Float)?))
+    }
+
+    /// Starts copying `buf`, whose first `n` rows hold the batch, into its
+    /// device twin on the copy stream (float rows get their pad rows
+    /// zeroed first, byte rows on the device); `None` without a copy
+    /// stream or a twin.
+    fn copy_up(&self, buf: &Buf, n: usize, finish: Finish) -> Option<Result<Upload>> {
+        let (stream, dev) = (self.copy.as_ref()?, buf.dev.as_ref()?);
+        let start = || {
+            if let Finish::Float { .. } = finish {
+                zero_rows_from(&buf.host, n)?;
+            }
+            let done = stream.upload(&buf.host, dev)?;
+            Ok(Upload::Copying {
+                copy: Copying {
+                    raw: dev.shallow_clone(),
+                    done: Some(done),
+                },
+                finish,
+                n,
+            })
+        };
+        Some(start())
     }
 }
 
@@ -1477,10 +1688,17 @@ mod tests {
                         };
                         batch.push((entry, Ok(p), true));
                     }
-                    let d = staging.assemble(batch, bs, Some(buf));
+                    let d = staging.assemble(
+                        batch,
+                        bs,
+                        Some(Buf {
+                            host: buf,
+                            dev: None,
+                        }),
+                    );
                     assert_eq!(d.ok.len(), n - 1);
                     assert_eq!(d.failed.len(), 1);
-                    let got = d.x.unwrap().unwrap();
+                    let got = d.x.unwrap().and_then(Upload::into_input).unwrap();
                     let refs: Vec<&Tensor> = inputs[1..].iter().collect();
                     let want =
                         rounded(padded_batch(&refs, bs, Device::Cpu, channels_last).unwrap());

@@ -46,6 +46,7 @@
 //! # Ok(()) }
 //! ```
 
+mod cuda_rt;
 mod engine;
 mod folder;
 mod methods;

@@ -512,7 +512,8 @@ fn half_precision_batches_round_only_for_methods_that_allow_it() {
             model.set_precision(precision).unwrap();
             let methods: [&dyn tch_vis::batch::Method; 2] = [&Echo, &EchoThroughModel];
             for (m, method) in methods.into_iter().enumerate() {
-                let engine = Engine::new(&model, sidecar.clone(), method).batch_size(5);
+                // 6 batches of 2: the staging buffers are reused.
+                let engine = Engine::new(&model, sidecar.clone(), method).batch_size(2);
                 engine.prepare().unwrap();
                 let (got, failed) = run_sorted(&engine, &inputs, 11);
                 assert_eq!(failed.len(), 1);
@@ -565,9 +566,12 @@ impl tch_vis::batch::Method for Echo {
 /// of it, bit for bit, on every device: on a CPU written by the decode
 /// threads into the batch (in channels-last order for colour inputs over
 /// 64 × 64), on CUDA from pinned rows (the torchvision recipe's crops as
-/// bytes, normalised on the GPU) and brought back while the next batch
-/// runs. A file that fails to decode leaves no hole: the rows after it
-/// close up. Batches of 5 over 12 images, the last one padded.
+/// bytes, normalised on the GPU), uploaded on the engine's copy stream
+/// and brought back while the next batch runs. A file that fails to
+/// decode leaves no hole: the rows after it close up. Batches of 5 over
+/// 12 images, the last one padded, and of 2: more batches than the
+/// engine's staging buffers, each reused while the device computes from
+/// another and the batch before it is still queued.
 #[test]
 fn engine_batches_hold_each_images_input_bit_for_bit() {
     use tch_vis::preprocess::Preprocessor;
@@ -591,21 +595,27 @@ fn engine_batches_hold_each_images_input_bit_for_bit() {
             let model = Model::load(repo(file), device).unwrap();
             let sidecar = Sidecar::from_json(json, "m.json").unwrap();
             let pre = Preprocessor::new(sidecar.clone());
-            let engine = Engine::new(&model, sidecar, &Echo).batch_size(5);
-            engine.prepare().unwrap();
-            let (got, failed) = run_sorted(&engine, &inputs, 11);
-            assert_eq!(failed.len(), 1, "{json}");
-            assert_eq!(failed[0].0, "a_broken.png");
-            for (rel, score, x) in &got {
-                let want = pre.load(dir.path().join(rel)).unwrap().input;
-                assert_eq!(x.device(), Device::Cpu);
-                assert_eq!(bits(x), bits(&want), "{rel} on {device:?}: {json}");
-                let sum = want.sum(Kind::Double).double_value(&[]) as f32;
-                assert!(
-                    (score[0] - sum).abs() <= 1e-4 * sum.abs().max(1.0),
-                    "{rel} on {device:?}: score {} vs {sum}",
-                    score[0]
-                );
+            for batch in [5, 2] {
+                let engine = Engine::new(&model, sidecar.clone(), &Echo).batch_size(batch);
+                engine.prepare().unwrap();
+                let (got, failed) = run_sorted(&engine, &inputs, 11);
+                assert_eq!(failed.len(), 1, "{json}");
+                assert_eq!(failed[0].0, "a_broken.png");
+                for (rel, score, x) in &got {
+                    let want = pre.load(dir.path().join(rel)).unwrap().input;
+                    assert_eq!(x.device(), Device::Cpu);
+                    assert_eq!(
+                        bits(x),
+                        bits(&want),
+                        "{rel} on {device:?}, batch {batch}: {json}"
+                    );
+                    let sum = want.sum(Kind::Double).double_value(&[]) as f32;
+                    assert!(
+                        (score[0] - sum).abs() <= 1e-4 * sum.abs().max(1.0),
+                        "{rel} on {device:?}: score {} vs {sum}",
+                        score[0]
+                    );
+                }
             }
         }
     }

@@ -1,0 +1,269 @@
+//! The few CUDA runtime calls the engine needs that tch does not offer: a
+//! copy stream of its own, and events. With them a batch's upload runs on
+//! the copy engine while the GPU computes the batch before it, instead of
+//! queueing behind that batch's kernels on libtorch's default stream.
+//!
+//! The functions are looked up in the running process, where libtorch's
+//! CUDA library has loaded the runtime; nothing is linked. Where they are
+//! not found (a libtorch without CUDA, or one that hides its runtime), the
+//! engine uploads on the default stream as libtorch does.
+//!
+//! libtorch runs every kernel of the engine on the device's legacy default
+//! stream (stream 0; tch never sets another). The copy stream is created
+//! non-blocking, so that it does not wait for stream 0, nor stream 0 for
+//! it: the order between them is only what the events say.
+
+use std::ffi::{c_int, c_uint, c_void, CStr};
+use std::sync::OnceLock;
+
+use tch::Tensor;
+
+use crate::error::{Error, Result};
+
+type Status = c_int;
+type Handle = *mut c_void;
+
+/// `cudaStreamNonBlocking`.
+const STREAM_NON_BLOCKING: c_uint = 0x01;
+/// `cudaEventDisableTiming`.
+const EVENT_DISABLE_TIMING: c_uint = 0x02;
+/// `cudaMemcpyHostToDevice`.
+const HOST_TO_DEVICE: c_int = 1;
+
+struct Api {
+    set_device: unsafe extern "C" fn(c_int) -> Status,
+    stream_create: unsafe extern "C" fn(*mut Handle, c_uint) -> Status,
+    stream_destroy: unsafe extern "C" fn(Handle) -> Status,
+    stream_synchronize: unsafe extern "C" fn(Handle) -> Status,
+    event_create: unsafe extern "C" fn(*mut Handle, c_uint) -> Status,
+    event_destroy: unsafe extern "C" fn(Handle) -> Status,
+    event_record: unsafe extern "C" fn(Handle, Handle) -> Status,
+    event_synchronize: unsafe extern "C" fn(Handle) -> Status,
+    stream_wait_event: unsafe extern "C" fn(Handle, Handle, c_uint) -> Status,
+    memcpy_async: unsafe extern "C" fn(*mut c_void, *const c_void, usize, c_int, Handle) -> Status,
+}
+
+/// The function `name` of the process, as the function pointer type `F`.
+///
+/// # Safety
+/// `F` must be the C signature of the symbol `name`.
+unsafe fn find<F: Copy>(name: &CStr) -> Option<F> {
+    // SAFETY: dlsym with RTLD_DEFAULT only reads the process's loaded
+    // symbol tables; `name` is NUL-terminated.
+    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+    // SAFETY: a function pointer has a data pointer's size; the caller
+    // vouches for the signature.
+    (!p.is_null()).then(|| unsafe { std::mem::transmute_copy::<*mut c_void, F>(&p) })
+}
+
+/// The runtime's functions, once looked up; `None` where one is missing.
+fn api() -> Option<&'static Api> {
+    static API: OnceLock<Option<Api>> = OnceLock::new();
+    API.get_or_init(|| {
+        // SAFETY (each call): the field's type is the C signature of the
+        // CUDA runtime's function of that name.
+        unsafe {
+            Some(Api {
+                set_device: find(c"cudaSetDevice")?,
+                stream_create: find(c"cudaStreamCreateWithFlags")?,
+                stream_destroy: find(c"cudaStreamDestroy")?,
+                stream_synchronize: find(c"cudaStreamSynchronize")?,
+                event_create: find(c"cudaEventCreateWithFlags")?,
+                event_destroy: find(c"cudaEventDestroy")?,
+                event_record: find(c"cudaEventRecord")?,
+                event_synchronize: find(c"cudaEventSynchronize")?,
+                stream_wait_event: find(c"cudaStreamWaitEvent")?,
+                memcpy_async: find(c"cudaMemcpyAsync")?,
+            })
+        }
+    })
+    .as_ref()
+}
+
+fn check(call: &str, status: Status) -> Result<()> {
+    if status == 0 {
+        Ok(())
+    } else {
+        Err(Error::Internal {
+            what: format!("the CUDA runtime's {call} failed with error {status}"),
+        })
+    }
+}
+
+/// Makes `device` the calling thread's current CUDA device, which the
+/// runtime's calls (streams, events, stream 0) refer to; libtorch's own
+/// operations set it for themselves and put it back. `false` without the
+/// runtime or on failure.
+pub(crate) fn use_device(device: usize) -> bool {
+    let Some(api) = api() else { return false };
+    let Ok(d) = c_int::try_from(device) else {
+        return false;
+    };
+    // SAFETY: a plain runtime call on this thread.
+    unsafe { (api.set_device)(d) == 0 }
+}
+
+/// A non-blocking stream of the calling thread's current device,
+/// destroyed when dropped (after the work queued on it).
+pub(crate) struct CopyStream {
+    api: &'static Api,
+    handle: Handle,
+}
+
+// SAFETY: a stream handle may be used from any thread of the process.
+unsafe impl Send for CopyStream {}
+
+impl CopyStream {
+    /// A copy stream on `device`, made the calling thread's current
+    /// device; `None` without the runtime or when it cannot be made.
+    pub(crate) fn new(device: usize) -> Option<CopyStream> {
+        let api = api()?;
+        if !use_device(device) {
+            return None;
+        }
+        let mut handle: Handle = std::ptr::null_mut();
+        // SAFETY: `handle` is a valid out-pointer.
+        let status = unsafe { (api.stream_create)(&mut handle, STREAM_NON_BLOCKING) };
+        (status == 0).then_some(CopyStream { api, handle })
+    }
+
+    /// Queues the copy of the host tensor `src` into the device tensor
+    /// `dst` on this stream, and returns the event of its end. Both must be
+    /// contiguous, of the same kind and shape; `src` must be pinned, and
+    /// neither may be written, freed or (for `dst`) read until the event.
+    pub(crate) fn upload(&self, src: &Tensor, dst: &Tensor) -> Result<Event> {
+        let bytes = src.numel() * src.kind().elt_size_in_bytes();
+        if !src.is_contiguous()
+            || !dst.is_contiguous()
+            || src.kind() != dst.kind()
+            || src.size() != dst.size()
+            || src.device().is_cuda()
+            || !dst.device().is_cuda()
+        {
+            return Err(Error::Internal {
+                what: "an upload between tensors of different layouts".into(),
+            });
+        }
+        // SAFETY: both pointers address `bytes` bytes of live tensors
+        // checked above; the caller keeps them alive and untouched until
+        // the returned event.
+        check("cudaMemcpyAsync", unsafe {
+            (self.api.memcpy_async)(
+                dst.data_ptr(),
+                src.data_ptr(),
+                bytes,
+                HOST_TO_DEVICE,
+                self.handle,
+            )
+        })?;
+        Event::record(self.api, self.handle).inspect_err(|_| {
+            // Nothing will wait for the copy: it ends before the tensors
+            // can be freed.
+            self.synchronize();
+        })
+    }
+
+    fn synchronize(&self) {
+        // SAFETY: a live stream.
+        unsafe {
+            (self.api.stream_synchronize)(self.handle);
+        }
+    }
+}
+
+impl Drop for CopyStream {
+    fn drop(&mut self) {
+        self.synchronize();
+        // SAFETY: the handle was created by `new` and is destroyed once.
+        unsafe {
+            (self.api.stream_destroy)(self.handle);
+        }
+    }
+}
+
+/// A recorded event: the point of a stream's queue it marks.
+pub(crate) struct Event {
+    api: &'static Api,
+    handle: Handle,
+}
+
+// SAFETY: an event handle may be used from any thread of the process.
+unsafe impl Send for Event {}
+
+impl Event {
+    fn record(api: &'static Api, stream: Handle) -> Result<Event> {
+        let mut handle: Handle = std::ptr::null_mut();
+        // SAFETY: `handle` is a valid out-pointer.
+        check("cudaEventCreateWithFlags", unsafe {
+            (api.event_create)(&mut handle, EVENT_DISABLE_TIMING)
+        })?;
+        let event = Event { api, handle };
+        // SAFETY: a live event, and a live stream (or stream 0).
+        check("cudaEventRecord", unsafe {
+            (api.event_record)(handle, stream)
+        })?;
+        Ok(event)
+    }
+
+    /// The event of everything queued so far on the calling thread's
+    /// current device's stream 0; `None` without the runtime.
+    pub(crate) fn on_default_stream() -> Option<Result<Event>> {
+        let api = api()?;
+        Some(Event::record(api, std::ptr::null_mut()))
+    }
+
+    /// Makes the work queued on stream 0 from now on (by any thread) wait
+    /// for this event, without blocking the calling thread.
+    pub(crate) fn wait_on_default_stream(&self) -> Result<()> {
+        // SAFETY: a live, recorded event; stream 0.
+        check("cudaStreamWaitEvent", unsafe {
+            (self.api.stream_wait_event)(std::ptr::null_mut(), self.handle, 0)
+        })
+    }
+
+    /// Blocks the calling thread until the event.
+    pub(crate) fn synchronize(&self) -> Result<()> {
+        // SAFETY: a live, recorded event.
+        check("cudaEventSynchronize", unsafe {
+            (self.api.event_synchronize)(self.handle)
+        })
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: the handle was created by `record` and is destroyed once
+        // (the runtime frees it once the event has completed).
+        unsafe {
+            (self.api.event_destroy)(self.handle);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::{Device, Kind, Tensor};
+
+    /// On a machine without CUDA there is no copy stream (a CUDA libtorch
+    /// has the runtime, but no device to make it on). With CUDA there is
+    /// one, and a pinned tensor copied on it reaches the device whole:
+    /// stream 0, told to wait for the copy's event, sees every value.
+    #[test]
+    fn the_copy_stream_uploads_what_stream_0_then_reads() {
+        let Some(stream) = super::CopyStream::new(0) else {
+            assert!(!tch::Cuda::is_available(), "CUDA without a copy stream");
+            return;
+        };
+        let device = Device::Cuda(0);
+        let host = Tensor::arange(3 * 1024 * 1024, (Kind::Float, Device::Cpu)).pin_memory(device);
+        let dev = Tensor::zeros([3 * 1024 * 1024], (Kind::Float, device));
+        assert!(super::use_device(0));
+        let done = stream.upload(&host, &dev).unwrap();
+        done.wait_on_default_stream().unwrap();
+        let back = dev.to_device(Device::Cpu);
+        assert!(back.equal(&host));
+        // Layouts that differ are refused.
+        let other = Tensor::zeros([7], (Kind::Float, device));
+        assert!(stream.upload(&host, &other).is_err());
+    }
+}
