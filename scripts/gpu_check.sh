@@ -185,6 +185,10 @@ if want tests && [ -x "$BIN/it" ]; then
         grep -E 'max \|diff\||not close' "$OUTDIR/it-avx2.txt" | head -n 5 | while read -r l; do say "  $l"; done
     fi
     say "tests: status $st in $(( $(date +%s) - t0 )) s; $(grep -E '^test result' "$OUTDIR/it.txt" | tail -n1)"
+    # The engine's tests again with its experimental CUDA overlaps on.
+    timeout --kill-after=10 120 env TCH_VIS_CUDA_OVERLAP=1 "$BIN/it" --test-threads "$IT_THREADS" saliency:: \
+        >"$OUTDIR/it-overlap.txt" 2>&1
+    say "tests saliency:: with TCH_VIS_CUDA_OVERLAP=1: status $?; $(grep -E '^test result' "$OUTDIR/it-overlap.txt" | tail -n1)"
 elif want tests; then
     say "tests: SKIPPED ($BIN/it missing)"
 fi
@@ -290,22 +294,25 @@ if want pipeline && [ -x "$BIN/tch-vis" ] && [ -f "$MODEL" ]; then
             fi
         done
         # Same-machine A/Bs: an older binary ($BIN/tch-vis-old: old in fp32,
-        # old16 in fp16, oldbf16 in bf16), and two malloc arenas in fp32 (the
-        # setting before one arena per core).
+        # old16 in fp16, oldbf16 in bf16), two malloc arenas in fp32 (the
+        # setting before one arena per core), and this binary with its
+        # experimental CUDA overlaps on (TCH_VIS_CUDA_OVERLAP=1: ov32, ov16,
+        # ovbf16; ovcopy16 and ovqueue16 one at a time, in fp16).
         for v in ${AB_VARIANTS:-old arena2}; do
             exe="$BIN/tch-vis"; envs=(); vp=fp32
             case $v in old*) [ -x "$BIN/tch-vis-old" ] || continue; exe="$BIN/tch-vis-old" ;; esac
-            [ $v = old16 ] && vp=fp16
-            [ $v = oldbf16 ] && vp=bf16
+            case $v in *16) vp=fp16 ;; esac
+            case $v in *bf16) vp=bf16 ;; esac
             [ $v = arena2 ] && envs=(MALLOC_ARENA_MAX=2)
+            case $v in ov32 | ov16 | ovbf16) envs=(TCH_VIS_CUDA_OVERLAP=1) ;; ovcopy16) envs=(TCH_VIS_CUDA_OVERLAP=copy) ;; ovqueue16) envs=(TCH_VIS_CUDA_OVERLAP=queue) ;; esac
             sync
             if step "pipeline-$v" 120 env "${envs[@]}" "$exe" saliency --model "$MODEL" --images "$IMAGES" --out "$WORK/cli-$v" \
                 --batch-size "$BATCH" --overwrite --device "$DEVICE" --score "categorical:$CLASS" --precision $vp; then
                 read -r n s ips steady up fb < <(ips_of "$WORK/cli-$v")
                 say "  timings $v: $(timings_of "$WORK/cli-$v")"
                 say "tch-vis-pipeline-$v$RUN_TAG $ARCH batch $BATCH $DEVICE $vp: $n images in $s s, $ips images/s (steady $steady after $up s of startup; past the first batch $fb); pipeline/ceiling $(ratio "$ips" "${CEIL[$vp]}")"
-                case $v in old*) [ -d "$WORK/cli-$vp" ] && say "$(same_files "$WORK/cli-$vp" "$WORK/cli-$v" .saliency.npy "saliency $ARCH $vp this binary vs the old one")" ;; esac
-                case $v in old16 | oldbf16) [ -d "$WORK/cli-$vp" ] && say "$(pearson "$WORK/cli-$vp" "$WORK/cli-$v" "saliency $ARCH $vp this binary vs the old one" 2>&1 | tail -n1)" ;; esac
+                case $v in old* | ov*) [ -d "$WORK/cli-$vp" ] && say "$(same_files "$WORK/cli-$vp" "$WORK/cli-$v" .saliency.npy "saliency $ARCH $vp this binary vs $v")" ;; esac
+                case $v in old16 | oldbf16 | ov*) [ -d "$WORK/cli-$vp" ] && say "$(pearson "$WORK/cli-$vp" "$WORK/cli-$v" "saliency $ARCH $vp this binary vs $v" 2>&1 | tail -n1)" ;; esac
             fi
         done
     done

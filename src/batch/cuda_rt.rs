@@ -1,7 +1,9 @@
 //! The few CUDA runtime calls the engine needs that tch does not offer: a
 //! copy stream of its own, and events. With them a batch's upload runs on
 //! the copy engine while the GPU computes the batch before it, instead of
-//! queueing behind that batch's kernels on libtorch's default stream.
+//! queueing behind that batch's kernels on libtorch's default stream, and
+//! the compute thread queues a batch before it waits for the one before.
+//! Both are experimental and off unless [`Overlap::get`] says otherwise.
 //!
 //! The functions are looked up in the running process, where libtorch's
 //! CUDA library has loaded the runtime; nothing is linked. Where they are
@@ -87,6 +89,51 @@ fn check(call: &str, status: Status) -> Result<()> {
         Err(Error::Internal {
             what: format!("the CUDA runtime's {call} failed with error {status}"),
         })
+    }
+}
+
+/// The engine's CUDA overlaps, experimental and off by default: named in
+/// the environment variable `TCH_VIS_CUDA_OVERLAP`, a comma-separated
+/// list of `copy` (uploads on the engine's copy stream) and `queue` (each
+/// batch queued on the device before the compute thread waits for the
+/// one before it), or `1` for both.
+///
+/// On an H100 both together ran resnet50 saliency 2–7% faster past the
+/// first batch in one machine's runs, and 30–40% slower end to end on
+/// another machine's, whose writer threads took 2.5–3 times as long per
+/// image for a reason not found yet (BENCHMARKS.md): they stay off until
+/// that is understood.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Overlap {
+    pub(crate) copy: bool,
+    pub(crate) queue: bool,
+}
+
+impl Overlap {
+    /// The process's setting, read once.
+    pub(crate) fn get() -> Overlap {
+        static OVERLAP: OnceLock<Overlap> = OnceLock::new();
+        *OVERLAP.get_or_init(|| {
+            Overlap::parse(&std::env::var("TCH_VIS_CUDA_OVERLAP").unwrap_or_default())
+        })
+    }
+
+    /// `copy`, `queue`, both comma-separated, or `1` for both; anything
+    /// else names nothing.
+    fn parse(value: &str) -> Overlap {
+        let mut on = Overlap::default();
+        for part in value.split(',').map(str::trim) {
+            match part {
+                "copy" => on.copy = true,
+                "queue" => on.queue = true,
+                "1" => {
+                    on.copy = true;
+                    on.queue = true;
+                }
+                _ => {}
+            }
+        }
+        on
     }
 }
 
@@ -243,6 +290,33 @@ impl Drop for Event {
 #[cfg(test)]
 mod tests {
     use tch::{Device, Kind, Tensor};
+
+    #[test]
+    fn overlaps_are_named_in_a_list() {
+        use super::Overlap;
+        let both = Overlap {
+            copy: true,
+            queue: true,
+        };
+        assert_eq!(Overlap::parse(""), Overlap::default());
+        assert_eq!(Overlap::parse("0"), Overlap::default());
+        assert_eq!(Overlap::parse("1"), both);
+        assert_eq!(Overlap::parse("copy, queue"), both);
+        assert_eq!(
+            Overlap::parse("queue"),
+            Overlap {
+                copy: false,
+                queue: true
+            }
+        );
+        assert_eq!(
+            Overlap::parse("copy,bogus"),
+            Overlap {
+                copy: true,
+                queue: false
+            }
+        );
+    }
 
     /// On a machine without CUDA there is no copy stream (a CUDA libtorch
     /// has the runtime, but no device to make it on). With CUDA there is

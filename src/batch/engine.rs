@@ -672,7 +672,7 @@ impl<'a> Engine<'a> {
             let tx_ev = tx_event;
             // Events on stream 0 need it to be this thread's device's.
             let events = match device {
-                Device::Cuda(i) => cuda_rt::use_device(i),
+                Device::Cuda(i) => cuda_rt::Overlap::get().queue && cuda_rt::use_device(i),
                 _ => false,
             };
             let mut in_flight: Option<Queued> = None;
@@ -931,9 +931,9 @@ impl<'a> Engine<'a> {
     }
 }
 
-/// A batch queued on a CUDA device. Its end is an event on stream 0 after
-/// the copies of its results to the host, where the runtime's functions
-/// are found ([`cuda_rt`]); the compute thread then queues the next batch
+/// A batch queued on a CUDA device. With the queue overlap on
+/// ([`cuda_rt::Overlap`]), its end is an event on stream 0 after the
+/// copies of its results to the host; the compute thread then queues the next batch
 /// before it waits for this one, so the device goes from batch to batch
 /// without waiting for the host, whose share of a batch (queueing the
 /// next one's kernels, handing this one out) varies with the load of the
@@ -1228,17 +1228,17 @@ struct Buf {
 /// its input only through a half-precision model's cast hold the values
 /// rounded to the model's precision ([`Engine::rounded_rows`]): half the
 /// upload, widened to float32 on the device, the same bits in the model.
-/// Where the CUDA runtime's functions are found ([`cuda_rt`]), each pinned
+/// With the copy overlap on ([`cuda_rt::Overlap`]), each pinned
 /// buffer has a device twin that it is copied into on a copy stream of the
 /// engine's own, while the GPU computes the batch before: the compute
 /// thread makes stream 0 wait for the copy, and the widening or
-/// normalisation runs there. Without them the copy is queued on stream 0
+/// normalisation runs there. Without it the copy is queued on stream 0
 /// behind the previous batch's kernels.
 /// A pinned buffer (and its twin) is reused only
 /// once the batch uploaded from it has ended on the device, and at most
-/// [`Staging::MAX`] exist: the two batches in the channel, the one the
-/// device computes, the one before it (until its end) and the one being
-/// decoded. On a CPU the buffer is the batch
+/// `max` exist: the two batches in the channel, the one the device
+/// computes, the one before it (until its end, when batches are queued
+/// ahead) and the one being decoded. On a CPU the buffer is the batch
 /// itself, which a method's results may view: each batch gets a new one.
 struct Staging {
     device: Device,
@@ -1250,13 +1250,14 @@ struct Staging {
     /// Float rows rounded to fp16 or bf16 (never with byte rows).
     rounded: Option<Kind>,
     made: usize,
-    /// The copy stream of a CUDA model, where the runtime is found.
+    /// The copy stream of a CUDA model, where the runtime is found and the
+    /// overlap is on ([`cuda_rt::Overlap`]).
     copy: Option<CopyStream>,
+    /// The most buffers that exist on CUDA.
+    max: usize,
 }
 
 impl Staging {
-    const MAX: usize = 5;
-
     fn new(device: Device, pre: &Preprocessor, batch_size: usize, channels_last: bool) -> Self {
         let sidecar = pre.sidecar();
         let [h, w] = sidecar.size_i64();
@@ -1279,9 +1280,10 @@ impl Staging {
             rounded: None,
             made: 0,
             copy: match device {
-                Device::Cuda(i) => CopyStream::new(i),
+                Device::Cuda(i) if cuda_rt::Overlap::get().copy => CopyStream::new(i),
                 _ => None,
             },
+            max: if cuda_rt::Overlap::get().queue { 5 } else { 4 },
         }
     }
 
@@ -1314,7 +1316,7 @@ impl Staging {
             let host = Tensor::f_empty(self.shape, (self.kind(), Device::Cpu)).ok()?;
             return Some(Buf { host, dev: None });
         }
-        if self.made < Self::MAX {
+        if self.made < self.max {
             let host = Tensor::f_zeros(self.shape, (self.kind(), Device::Cpu))
                 .and_then(|t| t.f_internal_pin_memory(self.device))
                 .ok()?;
