@@ -98,11 +98,11 @@ fn check(call: &str, status: Status) -> Result<()> {
 /// batch queued on the device before the compute thread waits for the
 /// one before it), or `1` for both.
 ///
-/// On an H100 both together ran resnet50 saliency 2–7% faster past the
-/// first batch in one machine's runs, and 30–40% slower end to end on
-/// another machine's, whose writer threads took 2.5–3 times as long per
-/// image for a reason not found yet (BENCHMARKS.md): they stay off until
-/// that is understood.
+/// On an H100 both together ran resnet50 saliency 5–9% faster past the
+/// first batch in fp16 and bf16 (0–3% in fp32) in one machine's runs, and
+/// 30–40% slower end to end in fp16 on another machine's, whose writer
+/// threads took 2.5–3 times as long per image for a reason not found yet
+/// (BENCHMARKS.md): they stay off until that is understood.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Overlap {
     pub(crate) copy: bool,
