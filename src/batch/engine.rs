@@ -1713,6 +1713,48 @@ mod tests {
         }
     }
 
+    /// A batch copied whole into its device twin (the copy overlap) is
+    /// finished into the input the stream-0 upload makes of its buffer:
+    /// float rows (plain or channels-last, float32 or rounded) widened in
+    /// the same memory order, byte rows normalised with the pad rows zeroed.
+    /// Here on the CPU, with the twin a copy of the buffer and no event.
+    #[test]
+    fn copied_batches_finish_into_the_uploaded_input() {
+        let (bs, n) = (4usize, 3usize);
+        let json = r#"{"input_size": [5, 6], "channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resize": 6, "crop": [5, 6]}"#;
+        let pre = Preprocessor::new(Sidecar::from_json(json, "m.json").unwrap());
+        let copied = |raw: Tensor, finish: Finish| {
+            let copy = Copying { raw, done: None };
+            Upload::Copying { copy, finish, n }.into_input().unwrap()
+        };
+        for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
+            for channels_last in [false, true] {
+                let shape: [i64; 4] = if channels_last {
+                    [bs as i64, 5, 6, 3]
+                } else {
+                    [bs as i64, 3, 5, 6]
+                };
+                // Stale values in the pad row.
+                let buf = Tensor::randn(shape, (Kind::Float, Device::Cpu)).to_kind(kind);
+                let want = upload_staged(&buf, n, Device::Cpu, channels_last).unwrap();
+                // `copy_up` zeroes the pad rows, then copies.
+                zero_rows_from(&buf, n).unwrap();
+                let got = copied(buf.copy(), Finish::Float { channels_last });
+                assert_eq!(got.kind(), Kind::Float);
+                assert_eq!(got.stride(), want.stride(), "{kind:?}, {channels_last}");
+                assert!(got.equal(&want), "{kind:?}, channels_last {channels_last}");
+            }
+        }
+        let norm = pre.byte_normaliser(Device::Cpu).unwrap();
+        let buf = Tensor::randint(256, [bs as i64, 5, 6, 3], (Kind::Uint8, Device::Cpu));
+        let want = upload_bytes(&buf, n, Device::Cpu, &norm).unwrap();
+        let got = copied(buf.copy(), Finish::Bytes(norm.shallow_clone()));
+        assert_eq!(got.size(), [bs as i64, 3, 5, 6]);
+        assert!(got.equal(&want));
+        let pad = got.narrow(0, n as i64, (bs - n) as i64);
+        assert_eq!(pad.abs().sum(Kind::Double).double_value(&[]), 0.0);
+    }
+
     /// A decode thread's rounded row holds `Preprocessor::load`'s input
     /// rounded to the row's kind, for images of two sizes in turn (the
     /// thread's float32 input is reused) and in a channels-last view; a
