@@ -604,6 +604,7 @@ impl<'a> Engine<'a> {
         std::thread::scope(|s| {
             // Producer: decode one batch at a time with rayon, keep 2 queued.
             s.spawn(move || {
+                name_thread(c"tch-vis-produce");
                 let mut staging =
                     Staging::new(device, pre, batch_size, channels_last).rounded(rounded);
                 for chunk in pending.chunks(batch_size) {
@@ -638,6 +639,7 @@ impl<'a> Engine<'a> {
                 let rx = rx_write.clone();
                 let tx = tx_event.clone();
                 s.spawn(move || {
+                    name_thread(c"tch-vis-write");
                     set_torch_threads(1);
                     if device.is_cuda() {
                         yield_to_compute();
@@ -662,6 +664,7 @@ impl<'a> Engine<'a> {
             drop(rx_write);
             let progress = self.progress.as_deref();
             let collector = s.spawn(move || {
+                name_thread(c"tch-vis-collect");
                 collect(rx_event, progress, done, n_failed, total, start, batch_size)
             });
 
@@ -1026,25 +1029,26 @@ pub(crate) fn set_torch_threads(n: usize) {
 /// compute thread leaves idle.
 fn yield_to_compute() {
     #[cfg(target_os = "linux")]
-    {
-        use std::ffi::{c_int, c_long};
-        extern "C" {
-            fn setpriority(which: c_int, who: u32, prio: c_int) -> c_int;
-            fn syscall(num: c_long, ...) -> c_long;
-        }
-        const PRIO_PROCESS: c_int = 0;
-        #[cfg(target_arch = "x86_64")]
-        const SYS_GETTID: c_long = 186;
-        #[cfg(target_arch = "aarch64")]
-        const SYS_GETTID: c_long = 178;
-        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-        // SAFETY: gettid takes no arguments; setpriority on this thread's
-        // own id only changes its nice value (failure is harmless).
-        unsafe {
-            let tid = syscall(SYS_GETTID) as u32;
-            setpriority(PRIO_PROCESS, tid, 10);
-        }
+    // SAFETY: setpriority on this thread's own id only changes its nice
+    // value (failure is harmless).
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
     }
+}
+
+/// Names the calling thread for the operating system (`top -H`, `perf`,
+/// `/proc/PID/task/*/comm`; 15 bytes at most), so that a run's time can
+/// be told apart by thread (`scripts/thread_cpu.py`).
+fn name_thread(name: &std::ffi::CStr) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_NAME reads the NUL-terminated name and renames only
+    // the calling thread.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, name.as_ptr());
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = name;
 }
 
 /// Whether `a` and `b` view the same elements (a shallow clone).

@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Runs a command and reports its CPU time by thread (Linux).
+
+    python3 scripts/thread_cpu.py [--label L] -- tch-vis saliency ...
+
+While the command runs, every thread of its process is sampled from
+/proc/PID/task/*/ every 20 ms; the last sample of each thread counts. The
+threads are grouped by their name with trailing digits removed (tch-vis
+names its own: tch-vis-decode-, tch-vis-write, tch-vis-produce,
+tch-vis-collect; the compute thread is the main one, tch-vis), and each
+group gets one line:
+
+    thread-cpu L GROUP: N threads, user U s, system S s, waits W voluntary,
+        P preempted
+
+`preempted` counts the times a thread was taken off a core while it could
+still run (nonvoluntary context switches): many of them in a group whose
+CPU time is low says that group waited for cores, not for work. A thread
+that lives less than a sample is missed. The command's exit status is this
+script's.
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+
+
+def sample(pid, seen):
+    """Reads every thread of `pid` into `seen` (tid -> stats)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in tids:
+        base = f"/proc/{pid}/task/{tid}"
+        try:
+            with open(f"{base}/stat") as f:
+                stat = f.read()
+            with open(f"{base}/status") as f:
+                status = f.read()
+        except OSError:
+            continue
+        # The name is in parentheses and may hold spaces.
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        utime, stime = int(fields[11]), int(fields[12])
+        vol = int(re.search(r"^voluntary_ctxt_switches:\s*(\d+)", status, re.M).group(1))
+        inv = int(re.search(r"^nonvoluntary_ctxt_switches:\s*(\d+)", status, re.M).group(1))
+        seen[tid] = (name, utime, stime, vol, inv)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--label", default="run")
+    parser.add_argument("--every", type=float, default=0.02, help="seconds between samples")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command")
+    tick = os.sysconf("SC_CLK_TCK")
+    proc = subprocess.Popen(command)
+    seen = {}
+    while proc.poll() is None:
+        sample(proc.pid, seen)
+        time.sleep(args.every)
+    groups = {}
+    for name, utime, stime, vol, inv in seen.values():
+        key = re.sub(r"[-_]?\d+$", "", name) or name
+        g = groups.setdefault(key, [0, 0, 0, 0, 0])
+        g[0] += 1
+        g[1] += utime
+        g[2] += stime
+        g[3] += vol
+        g[4] += inv
+    for key, (n, utime, stime, vol, inv) in sorted(groups.items(), key=lambda kv: -(kv[1][1] + kv[1][2])):
+        print(f"thread-cpu {args.label} {key}: {n} threads, user {utime / tick:.2f} s, "
+              f"system {stime / tick:.2f} s, waits {vol} voluntary, {inv} preempted", flush=True)
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
