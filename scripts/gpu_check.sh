@@ -140,7 +140,13 @@ echo "machine: $(nproc) cores; $(nvidia-smi -L 2>/dev/null | head -n1 || echo 'n
 # 0. environment
 # IEEE float32 everywhere (the CLI's default on CUDA), so the model-alone
 # ceiling, the Python baselines and the pipeline compute the same thing.
-export NVIDIA_TF32_OVERRIDE=${NVIDIA_TF32_OVERRIDE:-0}
+# NVIDIA_TF32_OVERRIDE=unset runs without it (as a user's shell would).
+if [ "${NVIDIA_TF32_OVERRIDE:-}" = unset ]; then
+    unset NVIDIA_TF32_OVERRIDE
+else
+    export NVIDIA_TF32_OVERRIDE=${NVIDIA_TF32_OVERRIDE:-0}
+fi
+say "NVIDIA_TF32_OVERRIDE: ${NVIDIA_TF32_OVERRIDE-unset}"
 TORCH_LIB=$("$PY" -c 'import torch,os;print(os.path.dirname(torch.__file__)+"/lib")' 2>/dev/null)
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if ! "$PY" -c 'import captum' 2>/dev/null; then
