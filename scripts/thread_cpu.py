@@ -16,8 +16,10 @@ group gets one line:
 `preempted` counts the times a thread was taken off a core while it could
 still run (nonvoluntary context switches): many of them in a group whose
 CPU time is low says that group waited for cores, not for work. A thread
-that lives less than a sample is missed. The command's exit status is this
-script's.
+that lives less than a sample is missed. A last line gives the process's
+peaks of resident, locked and pinned memory (VmRSS, VmLck, VmPin: CUDA's
+page-locked host memory shows in one of the last two) and its page faults.
+The command's exit status is this script's.
 """
 
 import argparse
@@ -52,6 +54,24 @@ def sample(pid, seen):
         seen[tid] = (name, utime, stime, vol, inv)
 
 
+def memory(pid, peaks):
+    """Keeps the peaks of the process's VmRSS, VmLck, VmPin (kB) and its
+    last fault counts in `peaks`."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = f.read()
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return
+    for key in ("VmRSS", "VmLck", "VmPin"):
+        m = re.search(rf"^{key}:\s*(\d+) kB", status, re.M)
+        if m:
+            peaks[key] = max(peaks.get(key, 0), int(m.group(1)))
+    fields = stat[stat.rindex(")") + 2:].split()
+    peaks["minflt"], peaks["majflt"] = int(fields[7]), int(fields[9])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--label", default="run")
@@ -63,9 +83,10 @@ def main():
         parser.error("no command")
     tick = os.sysconf("SC_CLK_TCK")
     proc = subprocess.Popen(command)
-    seen = {}
+    seen, peaks = {}, {}
     while proc.poll() is None:
         sample(proc.pid, seen)
+        memory(proc.pid, peaks)
         time.sleep(args.every)
     groups = {}
     for name, utime, stime, vol, inv in seen.values():
@@ -79,6 +100,10 @@ def main():
     for key, (n, utime, stime, vol, inv) in sorted(groups.items(), key=lambda kv: -(kv[1][1] + kv[1][2])):
         print(f"thread-cpu {args.label} {key}: {n} threads, user {utime / tick:.2f} s, "
               f"system {stime / tick:.2f} s, waits {vol} voluntary, {inv} preempted", flush=True)
+    mib = {k: peaks.get(k, 0) / 1024 for k in ("VmRSS", "VmLck", "VmPin")}
+    print(f"thread-cpu {args.label} process: peak VmRSS {mib['VmRSS']:.0f} MiB, VmLck {mib['VmLck']:.0f} MiB, "
+          f"VmPin {mib['VmPin']:.0f} MiB; {peaks.get('minflt', 0)} minor, {peaks.get('majflt', 0)} major page faults",
+          flush=True)
     return proc.returncode
 
 
