@@ -936,14 +936,14 @@ impl<'a> Engine<'a> {
 
 /// A batch queued on a CUDA device. With the queue overlap on
 /// ([`cuda_rt::Overlap`]), its end is an event on stream 0 after the
-/// copies of its results to the host; the compute thread then queues the next batch
-/// before it waits for this one, so the device goes from batch to batch
-/// without waiting for the host, whose share of a batch (queueing the
-/// next one's kernels, handing this one out) varies with the load of the
-/// decode and writer threads. Without events, `end` is `None` and the
-/// device was synchronised already. Dropped unfinished (a run that stops),
-/// it waits for the end: the buffer it was uploaded from goes back to the
-/// caching allocators.
+/// copies of its results to the host; the compute thread then queues the
+/// next batch before it waits for this one, so the device goes from batch
+/// to batch without waiting for the host, whose share of a batch
+/// (queueing the next one's kernels, handing this one out) varies with the
+/// load of the decode and writer threads. Without events, `end` is `None`
+/// and the device was synchronised already. Dropped unfinished (a run that
+/// stops), it waits for the end: the buffer it was uploaded from goes back
+/// to the caching allocators.
 struct Queued {
     flight: Option<Flight>,
     end: Option<cuda_rt::Event>,
