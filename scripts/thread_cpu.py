@@ -30,6 +30,27 @@ import sys
 import time
 
 
+def read(base):
+    """The name, the fields after it in `base`/stat, and `base`/status, of a
+    process or thread directory under /proc; None once it is gone."""
+    try:
+        with open(f"{base}/stat") as f:
+            stat = f.read()
+        with open(f"{base}/status") as f:
+            status = f.read()
+    except OSError:
+        return None
+    # The name is in parentheses and may hold spaces.
+    name = stat[stat.index("(") + 1:stat.rindex(")")]
+    return name, stat[stat.rindex(")") + 2:].split(), status
+
+
+def counter(status, key):
+    """A number of /proc's status text, 0 where it has none."""
+    m = re.search(rf"^{key}:\s*(\d+)", status, re.M)
+    return int(m.group(1)) if m else 0
+
+
 def sample(pid, seen):
     """Reads every thread of `pid` into `seen` (tid -> stats)."""
     try:
@@ -37,38 +58,24 @@ def sample(pid, seen):
     except OSError:
         return
     for tid in tids:
-        base = f"/proc/{pid}/task/{tid}"
-        try:
-            with open(f"{base}/stat") as f:
-                stat = f.read()
-            with open(f"{base}/status") as f:
-                status = f.read()
-        except OSError:
+        got = read(f"/proc/{pid}/task/{tid}")
+        if got is None:
             continue
-        # The name is in parentheses and may hold spaces.
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        utime, stime = int(fields[11]), int(fields[12])
-        vol = int(re.search(r"^voluntary_ctxt_switches:\s*(\d+)", status, re.M).group(1))
-        inv = int(re.search(r"^nonvoluntary_ctxt_switches:\s*(\d+)", status, re.M).group(1))
-        seen[tid] = (name, utime, stime, vol, inv)
+        name, fields, status = got
+        seen[tid] = (name, int(fields[11]), int(fields[12]),
+                     counter(status, "voluntary_ctxt_switches"),
+                     counter(status, "nonvoluntary_ctxt_switches"))
 
 
 def memory(pid, peaks):
     """Keeps the peaks of the process's VmRSS, VmLck, VmPin (kB) and its
     last fault counts in `peaks`."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            status = f.read()
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
+    got = read(f"/proc/{pid}")
+    if got is None:
         return
+    _, fields, status = got
     for key in ("VmRSS", "VmLck", "VmPin"):
-        m = re.search(rf"^{key}:\s*(\d+) kB", status, re.M)
-        if m:
-            peaks[key] = max(peaks.get(key, 0), int(m.group(1)))
-    fields = stat[stat.rindex(")") + 2:].split()
+        peaks[key] = max(peaks.get(key, 0), counter(status, key))
     peaks["minflt"], peaks["majflt"] = int(fields[7]), int(fields[9])
 
 
