@@ -426,13 +426,28 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// [`write_atomic`], with an existing file replaced as `replace` says.
 pub(crate) fn write_bytes(path: &Path, bytes: &[u8], replace: Replace) -> Result<()> {
+    write_via_temp(path, replace, |tmp| create_with(tmp, &[bytes]))
+}
+
+/// Has `write` make the temporary file of `path` ([`temp_path`]), then
+/// gives it its name as `replace` says; a failed write leaves no file.
+fn write_via_temp(
+    path: &Path,
+    replace: Replace,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<()> {
     let tmp = temp_path(path);
-    let written = with_parent(&tmp, || fs::File::create(&tmp)).and_then(|mut f| f.write_all(bytes));
-    if let Err(e) = written {
+    if let Err(e) = write(&tmp) {
         let _ = fs::remove_file(&tmp);
         return Err(Error::io(path, e));
     }
     commit(&tmp, path, replace)
+}
+
+/// Creates `tmp` (and its folders, when missing) holding `parts` in turn.
+fn create_with(tmp: &Path, parts: &[&[u8]]) -> std::io::Result<()> {
+    let mut f = with_parent(tmp, || fs::File::create(tmp))?;
+    parts.iter().try_for_each(|part| f.write_all(part))
 }
 
 /// Writes `tensor` as a `.npy` file (dtype and shape kept, the bytes
@@ -446,28 +461,19 @@ pub fn write_npy_atomic(path: &Path, tensor: &Tensor) -> Result<()> {
 
 /// [`write_npy_atomic`], with an existing file replaced as `replace` says.
 pub(crate) fn write_npy(path: &Path, tensor: &Tensor, replace: Replace) -> Result<()> {
-    let tmp = temp_path(path);
-    let written = tensor
-        .f_contiguous()
-        .map_err(std::io::Error::other)
-        .and_then(|t| match npy_header(&t) {
+    write_via_temp(path, replace, |tmp| {
+        let t = tensor.f_contiguous().map_err(std::io::Error::other)?;
+        match npy_header(&t) {
             // The values straight from the tensor's memory.
-            Some(header) => with_parent(&tmp, || fs::File::create(&tmp)).and_then(|mut f| {
-                f.write_all(&header)?;
-                f.write_all(tensor_bytes(&t))
-            }),
-            None => with_parent(&tmp, || {
-                t.write_npy(&tmp).map_err(|e| match e {
+            Some(header) => create_with(tmp, &[&header, tensor_bytes(&t)]),
+            None => with_parent(tmp, || {
+                t.write_npy(tmp).map_err(|e| match e {
                     tch::TchError::Io(e) => e,
                     e => std::io::Error::other(e.to_string()),
                 })
             }),
-        });
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    commit(&tmp, path, replace)
+        }
+    })
 }
 
 /// The `.npy` header of a contiguous CPU tensor, byte for byte the one
