@@ -1194,20 +1194,8 @@ impl Upload {
         copy.done = None;
         let raw = copy.raw.shallow_clone();
         match finish {
-            Finish::Float { channels_last } => {
-                let x = if channels_last {
-                    raw.f_permute([0, 3, 1, 2])?
-                } else {
-                    raw
-                };
-                // (`to_kind` of a float32 tensor is the tensor itself.)
-                Ok(x.f_to_kind(Kind::Float)?)
-            }
-            Finish::Bytes(norm) => {
-                let x = norm.normalise(&raw)?;
-                zero_rows_from(&x, n)?;
-                Ok(x)
-            }
+            Finish::Float { channels_last } => float_input(raw, channels_last),
+            Finish::Bytes(norm) => byte_input(&raw, n, &norm),
         }
     }
 }
@@ -1518,22 +1506,35 @@ fn move_row(buf: &Tensor, from: usize, to: usize) -> Result<()> {
 /// fp16 or bf16 are then widened to float32 there).
 fn upload_staged(buf: &Tensor, n: usize, device: Device, channels_last: bool) -> Result<Tensor> {
     zero_rows_from(buf, n)?;
+    let rows = buf.f_to_device_(device, buf.kind(), true, false)?;
+    float_input(rows, channels_last)
+}
+
+/// The model input of a batch's float rows on its device: `(N, C, H, W)`
+/// (a view of `(N, H, W, C)` rows in channels-last order), widened to
+/// float32 when the rows are rounded (`to_kind` of a float32 tensor is the
+/// tensor itself).
+fn float_input(rows: Tensor, channels_last: bool) -> Result<Tensor> {
     let x = if channels_last {
-        buf.f_permute([0, 3, 1, 2])?
+        rows.f_permute([0, 3, 1, 2])?
     } else {
-        buf.shallow_clone()
+        rows
     };
-    // (`to_kind` of a float32 tensor is the tensor itself.)
-    Ok(x.f_to_device_(device, buf.kind(), true, false)?
-        .f_to_kind(Kind::Float)?)
+    Ok(x.f_to_kind(Kind::Float)?)
 }
 
 /// Starts the asynchronous copy of a byte buffer whose first `n` rows hold
 /// the batch to `device`, and its normalisation there; the pad rows are
 /// zero model inputs, as in every batch.
 fn upload_bytes(buf: &Tensor, n: usize, device: Device, norm: &ByteNormaliser) -> Result<Tensor> {
-    let x = buf.f_to_device_(device, Kind::Uint8, true, false)?;
-    let x = norm.normalise(&x)?;
+    let rows = buf.f_to_device_(device, Kind::Uint8, true, false)?;
+    byte_input(&rows, n, norm)
+}
+
+/// The model input of a batch's byte rows on their device, whose first `n`
+/// rows hold the batch: normalised, with the pad rows zero model inputs.
+fn byte_input(rows: &Tensor, n: usize, norm: &ByteNormaliser) -> Result<Tensor> {
+    let x = norm.normalise(rows)?;
     zero_rows_from(&x, n)?;
     Ok(x)
 }
