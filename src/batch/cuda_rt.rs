@@ -277,6 +277,42 @@ impl Event {
     }
 }
 
+/// An event that what holds it must not outlive unfinished: dropped while
+/// it still holds the event, it blocks until the event (what is dropped
+/// after it may be memory the device still uses: declare it after this).
+pub(crate) struct Awaited(Option<Event>);
+
+impl Awaited {
+    pub(crate) fn new(event: Option<Event>) -> Awaited {
+        Awaited(event)
+    }
+
+    /// The event, if one is still held.
+    pub(crate) fn get(&self) -> Option<&Event> {
+        self.0.as_ref()
+    }
+
+    /// Blocks until the event, if one is still held; then holds none.
+    pub(crate) fn synchronize(&mut self) -> Result<()> {
+        match self.0.take() {
+            Some(event) => event.synchronize(),
+            None => Ok(()),
+        }
+    }
+
+    /// Lets the event go without waiting for it (the work after it is
+    /// ordered after it on the device).
+    pub(crate) fn release(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Awaited {
+    fn drop(&mut self) {
+        let _ = self.synchronize();
+    }
+}
+
 impl Drop for Event {
     fn drop(&mut self) {
         // SAFETY: the handle was created by `record` and is destroyed once

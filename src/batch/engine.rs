@@ -727,8 +727,8 @@ impl<'a> Engine<'a> {
                             false => None,
                         };
                         Ok(Queued {
-                            flight: Some(flight),
-                            end,
+                            end: cuda_rt::Awaited::new(end),
+                            flight,
                             staging,
                         })
                     });
@@ -751,7 +751,7 @@ impl<'a> Engine<'a> {
                         None => Ok(()),
                     };
                     handed.and(queued).map(|mut queued| {
-                        if queued.end.is_none() {
+                        if queued.end.get().is_none() {
                             // Without events, the whole device, now.
                             let t = Instant::now();
                             tch::Cuda::synchronize(i as i64);
@@ -942,11 +942,11 @@ impl<'a> Engine<'a> {
 /// (queueing the next one's kernels, handing this one out) varies with the
 /// load of the decode and writer threads. Without events, `end` is `None`
 /// and the device was synchronised already. Dropped unfinished (a run that
-/// stops), it waits for the end: the buffer it was uploaded from goes back
-/// to the caching allocators.
+/// stops), it waits for the end (`end` is dropped first): the buffer it was
+/// uploaded from goes back to the caching allocators.
 struct Queued {
-    flight: Option<Flight>,
-    end: Option<cuda_rt::Event>,
+    end: cuda_rt::Awaited,
+    flight: Flight,
     /// The buffer the batch was uploaded from, free after the end.
     staging: Option<Buf>,
 }
@@ -955,21 +955,8 @@ impl Queued {
     /// Waits for the batch's end: its results, on the host, and the buffer
     /// it was uploaded from.
     fn wait(mut self) -> Result<(Flight, Option<Buf>)> {
-        if let Some(end) = self.end.take() {
-            end.synchronize()?;
-        }
-        let flight = self.flight.take().ok_or(Error::Internal {
-            what: "a queued batch without results".into(),
-        })?;
-        Ok((flight, self.staging.take()))
-    }
-}
-
-impl Drop for Queued {
-    fn drop(&mut self) {
-        if let Some(end) = self.end.take() {
-            let _ = end.synchronize();
-        }
+        self.end.synchronize()?;
+        Ok((self.flight, self.staging))
     }
 }
 
@@ -1154,19 +1141,12 @@ enum Upload {
 
 /// A copy to the device tensor `raw` on the copy stream, which ends at
 /// `done`. Dropped before the input was made (a run that stops), it waits
-/// for the copy: the caching allocator may hand `raw`'s memory out again
-/// at once, and the pinned rows it copies from go back to the producer.
+/// for the copy (`done` is dropped first): the caching allocator may hand
+/// `raw`'s memory out again at once, and the pinned rows it copies from go
+/// back to the producer.
 struct Copying {
+    done: cuda_rt::Awaited,
     raw: Tensor,
-    done: Option<cuda_rt::Event>,
-}
-
-impl Drop for Copying {
-    fn drop(&mut self) {
-        if let Some(done) = self.done.take() {
-            let _ = done.synchronize();
-        }
-    }
 }
 
 /// What makes the model input of a batch copied to the device.
@@ -1187,11 +1167,11 @@ impl Upload {
             Upload::Ready(x) => return Ok(x),
             Upload::Copying { copy, finish, n } => (copy, finish, n),
         };
-        if let Some(done) = &copy.done {
+        if let Some(done) = copy.done.get() {
             done.wait_on_default_stream()?;
         }
         // Stream 0 now waits for the copy: `raw` may go whenever.
-        copy.done = None;
+        copy.done.release();
         let raw = copy.raw.shallow_clone();
         match finish {
             Finish::Float { channels_last } => float_input(raw, channels_last),
@@ -1437,8 +1417,8 @@ impl Staging {
             let done = stream.upload(&buf.host, dev)?;
             Ok(Upload::Copying {
                 copy: Copying {
+                    done: cuda_rt::Awaited::new(Some(done)),
                     raw: dev.shallow_clone(),
-                    done: Some(done),
                 },
                 finish,
                 n,
@@ -1729,7 +1709,10 @@ mod tests {
         let json = r#"{"input_size": [5, 6], "channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resize": 6, "crop": [5, 6]}"#;
         let pre = Preprocessor::new(Sidecar::from_json(json, "m.json").unwrap());
         let copied = |raw: Tensor, finish: Finish| {
-            let copy = Copying { raw, done: None };
+            let copy = Copying {
+                done: cuda_rt::Awaited::new(None),
+                raw,
+            };
             Upload::Copying { copy, finish, n }.into_input().unwrap()
         };
         for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
