@@ -308,14 +308,16 @@ if want pipeline && [ -x "$BIN/tch-vis" ] && [ -f "$MODEL" ]; then
         # old16 in fp16, oldbf16 in bf16), two malloc arenas in fp32 (the
         # setting before one arena per core), and this binary with its
         # experimental CUDA overlaps on (TCH_VIS_CUDA_OVERLAP=1: ov32, ov16,
-        # ovbf16; ovcopy16 and ovqueue16 one at a time, in fp16).
+        # ovbf16; ovcopy16 and ovqueue16 one at a time, in fp16) or named
+        # off (TCH_VIS_CUDA_OVERLAP=0: noov32, noov16, noovbf16, against a run
+        # of the whole script with TCH_VIS_CUDA_OVERLAP=1 exported).
         for v in ${AB_VARIANTS:-old arena2}; do
             exe="$BIN/tch-vis"; envs=(); vp=fp32
             case $v in old*) [ -x "$BIN/tch-vis-old" ] || continue; exe="$BIN/tch-vis-old" ;; esac
             case $v in *16) vp=fp16 ;; esac
             case $v in *bf16) vp=bf16 ;; esac
             [ $v = arena2 ] && envs=(MALLOC_ARENA_MAX=2)
-            case $v in ov32 | ov16 | ovbf16) envs=(TCH_VIS_CUDA_OVERLAP=1) ;; ovcopy16) envs=(TCH_VIS_CUDA_OVERLAP=copy) ;; ovqueue16) envs=(TCH_VIS_CUDA_OVERLAP=queue) ;; esac
+            case $v in ov32 | ov16 | ovbf16) envs=(TCH_VIS_CUDA_OVERLAP=1) ;; ovcopy16) envs=(TCH_VIS_CUDA_OVERLAP=copy) ;; ovqueue16) envs=(TCH_VIS_CUDA_OVERLAP=queue) ;; noov*) envs=(TCH_VIS_CUDA_OVERLAP=0) ;; esac
             sync
             if step "pipeline-$v" 120 env "${envs[@]}" "${TC[@]/LABEL/$v}" "$exe" saliency --model "$MODEL" --images "$IMAGES" --out "$WORK/cli-$v" \
                 --batch-size "$BATCH" --overwrite --device "$DEVICE" --score "categorical:$CLASS" --precision $vp; then
@@ -323,8 +325,8 @@ if want pipeline && [ -x "$BIN/tch-vis" ] && [ -f "$MODEL" ]; then
                 grep '^thread-cpu' "$WORK/pipeline-$v.txt" | while read -r l; do say "  $l"; done
                 say "  timings $v: $(timings_of "$WORK/cli-$v")"
                 say "tch-vis-pipeline-$v$RUN_TAG $ARCH batch $BATCH $DEVICE $vp: $n images in $s s, $ips images/s (steady $steady after $up s of startup; past the first batch $fb); pipeline/ceiling $(ratio "$ips" "${CEIL[$vp]}")"
-                case $v in old* | ov*) [ -d "$WORK/cli-$vp" ] && say "$(same_files "$WORK/cli-$vp" "$WORK/cli-$v" .saliency.npy "saliency $ARCH $vp this binary vs $v")" ;; esac
-                case $v in old16 | oldbf16 | ov*) [ -d "$WORK/cli-$vp" ] && say "$(pearson "$WORK/cli-$vp" "$WORK/cli-$v" "saliency $ARCH $vp this binary vs $v" 2>&1 | tail -n1)" ;; esac
+                case $v in old* | ov* | noov*) [ -d "$WORK/cli-$vp" ] && say "$(same_files "$WORK/cli-$vp" "$WORK/cli-$v" .saliency.npy "saliency $ARCH $vp this binary vs $v")" ;; esac
+                case $v in old16 | oldbf16 | ov* | noov*) [ -d "$WORK/cli-$vp" ] && say "$(pearson "$WORK/cli-$vp" "$WORK/cli-$v" "saliency $ARCH $vp this binary vs $v" 2>&1 | tail -n1)" ;; esac
             fi
         done
     done

@@ -98,11 +98,14 @@ fn check(call: &str, status: Status) -> Result<()> {
 /// batch queued on the device before the compute thread waits for the
 /// one before it), or `1` for both.
 ///
-/// On an H100 both together ran resnet50 saliency 5–9% faster past the
-/// first batch in fp16 and bf16 (0–3% in fp32) in one machine's runs, and
-/// 30–40% slower end to end in fp16 on another machine's, whose writer
-/// threads took 2.5–3 times as long per image for a reason not found yet
-/// (BENCHMARKS.md): they stay off until that is understood.
+/// On H100s both together ran resnet50 saliency up to 12% faster past
+/// the first batch in fp16 and bf16, though not in every pair of runs. The
+/// writer threads' slowdown once blamed on them came in runs without them
+/// too (writer system time: the disk's). One fp32 run with them wrote two
+/// batches' maps of other images. The likely cause, device twins made
+/// while stream-0 work could still write their memory, is fixed (see
+/// `Staging::twin` in the engine) but not yet checked on a GPU: they stay
+/// off until it is (BENCHMARKS.md).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Overlap {
     pub(crate) copy: bool,

@@ -1227,6 +1227,8 @@ struct Staging {
     copy: Option<CopyStream>,
     /// The most buffers that exist on CUDA.
     max: usize,
+    /// Device twins not yet given to a buffer (see [`Staging::twin`]).
+    twins: Vec<Tensor>,
 }
 
 impl Staging {
@@ -1256,6 +1258,7 @@ impl Staging {
                 _ => None,
             },
             max: if cuda_rt::Overlap::get().queue { 5 } else { 4 },
+            twins: Vec::new(),
         }
     }
 
@@ -1292,15 +1295,39 @@ impl Staging {
             let host = Tensor::f_zeros(self.shape, (self.kind(), Device::Cpu))
                 .and_then(|t| t.f_internal_pin_memory(self.device))
                 .ok()?;
-            // Without its twin the buffer goes up on stream 0.
-            let dev = self
-                .copy
-                .as_ref()
-                .and_then(|_| Tensor::f_empty(self.shape, (self.kind(), self.device)).ok());
+            let dev = self.twin();
             self.made += 1;
             return Some(Buf { host, dev });
         }
         free.recv().ok()
+    }
+
+    /// The device twin of a new buffer; `None` without a copy stream (or
+    /// without the memory), and the buffer then goes up on stream 0.
+    ///
+    /// The first call makes all `max` twins, then waits for the device.
+    /// libtorch's caching allocator hands out memory that stream-0 work
+    /// queued earlier may still use (the work of a tensor freed on the host
+    /// meanwhile): safe for stream 0, which runs in order, but the copy
+    /// stream does not wait for stream 0, and a copy into such memory could
+    /// land before that work wrote it. Made while the device computes
+    /// batches, a twin's upload was overwritten that way: an H100 fp32 run
+    /// wrote two batches' maps of other images (Pearson r 0.25 against
+    /// a run without the overlaps). Made before the first batch and waited
+    /// for, the twins are the copy stream's alone for the whole run.
+    fn twin(&mut self) -> Option<Tensor> {
+        let Device::Cuda(i) = self.device else {
+            return None;
+        };
+        self.copy.as_ref()?;
+        if self.made == 0 {
+            let made: Option<Vec<Tensor>> = (0..self.max)
+                .map(|_| Tensor::f_empty(self.shape, (self.kind(), self.device)).ok())
+                .collect();
+            self.twins = made.unwrap_or_default();
+            tch::Cuda::synchronize(i as i64);
+        }
+        self.twins.pop()
     }
 
     /// Row views of a buffer for the first `n` images, or `None`s without
@@ -1786,6 +1813,53 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A device twin is the copy stream's alone: stream-0 work queued
+    /// before the twin was made, into memory freed on the host meanwhile
+    /// (which the caching allocator may hand to the twin), cannot
+    /// overwrite an upload into it. Without CUDA there is nothing to
+    /// check: no twin is made.
+    #[test]
+    fn stream_0_work_from_before_a_twin_cannot_overwrite_its_upload() {
+        let json = r#"{"input_size": [224, 224], "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}"#;
+        let pre = Preprocessor::new(Sidecar::from_json(json, "m.json").unwrap());
+        let (_tx, free) = unbounded::<Buf>();
+        if !tch::Cuda::is_available() {
+            let mut staging = Staging::new(Device::Cpu, &pre, 8, false);
+            assert!(staging.take(&free).unwrap().dev.is_none());
+            return;
+        }
+        let device = Device::Cuda(0);
+        let mut staging = Staging::new(device, &pre, 8, false);
+        staging.copy = CopyStream::new(0);
+        assert!(staging.copy.is_some(), "CUDA without a copy stream");
+        // Long stream-0 work, then a write of 7s into a buffer of a twin's
+        // size, freed on the host before the device gets to it.
+        let a = Tensor::randn([4096, 4096], (Kind::Float, device));
+        let mut acc = a.shallow_clone();
+        for _ in 0..30 {
+            acc = acc.matmul(&a).tanh();
+        }
+        let stale = Tensor::empty(staging.shape, (Kind::Float, device));
+        let _ = stale.shallow_clone().fill_(7.0);
+        drop(stale);
+        let bufs: Vec<Buf> = (0..staging.max)
+            .map(|_| staging.take(&free).unwrap())
+            .collect();
+        for (i, buf) in bufs.iter().enumerate() {
+            let dev = buf.dev.as_ref().expect("a twin");
+            let _ = buf.host.shallow_clone().fill_(i as f64);
+            let copy = staging.copy.as_ref().unwrap();
+            copy.upload(&buf.host, dev)
+                .unwrap()
+                .wait_on_default_stream()
+                .unwrap();
+            let back = dev.to_device(Device::Cpu);
+            assert_eq!(back.min().double_value(&[]), i as f64, "twin {i}");
+            assert_eq!(back.max().double_value(&[]), i as f64, "twin {i}");
+        }
+        drop(acc);
     }
 
     #[test]
