@@ -8,6 +8,8 @@
 #   cargo build --release --bin tch-vis --example bench_overhead
 #   IT=$(cargo test --release --no-run --test it 2>&1 | grep -o 'target/release/deps/it-[a-z0-9]*' | head -n1)
 #   mkdir -p .gpu/wheels && cp target/release/tch-vis target/release/examples/bench_overhead .gpu/ && cp "$IT" .gpu/it
+#   LIB=$(cargo test --release --lib --no-run 2>&1 | grep -o 'target/release/deps/tch_vis-[a-z0-9]*' | head -n1)
+#   cp "$LIB" .gpu/lib-tests   # optional: the library's unit tests (CUDA ones among them)
 #   pip download --no-deps captum==0.9.0 -d .gpu/wheels   # captum is not installed there
 #
 # then, with the `run` tool:  command "bash scripts/gpu_check.sh", carry [".gpu"].
@@ -195,6 +197,13 @@ if want tests && [ -x "$BIN/it" ]; then
     timeout --kill-after=10 120 env TCH_VIS_CUDA_OVERLAP=1 "$BIN/it" --test-threads "$IT_THREADS" saliency:: \
         >"$OUTDIR/it-overlap.txt" 2>&1
     say "tests saliency:: with TCH_VIS_CUDA_OVERLAP=1: status $?; $(grep -E '^test result' "$OUTDIR/it-overlap.txt" | tail -n1)"
+    # The library's own unit tests (the engine's CUDA ones among them: the
+    # copy stream, its device twins), when built and copied as lib-tests.
+    if [ -x "$BIN/lib-tests" ]; then
+        timeout --kill-after=10 120 "$BIN/lib-tests" --test-threads 4 >"$OUTDIR/lib-tests.txt" 2>&1
+        say "library unit tests: status $?; $(grep -E '^test result' "$OUTDIR/lib-tests.txt" | tail -n1)"
+        grep -E 'FAILED|panicked' "$OUTDIR/lib-tests.txt" | head -n 5 | while read -r l; do say "  $l"; done
+    fi
 elif want tests; then
     say "tests: SKIPPED ($BIN/it missing)"
 fi
