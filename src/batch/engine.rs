@@ -64,6 +64,11 @@ pub struct Timings {
     /// asynchronously); the rest is copying results to the host (CPU) and
     /// handing them to the writers.
     pub compute_method: f64,
+    /// The part of `compute_method` in which the compute thread waited for
+    /// the device to finish a batch (CUDA; 0 on a CPU). The rest of
+    /// `compute_method` is the host's own share: queueing the batch's
+    /// kernels and copies (the model, the autograd engine, the method).
+    pub compute_wait_device: f64,
     /// The compute thread blocked on a full writer queue.
     pub compute_wait_write: f64,
     /// Writer threads in the sink (summed over threads).
@@ -98,6 +103,7 @@ struct Clock {
     wait_decode: AtomicU64,
     compute: AtomicU64,
     method: AtomicU64,
+    wait_device: AtomicU64,
     wait_write: AtomicU64,
     write: AtomicU64,
 }
@@ -114,6 +120,7 @@ impl Clock {
             compute_wait_decode: s(&self.wait_decode),
             compute: s(&self.compute),
             compute_method: s(&self.method),
+            compute_wait_device: s(&self.wait_device),
             compute_wait_write: s(&self.wait_write),
             write_all_threads: s(&self.write),
         }
@@ -718,6 +725,8 @@ impl<'a> Engine<'a> {
                     .and_then(Upload::into_input)
                     .and_then(|x| self.start_batch(ok, &x));
                 let mut method = t.elapsed();
+                // The part of `method` waiting for the device.
+                let mut device_wait = Duration::ZERO;
                 let result = if let Device::Cuda(i) = device {
                     // Kernels and copies run asynchronously: this batch is
                     // queued, with the event of its end.
@@ -739,7 +748,7 @@ impl<'a> Engine<'a> {
                         Some(prev) => {
                             let t = Instant::now();
                             let ended = prev.wait();
-                            method += t.elapsed();
+                            device_wait += t.elapsed();
                             ended.and_then(|(flight, buf)| {
                                 // Its upload is done: the buffer is free.
                                 if let Some(buf) = buf {
@@ -755,7 +764,7 @@ impl<'a> Engine<'a> {
                             // Without events, the whole device, now.
                             let t = Instant::now();
                             tch::Cuda::synchronize(i as i64);
-                            method += t.elapsed();
+                            device_wait += t.elapsed();
                             if let Some(buf) = queued.staging.take() {
                                 let _ = tx_free.send(buf);
                             }
@@ -776,9 +785,13 @@ impl<'a> Engine<'a> {
                         handed
                     })
                 };
+                method += device_wait;
                 clock
                     .method
                     .fetch_add(method.as_nanos() as u64, Ordering::Relaxed);
+                clock
+                    .wait_device
+                    .fetch_add(device_wait.as_nanos() as u64, Ordering::Relaxed);
                 Clock::add(&clock.compute, t);
                 waiting = Instant::now();
                 if let Err(e) = result {

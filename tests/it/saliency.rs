@@ -215,7 +215,9 @@ fn engine_results_do_not_depend_on_batch_size() {
 }
 
 /// The steady rate: images after the first batch's worth over the time
-/// from then to the last one; none for a run of one batch.
+/// from then to the last one; none for a run of one batch. The compute
+/// thread's time splits into nested parts, and a CPU model never waits
+/// for a device.
 #[test]
 fn engine_reports_a_steady_rate_past_the_first_batch() {
     let model = digits();
@@ -239,6 +241,10 @@ fn engine_reports_a_steady_rate_past_the_first_batch() {
             }
             None => assert!(!some, "batch {batch}: no rate"),
         }
+        let t = summary.timings;
+        assert!(t.compute_method > 0.0, "{t:?}");
+        assert!(t.compute_method <= t.compute, "{t:?}");
+        assert_eq!(t.compute_wait_device, 0.0, "{t:?}");
     }
 }
 
