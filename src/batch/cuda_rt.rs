@@ -158,6 +158,7 @@ pub(crate) fn use_device(device: usize) -> bool {
 pub(crate) struct CopyStream {
     api: &'static Api,
     handle: Handle,
+    device: c_int,
 }
 
 // SAFETY: a stream handle may be used from any thread of the process.
@@ -171,10 +172,15 @@ impl CopyStream {
         if !use_device(device) {
             return None;
         }
+        let device = c_int::try_from(device).ok()?;
         let mut handle: Handle = std::ptr::null_mut();
         // SAFETY: `handle` is a valid out-pointer.
         let status = unsafe { (api.stream_create)(&mut handle, STREAM_NON_BLOCKING) };
-        (status == 0).then_some(CopyStream { api, handle })
+        (status == 0).then_some(CopyStream {
+            api,
+            handle,
+            device,
+        })
     }
 
     /// Queues the copy of the host tensor `src` into the device tensor
@@ -206,7 +212,7 @@ impl CopyStream {
                 self.handle,
             )
         })?;
-        Event::record(self.api, self.handle).inspect_err(|_| {
+        Event::record(self.api, self.handle, self.device).inspect_err(|_| {
             // Nothing will wait for the copy: it ends before the tensors
             // can be freed.
             self.synchronize();
@@ -231,23 +237,33 @@ impl Drop for CopyStream {
     }
 }
 
-/// A recorded event: the point of a stream's queue it marks.
+/// A recorded event: the point of a stream's queue it marks, on the
+/// device `device`.
 pub(crate) struct Event {
     api: &'static Api,
     handle: Handle,
+    device: c_int,
 }
 
 // SAFETY: an event handle may be used from any thread of the process.
 unsafe impl Send for Event {}
 
 impl Event {
-    fn record(api: &'static Api, stream: Handle) -> Result<Event> {
+    /// Records an event on `stream` (null: stream 0) of `device`, which
+    /// becomes the calling thread's current device.
+    fn record(api: &'static Api, stream: Handle, device: c_int) -> Result<Event> {
+        // SAFETY: a plain runtime call on this thread.
+        check("cudaSetDevice", unsafe { (api.set_device)(device) })?;
         let mut handle: Handle = std::ptr::null_mut();
         // SAFETY: `handle` is a valid out-pointer.
         check("cudaEventCreateWithFlags", unsafe {
             (api.event_create)(&mut handle, EVENT_DISABLE_TIMING)
         })?;
-        let event = Event { api, handle };
+        let event = Event {
+            api,
+            handle,
+            device,
+        };
         // SAFETY: a live event, and a live stream (or stream 0).
         check("cudaEventRecord", unsafe {
             (api.event_record)(handle, stream)
@@ -255,16 +271,22 @@ impl Event {
         Ok(event)
     }
 
-    /// The event of everything queued so far on the calling thread's
-    /// current device's stream 0; `None` without the runtime.
-    pub(crate) fn on_default_stream() -> Option<Result<Event>> {
-        let api = api()?;
-        Some(Event::record(api, std::ptr::null_mut()))
+    /// The event of everything queued so far on `device`'s stream 0;
+    /// `None` without the runtime (or for a device number it cannot name).
+    pub(crate) fn on_default_stream(device: usize) -> Option<Result<Event>> {
+        let (api, device) = (api()?, c_int::try_from(device).ok()?);
+        Some(Event::record(api, std::ptr::null_mut(), device))
     }
 
-    /// Makes the work queued on stream 0 from now on (by any thread) wait
-    /// for this event, without blocking the calling thread.
+    /// Makes the work queued on stream 0 of the event's device from now on
+    /// (by any thread) wait for this event, without blocking the calling
+    /// thread. (Stream 0 is the calling thread's current device's: the
+    /// device is set first, whatever libtorch's own calls left current.)
     pub(crate) fn wait_on_default_stream(&self) -> Result<()> {
+        // SAFETY: a plain runtime call on this thread.
+        check("cudaSetDevice", unsafe {
+            (self.api.set_device)(self.device)
+        })?;
         // SAFETY: a live, recorded event; stream 0.
         check("cudaStreamWaitEvent", unsafe {
             (self.api.stream_wait_event)(std::ptr::null_mut(), self.handle, 0)

@@ -680,7 +680,8 @@ impl<'a> Engine<'a> {
             // and with events (see `Queued`) the next one is queued before
             // this thread waits for the batch before it.
             let tx_ev = tx_event;
-            // Events on stream 0 need it to be this thread's device's.
+            // Events with the queue overlap, where the runtime is found
+            // (each sets its device as the current one of this thread).
             let events = match device {
                 Device::Cuda(i) => cuda_rt::Overlap::get().queue && cuda_rt::use_device(i),
                 _ => false,
@@ -708,7 +709,10 @@ impl<'a> Engine<'a> {
                     let _ = tx_ev.send(Event::Failed { rel, error });
                 }
                 if stop {
-                    // The sink failed: nothing more goes to it.
+                    // The sink failed: nothing more goes to it. The upload
+                    // goes first (it waits for its copy), then its buffer.
+                    drop(x);
+                    drop(staging);
                     in_flight = None;
                     break;
                 }
@@ -732,7 +736,7 @@ impl<'a> Engine<'a> {
                     // queued, with the event of its end.
                     let queued = started.and_then(|flight| {
                         let end = match events {
-                            true => cuda_rt::Event::on_default_stream().transpose()?,
+                            true => cuda_rt::Event::on_default_stream(i).transpose()?,
                             false => None,
                         };
                         Ok(Queued {
@@ -1347,18 +1351,20 @@ impl Staging {
     /// one: `(C, H, W)` float rows (a view of an `(H, W, C)` row in
     /// channels-last order), or `(H, W, C)` byte rows.
     fn rows(&self, buf: Option<&Tensor>, n: usize) -> Vec<Option<Tensor>> {
-        (0..n)
-            .map(|i| {
-                let row = buf?.f_select(0, i as i64).ok()?;
-                if self.channels_last && self.bytes.is_none() {
-                    // The (C, H, W) view of the (H, W, C) row: the input
-                    // is written in the buffer's order.
-                    row.f_permute([2, 0, 1]).ok()
-                } else {
-                    Some(row)
-                }
-            })
-            .collect()
+        (0..n).map(|i| self.row(buf?, i).ok()).collect()
+    }
+
+    /// The view of row `i` of `buf` that an image's input is written into
+    /// (and that its [`Prepared::input`] then is).
+    fn row(&self, buf: &Tensor, i: usize) -> Result<Tensor> {
+        let row = buf.f_select(0, i as i64)?;
+        if self.channels_last && self.bytes.is_none() {
+            // The (C, H, W) view of the (H, W, C) row: the input is
+            // written in the buffer's order.
+            Ok(row.f_permute([2, 0, 1])?)
+        } else {
+            Ok(row)
+        }
     }
 
     /// Splits a decoded chunk and makes its model input, off the compute
@@ -1377,12 +1383,18 @@ impl Staging {
         let mut moved = Ok(());
         for (i, (entry, prepared, staged)) in batch.into_iter().enumerate() {
             match prepared {
-                Ok(p) => {
+                Ok(mut p) => {
                     all_staged &= staged;
                     if let (Some(buf), true, true) = (&buf, staged, i != ok.len()) {
                         // A row above was a file that failed: move this
-                        // image's row up.
-                        moved = moved.and_then(|()| move_row(&buf.host, i, ok.len()));
+                        // image's row up. Its input is then the new row (a
+                        // later image's row may take the old one's place,
+                        // and the stacking path reads the inputs).
+                        moved = moved.and_then(|()| {
+                            move_row(&buf.host, i, ok.len())?;
+                            p.input = self.row(&buf.host, ok.len())?;
+                            Ok(())
+                        });
                     }
                     ok.push((entry, p));
                 }
@@ -1733,6 +1745,12 @@ mod tests {
                         got.equal(&want),
                         "hole: n {n}, channels_last {channels_last}, {kind:?}"
                     );
+                    // Each image's input is its own row still (the path
+                    // that stacks them, when the buffer cannot go up).
+                    for ((_, p), x) in d.ok.iter().zip(&inputs[1..]) {
+                        let x = rounded(x.shallow_clone());
+                        assert!(p.input.to_kind(Kind::Float).equal(&x), "n {n}, {kind:?}");
+                    }
                 }
             }
         }
