@@ -1327,10 +1327,10 @@ impl Staging {
     /// queued earlier may still use (the work of a tensor freed on the host
     /// meanwhile): safe for stream 0, which runs in order, but the copy
     /// stream does not wait for stream 0, and a copy into such memory could
-    /// land before that work wrote it. Made while the device computes
-    /// batches, a twin's upload was overwritten that way: an H100 fp32 run
-    /// wrote two batches' maps of other images (Pearson r 0.25 against
-    /// a run without the overlaps). Made before the first batch and waited
+    /// land before that work wrote it. Twins were once made while the
+    /// device computed batches, the likely cause of an H100 fp32 run that
+    /// wrote two batches' maps of other images (Pearson r 0.25 against a
+    /// run without the overlaps). Made before the first batch and waited
     /// for, the twins are the copy stream's alone for the whole run.
     fn twin(&mut self) -> Option<Tensor> {
         let Device::Cuda(i) = self.device else {
