@@ -145,12 +145,17 @@ impl Overlap {
 /// operations set it for themselves and put it back. `false` without the
 /// runtime or on failure.
 pub(crate) fn use_device(device: usize) -> bool {
-    let Some(api) = api() else { return false };
-    let Ok(d) = c_int::try_from(device) else {
-        return false;
-    };
+    match (api(), c_int::try_from(device)) {
+        (Some(api), Ok(d)) => set_device(api, d).is_ok(),
+        _ => false,
+    }
+}
+
+/// [`use_device`] with the runtime's functions and a device number in
+/// hand.
+fn set_device(api: &Api, device: c_int) -> Result<()> {
     // SAFETY: a plain runtime call on this thread.
-    unsafe { (api.set_device)(d) == 0 }
+    check("cudaSetDevice", unsafe { (api.set_device)(device) })
 }
 
 /// A non-blocking stream of the calling thread's current device,
@@ -168,11 +173,8 @@ impl CopyStream {
     /// A copy stream on `device`, made the calling thread's current
     /// device; `None` without the runtime or when it cannot be made.
     pub(crate) fn new(device: usize) -> Option<CopyStream> {
-        let api = api()?;
-        if !use_device(device) {
-            return None;
-        }
-        let device = c_int::try_from(device).ok()?;
+        let (api, device) = (api()?, c_int::try_from(device).ok()?);
+        set_device(api, device).ok()?;
         let mut handle: Handle = std::ptr::null_mut();
         // SAFETY: `handle` is a valid out-pointer.
         let status = unsafe { (api.stream_create)(&mut handle, STREAM_NON_BLOCKING) };
@@ -252,8 +254,7 @@ impl Event {
     /// Records an event on `stream` (null: stream 0) of `device`, which
     /// becomes the calling thread's current device.
     fn record(api: &'static Api, stream: Handle, device: c_int) -> Result<Event> {
-        // SAFETY: a plain runtime call on this thread.
-        check("cudaSetDevice", unsafe { (api.set_device)(device) })?;
+        set_device(api, device)?;
         let mut handle: Handle = std::ptr::null_mut();
         // SAFETY: `handle` is a valid out-pointer.
         check("cudaEventCreateWithFlags", unsafe {
@@ -283,10 +284,7 @@ impl Event {
     /// thread. (Stream 0 is the calling thread's current device's: the
     /// device is set first, whatever libtorch's own calls left current.)
     pub(crate) fn wait_on_default_stream(&self) -> Result<()> {
-        // SAFETY: a plain runtime call on this thread.
-        check("cudaSetDevice", unsafe {
-            (self.api.set_device)(self.device)
-        })?;
+        set_device(self.api, self.device)?;
         // SAFETY: a live, recorded event; stream 0.
         check("cudaStreamWaitEvent", unsafe {
             (self.api.stream_wait_event)(std::ptr::null_mut(), self.handle, 0)

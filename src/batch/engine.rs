@@ -1298,7 +1298,7 @@ impl Staging {
     }
 
     /// A free buffer: one handed back, else a new one (on CUDA while fewer
-    /// than `MAX` exist, else the next one handed back). `None` when the
+    /// than `max` exist, else the next one handed back). `None` when the
     /// memory cannot be had (the batch then takes the stacking path).
     fn take(&mut self, free: &Receiver<Buf>) -> Option<Buf> {
         if let Ok(buf) = free.try_recv() {
