@@ -107,7 +107,7 @@ same_files() {
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a == "" || a == "n/a" || b == "" || b == "n/a" || b + 0 == 0) print "n/a"; else printf "%.3f", a / b }'; }
 # pearson DIR_FP32 DIR_OTHER LABEL [SUFFIX]: Pearson r per image between
 # the SUFFIX arrays of two runs
-pearson() {  # DIR_FP32 DIR_OTHER LABEL [SUFFIX]
+pearson() {
     "$PY" - "$1" "$2" "$3" "${4:-.saliency.npy}" <<'EOF'
 import os, sys
 import numpy as np
