@@ -496,6 +496,17 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
         assert_one_error_line(r, what);
         assert!(!out.exists(), "{what}: wrote {}", out.display());
     }
+    // A missing model (whose sidecar is missing too) is named, not its sidecar.
+    let (i, _) = cases
+        .iter()
+        .enumerate()
+        .find(|(_, (what, _))| *what == "missing model")
+        .unwrap();
+    let err = String::from_utf8_lossy(&results[i].stderr);
+    assert!(
+        err.contains("/nonexistent/m.pt") && !err.contains("sidecar"),
+        "missing model: {err}"
+    );
     // A count flag without an index, and an index without a count.
     let r = tch_vis_env(
         &usage("scores", &cnn, images, o, &[]),
@@ -1592,6 +1603,24 @@ fn maximize_subcommand_is_reproducible_and_checked() {
     ]);
     assert_code(&o, 2, "class out of range");
     assert_one_error_line(&o, "class out of range");
+    assert!(!out.exists());
+    // A missing model is named as such, not as its missing sidecar.
+    let o = tch_vis(&[
+        "maximize",
+        "--model",
+        "/nonexistent/m.pt",
+        "--out",
+        s(&out),
+        "--score",
+        "categorical:1",
+    ]);
+    assert_code(&o, 2, "missing model");
+    assert_one_error_line(&o, "missing model");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("/nonexistent/m.pt") && !err.contains("sidecar"),
+        "{err}"
+    );
     assert!(!out.exists());
 }
 

@@ -16,9 +16,10 @@ use crate::run::Failure;
 pub fn execute(a: MaximizeArgs) -> Result<(), Failure> {
     let start = Instant::now();
     let device = a.device.resolve().map_err(Failure::Usage)?;
+    // The model before its sidecar, as in the batch commands.
+    let model = Model::load(&a.model, device).map_err(Failure::Usage)?;
     let sidecar = Sidecar::for_model(&a.model)
         .map_err(|e| Failure::Usage(e.context("cannot read the model sidecar")))?;
-    let model = Model::load(&a.model, device).map_err(Failure::Usage)?;
     if let Ok(m) = std::fs::metadata(&a.out) {
         if !m.is_dir() {
             return Err(Failure::Usage(Error::OutputMismatch {

@@ -247,13 +247,15 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     // Everything that can be checked before the first image: exit 2, and
     // nothing written.
     let device = job.device.resolve().map_err(Failure::Usage)?;
+    // The model before its sidecar: a missing model is named as such, not
+    // as a missing `M.json`.
+    let mut model = Model::load(&job.model, device).map_err(Failure::Usage)?;
     let sidecar = Sidecar::for_model(&job.model).map_err(usage(
         "cannot read the model sidecar (M.json beside M.pt gives input_size, channels, mean and std)",
     ))?;
     // One image file: no decode and writer threads to share the cores
     // with, so the restart would only add its ~0.4 s.
     let one_image = matches!(&job.images, Images::Path(p) if p.is_file());
-    let mut model = Model::load(&job.model, device).map_err(Failure::Usage)?;
     model.set_precision(job.precision).map_err(Failure::Usage)?;
     // A light model on every core: its OpenMP team sleeps at barriers
     // instead of spinning on the decode and writer threads' cores, from
