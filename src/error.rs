@@ -214,6 +214,12 @@ pub enum Error {
         source: Box<Error>,
     },
 
+    /// A batch run stopped because its cancel flag was raised
+    /// ([`crate::batch::Engine::cancel_on`]): the images handed to the sink
+    /// before are done, the rest are not.
+    #[error("cancelled; a rerun does the rest")]
+    Cancelled,
+
     /// A broken invariant inside tch-vis (a bug).
     #[error("internal error: {what}")]
     Internal {

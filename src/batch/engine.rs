@@ -141,6 +141,7 @@ pub struct Engine<'a> {
     progress: Option<Callback<'a>>,
     compute_threads: OnceLock<usize>,
     channels_last: Option<bool>,
+    cancel: Option<&'a AtomicBool>,
 }
 
 fn cores() -> usize {
@@ -368,6 +369,7 @@ impl<'a> Engine<'a> {
             progress: None,
             compute_threads: OnceLock::new(),
             channels_last: None,
+            cancel: None,
         }
     }
 
@@ -425,6 +427,33 @@ impl<'a> Engine<'a> {
     /// Calls `f` from a collector thread as images complete.
     pub fn on_progress(mut self, f: impl Fn(&Progress) + Send + Sync + 'a) -> Self {
         self.progress = Some(Box::new(f));
+        self
+    }
+
+    /// Stops a run once `flag` is true: no batch is decoded or computed
+    /// after that, the batch being computed is finished and its images go
+    /// to the sink, and the run returns with [`Error::Cancelled`] in
+    /// [`Summary::fatal`]. What the sink took is complete, so a rerun that
+    /// skips done images does the rest. The `tch-vis` binary raises it on
+    /// the first SIGINT or SIGTERM (Ctrl-C, Slurm's and Kubernetes' stop
+    /// signal) and still writes `scores.csv` and `report.json`.
+    ///
+    /// ```no_run
+    /// # use std::sync::atomic::AtomicBool;
+    /// # use tch_vis::batch::{Engine, SaliencyMethod};
+    /// # use tch_vis::preprocess::Sidecar;
+    /// # use tch_vis::Model;
+    /// # fn main() -> tch_vis::Result<()> {
+    /// let model = Model::load("models/digits_cnn.pt", tch::Device::Cpu)?;
+    /// let sidecar = Sidecar::for_model("models/digits_cnn.pt")?;
+    /// let method = SaliencyMethod::new(&[])?;
+    /// let stop = AtomicBool::new(false); // raised by another thread to stop
+    /// let engine = Engine::new(&model, sidecar, &method).cancel_on(&stop);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn cancel_on(mut self, flag: &'a AtomicBool) -> Self {
+        self.cancel = Some(flag);
         self
     }
 
@@ -606,6 +635,7 @@ impl<'a> Engine<'a> {
         set_torch_threads(threads);
         let pre = &self.pre;
         let abort = &abort;
+        let cancelled = || self.cancel.is_some_and(|c| c.load(Ordering::Relaxed));
         let channels_last = self.uses_channels_last();
         let rounded = self.rounded_rows();
         std::thread::scope(|s| {
@@ -615,7 +645,7 @@ impl<'a> Engine<'a> {
                 let mut staging =
                     Staging::new(device, pre, batch_size, channels_last).rounded(rounded);
                 for chunk in pending.chunks(batch_size) {
-                    if abort.load(Ordering::Relaxed) {
+                    if abort.load(Ordering::Relaxed) || cancelled() {
                         break;
                     }
                     let t = Instant::now();
@@ -699,6 +729,15 @@ impl<'a> Engine<'a> {
                     x,
                     staging,
                 } = batch;
+                if cancelled() {
+                    // Nothing more is computed; the batch in flight is
+                    // still handed out below. The upload goes first (it
+                    // waits for its copy), then its buffer.
+                    let _ = tx_ev.send(Event::Fatal(Error::Cancelled));
+                    drop(x);
+                    drop(staging);
+                    break;
+                }
                 let mut stop = false;
                 for (rel, error) in failed {
                     if let Err(e) = sink.failed(&rel, &error) {

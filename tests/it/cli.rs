@@ -824,6 +824,68 @@ fn kill_9_then_rerun_equals_an_uninterrupted_run() {
     assert_same_tree(&killed, &whole, "resumed vs uninterrupted");
 }
 
+/// A first SIGTERM (Slurm's and Kubernetes' stop signal; SIGINT is
+/// handled alike) ends a run cleanly: the image in progress is finished,
+/// scores.csv holds a row for every image whose maps are written, and
+/// report.json says why it stopped; exit 1. A rerun does the rest.
+#[test]
+fn sigterm_ends_the_run_with_scores_and_report_then_a_rerun_does_the_rest() {
+    let t = Tree::good(40);
+    let m = model("digits_cnn");
+    let out = t.out("stopped");
+    let args = |samples: &str| {
+        let extra = ["--batch-size", "1", "--smooth-samples", samples];
+        saliency_args(&m, &t.images(), &out, &extra)
+    };
+    let maps = || {
+        snapshot(&out)
+            .into_iter()
+            .filter(|(k, _)| k.ends_with(".saliency.npy"))
+            .collect::<Vec<_>>()
+    };
+    let child = Command::new(BIN)
+        .args(args("1500"))
+        .env("CUDA_VISIBLE_DEVICES", "")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while (!out.exists() || maps().is_empty()) && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on the child's process id.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let o = child.wait_with_output().unwrap();
+    assert_code(&o, 1, "SIGTERM");
+    assert_one_error_line(&o, "SIGTERM");
+    let done = maps();
+    let err = stderr(&o);
+    let expected = format!("interrupted by SIGTERM after {} of 40 images", done.len());
+    assert!(err.contains(&expected), "{err} (expected {expected})");
+    assert!(!done.is_empty() && done.len() < 40, "{} maps", done.len());
+    // Every map whole, with its heatmap and its row; nothing else.
+    for (k, bytes) in &done {
+        let npy = Tensor::read_npy(out.join(k)).unwrap();
+        assert_eq!(npy.size().len(), 2, "{k}");
+        assert!(bytes.len() > 128, "{k}");
+        let png = out.join(k.replace(".saliency.npy", ".saliency.png"));
+        assert!(png.is_file(), "{}", png.display());
+    }
+    let rows = csv_paths(&out);
+    assert_eq!(rows.len(), done.len());
+    let r = report(&out);
+    assert_eq!(r["processed"].as_u64(), Some(done.len() as u64));
+    assert!(r["error"].as_str().unwrap().contains(&expected));
+    assert!(!out.join(".tch-vis").exists(), "journals left behind");
+    // The rest (quickly, without SmoothGrad: only which images are done
+    // counts here).
+    let rest = run_ok(&args("0"), "rerun");
+    assert_eq!(rest["skipped"].as_u64(), Some(done.len() as u64));
+    assert_eq!(rest["processed"].as_u64(), Some(40 - done.len() as u64));
+    assert_eq!(csv_paths(&out).len(), 40);
+}
+
 /// `scores` writes only scores.csv and report.json, with the same values
 /// as `saliency`; a multi-output model gets one column per output.
 #[test]

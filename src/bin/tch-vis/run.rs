@@ -2,7 +2,8 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tch_vis::batch::{
@@ -297,10 +298,12 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     let pre = Preprocessor::new(sidecar.clone())
         .keep_original(job.overlay_original)
         .jpeg_draft(job.jpeg_draft);
+    let stop = Interrupt::default();
     let engine = Engine::new(&model, sidecar.clone(), method.as_ref())
         .preprocessor(pre.clone())
         .batch_size(job.batch_size)
-        .on_progress(|p| bar.update(p));
+        .on_progress(|p| bar.update(p))
+        .cancel_on(&stop.raised);
     let layout = engine.prepare().map_err(|e| match e {
         Error::ScoreCount { outputs, scores } if job.specs.is_empty() => Failure::Flags(format!(
             "the model has {outputs} outputs: give one --score per output, in order (got {scores})"
@@ -333,8 +336,20 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     bar.start(pending.len());
     // Model load, CUDA start, the probe batch (cuDNN's algorithm search).
     let startup_seconds = start.elapsed().as_secs_f64();
-    let summary = engine.run(&pending, &sink).map_err(Failure::Run)?;
+    // From here on a first SIGINT or SIGTERM ends the run cleanly (the
+    // batch in progress, then scores.csv and report.json); a second one
+    // ends the process at once. Without the handlers, a signal ends it at
+    // once, as before.
+    let _ = stop.install();
+    let mut summary = engine.run(&pending, &sink).map_err(Failure::Run)?;
     bar.finish();
+    if let (Some(Error::Cancelled), Some(signal)) = (&summary.fatal, stop.signal()) {
+        summary.fatal = Some(Error::Cancelled.context(format!(
+            "interrupted by {signal} after {} of {} images",
+            summary.processed,
+            pending.len()
+        )));
+    }
     let seconds = start.elapsed().as_secs_f64();
     let ips = if seconds > 0.0 {
         summary.processed as f64 / seconds
@@ -420,6 +435,41 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         });
     }
     Ok(())
+}
+
+/// SIGINT and SIGTERM during a run: the first raises `raised` (the
+/// engine's cancel flag), a second one gets the signal's default action.
+#[derive(Default)]
+struct Interrupt {
+    raised: Arc<AtomicBool>,
+    term: Arc<AtomicBool>,
+}
+
+impl Interrupt {
+    /// Installs the handlers; on an error the signals keep their default
+    /// action.
+    fn install(&self) -> std::io::Result<()> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        use signal_hook::flag;
+        for signal in [SIGINT, SIGTERM] {
+            // The second signal first: it acts only once `raised` is set.
+            flag::register_conditional_default(signal, Arc::clone(&self.raised))?;
+            flag::register(signal, Arc::clone(&self.raised))?;
+        }
+        flag::register(SIGTERM, Arc::clone(&self.term))?;
+        Ok(())
+    }
+
+    /// The signal that raised the flag, if one did.
+    fn signal(&self) -> Option<&'static str> {
+        if !self.raised.load(Ordering::Relaxed) {
+            None
+        } else if self.term.load(Ordering::Relaxed) {
+            Some("SIGTERM")
+        } else {
+            Some("SIGINT")
+        }
+    }
 }
 
 /// Progress on a terminal (a bar) or in logs (a line every 10 s).
