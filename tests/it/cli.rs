@@ -878,6 +878,17 @@ fn sigterm_ends_the_run_with_scores_and_report_then_a_rerun_does_the_rest() {
     assert_eq!(r["processed"].as_u64(), Some(done.len() as u64));
     assert!(r["error"].as_str().unwrap().contains(&expected));
     assert!(!out.join(".tch-vis").exists(), "journals left behind");
+    // The gallery of what is done.
+    let gallery = snapshot(&out.join("gallery"));
+    assert!(out.join("index.html").is_file() && !gallery.is_empty());
+    let pages: String = gallery
+        .values()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    for (k, _) in &done {
+        let png = k.replace(".saliency.npy", ".saliency.png");
+        assert!(pages.contains(&png), "{png} not in the gallery");
+    }
     // The rest (quickly, without SmoothGrad: only which images are done
     // counts here).
     let rest = run_ok(&args("0"), "rerun");

@@ -343,7 +343,9 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     let _ = stop.install();
     let mut summary = engine.run(&pending, &sink).map_err(Failure::Run)?;
     bar.finish();
-    if let (Some(Error::Cancelled), Some(signal)) = (&summary.fatal, stop.signal()) {
+    // An interrupted run still gets its gallery (of what is done), below.
+    let interrupted = matches!(summary.fatal, Some(Error::Cancelled));
+    if let (true, Some(signal)) = (interrupted, stop.signal()) {
         summary.fatal = Some(Error::Cancelled.context(format!(
             "interrupted by {signal} after {} of {} images",
             summary.processed,
@@ -395,9 +397,10 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         r.extend(extra);
     }
     let finished = sink.finish(report);
-    if let Some(e) = summary.fatal {
-        return Err(Failure::Run(e));
-    }
+    let fatal = match summary.fatal.take() {
+        Some(e) if !interrupted => return Err(Failure::Run(e)),
+        other => other,
+    };
     let finished = finished.map_err(Failure::Run)?;
     // The gallery of maps, by the last worker to finish (whose view of the
     // folder is complete); `scores` writes no maps and no gallery.
@@ -428,6 +431,9 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         job.out.display(),
         job.mode.outputs()
     );
+    if let Some(e) = fatal {
+        return Err(Failure::Run(e));
+    }
     if job.strict && !summary.failed.is_empty() {
         return Err(Failure::Strict {
             failed: summary.failed.len(),
