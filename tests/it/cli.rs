@@ -782,13 +782,7 @@ fn kill_9_then_rerun_equals_an_uninterrupted_run() {
     );
 
     let killed = t.out("killed");
-    let mut child = Command::new(BIN)
-        .args(args(&killed))
-        .env("CUDA_VISIBLE_DEVICES", "")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn(&args(&killed));
     let start = Instant::now();
     loop {
         let n = fs::read_dir(killed.join("d0"))
@@ -843,13 +837,7 @@ fn sigterm_ends_the_run_with_scores_and_report_then_a_rerun_does_the_rest() {
             .filter(|(k, _)| k.ends_with(".saliency.npy"))
             .collect::<Vec<_>>()
     };
-    let child = Command::new(BIN)
-        .args(args("1500"))
-        .env("CUDA_VISIBLE_DEVICES", "")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn(&args("1500"));
     let start = Instant::now();
     while (!out.exists() || maps().is_empty()) && start.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(20));
@@ -1664,37 +1652,30 @@ fn maximize_subcommand_is_reproducible_and_checked() {
     }
     let curve = r["curve"].as_array().unwrap();
     assert_eq!(curve.len(), 30);
+    // Exit 2, nothing written; a missing model is named as such, not as
+    // its missing sidecar.
     let out = dir.path().join("bad");
-    let o = tch_vis(&[
-        "maximize",
-        "--model",
-        &m,
-        "--out",
-        s(&out),
-        "--score",
-        "categorical:10",
-    ]);
-    assert_code(&o, 2, "class out of range");
-    assert_one_error_line(&o, "class out of range");
-    assert!(!out.exists());
-    // A missing model is named as such, not as its missing sidecar.
-    let o = tch_vis(&[
-        "maximize",
-        "--model",
-        "/nonexistent/m.pt",
-        "--out",
-        s(&out),
-        "--score",
-        "categorical:1",
-    ]);
-    assert_code(&o, 2, "missing model");
-    assert_one_error_line(&o, "missing model");
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains("/nonexistent/m.pt") && !err.contains("sidecar"),
-        "{err}"
-    );
-    assert!(!out.exists());
+    for (what, model, score) in [
+        ("class out of range", m.as_str(), "categorical:10"),
+        ("missing model", "/nonexistent/m.pt", "categorical:1"),
+    ] {
+        let o = tch_vis(&[
+            "maximize",
+            "--model",
+            model,
+            "--out",
+            s(&out),
+            "--score",
+            score,
+        ]);
+        assert_code(&o, 2, what);
+        assert_one_error_line(&o, what);
+        assert!(!out.exists(), "{what}");
+        let err = stderr(&o);
+        if what == "missing model" {
+            assert!(err.contains(model) && !err.contains("sidecar"), "{err}");
+        }
+    }
 }
 
 /// `--images FILE` and `--images-from -` (with `--root`) name outputs as a
