@@ -435,8 +435,9 @@ impl<'a> Engine<'a> {
     /// to the sink, and the run returns with [`Error::Cancelled`] in
     /// [`Summary::fatal`]. What the sink took is complete, so a rerun that
     /// skips done images does the rest. The `tch-vis` binary raises it on
-    /// the first SIGINT or SIGTERM (Ctrl-C, Slurm's and Kubernetes' stop
-    /// signal) and still writes `scores.csv` and `report.json`.
+    /// the first SIGINT, SIGTERM or SIGHUP (Ctrl-C, Slurm's and Kubernetes'
+    /// stop signal, a closed terminal) and still writes `scores.csv` and
+    /// `report.json`.
     ///
     /// ```no_run
     /// # use std::sync::atomic::AtomicBool;

@@ -885,6 +885,39 @@ fn sigterm_ends_the_run_with_scores_and_report_then_a_rerun_does_the_rest() {
     assert_eq!(csv_paths(&out).len(), 40);
 }
 
+/// A signal the CLI was started with ignored stays ignored, as `nohup`
+/// leaves SIGHUP: the run goes on to its end.
+#[test]
+fn an_ignored_sighup_stays_ignored() {
+    use std::os::unix::process::CommandExt;
+    let t = Tree::good(8);
+    let m = model("digits_cnn");
+    let out = t.out("nohup");
+    let extra = ["--batch-size", "1", "--smooth-samples", "600"];
+    let mut cmd = Command::new(BIN);
+    cmd.args(saliency_args(&m, &t.images(), &out, &extra))
+        .env("CUDA_VISIBLE_DEVICES", "")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: only signal(2) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    let start = Instant::now();
+    while !out.join("d0").exists() && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on the child's process id.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
+    let o = child.wait_with_output().unwrap();
+    assert_code(&o, 0, "ignored SIGHUP");
+    assert_eq!(report(&out)["processed"].as_u64(), Some(8));
+}
+
 /// `scores` writes only scores.csv and report.json, with the same values
 /// as `saliency`; a multi-output model gets one column per output.
 #[test]

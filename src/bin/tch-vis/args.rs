@@ -19,9 +19,10 @@ Exit status: 0 the run finished (also when some inputs failed; see report.json),
 inputs failed, 2 bad usage or a problem found before the first image (flags,
 SPECs that do not fit the model, unreadable model/sidecar/DIR, CUDA
 unavailable); nothing is written.
-A first SIGINT or SIGTERM (Ctrl-C, Slurm, Kubernetes) ends a folder run cleanly:
-the batch in progress is finished and scores.csv and report.json are written; a
-second one ends it at once. A rerun does what is missing.";
+A first SIGINT, SIGTERM or SIGHUP (Ctrl-C, Slurm, Kubernetes, a closed terminal)
+ends a folder run cleanly: the batch in progress is finished and scores.csv and
+report.json are written; a second one ends it at once (a signal ignored at
+start, as under nohup, stays ignored). A rerun does what is missing.";
 
 /// tch-vis: explain what a TorchScript model sees in your images.
 #[derive(Debug, Parser)]

@@ -298,12 +298,12 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     let pre = Preprocessor::new(sidecar.clone())
         .keep_original(job.overlay_original)
         .jpeg_draft(job.jpeg_draft);
-    let stop = Interrupt::default();
+    let raised = Arc::new(AtomicBool::new(false));
     let engine = Engine::new(&model, sidecar.clone(), method.as_ref())
         .preprocessor(pre.clone())
         .batch_size(job.batch_size)
         .on_progress(|p| bar.update(p))
-        .cancel_on(&stop.raised);
+        .cancel_on(&raised);
     let layout = engine.prepare().map_err(|e| match e {
         Error::ScoreCount { outputs, scores } if job.specs.is_empty() => Failure::Flags(format!(
             "the model has {outputs} outputs: give one --score per output, in order (got {scores})"
@@ -336,11 +336,11 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     bar.start(pending.len());
     // Model load, CUDA start, the probe batch (cuDNN's algorithm search).
     let startup_seconds = start.elapsed().as_secs_f64();
-    // From here on a first SIGINT or SIGTERM ends the run cleanly (the
-    // batch in progress, then scores.csv and report.json); a second one
-    // ends the process at once. Without the handlers, a signal ends it at
-    // once, as before.
-    let _ = stop.install();
+    // From here on a first SIGINT, SIGTERM or SIGHUP (unless the process
+    // was started with it ignored) ends the run cleanly: the batch in
+    // progress, then scores.csv, report.json and the gallery; a second one
+    // ends the process at once.
+    let stop = Interrupt::install(&raised);
     let mut summary = engine.run(&pending, &sink).map_err(Failure::Run)?;
     bar.finish();
     // An interrupted run still gets its gallery (of what is done), below.
@@ -443,38 +443,62 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     Ok(())
 }
 
-/// SIGINT and SIGTERM during a run: the first raises `raised` (the
+/// SIGINT, SIGTERM and SIGHUP during a run: the first raises `raised` (the
 /// engine's cancel flag), a second one gets the signal's default action.
-#[derive(Default)]
+/// A signal the process was started with ignored stays ignored (`nohup`,
+/// background jobs of a shell script).
 struct Interrupt {
     raised: Arc<AtomicBool>,
-    term: Arc<AtomicBool>,
+    /// Per signal handled, whether it came.
+    came: Vec<(&'static str, Arc<AtomicBool>)>,
 }
 
 impl Interrupt {
-    /// Installs the handlers; on an error the signals keep their default
-    /// action.
-    fn install(&self) -> std::io::Result<()> {
-        use signal_hook::consts::{SIGINT, SIGTERM};
+    /// Installs the handlers. A signal whose handlers cannot be installed
+    /// keeps its default action.
+    fn install(raised: &Arc<AtomicBool>) -> Self {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
         use signal_hook::flag;
-        for signal in [SIGINT, SIGTERM] {
+        let mut came = Vec::new();
+        for (name, signal) in [("SIGINT", SIGINT), ("SIGTERM", SIGTERM), ("SIGHUP", SIGHUP)] {
+            if ignored(signal) {
+                continue;
+            }
+            let flag = Arc::new(AtomicBool::new(false));
             // The second signal first: it acts only once `raised` is set.
-            flag::register_conditional_default(signal, Arc::clone(&self.raised))?;
-            flag::register(signal, Arc::clone(&self.raised))?;
+            let installed = flag::register_conditional_default(signal, Arc::clone(raised))
+                .and_then(|_| flag::register(signal, Arc::clone(&flag)))
+                .and_then(|_| flag::register(signal, Arc::clone(raised)));
+            if installed.is_ok() {
+                came.push((name, flag));
+            }
         }
-        flag::register(SIGTERM, Arc::clone(&self.term))?;
-        Ok(())
+        Interrupt {
+            raised: Arc::clone(raised),
+            came,
+        }
     }
 
     /// The signal that raised the flag, if one did.
     fn signal(&self) -> Option<&'static str> {
         if !self.raised.load(Ordering::Relaxed) {
-            None
-        } else if self.term.load(Ordering::Relaxed) {
-            Some("SIGTERM")
-        } else {
-            Some("SIGINT")
+            return None;
         }
+        self.came
+            .iter()
+            .find(|(_, came)| came.load(Ordering::Relaxed))
+            .map(|(name, _)| *name)
+    }
+}
+
+/// Whether `signal` is ignored in this process (as `nohup` leaves SIGHUP).
+fn ignored(signal: i32) -> bool {
+    // SAFETY: sigaction(2) with a null new action only reads the current
+    // one into `old`.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
     }
 }
 
