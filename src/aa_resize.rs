@@ -18,13 +18,18 @@ use crate::preprocess::Interpolation;
 
 /// One axis: for each output index of a window, its first input index and
 /// its `i16` weights (`taps` per output, zero past its own count).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Axis {
+    /// What the axis was made for: `(input, output, window, interpolation)`.
+    key: Option<(usize, usize, Range<usize>, Interpolation)>,
     first: Vec<usize>,
     count: Vec<usize>,
     weights: Vec<i16>,
     taps: usize,
     precision: u32,
+    /// Scratch of [`Axis::set`], kept for the next one.
+    kept: Vec<f64>,
+    w: Vec<f64>,
 }
 
 /// The filter of `interpolation` (libtorch's `aa_filter`: the triangle, or
@@ -53,15 +58,23 @@ fn filter(interpolation: Interpolation, x: f64) -> f64 {
 }
 
 impl Axis {
-    /// `_compute_index_ranges_int16_weights` for an axis of `input` values
-    /// resized to `output` (no `align_corners`, no scale factor), kept for
-    /// the outputs in `window`; the precision is the whole axis's.
-    fn new(
+    /// Makes this the axis of `input` values resized to `output` (no
+    /// `align_corners`, no scale factor), kept for the outputs in `window`,
+    /// as libtorch's `_compute_index_ranges_int16_weights` makes it (the
+    /// precision is the whole axis's). Its buffers are reused, and nothing
+    /// is computed when it is that axis already (images of one size).
+    fn set(
+        &mut self,
         input: usize,
         output: usize,
         window: Range<usize>,
         interpolation: Interpolation,
-    ) -> Axis {
+    ) {
+        let key = (input, output, window.clone(), interpolation);
+        if self.key.as_ref() == Some(&key) {
+            return;
+        }
+        self.key = None;
         let interp_size = match interpolation {
             Interpolation::Bilinear => 2.0,
             Interpolation::Bicubic => 4.0,
@@ -75,10 +88,17 @@ impl Axis {
         let max_taps = support.ceil() as usize * 2 + 1;
         let invscale = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
         let mut wt_max = 0.0f64;
-        let mut first = Vec::with_capacity(window.len());
-        let mut count = Vec::with_capacity(window.len());
-        let mut kept = Vec::with_capacity(window.len() * max_taps);
-        let mut w = vec![0.0f64; max_taps];
+        let (first, count, kept, w) = (
+            &mut self.first,
+            &mut self.count,
+            &mut self.kept,
+            &mut self.w,
+        );
+        first.clear();
+        count.clear();
+        kept.clear();
+        w.clear();
+        w.resize(max_taps, 0.0);
         for i in 0..output {
             let center = scale * (i as f64 + 0.5);
             let xmin = ((center - support + 0.5) as i64).max(0);
@@ -115,24 +135,21 @@ impl Axis {
         }
         // Whole groups of four taps, for the vector kernels.
         let taps = max_taps.div_ceil(4) * 4;
-        let mut weights = vec![0i16; window.len() * taps];
+        self.weights.clear();
+        self.weights.resize(window.len() * taps, 0);
         for (o, row) in kept.chunks(max_taps).enumerate() {
             for (k, &v) in row.iter().enumerate() {
                 let v = v * f64::from(1u32 << precision);
-                weights[o * taps + k] = if v < 0.0 {
+                self.weights[o * taps + k] = if v < 0.0 {
                     (-0.5 + v) as i32
                 } else {
                     (0.5 + v) as i32
                 } as i16;
             }
         }
-        Axis {
-            first,
-            count,
-            weights,
-            taps,
-            precision,
-        }
+        self.taps = taps;
+        self.precision = precision;
+        self.key = Some(key);
     }
 
     /// The input indices the window's outputs read.
@@ -201,41 +218,46 @@ fn resize_window_with(
     {
         return false;
     }
-    let down = (nh != h).then(|| Axis::new(h, nh, rows.clone(), interpolation));
-    // The input rows the height's pass reads.
-    let span = down.as_ref().map_or(rows.clone(), Axis::span);
-    let stride = cols.len() * c;
-    MID.with_borrow_mut(|mid| {
-        // The width first, into those rows (or into `out` when the height
-        // is kept).
-        let to: &mut [u8] = if down.is_some() {
-            // Every byte is written below: grown, never cleared.
-            let need = span.len() * stride;
-            if mid.len() < need {
-                mid.resize(need, 0);
+    AXES.with_borrow_mut(|(height, width)| {
+        let down = (nh != h).then(|| {
+            height.set(h, nh, rows.clone(), interpolation);
+            &*height
+        });
+        // The input rows the height's pass reads.
+        let span = down.map_or(rows.clone(), Axis::span);
+        let stride = cols.len() * c;
+        MID.with_borrow_mut(|mid| {
+            // The width first, into those rows (or into `out` when the height
+            // is kept).
+            let to: &mut [u8] = if down.is_some() {
+                // Every byte is written below: grown, never cleared.
+                let need = span.len() * stride;
+                if mid.len() < need {
+                    mid.resize(need, 0);
+                }
+                &mut mid[..need]
+            } else {
+                out
+            };
+            if nw == w {
+                for (y, row) in span.clone().zip(to.chunks_exact_mut(stride)) {
+                    row.copy_from_slice(&src[(y * w + cols.start) * c..(y * w + cols.end) * c]);
+                }
+            } else {
+                width.set(w, nw, cols.clone(), interpolation);
+                horizontal(src, w * c, c, span.clone(), width, to, simd);
             }
-            &mut mid[..need]
-        } else {
-            out
-        };
-        if nw == w {
-            for (y, row) in span.clone().zip(to.chunks_exact_mut(stride)) {
-                row.copy_from_slice(&src[(y * w + cols.start) * c..(y * w + cols.end) * c]);
+            if let Some(down) = down {
+                vertical(
+                    &mid[..span.len() * stride],
+                    stride,
+                    span.start,
+                    down,
+                    out,
+                    simd,
+                );
             }
-        } else {
-            let across = Axis::new(w, nw, cols.clone(), interpolation);
-            horizontal(src, w * c, c, span.clone(), &across, to, simd);
-        }
-        if let Some(down) = &down {
-            vertical(
-                &mid[..span.len() * stride],
-                stride,
-                span.start,
-                down,
-                out,
-                simd,
-            );
-        }
+        });
     });
     true
 }
@@ -243,6 +265,9 @@ fn resize_window_with(
 thread_local! {
     /// The width's output, kept between images of a thread.
     static MID: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The height's and the width's axes of a thread's last image: remade
+    /// in place for another size, kept for the same one.
+    static AXES: std::cell::RefCell<(Axis, Axis)> = std::cell::RefCell::new(Default::default());
 }
 
 /// The width's pass over `rows` of `src` (rows of `stride` bytes, `c`
@@ -664,6 +689,29 @@ mod tests {
     }
 
     const RANDOM_CASES: usize = 40;
+
+    /// The axes kept between a thread's images (`AXES`) are remade when the
+    /// size, the output, the window or the filter changes, and reused
+    /// otherwise (each `compare` resizes twice: the second reuses both).
+    #[test]
+    fn axes_kept_between_images_follow_every_change() {
+        tch::manual_seed(13);
+        let (bilinear, bicubic) = (Interpolation::Bilinear, Interpolation::Bicubic);
+        let sequence = [
+            ((480, 640), (256, 341), (16..240, 58..282), bilinear),
+            ((480, 640), (256, 341), (16..240, 58..282), bilinear),
+            ((480, 640), (256, 341), (0..224, 0..224), bilinear),
+            ((480, 641), (256, 341), (0..224, 0..224), bilinear),
+            ((480, 641), (256, 341), (0..224, 0..224), bicubic),
+            ((481, 641), (256, 341), (0..224, 0..224), bicubic),
+            ((481, 641), (257, 341), (0..224, 0..224), bicubic),
+            ((481, 641), (257, 342), (0..224, 0..224), bicubic),
+            ((480, 640), (256, 341), (16..240, 58..282), bilinear),
+        ];
+        for ((h, w), size, window, interpolation) in sequence {
+            compare((h, w, 3), size, window, interpolation);
+        }
+    }
 
     #[test]
     fn a_window_outside_the_resized_image_writes_nothing() {
