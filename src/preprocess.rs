@@ -1338,23 +1338,83 @@ fn normalise_planes(image: &[f32], c: usize, order: Order, out: &mut [f32], s: &
     }
 }
 
-/// [`normalise_planes`] of three planes into an interleaved row, pixel by
-/// pixel, compiled for AVX2: the same operations, twice as fast for a 224²
-/// crop (0.063 → 0.029 ms) as plane by plane with strided writes.
+/// [`normalise_planes`] of three planes into an interleaved row, compiled
+/// for AVX2: eight pixels a step, each plane's eight values normalised in
+/// one register (the same subtraction and division per value) and the
+/// three registers interleaved into 24 values by lane permutes and blends,
+/// streamed to an aligned row; the last pixels one at a time.
 ///
 /// # Safety
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn interleave_rgb_avx2(image: &[f32], out: &mut [f32], s: &Sidecar) {
+    use std::arch::x86_64::*;
     let n = image.len() / 3;
     let (r, gb) = image.split_at(n);
     let (g, b) = gb.split_at(n);
     let (m, d) = (&s.mean[..3], &s.std[..3]);
-    for (((o, r), g), b) in out.chunks_exact_mut(3).zip(r).zip(g).zip(b) {
-        o[0] = (r - m[0]) / d[0];
-        o[1] = (g - m[1]) / d[1];
-        o[2] = (b - m[2]) / d[2];
+    let n = n.min(out.len() / 3);
+    let vm = [0, 1, 2].map(|ch| _mm256_set1_ps(m[ch]));
+    let vd = [0, 1, 2].map(|ch| _mm256_set1_ps(d[ch]));
+    // Of a step's 24 values, output register q's lane j holds value
+    // 8q + j: channel (8q + j) mod 3 of the step's pixel (8q + j) / 3, the
+    // lane each plane's register is permuted from.
+    let idx = |q: usize| -> __m256i {
+        let l: [i32; 8] = std::array::from_fn(|j| (((8 * q + j) / 3) % 8) as i32);
+        _mm256_loadu_si256(l.as_ptr().cast())
+    };
+    let (i0, i1, i2) = (idx(0), idx(1), idx(2));
+    let (src, dst) = ([r.as_ptr(), g.as_ptr(), b.as_ptr()], out.as_mut_ptr());
+    // A row of a batch (32-byte aligned: every step's 96 bytes are) is
+    // written with streamed stores, around the cache: it is read next by
+    // the model, after the whole batch.
+    let streaming = (dst as usize).is_multiple_of(32);
+    let mut p = 0;
+    while p + 8 <= n {
+        let [vr, vg, vb] = [0, 1, 2].map(|ch| {
+            _mm256_div_ps(
+                _mm256_sub_ps(_mm256_loadu_ps(src[ch].add(p)), vm[ch]),
+                vd[ch],
+            )
+        });
+        // Lanes by channel: q = 0 holds r g b r g b r g, q = 1 b r g b r g b
+        // r, q = 2 g b r g b r g b. Blend masks: the lanes of r, then of g
+        // (b takes the rest).
+        let pick = |i: __m256i| {
+            (
+                _mm256_permutevar8x32_ps(vr, i),
+                _mm256_permutevar8x32_ps(vg, i),
+                _mm256_permutevar8x32_ps(vb, i),
+            )
+        };
+        let (r0, g0, b0) = pick(i0);
+        let o0 = _mm256_blend_ps::<0b0100_1001>(_mm256_blend_ps::<0b1001_0010>(b0, g0), r0);
+        let (r1, g1, b1) = pick(i1);
+        let o1 = _mm256_blend_ps::<0b1001_0010>(_mm256_blend_ps::<0b0010_0100>(b1, g1), r1);
+        let (r2, g2, b2) = pick(i2);
+        let o2 = _mm256_blend_ps::<0b0010_0100>(_mm256_blend_ps::<0b0100_1001>(b2, g2), r2);
+        let at = dst.add(3 * p);
+        if streaming {
+            _mm256_stream_ps(at, o0);
+            _mm256_stream_ps(at.add(8), o1);
+            _mm256_stream_ps(at.add(16), o2);
+        } else {
+            _mm256_storeu_ps(at, o0);
+            _mm256_storeu_ps(at.add(8), o1);
+            _mm256_storeu_ps(at.add(16), o2);
+        }
+        p += 8;
+    }
+    if streaming {
+        // The streamed stores are ordered before whatever hands the row on.
+        _mm_sfence();
+    }
+    for q in p..n {
+        let o = &mut out[3 * q..3 * q + 3];
+        o[0] = (r[q] - m[0]) / d[0];
+        o[1] = (g[q] - m[1]) / d[1];
+        o[2] = (b[q] - m[2]) / d[2];
     }
 }
 
@@ -1800,6 +1860,43 @@ mod tests {
         for img in imgs {
             let want = img.clone().into_rgb8();
             assert_eq!(rgb8(img.clone()), want, "{:?}", img.color());
+        }
+    }
+
+    /// Three planes into an interleaved row: every value's bits equal
+    /// the scalar `(v − mean) / std` of its channel, at every pixel count
+    /// around the kernel's eight-pixel steps, for ordinary, signed, huge,
+    /// infinite and NaN values, with the ImageNet statistics.
+    #[test]
+    fn planes_interleave_into_a_row_with_scalar_bits() {
+        let mut s = sidecar(3, [1, 1]);
+        s.mean = vec![0.485, 0.456, 0.406];
+        s.std = vec![0.229, 0.224, 0.225];
+        let special = [f32::NAN, f32::INFINITY, -0.0, 3.4e38, -1e-30];
+        for n in [1usize, 7, 8, 9, 15, 16, 17, 23, 24, 25, 483, 224 * 224] {
+            let image: Vec<f32> = (0..3 * n)
+                .map(|i| match i % 97 {
+                    k @ 0..5 => special[k],
+                    _ => ((i * 7919) % 1000) as f32 / 997.0 - 0.25,
+                })
+                .collect();
+            let mut out = vec![7.0f32; 3 * n + 5];
+            normalise_planes(&image, 3, Order::Interleaved, &mut out[..3 * n], &s);
+            for p in 0..n {
+                for ch in 0..3 {
+                    let want = (image[ch * n + p] - s.mean[ch]) / s.std[ch];
+                    let got = out[3 * p + ch];
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "n {n} pixel {p} channel {ch}"
+                    );
+                }
+            }
+            assert!(
+                out[3 * n..].iter().all(|&v| v == 7.0),
+                "n {n}: wrote past the row"
+            );
         }
     }
 
