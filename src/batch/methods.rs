@@ -207,8 +207,24 @@ impl Method for SaliencyMethod {
     /// samples and get zero maps, and a short last batch costs only its
     /// images.
     fn compute(&self, model: &Model, x: &Tensor, keys: &[u64]) -> Result<BatchResult> {
+        self.run(model, x, keys, self.smooth_samples)
+    }
+
+    /// SmoothGrad's probe takes one sample: the same layout, and the same
+    /// model call and memory per sample, where all of them would cost as
+    /// many passes before the first image (on CUDA the probe runs up to
+    /// three times). On 2 cores: start-up 0.25 → 0.024 s for 800 samples of
+    /// the digits CNN at batch 1, 1.2 → 0.24 s for 20 samples of resnet18
+    /// at batch 8.
+    fn probe(&self, model: &Model, x: &Tensor, keys: &[u64]) -> Result<BatchResult> {
+        self.run(model, x, keys, self.smooth_samples.min(1))
+    }
+}
+
+impl SaliencyMethod {
+    fn run(&self, model: &Model, x: &Tensor, keys: &[u64], samples: usize) -> Result<BatchResult> {
         let saliency = Saliency::new(model)
-            .smooth_samples(self.smooth_samples)
+            .smooth_samples(samples)
             .smooth_noise(self.smooth_noise)
             .seed(self.seed);
         let refs = self.scores.refs();
@@ -216,7 +232,7 @@ impl Method for SaliencyMethod {
         let images = images_in(keys);
         // The whole batch at once: vanilla saliency, and the engine's probe
         // (every row padding).
-        let res = if self.smooth_samples == 0 || rows != x.size()[0] as usize || images == 0 {
+        let res = if samples == 0 || rows != x.size()[0] as usize || images == 0 {
             saliency.compute_keyed(&[x.shallow_clone()], &refs, keys)?
         } else {
             saliency.smooth_packed(x, keys, images, &refs)?

@@ -248,6 +248,45 @@ fn engine_reports_a_steady_rate_past_the_first_batch() {
     }
 }
 
+/// SmoothGrad's probe (one sample, as cheap as vanilla saliency) stands in
+/// for its compute: the same scores, classes, arrays and shapes on the
+/// engine's all-padding probe batch.
+#[test]
+fn smoothgrad_probe_has_the_layout_of_its_compute() {
+    use tch_vis::batch::Method;
+    let model = digits();
+    let x = Tensor::zeros([3, 1, 32, 32], (Kind::Float, Device::Cpu));
+    let keys = [0u64; 3];
+    let method = SaliencyMethod::new(&[ScoreSpec::Predicted])
+        .unwrap()
+        .smooth(25, 0.2, 1)
+        .save_gradients(true);
+    let probe = method.probe(&model, &x, &keys).unwrap();
+    let full = method.compute(&model, &x, &keys).unwrap();
+    let shapes = |r: &tch_vis::batch::BatchResult| {
+        (
+            r.scores.iter().map(Tensor::size).collect::<Vec<_>>(),
+            r.classes.clone(),
+            r.arrays
+                .iter()
+                .map(|a| {
+                    (
+                        a.name.clone(),
+                        a.values.size(),
+                        a.heat.as_ref().map(Tensor::size),
+                    )
+                })
+                .collect::<Vec<_>>(),
+            r.columns
+                .iter()
+                .map(|(n, t)| (n.clone(), t.size()))
+                .collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(shapes(&probe), shapes(&full));
+    assert_eq!(probe.arrays.len(), 2);
+}
+
 /// A method that raises a cancel flag when it computes its first batch
 /// (not the probe), once, and counts its batches.
 struct CancelAtFirst<'a> {
