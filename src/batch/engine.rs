@@ -730,30 +730,31 @@ impl<'a> Engine<'a> {
                     x,
                     staging,
                 } = batch;
-                if cancelled() {
-                    // Nothing more is computed; the batch in flight is
-                    // still handed out below. The upload goes first (it
-                    // waits for its copy), then its buffer.
+                // Cancelled: nothing more is computed, the batch in flight
+                // is still handed out below. The sink failed: nothing more
+                // goes to it, the batch in flight included.
+                let cancel = cancelled();
+                let mut sink_failed = false;
+                if cancel {
                     let _ = tx_ev.send(Event::Fatal(Error::Cancelled));
-                    drop(x);
-                    drop(staging);
-                    break;
-                }
-                let mut stop = false;
-                for (rel, error) in failed {
-                    if let Err(e) = sink.failed(&rel, &error) {
-                        let _ = tx_ev.send(Event::Fatal(e));
-                        stop = true;
-                        break;
+                } else {
+                    for (rel, error) in failed {
+                        if let Err(e) = sink.failed(&rel, &error) {
+                            let _ = tx_ev.send(Event::Fatal(e));
+                            sink_failed = true;
+                            break;
+                        }
+                        let _ = tx_ev.send(Event::Failed { rel, error });
                     }
-                    let _ = tx_ev.send(Event::Failed { rel, error });
                 }
-                if stop {
-                    // The sink failed: nothing more goes to it. The upload
-                    // goes first (it waits for its copy), then its buffer.
+                if cancel || sink_failed {
+                    // The upload goes first (it waits for its copy), then
+                    // its buffer.
                     drop(x);
                     drop(staging);
-                    in_flight = None;
+                    if sink_failed {
+                        in_flight = None;
+                    }
                     break;
                 }
                 let Some(x) = x else {
