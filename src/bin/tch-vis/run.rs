@@ -443,19 +443,18 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     Ok(())
 }
 
-/// SIGINT, SIGTERM and SIGHUP during a run: the first raises `raised` (the
-/// engine's cancel flag), a second one gets the signal's default action.
-/// A signal the process was started with ignored stays ignored (`nohup`,
-/// background jobs of a shell script).
+/// SIGINT, SIGTERM and SIGHUP during a run: the first raises the engine's
+/// cancel flag, a second one gets the signal's default action. A signal
+/// the process was started with ignored stays ignored (`nohup`, background
+/// jobs of a shell script).
 struct Interrupt {
-    raised: Arc<AtomicBool>,
     /// Per signal handled, whether it came.
     came: Vec<(&'static str, Arc<AtomicBool>)>,
 }
 
 impl Interrupt {
-    /// Installs the handlers. A signal whose handlers cannot be installed
-    /// keeps its default action.
+    /// Installs the handlers, which raise `raised`. A signal whose handlers
+    /// cannot be installed keeps its default action.
     fn install(raised: &Arc<AtomicBool>) -> Self {
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
         use signal_hook::flag;
@@ -473,17 +472,11 @@ impl Interrupt {
                 came.push((name, flag));
             }
         }
-        Interrupt {
-            raised: Arc::clone(raised),
-            came,
-        }
+        Interrupt { came }
     }
 
-    /// The signal that raised the flag, if one did.
+    /// The signal that raised the cancel flag, if one came.
     fn signal(&self) -> Option<&'static str> {
-        if !self.raised.load(Ordering::Relaxed) {
-            return None;
-        }
         self.came
             .iter()
             .find(|(_, came)| came.load(Ordering::Relaxed))
