@@ -1395,21 +1395,12 @@ unsafe fn interleave_rgb_avx2(image: &[f32], out: &mut [f32], s: &Sidecar) {
         let (r2, g2, b2) = pick(i2);
         let o2 = _mm256_blend_ps::<0b0010_0100>(_mm256_blend_ps::<0b0100_1001>(b2, g2), r2);
         let at = dst.add(3 * p);
-        if streaming {
-            _mm256_stream_ps(at, o0);
-            _mm256_stream_ps(at.add(8), o1);
-            _mm256_stream_ps(at.add(16), o2);
-        } else {
-            _mm256_storeu_ps(at, o0);
-            _mm256_storeu_ps(at.add(8), o1);
-            _mm256_storeu_ps(at.add(16), o2);
-        }
+        store_ps(at, o0, streaming);
+        store_ps(at.add(8), o1, streaming);
+        store_ps(at.add(16), o2, streaming);
         p += 8;
     }
-    if streaming {
-        // The streamed stores are ordered before whatever hands the row on.
-        _mm_sfence();
-    }
+    end_streaming(streaming);
     for q in p..n {
         let o = &mut out[3 * q..3 * q + 3];
         o[0] = (r[q] - m[0]) / d[0];
@@ -1520,18 +1511,41 @@ unsafe fn normalise_rgb_bytes_avx2(bytes: &[u8], out: &mut [f32], s: &Sidecar) {
         for q in 0..3 {
             let v = _mm256_mul_ps(_mm256_cvtepi32_ps(words[q]), k);
             let v = _mm256_div_ps(_mm256_sub_ps(v, m[q]), d[q]);
-            let at = dst.add(i + 8 * q);
-            if streaming {
-                _mm256_stream_ps(at, v);
-            } else {
-                _mm256_storeu_ps(at, v);
-            }
+            store_ps(dst.add(i + 8 * q), v, streaming);
         }
         i += 24;
     }
+    end_streaming(streaming);
+}
+
+/// Stores eight floats at `at`, streamed around the cache (`at` 32-byte
+/// aligned) or plainly: the row writers' store.
+///
+/// # Safety
+/// The CPU must support AVX2; `at` holds eight floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn store_ps(at: *mut f32, v: std::arch::x86_64::__m256, streaming: bool) {
+    use std::arch::x86_64::*;
     if streaming {
-        // The streamed stores are ordered before whatever hands the row on.
-        _mm_sfence();
+        _mm256_stream_ps(at, v);
+    } else {
+        _mm256_storeu_ps(at, v);
+    }
+}
+
+/// After a row writer's streamed stores: orders them before whatever hands
+/// the row on.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn end_streaming(streaming: bool) {
+    if streaming {
+        std::arch::x86_64::_mm_sfence();
     }
 }
 
