@@ -1035,11 +1035,40 @@ impl Preprocessor {
     /// Decodes an encoded image (format guessed from the bytes) within the
     /// limits.
     ///
+    /// A decoder that panics on a file (a bug of the decoder's, on crafted
+    /// or corrupt data) fails that file with an [`Error::Image`] as well:
+    /// in a folder run it is recorded as failed and the run goes on, so one
+    /// such file cannot end every run over its folder.
+    ///
     /// # Errors
     /// [`Error::Image`] for an empty file, an unknown format, corrupt data,
-    /// or an image over the limits.
+    /// an image over the limits, or a decoder that panicked.
     pub fn decode(&self, bytes: &[u8], path: impl AsRef<Path>) -> Result<DynamicImage> {
         let path = path.as_ref();
+        // Nothing the closure touches is left half-made by a panic: at
+        // worst the thread's spare pixel buffer is dropped.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.decode_unguarded(bytes, path)
+        }))
+        .unwrap_or_else(|payload| {
+            let what = payload
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("no message");
+            Err(Error::Image {
+                path: path.to_path_buf(),
+                reason: format!("the decoder failed: {}", what.lines().next().unwrap_or("")),
+            })
+        })
+    }
+
+    /// [`Preprocessor::decode`] without its guard against a decoder's panic.
+    fn decode_unguarded(&self, bytes: &[u8], path: &Path) -> Result<DynamicImage> {
+        #[cfg(test)]
+        if bytes.starts_with(tests::DECODER_PANIC) {
+            panic!("a decoder's bug\nsecond line");
+        }
         let err = |reason: String| Error::Image {
             path: path.to_path_buf(),
             reason,
@@ -2554,6 +2583,33 @@ mod tests {
         // Both outcomes occur: the mutations reach the decoders' checks
         // and leave some images decodable.
         assert!(outcomes.iter().all(|&n| n > 100), "{outcomes:?}");
+    }
+
+    /// Bytes on which [`Preprocessor::decode`] panics in this crate's unit
+    /// tests, as a decoder with a bug would.
+    pub(super) const DECODER_PANIC: &[u8] = b"tch-vis test: the decoder panics";
+
+    #[test]
+    fn a_decoders_panic_is_the_files_image_error() {
+        let pre = Preprocessor::new(sidecar(3, [8, 8]));
+        for result in [
+            pre.decode(DECODER_PANIC, "bad.jpg").map(|_| ()),
+            pre.prepare_bytes(DECODER_PANIC, "bad.jpg").map(|_| ()),
+        ] {
+            match result {
+                Err(Error::Image { path, reason }) => {
+                    assert_eq!(path, Path::new("bad.jpg"));
+                    assert_eq!(reason, "the decoder failed: a decoder's bug");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // The thread decodes on as before.
+        let mut png = Vec::new();
+        RgbImage::new(5, 4)
+            .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        assert_eq!(pre.decode(&png, "ok.png").unwrap().width(), 5);
     }
 
     #[test]

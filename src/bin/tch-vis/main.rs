@@ -65,8 +65,18 @@ fn main() -> ExitCode {
     if std::env::var_os("NVIDIA_TF32_OVERRIDE").is_none() {
         std::env::set_var("NVIDIA_TF32_OVERRIDE", "0");
     }
-    // One line, never a backtrace, even with RUST_BACKTRACE set.
+    // One line, never a backtrace, even with RUST_BACKTRACE set. Not on a
+    // decode thread: a decoder's panic there fails its file (recorded in
+    // report.json with the message) and the run goes on; any other panic
+    // there ends the run with the line of its scope's panic here.
     std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        if thread
+            .name()
+            .is_some_and(|n| n.starts_with("tch-vis-decode-"))
+        {
+            return;
+        }
         let msg = info
             .payload()
             .downcast_ref::<&str>()
