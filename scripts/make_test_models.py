@@ -19,6 +19,12 @@ dict_*.pt (+ .json)  small models whose forward returns a dict, each wrong
     (dict_flat_features), features detached from the input
     (dict_detached), and nothing but the features (dict_only_features).
 
+not_torchscript_*  model files of the kinds users mistake for TorchScript,
+    each of a seeded 1 -> 2 channel convolution: a torch.save checkpoint of
+    its state_dict (not_torchscript_state_dict.pt) and in the legacy
+    non-zip format (not_torchscript_legacy.pt), and a torch.export archive
+    (not_torchscript_export.pt2).
+
     python scripts/make_test_models.py        (needs torch)
 """
 import json
@@ -111,3 +117,10 @@ for kind in ["no_features", "flat_features", "detached", "only_features"]:
         json.dump({"input_size": [16, 16], "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}, f)
         f.write("\n")
 print("wrote tests/models/dict_*.pt and .json")
+
+torch.manual_seed(4)
+conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)).eval()
+torch.save(conv.state_dict(), os.path.join(out, "not_torchscript_state_dict.pt"))
+torch.save(conv.state_dict(), os.path.join(out, "not_torchscript_legacy.pt"), _use_new_zipfile_serialization=False)
+torch.export.save(torch.export.export(conv, (torch.zeros(1, 1, 8, 8),)), os.path.join(out, "not_torchscript_export.pt2"))
+print("wrote tests/models/not_torchscript_*")

@@ -101,6 +101,20 @@ pub enum Error {
         source: tch::TchError,
     },
 
+    /// A model file of another kind than TorchScript: a `torch.save`
+    /// checkpoint, a `torch.export` archive, ONNX, safetensors, Keras, or a
+    /// JSON file (a sidecar).
+    #[error(
+        "{} is {format}, not a TorchScript archive: tch-vis runs TorchScript models (in PyTorch, torch.jit.script(model) or torch.jit.trace(model, example_input), then .save(\"model.pt\"))",
+        path.display()
+    )]
+    NotTorchScript {
+        /// The model file.
+        path: PathBuf,
+        /// What it is instead.
+        format: &'static str,
+    },
+
     /// The model follows neither form of the CAM convention: it lacks the
     /// methods `forward_features(x)` (feature maps `(N, K, h, w)`) and
     /// `forward_head(a)` (the outputs from those maps), and its `forward`

@@ -121,8 +121,11 @@ impl Model {
     /// Loads a TorchScript file onto `device`.
     ///
     /// # Errors
-    /// [`Error::Io`] if the file cannot be opened; [`Error::ModelLoad`] if it
-    /// is not a TorchScript archive or cannot be placed on `device`.
+    /// [`Error::Io`] if the file cannot be opened; [`Error::NotTorchScript`]
+    /// if it is a model or weights file of another kind (a `torch.save`
+    /// checkpoint, a `torch.export` archive, ONNX, safetensors, Keras);
+    /// [`Error::ModelLoad`] if it is no TorchScript archive otherwise, or
+    /// cannot be placed on `device`.
     pub fn load(path: impl AsRef<Path>, device: Device) -> Result<Self> {
         let path = path.as_ref();
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
@@ -132,9 +135,17 @@ impl Model {
                 std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
             ));
         }
-        let module = CModule::load_on_device(path, device).map_err(|source| Error::ModelLoad {
-            path: path.to_path_buf(),
-            source,
+        let module = CModule::load_on_device(path, device).map_err(|source| {
+            match file_ends(path).and_then(|(head, tail, len)| other_format(&head, &tail, len)) {
+                Some(format) => Error::NotTorchScript {
+                    path: path.to_path_buf(),
+                    format,
+                },
+                None => Error::ModelLoad {
+                    path: path.to_path_buf(),
+                    source,
+                },
+            }
         })?;
         Self::from_module(module, device, path.to_path_buf())
     }
@@ -142,15 +153,27 @@ impl Model {
     /// Loads a TorchScript archive held in memory onto `device`.
     ///
     /// # Errors
-    /// [`Error::ModelLoad`] if the bytes are not a TorchScript archive.
+    /// As [`Model::load`].
     pub fn load_from_bytes(bytes: &[u8], device: Device) -> Result<Self> {
         let source = PathBuf::from("<bytes>");
         let mut reader = std::io::Cursor::new(bytes);
-        let module =
-            CModule::load_data_on_device(&mut reader, device).map_err(|e| Error::ModelLoad {
-                path: source.clone(),
-                source: e,
-            })?;
+        let module = CModule::load_data_on_device(&mut reader, device).map_err(|e| {
+            let tail = &bytes[bytes.len().saturating_sub(TAIL_BYTES)..];
+            match other_format(
+                &bytes[..bytes.len().min(HEAD_BYTES)],
+                tail,
+                bytes.len() as u64,
+            ) {
+                Some(format) => Error::NotTorchScript {
+                    path: source.clone(),
+                    format,
+                },
+                None => Error::ModelLoad {
+                    path: source.clone(),
+                    source: e,
+                },
+            }
+        })?;
         Self::from_module(module, device, source)
     }
 
@@ -724,6 +747,86 @@ fn forward_error(e: tch::TchError, got: usize) -> Error {
         };
     }
     Error::Torch(e)
+}
+
+/// How much of a model file's start [`other_format`] reads.
+const HEAD_BYTES: usize = 64;
+
+/// How much of a model file's end [`other_format`] reads: a zip archive's
+/// central directory, which lists its entries, of up to some 60,000 tensors.
+const TAIL_BYTES: usize = 4 << 20;
+
+/// The first [`HEAD_BYTES`] and last [`TAIL_BYTES`] bytes of a file, and its
+/// length; `None` if it cannot be read.
+fn file_ends(path: &Path) -> Option<(Vec<u8>, Vec<u8>, u64)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    let mut head = Vec::new();
+    (&mut f)
+        .take(HEAD_BYTES as u64)
+        .read_to_end(&mut head)
+        .ok()?;
+    f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES as u64)))
+        .ok()?;
+    let mut tail = Vec::new();
+    f.take(TAIL_BYTES as u64).read_to_end(&mut tail).ok()?;
+    Some((head, tail, len))
+}
+
+/// What a file that libtorch could not load as TorchScript is, when it is
+/// one of the model or weights formats users mistake for it, from its first
+/// bytes (`head`), its last (`tail`, where a whole zip archive keeps its
+/// central directory, the list of its entries' names) and its length.
+/// `None` for anything else, a TorchScript archive among them (a damaged or
+/// truncated one, or one for a device that is missing): only a zip archive
+/// with its end record is judged by its names.
+fn other_format(head: &[u8], tail: &[u8], len: u64) -> Option<&'static str> {
+    let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    if head.starts_with(b"PK\x03\x04") && has(tail, b"PK\x05\x06") {
+        // TorchScript: `code/`, `constants.pkl`; torch.save: `data.pkl`
+        // only; torch.export: `archive_format` and `models/`; Keras 3:
+        // `model.weights.h5`.
+        return if has(tail, b"/code/") || has(tail, b"constants.pkl") {
+            None
+        } else if has(tail, b"archive_format") || has(tail, b"/models/") {
+            Some("a torch.export archive (ExportedProgram, .pt2)")
+        } else if has(tail, b"data.pkl") {
+            Some("a torch.save checkpoint (a state_dict or a pickled nn.Module)")
+        } else if has(tail, b"model.weights.h5") {
+            Some("a Keras model archive (.keras)")
+        } else {
+            None
+        };
+    }
+    // torch.save's legacy format: the pickled magic number 0x1950a86a20f9469cfc6c.
+    if head.starts_with(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19") {
+        return Some("a torch.save checkpoint in the legacy (non-zip) format");
+    }
+    if head.starts_with(b"\x89HDF\r\n\x1a\n") {
+        return Some("an HDF5 file (as Keras saves models and weights)");
+    }
+    // safetensors: a little-endian u64 header length, then the JSON header.
+    if let Some(n) = head.first_chunk::<8>().map(|b| u64::from_le_bytes(*b)) {
+        if head.get(8) == Some(&b'{') && n.checked_add(8).is_some_and(|end| end <= len) {
+            return Some("a safetensors file (tensors only, no model code)");
+        }
+    }
+    // A sidecar (M.json) given for its model (M.pt).
+    if head.trim_ascii_start().starts_with(b"{") {
+        return Some("a JSON file (a model's sidecar is M.json beside M.pt: --model takes M.pt)");
+    }
+    // ONNX: a ModelProto, whose first fields are ir_version (field 1, a
+    // varint) and producer_name (field 2), as exporters write them.
+    if head.first() == Some(&0x08)
+        && head.get(2) == Some(&0x12)
+        && [&b"pytorch"[..], b"onnx", b"tf2onnx", b"keras2onnx"]
+            .iter()
+            .any(|p| has(head, p))
+    {
+        return Some("an ONNX model");
+    }
+    None
 }
 
 #[cfg(test)]

@@ -379,6 +379,10 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
     let bs = dir.join("badsidecar.pt");
     let wc = dir.join("wrongchannels.pt");
     let multi = model_multi();
+    let checkpoint = root()
+        .join("tests/models/not_torchscript_state_dict.pt")
+        .display()
+        .to_string();
     let mut cases: Vec<(&str, Vec<&str>)> = vec![
         (
             "unknown flag",
@@ -420,6 +424,10 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
             usage("saliency", "/nonexistent/m.pt", images, o, &[]),
         ),
         ("not torchscript", usage("saliency", s(&g), images, o, &[])),
+        (
+            "a torch.save checkpoint",
+            usage("saliency", &checkpoint, images, o, &[]),
+        ),
         ("missing sidecar", usage("saliency", s(&ns), images, o, &[])),
         ("invalid sidecar", usage("saliency", s(&bs), images, o, &[])),
         (
@@ -506,6 +514,17 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
     assert!(
         err.contains("/nonexistent/m.pt") && !err.contains("sidecar"),
         "missing model: {err}"
+    );
+    // A torch.save checkpoint is named as one, with the way to export.
+    let (i, _) = cases
+        .iter()
+        .enumerate()
+        .find(|(_, (what, _))| *what == "a torch.save checkpoint")
+        .unwrap();
+    let err = String::from_utf8_lossy(&results[i].stderr);
+    assert!(
+        err.contains("is a torch.save checkpoint") && err.contains("torch.jit.trace"),
+        "checkpoint: {err}"
     );
     // A count flag without an index, and an index without a count.
     let r = tch_vis_env(

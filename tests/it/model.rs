@@ -232,6 +232,86 @@ fn load_errors_are_typed_not_panics() {
     assert_eq!(out[0].size(), vec![2, 10]);
 }
 
+/// The model and weights files users mistake for TorchScript are named for
+/// what they are (from files and from bytes), with the way to export one;
+/// anything else that is not TorchScript, a truncated TorchScript file among
+/// them, stays an [`Error::ModelLoad`].
+#[test]
+fn other_model_formats_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = |name: &str| std::fs::read(repo(&format!("tests/models/{name}"))).unwrap();
+    let mut safetensors = Vec::new();
+    let header = br#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+    safetensors.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    safetensors.extend_from_slice(header);
+    safetensors.extend_from_slice(&[0; 8]);
+    // The start of a file from torch.onnx.export.
+    let mut onnx = b"\x08\x09\x12\x07pytorch\x1a\x062.11.0:\xce\x02\n\x89\x01\n\x05input".to_vec();
+    onnx.extend_from_slice(&[0; 64]);
+    let mut hdf5 = b"\x89HDF\r\n\x1a\n".to_vec();
+    hdf5.extend_from_slice(&[0; 96]);
+    let cases: [(&str, Vec<u8>, &str); 7] = [
+        (
+            "state_dict.pt",
+            fixture("not_torchscript_state_dict.pt"),
+            "a torch.save checkpoint",
+        ),
+        (
+            "legacy.pt",
+            fixture("not_torchscript_legacy.pt"),
+            "legacy (non-zip)",
+        ),
+        (
+            "program.pt2",
+            fixture("not_torchscript_export.pt2"),
+            "a torch.export archive",
+        ),
+        ("w.safetensors", safetensors, "a safetensors file"),
+        ("m.onnx", onnx, "an ONNX model"),
+        ("m.h5", hdf5, "an HDF5 file"),
+        (
+            "m.json",
+            std::fs::read(repo("models/digits_cnn.json")).unwrap(),
+            "a JSON file",
+        ),
+    ];
+    for (name, bytes, what) in &cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        for e in [
+            Model::load(&path, Device::Cpu).map(|_| ()).unwrap_err(),
+            Model::load_from_bytes(bytes, Device::Cpu)
+                .map(|_| ())
+                .unwrap_err(),
+        ] {
+            match &e {
+                Error::NotTorchScript { format, .. } => {
+                    assert!(format.contains(what), "{name}: {e}")
+                }
+                _ => panic!("{name}: {e}"),
+            }
+            let text = e.to_string();
+            assert!(
+                text.contains("torch.jit.script(model)") && !text.contains('\n'),
+                "{text}"
+            );
+        }
+    }
+    // A TorchScript file cut short (its entry list gone) is no other format,
+    // whatever its first entries' names: also when cut after `data.pkl`,
+    // before its first `code/` entry (the names of a torch.save archive).
+    let ts = std::fs::read(repo("models/digits_cnn.pt")).unwrap();
+    let find = |name: &[u8]| ts.windows(name.len()).position(|w| w == name).unwrap();
+    let (pickle, code) = (find(b"/data.pkl"), find(b"/code/"));
+    assert!(pickle < code, "the archive's order changed");
+    for cut in [ts.len() / 4, code - 20, ts.len() - 100] {
+        let e = Model::load_from_bytes(&ts[..cut], Device::Cpu)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(matches!(e, Error::ModelLoad { .. }), "cut at {cut}: {e}");
+    }
+}
+
 /// Corrupt TorchScript files (bits flipped, bytes replaced, the file cut
 /// short; 200 seeded mutations of a bundled model) each load as a model
 /// that runs, or fail with [`Error::ModelLoad`] without C++ frames in the
