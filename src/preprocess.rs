@@ -114,15 +114,22 @@ pub struct Sidecar {
     /// only with `resize`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub antialias: Option<bool>,
-    /// torchvision's `CenterCrop` `[h, w]` after the resize; must equal
-    /// `input_size`. Only with `resize`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// torchvision's `CenterCrop` `[h, w]` after the resize (read from `S`
+    /// and `[S]` too, a square); must equal `input_size`. Only with
+    /// `resize`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crop_size"
+    )]
     pub crop: Option<[usize; 2]>,
 }
 
-/// The `resize` key of a sidecar: torchvision's `Resize(size)`.
+/// The `resize` key of a sidecar: torchvision's `Resize(size)`. Read from
+/// `S` or `[S]` (the shorter side, as torchvision reads `Resize(S)` and
+/// `Resize([S])`) or `[h, w]`; written as `S` or `[h, w]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, try_from = "serde_json::Value")]
 pub enum Resize {
     /// `"resize": S`: the shorter side becomes `S`, the longer one
     /// `floor(S × long / short)` (torchvision's rule, aspect kept).
@@ -161,6 +168,106 @@ impl Resize {
             }
         }
     }
+}
+
+impl TryFrom<serde_json::Value> for Resize {
+    type Error = String;
+
+    fn try_from(v: serde_json::Value) -> std::result::Result<Self, String> {
+        match sizes(&v).as_deref() {
+            Some(&[s]) => Ok(Resize::ShorterSide(s)),
+            Some(&[h, w]) => Ok(Resize::Exact([h, w])),
+            _ => Err(format!(
+                "resize is S or [S] (the shorter side, aspect kept) or [h, w] (an exact size), positive integers; got {v}"
+            )),
+        }
+    }
+}
+
+/// `S` as `[S]`, or a list of one or two positive integers; `None` for
+/// anything else.
+fn sizes(v: &serde_json::Value) -> Option<Vec<usize>> {
+    let one = |v: &serde_json::Value| v.as_u64().filter(|&n| n > 0).map(|n| n as usize);
+    match v {
+        serde_json::Value::Array(items) if (1..=2).contains(&items.len()) => {
+            items.iter().map(one).collect()
+        }
+        v => one(v).map(|n| vec![n]),
+    }
+}
+
+/// The `crop` key: `S`, `[S]` (a square, as torchvision's `CenterCrop`
+/// reads them) or `[h, w]`.
+fn crop_size<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<[usize; 2]>, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    match sizes(&v).as_deref() {
+        Some(&[s]) => Ok(Some([s, s])),
+        Some(&[h, w]) => Ok(Some([h, w])),
+        _ => Err(serde::de::Error::custom(format!(
+            "crop is S or [S] (a square) or [h, w], positive integers; got {v}"
+        ))),
+    }
+}
+
+/// The keys tch-vis reads from a sidecar; see [`Sidecar::from_json`] for the
+/// others.
+const SIDECAR_KEYS: [&str; 9] = [
+    "input_size",
+    "channels",
+    "mean",
+    "std",
+    "labels",
+    "resize",
+    "interpolation",
+    "antialias",
+    "crop",
+];
+
+/// A top-level key of a sidecar's JSON that is not one tch-vis reads but
+/// is a near miss of one — one edit (letter added, dropped or changed,
+/// upper or lower case aside) from a key of up to six letters, two from a
+/// longer one: `"label"`, `"means"`, `"interpolaton"`, `"Input_Size"` — as
+/// the reason for refusing it: such a key would otherwise be ignored, and
+/// the model fed other inputs than the sidecar's author meant. Other keys
+/// (a model's name, its source, notes; `"size"`, `"layers"`) are left
+/// alone.
+fn misspelt_key(text: &str) -> Option<String> {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_str(text) else {
+        return None;
+    };
+    map.keys().find_map(|key| {
+        if SIDECAR_KEYS.contains(&key.as_str()) {
+            return None;
+        }
+        let key_lower = key.to_ascii_lowercase();
+        let near = SIDECAR_KEYS
+            .iter()
+            .find(|known| edits(&key_lower, known) <= if known.len() <= 6 { 1 } else { 2 })?;
+        Some(format!(
+            "unknown key \"{key}\" (did you mean \"{near}\"? the keys are {})",
+            SIDECAR_KEYS.join(", ")
+        ))
+    })
+}
+
+/// The Levenshtein distance between two short strings (by `char`).
+fn edits(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (diagonal + usize::from(ca != cb))
+                .min(above + 1)
+                .min(row[j] + 1);
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 /// The resize filter of the `interpolation` key.
@@ -238,6 +345,12 @@ impl Sidecar {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
+        if let Some(reason) = misspelt_key(text) {
+            return Err(Error::Sidecar {
+                path: path.to_path_buf(),
+                reason,
+            });
+        }
         sidecar.validate().map_err(|reason| Error::Sidecar {
             path: path.to_path_buf(),
             reason,
@@ -1955,6 +2068,75 @@ mod tests {
             antialias: None,
             crop: None,
         }
+    }
+
+    /// `resize` and `crop` are read in each of torchvision's spellings, a
+    /// wrong one is named with the spellings; a near miss of a key is
+    /// refused with the key it misses, other extra keys are left alone.
+    #[test]
+    fn sidecar_sizes_in_torchvision_spellings_and_near_miss_keys() {
+        let with = |extra: &str| {
+            Sidecar::from_json(
+                &format!(
+                    r#"{{"input_size": [224, 224], "channels": 1, "mean": [0], "std": [1]{extra}}}"#
+                ),
+                "m.json",
+            )
+        };
+        for (extra, resize, crop) in [
+            (
+                r#", "resize": 256, "crop": 224"#,
+                Resize::ShorterSide(256),
+                [224, 224],
+            ),
+            (
+                r#", "resize": [256], "crop": [224]"#,
+                Resize::ShorterSide(256),
+                [224, 224],
+            ),
+            (
+                r#", "resize": [256, 300], "crop": [224, 224]"#,
+                Resize::Exact([256, 300]),
+                [224, 224],
+            ),
+        ] {
+            let s = with(extra).unwrap();
+            assert_eq!((s.resize, s.crop), (Some(resize), Some(crop)), "{extra}");
+            // Written in the first spellings, read back the same.
+            let again = Sidecar::from_json(&serde_json::to_string(&s).unwrap(), "m.json").unwrap();
+            assert_eq!(again, s, "{extra}");
+        }
+        for (extra, says) in [
+            (r#", "resize": "256", "crop": 224"#, "resize is S or [S]"),
+            (
+                r#", "resize": [256, 256, 3], "crop": 224"#,
+                "resize is S or [S]",
+            ),
+            (r#", "resize": [0], "crop": 224"#, "resize is S or [S]"),
+            (r#", "resize": 256, "crop": [224, 0]"#, "crop is S or [S]"),
+            (r#", "resize": 256, "crop": 224.5"#, "crop is S or [S]"),
+            (
+                r#", "label": ["a"]"#,
+                r#"unknown key "label" (did you mean "labels"?"#,
+            ),
+            (r#", "means": [0]"#, r#"did you mean "mean"?"#),
+            (r#", "STD": [1]"#, r#"did you mean "std"?"#),
+            (
+                r#", "resize": 256, "crop": 224, "interpolaton": "bicubic""#,
+                r#"did you mean "interpolation"?"#,
+            ),
+            (r#", "Input_Sise": [1, 1]"#, r#"did you mean "input_size"?"#),
+        ] {
+            match with(extra) {
+                Err(Error::Sidecar { reason, .. }) => {
+                    assert!(reason.contains(says), "{extra}: {reason}")
+                }
+                other => panic!("{extra}: {other:?}"),
+            }
+        }
+        let kept =
+            with(r#", "name": "m", "id": 3, "size": 224, "layers": 18, "source": "torchvision""#);
+        assert_eq!(kept.unwrap().resize, None);
     }
 
     #[test]
