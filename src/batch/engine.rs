@@ -532,6 +532,19 @@ impl<'a> Engine<'a> {
                 result = run_probe()?.0;
             }
         }
+        if !device.is_cuda() {
+            // The batch the decode threads write into (the probe above had
+            // one row): refused here, before the first image, when this
+            // machine cannot give it, rather than by the first batch.
+            let n = self.batch_size as i64;
+            let _batch = Tensor::f_empty([n, c, h, w], (Kind::Float, device)).map_err(|e| Error::Probe {
+                what: format!(
+                    "a batch of {n} inputs of {c} × {h} × {w} float32 values ({:.1} GB) cannot be allocated: use a smaller batch size",
+                    (n * c * h * w * 4) as f64 / 1e9
+                ),
+                source: Box::new(e.into()),
+            })?;
+        }
         let threads = compute_threads(device, (c * h * w) as usize);
         let _ = self.compute_threads.set(threads);
         Ok(Layout {

@@ -383,6 +383,19 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
         .join("tests/models/not_torchscript_state_dict.pt")
         .display()
         .to_string();
+    // A model that takes any size, with a sidecar whose batches of 65,536
+    // (3.3 TB) no machine allocates.
+    fs::copy(
+        root().join("tests/models/avgpool_rgb.pt"),
+        dir.join("huge.pt"),
+    )
+    .unwrap();
+    fs::write(
+        dir.join("huge.json"),
+        r#"{"input_size": [2048, 2048], "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}"#,
+    )
+    .unwrap();
+    let huge = dir.join("huge.pt");
     let mut cases: Vec<(&str, Vec<&str>)> = vec![
         (
             "unknown flag",
@@ -427,6 +440,10 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
         (
             "a torch.save checkpoint",
             usage("saliency", &checkpoint, images, o, &[]),
+        ),
+        (
+            "a batch larger than memory",
+            usage("saliency", s(&huge), images, o, &["--batch-size", "65536"]),
         ),
         ("missing sidecar", usage("saliency", s(&ns), images, o, &[])),
         ("invalid sidecar", usage("saliency", s(&bs), images, o, &[])),

@@ -408,6 +408,37 @@ fn engine_runs_methods_built_from_score_objects() {
     );
 }
 
+/// On a CPU, a batch larger than the machine can allocate is refused by
+/// `prepare`, before the first image, with its size in the message (here
+/// 65,536 inputs of 3 × 2048 × 2048, 3.3 TB, through a model that takes any
+/// size); the same engine with a batch that fits prepares.
+#[test]
+fn a_batch_the_machine_cannot_allocate_is_refused_before_the_first_image() {
+    let model = Model::load(repo("tests/models/avgpool_rgb.pt"), Device::Cpu).unwrap();
+    let sidecar = Sidecar::from_json(
+        r#"{"input_size": [2048, 2048], "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}"#,
+        "big.json",
+    )
+    .unwrap();
+    let method = SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap();
+    let err = Engine::new(&model, sidecar.clone(), &method)
+        .batch_size(65536)
+        .prepare()
+        .unwrap_err();
+    match &err {
+        tch_vis::Error::Probe { what, .. } => assert!(
+            what.contains("a batch of 65536 inputs of 3 × 2048 × 2048")
+                && what.contains("3298.5 GB"),
+            "{err}"
+        ),
+        _ => panic!("{err:?}"),
+    }
+    Engine::new(&model, sidecar, &method)
+        .batch_size(2)
+        .prepare()
+        .unwrap();
+}
+
 /// Channels-last batches (the CPU default for colour inputs over 64 × 64)
 /// give the results of contiguous ones to float rounding: the same
 /// classes, scores within 1e-5 and maps within 1e-5, for saliency,
