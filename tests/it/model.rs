@@ -5,7 +5,7 @@ use tch::{CModule, Device, Kind, Tensor};
 use tch_vis::scores::{BinaryScore, CategoricalScore, InactiveScore, RegressionScore, Score};
 use tch_vis::{Error, Model};
 
-use crate::util::{assert_close, devices, repo};
+use crate::util::{assert_close, devices, repo, Mutator};
 
 /// Traces `f` over `inputs` into a TorchScript file and loads it as a Model.
 fn traced<F>(inputs: &[Tensor], mut f: F, device: Device) -> (Model, tempfile::TempDir)
@@ -319,27 +319,11 @@ fn other_model_formats_are_named() {
 #[test]
 fn corrupt_model_files_are_load_errors() {
     let seed = std::fs::read(repo("models/digits_cnn.pt")).unwrap();
-    let mut state = 0x2545_f491_4f6c_dd1d_u64;
-    let mut rnd = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut mutator = Mutator::new(0x2545_f491_4f6c_dd1d, [0x00, 0xFF, b'0', b'9']);
     let x = Tensor::zeros([2, 1, 32, 32], (Kind::Float, Device::Cpu));
     let (mut loaded, mut refused) = (0, 0);
     for k in 0..200 {
-        let mut bytes = seed.clone();
-        let how = rnd() % 4;
-        for _ in 0..1 + rnd() % 8 {
-            let i = (rnd() % bytes.len() as u64) as usize;
-            match how {
-                0 => bytes[i] ^= 1 << (rnd() % 8),
-                1 => bytes[i] = rnd() as u8,
-                2 => bytes[i] = [0x00, 0xFF, b'0', b'9'][(rnd() % 4) as usize],
-                _ => bytes.truncate(i.max(1)),
-            }
-        }
+        let (bytes, how) = mutator.mutate(&seed);
         match Model::load_from_bytes(&bytes, Device::Cpu) {
             Ok(m) => {
                 loaded += 1;

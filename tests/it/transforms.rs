@@ -11,7 +11,7 @@ use serde::Deserialize;
 use tch::{Kind, Tensor};
 use tch_vis::preprocess::{Preprocessor, Sidecar};
 
-use crate::util::{golden_manifest, npy, repo};
+use crate::util::{golden_manifest, npy, repo, Mutator};
 
 #[derive(Deserialize)]
 struct Manifest {
@@ -247,4 +247,91 @@ fn jpeg_draft_decodes_large_jpegs_smaller_and_close() {
             .unwrap();
         assert!(a.input.equal(&b.input), "{name}");
     }
+}
+
+/// Corrupt files of every format tch-vis decodes (bits flipped, bytes
+/// replaced, among them JPEG's 0xFF marker byte, the file cut short) are
+/// each a whole input of the sidecar's shape or an [`Error::Image`], never
+/// a panic or another error: 300 seeded mutations of each of nine encoded
+/// images, through plain, torchvision-recipe and JPEG-draft preprocessors.
+#[test]
+fn corrupt_images_of_every_format_are_image_errors() {
+    use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, Rgb, RgbImage};
+    use std::io::Cursor;
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    use tch_vis::Error;
+    let photo = RgbImage::from_fn(53, 37, |x, y| {
+        let v = x * 31 + y * 17 + (x * y) % 23;
+        Rgb([
+            (v % 256) as u8,
+            ((v * 3) % 256) as u8,
+            ((x ^ y) * 9 % 256) as u8,
+        ])
+    });
+    let deep = ImageBuffer::from_fn(40, 30, |x, y| Luma([((x * 2000 + y * 13) % 65536) as u16]));
+    let encode = |img: DynamicImage, format: ImageFormat| {
+        let mut bytes = Vec::new();
+        img.write_to(&mut Cursor::new(&mut bytes), format).unwrap();
+        bytes
+    };
+    let rgb = DynamicImage::ImageRgb8(photo);
+    let seeds = [
+        ("png", encode(rgb.clone(), ImageFormat::Png)),
+        (
+            "rgba png",
+            encode(DynamicImage::ImageRgba8(rgb.to_rgba8()), ImageFormat::Png),
+        ),
+        (
+            "16-bit png",
+            encode(DynamicImage::ImageLuma16(deep), ImageFormat::Png),
+        ),
+        ("jpeg", encode(rgb.clone(), ImageFormat::Jpeg)),
+        (
+            "gray jpeg",
+            encode(DynamicImage::ImageLuma8(rgb.to_luma8()), ImageFormat::Jpeg),
+        ),
+        ("bmp", encode(rgb.clone(), ImageFormat::Bmp)),
+        ("gif", encode(rgb.clone(), ImageFormat::Gif)),
+        ("tiff", encode(rgb.clone(), ImageFormat::Tiff)),
+        ("webp", encode(rgb, ImageFormat::WebP)),
+    ];
+    let recipe = |json: &str| Sidecar::from_json(json, "m.json").unwrap();
+    let pres = [
+        Preprocessor::new(recipe(
+            r#"{"input_size": [32, 32], "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}"#,
+        )),
+        Preprocessor::new(recipe(
+            r#"{"input_size": [32, 32], "channels": 3, "mean": [0.5, 0.5, 0.5],
+                "std": [0.25, 0.25, 0.25], "resize": 36, "interpolation": "bicubic",
+                "antialias": true, "crop": [32, 32]}"#,
+        )),
+        Preprocessor::new(recipe(
+            r#"{"input_size": [8, 8], "channels": 1, "mean": [0.5], "std": [0.25]}"#,
+        ))
+        .jpeg_draft(true)
+        .keep_original(true),
+    ];
+    let mut mutator = Mutator::new(0x9e37_79b9_7f4a_7c15, [0x00, 0xFF, 0x7F, 0x80]);
+    let mut outcomes = [0usize; 2];
+    for (name, seed) in &seeds {
+        assert!(pres[0].prepare_bytes(seed, "seed").is_ok(), "{name}");
+        for k in 0..300 {
+            let (bytes, how) = mutator.mutate(seed);
+            let pre = &pres[k % pres.len()];
+            let [h, w] = pre.sidecar().input_size;
+            let c = pre.sidecar().channels as i64;
+            match catch_unwind(AssertUnwindSafe(|| pre.prepare_bytes(&bytes, "x"))) {
+                Ok(Ok(p)) => {
+                    assert_eq!(p.input.size(), [c, h as i64, w as i64], "{name} #{k}");
+                    outcomes[0] += 1;
+                }
+                Ok(Err(Error::Image { .. })) => outcomes[1] += 1,
+                Ok(Err(e)) => panic!("{name} #{k} (mutation {how}): not an image error: {e}"),
+                Err(_) => panic!("{name} #{k} (mutation {how}): the decoder panicked"),
+            }
+        }
+    }
+    // Both outcomes occur: the mutations reach the decoders' checks and
+    // leave some images decodable.
+    assert!(outcomes.iter().all(|&n| n > 100), "{outcomes:?}");
 }

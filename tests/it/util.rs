@@ -161,3 +161,44 @@ pub fn max_pool_tie(
          not a max-pool tie"
     );
 }
+
+/// Seeded corruptions of a file's bytes, the same on every run: each
+/// [`Mutator::mutate`] picks one kind (a bit flipped, a byte replaced by a
+/// random value or by one of `marks`, the file cut short) and applies it
+/// one to eight times.
+pub struct Mutator {
+    state: u64,
+    marks: [u8; 4],
+}
+
+impl Mutator {
+    /// A xorshift generator from `seed` (not 0); `marks` are the bytes
+    /// that mean something in the format (JPEG's 0xFF, a digit).
+    pub fn new(seed: u64, marks: [u8; 4]) -> Self {
+        Mutator { state: seed, marks }
+    }
+
+    fn next(&mut self) -> u64 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.state
+    }
+
+    /// A corrupted copy of `bytes` (not empty) and the kind of corruption
+    /// (0 flips, 1 random bytes, 2 marks, 3 cut), for messages.
+    pub fn mutate(&mut self, bytes: &[u8]) -> (Vec<u8>, u64) {
+        let mut out = bytes.to_vec();
+        let how = self.next() % 4;
+        for _ in 0..1 + self.next() % 8 {
+            let i = (self.next() % out.len() as u64) as usize;
+            match how {
+                0 => out[i] ^= 1 << (self.next() % 8),
+                1 => out[i] = self.next() as u8,
+                2 => out[i] = self.marks[(self.next() % 4) as usize],
+                _ => out.truncate(i.max(1)),
+            }
+        }
+        (out, how)
+    }
+}
