@@ -25,6 +25,11 @@ not_torchscript_*  model files of the kinds users mistake for TorchScript,
     non-zip format (not_torchscript_legacy.pt), and a torch.export archive
     (not_torchscript_export.pt2).
 
+fixed_batch_1.pt (+ .json)  a small convolutional classifier traced with
+    torch.jit.trace on one image, whose forward reshapes to (1, -1): the
+    trace runs on a batch of one only, as models traced with a fixed batch
+    size do.
+
     python scripts/make_test_models.py        (needs torch)
 """
 import json
@@ -124,3 +129,21 @@ torch.save(conv.state_dict(), os.path.join(out, "not_torchscript_state_dict.pt")
 torch.save(conv.state_dict(), os.path.join(out, "not_torchscript_legacy.pt"), _use_new_zipfile_serialization=False)
 torch.export.save(torch.export.export(conv, (torch.zeros(1, 1, 8, 8),)), os.path.join(out, "not_torchscript_export.pt2"))
 print("wrote tests/models/not_torchscript_*")
+
+
+class FixedBatch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.fc = torch.nn.Linear(4 * 14 * 14, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).reshape(1, -1))
+
+
+torch.manual_seed(5)
+torch.jit.trace(FixedBatch().eval(), torch.zeros(1, 1, 16, 16)).save(os.path.join(out, "fixed_batch_1.pt"))
+with open(os.path.join(out, "fixed_batch_1.json"), "w") as f:
+    json.dump({"input_size": [16, 16], "channels": 1, "mean": [0.5], "std": [0.25]}, f)
+    f.write("\n")
+print("wrote tests/models/fixed_batch_1.pt and .json")

@@ -732,6 +732,8 @@ impl<'a> Engine<'a> {
             };
             let mut in_flight: Option<Queued> = None;
             let mut waiting = Instant::now();
+            // No batch computed yet (see `first_batch_hint`).
+            let mut first = true;
             for batch in rx_batch.iter() {
                 Clock::add(&clock.wait_decode, waiting);
                 if abort.load(Ordering::Relaxed) {
@@ -779,9 +781,11 @@ impl<'a> Engine<'a> {
                     continue;
                 };
                 let t = Instant::now();
-                let started = x
-                    .and_then(Upload::into_input)
-                    .and_then(|x| self.start_batch(ok, &x));
+                let started = x.and_then(Upload::into_input).and_then(|x| {
+                    self.start_batch(ok, &x)
+                        .map_err(|e| self.first_batch_hint(e, first))
+                });
+                first = false;
                 let mut method = t.elapsed();
                 // The part of `method` waiting for the device.
                 let mut device_wait = Duration::ZERO;
@@ -879,6 +883,25 @@ impl<'a> Engine<'a> {
                 what: "the collector thread panicked".into(),
             })
         })
+    }
+
+    /// The error of the run's `first` computed batch, with a hint where the
+    /// model ran on the probe's one input but fails on a whole batch (on a
+    /// CPU; on CUDA the probe is a whole batch): most often a model traced
+    /// at a fixed batch size.
+    fn first_batch_hint(&self, e: Error, first: bool) -> Error {
+        if !first || self.batch_size == 1 || self.model.device().is_cuda() {
+            return e;
+        }
+        Error::Context {
+            context: format!(
+                "the model ran on a batch of 1 before the run but fails on its first batch of {}: \
+                 a model traced (torch.jit.trace) at a fixed batch size runs only at that size, \
+                 so use a batch size of 1, or export the model with torch.jit.script",
+                self.batch_size
+            ),
+            source: Box::new(e),
+        }
     }
 
     /// Computes a batch, and starts copying its results to the host:

@@ -573,6 +573,49 @@ fn usage<'a>(
 /// Bad input never stops the run: each bad file is in report.json `failed`
 /// with a reason, good ones (16-bit, gray, RGBA, palette, RGB, non-square)
 /// get every output, and --strict turns failures into exit 1.
+/// A model traced at a fixed batch size of one runs the probe (one input)
+/// and fails on the run's first batch: exit 1 with one line that says what
+/// is likely wrong and what to do; with `--batch-size 1` the run works.
+#[test]
+fn a_model_traced_at_batch_one_is_named_at_its_first_batch() {
+    let t = Tree::new();
+    for i in 0..3 {
+        t.file(&format!("d{i}.png"), &png_gray(16, 16, i));
+    }
+    let model = root()
+        .join("tests/models/fixed_batch_1.pt")
+        .display()
+        .to_string();
+    let images = t.images();
+    let out = t.out("out");
+    let r = tch_vis(&usage(
+        "saliency",
+        &model,
+        s(&images),
+        s(&out),
+        &["--batch-size", "4"],
+    ));
+    assert_code(&r, 1, "fixed batch, batch 4");
+    assert_one_error_line(&r, "fixed batch, batch 4");
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("fails on its first batch of 4")
+            && err.contains("traced (torch.jit.trace) at a fixed batch size")
+            && err.contains("shapes cannot be multiplied"),
+        "{err}"
+    );
+    let out1 = t.out("out1");
+    let r = tch_vis(&usage(
+        "saliency",
+        &model,
+        s(&images),
+        s(&out1),
+        &["--batch-size", "1"],
+    ));
+    assert_code(&r, 0, "fixed batch, batch 1");
+    assert!(out1.join("d2.png.saliency.npy").is_file());
+}
+
 #[test]
 fn bad_input_corpus_is_recorded_and_the_run_goes_on() {
     let t = Tree::new();
