@@ -739,11 +739,14 @@ impl<'a> Engine<'a> {
                 if abort.load(Ordering::Relaxed) {
                     break;
                 }
+                // `staging` before `x` in the pattern: bindings drop in
+                // reverse order, so on an unwind the upload (which waits
+                // for its copy) goes before its buffer.
                 let Decoded {
                     ok,
                     failed,
-                    x,
                     staging,
+                    x,
                 } = batch;
                 // Cancelled: nothing more is computed, the batch in flight
                 // is still handed out below. The sink failed: nothing more

@@ -82,7 +82,21 @@ pub struct FolderSink {
     done: HashSet<String>,
     journal: Mutex<Option<Journal>>,
     original: Option<Preprocessor>,
+    overwrite: bool,
+    /// What the folder's results depend on, as [`FolderSink::begin`] records
+    /// it ([`FolderSink::settings`]).
+    settings: Option<serde_json::Map<String, serde_json::Value>>,
 }
+
+/// The file, under [`JOURNAL_DIR`], recording what an output folder's
+/// results depend on ([`FolderSink::settings`]) while runs are active or
+/// after one was killed; once the last worker has finished, `report.json`
+/// holds it under [`SETTINGS_KEY`].
+pub const SETTINGS_FILE: &str = "settings.json";
+
+/// The key of `report.json` that records what the folder's results depend
+/// on ([`FolderSink::settings`]).
+pub const SETTINGS_KEY: &str = "results_settings";
 
 fn now_id() -> String {
     let nanos = SystemTime::now()
@@ -142,6 +156,8 @@ impl FolderSink {
             done: HashSet::new(),
             journal: Mutex::new(None),
             original: None,
+            overwrite,
+            settings: None,
         };
         if !overwrite {
             let merged = sink.read_state()?.0;
@@ -168,7 +184,102 @@ impl FolderSink {
                 }
             }
         }
+        if let Some(settings) = &self.settings {
+            let text = serde_json::to_vec_pretty(settings).map_err(|e| Error::Internal {
+                what: format!("cannot write the settings: {e}"),
+            })?;
+            io::write_atomic(&self.out.join(JOURNAL_DIR).join(SETTINGS_FILE), &text)?;
+        }
         io::write_atomic(&active.join(&self.id), b"")
+    }
+
+    /// What this run's results depend on, as a JSON object: for example
+    /// its model, sidecar and scores, and under the command's name the
+    /// settings of its maps. A folder whose earlier results were made with
+    /// another value of one of these keys is refused (unless the sink was
+    /// opened with `overwrite`): a rerun would keep those results as done,
+    /// beside new ones of other settings. Keys on one side only do not
+    /// conflict (a `scores` run, then a `saliency` run of the same model
+    /// and scores); [`FolderSink::begin`] records the union. A folder of
+    /// runs that recorded nothing is taken as it is.
+    ///
+    /// # Errors
+    /// [`Error::OutputMismatch`] naming the first key whose values differ;
+    /// [`Error::Io`] when the folder's record cannot be read.
+    pub fn settings(mut self, settings: serde_json::Value) -> Result<Self> {
+        let serde_json::Value::Object(new) = settings else {
+            return Err(Error::Internal {
+                what: "the settings of a folder sink must be a JSON object".into(),
+            });
+        };
+        let path = self.out.join(JOURNAL_DIR).join(SETTINGS_FILE);
+        let old = if self.overwrite {
+            serde_json::Map::new()
+        } else {
+            match fs::read(&path) {
+                Ok(bytes) => match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                    Ok(serde_json::Value::Object(old)) => old,
+                    _ => {
+                        return Err(Error::OutputMismatch {
+                            path,
+                            reason: "is not a JSON object; use --overwrite to recompute the folder"
+                                .into(),
+                        })
+                    }
+                },
+                // A finished folder keeps them in its report.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    fs::read(self.out.join("report.json"))
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                        .and_then(|mut r| {
+                            match r.get_mut(SETTINGS_KEY).map(serde_json::Value::take) {
+                                Some(serde_json::Value::Object(old)) => Some(old),
+                                _ => None,
+                            }
+                        })
+                        .unwrap_or_default()
+                }
+                Err(e) => return Err(Error::io(&path, e)),
+            }
+        };
+        // The first differing key, down into objects on both sides
+        // (`saliency.smooth_samples`).
+        fn differs(
+            old: &serde_json::Map<String, serde_json::Value>,
+            new: &serde_json::Map<String, serde_json::Value>,
+        ) -> Option<(String, serde_json::Value, serde_json::Value)> {
+            new.iter().find_map(|(k, v)| match (old.get(k)?, v) {
+                (serde_json::Value::Object(o), serde_json::Value::Object(n)) if o != n => {
+                    match differs(o, n) {
+                        Some((sub, a, b)) => Some((format!("{k}.{sub}"), a, b)),
+                        None => Some((k.clone(), o.clone().into(), n.clone().into())),
+                    }
+                }
+                (o, v) => (o != v).then(|| (k.clone(), o.clone(), v.clone())),
+            })
+        }
+        if let Some((key, was, now)) = differs(&old, &new) {
+            let short = |v: &serde_json::Value| {
+                let text = v.to_string();
+                match text.char_indices().nth(120) {
+                    Some((cut, _)) => format!("{}…", &text[..cut]),
+                    None => text,
+                }
+            };
+            return Err(Error::OutputMismatch {
+                path: self.out.clone(),
+                reason: format!(
+                    "holds results made with {key} {}, and this run has {key} {}: use another output folder, or --overwrite to recompute them",
+                    short(&was),
+                    short(&now)
+                ),
+            });
+        }
+        let mut merged = old;
+        merged.extend(new);
+        self.settings = Some(merged);
+        Ok(self)
     }
 
     /// Draws heatmaps over the original image, at its own resolution,
@@ -420,6 +531,9 @@ impl FolderSink {
             }
         };
         report.insert("worker".into(), self.id.clone().into());
+        if let Some(settings) = &self.settings {
+            report.insert(SETTINGS_KEY.into(), settings.clone().into());
+        }
         let dir = self.out.join(JOURNAL_DIR);
         let own = serde_json::to_vec_pretty(&report).map_err(|e| Error::Internal {
             what: e.to_string(),
@@ -535,6 +649,10 @@ impl FolderSink {
                     let _ = fs::remove_file(e.path());
                 }
             }
+        }
+        // `report.json` holds the settings now (see `finish`).
+        if self.settings.is_some() {
+            let _ = fs::remove_file(dir.join(SETTINGS_FILE));
         }
         for sub in ["rows", "reports", "active"] {
             let _ = fs::remove_dir(dir.join(sub));

@@ -573,6 +573,88 @@ fn usage<'a>(
 /// Bad input never stops the run: each bad file is in report.json `failed`
 /// with a reason, good ones (16-bit, gray, RGBA, palette, RGB, non-square)
 /// get every output, and --strict turns failures into exit 1.
+/// A folder's results record what they were made with: a rerun with another
+/// score, model (by content, not path), or SmoothGrad setting is refused
+/// before anything is written (exit 2, the differing setting named), where
+/// it used to keep the old results as done beside new ones; the same
+/// settings, the same model moved, a vanilla rerun with another seed, and
+/// another command of the same model and scores are reruns; `--overwrite`
+/// starts over.
+#[test]
+fn a_rerun_with_other_settings_is_refused() {
+    let t = Tree::good(6);
+    let cnn = model("digits_cnn");
+    let out = t.out("out");
+    let base = |extra: &[&str]| saliency_args(&cnn, &t.images(), &out, extra);
+    let first = run_ok(&base(&[]), "first");
+    assert_eq!(first["processed"].as_u64(), Some(6));
+    assert_eq!(first["results_settings"]["score"][0], "predicted");
+    assert!(!out.join(".tch-vis").exists());
+    let refused = |args: Vec<String>, says: &str| {
+        let before = snapshot(&out);
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = tch_vis(&a);
+        assert_code(&o, 2, says);
+        assert_one_error_line(&o, says);
+        let err = stderr(&o);
+        assert!(err.contains(says) && err.contains("--overwrite"), "{err}");
+        assert_eq!(snapshot(&out), before, "{says}: the folder changed");
+    };
+    refused(
+        base(&["--score", "categorical:3"]),
+        r#"score ["predicted"], and this run has score ["categorical:3"]"#,
+    );
+    refused(
+        base(&["--smooth-samples", "2"]),
+        "saliency.smooth_samples 0, and this run has saliency.smooth_samples 2",
+    );
+    let other = t.out("other.pt");
+    fs::copy(root().join("models/digits_binary.pt"), &other).unwrap();
+    fs::copy(root().join("models/digits_cnn.json"), t.out("other.json")).unwrap();
+    refused(
+        saliency_args(s(&other), &t.images(), &out, &["--score", "predicted"]),
+        "holds results made with model",
+    );
+    // Reruns: nothing to do.
+    let moved = t.out("moved.pt");
+    fs::copy(root().join("models/digits_cnn.pt"), &moved).unwrap();
+    fs::copy(root().join("models/digits_cnn.json"), t.out("moved.json")).unwrap();
+    for (what, args) in [
+        ("same", base(&[])),
+        (
+            "moved model",
+            saliency_args(s(&moved), &t.images(), &out, &[]),
+        ),
+        ("another seed, no noise", base(&["--seed", "7"])),
+    ] {
+        assert_eq!(run_ok(&args, what)["skipped"].as_u64(), Some(6), "{what}");
+    }
+    let scores: Vec<String> = [
+        "scores",
+        "--model",
+        &cnn,
+        "--images",
+        s(&t.images()),
+        "--out",
+        s(&out),
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    assert_eq!(run_ok(&scores, "scores")["skipped"].as_u64(), Some(6));
+    // Starting over with other settings, which the folder then records.
+    let over = run_ok(
+        &base(&["--score", "categorical:3", "--overwrite"]),
+        "overwrite",
+    );
+    assert_eq!(over["processed"].as_u64(), Some(6));
+    assert_eq!(over["results_settings"]["score"][0], "categorical:3");
+    refused(
+        base(&[]),
+        r#"score ["categorical:3"], and this run has score ["predicted"]"#,
+    );
+}
+
 /// A model traced at a fixed batch size of one runs the probe (one input)
 /// and fails on the run's first batch: exit 1 with one line that says what
 /// is likely wrong and what to do; with `--batch-size 1` the run works.
@@ -916,7 +998,7 @@ fn sigterm_ends_the_run_with_scores_and_report_then_a_rerun_does_the_rest() {
             .filter(|(k, _)| k.ends_with(".saliency.npy"))
             .collect::<Vec<_>>()
     };
-    let child = spawn(&args("1500"));
+    let child = spawn(&args("300"));
     let start = Instant::now();
     while (!out.exists() || maps().is_empty()) && start.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(20));
@@ -956,9 +1038,9 @@ fn sigterm_ends_the_run_with_scores_and_report_then_a_rerun_does_the_rest() {
         let png = k.replace(".saliency.npy", ".saliency.png");
         assert!(pages.contains(&png), "{png} not in the gallery");
     }
-    // The rest (quickly, without SmoothGrad: only which images are done
-    // counts here).
-    let rest = run_ok(&args("0"), "rerun");
+    // The rest, with the same settings (other ones would be refused: the
+    // folder holds results of these).
+    let rest = run_ok(&args("300"), "rerun");
     assert_eq!(rest["skipped"].as_u64(), Some(done.len() as u64));
     assert_eq!(rest["processed"].as_u64(), Some(40 - done.len() as u64));
     assert_eq!(csv_paths(&out).len(), 40);

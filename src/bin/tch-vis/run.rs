@@ -175,6 +175,94 @@ impl Images {
     }
 }
 
+/// What a folder run's results depend on, for [`FolderSink::settings`]: the
+/// model's contents (not its path: a moved model is the same model), the
+/// sidecar, the score specs, the precision and the JPEG decoding, shared by
+/// every command's rows in `scores.csv`; and under the command's name what
+/// changes its maps (`method`'s settings for the report, without the
+/// batching and file options that do not change a value, and the overlay).
+fn results_settings(
+    job: &Job,
+    sidecar: &Sidecar,
+    method: &serde_json::Value,
+) -> tch_vis::Result<serde_json::Value> {
+    let mut settings = serde_json::json!({
+        "model": model_fingerprint(&job.model)?,
+        "sidecar": sidecar,
+        "score": spec_names(&job.specs),
+        "precision": job.precision.to_string(),
+        "jpeg_draft": job.jpeg_draft,
+    });
+    if !matches!(job.mode, Mode::Scores) {
+        let mut maps = method.as_object().cloned().unwrap_or_default();
+        for knob in ["save_npy", "cam_batch", "internal_batch_size"] {
+            maps.remove(knob);
+        }
+        // Vanilla saliency draws no noise.
+        if maps
+            .get("smooth_samples")
+            .and_then(serde_json::Value::as_u64)
+            == Some(0)
+        {
+            maps.remove("smooth_noise");
+            maps.remove("seed");
+        }
+        maps.insert(
+            "overlay".into(),
+            (if job.overlay_original {
+                "original"
+            } else {
+                "input"
+            })
+            .into(),
+        );
+        settings[job.mode.name()] = maps.into();
+    }
+    Ok(settings)
+}
+
+/// The score specs as given, `predicted` when none were.
+fn spec_names(specs: &[ScoreSpec]) -> Vec<String> {
+    if specs.is_empty() {
+        vec!["predicted".to_string()]
+    } else {
+        specs.iter().map(ToString::to_string).collect()
+    }
+}
+
+/// A fingerprint of a model file's bytes: their length and a 64-bit hash
+/// (FNV-1a's constants over 8-byte words), the same on every platform and
+/// release.
+fn model_fingerprint(path: &std::path::Path) -> tch_vis::Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut hash, mut len) = (0xcbf2_9ce4_8422_2325_u64, 0u64);
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        // Words of 8 bytes (the last one zero-padded); reads return whole
+        // words but at the file's end, so the words do not depend on how
+        // the file is read.
+        let mut filled = n;
+        while filled % 8 != 0 {
+            match f.read(&mut buf[filled..]).map_err(|e| Error::io(path, e))? {
+                0 => break,
+                more => filled += more,
+            }
+        }
+        len += filled as u64;
+        for word in buf[..filled].chunks(8) {
+            let mut w = [0u8; 8];
+            w[..word.len()].copy_from_slice(word);
+            hash = (hash ^ u64::from_le_bytes(w)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    Ok(format!("{len} bytes, fnv1a-64 {hash:016x}"))
+}
+
 /// A validated command line.
 #[derive(Debug)]
 pub struct Job {
@@ -311,6 +399,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         e => Failure::Usage(e),
     })?;
     let mut sink = FolderSink::open(&job.out, &layout, method.as_ref(), &sidecar, job.overwrite)
+        .and_then(|sink| sink.settings(results_settings(&job, &sidecar, &settings)?))
         .map_err(Failure::Usage)?;
     if job.overlay_original {
         sink = sink.overlay_original(pre);
@@ -376,7 +465,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         "model": job.model.display().to_string(),
         "images": root.display().to_string(),
         "out": job.out.display().to_string(),
-        "scores": if job.specs.is_empty() { vec!["predicted".to_string()] } else { job.specs.iter().map(ToString::to_string).collect() },
+        "scores": spec_names(&job.specs),
         "input_size": sidecar.input_size,
         "channels": sidecar.channels,
         "batch_size": job.batch_size,
