@@ -442,6 +442,10 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
             usage("saliency", &checkpoint, images, o, &[]),
         ),
         (
+            "--out is the --images folder",
+            usage("saliency", &cnn, images, images, &[]),
+        ),
+        (
             "a batch larger than memory",
             usage("saliency", s(&huge), images, o, &["--batch-size", "65536"]),
         ),

@@ -336,6 +336,16 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     // Everything that can be checked before the first image: exit 2, and
     // nothing written.
     let device = job.device.resolve().map_err(Failure::Usage)?;
+    // Maps written among the images would be read as images by a rerun.
+    if let Images::Path(dir) = &job.images {
+        let same = |a: &std::path::Path, b: &std::path::Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b);
+        if dir.is_dir() && same(dir, &job.out) {
+            return Err(Failure::Usage(Error::OutputMismatch {
+                path: job.out.clone(),
+                reason: "is the --images folder, whose next run would read these maps as images: give another output folder".into(),
+            }));
+        }
+    }
     // The model before its sidecar: a missing model is named as such, not
     // as a missing `M.json`.
     let mut model = Model::load(&job.model, device).map_err(Failure::Usage)?;
