@@ -516,7 +516,7 @@ impl Model {
         let (a, outputs) = self.split_features(self.run(&[x])?, batch)?;
         if graph && !a.requires_grad() {
             return Err(Error::InvalidValue {
-                what: "the \"features\" entry of the model's dict (it does not depend on the input, so no gradient reaches it)",
+                what: "\"features\" entry of the model's dict (it does not depend on the input, so no gradient reaches it)",
                 value: format!("{:?}", a.size()),
             });
         }
@@ -782,6 +782,9 @@ fn file_ends(path: &Path) -> Option<(Vec<u8>, Vec<u8>, u64)> {
 /// truncated one, or one for a device that is missing): only a zip archive
 /// with its end record is judged by its names.
 fn other_format(head: &[u8], tail: &[u8], len: u64) -> Option<&'static str> {
+    if len == 0 {
+        return Some("an empty file (0 bytes)");
+    }
     let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
     if head.starts_with(b"PK\x03\x04") && has(tail, b"PK\x05\x06") {
         // TorchScript: `code/`, `constants.pkl`; torch.save: `data.pkl`

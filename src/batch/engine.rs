@@ -900,7 +900,8 @@ impl<'a> Engine<'a> {
             context: format!(
                 "the model ran on a batch of 1 before the run but fails on its first batch of {}: \
                  a model traced (torch.jit.trace) at a fixed batch size runs only at that size, \
-                 so use a batch size of 1, or export the model with torch.jit.script",
+                 so use a batch size of 1 (for Integrated Gradients, an internal batch size of 1 \
+                 too), or export the model with torch.jit.script",
                 self.batch_size
             ),
             source: Box::new(e),

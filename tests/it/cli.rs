@@ -396,6 +396,28 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
     )
     .unwrap();
     let huge = dir.join("huge.pt");
+    // Labels that do not fit the 10 classes: too few, and shifted by one.
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(root().join("models/digits_cnn.json")).unwrap())
+            .unwrap();
+    for (name, n) in [("fewlabels", 5), ("morelabels", 11)] {
+        fs::copy(
+            root().join("models/digits_cnn.pt"),
+            dir.join(format!("{name}.pt")),
+        )
+        .unwrap();
+        let mut s = sidecar.clone();
+        s["labels"] = (0..n).map(|i| format!("c{i}")).collect::<Vec<_>>().into();
+        fs::write(dir.join(format!("{name}.json")), s.to_string()).unwrap();
+    }
+    let (few, more) = (dir.join("fewlabels.pt"), dir.join("morelabels.pt"));
+    fs::write(dir.join("empty.pt"), b"").unwrap();
+    fs::copy(
+        root().join("models/digits_cnn.json"),
+        dir.join("empty.json"),
+    )
+    .unwrap();
+    let empty = dir.join("empty.pt");
     let mut cases: Vec<(&str, Vec<&str>)> = vec![
         (
             "unknown flag",
@@ -440,6 +462,18 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
         (
             "a torch.save checkpoint",
             usage("saliency", &checkpoint, images, o, &[]),
+        ),
+        (
+            "5 labels, 10 classes",
+            usage("saliency", s(&few), images, o, &[]),
+        ),
+        (
+            "11 labels, 10 classes",
+            usage("scores", s(&more), images, o, &[]),
+        ),
+        (
+            "an empty model file",
+            usage("scores", s(&empty), images, o, &[]),
         ),
         (
             "--out is the --images folder",
@@ -536,6 +570,23 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
         err.contains("/nonexistent/m.pt") && !err.contains("sidecar"),
         "missing model: {err}"
     );
+    // What is wrong, in the words of each.
+    for (what, says) in [
+        (
+            "5 labels, 10 classes",
+            "has 5 labels, but the model's output 0 has 10 classes",
+        ),
+        (
+            "11 labels, 10 classes",
+            "has 11 labels, but the model's output 0 has 10 classes",
+        ),
+        ("an empty model file", "is an empty file (0 bytes)"),
+        ("multi-output without specs", "(none given)"),
+    ] {
+        let i = cases.iter().position(|(w, _)| *w == what).unwrap();
+        let err = stderr(&results[i]);
+        assert!(err.contains(says), "{what}: {err}");
+    }
     // A torch.save checkpoint is named as one, with the way to export.
     let (i, _) = cases
         .iter()
@@ -614,7 +665,11 @@ fn a_rerun_with_other_settings_is_refused() {
     );
     let other = t.out("other.pt");
     fs::copy(root().join("models/digits_binary.pt"), &other).unwrap();
-    fs::copy(root().join("models/digits_cnn.json"), t.out("other.json")).unwrap();
+    fs::copy(
+        root().join("models/digits_binary.json"),
+        t.out("other.json"),
+    )
+    .unwrap();
     refused(
         saliency_args(s(&other), &t.images(), &out, &["--score", "predicted"]),
         "holds results made with model",

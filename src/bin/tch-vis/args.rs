@@ -24,6 +24,12 @@ ends a folder run cleanly: the batch in progress is finished and scores.csv and
 report.json are written; a second one ends it at once (a signal ignored at
 start, as under nohup, stays ignored). A rerun does what is missing.";
 
+/// The footer of `maximize`, which runs no folder.
+const AFTER_MAXIMIZE: &str = "\
+Exit status: 0 done, 1 the optimisation failed, 2 bad usage or a problem found
+before the first step (flags, a SPEC that does not fit the model, an
+unreadable model or sidecar, CUDA unavailable); nothing is written.";
+
 /// tch-vis: explain what a TorchScript model sees in your images.
 #[derive(Debug, Parser)]
 #[command(name = "tch-vis", version, about = ABOUT, after_help = AFTER)]
@@ -39,11 +45,11 @@ pub enum Command {
     /// Scores, input gradients and saliency maps (vanilla or SmoothGrad) for
     /// every image under DIR: REL.saliency.png, REL.saliency.npy
     /// [REL.grad.npy], scores.csv and report.json under OUT.
-    #[command(after_help = AFTER)]
+    #[command(after_help = AFTER, allow_negative_numbers = true)]
     Saliency(SaliencyArgs),
     /// Scores only (one forward pass, no gradients): scores.csv and
     /// report.json under OUT.
-    #[command(after_help = AFTER)]
+    #[command(after_help = AFTER, allow_negative_numbers = true)]
     Scores(CommonArgs),
     /// Class activation maps (Grad-CAM, Grad-CAM++, Layer-CAM, Score-CAM,
     /// Faster-Score-CAM) of models exported with forward_features and
@@ -51,16 +57,16 @@ pub enum Command {
     /// under "features" (scripts/export_cam_model.py, --layer for the dict
     /// form; --freeze runs faster on CPUs): REL.cam.png, REL.cam.npy,
     /// scores.csv and report.json under OUT.
-    #[command(after_help = AFTER)]
+    #[command(after_help = AFTER, allow_negative_numbers = true)]
     Cam(CamArgs),
     /// Integrated Gradients: REL.ig.npy (C, H, W) attributions, REL.ig.png,
     /// scores.csv (with each image's convergence delta) and report.json.
-    #[command(name = "integrated-gradients", after_help = AFTER)]
+    #[command(name = "integrated-gradients", after_help = AFTER, allow_negative_numbers = true)]
     IntegratedGradients(IgArgs),
     /// Activation maximization: for each sample, the model input that
     /// maximises the score (OUT/maximize_K.npy in the model's input space,
     /// OUT/maximize_K.png in image space, report.json with the score curve).
-    #[command(after_help = AFTER)]
+    #[command(after_help = AFTER_MAXIMIZE, allow_negative_numbers = true)]
     Maximize(MaximizeArgs),
 }
 
@@ -184,7 +190,7 @@ pub struct MaximizeArgs {
     pub jitter: u32,
 
     /// RMSprop learning rate (on pixels in 0..255).
-    #[arg(long, value_name = "F", default_value_t = 1.0, value_parser = parse_weight)]
+    #[arg(long, value_name = "F", default_value_t = 1.0, value_parser = parse_rate)]
     pub lr: f64,
 
     /// Optimise the image at H x W (or N x N) and upsample it bilinearly to
@@ -342,6 +348,13 @@ fn parse_weight(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
         _ => Err(format!("{s:?} is not a finite number >= 0")),
+    }
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a finite number > 0")),
     }
 }
 

@@ -221,6 +221,50 @@ fn results_settings(
     Ok(settings)
 }
 
+/// Sidecar labels that do not fit the class outputs' classes
+/// (`class_outputs`, by output) would name classes wrongly in `scores.csv`,
+/// or not at all: fewer labels than an output's classes, or more than the
+/// largest output's (shifted names), are refused as the sidecar's error. The classes are read off one
+/// forward pass of a zero input; a model whose `forward` gives other
+/// outputs than the run's (the dict form of a CAM model) is not checked.
+fn check_labels(
+    model: &Model,
+    sidecar: &Sidecar,
+    class_outputs: &[bool],
+    model_path: &std::path::Path,
+) -> tch_vis::Result<()> {
+    let Some(labels) = &sidecar.labels else {
+        return Ok(());
+    };
+    let [h, w] = sidecar.size_i64();
+    let c = sidecar.channels as i64;
+    let zero = tch::Tensor::f_zeros([1, c, h, w], (tch::Kind::Float, model.device()))?;
+    let Ok(outputs) = model.forward(&[zero]) else {
+        return Ok(());
+    };
+    if outputs.len() != class_outputs.len() {
+        return Ok(());
+    }
+    // An (N, 1) output's classes are its two sides (false, true).
+    let classes: Vec<(usize, usize)> = outputs
+        .iter()
+        .zip(class_outputs)
+        .enumerate()
+        .filter(|(_, (_, &is_class))| is_class)
+        .map(|(k, (out, _))| (k, (out.size().get(1).copied().unwrap_or(1) as usize).max(2)))
+        .collect();
+    let n = labels.len();
+    let few = classes.iter().find(|&&(_, c)| n < c);
+    let most = classes.iter().max_by_key(|&&(_, c)| c);
+    match few.or(most.filter(|&&(_, c)| n > c)) {
+        Some(&(k, c)) => Err(Error::Sidecar {
+            path: Sidecar::path_for_model(model_path),
+            reason: format!("has {n} labels, but the model's output {k} has {c} classes"),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// The score specs as given, `predicted` when none were.
 fn spec_names(specs: &[ScoreSpec]) -> Vec<String> {
     if specs.is_empty() {
@@ -403,11 +447,12 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         .on_progress(|p| bar.update(p))
         .cancel_on(&raised);
     let layout = engine.prepare().map_err(|e| match e {
-        Error::ScoreCount { outputs, scores } if job.specs.is_empty() => Failure::Flags(format!(
-            "the model has {outputs} outputs: give one --score per output, in order (got {scores})"
+        Error::ScoreCount { outputs, .. } if job.specs.is_empty() => Failure::Flags(format!(
+            "the model has {outputs} outputs: give one --score per output, in order (none given)"
         )),
         e => Failure::Usage(e),
     })?;
+    check_labels(&model, &sidecar, &layout.class_outputs, &job.model).map_err(Failure::Usage)?;
     let mut sink = FolderSink::open(&job.out, &layout, method.as_ref(), &sidecar, job.overwrite)
         .and_then(|sink| sink.settings(results_settings(&job, &sidecar, &settings)?))
         .map_err(Failure::Usage)?;
