@@ -650,6 +650,7 @@ impl<'a> Engine<'a> {
         let pre = &self.pre;
         let abort = &abort;
         let cancelled = || self.cancel.is_some_and(|c| c.load(Ordering::Relaxed));
+        let producer_cancelled = &AtomicBool::new(false);
         let channels_last = self.uses_channels_last();
         let rounded = self.rounded_rows();
         std::thread::scope(|s| {
@@ -659,7 +660,13 @@ impl<'a> Engine<'a> {
                 let mut staging =
                     Staging::new(device, pre, batch_size, channels_last).rounded(rounded);
                 for chunk in pending.chunks(batch_size) {
-                    if abort.load(Ordering::Relaxed) || cancelled() {
+                    if abort.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if cancelled() {
+                        // Images are left: the compute loop reports the
+                        // cancel even if it sees no batch after it.
+                        producer_cancelled.store(true, Ordering::Relaxed);
                         break;
                     }
                     let t = Instant::now();
@@ -734,6 +741,7 @@ impl<'a> Engine<'a> {
             let mut waiting = Instant::now();
             // No batch computed yet (see `first_batch_hint`).
             let mut first = true;
+            let mut cancel_reported = false;
             for batch in rx_batch.iter() {
                 Clock::add(&clock.wait_decode, waiting);
                 if abort.load(Ordering::Relaxed) {
@@ -754,6 +762,7 @@ impl<'a> Engine<'a> {
                 let cancel = cancelled();
                 let mut sink_failed = false;
                 if cancel {
+                    cancel_reported = true;
                     let _ = tx_ev.send(Event::Fatal(Error::Cancelled));
                 } else {
                     for (rel, error) in failed {
@@ -863,6 +872,11 @@ impl<'a> Engine<'a> {
                     let _ = tx_ev.send(Event::Fatal(e));
                     break;
                 }
+            }
+            // The producer stopped for the cancel before this loop saw a
+            // batch after it.
+            if producer_cancelled.load(Ordering::Relaxed) && !cancel_reported {
+                let _ = tx_ev.send(Event::Fatal(Error::Cancelled));
             }
             // The last batch's results (or, after the model failed on a
             // batch, those of the batch before); none after the sink failed.
