@@ -12,7 +12,14 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum Error {
     /// A class index is not smaller than the number of classes of the output.
-    #[error("class index {index} is out of range for an output with {num_classes} classes")]
+    #[error(
+        "class index {index} is out of range for an output with {num_classes} {}",
+        if *num_classes == 1 {
+            "class (an (N, 1) output: a binary or regression score fits it)"
+        } else {
+            "classes"
+        }
+    )]
     IndexOutOfRange {
         /// The offending class index.
         index: usize,
@@ -360,6 +367,14 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "class index 10 is out of range for an output with 10 classes"
+        );
+        let e = Error::IndexOutOfRange {
+            index: 3,
+            num_classes: 1,
+        };
+        assert_eq!(
+            e.to_string(),
+            "class index 3 is out of range for an output with 1 class (an (N, 1) output: a binary or regression score fits it)"
         );
     }
 }
