@@ -203,7 +203,19 @@ pub fn list(paths: &[PathBuf], root: Option<&Path>) -> Result<(PathBuf, Vec<Entr
     };
     let files: Vec<PathBuf> = paths.iter().map(|p| absolute(p)).collect();
     let root = match root {
-        Some(r) => absolute(r),
+        Some(r) => {
+            let root = absolute(r);
+            match fs::metadata(&root) {
+                Ok(m) if m.is_dir() => root,
+                Ok(_) => {
+                    return Err(Error::io(
+                        r,
+                        std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
+                    ))
+                }
+                Err(e) => return Err(Error::io(r, e)),
+            }
+        }
         None => {
             let mut common = files[0].parent().map(Path::to_path_buf).unwrap_or_default();
             for f in &files[1..] {
@@ -219,9 +231,19 @@ pub fn list(paths: &[PathBuf], root: Option<&Path>) -> Result<(PathBuf, Vec<Entr
     let mut out: Vec<Entry> = Vec::with_capacity(files.len());
     for (given, file) in paths.iter().zip(&files) {
         let Ok(rel) = file.strip_prefix(&root) else {
+            // Listed paths are read from the current directory, not from
+            // the root: say where this one was looked for.
+            let read_as = if given.is_absolute() {
+                String::new()
+            } else {
+                format!(
+                    ", read as {} (relative to the current directory)",
+                    file.display()
+                )
+            };
             return Err(Error::InvalidValue {
                 what: "image path (not under the root folder)",
-                value: format!("{} (root {})", given.display(), root.display()),
+                value: format!("{}{read_as}; root {}", given.display(), root.display()),
             });
         };
         let parts: Vec<String> = rel

@@ -1981,6 +1981,41 @@ fn single_files_and_lists_of_paths() {
     let file = t.images().join("d2/img_002.png");
     run_ok(&saliency_args(&m, &file, &single, &[]), "single file");
     assert_eq!(csv_paths(&single), ["img_002.png"]);
+    // A list of paths relative to the list's folder, not to the current
+    // directory, with --root that folder: the message says where each was
+    // looked for; a --root that does not exist is named as such.
+    let list = t.images().join("list.txt");
+    fs::write(&list, "d0/img_000.png\n").unwrap();
+    let listed_args = |root: &str| -> Vec<String> {
+        [
+            "scores",
+            "--model",
+            &m,
+            "--images-from",
+            s(&list),
+            "--root",
+            root,
+            "--out",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .chain([s(&t.out("rel")).to_string()])
+        .collect()
+    };
+    for (root, says) in [
+        (s(&t.images()), "d0/img_000.png, read as "),
+        (
+            "/nonexistent/root",
+            "/nonexistent/root: No such file or directory",
+        ),
+    ] {
+        let a = listed_args(root);
+        let o = tch_vis(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_code(&o, 2, root);
+        assert_one_error_line(&o, root);
+        let err = stderr(&o);
+        assert!(err.contains(says), "{root}: {err}");
+    }
 }
 
 /// Colour inputs over 64 × 64 get every core: the binary restarts once with
