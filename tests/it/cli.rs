@@ -714,6 +714,47 @@ fn a_rerun_with_other_settings_is_refused() {
     );
 }
 
+/// `maximize` and the folder commands keep out of each other's folders: one
+/// `report.json` for both runs would lose one of them. Each refuses the
+/// other's folder before writing anything (exit 2).
+#[test]
+fn maximize_and_folder_runs_keep_their_own_folders() {
+    let t = Tree::good(2);
+    let cnn = model("digits_cnn");
+    let (folder, maximized) = (t.out("folder"), t.out("maximized"));
+    run_ok(&saliency_args(&cnn, &t.images(), &folder, &[]), "saliency");
+    let maximize = |out: &Path| -> Vec<String> {
+        [
+            "maximize",
+            "--model",
+            &cnn,
+            "--out",
+            s(out),
+            "--score",
+            "categorical:1",
+            "--steps",
+            "2",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    run_ok(&maximize(&maximized), "maximize");
+    for (args, says) in [
+        (maximize(&folder), "holds the results of a saliency run"),
+        (
+            saliency_args(&cnn, &t.images(), &maximized, &[]),
+            "holds the results of a maximize run",
+        ),
+    ] {
+        let before = (snapshot(&folder), snapshot(&maximized));
+        let o = tch_vis(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_code(&o, 2, says);
+        assert!(stderr(&o).contains(says), "{}", stderr(&o));
+        assert_eq!((snapshot(&folder), snapshot(&maximized)), before, "{says}");
+    }
+}
+
 /// A model traced at a fixed batch size of one runs the probe (one input)
 /// and fails on the run's first batch: exit 1 with one line that says what
 /// is likely wrong and what to do; with `--batch-size 1` the run works.

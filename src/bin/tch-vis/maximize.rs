@@ -28,6 +28,15 @@ pub fn execute(a: MaximizeArgs) -> Result<(), Failure> {
             }));
         }
     }
+    // A folder run's results: its report.json would be replaced.
+    if let Some(other) = crate::run::report_command(&a.out).filter(|c| c != "maximize") {
+        return Err(Failure::Usage(Error::OutputMismatch {
+            path: a.out.clone(),
+            reason: format!(
+                "holds the results of a {other} run (its report.json): give maximize a folder of its own"
+            ),
+        }));
+    }
     // Every SPEC must fit its output (class indices in range) before anything is written.
     let [h, w] = sidecar.size_i64();
     let c = sidecar.channels as i64;

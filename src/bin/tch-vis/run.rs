@@ -265,6 +265,13 @@ fn check_labels(
     }
 }
 
+/// The command whose run wrote `out/report.json`, if one did.
+pub fn report_command(out: &std::path::Path) -> Option<String> {
+    let bytes = std::fs::read(out.join("report.json")).ok()?;
+    let report: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Some(report.get("command")?.as_str()?.to_string())
+}
+
 /// The score specs as given, `predicted` when none were.
 fn spec_names(specs: &[ScoreSpec]) -> Vec<String> {
     if specs.is_empty() {
@@ -380,6 +387,16 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     // Everything that can be checked before the first image: exit 2, and
     // nothing written.
     let device = job.device.resolve().map_err(Failure::Usage)?;
+    // A maximize run's folder: one report.json for two runs would lose one.
+    if report_command(&job.out).as_deref() == Some("maximize") {
+        return Err(Failure::Usage(Error::OutputMismatch {
+            path: job.out.clone(),
+            reason: format!(
+                "holds the results of a maximize run (its report.json): give this {} run a folder of its own",
+                job.mode.name()
+            ),
+        }));
+    }
     // Maps written among the images would be read as images by a rerun.
     if let Images::Path(dir) = &job.images {
         let same = |a: &std::path::Path, b: &std::path::Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b);
