@@ -396,6 +396,11 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
     )
     .unwrap();
     let huge = dir.join("huge.pt");
+    // What a shell glob makes of --images DIR/*.png.
+    let globbed = [
+        t.images().join("d0/img_000.png"),
+        t.images().join("d1/img_001.png"),
+    ];
     // Labels that do not fit the 10 classes: too few, and shifted by one.
     let sidecar: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(root().join("models/digits_cnn.json")).unwrap())
@@ -462,6 +467,19 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
         (
             "a torch.save checkpoint",
             usage("saliency", &checkpoint, images, o, &[]),
+        ),
+        (
+            "a shell glob",
+            vec![
+                "saliency",
+                "--model",
+                &cnn,
+                "--images",
+                s(&globbed[0]),
+                s(&globbed[1]),
+                "--out",
+                o,
+            ],
         ),
         (
             "5 labels, 10 classes",
@@ -576,6 +594,8 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
             "5 labels, 10 classes",
             "has 5 labels, but the model's output 0 has 10 classes",
         ),
+        ("a shell glob", "list files with --images-from FILE"),
+        ("unknown flag", "(see tch-vis saliency --help)"),
         (
             "11 labels, 10 classes",
             "has 11 labels, but the model's output 0 has 10 classes",

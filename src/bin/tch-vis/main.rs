@@ -47,7 +47,26 @@ fn run() -> Result<(), Failure> {
                     .collect::<Vec<_>>()
                     .join(" ");
                 let line = line.strip_prefix("error: ").unwrap_or(&line).to_string();
-                return Err(Failure::Flags(format!("{} (see tch-vis --help)", first_line(&line))));
+                // A shell glob hands `--images` several files: the extra
+                // ones arrive as unexpected arguments.
+                let stray_file = e.kind() == ErrorKind::UnknownArgument
+                    && e.get(clap::error::ContextKind::InvalidArg)
+                        .is_some_and(|a| std::path::Path::new(&a.to_string()).is_file());
+                let hint = if stray_file {
+                    "; --images takes one folder or file (a shell glob gives it several): \
+                     list files with --images-from FILE, or - for standard input"
+                } else {
+                    ""
+                };
+                // The subcommand's own help, where one was named.
+                let help = std::env::args()
+                    .nth(1)
+                    .filter(|c| {
+                        ["saliency", "scores", "cam", "integrated-gradients", "maximize"]
+                            .contains(&c.as_str())
+                    })
+                    .map_or_else(|| "tch-vis --help".to_string(), |c| format!("tch-vis {c} --help"));
+                return Err(Failure::Flags(format!("{}{hint} (see {help})", first_line(&line))));
             }
         },
     };
