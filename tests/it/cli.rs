@@ -547,7 +547,17 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
         ),
         (
             "negative noise",
-            usage("saliency", &cnn, images, o, &["--smooth-noise", "-1"]),
+            usage(
+                "saliency",
+                &cnn,
+                images,
+                o,
+                &["--smooth-samples", "2", "--smooth-noise", "-1"],
+            ),
+        ),
+        (
+            "noise without samples",
+            usage("saliency", &cnn, images, o, &["--smooth-noise", "0.1"]),
         ),
     ];
     if !tch::Cuda::is_available() {
@@ -595,6 +605,8 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
             "has 5 labels, but the model's output 0 has 10 classes",
         ),
         ("a shell glob", "list files with --images-from FILE"),
+        ("negative noise", "is not a finite number >= 0"),
+        ("noise without samples", "--smooth-samples"),
         ("unknown flag", "(see tch-vis saliency --help)"),
         (
             "11 labels, 10 classes",

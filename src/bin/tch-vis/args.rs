@@ -308,8 +308,10 @@ pub struct SaliencyArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub smooth_samples: u32,
 
-    /// SmoothGrad noise level F (sigma = F x (max - min) of each input).
-    #[arg(long, value_name = "F", default_value_t = 0.2, value_parser = parse_noise)]
+    /// SmoothGrad noise level F (sigma = F x (max - min) of each input);
+    /// needs --smooth-samples.
+    #[arg(long, value_name = "F", default_value_t = 0.2, value_parser = parse_noise,
+          requires = "smooth_samples")]
     pub smooth_noise: f64,
 
     /// Seed of the SmoothGrad noise. An image's noise depends only on the
