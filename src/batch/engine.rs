@@ -804,17 +804,26 @@ impl<'a> Engine<'a> {
                 let result = if let Device::Cuda(i) = device {
                     // Kernels and copies run asynchronously: this batch is
                     // queued, with the event of its end.
-                    let queued = started.and_then(|flight| {
+                    let ended = started.and_then(|flight| {
                         let end = match events {
                             true => cuda_rt::Event::on_default_stream(i).transpose()?,
                             false => None,
                         };
-                        Ok(Queued {
-                            end: cuda_rt::Awaited::new(end),
-                            flight,
-                            staging,
-                        })
+                        Ok((end, flight))
                     });
+                    // (`staging` stays out of the closure: on an error it
+                    // must outlive the device's work, below.)
+                    let (queued, mut unqueued) = match ended {
+                        Ok((end, flight)) => (
+                            Ok(Queued {
+                                end: cuda_rt::Awaited::new(end),
+                                flight,
+                                staging,
+                            }),
+                            None,
+                        ),
+                        Err(e) => (Err(e), staging),
+                    };
                     // The previous batch: wait for its end (the time is
                     // the method's), then its results out to the writers
                     // while this one runs.
@@ -833,18 +842,30 @@ impl<'a> Engine<'a> {
                         }
                         None => Ok(()),
                     };
-                    handed.and(queued).map(|mut queued| {
-                        if queued.end.get().is_none() {
-                            // Without events, the whole device, now.
-                            let t = Instant::now();
-                            tch::Cuda::synchronize(i as i64);
-                            device_wait += t.elapsed();
-                            if let Some(buf) = queued.staging.take() {
-                                let _ = tx_free.send(buf);
+                    match (handed, queued) {
+                        (Ok(()), Ok(mut queued)) => {
+                            if queued.end.get().is_none() {
+                                // Without events, the whole device, now.
+                                let t = Instant::now();
+                                tch::Cuda::synchronize(i as i64);
+                                device_wait += t.elapsed();
+                                if let Some(buf) = queued.staging.take() {
+                                    let _ = tx_free.send(buf);
+                                }
                             }
+                            in_flight = Some(queued);
+                            Ok(())
                         }
-                        in_flight = Some(queued);
-                    })
+                        (handed, queued) => {
+                            // A failure ends the run: this batch's upload
+                            // may still read its buffer (libtorch's host
+                            // allocator does not know of that copy), so
+                            // the device finishes before the buffer goes.
+                            tch::Cuda::synchronize(i as i64);
+                            drop(unqueued.take());
+                            handed.and(queued.map(drop))
+                        }
+                    }
                 } else {
                     started.and_then(|flight| {
                         // The buffer serves the next batch but one unless a
