@@ -787,6 +787,49 @@ fn maximize_and_folder_runs_keep_their_own_folders() {
     }
 }
 
+/// A `maximize` rerun with fewer samples removes the earlier run's
+/// `maximize_K` files past its own (they would read as this run's), and
+/// nothing else.
+#[test]
+fn a_maximize_rerun_leaves_no_stale_samples() {
+    let t = Tree::new();
+    let out = t.out("maximized");
+    let cnn = model("digits_cnn");
+    let args = |spec: &str| -> Vec<String> {
+        [
+            "maximize",
+            "--model",
+            &cnn,
+            "--out",
+            s(&out),
+            "--score",
+            spec,
+            "--steps",
+            "2",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    run_ok(&args("categorical:3,4,5"), "three samples");
+    fs::write(out.join("maximize_01.png"), b"mine").unwrap();
+    fs::write(out.join("notes.txt"), b"mine").unwrap();
+    run_ok(&args("categorical:3"), "one sample");
+    let mut names: Vec<String> = snapshot(&out).into_keys().collect();
+    names.sort();
+    // (`snapshot` leaves report.json out.)
+    assert_eq!(
+        names,
+        [
+            "maximize_0.npy",
+            "maximize_0.png",
+            "maximize_01.png",
+            "notes.txt"
+        ]
+    );
+    assert_eq!(report(&out)["samples"], 1);
+}
+
 /// A model traced at a fixed batch size of one runs the probe (one input)
 /// and fails on the run's first batch: exit 1 with one line that says what
 /// is likely wrong and what to do; with `--batch-size 1` the run works.

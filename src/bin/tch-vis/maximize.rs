@@ -130,6 +130,21 @@ pub fn execute(a: MaximizeArgs) -> Result<(), Failure> {
             let png = tch_vis::heatmap::encode_png(&bytes, w as u32, h as u32)?;
             io::write_atomic(&a.out.join(format!("maximize_{k}.png")), &png)?;
         }
+        // An earlier run's results past this run's samples would read as
+        // this run's: removed (only files of exactly these names).
+        if let Ok(read) = std::fs::read_dir(&a.out) {
+            for e in read.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let stale = name
+                    .strip_prefix("maximize_")
+                    .and_then(|r| r.strip_suffix(".npy").or_else(|| r.strip_suffix(".png")))
+                    .and_then(|k| k.parse::<i64>().ok())
+                    .is_some_and(|k| k >= n && k.to_string().len() == name.len() - 13);
+                if stale {
+                    std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
+                }
+            }
+        }
         // The plain scores of the result (not the --log objective).
         let outputs = model.forward(&[res.inputs.shallow_clone()])?;
         let total = scores
