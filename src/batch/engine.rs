@@ -1088,7 +1088,12 @@ impl Queued {
     /// Waits for the batch's end: its results, on the host, and the buffer
     /// it was uploaded from.
     fn wait(mut self) -> Result<(Flight, Option<Buf>)> {
-        self.end.synchronize()?;
+        if let Err(e) = self.end.synchronize() {
+            // The device failed (a sticky error): whether its work on the
+            // buffer has ended is unknown, so the buffer is never freed.
+            std::mem::forget(self.staging.take());
+            return Err(e);
+        }
         Ok((self.flight, self.staging))
     }
 }
