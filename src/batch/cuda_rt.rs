@@ -43,6 +43,7 @@ struct Api {
     event_synchronize: unsafe extern "C" fn(Handle) -> Status,
     stream_wait_event: unsafe extern "C" fn(Handle, Handle, c_uint) -> Status,
     memcpy_async: unsafe extern "C" fn(*mut c_void, *const c_void, usize, c_int, Handle) -> Status,
+    device_synchronize: unsafe extern "C" fn() -> Status,
 }
 
 /// The function `name` of the process, as the function pointer type `F`.
@@ -76,10 +77,27 @@ fn api() -> Option<&'static Api> {
                 event_synchronize: find(c"cudaEventSynchronize")?,
                 stream_wait_event: find(c"cudaStreamWaitEvent")?,
                 memcpy_async: find(c"cudaMemcpyAsync")?,
+                device_synchronize: find(c"cudaDeviceSynchronize")?,
             })
         }
     })
     .as_ref()
+}
+
+/// Waits for all work on CUDA device `device`, every stream's (the
+/// engine's copy stream's too), as `cudaDeviceSynchronize`; an error (a
+/// sticky device error) is returned, not a panic as libtorch's own
+/// synchronisation through tch gives. Without the runtime's functions the
+/// engine has no copies of its own to wait for: `Ok`.
+pub(crate) fn device_synchronize(device: usize) -> Result<()> {
+    let Some(api) = api() else {
+        return Ok(());
+    };
+    set_device(api, device as c_int)?;
+    // SAFETY: no arguments; the runtime's own state.
+    check("cudaDeviceSynchronize", unsafe {
+        (api.device_synchronize)()
+    })
 }
 
 fn check(call: &str, status: Status) -> Result<()> {

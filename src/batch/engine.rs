@@ -252,6 +252,37 @@ pub fn tune_malloc() {
     }
 }
 
+/// The memory this process may still take, where the system says: the
+/// kernel's `MemAvailable` and free swap, or a cgroup's limit (v2
+/// `memory.max`, v1 `memory.limit_in_bytes`) less its usage, the smaller.
+/// `None` elsewhere.
+fn available_memory() -> Option<u64> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let kb = |text: &str, key: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(key))?;
+        line[key.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .map(|v| v * 1024)
+    };
+    let meminfo = read("/proc/meminfo")?;
+    let system = kb(&meminfo, "MemAvailable:")? + kb(&meminfo, "SwapFree:").unwrap_or(0);
+    let number = |path: &str| read(path)?.trim().parse::<u64>().ok();
+    let cgroup =
+        number("/sys/fs/cgroup/memory.max")
+            .map(|max| max.saturating_sub(number("/sys/fs/cgroup/memory.current").unwrap_or(0)))
+            .or_else(|| {
+                let max = number("/sys/fs/cgroup/memory/memory.limit_in_bytes")?;
+                Some(max.saturating_sub(
+                    number("/sys/fs/cgroup/memory/memory.usage_in_bytes").unwrap_or(0),
+                ))
+            });
+    Some(cgroup.map_or(system, |c| c.min(system)))
+}
+
 /// A second probe batch ([`Engine::prepare`]) over this time is the last.
 const SLOW_PROBE: Duration = Duration::from_secs(2);
 
@@ -535,16 +566,34 @@ impl<'a> Engine<'a> {
         if !device.is_cuda() {
             // The batch the decode threads write into (the probe above had
             // one row): refused here, before the first image, when this
-            // machine cannot give it, rather than by the first batch.
+            // machine cannot give it, rather than by the first batch. The
+            // memory the kernel says is available (and a cgroup's limit)
+            // is checked too: with overcommit on, the allocation itself
+            // succeeds whatever its size.
             let n = self.batch_size as i64;
-            let _batch = Tensor::f_empty([n, c, h, w], (Kind::Float, device)).map_err(|e| Error::Probe {
-                what: format!(
+            let bytes = (n * c * h * w * 4) as u64;
+            let what = || {
+                format!(
                     "a batch of {n} inputs of {c} × {h} × {w} float32 values ({:.1} GB) cannot be allocated: use a smaller batch size",
-                    (n * c * h * w * 4) as f64 / 1e9
-                ),
-                source: Box::new(e.into()),
-            })?;
+                    bytes as f64 / 1e9
+                )
+            };
+            if let Some(free) = available_memory().filter(|&free| bytes > free) {
+                return Err(Error::Probe {
+                    what: what(),
+                    source: Box::new(Error::InvalidValue {
+                        what: "batch size",
+                        value: format!("{n} for {:.1} GB of available memory", free as f64 / 1e9),
+                    }),
+                });
+            }
+            let _batch =
+                Tensor::f_empty([n, c, h, w], (Kind::Float, device)).map_err(|e| Error::Probe {
+                    what: what(),
+                    source: Box::new(e.into()),
+                })?;
         }
+
         let threads = compute_threads(device, (c * h * w) as usize);
         let _ = self.compute_threads.set(threads);
         Ok(Layout {
@@ -860,10 +909,20 @@ impl<'a> Engine<'a> {
                             // A failure ends the run: this batch's upload
                             // may still read its buffer (libtorch's host
                             // allocator does not know of that copy), so
-                            // the device finishes before the buffer goes.
-                            tch::Cuda::synchronize(i as i64);
-                            drop(unqueued.take());
-                            handed.and(queued.map(drop))
+                            // the device finishes before the buffer goes;
+                            // where it cannot (a sticky device error), the
+                            // buffer is never freed.
+                            let synced = cuda_rt::device_synchronize(i).is_ok();
+                            let keep = |buf: Option<Buf>| {
+                                if synced {
+                                    drop(buf);
+                                } else {
+                                    std::mem::forget(buf);
+                                }
+                            };
+                            keep(unqueued.take());
+                            let queued = queued.map(|mut q| keep(q.staging.take()));
+                            handed.and(queued)
                         }
                     }
                 } else {

@@ -744,6 +744,23 @@ fn a_rerun_with_other_settings_is_refused() {
         base(&[]),
         r#"score ["categorical:3"], and this run has score ["predicted"]"#,
     );
+    // Sidecar floats that JSON does not give back exactly unless read
+    // correctly rounded (0.4578275 as float32): the same settings.
+    let odd = t.out("odd.pt");
+    fs::copy(root().join("models/digits_cnn.pt"), &odd).unwrap();
+    let mut sidecar: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(root().join("models/digits_cnn.json")).unwrap())
+            .unwrap();
+    sidecar["mean"] = serde_json::json!([0.4578275]);
+    sidecar["std"] = serde_json::json!([0.2023]);
+    fs::write(t.out("odd.json"), sidecar.to_string()).unwrap();
+    let odd_out = t.out("odd-out");
+    let args = saliency_args(s(&odd), &t.images(), &odd_out, &[]);
+    assert_eq!(run_ok(&args, "odd floats")["processed"].as_u64(), Some(6));
+    assert_eq!(
+        run_ok(&args, "odd floats, again")["skipped"].as_u64(),
+        Some(6)
+    );
 }
 
 /// `maximize` and the folder commands keep out of each other's folders: one
