@@ -202,6 +202,9 @@ fn crop_size<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> std::result::Result<Option<[usize; 2]>, D::Error> {
     let v = serde_json::Value::deserialize(d)?;
+    if v.is_null() {
+        return Ok(None);
+    }
     match sizes(&v).as_deref() {
         Some(&[s]) => Ok(Some([s, s])),
         Some(&[h, w]) => Ok(Some([h, w])),
@@ -231,7 +234,7 @@ const SIDECAR_KEYS: [&str; 9] = [
 /// longer one: `"label"`, `"means"`, `"interpolaton"`, `"Input_Size"` — as
 /// the reason for refusing it: such a key would otherwise be ignored, and
 /// the model fed other inputs than the sidecar's author meant. Other keys
-/// (a model's name, its source, notes; `"size"`, `"layers"`) are left
+/// (a model's name, its source, notes; `"size"`, `"layers"`, `"drop"`) are left
 /// alone.
 fn misspelt_key(text: &str) -> Option<String> {
     let Ok(serde_json::Value::Object(map)) = serde_json::from_str(text) else {
@@ -242,9 +245,15 @@ fn misspelt_key(text: &str) -> Option<String> {
             return None;
         }
         let key_lower = key.to_ascii_lowercase();
-        let near = SIDECAR_KEYS
-            .iter()
-            .find(|known| edits(&key_lower, known) <= if known.len() <= 6 { 1 } else { 2 })?;
+        let near = SIDECAR_KEYS.iter().find(|known| {
+            // Short keys: one edit, the first letter kept ("drop" is
+            // no "crop").
+            if known.len() <= 6 {
+                edits(&key_lower, known) <= 1 && key_lower.chars().next() == known.chars().next()
+            } else {
+                edits(&key_lower, known) <= 2
+            }
+        })?;
         Some(format!(
             "unknown key \"{key}\" (did you mean \"{near}\"? the keys are {})",
             SIDECAR_KEYS.join(", ")
@@ -2134,8 +2143,9 @@ mod tests {
                 other => panic!("{extra}: {other:?}"),
             }
         }
-        let kept =
-            with(r#", "name": "m", "id": 3, "size": 224, "layers": 18, "source": "torchvision""#);
+        let kept = with(
+            r#", "name": "m", "id": 3, "size": 224, "layers": 18, "drop": 0.1, "source": "torchvision", "crop": null"#,
+        );
         assert_eq!(kept.unwrap().resize, None);
     }
 

@@ -955,7 +955,10 @@ impl<'a> Engine<'a> {
             }
             // The producer stopped for the cancel before this loop saw a
             // batch after it.
-            if producer_cancelled.load(Ordering::Relaxed) && !cancel_reported {
+            if producer_cancelled.load(Ordering::Relaxed)
+                && !cancel_reported
+                && !abort.load(Ordering::Relaxed)
+            {
                 let _ = tx_ev.send(Event::Fatal(Error::Cancelled));
             }
             // The last batch's results (or, after the model failed on a
@@ -987,7 +990,12 @@ impl<'a> Engine<'a> {
     /// CPU; on CUDA the probe is a whole batch): most often a model traced
     /// at a fixed batch size.
     fn first_batch_hint(&self, e: Error, first: bool) -> Error {
-        if !first || self.batch_size == 1 || self.model.device().is_cuda() {
+        // A shape error, as a fixed batch size gives (not memory, say).
+        let text = e.to_string();
+        let shapes = ["shape", "size", "mat1 and mat2", "dimension"]
+            .iter()
+            .any(|w| text.contains(w));
+        if !first || !shapes || self.batch_size == 1 || self.model.device().is_cuda() {
             return e;
         }
         Error::Context {

@@ -83,9 +83,10 @@ pub struct FolderSink {
     journal: Mutex<Option<Journal>>,
     original: Option<Preprocessor>,
     overwrite: bool,
-    /// What the folder's results depend on, as [`FolderSink::begin`] records
-    /// it ([`FolderSink::settings`]).
-    settings: Option<serde_json::Map<String, serde_json::Value>>,
+    /// This run's own settings (what [`FolderSink::settings`] was given).
+    new_settings: Option<Settings>,
+    /// The record last written into `report.json` (see `record_settings`).
+    settings_written: Option<Mutex<Settings>>,
 }
 
 /// The file, under [`JOURNAL_DIR`], recording what an output folder's
@@ -97,6 +98,53 @@ pub const SETTINGS_FILE: &str = "settings.json";
 /// The key of `report.json` that records what the folder's results depend
 /// on ([`FolderSink::settings`]).
 pub const SETTINGS_KEY: &str = "results_settings";
+
+type Settings = serde_json::Map<String, serde_json::Value>;
+
+/// The first key whose values differ, down into objects on both sides
+/// (`saliency.smooth_samples`); keys on one side only do not count, at
+/// any depth (a later version's new setting, another command's section).
+fn differs(
+    old: &Settings,
+    new: &Settings,
+) -> Option<(String, serde_json::Value, serde_json::Value)> {
+    new.iter().find_map(|(k, v)| match (old.get(k)?, v) {
+        (serde_json::Value::Object(o), serde_json::Value::Object(n)) => {
+            let (sub, a, b) = differs(o, n)?;
+            Some((format!("{k}.{sub}"), a, b))
+        }
+        (o, v) => (o != v).then(|| (k.clone(), o.clone(), v.clone())),
+    })
+}
+
+/// The record after a run with `new`: the union. After `overwrite` with
+/// other values, the sections of `record` that `new` lacks (other
+/// commands' maps, made with what `new` replaces) are marked stale, so
+/// that a rerun of those commands is refused rather than keep them.
+fn merge_settings(mut record: Settings, new: &Settings, overwrite: bool) -> Settings {
+    if overwrite && differs(&record, new).is_some() {
+        for (k, v) in record.iter_mut() {
+            if !new.contains_key(k) {
+                *v = "stale: recomputed by another run with --overwrite".into();
+            }
+        }
+    }
+    record.extend(new.iter().map(|(k, v)| (k.clone(), v.clone())));
+    record
+}
+
+/// Writes `record` as the folder's settings file.
+fn write_settings(out: &Path, record: &Settings) -> Result<()> {
+    let text = serde_json::to_vec_pretty(record).map_err(|e| Error::Internal {
+        what: format!("cannot write the settings: {e}"),
+    })?;
+    io::write_atomic(&out.join(JOURNAL_DIR).join(SETTINGS_FILE), &text)
+}
+
+/// Whether every key of `part` is in `whole` with the same value.
+fn is_within(part: &Settings, whole: &Settings) -> bool {
+    part.iter().all(|(k, v)| whole.get(k) == Some(v))
+}
 
 fn now_id() -> String {
     let nanos = SystemTime::now()
@@ -157,7 +205,8 @@ impl FolderSink {
             journal: Mutex::new(None),
             original: None,
             overwrite,
-            settings: None,
+            new_settings: None,
+            settings_written: None,
         };
         if !overwrite {
             let merged = sink.read_state()?.0;
@@ -184,11 +233,14 @@ impl FolderSink {
                 }
             }
         }
-        if let Some(settings) = &self.settings {
-            let text = serde_json::to_vec_pretty(settings).map_err(|e| Error::Internal {
-                what: format!("cannot write the settings: {e}"),
-            })?;
-            io::write_atomic(&self.out.join(JOURNAL_DIR).join(SETTINGS_FILE), &text)?;
+        if let Some(new) = &self.new_settings {
+            // The record as other workers may have left it since `open`:
+            // checked again, and joined with this run's.
+            let record = self.read_settings()?;
+            if !self.overwrite {
+                self.check_settings(&record, new)?;
+            }
+            write_settings(&self.out, &merge_settings(record, new, self.overwrite))?;
         }
         io::write_atomic(&active.join(&self.id), b"")
     }
@@ -212,74 +264,74 @@ impl FolderSink {
                 what: "the settings of a folder sink must be a JSON object".into(),
             });
         };
+        let record = self.read_settings()?;
+        if !self.overwrite {
+            self.check_settings(&record, &new)?;
+        }
+        self.new_settings = Some(new);
+        self.settings_written = Some(Mutex::new(Settings::new()));
+        Ok(self)
+    }
+
+    /// Puts the folder's record, joined with this run's settings, into
+    /// `report` (under [`SETTINGS_KEY`]).
+    fn record_settings(&self, report: &mut serde_json::Map<String, serde_json::Value>) {
+        let (Some(new), Some(written)) = (&self.new_settings, &self.settings_written) else {
+            return;
+        };
+        let record = merge_settings(self.read_settings().unwrap_or_default(), new, false);
+        report.insert(SETTINGS_KEY.into(), record.clone().into());
+        *written.lock().unwrap_or_else(|p| p.into_inner()) = record;
+    }
+
+    /// The folder's record of what its results were made with: the file
+    /// of active or killed runs, else the last finished run's report.
+    fn read_settings(&self) -> Result<Settings> {
         let path = self.out.join(JOURNAL_DIR).join(SETTINGS_FILE);
-        let old = if self.overwrite {
-            serde_json::Map::new()
-        } else {
-            match fs::read(&path) {
-                Ok(bytes) => match serde_json::from_slice::<serde_json::Value>(&bytes) {
-                    Ok(serde_json::Value::Object(old)) => old,
-                    _ => {
-                        return Err(Error::OutputMismatch {
-                            path,
-                            reason: "is not a JSON object; use --overwrite to recompute the folder"
-                                .into(),
-                        })
-                    }
-                },
-                // A finished folder keeps them in its report.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    fs::read(self.out.join("report.json"))
-                        .ok()
-                        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                        .and_then(|mut r| {
-                            match r.get_mut(SETTINGS_KEY).map(serde_json::Value::take) {
-                                Some(serde_json::Value::Object(old)) => Some(old),
-                                _ => None,
-                            }
-                        })
-                        .unwrap_or_default()
-                }
-                Err(e) => return Err(Error::io(&path, e)),
+        match fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                Ok(serde_json::Value::Object(record)) => Ok(record),
+                _ => Err(Error::OutputMismatch {
+                    path,
+                    reason: "is not a JSON object; use --overwrite to recompute the folder".into(),
+                }),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(fs::read(self.out.join("report.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(
+                        |mut r| match r.get_mut(SETTINGS_KEY).map(serde_json::Value::take) {
+                            Some(serde_json::Value::Object(record)) => Some(record),
+                            _ => None,
+                        },
+                    )
+                    .unwrap_or_default())
+            }
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
+    /// Refuses `new` where `record` has another value of one of its keys.
+    fn check_settings(&self, record: &Settings, new: &Settings) -> Result<()> {
+        let Some((key, was, now)) = differs(record, new) else {
+            return Ok(());
+        };
+        let short = |v: &serde_json::Value| {
+            let text = v.to_string();
+            match text.char_indices().nth(120) {
+                Some((cut, _)) => format!("{}…", &text[..cut]),
+                None => text,
             }
         };
-        // The first differing key, down into objects on both sides
-        // (`saliency.smooth_samples`).
-        fn differs(
-            old: &serde_json::Map<String, serde_json::Value>,
-            new: &serde_json::Map<String, serde_json::Value>,
-        ) -> Option<(String, serde_json::Value, serde_json::Value)> {
-            new.iter().find_map(|(k, v)| match (old.get(k)?, v) {
-                (serde_json::Value::Object(o), serde_json::Value::Object(n)) if o != n => {
-                    match differs(o, n) {
-                        Some((sub, a, b)) => Some((format!("{k}.{sub}"), a, b)),
-                        None => Some((k.clone(), o.clone().into(), n.clone().into())),
-                    }
-                }
-                (o, v) => (o != v).then(|| (k.clone(), o.clone(), v.clone())),
-            })
-        }
-        if let Some((key, was, now)) = differs(&old, &new) {
-            let short = |v: &serde_json::Value| {
-                let text = v.to_string();
-                match text.char_indices().nth(120) {
-                    Some((cut, _)) => format!("{}…", &text[..cut]),
-                    None => text,
-                }
-            };
-            return Err(Error::OutputMismatch {
-                path: self.out.clone(),
-                reason: format!(
-                    "holds results made with {key} {}, and this run has {key} {}: use another output folder, or --overwrite to recompute them",
-                    short(&was),
-                    short(&now)
-                ),
-            });
-        }
-        let mut merged = old;
-        merged.extend(new);
-        self.settings = Some(merged);
-        Ok(self)
+        Err(Error::OutputMismatch {
+            path: self.out.clone(),
+            reason: format!(
+                "holds results made with {key} {}, and this run has {key} {}: use another output folder, or --overwrite to recompute them",
+                short(&was),
+                short(&now)
+            ),
+        })
     }
 
     /// Draws heatmaps over the original image, at its own resolution,
@@ -531,9 +583,7 @@ impl FolderSink {
             }
         };
         report.insert("worker".into(), self.id.clone().into());
-        if let Some(settings) = &self.settings {
-            report.insert(SETTINGS_KEY.into(), settings.clone().into());
-        }
+        self.record_settings(&mut report);
         let dir = self.out.join(JOURNAL_DIR);
         let own = serde_json::to_vec_pretty(&report).map_err(|e| Error::Internal {
             what: e.to_string(),
@@ -550,8 +600,10 @@ impl FolderSink {
             });
         }
         // The last worker merges and folds again: a worker may have
-        // finished since this one's merge and listing.
+        // finished since this one's merge and listing (or begun, and
+        // recorded its settings).
         let (merged, seen) = self.merge_seen()?;
+        self.record_settings(&mut report);
         let report_files = self.write_summary(&mut report, &merged)?;
         self.compact(&seen, &report_files);
         Ok(Finished { merged, last: true })
@@ -650,9 +702,17 @@ impl FolderSink {
                 }
             }
         }
-        // `report.json` holds the settings now (see `finish`).
-        if self.settings.is_some() {
-            let _ = fs::remove_file(dir.join(SETTINGS_FILE));
+        // `report.json` holds the settings now (see `finish`), unless a
+        // worker that began since recorded more.
+        if let Some(written) = &self.settings_written {
+            let current = fs::read(dir.join(SETTINGS_FILE))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Settings>(&b).ok());
+            if current
+                .is_some_and(|c| is_within(&c, &written.lock().unwrap_or_else(|p| p.into_inner())))
+            {
+                let _ = fs::remove_file(dir.join(SETTINGS_FILE));
+            }
         }
         for sub in ["rows", "reports", "active"] {
             let _ = fs::remove_dir(dir.join(sub));

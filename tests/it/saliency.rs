@@ -780,3 +780,90 @@ fn engine_batches_hold_each_images_input_bit_for_bit() {
         }
     }
 }
+
+/// An output folder's record of what its results were made with, across
+/// workers of different commands: the last worker to finish writes the
+/// union into report.json (a worker of another command that began and
+/// finished meanwhile included), a worker whose settings conflict with one
+/// that began after it opened the folder is refused at `begin`, and after
+/// `overwrite` with other values the other commands' sections are marked
+/// stale, so that their reruns are refused.
+#[test]
+fn the_folder_record_of_settings_joins_workers_and_marks_overwritten_sections() {
+    use serde_json::json;
+    use tch_vis::batch::{FolderSink, ScoresMethod};
+    let model = Model::load(repo("models/digits_cnn.pt"), Device::Cpu).unwrap();
+    let sidecar = Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap();
+    let saliency = SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap();
+    let scores = ScoresMethod::new(&[ScoreSpec::Predicted]).unwrap();
+    let salient = Engine::new(&model, sidecar.clone(), &saliency)
+        .prepare()
+        .unwrap();
+    let scored = Engine::new(&model, sidecar.clone(), &scores)
+        .prepare()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let shared = |score: &str| json!({"model": "m1", "score": [score]});
+    let with_maps = |score: &str, samples: u64| {
+        let mut v = shared(score);
+        v["saliency"] = json!({"smooth_samples": samples});
+        v
+    };
+    let sink = |layout, method: &dyn tch_vis::batch::Method, settings, overwrite| {
+        FolderSink::open(&out, layout, method, &sidecar, overwrite)
+            .and_then(|s| s.settings(settings))
+    };
+    let record = || -> serde_json::Value {
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+        r["results_settings"].clone()
+    };
+    // A scores worker begins; a saliency worker begins and finishes while
+    // it runs; the scores worker, last, records both.
+    let a = sink(&scored, &scores, shared("predicted"), false).unwrap();
+    a.begin().unwrap();
+    let b = sink(&salient, &saliency, with_maps("predicted", 0), false).unwrap();
+    b.begin().unwrap();
+    assert!(!b.finish(json!({})).unwrap().last);
+    assert!(a.finish(json!({})).unwrap().last);
+    assert_eq!(record(), with_maps("predicted", 0));
+    assert!(!out.join(".tch-vis").exists());
+    // Another SmoothGrad setting is refused at open.
+    let refused = sink(&salient, &saliency, with_maps("predicted", 8), false);
+    assert!(matches!(
+        refused,
+        Err(tch_vis::Error::OutputMismatch { .. })
+    ));
+    // Two workers that opened the folder before either began: the second
+    // to begin is refused.
+    let c = sink(&salient, &saliency, with_maps("predicted", 0), false).unwrap();
+    let d = sink(&scored, &scores, shared("predicted"), false).unwrap();
+    let e = sink(&salient, &saliency, with_maps("predicted", 0), false).unwrap();
+    // (`e` agrees with the record; a worker of other scores opened too.)
+    let f = FolderSink::open(&out, &scored, &scores, &sidecar, true)
+        .and_then(|s| s.settings(shared("categorical:3")))
+        .unwrap();
+    c.begin().unwrap();
+    f.begin().unwrap();
+    // `f` overwrote with another score: the saliency section is stale, and
+    // `d`, which agreed with the record at open, no longer does.
+    assert!(matches!(
+        d.begin(),
+        Err(tch_vis::Error::OutputMismatch { .. })
+    ));
+    assert!(matches!(
+        e.begin(),
+        Err(tch_vis::Error::OutputMismatch { .. })
+    ));
+    for w in [c, f] {
+        w.finish(json!({})).unwrap();
+    }
+    let r = record();
+    assert_eq!(r["score"], json!(["categorical:3"]));
+    assert!(r["saliency"].as_str().unwrap().starts_with("stale"), "{r}");
+    assert!(matches!(
+        sink(&salient, &saliency, with_maps("categorical:3", 0), false),
+        Err(tch_vis::Error::OutputMismatch { .. })
+    ));
+}

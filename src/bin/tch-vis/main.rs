@@ -59,8 +59,9 @@ fn run() -> Result<(), Failure> {
                     ""
                 };
                 // The subcommand's own help, where one was named.
-                let help = std::env::args()
+                let help = std::env::args_os()
                     .nth(1)
+                    .and_then(|c| c.into_string().ok())
                     .filter(|c| {
                         ["saliency", "scores", "cam", "integrated-gradients", "maximize"]
                             .contains(&c.as_str())

@@ -28,8 +28,17 @@ pub fn execute(a: MaximizeArgs) -> Result<(), Failure> {
             }));
         }
     }
-    // A folder run's results: its report.json would be replaced.
-    if let Some(other) = crate::run::report_command(&a.out).filter(|c| c != "maximize") {
+    // A folder run's results (or a folder run in progress, or killed):
+    // its report.json would be replaced.
+    let folder_run = a
+        .out
+        .join(tch_vis::batch::JOURNAL_DIR)
+        .exists()
+        .then(|| "folder".to_string());
+    if let Some(other) = crate::run::report_command(&a.out)
+        .filter(|c| c != "maximize")
+        .or(folder_run)
+    {
         return Err(Failure::Usage(Error::OutputMismatch {
             path: a.out.clone(),
             reason: format!(

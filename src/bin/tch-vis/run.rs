@@ -198,6 +198,10 @@ fn results_settings(
         for knob in ["save_npy", "cam_batch", "internal_batch_size"] {
             maps.remove(knob);
         }
+        // Only Faster-Score-CAM keeps max_n channels.
+        if maps.get("method").and_then(serde_json::Value::as_str) != Some("fasterscorecam") {
+            maps.remove("max_n");
+        }
         // Vanilla saliency draws no noise.
         if maps
             .get("smooth_samples")
@@ -245,21 +249,28 @@ fn check_labels(
     if outputs.len() != class_outputs.len() {
         return Ok(());
     }
-    // An (N, 1) output's classes are its two sides (false, true).
-    let classes: Vec<(usize, usize)> = outputs
+    // Per class output, the fewest and most labels that fit it: an
+    // (N, 1) output has one class (its argmax) or, named by side, two.
+    let fits: Vec<(usize, usize, usize)> = outputs
         .iter()
         .zip(class_outputs)
         .enumerate()
         .filter(|(_, (_, &is_class))| is_class)
-        .map(|(k, (out, _))| (k, (out.size().get(1).copied().unwrap_or(1) as usize).max(2)))
+        .map(|(k, (out, _))| {
+            let c = out.size().get(1).copied().unwrap_or(1).max(1) as usize;
+            (k, c, if c == 1 { 2 } else { c })
+        })
         .collect();
     let n = labels.len();
-    let few = classes.iter().find(|&&(_, c)| n < c);
-    let most = classes.iter().max_by_key(|&&(_, c)| c);
-    match few.or(most.filter(|&&(_, c)| n > c)) {
-        Some(&(k, c)) => Err(Error::Sidecar {
+    let few = fits.iter().find(|&&(_, least, _)| n < least);
+    let most = fits.iter().max_by_key(|&&(_, _, most)| most);
+    match few.or(most.filter(|&&(_, _, most)| n > most)) {
+        Some(&(k, c, _)) => Err(Error::Sidecar {
             path: Sidecar::path_for_model(model_path),
-            reason: format!("has {n} labels, but the model's output {k} has {c} classes"),
+            reason: format!(
+                "has {n} labels, but the model's output {k} has {c} {}",
+                if c == 1 { "class" } else { "classes" }
+            ),
         }),
         None => Ok(()),
     }
@@ -493,7 +504,12 @@ pub fn execute(job: Job) -> Result<(), Failure> {
             pending.push(e);
         }
     }
-    sink.begin().map_err(Failure::Run)?;
+    sink.begin().map_err(|e| match e {
+        // Another worker's settings, recorded since `open`: before the
+        // first image, nothing of this run written.
+        e @ Error::OutputMismatch { .. } => Failure::Usage(e),
+        e => Failure::Run(e),
+    })?;
     bar.start(pending.len());
     // Model load, CUDA start, the probe batch (cuDNN's algorithm search).
     let startup_seconds = start.elapsed().as_secs_f64();
