@@ -100,6 +100,18 @@ pub(crate) fn device_synchronize(device: usize) -> Result<()> {
     })
 }
 
+/// Waits for all work on CUDA device `device`: [`device_synchronize`]
+/// where the runtime's functions are found (an error, not a panic, on a
+/// device error), else libtorch's synchronisation through tch.
+pub(crate) fn synchronize_device(device: usize) -> Result<()> {
+    if api().is_some() {
+        device_synchronize(device)
+    } else {
+        tch::Cuda::synchronize(device as i64);
+        Ok(())
+    }
+}
+
 fn check(call: &str, status: Status) -> Result<()> {
     if status == 0 {
         Ok(())

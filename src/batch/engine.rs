@@ -253,34 +253,26 @@ pub fn tune_malloc() {
 }
 
 /// The memory this process may still take, where the system says: the
-/// kernel's `MemAvailable` and free swap, or a cgroup's limit (v2
-/// `memory.max`, v1 `memory.limit_in_bytes`) less its usage, the smaller.
-/// `None` elsewhere.
+/// kernel's `MemAvailable` (which counts reclaimable page cache) and free
+/// swap. `None` elsewhere. A cgroup's limit is not read: its usage counts
+/// page cache as well, which would refuse batches that fit.
 fn available_memory() -> Option<u64> {
-    let read = |path: &str| std::fs::read_to_string(path).ok();
-    let kb = |text: &str, key: &str| -> Option<u64> {
-        let line = text.lines().find(|l| l.starts_with(key))?;
-        line[key.len()..]
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse::<u64>()
-            .ok()
-            .map(|v| v * 1024)
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb = |key: &str| -> Option<u64> {
+        let line = meminfo.lines().find(|l| l.starts_with(key))?;
+        let v = line[key.len()..].trim().trim_end_matches("kB").trim();
+        v.parse::<u64>().ok().map(|v| v * 1024)
     };
-    let meminfo = read("/proc/meminfo")?;
-    let system = kb(&meminfo, "MemAvailable:")? + kb(&meminfo, "SwapFree:").unwrap_or(0);
-    let number = |path: &str| read(path)?.trim().parse::<u64>().ok();
-    let cgroup =
-        number("/sys/fs/cgroup/memory.max")
-            .map(|max| max.saturating_sub(number("/sys/fs/cgroup/memory.current").unwrap_or(0)))
-            .or_else(|| {
-                let max = number("/sys/fs/cgroup/memory/memory.limit_in_bytes")?;
-                Some(max.saturating_sub(
-                    number("/sys/fs/cgroup/memory/memory.usage_in_bytes").unwrap_or(0),
-                ))
-            });
-    Some(cgroup.map_or(system, |c| c.min(system)))
+    Some(kb("MemAvailable:")? + kb("SwapFree:").unwrap_or(0))
+}
+
+/// `bytes` for a message: MB under a GB, else GB.
+fn size_text(bytes: u64) -> String {
+    if bytes < 1_000_000_000 {
+        format!("{:.1} MB", bytes as f64 / 1e6)
+    } else {
+        format!("{:.1} GB", bytes as f64 / 1e9)
+    }
 }
 
 /// A second probe batch ([`Engine::prepare`]) over this time is the last.
@@ -574,8 +566,8 @@ impl<'a> Engine<'a> {
             let bytes = (n * c * h * w * 4) as u64;
             let what = || {
                 format!(
-                    "a batch of {n} inputs of {c} × {h} × {w} float32 values ({:.1} GB) cannot be allocated: use a smaller batch size",
-                    bytes as f64 / 1e9
+                    "a batch of {n} inputs of {c} × {h} × {w} float32 values ({}) cannot be allocated: use a smaller batch size",
+                    size_text(bytes)
                 )
             };
             if let Some(free) = available_memory().filter(|&free| bytes > free) {
@@ -583,7 +575,7 @@ impl<'a> Engine<'a> {
                     what: what(),
                     source: Box::new(Error::InvalidValue {
                         what: "batch size",
-                        value: format!("{n} for {:.1} GB of available memory", free as f64 / 1e9),
+                        value: format!("{n} for {} of available memory", size_text(free)),
                     }),
                 });
             }
@@ -893,17 +885,27 @@ impl<'a> Engine<'a> {
                     };
                     match (handed, queued) {
                         (Ok(()), Ok(mut queued)) => {
+                            let mut synced = Ok(());
                             if queued.end.get().is_none() {
                                 // Without events, the whole device, now.
                                 let t = Instant::now();
-                                tch::Cuda::synchronize(i as i64);
+                                synced = cuda_rt::synchronize_device(i);
                                 device_wait += t.elapsed();
-                                if let Some(buf) = queued.staging.take() {
-                                    let _ = tx_free.send(buf);
+                                let buf = queued.staging.take();
+                                if synced.is_ok() {
+                                    if let Some(buf) = buf {
+                                        let _ = tx_free.send(buf);
+                                    }
+                                } else {
+                                    // A device error: its work on the
+                                    // buffer may not have ended.
+                                    std::mem::forget(buf);
                                 }
                             }
-                            in_flight = Some(queued);
-                            Ok(())
+                            if synced.is_ok() {
+                                in_flight = Some(queued);
+                            }
+                            synced
                         }
                         (handed, queued) => {
                             // A failure ends the run: this batch's upload
@@ -991,7 +993,7 @@ impl<'a> Engine<'a> {
     /// at a fixed batch size.
     fn first_batch_hint(&self, e: Error, first: bool) -> Error {
         // A shape error, as a fixed batch size gives (not memory, say).
-        let text = e.to_string();
+        let text = e.to_string().to_lowercase();
         let shapes = ["shape", "size", "mat1 and mat2", "dimension"]
             .iter()
             .any(|w| text.contains(w));
@@ -1296,7 +1298,15 @@ fn collect(
                 n_failed.fetch_add(1, Ordering::Relaxed);
             }
             Event::Fatal(e) => {
-                out.fatal.get_or_insert(e);
+                // The first failure; a failure that comes after a cancel
+                // (a writer's, of an earlier batch) is the one to tell.
+                match &out.fatal {
+                    None | Some(Error::Cancelled) if !matches!(e, Error::Cancelled) => {
+                        out.fatal = Some(e)
+                    }
+                    None => out.fatal = Some(e),
+                    _ => {}
+                }
             }
         }
         if let Some(f) = progress {

@@ -85,6 +85,8 @@ pub struct FolderSink {
     overwrite: bool,
     /// This run's own settings (what [`FolderSink::settings`] was given).
     new_settings: Option<Settings>,
+    /// The key of this run's own section in them.
+    section: Option<String>,
     /// The record last written into `report.json` (see `record_settings`).
     settings_written: Option<Mutex<Settings>>,
 }
@@ -117,15 +119,29 @@ fn differs(
     })
 }
 
-/// The record after a run with `new`: the union. After `overwrite` with
-/// other values, the sections of `record` that `new` lacks (other
-/// commands' maps, made with what `new` replaces) are marked stale, so
-/// that a rerun of those commands is refused rather than keep them.
-fn merge_settings(mut record: Settings, new: &Settings, overwrite: bool) -> Settings {
-    if overwrite && differs(&record, new).is_some() {
+/// What a section of the record (a command's map settings) reads once
+/// an `--overwrite` run changed the shared settings its maps were made
+/// with.
+const STALE: &str = "stale: an --overwrite run changed the settings these maps were made with";
+
+/// The record after a run with `new`, whose own section (its command's
+/// map settings) is `section`: the union. After `overwrite` with another
+/// value of a shared key (not `section`), the other sections of `record`
+/// are marked [`STALE`], so that a rerun of those commands is refused
+/// rather than keep maps of the old settings.
+fn merge_settings(
+    mut record: Settings,
+    new: &Settings,
+    overwrite: bool,
+    section: Option<&str>,
+) -> Settings {
+    let shared_changed = new
+        .iter()
+        .any(|(k, v)| Some(k.as_str()) != section && record.get(k).is_some_and(|o| o != v));
+    if overwrite && shared_changed {
         for (k, v) in record.iter_mut() {
-            if !new.contains_key(k) {
-                *v = "stale: recomputed by another run with --overwrite".into();
+            if !new.contains_key(k) && v.is_object() {
+                *v = STALE.into();
             }
         }
     }
@@ -206,6 +222,7 @@ impl FolderSink {
             original: None,
             overwrite,
             new_settings: None,
+            section: None,
             settings_written: None,
         };
         if !overwrite {
@@ -236,11 +253,17 @@ impl FolderSink {
         if let Some(new) = &self.new_settings {
             // The record as other workers may have left it since `open`:
             // checked again, and joined with this run's.
-            let record = self.read_settings()?;
+            // (Overwriting, an unreadable record is replaced.)
+            let record = if self.overwrite {
+                self.read_settings().unwrap_or_default()
+            } else {
+                self.read_settings()?
+            };
             if !self.overwrite {
                 self.check_settings(&record, new)?;
             }
-            write_settings(&self.out, &merge_settings(record, new, self.overwrite))?;
+            let merged = merge_settings(record, new, self.overwrite, self.section.as_deref());
+            write_settings(&self.out, &merged)?;
         }
         io::write_atomic(&active.join(&self.id), b"")
     }
@@ -252,22 +275,26 @@ impl FolderSink {
     /// opened with `overwrite`): a rerun would keep those results as done,
     /// beside new ones of other settings. Keys on one side only do not
     /// conflict (a `scores` run, then a `saliency` run of the same model
-    /// and scores); [`FolderSink::begin`] records the union. A folder of
+    /// and scores); [`FolderSink::begin`] records the union. `section`
+    /// names the key of this run's own maps' settings: an `overwrite` run
+    /// that changes another key marks the other commands' sections stale,
+    /// and their reruns are refused until they overwrite too. A folder of
     /// runs that recorded nothing is taken as it is.
     ///
     /// # Errors
     /// [`Error::OutputMismatch`] naming the first key whose values differ;
     /// [`Error::Io`] when the folder's record cannot be read.
-    pub fn settings(mut self, settings: serde_json::Value) -> Result<Self> {
+    pub fn settings(mut self, settings: serde_json::Value, section: Option<&str>) -> Result<Self> {
         let serde_json::Value::Object(new) = settings else {
             return Err(Error::Internal {
                 what: "the settings of a folder sink must be a JSON object".into(),
             });
         };
-        let record = self.read_settings()?;
         if !self.overwrite {
+            let record = self.read_settings()?;
             self.check_settings(&record, &new)?;
         }
+        self.section = section.map(str::to_string);
         self.new_settings = Some(new);
         self.settings_written = Some(Mutex::new(Settings::new()));
         Ok(self)
@@ -279,7 +306,12 @@ impl FolderSink {
         let (Some(new), Some(written)) = (&self.new_settings, &self.settings_written) else {
             return;
         };
-        let record = merge_settings(self.read_settings().unwrap_or_default(), new, false);
+        let record = merge_settings(
+            self.read_settings().unwrap_or_default(),
+            new,
+            false,
+            self.section.as_deref(),
+        );
         report.insert(SETTINGS_KEY.into(), record.clone().into());
         *written.lock().unwrap_or_else(|p| p.into_inner()) = record;
     }
@@ -317,6 +349,14 @@ impl FolderSink {
         let Some((key, was, now)) = differs(record, new) else {
             return Ok(());
         };
+        if was.as_str() == Some(STALE) {
+            return Err(Error::OutputMismatch {
+                path: self.out.clone(),
+                reason: format!(
+                    "holds {key} maps made with other settings than the folder's now (an --overwrite run changed them): rerun {key} with --overwrite"
+                ),
+            });
+        }
         let short = |v: &serde_json::Value| {
             let text = v.to_string();
             match text.char_indices().nth(120) {

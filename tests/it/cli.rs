@@ -744,6 +744,25 @@ fn a_rerun_with_other_settings_is_refused() {
         base(&[]),
         r#"score ["categorical:3"], and this run has score ["predicted"]"#,
     );
+    // The same model with torchvision resize keys added to its sidecar:
+    // other inputs, refused (an optional key added is a change).
+    let resized = t.out("resized.pt");
+    fs::copy(root().join("models/digits_cnn.pt"), &resized).unwrap();
+    let mut with_resize: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(root().join("models/digits_cnn.json")).unwrap())
+            .unwrap();
+    with_resize["resize"] = serde_json::json!(36);
+    with_resize["crop"] = serde_json::json!([32, 32]);
+    fs::write(t.out("resized.json"), with_resize.to_string()).unwrap();
+    refused(
+        saliency_args(
+            s(&resized),
+            &t.images(),
+            &out,
+            &["--score", "categorical:3"],
+        ),
+        "holds results made with sidecar.antialias null, and this run has sidecar.antialias true",
+    );
     // Sidecar floats that JSON does not give back exactly unless read
     // correctly rounded (0.4578275 as float32): the same settings.
     let odd = t.out("odd.pt");

@@ -812,7 +812,7 @@ fn the_folder_record_of_settings_joins_workers_and_marks_overwritten_sections() 
     };
     let sink = |layout, method: &dyn tch_vis::batch::Method, settings, overwrite| {
         FolderSink::open(&out, layout, method, &sidecar, overwrite)
-            .and_then(|s| s.settings(settings))
+            .and_then(|s| s.settings(settings, Some("saliency")))
     };
     let record = || -> serde_json::Value {
         let r: serde_json::Value =
@@ -842,7 +842,7 @@ fn the_folder_record_of_settings_joins_workers_and_marks_overwritten_sections() 
     let e = sink(&salient, &saliency, with_maps("predicted", 0), false).unwrap();
     // (`e` agrees with the record; a worker of other scores opened too.)
     let f = FolderSink::open(&out, &scored, &scores, &sidecar, true)
-        .and_then(|s| s.settings(shared("categorical:3")))
+        .and_then(|s| s.settings(shared("categorical:3"), None))
         .unwrap();
     c.begin().unwrap();
     f.begin().unwrap();
@@ -866,4 +866,68 @@ fn the_folder_record_of_settings_joins_workers_and_marks_overwritten_sections() 
         sink(&salient, &saliency, with_maps("categorical:3", 0), false),
         Err(tch_vis::Error::OutputMismatch { .. })
     ));
+}
+
+/// An `overwrite` run that changes only its own command's section leaves
+/// the other commands' sections as they are; one that changes a shared
+/// value marks them stale; and overwriting replaces an unreadable record.
+#[test]
+fn overwriting_ones_own_section_leaves_the_others() {
+    use serde_json::json;
+    use tch_vis::batch::FolderSink;
+    let model = Model::load(repo("models/digits_cnn.pt"), Device::Cpu).unwrap();
+    let sidecar = Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap();
+    let saliency = SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap();
+    let layout = Engine::new(&model, sidecar.clone(), &saliency)
+        .prepare()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let run = |settings: serde_json::Value, section: &str, overwrite: bool| {
+        let sink = FolderSink::open(&out, &layout, &saliency, &sidecar, overwrite)
+            .and_then(|s| s.settings(settings, Some(section)))?;
+        sink.begin()?;
+        sink.finish(json!({}))?;
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+        Ok::<_, tch_vis::Error>(r["results_settings"].clone())
+    };
+    let both =
+        |a: u64, b: &str| json!({"model": "m", "saliency": {"samples": a}, "cam": {"method": b}});
+    let only = |key: &str, v: serde_json::Value| {
+        let mut m = json!({"model": "m"});
+        m[key] = v;
+        m
+    };
+    run(only("saliency", json!({"samples": 0})), "saliency", false).unwrap();
+    run(only("cam", json!({"method": "gradcam"})), "cam", false).unwrap();
+    // cam overwrites with another method: saliency's maps stay valid.
+    let r = run(only("cam", json!({"method": "layercam"})), "cam", true).unwrap();
+    assert_eq!(r, both(0, "layercam"));
+    run(only("saliency", json!({"samples": 0})), "saliency", false).unwrap();
+    // Another model, overwritten by saliency: cam's maps are stale.
+    let r = run(
+        json!({"model": "m2", "saliency": {"samples": 0}}),
+        "saliency",
+        true,
+    )
+    .unwrap();
+    assert!(r["cam"].as_str().unwrap().starts_with("stale"), "{r}");
+    let e = run(
+        json!({"model": "m2", "cam": {"method": "layercam"}}),
+        "cam",
+        false,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("rerun cam with --overwrite"), "{e}");
+    // An unreadable record: refused, unless overwriting.
+    std::fs::create_dir_all(out.join(".tch-vis")).unwrap();
+    std::fs::write(out.join(".tch-vis/settings.json"), b"garbage").unwrap();
+    assert!(run(only("saliency", json!({"samples": 0})), "saliency", false).is_err());
+    run(
+        json!({"model": "m2", "saliency": {"samples": 0}}),
+        "saliency",
+        true,
+    )
+    .unwrap();
 }

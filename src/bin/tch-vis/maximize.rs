@@ -30,20 +30,18 @@ pub fn execute(a: MaximizeArgs) -> Result<(), Failure> {
     }
     // A folder run's results (or a folder run in progress, or killed):
     // its report.json would be replaced.
-    let folder_run = a
-        .out
-        .join(tch_vis::batch::JOURNAL_DIR)
-        .exists()
-        .then(|| "folder".to_string());
-    if let Some(other) = crate::run::report_command(&a.out)
-        .filter(|c| c != "maximize")
-        .or(folder_run)
-    {
+    let reason = match crate::run::report_command(&a.out).filter(|c| c != "maximize") {
+        Some(other) => Some(format!(
+            "holds the results of a {other} run (its report.json)"
+        )),
+        None => a.out.join(tch_vis::batch::JOURNAL_DIR).exists().then(|| {
+            "holds a folder run's journals (.tch-vis: a run in progress, or killed)".into()
+        }),
+    };
+    if let Some(reason) = reason {
         return Err(Failure::Usage(Error::OutputMismatch {
             path: a.out.clone(),
-            reason: format!(
-                "holds the results of a {other} run (its report.json): give maximize a folder of its own"
-            ),
+            reason: format!("{reason}: give maximize a folder of its own"),
         }));
     }
     // Every SPEC must fit its output (class indices in range) before anything is written.

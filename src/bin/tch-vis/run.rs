@@ -188,7 +188,19 @@ fn results_settings(
 ) -> tch_vis::Result<serde_json::Value> {
     let mut settings = serde_json::json!({
         "model": model_fingerprint(&job.model)?,
-        "sidecar": sidecar,
+        // Every key, the defaults filled in: adding or removing an
+        // optional key is a change, not a key on one side only.
+        "sidecar": {
+            "input_size": sidecar.input_size,
+            "channels": sidecar.channels,
+            "mean": sidecar.mean,
+            "std": sidecar.std,
+            "labels": sidecar.labels,
+            "resize": sidecar.resize,
+            "interpolation": sidecar.resize.map(|_| sidecar.interpolation()),
+            "antialias": sidecar.resize.map(|_| sidecar.antialias()),
+            "crop": sidecar.crop,
+        },
         "score": spec_names(&job.specs),
         "precision": job.precision.to_string(),
         "jpeg_draft": job.jpeg_draft,
@@ -267,10 +279,11 @@ fn check_labels(
     match few.or(most.filter(|&&(_, _, most)| n > most)) {
         Some(&(k, c, _)) => Err(Error::Sidecar {
             path: Sidecar::path_for_model(model_path),
-            reason: format!(
-                "has {n} labels, but the model's output {k} has {c} {}",
-                if c == 1 { "class" } else { "classes" }
-            ),
+            reason: if c == 1 {
+                format!("has {n} labels, but the model's output {k} is (N, 1): one label, or two (false, true)")
+            } else {
+                format!("has {n} labels, but the model's output {k} has {c} classes")
+            },
         }),
         None => Ok(()),
     }
@@ -482,7 +495,10 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     })?;
     check_labels(&model, &sidecar, &layout.class_outputs, &job.model).map_err(Failure::Usage)?;
     let mut sink = FolderSink::open(&job.out, &layout, method.as_ref(), &sidecar, job.overwrite)
-        .and_then(|sink| sink.settings(results_settings(&job, &sidecar, &settings)?))
+        .and_then(|sink| {
+            let section = (!matches!(job.mode, Mode::Scores)).then(|| job.mode.name());
+            sink.settings(results_settings(&job, &sidecar, &settings)?, section)
+        })
         .map_err(Failure::Usage)?;
     if job.overlay_original {
         sink = sink.overlay_original(pre);
