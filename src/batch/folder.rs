@@ -91,11 +91,13 @@ pub struct FolderSink {
     settings_written: Option<Mutex<Settings>>,
 }
 
-/// The file, under [`JOURNAL_DIR`], recording what an output folder's
+/// The folder, under [`JOURNAL_DIR`], recording what an output folder's
 /// results depend on ([`FolderSink::settings`]) while runs are active or
-/// after one was killed; once the last worker has finished, `report.json`
-/// holds it under [`SETTINGS_KEY`].
-pub const SETTINGS_FILE: &str = "settings.json";
+/// after one was killed: one file per worker (`ID.json`, as the row
+/// journals, so that no file is written by two processes), their union
+/// the record; once the last worker has finished, `report.json` holds it
+/// under [`SETTINGS_KEY`].
+pub const SETTINGS_DIR: &str = "settings";
 
 /// The key of `report.json` that records what the folder's results depend
 /// on ([`FolderSink::settings`]).
@@ -149,12 +151,53 @@ fn merge_settings(
     record
 }
 
-/// Writes `record` as the folder's settings file.
-fn write_settings(out: &Path, record: &Settings) -> Result<()> {
+/// Writes `record` as worker `id`'s settings file.
+fn write_settings(out: &Path, id: &str, record: &Settings) -> Result<()> {
     let text = serde_json::to_vec_pretty(record).map_err(|e| Error::Internal {
         what: format!("cannot write the settings: {e}"),
     })?;
-    io::write_atomic(&out.join(JOURNAL_DIR).join(SETTINGS_FILE), &text)
+    let path = out
+        .join(JOURNAL_DIR)
+        .join(SETTINGS_DIR)
+        .join(format!("{id}.json"));
+    io::write_atomic(&path, &text)
+}
+
+/// The workers' settings files of a folder, oldest worker first (ids
+/// begin with the start time), with their contents; an unreadable one is
+/// an error naming it.
+fn settings_files(out: &Path) -> Result<Vec<(PathBuf, Settings)>> {
+    let dir = out.join(JOURNAL_DIR).join(SETTINGS_DIR);
+    let read = match fs::read_dir(&dir) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(&dir, e)),
+    };
+    let mut paths: Vec<PathBuf> = read
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    paths.sort();
+    let mut files = Vec::with_capacity(paths.len());
+    for path in paths {
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            // Removed by a finishing worker meanwhile: folded into its report.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            Ok(serde_json::Value::Object(record)) => files.push((path, record)),
+            _ => {
+                return Err(Error::OutputMismatch {
+                    path,
+                    reason: "is not a JSON object; use --overwrite to recompute the folder".into(),
+                })
+            }
+        }
+    }
+    Ok(files)
 }
 
 /// Whether every key of `part` is in `whole` with the same value.
@@ -263,7 +306,7 @@ impl FolderSink {
                 self.check_settings(&record, new)?;
             }
             let merged = merge_settings(record, new, self.overwrite, self.section.as_deref());
-            write_settings(&self.out, &merged)?;
+            write_settings(&self.out, &self.id, &merged)?;
         }
         io::write_atomic(&active.join(&self.id), b"")
     }
@@ -316,32 +359,24 @@ impl FolderSink {
         *written.lock().unwrap_or_else(|p| p.into_inner()) = record;
     }
 
-    /// The folder's record of what its results were made with: the file
-    /// of active or killed runs, else the last finished run's report.
+    /// The folder's record of what its results were made with: the last
+    /// finished run's report, joined with the files of the workers that
+    /// ran since (active or killed), in the order they began.
     fn read_settings(&self) -> Result<Settings> {
-        let path = self.out.join(JOURNAL_DIR).join(SETTINGS_FILE);
-        match fs::read(&path) {
-            Ok(bytes) => match serde_json::from_slice::<serde_json::Value>(&bytes) {
-                Ok(serde_json::Value::Object(record)) => Ok(record),
-                _ => Err(Error::OutputMismatch {
-                    path,
-                    reason: "is not a JSON object; use --overwrite to recompute the folder".into(),
-                }),
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ok(fs::read(self.out.join("report.json"))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                    .and_then(
-                        |mut r| match r.get_mut(SETTINGS_KEY).map(serde_json::Value::take) {
-                            Some(serde_json::Value::Object(record)) => Some(record),
-                            _ => None,
-                        },
-                    )
-                    .unwrap_or_default())
-            }
-            Err(e) => Err(Error::io(&path, e)),
+        let mut record = fs::read(self.out.join("report.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(
+                |mut r| match r.get_mut(SETTINGS_KEY).map(serde_json::Value::take) {
+                    Some(serde_json::Value::Object(record)) => Some(record),
+                    _ => None,
+                },
+            )
+            .unwrap_or_default();
+        for (_, file) in settings_files(&self.out)? {
+            record.extend(file);
         }
+        Ok(record)
     }
 
     /// Refuses `new` where `record` has another value of one of its keys.
@@ -742,19 +777,18 @@ impl FolderSink {
                 }
             }
         }
-        // `report.json` holds the settings now (see `finish`), unless a
-        // worker that began since recorded more.
+        // `report.json` holds the settings now (see `finish`): the files
+        // within what it got go (a worker that began since may have
+        // recorded more).
         if let Some(written) = &self.settings_written {
-            let current = fs::read(dir.join(SETTINGS_FILE))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Settings>(&b).ok());
-            if current
-                .is_some_and(|c| is_within(&c, &written.lock().unwrap_or_else(|p| p.into_inner())))
-            {
-                let _ = fs::remove_file(dir.join(SETTINGS_FILE));
+            let written = written.lock().unwrap_or_else(|p| p.into_inner());
+            for (path, file) in settings_files(&self.out).unwrap_or_default() {
+                if is_within(&file, &written) {
+                    let _ = fs::remove_file(path);
+                }
             }
         }
-        for sub in ["rows", "reports", "active"] {
+        for sub in ["rows", "reports", "active", SETTINGS_DIR] {
             let _ = fs::remove_dir(dir.join(sub));
         }
         let _ = fs::remove_dir(&dir);

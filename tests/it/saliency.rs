@@ -921,8 +921,8 @@ fn overwriting_ones_own_section_leaves_the_others() {
     .unwrap_err();
     assert!(e.to_string().contains("rerun cam with --overwrite"), "{e}");
     // An unreadable record: refused, unless overwriting.
-    std::fs::create_dir_all(out.join(".tch-vis")).unwrap();
-    std::fs::write(out.join(".tch-vis/settings.json"), b"garbage").unwrap();
+    std::fs::create_dir_all(out.join(".tch-vis/settings")).unwrap();
+    std::fs::write(out.join(".tch-vis/settings/0-host-1.json"), b"garbage").unwrap();
     assert!(run(only("saliency", json!({"samples": 0})), "saliency", false).is_err());
     run(
         json!({"model": "m2", "saliency": {"samples": 0}}),
