@@ -163,22 +163,28 @@ fn write_settings(out: &Path, id: &str, record: &Settings) -> Result<()> {
     io::write_atomic(&path, &text)
 }
 
+/// The files of `dir` ending in `.ext`, sorted (by worker id, which
+/// begins with the start time); none where `dir` does not exist.
+fn files_in(dir: &Path, ext: &str) -> Result<Vec<PathBuf>> {
+    let read = match fs::read_dir(dir) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    let mut v: Vec<PathBuf> = read
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
 /// The workers' settings files of a folder, oldest worker first (ids
 /// begin with the start time), with their contents; an unreadable one is
 /// an error naming it.
 fn settings_files(out: &Path) -> Result<Vec<(PathBuf, Settings)>> {
-    let dir = out.join(JOURNAL_DIR).join(SETTINGS_DIR);
-    let read = match fs::read_dir(&dir) {
-        Ok(r) => r,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(&dir, e)),
-    };
-    let mut paths: Vec<PathBuf> = read
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    paths.sort();
+    let paths = files_in(&out.join(JOURNAL_DIR).join(SETTINGS_DIR), "json")?;
     let mut files = Vec::with_capacity(paths.len());
     for path in paths {
         let bytes = match fs::read(&path) {
@@ -445,19 +451,7 @@ impl FolderSink {
     }
 
     fn journals(&self) -> Result<Vec<PathBuf>> {
-        let dir = self.out.join(JOURNAL_DIR).join("rows");
-        let read = match fs::read_dir(&dir) {
-            Ok(r) => r,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Error::io(&dir, e)),
-        };
-        let mut v: Vec<PathBuf> = read
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "csv"))
-            .collect();
-        v.sort();
-        Ok(v)
+        files_in(&self.out.join(JOURNAL_DIR).join("rows"), "csv")
     }
 
     /// The merged state and the journal lengths it was read at.
