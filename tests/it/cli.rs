@@ -25,7 +25,7 @@ fn model(name: &str) -> String {
         .to_string()
 }
 
-fn tch_vis(args: &[&str]) -> Output {
+fn tch_vis<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     tch_vis_env(args, &[])
 }
 
@@ -33,7 +33,7 @@ fn tch_vis(args: &[&str]) -> Output {
 /// `--device auto` is the CPU on every machine and byte-for-byte comparisons
 /// hold (cuDNN's backward kernels are not deterministic); CUDA itself is
 /// tested by [`saliency_on_cuda_matches_pytorch_goldens`].
-fn tch_vis_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+fn tch_vis_env<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(BIN);
     cmd.args(args);
     cmd.env("CUDA_VISIBLE_DEVICES", "");
@@ -251,7 +251,7 @@ fn saliency_args(model: &str, images: &Path, out: &Path, extra: &[&str]) -> Vec<
         s(out),
         "--save-npy",
     ];
-    head.iter().chain(extra).map(|x| x.to_string()).collect()
+    with(owned(&head), extra)
 }
 
 fn report(out: &Path) -> serde_json::Value {
@@ -679,8 +679,7 @@ fn a_rerun_with_other_settings_is_refused() {
     assert!(!out.join(".tch-vis").exists());
     let refused = |args: Vec<String>, says: &str| {
         let before = snapshot(&out);
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        let o = tch_vis(&a);
+        let o = tch_vis(&args);
         assert_code(&o, 2, says);
         assert_one_error_line(&o, says);
         let err = stderr(&o);
@@ -720,7 +719,7 @@ fn a_rerun_with_other_settings_is_refused() {
     ] {
         assert_eq!(run_ok(&args, what)["skipped"].as_u64(), Some(6), "{what}");
     }
-    let scores: Vec<String> = [
+    let scores: Vec<String> = owned(&[
         "scores",
         "--model",
         &cnn,
@@ -728,10 +727,7 @@ fn a_rerun_with_other_settings_is_refused() {
         s(&t.images()),
         "--out",
         s(&out),
-    ]
-    .iter()
-    .map(|x| x.to_string())
-    .collect();
+    ]);
     assert_eq!(run_ok(&scores, "scores")["skipped"].as_u64(), Some(6));
     // Starting over with other settings, which the folder then records.
     let over = run_ok(
@@ -792,7 +788,7 @@ fn maximize_and_folder_runs_keep_their_own_folders() {
     let (folder, maximized) = (t.out("folder"), t.out("maximized"));
     run_ok(&saliency_args(&cnn, &t.images(), &folder, &[]), "saliency");
     let maximize = |out: &Path| -> Vec<String> {
-        [
+        owned(&[
             "maximize",
             "--model",
             &cnn,
@@ -802,10 +798,7 @@ fn maximize_and_folder_runs_keep_their_own_folders() {
             "categorical:1",
             "--steps",
             "2",
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect()
+        ])
     };
     run_ok(&maximize(&maximized), "maximize");
     for (args, says) in [
@@ -816,7 +809,7 @@ fn maximize_and_folder_runs_keep_their_own_folders() {
         ),
     ] {
         let before = (snapshot(&folder), snapshot(&maximized));
-        let o = tch_vis(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let o = tch_vis(&args);
         assert_code(&o, 2, says);
         assert!(stderr(&o).contains(says), "{}", stderr(&o));
         assert_eq!((snapshot(&folder), snapshot(&maximized)), before, "{says}");
@@ -832,7 +825,7 @@ fn a_maximize_rerun_leaves_no_stale_samples() {
     let out = t.out("maximized");
     let cnn = model("digits_cnn");
     let args = |spec: &str| -> Vec<String> {
-        [
+        owned(&[
             "maximize",
             "--model",
             &cnn,
@@ -842,10 +835,7 @@ fn a_maximize_rerun_leaves_no_stale_samples() {
             spec,
             "--steps",
             "2",
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect()
+        ])
     };
     run_ok(&args("categorical:3,4,5"), "three samples");
     fs::write(out.join("maximize_01.png"), b"mine").unwrap();
@@ -1087,10 +1077,7 @@ fn shards_partition_the_folder_exactly() {
     let m = model("digits_cnn");
     let base = |out: &Path| saliency_args(&m, &t.images(), out, &["--batch-size", "4"]);
     let run = |out: &Path, extra: &[&str], env: &[(&str, &str)]| {
-        let mut a = base(out);
-        a.extend(extra.iter().map(|x| x.to_string()));
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        let o = tch_vis_env(&a, env);
+        let o = tch_vis_env(&with(base(out), extra), env);
         assert_code(&o, 0, &format!("{extra:?} {env:?}"));
     };
     run(&full, &[], &[]);
@@ -1147,11 +1134,7 @@ fn kill_9_then_rerun_equals_an_uninterrupted_run() {
         saliency_args(&m, &t.images(), out, &extra)
     };
     let whole = t.out("whole");
-    assert_code(
-        &tch_vis(&args(&whole).iter().map(String::as_str).collect::<Vec<_>>()),
-        0,
-        "uninterrupted",
-    );
+    assert_code(&tch_vis(&args(&whole)), 0, "uninterrupted");
 
     let killed = t.out("killed");
     let mut child = spawn(&args(&killed));
@@ -1180,7 +1163,7 @@ fn kill_9_then_rerun_equals_an_uninterrupted_run() {
         "killed after {:?} ({status}), {partial} files",
         start.elapsed()
     );
-    let o = tch_vis(&args(&killed).iter().map(String::as_str).collect::<Vec<_>>());
+    let o = tch_vis(&args(&killed));
     assert_code(&o, 0, "resume");
     let r = report(&killed);
     assert_eq!(
@@ -1540,14 +1523,18 @@ fn spawn(args: &[String]) -> std::process::Child {
     cmd.spawn().unwrap()
 }
 
+/// `args` as owned strings.
+fn owned(args: &[&str]) -> Vec<String> {
+    args.iter().map(|x| x.to_string()).collect()
+}
+
 fn with(mut args: Vec<String>, extra: &[&str]) -> Vec<String> {
-    args.extend(extra.iter().map(|x| x.to_string()));
+    args.extend(owned(extra));
     args
 }
 
 fn run_ok(args: &[String], what: &str) -> serde_json::Value {
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let o = tch_vis(&a);
+    let o = tch_vis(args);
     assert_code(&o, 0, what);
     let out = args.iter().position(|x| x == "--out").unwrap() + 1;
     report(Path::new(&args[out]))
@@ -1767,7 +1754,7 @@ fn cam_matches_library(
     use tch_vis::cam::{Cam, CamMethod};
     let (net, pre) = model_and_preprocessor(m);
     let spec = format!("categorical:{class}");
-    let args: Vec<String> = [
+    let args: Vec<String> = owned(&[
         "cam",
         "--model",
         m,
@@ -1781,10 +1768,7 @@ fn cam_matches_library(
         &spec,
         "--device",
         "cpu",
-    ]
-    .iter()
-    .map(|x| x.to_string())
-    .collect();
+    ]);
     run_ok(&args, method);
     let score = tch_vis::scores::CategoricalScore::new(class).unwrap();
     let method_enum: CamMethod = method.parse().unwrap();
@@ -1965,7 +1949,7 @@ fn integrated_gradients_subcommand_writes_attributions_and_deltas() {
     let t = Tree::good(3);
     let m = model("digits_cnn");
     let out = t.out("ig");
-    let args: Vec<String> = [
+    let args: Vec<String> = owned(&[
         "integrated-gradients",
         "--model",
         &m,
@@ -1975,10 +1959,7 @@ fn integrated_gradients_subcommand_writes_attributions_and_deltas() {
         s(&out),
         "--steps",
         "16",
-    ]
-    .iter()
-    .map(|x| x.to_string())
-    .collect();
+    ]);
     run_ok(&args, "ig");
     let text = fs::read_to_string(out.join("scores.csv")).unwrap();
     assert!(
@@ -2138,8 +2119,9 @@ fn single_files_and_lists_of_paths() {
     // looked for; a --root that does not exist is named as such.
     let list = t.images().join("list.txt");
     fs::write(&list, "d0/img_000.png\n").unwrap();
-    let listed_args = |root: &str| -> Vec<String> {
-        [
+    let rel = t.out("rel");
+    let listed_args = |root: &str| {
+        owned(&[
             "scores",
             "--model",
             &m,
@@ -2148,11 +2130,8 @@ fn single_files_and_lists_of_paths() {
             "--root",
             root,
             "--out",
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .chain([s(&t.out("rel")).to_string()])
-        .collect()
+            s(&rel),
+        ])
     };
     for (root, says) in [
         (s(&t.images()), "d0/img_000.png, read as "),
@@ -2162,7 +2141,7 @@ fn single_files_and_lists_of_paths() {
         ),
     ] {
         let a = listed_args(root);
-        let o = tch_vis(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        let o = tch_vis(&a);
         assert_code(&o, 2, root);
         assert_one_error_line(&o, root);
         let err = stderr(&o);
