@@ -27,6 +27,10 @@ pub struct Layout {
     pub class_outputs: Vec<bool>,
     /// The method's per-image value columns ([`super::BatchResult::columns`]).
     pub columns: Vec<String>,
+    /// Per output of the model's forward pass on the probe input (its
+    /// entries in order, for a model that returns several), the size of
+    /// its class axis (dim 1; 1 for an `(N,)` output).
+    pub output_classes: Vec<usize>,
     /// libtorch threads of the compute thread.
     pub compute_threads: usize,
     /// Whether batches reach the model in channels-last memory order
@@ -520,6 +524,10 @@ impl<'a> Engine<'a> {
             }
         })?;
         self.method.check(self.model, &probe, &outputs)?;
+        let output_classes = outputs
+            .iter()
+            .map(|o| o.size().get(1).copied().unwrap_or(1).max(1) as usize)
+            .collect();
         if device.is_cuda() {
             // Batches are padded to one fixed shape: let cuDNN pick the
             // fastest algorithm for it once, here.
@@ -592,6 +600,7 @@ impl<'a> Engine<'a> {
             outputs: result.scores.len(),
             class_outputs: result.classes.iter().map(Option::is_some).collect(),
             columns: result.columns.iter().map(|(n, _)| n.clone()).collect(),
+            output_classes,
             compute_threads: threads,
             channels_last: self.uses_channels_last(),
             device,

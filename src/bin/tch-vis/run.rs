@@ -237,41 +237,33 @@ fn results_settings(
     Ok(settings)
 }
 
-/// Sidecar labels that do not fit the class outputs' classes
-/// (`class_outputs`, by output) would name classes wrongly in `scores.csv`,
-/// or not at all: fewer labels than an output's classes, or more than the
-/// largest output's (shifted names), are refused as the sidecar's error. The classes are read off one
-/// forward pass of a zero input; a model whose `forward` gives other
-/// outputs than the run's (the dict form of a CAM model) is not checked.
+/// Sidecar labels that do not fit the class outputs' classes would name
+/// classes wrongly in `scores.csv`, or not at all: fewer labels than an
+/// output's classes, or more than the largest output's (shifted names),
+/// are refused as the sidecar's error. The classes are those of the probe's
+/// forward pass ([`Layout::output_classes`]); a model whose `forward` gives
+/// other outputs than the run's (the dict form of a CAM model) is not
+/// checked.
 fn check_labels(
-    model: &Model,
+    layout: &tch_vis::batch::Layout,
     sidecar: &Sidecar,
-    class_outputs: &[bool],
     model_path: &std::path::Path,
 ) -> tch_vis::Result<()> {
     let Some(labels) = &sidecar.labels else {
         return Ok(());
     };
-    let [h, w] = sidecar.size_i64();
-    let c = sidecar.channels as i64;
-    let zero = tch::Tensor::f_zeros([1, c, h, w], (tch::Kind::Float, model.device()))?;
-    let Ok(outputs) = model.forward(&[zero]) else {
-        return Ok(());
-    };
-    if outputs.len() != class_outputs.len() {
+    if layout.output_classes.len() != layout.class_outputs.len() {
         return Ok(());
     }
     // Per class output, the fewest and most labels that fit it: an
     // (N, 1) output has one class (its argmax) or, named by side, two.
-    let fits: Vec<(usize, usize, usize)> = outputs
+    let fits: Vec<(usize, usize, usize)> = layout
+        .output_classes
         .iter()
-        .zip(class_outputs)
+        .zip(&layout.class_outputs)
         .enumerate()
         .filter(|(_, (_, &is_class))| is_class)
-        .map(|(k, (out, _))| {
-            let c = out.size().get(1).copied().unwrap_or(1).max(1) as usize;
-            (k, c, if c == 1 { 2 } else { c })
-        })
+        .map(|(k, (&c, _))| (k, c, if c == 1 { 2 } else { c }))
         .collect();
     let n = labels.len();
     let few = fits.iter().find(|&&(_, least, _)| n < least);
@@ -493,7 +485,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         )),
         e => Failure::Usage(e),
     })?;
-    check_labels(&model, &sidecar, &layout.class_outputs, &job.model).map_err(Failure::Usage)?;
+    check_labels(&layout, &sidecar, &job.model).map_err(Failure::Usage)?;
     let mut sink = FolderSink::open(&job.out, &layout, method.as_ref(), &sidecar, job.overwrite)
         .and_then(|sink| {
             let section = (!matches!(job.mode, Mode::Scores)).then(|| job.mode.name());
