@@ -136,16 +136,9 @@ impl Model {
             ));
         }
         let module = CModule::load_on_device(path, device).map_err(|source| {
-            match file_ends(path).and_then(|(head, tail, len)| other_format(&head, &tail, len)) {
-                Some(format) => Error::NotTorchScript {
-                    path: path.to_path_buf(),
-                    format,
-                },
-                None => Error::ModelLoad {
-                    path: path.to_path_buf(),
-                    source,
-                },
-            }
+            let format =
+                file_ends(path).and_then(|(head, tail, len)| other_format(&head, &tail, len));
+            load_error(path, source, format)
         })?;
         Self::from_module(module, device, path.to_path_buf())
     }
@@ -158,21 +151,9 @@ impl Model {
         let source = PathBuf::from("<bytes>");
         let mut reader = std::io::Cursor::new(bytes);
         let module = CModule::load_data_on_device(&mut reader, device).map_err(|e| {
+            let head = &bytes[..bytes.len().min(HEAD_BYTES)];
             let tail = &bytes[bytes.len().saturating_sub(TAIL_BYTES)..];
-            match other_format(
-                &bytes[..bytes.len().min(HEAD_BYTES)],
-                tail,
-                bytes.len() as u64,
-            ) {
-                Some(format) => Error::NotTorchScript {
-                    path: source.clone(),
-                    format,
-                },
-                None => Error::ModelLoad {
-                    path: source.clone(),
-                    source: e,
-                },
-            }
+            load_error(&source, e, other_format(head, tail, bytes.len() as u64))
         })?;
         Self::from_module(module, device, source)
     }
@@ -747,6 +728,21 @@ fn forward_error(e: tch::TchError, got: usize) -> Error {
         };
     }
     Error::Torch(e)
+}
+
+/// The error of a model that libtorch failed to load from `path`: named
+/// as the other `format` it is ([`other_format`]), else libtorch's.
+fn load_error(path: &Path, source: tch::TchError, format: Option<&'static str>) -> Error {
+    match format {
+        Some(format) => Error::NotTorchScript {
+            path: path.to_path_buf(),
+            format,
+        },
+        None => Error::ModelLoad {
+            path: path.to_path_buf(),
+            source,
+        },
+    }
 }
 
 /// How much of a model file's start [`other_format`] reads.
