@@ -88,7 +88,7 @@ pub struct FolderSink {
     /// The key of this run's own section in them.
     section: Option<String>,
     /// The record last written into `report.json` (see `record_settings`).
-    settings_written: Option<Mutex<Settings>>,
+    settings_written: Mutex<Option<Settings>>,
 }
 
 /// The folder, under [`JOURNAL_DIR`], recording what an output folder's
@@ -272,7 +272,7 @@ impl FolderSink {
             overwrite,
             new_settings: None,
             section: None,
-            settings_written: None,
+            settings_written: Mutex::new(None),
         };
         if !overwrite {
             let merged = sink.read_state()?.0;
@@ -306,11 +306,10 @@ impl FolderSink {
             let record = if self.overwrite {
                 self.read_settings().unwrap_or_default()
             } else {
-                self.read_settings()?
-            };
-            if !self.overwrite {
+                let record = self.read_settings()?;
                 self.check_settings(&record, new)?;
-            }
+                record
+            };
             let merged = merge_settings(record, new, self.overwrite, self.section.as_deref());
             write_settings(&self.out, &self.id, &merged)?;
         }
@@ -345,14 +344,13 @@ impl FolderSink {
         }
         self.section = section.map(str::to_string);
         self.new_settings = Some(new);
-        self.settings_written = Some(Mutex::new(Settings::new()));
         Ok(self)
     }
 
     /// Puts the folder's record, joined with this run's settings, into
     /// `report` (under [`SETTINGS_KEY`]).
     fn record_settings(&self, report: &mut serde_json::Map<String, serde_json::Value>) {
-        let (Some(new), Some(written)) = (&self.new_settings, &self.settings_written) else {
+        let Some(new) = &self.new_settings else {
             return;
         };
         let record = merge_settings(
@@ -362,23 +360,23 @@ impl FolderSink {
             self.section.as_deref(),
         );
         report.insert(SETTINGS_KEY.into(), record.clone().into());
-        *written.lock().unwrap_or_else(|p| p.into_inner()) = record;
+        *self
+            .settings_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(record);
     }
 
     /// The folder's record of what its results were made with: the last
     /// finished run's report, joined with the files of the workers that
     /// ran since (active or killed), in the order they began.
     fn read_settings(&self) -> Result<Settings> {
-        let mut record = fs::read(self.out.join("report.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(
-                |mut r| match r.get_mut(SETTINGS_KEY).map(serde_json::Value::take) {
-                    Some(serde_json::Value::Object(record)) => Some(record),
-                    _ => None,
-                },
-            )
-            .unwrap_or_default();
+        let record = self
+            .report()
+            .and_then(|mut r| r.get_mut(SETTINGS_KEY).map(serde_json::Value::take));
+        let mut record = match record {
+            Some(serde_json::Value::Object(record)) => record,
+            _ => Settings::new(),
+        };
         for (_, file) in settings_files(&self.out)? {
             record.extend(file);
         }
@@ -491,11 +489,14 @@ impl FolderSink {
         ))
     }
 
+    /// The folder's `report.json`, if it has a readable one.
+    fn report(&self) -> Option<serde_json::Value> {
+        let bytes = fs::read(self.out.join("report.json")).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
     fn folded_failures(&self) -> Vec<(String, String)> {
-        let Ok(bytes) = fs::read(self.out.join("report.json")) else {
-            return Vec::new();
-        };
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        let Some(v) = self.report() else {
             return Vec::new();
         };
         v.get("failed_in_folder")
@@ -774,10 +775,13 @@ impl FolderSink {
         // `report.json` holds the settings now (see `finish`): the files
         // within what it got go (a worker that began since may have
         // recorded more).
-        if let Some(written) = &self.settings_written {
-            let written = written.lock().unwrap_or_else(|p| p.into_inner());
+        let written = self
+            .settings_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(written) = written.as_ref() {
             for (path, file) in settings_files(&self.out).unwrap_or_default() {
-                if is_within(&file, &written) {
+                if is_within(&file, written) {
                     let _ = fs::remove_file(path);
                 }
             }
