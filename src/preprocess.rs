@@ -1180,7 +1180,7 @@ impl Preprocessor {
                 .unwrap_or("no message");
             Err(Error::Image {
                 path: path.to_path_buf(),
-                reason: format!("the decoder failed: {}", what.lines().next().unwrap_or("")),
+                reason: format!("the decoder failed: {}", crate::error::message_line(what)),
             })
         })
     }

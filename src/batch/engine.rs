@@ -567,9 +567,9 @@ impl<'a> Engine<'a> {
             // The batch the decode threads write into (the probe above had
             // one row): refused here, before the first image, when this
             // machine cannot give it, rather than by the first batch. The
-            // memory the kernel says is available (and a cgroup's limit)
-            // is checked too: with overcommit on, the allocation itself
-            // succeeds whatever its size.
+            // memory the kernel says is available is checked too: with
+            // overcommit on, the allocation itself succeeds whatever its
+            // size.
             let n = self.batch_size as i64;
             let bytes = (n * c * h * w * 4) as u64;
             let what = || {
@@ -1001,12 +1001,15 @@ impl<'a> Engine<'a> {
     /// CPU; on CUDA the probe is a whole batch): most often a model traced
     /// at a fixed batch size.
     fn first_batch_hint(&self, e: Error, first: bool) -> Error {
+        if !first || self.batch_size == 1 || self.model.device().is_cuda() {
+            return e;
+        }
         // A shape error, as a fixed batch size gives (not memory, say).
         let text = e.to_string().to_lowercase();
-        let shapes = ["shape", "size", "mat1 and mat2", "dimension"]
+        if !["shape", "size", "mat1 and mat2", "dimension"]
             .iter()
-            .any(|w| text.contains(w));
-        if !first || !shapes || self.batch_size == 1 || self.model.device().is_cuda() {
+            .any(|w| text.contains(w))
+        {
             return e;
         }
         Error::Context {
@@ -1309,12 +1312,9 @@ fn collect(
             Event::Fatal(e) => {
                 // The first failure; a failure that comes after a cancel
                 // (a writer's, of an earlier batch) is the one to tell.
-                match &out.fatal {
-                    None | Some(Error::Cancelled) if !matches!(e, Error::Cancelled) => {
-                        out.fatal = Some(e)
-                    }
-                    None => out.fatal = Some(e),
-                    _ => {}
+                let cancelled = matches!(out.fatal, Some(Error::Cancelled));
+                if out.fatal.is_none() || (cancelled && !matches!(e, Error::Cancelled)) {
+                    out.fatal = Some(e);
                 }
             }
         }

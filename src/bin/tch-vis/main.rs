@@ -19,6 +19,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::error::ErrorKind;
+use clap::CommandFactory;
 use clap::Parser;
 use run::Failure;
 use tch_vis::message_line as first_line;
@@ -62,10 +63,7 @@ fn run() -> Result<(), Failure> {
                 let help = std::env::args_os()
                     .nth(1)
                     .and_then(|c| c.into_string().ok())
-                    .filter(|c| {
-                        ["saliency", "scores", "cam", "integrated-gradients", "maximize"]
-                            .contains(&c.as_str())
-                    })
+                    .filter(|c| args::Cli::command().find_subcommand(c).is_some())
                     .map_or_else(|| "tch-vis --help".to_string(), |c| format!("tch-vis {c} --help"));
                 return Err(Failure::Flags(format!("{}{hint} (see {help})", first_line(&line))));
             }

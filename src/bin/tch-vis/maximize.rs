@@ -146,7 +146,11 @@ pub fn execute(a: MaximizeArgs) -> Result<(), Failure> {
                     .strip_prefix("maximize_")
                     .and_then(|r| r.strip_suffix(".npy").or_else(|| r.strip_suffix(".png")))
                     .and_then(|k| k.parse::<i64>().ok())
-                    .is_some_and(|k| k >= n && k.to_string().len() == name.len() - 13);
+                    .is_some_and(|k| {
+                        k >= n
+                            && [format!("maximize_{k}.npy"), format!("maximize_{k}.png")]
+                                .contains(&name)
+                    });
                 if stale {
                     std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
                 }
