@@ -428,6 +428,10 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
             "unknown flag",
             usage("saliency", &cnn, images, o, &["--bogus"]),
         ),
+        (
+            "another tool's flag",
+            usage("cam", &cnn, images, o, &["--method", "gradcam", "--force"]),
+        ),
         ("no subcommand", vec![]),
         (
             "missing --out",
@@ -608,6 +612,10 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
         ("negative noise", "is not a finite number >= 0"),
         ("noise without samples", "--smooth-samples"),
         ("unknown flag", "(see tch-vis saliency --help)"),
+        (
+            "another tool's flag",
+            "'--force' found; --overwrite recomputes images whose outputs exist (see tch-vis cam --help)",
+        ),
         (
             "11 labels, 10 classes",
             "has 11 labels, but the model's output 0 has 10 classes",

@@ -12,6 +12,7 @@
 )]
 
 mod args;
+mod hints;
 mod maximize;
 mod run;
 
@@ -38,33 +39,47 @@ fn run() -> Result<(), Failure> {
                 ))
             }
             _ => {
-                // clap's message, up to its usage lines, on one line.
+                // The subcommand named, if any.
+                let command = std::env::args_os()
+                    .nth(1)
+                    .and_then(|c| c.into_string().ok())
+                    .and_then(|c| args::Cli::command().find_subcommand(&c).cloned());
+                let invalid = (e.kind() == ErrorKind::UnknownArgument)
+                    .then(|| e.get(clap::error::ContextKind::InvalidArg))
+                    .flatten()
+                    .map(|a| a.to_string());
+                // A shell glob hands `--images` several files: the extra
+                // ones arrive as unexpected arguments.
+                let stray_file = invalid
+                    .as_deref()
+                    .is_some_and(|a| std::path::Path::new(a).is_file());
+                let advice = invalid
+                    .as_deref()
+                    .zip(command.as_ref())
+                    .and_then(|(a, c)| hints::unknown_flag(a, c));
+                // clap's message, up to its usage lines, on one line; its
+                // tip (a flag spelled alike) gives way to advice by meaning.
                 let text = e.to_string();
                 let line = text
                     .lines()
                     .map(str::trim)
                     .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
-                    .filter(|l| !l.is_empty())
+                    .filter(|l| !l.is_empty() && !(advice.is_some() && l.starts_with("tip:")))
                     .collect::<Vec<_>>()
                     .join(" ");
                 let line = line.strip_prefix("error: ").unwrap_or(&line).to_string();
-                // A shell glob hands `--images` several files: the extra
-                // ones arrive as unexpected arguments.
-                let stray_file = e.kind() == ErrorKind::UnknownArgument
-                    && e.get(clap::error::ContextKind::InvalidArg)
-                        .is_some_and(|a| std::path::Path::new(&a.to_string()).is_file());
                 let hint = if stray_file {
                     "; --images takes one folder or file (a shell glob gives it several): \
                      list files with --images-from FILE, or - for standard input"
+                        .to_string()
                 } else {
-                    ""
+                    advice.map(|a| format!("; {a}")).unwrap_or_default()
                 };
                 // The subcommand's own help, where one was named.
-                let help = std::env::args_os()
-                    .nth(1)
-                    .and_then(|c| c.into_string().ok())
-                    .filter(|c| args::Cli::command().find_subcommand(c).is_some())
-                    .map_or_else(|| "tch-vis --help".to_string(), |c| format!("tch-vis {c} --help"));
+                let help = command.map_or_else(
+                    || "tch-vis --help".to_string(),
+                    |c| format!("tch-vis {} --help", c.get_name()),
+                );
                 return Err(Failure::Flags(format!("{}{hint} (see {help})", first_line(&line))));
             }
         },
