@@ -64,7 +64,8 @@ fn run() -> Result<(), Failure> {
                     .lines()
                     .map(str::trim)
                     .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
-                    .filter(|l| !l.is_empty() && !(advice.is_some() && l.starts_with("tip:")))
+                    .filter(|l| !l.is_empty())
+                    .filter(|l| advice.is_none() || !l.starts_with("tip:"))
                     .collect::<Vec<_>>()
                     .join(" ");
                 let line = line.strip_prefix("error: ").unwrap_or(&line).to_string();
