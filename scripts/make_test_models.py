@@ -30,6 +30,10 @@ fixed_batch_1.pt (+ .json)  a small convolutional classifier traced with
     trace runs on a batch of one only, as models traced with a fixed batch
     size do.
 
+extra_argument.pt (+ .json)  a linear classifier scripted with a second,
+    non-tensor parameter, forward(x, temperature: float): the kind of model
+    whose forward needs more than the image.
+
     python scripts/make_test_models.py        (needs torch)
 """
 import json
@@ -147,3 +151,20 @@ with open(os.path.join(out, "fixed_batch_1.json"), "w") as f:
     json.dump({"input_size": [16, 16], "channels": 1, "mean": [0.5], "std": [0.25]}, f)
     f.write("\n")
 print("wrote tests/models/fixed_batch_1.pt and .json")
+
+
+class ExtraArgument(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16 * 16, 10)
+
+    def forward(self, x, temperature: float):
+        return self.fc(x.flatten(1)) / temperature
+
+
+torch.manual_seed(6)
+torch.jit.script(ExtraArgument().eval()).save(os.path.join(out, "extra_argument.pt"))
+with open(os.path.join(out, "extra_argument.json"), "w") as f:
+    json.dump({"input_size": [16, 16], "channels": 1, "mean": [0.5], "std": [0.25]}, f)
+    f.write("\n")
+print("wrote tests/models/extra_argument.pt and .json")

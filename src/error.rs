@@ -68,13 +68,22 @@ pub enum Error {
     },
 
     /// The number of inputs does not match what the model's `forward` takes.
-    #[error("the model takes {expected} inputs but {got} were given")]
+    #[error(
+        "the model takes {expected} input{} but {got} {} given{}",
+        if expected == "1" { "" } else { "s" },
+        if *got == 1 { "was" } else { "were" },
+        if declaration.is_empty() { String::new() } else { format!(": {declaration}") }
+    )]
     InputCount {
         /// Inputs the model's `forward` declares (as text: libtorch does not
         /// always say the exact number, e.g. `"more than 1"`).
         expected: String,
         /// Inputs given.
         got: usize,
+        /// The `forward` declaration as libtorch gives it, without `self`
+        /// (`forward(Tensor x, float temperature) -> Tensor`), and what
+        /// of it tch-vis cannot pass; empty where libtorch did not say.
+        declaration: String,
     },
 
     /// A value passed to a constructor is not allowed.

@@ -705,29 +705,125 @@ impl Drop for ExecutorMode {
 /// Maps libtorch's argument-count messages to [`Error::InputCount`].
 fn forward_error(e: tch::TchError, got: usize) -> Error {
     let text = match &e {
-        tch::TchError::Torch(msg) => msg.trim_start().to_lowercase(),
-        other => other.to_string().to_lowercase(),
+        tch::TchError::Torch(msg) => msg.trim_start().to_string(),
+        other => other.to_string(),
     };
     let first = text.lines().next().unwrap_or_default();
-    if !first.contains("forward") {
+    let lower = first.to_lowercase();
+    if !lower.contains("forward") {
         return Error::Torch(e);
     }
-    if let Some(rest) = first.split("expected at most ").nth(1) {
-        // libtorch counts `self` among the arguments.
-        if let Some(n) = rest.split(' ').next().and_then(|n| n.parse::<usize>().ok()) {
-            return Error::InputCount {
-                expected: n.saturating_sub(1).to_string(),
-                got,
-            };
+    let declared = first
+        .split_once("Declaration: ")
+        .and_then(|(_, d)| Declaration::parse(d));
+    let expected = if let Some(d) = &declared {
+        let required = d.params.iter().filter(|p| !p.2).count();
+        match d.params.len() {
+            all if all == required => all.to_string(),
+            all => format!("{required} to {all}"),
         }
+    } else if let Some(n) = lower
+        .split("expected at most ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        // libtorch counts `self` among the arguments.
+        n.saturating_sub(1).to_string()
+    } else if lower.contains("missing value for argument") {
+        format!("more than {got}")
+    } else {
+        return Error::Torch(e);
+    };
+    Error::InputCount {
+        expected,
+        got,
+        declaration: declared.map(|d| d.describe()).unwrap_or_default(),
     }
-    if first.contains("missing value for argument") {
-        return Error::InputCount {
-            expected: format!("more than {got}"),
-            got,
-        };
+}
+
+/// A TorchScript method's declaration, as libtorch prints it in its
+/// argument errors: `forward(__torch__.M self, Tensor x, float t=1.) -> Tensor`.
+struct Declaration<'a> {
+    /// (type, name, has a default) of each parameter after `self`.
+    params: Vec<(&'a str, &'a str, bool)>,
+    returns: &'a str,
+}
+
+impl<'a> Declaration<'a> {
+    fn parse(text: &'a str) -> Option<Self> {
+        let open = text.find('(')?;
+        // The closing parenthesis of the parameter list: types nest
+        // brackets and parentheses (`Tuple[Tensor, Tensor]`).
+        let mut depth = 0usize;
+        let mut close = None;
+        let mut cuts = vec![open];
+        for (i, ch) in text.char_indices().skip_while(|&(i, _)| i <= open) {
+            match ch {
+                '(' | '[' => depth += 1,
+                ')' | ']' if depth > 0 => depth -= 1,
+                ')' => {
+                    close = Some(i);
+                    break;
+                }
+                ',' if depth == 0 => cuts.push(i),
+                _ => {}
+            }
+        }
+        let close = close?;
+        cuts.push(close);
+        let params = cuts
+            .windows(2)
+            .map(|w| text[w[0] + 1..w[1]].trim())
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (decl, default) = p.split_once('=').map_or((p, false), |(d, _)| (d, true));
+                let (ty, name) = decl.trim().rsplit_once(' ').unwrap_or(("", decl.trim()));
+                (ty.trim(), name, default)
+            })
+            .collect::<Vec<_>>();
+        let (first, rest) = params.split_first()?;
+        if first.1 != "self" {
+            return None;
+        }
+        let returns = text[close + 1..]
+            .trim()
+            .strip_prefix("->")
+            .map_or("", str::trim);
+        Some(Self {
+            params: rest.to_vec(),
+            returns,
+        })
     }
-    Error::Torch(e)
+
+    /// `forward(Tensor x, float temperature) -> Tensor`, then what tch-vis
+    /// cannot pass: parameters that are not tensors.
+    fn describe(&self) -> String {
+        let list = self
+            .params
+            .iter()
+            .map(|(ty, name, default)| format!("{ty} {name}{}", if *default { "=…" } else { "" }))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut text = format!("forward({list})");
+        if !self.returns.is_empty() {
+            text.push_str(&format!(" -> {}", self.returns));
+        }
+        let other: Vec<_> = self
+            .params
+            .iter()
+            .filter(|(ty, _, default)| *ty != "Tensor" && !default)
+            .map(|(ty, name, _)| format!("{name} is a {ty}"))
+            .collect();
+        if !other.is_empty() {
+            text.push_str(&format!(
+                " ({}, and only tensors are passed: export a module whose forward takes \
+                 the input tensors alone, the other values fixed inside it)",
+                other.join(", ")
+            ));
+        }
+        text
+    }
 }
 
 /// The error of a model that libtorch failed to load from `path`: named
@@ -830,6 +926,41 @@ fn other_format(head: &[u8], tail: &[u8], len: u64) -> Option<&'static str> {
 
 #[cfg(test)]
 mod tests {
+    use super::Declaration;
+
+    #[test]
+    fn declarations_are_read_with_nested_types_and_defaults() {
+        let d = Declaration::parse(
+            "forward(__torch__.M self, Tensor x, Tuple[Tensor, Tensor] pair, Dict[str, Tensor] d, \
+             float t=1.) -> (Tensor, Tensor)",
+        )
+        .unwrap();
+        let names: Vec<_> = d.params.iter().map(|p| (p.0, p.1, p.2)).collect();
+        assert_eq!(
+            names,
+            [
+                ("Tensor", "x", false),
+                ("Tuple[Tensor, Tensor]", "pair", false),
+                ("Dict[str, Tensor]", "d", false),
+                ("float", "t", true),
+            ]
+        );
+        assert_eq!(d.returns, "(Tensor, Tensor)");
+        // Values of other types are named; defaults need nothing.
+        assert_eq!(
+            d.describe(),
+            "forward(Tensor x, Tuple[Tensor, Tensor] pair, Dict[str, Tensor] d, float t=…) -> \
+             (Tensor, Tensor) (pair is a Tuple[Tensor, Tensor], d is a Dict[str, Tensor], and only \
+             tensors are passed: export a module whose forward takes the input tensors alone, \
+             the other values fixed inside it)"
+        );
+        let plain = Declaration::parse("forward(__torch__.N self, Tensor x) -> Tensor").unwrap();
+        assert_eq!(plain.describe(), "forward(Tensor x) -> Tensor");
+        // Not a method's declaration: nothing is made up.
+        assert!(Declaration::parse("forward(Tensor x) -> Tensor").is_none());
+        assert!(Declaration::parse("forward(__torch__.N self, Tensor x").is_none());
+    }
+
     use super::*;
 
     fn optimize() -> bool {

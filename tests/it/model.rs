@@ -366,6 +366,20 @@ fn wrong_inputs_are_errors() {
     assert!(matches!(e, Error::InputCount { got: 2, .. }), "{e}");
     let e = model.forward(&[]).unwrap_err();
     assert!(matches!(e, Error::InputCount { got: 0, .. }), "{e}");
+    // The declaration is named, with what cannot be passed.
+    let extra = Model::load(repo("tests/models/extra_argument.pt"), Device::Cpu).unwrap();
+    let x = Tensor::zeros([2, 1, 16, 16], (Kind::Float, Device::Cpu));
+    let e = extra.forward(&[x.shallow_clone()]).unwrap_err();
+    assert!(
+        matches!(&e, Error::InputCount { expected, got: 1, declaration }
+            if expected == "2" && declaration.starts_with("forward(Tensor x, float temperature) -> Tensor (temperature is a float")),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .starts_with("the model takes 2 inputs but 1 was given: forward("),
+        "{e}"
+    );
     // Wrong channel count: libtorch's error, first line only.
     let bad = Tensor::zeros([2, 3, 32, 32], (Kind::Float, Device::Cpu));
     let e = model.forward(&[bad]).unwrap_err();
