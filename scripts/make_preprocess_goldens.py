@@ -12,7 +12,11 @@ What it generates, under tests/golden/transforms/:
                        (1000 x 20, 20 x 1000), odd sizes, sizes that are
                        scaled up and down. PNG is lossless, so every decoder
                        reads the same uint8 pixels.
-  images/*.jpg         JPEGs (quality 90, 4:2:0) for the decoder comparison.
+  images/*.jpg         JPEGs for the decoder comparison: quality 90 4:2:0, and
+                       (from a second seed) 4:2:2, 4:4:4, progressive,
+                       grayscale, quality 50 and 100, restart markers, odd
+                       sizes down to 9 x 7. The torchvision recipe is also
+                       run on some of them (cases named jpeg_*).
   <case>.npy           float32 (C, H, W): the model input torchvision.transforms.v2
                        makes from the decoded uint8 RGB tensor
                        (torchvision.io.decode_image, mode RGB):
@@ -107,6 +111,22 @@ EXTRA = [
 ]
 FILTERS = [("bilinear", True), ("bilinear", False), ("bicubic", True), ("bicubic", False)]
 JPEGS = [("photo_120x160", 120, 160), ("photo_87x131", 87, 131)]
+# (stem, h, w, PIL save options, mode): drawn from a second seed, so the
+# pictures above keep their bytes.
+MORE_JPEGS = [
+    ("q90_422_75x101", 75, 101, {"quality": 90, "subsampling": 1}, "RGB"),
+    ("q90_444_64x48", 64, 48, {"quality": 90, "subsampling": 0}, "RGB"),
+    ("q85_420_prog_97x133", 97, 133, {"quality": 85, "subsampling": 2, "progressive": True}, "RGB"),
+    ("q50_420_33x47", 33, 47, {"quality": 50, "subsampling": 2}, "RGB"),
+    ("q100_420_9x7", 9, 7, {"quality": 100, "subsampling": 2}, "RGB"),
+    ("q90_420_rst_81x117", 81, 117, {"quality": 90, "subsampling": 2, "restart_marker_blocks": 3}, "RGB"),
+    ("q90_gray_70x90", 70, 90, {"quality": 90}, "L"),
+]
+JPEG_RECIPES = [
+    ("photo_120x160", {"resize": 28, "crop": [24, 26]}),
+    ("q85_420_prog_97x133", {"resize": [24, 26]}),
+    ("q90_422_75x101", {"resize": 31, "crop": [24, 26]}),
+]
 
 
 def expected(path, keys, input_size, channels):
@@ -150,6 +170,18 @@ def main():
         np.save(os.path.join(OUT, f"jpeg_{stem}.pil.npy"), np.ascontiguousarray(pil))
         jpegs.append({"name": stem, "image": rel, "torchvision": f"jpeg_{stem}.tv.npy",
                       "pil": f"jpeg_{stem}.pil.npy"})
+    rng_jpeg = np.random.default_rng(1)
+    for stem, h, w, options, mode in MORE_JPEGS:
+        rel = f"images/{stem}.jpg"
+        path = os.path.join(OUT, rel)
+        img = picture(rng_jpeg, h, w)
+        (img.convert("L") if mode == "L" else img).save(path, **options)
+        tv = decode_jpeg(read_file(path), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+        pil = np.asarray(Image.open(path).convert("RGB"))
+        np.save(os.path.join(OUT, f"jpeg_{stem}.tv.npy"), np.ascontiguousarray(tv))
+        np.save(os.path.join(OUT, f"jpeg_{stem}.pil.npy"), np.ascontiguousarray(pil))
+        jpegs.append({"name": stem, "image": rel, "torchvision": f"jpeg_{stem}.tv.npy",
+                      "pil": f"jpeg_{stem}.pil.npy"})
 
     plan = []
     for stem, _, _, _ in IMAGES:
@@ -157,11 +189,14 @@ def main():
             plan.append((stem, suffix, keys, size, 3))
     plan += EXTRA
     cases = []
-    for stem, suffix, keys, size, channels in plan:
+    plan = [(f"images/{stem}.png", stem, suffix, keys, size, channels)
+            for stem, suffix, keys, size, channels in plan]
+    plan += [(f"images/{stem}.jpg", f"jpeg_{stem}", "tv", keys, [24, 26], 3)
+             for stem, keys in JPEG_RECIPES]
+    for rel, stem, suffix, keys, size, channels in plan:
         for interp, aa in FILTERS:
             name = f"{stem}.{suffix}.{interp}.{'aa' if aa else 'noaa'}.c{channels}"
             k = dict(keys, interpolation=interp, antialias=aa)
-            rel = f"images/{stem}.png"
             x = expected(os.path.join(OUT, rel), k, size, channels)
             np.save(os.path.join(OUT, name + ".npy"), x)
             sidecar = {

@@ -204,6 +204,7 @@ fn results_settings(
         "score": spec_names(&job.specs),
         "precision": job.precision.to_string(),
         "jpeg_draft": job.jpeg_draft,
+        "jpeg_decoder": if job.fast_jpeg { "zune-jpeg" } else { "libjpeg-turbo" },
     });
     if !matches!(job.mode, Mode::Scores) {
         let mut maps = method.as_object().cloned().unwrap_or_default();
@@ -347,6 +348,7 @@ pub struct Job {
     pub strict: bool,
     pub overlay_original: bool,
     pub jpeg_draft: bool,
+    pub fast_jpeg: bool,
 }
 
 /// Why the command failed; the exit status comes from the kind.
@@ -472,7 +474,8 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     let bar = ProgressLine::new();
     let pre = Preprocessor::new(sidecar.clone())
         .keep_original(job.overlay_original)
-        .jpeg_draft(job.jpeg_draft);
+        .jpeg_draft(job.jpeg_draft)
+        .fast_jpeg(job.fast_jpeg);
     let raised = Arc::new(AtomicBool::new(false));
     let engine = Engine::new(&model, sidecar.clone(), method.as_ref())
         .preprocessor(pre.clone())
@@ -568,6 +571,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         "precision": job.precision.to_string(),
         "overlay": if job.overlay_original { "original" } else { "input" },
         "jpeg_draft": job.jpeg_draft,
+        "jpeg_decoder": if job.fast_jpeg { "zune-jpeg" } else { "libjpeg-turbo" },
         "overwrite": job.overwrite,
         "shard": job.shard.to_string(),
         "shard_source": job.shard_source,
