@@ -48,6 +48,9 @@ struct Args {
     /// Decode JPEGs at a DCT scale (`Preprocessor::jpeg_draft`).
     #[arg(long)]
     jpeg_draft: bool,
+    /// Decode JPEGs with zune-jpeg (`Preprocessor::fast_jpeg`).
+    #[arg(long)]
+    fast_jpeg: bool,
 }
 
 const STAGES: [&str; 8] = [
@@ -125,7 +128,9 @@ fn main() -> Result<()> {
     let mut paths = Vec::new();
     files(&args.images, &mut paths)?;
     paths.sort();
-    let pre = Preprocessor::new(sidecar(args.recipe)?).jpeg_draft(args.jpeg_draft);
+    let pre = Preprocessor::new(sidecar(args.recipe)?)
+        .jpeg_draft(args.jpeg_draft)
+        .fast_jpeg(args.fast_jpeg);
     let npy_dir = tempfile_dir()?;
     let npy_path = npy_dir.join("map.npy");
     let mut totals = [Duration::ZERO; STAGES.len()];

@@ -32,6 +32,10 @@ REPEAT=${REPEAT:-5}
 BATCH=${BATCH:-32}
 WORKERS=${WORKERS:-$(nproc)}
 BIN=${BIN:-target/release/tch-vis}
+# Recipes run: plain and torchvision as below; NAME-fastjpeg is NAME with
+# --fast-jpeg (zune-jpeg instead of libjpeg-turbo's decoder, which is
+# built without SIMD where nasm is missing).
+RECIPES=${RECIPES:-torchvision plain torchvision-fastjpeg}
 # shellcheck source=scripts/golden_env.sh
 . scripts/golden_env.sh && tch_vis_golden_setup >/dev/null || exit 1
 PY="$TCH_VIS_GOLDEN_VENV/bin/python"
@@ -80,12 +84,14 @@ best_py_wall=""
 now() { date +%s.%N; }
 elapsed() { "$PY" -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 3))" "$1" "$2"; }
 for r in $(seq 1 "$ROUNDS"); do
-    for recipe in plain torchvision; do
+    for recipe in $RECIPES; do
         model="$DATA/trivial224.pt"
-        [ "$recipe" = torchvision ] && model="$DATA/trivial224_tv.pt"
+        [ "${recipe%-fastjpeg}" = torchvision ] && model="$DATA/trivial224_tv.pt"
+        flags=()
+        [ "${recipe%-fastjpeg}" != "$recipe" ] && flags=(--fast-jpeg)
         out="$RUNS/rs-$recipe-$r"
         t0=$(now)
-        "$BIN" saliency --model "$model" --images "$IMAGES" --out "$out" \
+        "$BIN" saliency --model "$model" --images "$IMAGES" --out "$out" "${flags[@]}" \
             --batch-size "$BATCH" --device cpu --score categorical:1 >/dev/null 2>&1
         w=$(elapsed "$t0" "$(now)")
         ours=$(ips "$out")
@@ -110,7 +116,7 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 rm -rf "$RUNS"
 cores=$(nproc)
-for recipe in torchvision plain; do
+for recipe in $RECIPES; do
     o=${best[$recipe]}
     echo "pipeline-alone $recipe (trivial 224 model, $n_images images, $cores cores, outputs on $FSTYPE): tch-vis $o images/s ($("$PY" -c "print(round($o/$cores,1))") per core), python $best_py images/s, ratio $("$PY" -c "print(round($o/max($best_py,1e-9),2))") (target >= 15)"
     echo "  whole processes (start to exit, fastest rounds): tch-vis ${wall[$recipe]} s, python $best_py_wall s, ratio $("$PY" -c "print(round($best_py_wall/max(${wall[$recipe]},1e-9),2))")"

@@ -47,13 +47,24 @@
 //! bilinear in float and rounds, while libtorch's generic uint8 kernel is
 //! used here: expect rare one-step differences there.)
 //!
-//! JPEGs are decoded by the `image` crate (zune-jpeg), torchvision's
-//! `decode_jpeg` and PIL by libjpeg-turbo, which upsample chroma and round
-//! the IDCT differently: on 4:2:0 JPEGs of quality 90 the decoded pixels
-//! differ by up to 4 uint8 steps, 0.26 to 0.36 on average (about 75-80 % of
-//! the values are equal; torchvision and PIL agree exactly with each other).
-//! This difference is the decoder's, not the pipeline's; the antialiased
-//! resize averages it down further.
+//! JPEGs are decoded by libjpeg-turbo's decoder (the copy mozjpeg ships,
+//! built from source), with libjpeg's defaults as PIL and torchvision's
+//! `decode_jpeg` use them: the islow IDCT, fancy chroma upsampling and its
+//! fixed-point YCbCr conversion. The pixels are bit-identical to both on
+//! every kind of JPEG tested (4:2:0, 4:2:2, 4:4:4, progressive, grayscale,
+//! restart markers, quality 50 to 100, sizes down to 9 × 7), and so is the
+//! whole torchvision recipe on them. A file that ends before its image
+//! does is an error, as in PIL and torchvision. CMYK and YCCK JPEGs go
+//! through the `image` crate's conversion.
+//!
+//! [`Preprocessor::fast_jpeg`] (`--fast-jpeg`) decodes with zune-jpeg
+//! instead (through the `image` crate), which upsamples chroma with other
+//! rounding: on 4:2:0 JPEGs of quality 90 the pixels differ by up to 4
+//! uint8 steps, 0.26 to 0.36 on average (about 75-80 % of the values are
+//! equal; 4:4:4 and grayscale 0.005 to 0.02), and a truncated JPEG
+//! decodes, its missing part filled. It is faster than libjpeg-turbo built
+//! without SIMD, which is how `mozjpeg-sys` builds it where `nasm` is
+//! missing at build time (see BENCHMARKS.md for the figures).
 //!
 //! Large JPEGs can be decoded at 1/2, 1/4 or 1/8 of their size in the DCT
 //! domain (`jpeg-decoder`'s scaled IDCT, as PIL's `draft`), opt-in with
