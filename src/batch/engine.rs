@@ -185,20 +185,6 @@ pub fn compute_threads(device: Device, input_values: usize) -> usize {
     }
 }
 
-/// Whether the engine hands a model on `device` with `channels` × `pixels`
-/// inputs its batches in channels-last memory order: on a CPU, for colour
-/// inputs larger than 64 × 64 (the inputs that get every core, see
-/// [`compute_threads`]). libtorch's oneDNN convolutions run faster on NHWC
-/// than on NCHW data: a torchvision resnet18 forward pass at batch 8 on 2
-/// cores took 0.27 s instead of 0.33 s, and tch-vis's Grad-CAM job ran
-/// 12–20% more images/s. Results agree with contiguous batches to float
-/// rounding (logits 3e-6 apart at 5.9), not bit for bit: the convolutions
-/// sum in another order. Gray inputs (whose two orders are the same bytes)
-/// and CUDA devices keep contiguous batches.
-pub fn channels_last_default(device: Device, channels: usize, pixels: usize) -> bool {
-    device == Device::Cpu && channels > 1 && channels * pixels > 64 * 64 * 3
-}
-
 /// glibc malloc settings for batch runs, each unless the environment sets
 /// it (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`):
 ///
@@ -401,18 +387,25 @@ impl<'a> Engine<'a> {
     }
 
     /// Hands the model its batches in channels-last memory order (NHWC
-    /// strides, the same `(N, C, H, W)` shape), or in the usual contiguous
-    /// order. Default: [`channels_last_default`].
+    /// strides, the same `(N, C, H, W)` shape) instead of the usual
+    /// contiguous order (the default). On a CPU, libtorch's oneDNN
+    /// convolutions run faster on NHWC data (a torchvision resnet18 forward
+    /// pass at batch 8 on 2 cores took 0.27 s instead of 0.33 s, and a
+    /// Grad-CAM job ran 12–20% more images/s), but they sum in another
+    /// order, so results are PyTorch's for a channels-last input, not for
+    /// the contiguous tensor a PyTorch pipeline makes: on a torchvision
+    /// resnet18 at 224², saliency maps moved by up to 6e-4 and Integrated
+    /// Gradients by up to 3.6e-3 of the largest attribution (30 times the
+    /// tolerance against captum), where ReLUs and max-pools at the path's
+    /// small inputs tip the other way. Gray inputs have one byte order for
+    /// both.
     pub fn channels_last(mut self, on: bool) -> Self {
         self.channels_last = Some(on);
         self
     }
 
     fn uses_channels_last(&self) -> bool {
-        let [h, w] = self.pre.sidecar().input_size;
-        self.channels_last.unwrap_or_else(|| {
-            channels_last_default(self.model.device(), self.pre.sidecar().channels, h * w)
-        })
+        self.channels_last.unwrap_or(false) && self.pre.sidecar().channels > 1
     }
 
     /// The kind of a CUDA batch's float rows when the model computes in

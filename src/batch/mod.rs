@@ -53,8 +53,8 @@ mod methods;
 mod table;
 
 pub use engine::{
-    channels_last_default, compute_threads, passive_openmp_pays, restart_with_passive_openmp,
-    tune_malloc, Engine, Layout, Progress, Summary, Timings,
+    compute_threads, passive_openmp_pays, restart_with_passive_openmp, tune_malloc, Engine, Layout,
+    Progress, Summary, Timings,
 };
 pub use folder::{Finished, FolderSink, Merged, JOURNAL_DIR};
 pub use methods::{CamMapMethod, IgBaseline, IgMethod, SaliencyMethod, ScoresMethod};

@@ -2159,7 +2159,8 @@ fn single_files_and_lists_of_paths() {
 
 /// Colour inputs over 64 × 64 get every core: the binary restarts once with
 /// `OMP_WAIT_POLICY=PASSIVE` (its image list on standard input handed on
-/// unread) and hands the model channels-last batches. A policy the user set
+/// unread) and hands the model contiguous batches (channels-last ones
+/// with `--channels-last`). A policy the user set
 /// is kept, with the same outputs; a small model never restarts, nor does a
 /// folder of fewer images than the restart pays for.
 #[test]
@@ -2197,12 +2198,29 @@ fn large_colour_inputs_restart_with_passive_openmp() {
     let passive = t.out("passive");
     let r = run(&big, &passive, None);
     assert_eq!(r["openmp_wait_policy"], "PASSIVE");
-    assert_eq!(r["channels_last"], true);
+    assert_eq!(r["channels_last"], false);
     assert_eq!(r["processed"], 4);
     let active = t.out("active");
     let r = run(&big, &active, Some("ACTIVE"));
     assert_eq!(r["openmp_wait_policy"], "ACTIVE");
     assert_same_tree(&passive, &active, "PASSIVE vs ACTIVE");
+    let nhwc = t.out("nhwc");
+    let o = Command::new(BIN)
+        .args([
+            "saliency",
+            "--model",
+            &big,
+            "--images",
+            s(&images),
+            "--channels-last",
+        ])
+        .args(["--out", s(&nhwc), "--device", "cpu", "--save-npy"])
+        .env("CUDA_VISIBLE_DEVICES", "")
+        .output()
+        .unwrap();
+    assert_code(&o, 0, "--channels-last");
+    assert_eq!(report(&nhwc)["channels_last"], true);
+    assert_eq!(report(&nhwc)["processed"], 4);
     // Runs `tch-vis CMD --model M --images IMAGES` on the CPU, with no
     // wait policy given, to its report.
     let direct = |cmd: &str, model: &Path, images: &Path, out: &Path, what: &str| {
@@ -2239,7 +2257,7 @@ fn large_colour_inputs_restart_with_passive_openmp() {
     let few = t.out("few");
     let r = direct("saliency", Path::new(&big), &images, &few, "a few images");
     assert_eq!(r["openmp_wait_policy"], serde_json::Value::Null);
-    assert_eq!(r["channels_last"], true);
+    assert_eq!(r["channels_last"], false);
     assert_eq!(r["processed"], 4);
     assert_same_tree(
         &passive,

@@ -205,6 +205,7 @@ fn results_settings(
         "precision": job.precision.to_string(),
         "jpeg_draft": job.jpeg_draft,
         "jpeg_decoder": if job.fast_jpeg { "zune-jpeg" } else { "libjpeg-turbo" },
+        "channels_last": job.channels_last,
     });
     if !matches!(job.mode, Mode::Scores) {
         let mut maps = method.as_object().cloned().unwrap_or_default();
@@ -349,6 +350,7 @@ pub struct Job {
     pub overlay_original: bool,
     pub jpeg_draft: bool,
     pub fast_jpeg: bool,
+    pub channels_last: bool,
 }
 
 /// Why the command failed; the exit status comes from the kind.
@@ -480,6 +482,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     let engine = Engine::new(&model, sidecar.clone(), method.as_ref())
         .preprocessor(pre.clone())
         .batch_size(job.batch_size)
+        .channels_last(job.channels_last)
         .on_progress(|p| bar.update(p))
         .cancel_on(&raised);
     let layout = engine.prepare().map_err(|e| match e {
