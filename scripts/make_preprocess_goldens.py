@@ -26,10 +26,13 @@ What it generates, under tests/golden/transforms/:
                          Normalize(mean, std)
   jpeg_<name>.tv.npy   uint8 (H, W, 3): torchvision.io.decode_jpeg of the JPEG
   jpeg_<name>.pil.npy  uint8 (H, W, 3): PIL's decode of the JPEG
+  draft_<name>_<k>.pil.npy  uint8: PIL's decode of images/<name>.jpg with
+                       draft("RGB", (W // k, H // k)), at scale 1/k
   manifest.json        {"torch", "torchvision", "pillow", "cpu_capability",
                         "max_steps": 1.0, "mean_steps": 0.05,
                         "cases": [{"name", "image", "sidecar", "expected"}],
-                        "jpegs": [{"name", "image", "torchvision", "pil"}]}
+                        "jpegs": [{"name", "image", "torchvision", "pil"}],
+                        "drafts": [{"image", "scale", "pil"}]}
 "sidecar" is the tch-vis sidecar of the case (input_size, channels, mean,
 std, resize, interpolation, antialias, crop), "image" and the .npy names are
 relative to tests/golden/transforms/. Everything is seeded: a rerun with the
@@ -122,6 +125,10 @@ MORE_JPEGS = [
     ("q90_420_rst_81x117", 81, 117, {"quality": 90, "subsampling": 2, "restart_marker_blocks": 3}, "RGB"),
     ("q90_gray_70x90", 70, 90, {"quality": 90}, "L"),
 ]
+DRAFT_JPEGS = [
+    ("q90_420_203x261", 203, 261, {"quality": 90, "subsampling": 2}),
+    ("q90_444_117x171", 117, 171, {"quality": 90, "subsampling": 0}),
+]
 JPEG_RECIPES = [
     ("photo_120x160", {"resize": 28, "crop": [24, 26]}),
     ("q85_420_prog_97x133", {"resize": [24, 26]}),
@@ -183,6 +190,22 @@ def main():
         jpegs.append({"name": stem, "image": rel, "torchvision": f"jpeg_{stem}.tv.npy",
                       "pil": f"jpeg_{stem}.pil.npy"})
 
+    # PIL's draft mode (libjpeg's scaled IDCT) at each scale, on a JPEG
+    # drawn after the others (their pictures keep their bytes).
+    drafts = []
+    for stem, h, w, options in DRAFT_JPEGS:
+        rel = f"images/{stem}.jpg"
+        path = os.path.join(OUT, rel)
+        picture(rng_jpeg, h, w).save(path, **options)
+        for k in (2, 4, 8):
+            im = Image.open(path)
+            im.draft("RGB", (w // k, h // k))
+            arr = np.asarray(im.convert("RGB"))
+            assert arr.shape[:2] == (-(-h // k), -(-w // k)), (arr.shape, k)
+            name = f"draft_{stem}_{k}.pil.npy"
+            np.save(os.path.join(OUT, name), np.ascontiguousarray(arr))
+            drafts.append({"image": rel, "scale": k, "pil": name})
+
     plan = []
     for stem, _, _, _ in IMAGES:
         for suffix, keys, size in RECIPES:
@@ -217,6 +240,7 @@ def main():
         "mean_steps": 0.05,
         "cases": cases,
         "jpegs": jpegs,
+        "drafts": drafts,
     }
     with open(os.path.join(OUT, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)

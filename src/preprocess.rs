@@ -67,16 +67,16 @@
 //! missing at build time (see BENCHMARKS.md for the figures).
 //!
 //! Large JPEGs can be decoded at 1/2, 1/4 or 1/8 of their size in the DCT
-//! domain (`jpeg-decoder`'s scaled IDCT, as PIL's `draft`), opt-in with
-//! [`Preprocessor::jpeg_draft`] (`--jpeg-draft` on the command line): the
-//! largest scale that still leaves the resize a downscale in both axes. On
-//! 3000 × 2000 photos (one thread, ms per image) decode + resize went from
-//! 31.9 + 7.4 to 28.9 + 0.5 with `resize` 256 + `crop` 224 (1.34× in all;
-//! the entropy decoding, which a scaled IDCT cannot skip, dominates), and
-//! from 31.3 + 211 to 28.4 + 0.4 without resize keys (8×). The inputs are
-//! then close to, not equal to, torchvision's: on a 1600 × 1200 JPEG of
-//! quality 90, 0.49 uint8 steps on average (max 17) from the full decode
-//! with `resize`/`crop`; 0.97 (max 82) without resize keys, whose resize
+//! domain (libjpeg's scaled IDCT), opt-in with [`Preprocessor::jpeg_draft`]
+//! (`--jpeg-draft` on the command line): the largest scale that still
+//! leaves the resize a downscale in both axes. At a given scale the pixels
+//! are PIL's `draft` pixels, bit for bit. On 3000 × 2000 photos of quality
+//! 90 (one thread, ms per image, `profile_stages --recipe torchvision`)
+//! decode + resize went from 38–46 + 2.0 (libjpeg-turbo without SIMD;
+//! zune-jpeg 28–29 + 2.0–3.3) to 17–18 + 0.7. The inputs are then close
+//! to, not equal to, torchvision's: on a 1600 × 1200 JPEG of quality 90,
+//! 0.52 uint8 steps on average (max 19) from the full decode with
+//! `resize`/`crop`; 1.14 (max 86) without resize keys, whose resize
 //! without antialiasing aliases the full decode's fine texture.
 //!
 //! Decoding is memory-limited ([`Preprocessor::limits`]): an image whose
@@ -606,17 +606,17 @@ impl Preprocessor {
     }
 
     /// Decodes JPEGs at 1/2, 1/4 or 1/8 of their size in the DCT domain
-    /// (libjpeg's scaled decoding, PIL's `draft`) when the smaller image is
-    /// still at least the size the resize needs in both axes: the
-    /// torchvision resize's output size with `resize` keys, else
-    /// `input_size`. Off by default: the inputs are then close to, not
+    /// (libjpeg's scaled decoding: at that scale, PIL's `draft` pixels) when
+    /// the smaller image is still at least the size the resize needs in
+    /// both axes: the torchvision resize's output size with `resize` keys,
+    /// else `input_size`. Off by default: the inputs are then close to, not
     /// equal to, torchvision's (the DCT scaling is another low-pass filter
     /// than the antialiased resize; see the module docs for measured
     /// distances), and far cheaper to make from large photos. Other formats,
-    /// JPEGs too small to scale, CMYK and 16-bit JPEGs, and a
+    /// JPEGs too small to scale, CMYK and YCCK JPEGs, and a
     /// [`Preprocessor::keep_original`] preprocessor (whose original must be
-    /// full size) decode as usual; a JPEG the scaled decoder rejects is
-    /// decoded as usual too, so errors are the same with or without it.
+    /// full size) decode as usual. With [`Preprocessor::fast_jpeg`] too,
+    /// the scaled decoding is still libjpeg's (zune-jpeg has none).
     pub fn jpeg_draft(mut self, on: bool) -> Self {
         self.jpeg_draft = on;
         self
@@ -1223,11 +1223,9 @@ impl Preprocessor {
         if bytes.is_empty() {
             return Err(err("empty file".into()));
         }
-        if let Some(img) = self.decode_draft(bytes) {
-            return Ok(img);
-        }
-        if !self.fast_jpeg && bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
-            if let Some(img) = self.decode_libjpeg(bytes).map_err(err)? {
+        let draft = self.jpeg_draft && !self.keep_original;
+        if (draft || !self.fast_jpeg) && bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+            if let Some(img) = self.decode_libjpeg(bytes, draft).map_err(err)? {
                 return Ok(img);
             }
         }
@@ -1288,11 +1286,19 @@ impl Preprocessor {
     /// PIL and torchvision (libjpeg itself would fill the rest with grey);
     /// other corrupt data is libjpeg's fatal error, or decoded as libjpeg
     /// decodes it.
-    fn decode_libjpeg(&self, bytes: &[u8]) -> std::result::Result<Option<DynamicImage>, String> {
+    ///
+    /// With `draft`, at the scale [`Preprocessor::jpeg_draft`] picks, by
+    /// libjpeg's scaled IDCT, as PIL's `draft` decodes at that scale; where
+    /// no scale fits, or for CMYK and YCCK, as without.
+    fn decode_libjpeg(
+        &self,
+        bytes: &[u8],
+        draft: bool,
+    ) -> std::result::Result<Option<DynamicImage>, String> {
         use mozjpeg::{ColorSpace, Decompress, NO_MARKERS};
         let mut source = WatchedBytes { bytes, eof: false };
         let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let jpeg = Decompress::with_markers(NO_MARKERS)
+            let mut jpeg = Decompress::with_markers(NO_MARKERS)
                 .from_reader(&mut source)
                 .map_err(|e| e.to_string())?;
             let (w, h) = jpeg.size();
@@ -1307,6 +1313,12 @@ impl Preprocessor {
                 ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK => return Ok(None),
                 _ => false,
             };
+            let k = if draft { self.draft_scale(w, h) } else { 1 };
+            if k == 1 && self.fast_jpeg {
+                // A draft asked for, but no scale fits: zune-jpeg decodes.
+                return Ok(None);
+            }
+            let (w, h) = (w.div_ceil(k), h.div_ceil(k));
             let n = w * h * if gray { 1 } else { 3 };
             if n as u64 > self.max_alloc {
                 return Err(format!(
@@ -1314,8 +1326,18 @@ impl Preprocessor {
                     self.max_alloc
                 ));
             }
+            if k > 1 {
+                jpeg.scale((8 / k) as u8);
+            }
             let mut started =
                 if gray { jpeg.grayscale() } else { jpeg.rgb() }.map_err(|e| e.to_string())?;
+            if (started.width(), started.height()) != (w, h) {
+                return Err(format!(
+                    "libjpeg decodes {}x{} at 1/{k}, not {w}x{h}",
+                    started.width(),
+                    started.height()
+                ));
+            }
             let mut buf = SPARE_PIXELS.with_borrow_mut(std::mem::take);
             // Bytes a previous image wrote (kept, to be overwritten), or
             // zeroed where the buffer grows.
@@ -1363,44 +1385,19 @@ impl Preprocessor {
         }
     }
 
-    /// The scaled decoding of [`Preprocessor::jpeg_draft`], or `None` when
-    /// it does not apply or fails.
-    fn decode_draft(&self, bytes: &[u8]) -> Option<DynamicImage> {
-        use jpeg_decoder::{Decoder, PixelFormat};
-        if !self.jpeg_draft || self.keep_original || !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
-            return None;
-        }
-        let mut decoder = Decoder::new(Cursor::new(bytes));
-        decoder.read_info().ok()?;
-        let info = decoder.info()?;
-        let (w, h) = (u32::from(info.width), u32::from(info.height));
-        if w > self.max_dimension || h > self.max_dimension {
-            return None;
-        }
+    /// The scale 1/k of [`Preprocessor::jpeg_draft`] for a `w` × `h` JPEG:
+    /// the largest k of 8, 4 and 2 that leaves at least the size the
+    /// resize needs in both axes (the torchvision resize's output size
+    /// with `resize` keys, else `input_size`), else 1.
+    fn draft_scale(&self, w: usize, h: usize) -> usize {
         let (th, tw) = match self.sidecar.resize {
-            Some(r) => r.output_size(h as usize, w as usize),
+            Some(r) => r.output_size(h, w),
             None => (self.sidecar.input_size[0], self.sidecar.input_size[1]),
         };
-        let fits = |k: u32| w.div_ceil(k) as usize >= tw && h.div_ceil(k) as usize >= th;
-        let k = [8u32, 4, 2].into_iter().find(|&k| fits(k))?;
-        // The smallest scale giving at least this size in one axis is k.
-        let want = (w.div_ceil(k), h.div_ceil(k));
-        let got = decoder
-            .scale(u16::try_from(want.0).ok()?, u16::try_from(want.1).ok()?)
-            .ok()?;
-        if (u32::from(got.0), u32::from(got.1)) != want {
-            return None;
-        }
-        let pixels = decoder.decode().ok()?;
-        let info = decoder.info()?;
-        let (w, h) = (u32::from(info.width), u32::from(info.height));
-        match info.pixel_format {
-            PixelFormat::RGB24 => RgbImage::from_raw(w, h, pixels).map(DynamicImage::ImageRgb8),
-            PixelFormat::L8 => {
-                image::GrayImage::from_raw(w, h, pixels).map(DynamicImage::ImageLuma8)
-            }
-            PixelFormat::L16 | PixelFormat::CMYK32 => None,
-        }
+        [8, 4, 2]
+            .into_iter()
+            .find(|&k| w.div_ceil(k) >= tw && h.div_ceil(k) >= th)
+            .unwrap_or(1)
     }
 }
 

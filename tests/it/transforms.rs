@@ -21,6 +21,14 @@ struct Manifest {
     mean_steps: f64,
     cases: Vec<Case>,
     jpegs: Vec<Jpeg>,
+    drafts: Vec<Draft>,
+}
+
+#[derive(Deserialize)]
+struct Draft {
+    image: String,
+    scale: usize,
+    pil: String,
 }
 
 #[derive(Deserialize)]
@@ -154,6 +162,41 @@ fn jpeg_decoder_distance() {
                     j.name
                 );
             }
+        }
+    }
+}
+
+/// `jpeg_draft` decodes at 1/2, 1/4 and 1/8 scale with libjpeg's scaled
+/// IDCT, bit-identical to PIL's `draft` at the same scale: each sidecar
+/// asks for exactly that scale's size, so the draft rule picks it.
+#[test]
+fn jpeg_draft_equals_pils_draft() {
+    let m = manifest();
+    let dir = repo("tests/golden/transforms");
+    assert_eq!(m.drafts.len(), 6);
+    for d in &m.drafts {
+        let bytes = std::fs::read(dir.join(&d.image)).unwrap();
+        let want = npy(dir.join(&d.pil));
+        let (h, w) = (want.size()[0], want.size()[1]);
+        let sidecar = Sidecar::from_json(
+            &format!(r#"{{"input_size": [{h}, {w}], "channels": 3, "mean": [0, 0, 0], "std": [1, 1, 1]}}"#),
+            "s.json",
+        )
+        .unwrap();
+        for fast in [false, true] {
+            let pre = Preprocessor::new(sidecar.clone())
+                .jpeg_draft(true)
+                .fast_jpeg(fast);
+            let got = pre.decode(&bytes, &d.image).unwrap().into_rgb8();
+            assert_eq!(
+                (i64::from(got.height()), i64::from(got.width())),
+                (h, w),
+                "{} at 1/{}",
+                d.image,
+                d.scale
+            );
+            let got = Tensor::from_slice(got.as_raw()).view([h, w, 3]);
+            assert!(got.equal(&want), "{} at 1/{}", d.image, d.scale);
         }
     }
 }
