@@ -758,8 +758,21 @@ impl<'a> Declaration<'a> {
         let mut depth = 0usize;
         let mut close = None;
         let mut cuts = vec![open];
+        let mut quote = None;
+        let mut escaped = false;
         for (i, ch) in text.char_indices().skip_while(|&(i, _)| i <= open) {
+            // Default values may be strings holding commas and brackets.
+            if let Some(q) = quote {
+                match ch {
+                    _ if escaped => escaped = false,
+                    '\\' => escaped = true,
+                    _ if ch == q => quote = None,
+                    _ => {}
+                }
+                continue;
+            }
             match ch {
+                '"' | '\'' => quote = Some(ch),
                 '(' | '[' => depth += 1,
                 ')' | ']' if depth > 0 => depth -= 1,
                 ')' => {
@@ -954,6 +967,24 @@ mod tests {
              tensors are passed: export a module whose forward takes the input tensors alone, \
              the other values fixed inside it)"
         );
+        // Defaults holding commas, brackets and quotes.
+        let d = Declaration::parse(
+            "forward(__torch__.M self, Tensor x, str s=\"a, b)\", int[2] size=[1, 2], \
+             str t='it\\'s (x', Optional[Tensor] m=None) -> Tensor",
+        )
+        .unwrap();
+        let names: Vec<_> = d.params.iter().map(|p| (p.0, p.1, p.2)).collect();
+        assert_eq!(
+            names,
+            [
+                ("Tensor", "x", false),
+                ("str", "s", true),
+                ("int[2]", "size", true),
+                ("str", "t", true),
+                ("Optional[Tensor]", "m", true),
+            ]
+        );
+        assert_eq!(d.returns, "Tensor");
         let plain = Declaration::parse("forward(__torch__.N self, Tensor x) -> Tensor").unwrap();
         assert_eq!(plain.describe(), "forward(Tensor x) -> Tensor");
         // Not a method's declaration: nothing is made up.

@@ -201,6 +201,54 @@ fn jpeg_draft_equals_pils_draft() {
     }
 }
 
+/// The decode limit counts what libjpeg holds for a progressive JPEG (every
+/// DCT coefficient until the last scan), not only the output pixels: a
+/// limit between the two refuses the progressive file and takes a baseline
+/// one of the same size. A truncated JPEG fails by default and with
+/// `jpeg_draft`, and decodes with `fast_jpeg` (with `jpeg_draft` too).
+#[test]
+fn jpeg_limits_count_coefficients_and_truncation_follows_the_decoder() {
+    let dir = repo("tests/golden/transforms/images");
+    let progressive = std::fs::read(dir.join("q85_420_prog_97x133.jpg")).unwrap();
+    let baseline = std::fs::read(dir.join("photo_87x131.jpg")).unwrap();
+    let sidecar = Sidecar::from_json(
+        r#"{"input_size": [24, 26], "channels": 3, "mean": [0, 0, 0], "std": [1, 1, 1]}"#,
+        "s.json",
+    )
+    .unwrap();
+    // 97 x 133 x 3 = 38,703 bytes of pixels; 347 blocks of coefficients
+    // (4:2:0) = 44,416 bytes more.
+    let tight = Preprocessor::new(sidecar.clone()).limits(16384, 50_000);
+    let e = tight.decode(&progressive, "p.jpg").unwrap_err();
+    assert!(e.to_string().contains("83119 bytes to decode"), "{e}");
+    tight.decode(&baseline, "b.jpg").unwrap();
+    Preprocessor::new(sidecar.clone())
+        .limits(16384, 83_119)
+        .decode(&progressive, "p.jpg")
+        .unwrap();
+    let cut = &large_jpeg()[..200_000];
+    let big = Sidecar::from_json(
+        r#"{"input_size": [100, 100], "channels": 3, "mean": [0, 0, 0], "std": [1, 1, 1]}"#,
+        "s.json",
+    )
+    .unwrap();
+    for (draft, fast, decodes) in [
+        (false, false, false),
+        (true, false, false),
+        (false, true, true),
+        (true, true, true),
+    ] {
+        let pre = Preprocessor::new(big.clone())
+            .jpeg_draft(draft)
+            .fast_jpeg(fast);
+        let got = pre.decode(cut, "cut.jpg");
+        assert_eq!(got.is_ok(), decodes, "draft {draft}, fast {fast}");
+        if let Err(e) = got {
+            assert!(e.to_string().contains("a truncated JPEG"), "{e}");
+        }
+    }
+}
+
 /// A 1600 × 1200 photo-like JPEG (smooth shading, edges, fine texture),
 /// quality 90.
 fn large_jpeg() -> Vec<u8> {

@@ -288,10 +288,11 @@ pub struct CommonArgs {
     #[arg(long)]
     pub strict: bool,
 
-    /// Decode JPEGs at 1/2, 1/4 or 1/8 of their size in the DCT domain (as
-    /// PIL's draft mode) when that is still at least the size the resize
-    /// needs: several times faster on large photos, with inputs close to,
-    /// not equal to, torchvision's. Not with --overlay original.
+    /// Decode JPEGs at 1/2, 1/4 or 1/8 of their size in the DCT domain (at
+    /// a given scale, PIL's draft pixels) when that is still at least the
+    /// size the resize needs: about twice as fast on large photos, with
+    /// inputs close to, not equal to, torchvision's. Not with --overlay
+    /// original.
     #[arg(long)]
     pub jpeg_draft: bool,
 
@@ -299,8 +300,8 @@ pub struct CommonArgs {
     /// faster where libjpeg-turbo was built without its SIMD code, but its
     /// chroma upsampling rounds otherwise, so pixels of 4:2:0 and 4:2:2
     /// JPEGs differ from PIL's and torchvision's (0.2-0.4 uint8 steps on
-    /// average, up to 4). By default JPEGs decode bit for bit as in PIL and
-    /// torchvision
+    /// average, up to 4), and a truncated JPEG decodes instead of failing.
+    /// By default JPEGs decode bit for bit as in PIL and torchvision
     #[arg(long)]
     pub fast_jpeg: bool,
 

@@ -78,8 +78,7 @@ const HINTS: &[(&[&str], &str, &str)] = &[
             "--label",
         ],
         "score",
-        "a class is chosen with --score categorical:I, one --score per model output \
-         (the default, predicted, takes each image's argmax class)",
+        "a class is chosen with --score categorical:I, one --score per model output",
     ),
     (
         &["--layer", "--layers", "--target-layer", "--target-layers"],
@@ -90,7 +89,7 @@ const HINTS: &[(&[&str], &str, &str)] = &[
     (
         &["--cam", "--cam-method", "--algorithm", "--algo"],
         "method",
-        "the CAM is chosen with --method gradcam, gradcam++, layercam or scorecam",
+        "the CAM is chosen with --method METHOD (gradcam, gradcam++, layercam, scorecam, ...)",
     ),
     (
         &[
