@@ -210,15 +210,24 @@ impl ScoreSpec {
                 )),
             }
         };
+        // What a class score expects, and what fits an output without a
+        // class axis.
+        let with_classes = |what: &str, expected: &str| {
+            let hint = if shape.len() == 1 {
+                " (an (N,) output has no class axis: a regression or binary score fits it)"
+            } else {
+                ""
+            };
+            Error::shape(what, format!("{expected}{hint}"), shape)
+        };
         match self {
             ScoreSpec::Categorical(indices) => {
                 let classes = match shape {
                     [_, c, ..] => usize::try_from(*c).unwrap_or(0),
                     _ => {
-                        return Err(Error::shape(
+                        return Err(with_classes(
                             "categorical score output",
                             "(N, C) or (N, C, ...)",
-                            shape,
                         ))
                     }
                 };
@@ -232,10 +241,9 @@ impl ScoreSpec {
             }
             ScoreSpec::Predicted => match shape {
                 [_, c, ..] if *c > 0 => Ok(()),
-                _ => Err(Error::shape(
+                _ => Err(with_classes(
                     "predicted score output",
                     "(N, C) or (N, C, ...) with C > 0",
-                    shape,
                 )),
             },
             ScoreSpec::Binary(_) => scalar("binary"),
@@ -331,7 +339,19 @@ mod tests {
             Error::Shape { .. }
         ));
         ScoreSpec::Predicted.check(&[2, 10]).unwrap();
-        assert!(ScoreSpec::Predicted.check(&[2]).is_err());
+        // An (N,) output is named for what fits it; (N, 0) is not.
+        let fits = "a regression or binary score fits it";
+        assert!(ScoreSpec::Predicted
+            .check(&[2])
+            .unwrap_err()
+            .to_string()
+            .contains(fits));
+        assert!(c3.check(&[2]).unwrap_err().to_string().contains(fits));
+        assert!(!ScoreSpec::Predicted
+            .check(&[2, 0])
+            .unwrap_err()
+            .to_string()
+            .contains(fits));
         ScoreSpec::Inactive.check(&[2, 7, 3]).unwrap();
     }
 
