@@ -299,8 +299,9 @@ if want pipeline && [ -x "$BIN/tch-vis" ] && [ -f "$MODEL" ]; then
     for rep in $(seq "$REPEAT"); do
         RUN_TAG=""; [ "$REPEAT" -gt 1 ] && RUN_TAG=" (run $rep of $REPEAT)"
         for p in $PIPE_PRECISIONS; do
-            extra=()
-            [ $CLI_PRECISION = 1 ] && extra=(--precision "$p")
+            # PIPE_FLAGS: more CLI flags for these runs (e.g. --fast-jpeg).
+            read -r -a extra <<< "${PIPE_FLAGS:-}"
+            [ $CLI_PRECISION = 1 ] && extra+=(--precision "$p")
             sync
             if step "pipeline-$p" 180 "${TC[@]/LABEL/$p}" "$BIN/tch-vis" saliency --model "$MODEL" --images "$IMAGES" --out "$WORK/cli-$p" \
                 --batch-size "$BATCH" --overwrite --device "$DEVICE" --score "categorical:$CLASS" "${extra[@]}"; then
