@@ -167,28 +167,25 @@ def main():
     for stem, h, w, mode in IMAGES:
         picture(rng, h, w, mode).save(os.path.join(OUT, "images", stem + ".png"), optimize=True)
     jpegs = []
-    for stem, h, w in JPEGS:
+
+    def save_jpeg(stem, img, **options):
+        """Writes images/STEM.jpg and torchvision's and PIL's decodes of it."""
         rel = f"images/{stem}.jpg"
         path = os.path.join(OUT, rel)
-        picture(rng, h, w).save(path, quality=90, subsampling=2)
+        img.save(path, **options)
         tv = decode_jpeg(read_file(path), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
         pil = np.asarray(Image.open(path).convert("RGB"))
         np.save(os.path.join(OUT, f"jpeg_{stem}.tv.npy"), np.ascontiguousarray(tv))
         np.save(os.path.join(OUT, f"jpeg_{stem}.pil.npy"), np.ascontiguousarray(pil))
         jpegs.append({"name": stem, "image": rel, "torchvision": f"jpeg_{stem}.tv.npy",
                       "pil": f"jpeg_{stem}.pil.npy"})
+
+    for stem, h, w in JPEGS:
+        save_jpeg(stem, picture(rng, h, w), quality=90, subsampling=2)
     rng_jpeg = np.random.default_rng(1)
     for stem, h, w, options, mode in MORE_JPEGS:
-        rel = f"images/{stem}.jpg"
-        path = os.path.join(OUT, rel)
         img = picture(rng_jpeg, h, w)
-        (img.convert("L") if mode == "L" else img).save(path, **options)
-        tv = decode_jpeg(read_file(path), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
-        pil = np.asarray(Image.open(path).convert("RGB"))
-        np.save(os.path.join(OUT, f"jpeg_{stem}.tv.npy"), np.ascontiguousarray(tv))
-        np.save(os.path.join(OUT, f"jpeg_{stem}.pil.npy"), np.ascontiguousarray(pil))
-        jpegs.append({"name": stem, "image": rel, "torchvision": f"jpeg_{stem}.tv.npy",
-                      "pil": f"jpeg_{stem}.pil.npy"})
+        save_jpeg(stem, img.convert("L") if mode == "L" else img, **options)
 
     # PIL's draft mode (libjpeg's scaled IDCT) at each scale, on a JPEG
     # drawn after the others (their pictures keep their bytes).
