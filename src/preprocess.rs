@@ -68,9 +68,9 @@
 //!
 //! Large JPEGs can be decoded at 1/2, 1/4 or 1/8 of their size in the DCT
 //! domain (libjpeg's scaled IDCT), opt-in with [`Preprocessor::jpeg_draft`]
-//! (`--jpeg-draft` on the command line): the largest scale that still
-//! leaves the resize a downscale in both axes. At a given scale the pixels
-//! are PIL's `draft` pixels, bit for bit. On 3000 × 2000 photos of quality
+//! (`--jpeg-draft` on the command line): the scale PIL's `draft` picks
+//! for the resize's output size, which leaves the resize a downscale in
+//! both axes, and PIL's `draft` pixels, bit for bit. On 3000 × 2000 photos of quality
 //! 90 (one thread, ms per image, `profile_stages --recipe torchvision`)
 //! decode + resize went from 38–46 + 2.0 (libjpeg-turbo without SIMD;
 //! zune-jpeg 28–29 + 2.0–3.3) to 17–18 + 0.7. The inputs are then close
@@ -611,10 +611,12 @@ impl Preprocessor {
     }
 
     /// Decodes JPEGs at 1/2, 1/4 or 1/8 of their size in the DCT domain
-    /// (libjpeg's scaled decoding: at that scale, PIL's `draft` pixels) when
-    /// the smaller image is still at least the size the resize needs in
-    /// both axes: the torchvision resize's output size with `resize` keys,
-    /// else `input_size`. Off by default: the inputs are then close to, not
+    /// (libjpeg's scaled decoding) as PIL's `draft("RGB", (w, h))` does for
+    /// the size the resize makes, `(w, h)`: the torchvision resize's output
+    /// size with `resize` keys, else `input_size`. PIL takes the largest
+    /// scale 1/k with k ≤ min(W / w, H / h) (whole divisions), so the
+    /// smaller image is still at least that size, and the pixels are PIL's
+    /// draft pixels, bit for bit. Off by default: the inputs are then close to, not
     /// equal to, torchvision's (the DCT scaling is another low-pass filter
     /// than the antialiased resize; see the module docs for measured
     /// distances), and far cheaper to make from large photos. Other formats,
@@ -1411,19 +1413,18 @@ impl Preprocessor {
         }
     }
 
-    /// The scale 1/k of [`Preprocessor::jpeg_draft`] for a `w` × `h` JPEG:
-    /// the largest k of 8, 4 and 2 that leaves at least the size the
-    /// resize needs in both axes (the torchvision resize's output size
-    /// with `resize` keys, else `input_size`), else 1.
+    /// The scale 1/k of [`Preprocessor::jpeg_draft`] for a `w` × `h` JPEG,
+    /// as PIL's `draft` picks it for the size the resize makes (the
+    /// torchvision resize's output size with `resize` keys, else
+    /// `input_size`): the largest k of 8, 4, 2 and 1 not above
+    /// `min(w / tw, h / th)`, in whole divisions.
     fn draft_scale(&self, w: usize, h: usize) -> usize {
         let (th, tw) = match self.sidecar.resize {
             Some(r) => r.output_size(h, w),
             None => (self.sidecar.input_size[0], self.sidecar.input_size[1]),
         };
-        [8, 4, 2]
-            .into_iter()
-            .find(|&k| w.div_ceil(k) >= tw && h.div_ceil(k) >= th)
-            .unwrap_or(1)
+        let most = (w / tw.max(1)).min(h / th.max(1));
+        [8, 4, 2].into_iter().find(|&k| k <= most).unwrap_or(1)
     }
 }
 

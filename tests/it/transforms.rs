@@ -167,8 +167,10 @@ fn jpeg_decoder_distance() {
 }
 
 /// `jpeg_draft` decodes at 1/2, 1/4 and 1/8 scale with libjpeg's scaled
-/// IDCT, bit-identical to PIL's `draft` at the same scale: each sidecar
-/// asks for exactly that scale's size, so the draft rule picks it.
+/// IDCT, bit-identical to PIL's `draft`: each golden is PIL's
+/// `draft("RGB", (W // k, H // k))`, and a sidecar of that input size picks
+/// the same scale, as PIL does (a size one pixel larger, the next scale
+/// down).
 #[test]
 fn jpeg_draft_equals_pils_draft() {
     let m = manifest();
@@ -178,11 +180,30 @@ fn jpeg_draft_equals_pils_draft() {
         let bytes = std::fs::read(dir.join(&d.image)).unwrap();
         let want = npy(dir.join(&d.pil));
         let (h, w) = (want.size()[0], want.size()[1]);
-        let sidecar = Sidecar::from_json(
-            &format!(r#"{{"input_size": [{h}, {w}], "channels": 3, "mean": [0, 0, 0], "std": [1, 1, 1]}}"#),
-            "s.json",
-        )
-        .unwrap();
+        let full = image::load_from_memory(&bytes).unwrap();
+        let (fw, fh) = (full.width() as usize, full.height() as usize);
+        let size = |dh: usize, dw: usize| {
+            Sidecar::from_json(
+                &format!(
+                    r#"{{"input_size": [{}, {}], "channels": 3, "mean": [0, 0, 0], "std": [1, 1, 1]}}"#,
+                    fh / d.scale + dh,
+                    fw / d.scale + dw
+                ),
+                "s.json",
+            )
+            .unwrap()
+        };
+        // One pixel wider than PIL's size for this scale: the next scale.
+        let wider = Preprocessor::new(size(0, 1)).jpeg_draft(true);
+        let got = wider.decode(&bytes, &d.image).unwrap();
+        assert_eq!(
+            got.width() as usize,
+            fw.div_ceil(d.scale / 2),
+            "{} at 1/{}: one pixel more",
+            d.image,
+            d.scale
+        );
+        let sidecar = size(0, 0);
         for fast in [false, true] {
             let pre = Preprocessor::new(sidecar.clone())
                 .jpeg_draft(true)

@@ -288,11 +288,10 @@ pub struct CommonArgs {
     #[arg(long)]
     pub strict: bool,
 
-    /// Decode JPEGs at 1/2, 1/4 or 1/8 of their size in the DCT domain (at
-    /// a given scale, PIL's draft pixels) when that is still at least the
-    /// size the resize needs: about twice as fast on large photos, with
-    /// inputs close to, not equal to, torchvision's. Not with --overlay
-    /// original.
+    /// Decode JPEGs at 1/2, 1/4 or 1/8 of their size in the DCT domain, as
+    /// PIL's draft mode does for the size the resize makes (the same scale
+    /// and pixels): about twice as fast on large photos, with inputs close
+    /// to, not equal to, torchvision's. Not with --overlay original.
     #[arg(long)]
     pub jpeg_draft: bool,
 
