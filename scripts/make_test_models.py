@@ -34,6 +34,10 @@ extra_argument.pt (+ .json)  a linear classifier scripted with a second,
     non-tensor parameter, forward(x, temperature: float): the kind of model
     whose forward needs more than the image.
 
+uint16_output.pt  a module with no weights whose (N, 1) output is a
+    torch.uint16 tensor, a dtype tch 0.24 has no Kind for: the way to get
+    such tensors into the library's calls.
+
     python scripts/make_test_models.py        (needs torch)
 """
 import json
@@ -168,3 +172,12 @@ with open(os.path.join(out, "extra_argument.json"), "w") as f:
     json.dump({"input_size": [16, 16], "channels": 1, "mean": [0.5], "std": [0.25]}, f)
     f.write("\n")
 print("wrote tests/models/extra_argument.pt and .json")
+
+
+class Uint16Output(torch.nn.Module):
+    def forward(self, x):
+        return (x.abs() * 10).to(torch.uint16)[:, :1]
+
+
+torch.jit.script(Uint16Output().eval()).save(os.path.join(out, "uint16_output.pt"))
+print("wrote tests/models/uint16_output.pt")

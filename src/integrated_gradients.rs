@@ -314,7 +314,10 @@ impl Baseline {
             Baseline::Blur { sigma } => gaussian_blur(&x, *sigma),
             Baseline::Tensor(t) => {
                 let size = x.size();
-                let b = t.f_detach()?.f_to_device(x.device())?.f_to_kind(x.kind())?;
+                let b = t
+                    .f_detach()?
+                    .f_to_device(x.device())?
+                    .f_to_kind(x.f_kind()?)?;
                 let b = b.f_broadcast_to(size.as_slice()).map_err(|_| {
                     Error::shape(
                         "baseline",
@@ -349,7 +352,7 @@ fn gaussian_blur(x: &Tensor, sigma: f64) -> Result<Tensor> {
     let taps: Vec<f64> = taps.iter().map(|t| t / total).collect();
     let k = 2 * radius + 1;
     let kernel = Tensor::f_from_slice(&taps)?
-        .f_to_kind(x.kind())?
+        .f_to_kind(x.f_kind()?)?
         .f_to_device(x.device())?;
     let flat = x.f_reshape([n * c, 1, h, w])?;
     // Rows, then columns; replicate padding repeats the border pixels.
@@ -561,7 +564,7 @@ impl<'a> IntegratedGradients<'a> {
                 what: "integration steps",
             });
         };
-        let attributions = total.f_mul(&diff)?.f_to_kind(x.kind())?;
+        let attributions = total.f_mul(&diff)?.f_to_kind(x.f_kind()?)?;
 
         // F = the sum of every output's score, per sample.
         let f = |v: &[Tensor]| -> Result<Tensor> {

@@ -485,6 +485,9 @@ pub fn write_npy_atomic(path: &Path, tensor: &Tensor) -> Result<()> {
 pub(crate) fn write_npy(path: &Path, tensor: &Tensor, replace: Replace) -> Result<()> {
     write_via_temp(path, replace, |tmp| {
         let t = tensor.f_contiguous().map_err(std::io::Error::other)?;
+        // A dtype tch does not know (uint16, uint32, ...): tch's writer
+        // would panic on it.
+        t.f_kind().map_err(std::io::Error::other)?;
         match npy_header(&t) {
             // The values straight from the tensor's memory.
             Some(header) => create_with(tmp, &[&header, tensor_bytes(&t)]),
@@ -511,7 +514,7 @@ fn npy_header(t: &Tensor) -> Option<Vec<u8>> {
     if t.device() != tch::Device::Cpu || !t.is_contiguous() {
         return None;
     }
-    let descr = match t.kind() {
+    let descr = match t.f_kind().ok()? {
         Kind::Half => "f2",
         Kind::Float => "f4",
         Kind::Double => "f8",
@@ -540,7 +543,7 @@ fn npy_header(t: &Tensor) -> Option<Vec<u8>> {
 /// The values of a contiguous CPU tensor ([`npy_header`] checked it), as
 /// bytes borrowed from its memory.
 fn tensor_bytes(t: &Tensor) -> &[u8] {
-    let n = t.numel() * t.kind().elt_size_in_bytes();
+    let n = t.numel() * t.f_kind().map_or(0, |k| k.elt_size_in_bytes());
     if n == 0 {
         return &[];
     }

@@ -232,7 +232,7 @@ pub fn rotate2d(x: &Tensor, degrees: f64) -> Result<Tensor> {
     let grid = Tensor::f_from_slice(&grid)?
         .f_view([1, h, w, 2])?
         .f_to_device(x.device())?
-        .f_to_kind(x.kind())?
+        .f_to_kind(x.f_kind()?)?
         .f_expand([n, h, w, 2], false)?;
     // Bilinear (0), reflection padding (2), align_corners = false.
     Ok(x.f_grid_sampler_2d(&grid, 0, 2, false)?)

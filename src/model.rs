@@ -182,7 +182,7 @@ impl Model {
         }
         let kind = precision.kind();
         for (_, p) in self.module.named_parameters()? {
-            if is_floating(p.kind()) {
+            if is_floating(p.f_kind()?) {
                 // Probe the conversion with a fallible call before the
                 // module-wide one, which cannot report errors.
                 let _ = p.f_to_kind(kind)?;
@@ -210,7 +210,7 @@ impl Model {
     /// Moves an input to the model's device and precision.
     fn prepare(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.f_to_device(self.device)?;
-        if self.precision != Precision::Fp32 && is_floating(x.kind()) {
+        if self.precision != Precision::Fp32 && is_floating(x.f_kind()?) {
             Ok(x.f_to_kind(self.precision.kind())?)
         } else {
             Ok(x)
@@ -308,7 +308,7 @@ impl Model {
             .iter()
             .map(|x| {
                 let leaf = self.prepare(&x.f_detach()?)?;
-                if is_floating(leaf.kind()) {
+                if is_floating(leaf.f_kind()?) {
                     Ok(leaf.f_set_requires_grad(true)?)
                 } else {
                     Ok(leaf)
@@ -350,7 +350,7 @@ impl Model {
             .iter()
             .zip(grads)
             .map(|(x, g)| match g {
-                Some(g) => Ok(g.f_to_device(x.device())?.f_to_kind(x.kind())?),
+                Some(g) => Ok(g.f_to_device(x.device())?.f_to_kind(x.f_kind()?)?),
                 None => Ok(x.f_zeros_like()?),
             })
             .collect::<Result<Vec<_>>>()?;

@@ -521,7 +521,10 @@ impl InputImage {
 /// `[H, W, C]`.
 fn crop_bytes(t: &Tensor) -> Result<(&[u8], [usize; 3])> {
     let size = t.size();
-    if size.len() != 3 || t.kind() != Kind::Uint8 || t.device() != Device::Cpu || !t.is_contiguous()
+    if size.len() != 3
+        || t.f_kind().ok() != Some(Kind::Uint8)
+        || t.device() != Device::Cpu
+        || !t.is_contiguous()
     {
         return Err(Error::shape(
             "an image's bytes",
@@ -709,7 +712,10 @@ impl Preprocessor {
         let path = path.as_ref();
         let [h, w] = self.sidecar.size_i64();
         let want = [self.sidecar.channels as i64, h, w];
-        if dest.size() != want || dest.kind() != Kind::Float || dest.device() != Device::Cpu {
+        if dest.size() != want
+            || dest.f_kind().ok() != Some(Kind::Float)
+            || dest.device() != Device::Cpu
+        {
             return Err(Error::shape(
                 "the destination of an input",
                 format!("a float32 CPU tensor {want:?}"),
@@ -744,7 +750,7 @@ impl Preprocessor {
         let want = [h, w, self.sidecar.channels as i64];
         if !self.has_byte_inputs()
             || dest.size() != want
-            || dest.kind() != Kind::Uint8
+            || dest.f_kind().ok() != Some(Kind::Uint8)
             || dest.device() != Device::Cpu
             || !dest.is_contiguous()
         {
@@ -1022,7 +1028,7 @@ impl Preprocessor {
         let c = self.sidecar.channels;
         let n = image.numel() / c.max(1);
         let planar = self.stats_per_channel()
-            && image.kind() == Kind::Float
+            && image.f_kind().ok() == Some(Kind::Float)
             && image.device() == Device::Cpu
             && image.is_contiguous()
             && image.size().len() == 3;
@@ -1174,7 +1180,7 @@ impl Preprocessor {
         } else {
             hwc
         };
-        if hwc.numel() != th * tw * c || hwc.kind() != Kind::Uint8 {
+        if hwc.numel() != th * tw * c || hwc.f_kind().ok() != Some(Kind::Uint8) {
             return Err(Error::Internal {
                 what: format!(
                     "the crop has {} values, expected {}",

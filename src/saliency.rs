@@ -261,7 +261,10 @@ impl<'a> Saliency<'a> {
             if pad > 0 {
                 let mut shape = x.size();
                 shape[0] = pad;
-                rows.push(Tensor::f_zeros(shape.as_slice(), (x.kind(), x.device()))?);
+                rows.push(Tensor::f_zeros(
+                    shape.as_slice(),
+                    (x.f_kind()?, x.device()),
+                )?);
                 owner.extend(std::iter::repeat_n(0, pad as usize));
             }
             let noisy = Tensor::f_cat(&rows, 0)?;
@@ -309,7 +312,10 @@ impl<'a> Saliency<'a> {
             if (images as i64) < b {
                 let mut shape = x.size();
                 shape[0] = b - images as i64;
-                let kind = rows.first().map_or(x.kind(), Tensor::kind);
+                let kind = match rows.first() {
+                    Some(r) => r.f_kind()?,
+                    None => x.f_kind()?,
+                };
                 rows.push(Tensor::f_zeros(shape.as_slice(), (kind, x.device()))?);
             }
             Ok(Tensor::f_cat(&rows, 0)?)
@@ -620,7 +626,7 @@ fn gaussian_like(x: &Tensor, seed: u64, input: u64, sample: u64, keys: &[u64]) -
     Ok(Tensor::f_from_slice(&data)?
         .f_reshape(size.as_slice())?
         .f_to_device(x.device())?
-        .f_to_kind(match x.kind() {
+        .f_to_kind(match x.f_kind()? {
             Kind::Double => Kind::Double,
             _ => Kind::Float,
         })?)

@@ -597,7 +597,7 @@ fn pad_rows(parts: Vec<&Tensor>, pad: i64) -> Result<Tensor> {
     }
     let mut shape = t.size();
     shape[0] = pad;
-    let zeros = Tensor::f_zeros(shape.as_slice(), (t.kind(), t.device()))?;
+    let zeros = Tensor::f_zeros(shape.as_slice(), (t.f_kind()?, t.device()))?;
     Ok(Tensor::f_cat(&[t, zeros], 0)?)
 }
 

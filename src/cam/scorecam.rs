@@ -81,7 +81,7 @@ pub(super) fn cam(
             let masks = up
                 .f_sub(&min)?
                 .f_div(&max.f_sub(&min)?.f_add_scalar(eps)?)?
-                .f_to_kind(x.kind())?;
+                .f_to_kind(x.f_kind()?)?;
             // A channels-last input gives channels-last masked inputs (the
             // same values, NHWC strides), as fast for the model as the
             // input was.
@@ -117,7 +117,7 @@ pub(super) fn cam(
         );
     }
     if images < n {
-        let zeros = Tensor::f_zeros([n - images, size[2], size[3]], (a.kind(), a.device()))?;
+        let zeros = Tensor::f_zeros([n - images, size[2], size[3]], (a.f_kind()?, a.device()))?;
         cams.extend((0..n - images).map(|r| zeros.get(r)));
     }
     Ok(Tensor::f_stack(&cams, 0)?)

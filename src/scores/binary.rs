@@ -97,7 +97,7 @@ impl Score for BinaryScore {
         let signs: Vec<f32> = values.iter().map(|&v| if v { 1.0 } else { -1.0 }).collect();
         let signs = Tensor::f_from_slice(&signs)?
             .f_to_device(output.device())?
-            .f_to_kind(output.kind())?;
+            .f_to_kind(output.f_kind()?)?;
         Ok(out.f_mul(&signs)?)
     }
 }

@@ -102,7 +102,8 @@ fn gather_classes(output: &Tensor, idx: &[usize]) -> Result<Tensor> {
 fn gather_index(output: &Tensor, index: &Tensor) -> Result<Tensor> {
     let size = output.size();
     let (n, c) = (size[0], size[1]);
-    let flat = output.f_reshape([n, c, -1])?;
+    // Explicit sizes, not -1: an empty batch has no -1 to infer.
+    let flat = output.f_reshape([n, c, size[2..].iter().product()])?;
     let rest = flat.size()[2];
     let index = index.f_view([n, 1, 1])?.f_expand([n, 1, rest], false)?;
     let picked = flat.f_gather(1, &index, false)?.f_reshape([n, rest])?;
@@ -266,7 +267,7 @@ fn argmax_classes(out: &Tensor) -> Result<Tensor> {
     let size = out.size();
     Ok(out
         .f_detach()?
-        .f_reshape([size[0], size[1], -1])?
+        .f_reshape([size[0], size[1], size[2..].iter().product()])?
         .f_mean_dim(2, false, None::<Kind>)?
         .f_argmax(1, false)?)
 }
@@ -339,14 +340,15 @@ impl Score for SegmentationScore {
         let mask = self
             .mask
             .f_to_device(output.device())?
-            .f_to_kind(output.kind())?
+            .f_to_kind(output.f_kind()?)?
             .f_expand([n, h, w], false)?;
         let plane = output.f_select(1, class)?;
-        let num = (plane * &mask)
-            .f_reshape([n, -1])?
-            .f_sum_dim_intlist(1, false, None::<Kind>)?;
+        let num =
+            (plane * &mask)
+                .f_reshape([n, h * w])?
+                .f_sum_dim_intlist(1, false, None::<Kind>)?;
         let den = mask
-            .f_reshape([n, -1])?
+            .f_reshape([n, h * w])?
             .f_sum_dim_intlist(1, false, None::<Kind>)?;
         Ok(num.f_div(&den)?)
     }

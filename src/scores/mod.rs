@@ -277,8 +277,9 @@ pub(crate) fn mean_per_sample(t: &Tensor) -> Result<Tensor> {
     match size.len() {
         0 => Err(Error::shape("score value", "(N, ...)", &size)),
         1 => Ok(t.shallow_clone()),
+        // Explicit sizes, not -1: an empty batch has no -1 to infer.
         _ => Ok(t
-            .f_reshape([size[0], -1])?
+            .f_reshape([size[0], size[1..].iter().product()])?
             .f_mean_dim(1, false, None::<Kind>)?),
     }
 }

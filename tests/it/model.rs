@@ -414,3 +414,49 @@ fn closures_are_scores() {
     let e = model.gradients(&[x3()], &[&bad as &dyn Score]).unwrap_err();
     assert!(matches!(e, Error::Score { index: 0, .. }), "{e}");
 }
+
+/// A tensor of a dtype tch has no `Kind` for (here `torch.uint16`, made
+/// by a TorchScript module) is an error wherever it reaches the library,
+/// not a panic: as a score's output, as an input of `gradients`, and in
+/// `io::write_npy_atomic`.
+#[test]
+fn dtypes_tch_does_not_know_are_errors() {
+    let maker = Model::load(repo("tests/models/uint16_output.pt"), Device::Cpu).unwrap();
+    let x = Tensor::randn([2, 8], (Kind::Float, Device::Cpu));
+    let u = maker.forward(&[x]).unwrap().remove(0);
+    assert!(u.f_kind().is_err(), "tch learnt uint16: pick another dtype");
+    let score = BinaryScore::new(vec![true, false]).unwrap();
+    let e = score.score(&u).unwrap_err();
+    assert!(matches!(e, Error::Torch(_)), "{e}");
+    let model = Model::load(repo("models/digits_cnn.pt"), Device::Cpu).unwrap();
+    let s = CategoricalScore::new(1).unwrap();
+    let e = model
+        .gradients(&[u.shallow_clone()], &[&s as &dyn Score])
+        .unwrap_err();
+    assert!(matches!(e, Error::Torch(_)), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("u.npy");
+    assert!(tch_vis::io::write_npy_atomic(&path, &u).is_err());
+    assert!(!path.exists());
+}
+
+/// An empty batch gives empty scores and an empty gradient, for every kind
+/// of output: `(N, C)` and `(N, C, H, W)` (whose per-sample means had a -1
+/// to infer from zero values), and the inactive score.
+#[test]
+fn an_empty_batch_gives_empty_results() {
+    for (path, score) in [
+        (
+            "models/digits_cnn.pt",
+            &CategoricalScore::new(3).unwrap() as &dyn Score,
+        ),
+        ("models/digits_dense.pt", &CategoricalScore::new(3).unwrap()),
+        ("models/digits_cnn.pt", &InactiveScore::new()),
+    ] {
+        let model = Model::load(repo(path), Device::Cpu).unwrap();
+        let x = Tensor::zeros([0, 1, 32, 32], (Kind::Float, Device::Cpu));
+        let g = model.gradients(&[x], &[score]).unwrap();
+        assert_eq!(g.scores[0].size(), [0], "{path}");
+        assert_eq!(g.inputs[0].size(), [0, 1, 32, 32], "{path}");
+    }
+}
