@@ -58,7 +58,9 @@ pub enum Error {
 
     /// The number of scores does not match the number of model outputs.
     #[error(
-        "the model has {outputs} outputs but {scores} scores were given (one score per output)"
+        "the model has {outputs} output{} but {scores} score{} given (one score per output)",
+        if *outputs == 1 { "" } else { "s" },
+        if *scores == 1 { " was" } else { "s were" }
     )]
     ScoreCount {
         /// Number of outputs of the model.

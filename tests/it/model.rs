@@ -163,6 +163,10 @@ fn score_count_must_match_outputs() {
         ),
         "{e}"
     );
+    assert_eq!(
+        e.to_string(),
+        "the model has 2 outputs but 1 score was given (one score per output)"
+    );
     let e = model
         .gradients(&[x], &[&s as &dyn Score, &s, &s])
         .unwrap_err();
