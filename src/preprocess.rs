@@ -3,8 +3,9 @@
 //!
 //! # The plain pipeline (a sidecar without `resize`)
 //! 1. decode (format guessed from the bytes, not the extension; JPEGs with
-//!    libjpeg-turbo's decoder, other formats with the `image` crate) to RGB: alpha dropped, palette expanded, EXIF orientation
-//!    ignored; 8-bit samples divided by 255 and 16-bit by 65535 in `f32`
+//!    libjpeg-turbo's decoder, other formats with the `image` crate) to
+//!    RGB: alpha dropped, palette expanded, EXIF orientation ignored;
+//!    8-bit samples divided by 255 and 16-bit by 65535 in `f32`
 //!    (float images are taken as they are);
 //! 2. when the sidecar says `channels: 1`, luma `0.299 R + 0.587 G + 0.114 B`
 //!    in `f32`, evaluated left to right;
@@ -70,10 +71,10 @@
 //! domain (libjpeg's scaled IDCT), opt-in with [`Preprocessor::jpeg_draft`]
 //! (`--jpeg-draft` on the command line): the scale PIL's `draft` picks
 //! for the resize's output size, which leaves the resize a downscale in
-//! both axes, and PIL's `draft` pixels, bit for bit. On 3000 × 2000 photos of quality
-//! 90 (one thread, ms per image, `profile_stages --recipe torchvision`)
-//! decode + resize went from 38–46 + 2.0 (libjpeg-turbo without SIMD;
-//! zune-jpeg 28–29 + 2.0–3.3) to 17–18 + 0.7. The inputs are then close
+//! both axes, and PIL's `draft` pixels, bit for bit. On 3000 × 2000
+//! photos of quality 90 (one thread, ms per image, `profile_stages
+//! --recipe torchvision`) decode + resize went from 38–46 + 2.0
+//! (libjpeg-turbo without SIMD; zune-jpeg 28–29 + 2.0–3.3) to 17–18 + 0.7. The inputs are then close
 //! to, not equal to, torchvision's: on a 1600 × 1200 JPEG of quality 90,
 //! 0.52 uint8 steps on average (max 19) from the full decode with
 //! `resize`/`crop`; 1.14 (max 86) without resize keys, whose resize
@@ -619,8 +620,8 @@ impl Preprocessor {
     /// size with `resize` keys, else `input_size`. PIL takes the largest
     /// scale 1/k with k ≤ min(W / w, H / h) (whole divisions), so the
     /// smaller image is still at least that size, and the pixels are PIL's
-    /// draft pixels, bit for bit. Off by default: the inputs are then close to, not
-    /// equal to, torchvision's (the DCT scaling is another low-pass filter
+    /// draft pixels, bit for bit. Off by default: the inputs are then close
+    /// to, not equal to, torchvision's (the DCT scaling is another low-pass filter
     /// than the antialiased resize; see the module docs for measured
     /// distances), and far cheaper to make from large photos. Other formats,
     /// JPEGs too small to scale, CMYK and YCCK JPEGs, and a
@@ -1211,14 +1212,12 @@ impl Preprocessor {
             self.decode_unguarded(bytes, path)
         }))
         .unwrap_or_else(|payload| {
-            let what = payload
-                .downcast_ref::<&str>()
-                .copied()
-                .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-                .unwrap_or("no message");
             Err(Error::Image {
                 path: path.to_path_buf(),
-                reason: format!("the decoder failed: {}", crate::error::message_line(what)),
+                reason: format!(
+                    "the decoder failed: {}",
+                    crate::error::message_line(panic_message(payload.as_ref()))
+                ),
             })
         })
     }
@@ -1269,16 +1268,9 @@ impl Preprocessor {
         decoder.set_limits(limits).map_err(|e| err(e.to_string()))?;
         let img = if decoder.color_type() == ColorType::Rgb8 {
             let (w, h) = decoder.dimensions();
-            let mut buf = SPARE_PIXELS.with_borrow_mut(std::mem::take);
             // Within the allocation limit (reserved above), so it fits.
             let n = decoder.total_bytes() as usize;
-            // Bytes a previous image wrote (kept, to be overwritten), or
-            // zeroed where the buffer grows.
-            if buf.len() >= n {
-                buf.truncate(n);
-            } else {
-                buf.resize(n, 0);
-            }
+            let mut buf = spare_pixels(n);
             decoder
                 .read_image(&mut buf)
                 .map_err(|e| err(e.to_string()))?;
@@ -1348,10 +1340,10 @@ impl Preprocessor {
             } else {
                 0
             };
-            if n as u64 + coefficients > self.max_alloc {
+            let need = n as u64 + coefficients;
+            if need > self.max_alloc {
                 return Err(format!(
-                    "a {w}x{h} image needs {} bytes to decode, more than the limit of {}",
-                    n as u64 + coefficients,
+                    "a {w}x{h} image needs {need} bytes to decode, more than the limit of {}",
                     self.max_alloc
                 ));
             }
@@ -1367,14 +1359,7 @@ impl Preprocessor {
                     started.height()
                 ));
             }
-            let mut buf = SPARE_PIXELS.with_borrow_mut(std::mem::take);
-            // Bytes a previous image wrote (kept, to be overwritten), or
-            // zeroed where the buffer grows.
-            if buf.len() >= n {
-                buf.truncate(n);
-            } else {
-                buf.resize(n, 0);
-            }
+            let mut buf = spare_pixels(n);
             let got = started
                 .read_scanlines_into(&mut buf[..])
                 .map_err(|e| e.to_string())?
@@ -1393,11 +1378,7 @@ impl Preprocessor {
                 .ok_or_else(|| format!("{n} bytes for a {w}x{h} image"))
         }));
         let decoded = decoded.unwrap_or_else(|payload| {
-            let what = payload
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| payload.downcast_ref::<&str>().copied())
-                .unwrap_or("no message");
+            let what = panic_message(payload.as_ref());
             Err(crate::error::message_line(
                 what.strip_prefix("libjpeg fatal error: ").unwrap_or(what),
             )
@@ -1432,6 +1413,16 @@ impl Preprocessor {
         let most = (w / tw.max(1)).min(h / th.max(1));
         [8, 4, 2].into_iter().find(|&k| k <= most).unwrap_or(1)
     }
+}
+
+/// The message a panic carries (`panic!`'s text, or a `String` payload as
+/// `resume_unwind` passes libjpeg's), or "no message".
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message")
 }
 
 /// Whether a JPEG's frame is progressive (SOF2, or SOF10 arithmetic):
@@ -1487,6 +1478,19 @@ thread_local! {
     /// the next 8-bit RGB image of the thread is decoded into them (no
     /// new, zeroed buffer per image).
     static SPARE_PIXELS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The thread's spare pixel buffer, `n` bytes long: bytes a previous image
+/// wrote (kept, to be overwritten by the decoder), or zeroed where the
+/// buffer grows.
+fn spare_pixels(n: usize) -> Vec<u8> {
+    let mut buf = SPARE_PIXELS.with_borrow_mut(std::mem::take);
+    if buf.len() >= n {
+        buf.truncate(n);
+    } else {
+        buf.resize(n, 0);
+    }
+    buf
 }
 
 /// The largest buffer a thread keeps for its next image (a 4K photo's
