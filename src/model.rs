@@ -717,7 +717,7 @@ fn forward_error(e: tch::TchError, got: usize) -> Error {
         .split_once("Declaration: ")
         .and_then(|(_, d)| Declaration::parse(d));
     let expected = if let Some(d) = &declared {
-        let required = d.params.iter().filter(|p| !p.2).count();
+        let required = d.params.iter().filter(|(_, _, default)| !default).count();
         match d.params.len() {
             all if all == required => all.to_string(),
             all => format!("{required} to {all}"),
@@ -939,7 +939,7 @@ fn other_format(head: &[u8], tail: &[u8], len: u64) -> Option<&'static str> {
 
 #[cfg(test)]
 mod tests {
-    use super::Declaration;
+    use super::*;
 
     #[test]
     fn declarations_are_read_with_nested_types_and_defaults() {
@@ -948,9 +948,8 @@ mod tests {
              float t=1.) -> (Tensor, Tensor)",
         )
         .unwrap();
-        let names: Vec<_> = d.params.iter().map(|p| (p.0, p.1, p.2)).collect();
         assert_eq!(
-            names,
+            d.params,
             [
                 ("Tensor", "x", false),
                 ("Tuple[Tensor, Tensor]", "pair", false),
@@ -973,9 +972,8 @@ mod tests {
              str t='it\\'s (x', Optional[Tensor] m=None) -> Tensor",
         )
         .unwrap();
-        let names: Vec<_> = d.params.iter().map(|p| (p.0, p.1, p.2)).collect();
         assert_eq!(
-            names,
+            d.params,
             [
                 ("Tensor", "x", false),
                 ("str", "s", true),
@@ -991,8 +989,6 @@ mod tests {
         assert!(Declaration::parse("forward(Tensor x) -> Tensor").is_none());
         assert!(Declaration::parse("forward(__torch__.N self, Tensor x").is_none());
     }
-
-    use super::*;
 
     fn optimize() -> bool {
         // SAFETY: as in `ExecutorMode::set`.
