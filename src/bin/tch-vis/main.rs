@@ -38,57 +38,62 @@ fn run() -> Result<(), Failure> {
                     "a subcommand is required: saliency, scores, cam, integrated-gradients or maximize (see tch-vis --help)".into(),
                 ))
             }
-            _ => {
-                // The subcommand named, if any.
-                let command = std::env::args_os()
-                    .nth(1)
-                    .and_then(|c| c.into_string().ok())
-                    .and_then(|c| args::Cli::command().find_subcommand(&c).cloned());
-                let invalid = (e.kind() == ErrorKind::UnknownArgument)
-                    .then(|| e.get(clap::error::ContextKind::InvalidArg))
-                    .flatten()
-                    .map(|a| a.to_string());
-                // A shell glob hands `--images` several files: the extra
-                // ones arrive as unexpected arguments.
-                let stray_file = invalid
-                    .as_deref()
-                    .is_some_and(|a| std::path::Path::new(a).is_file());
-                let advice = invalid
-                    .as_deref()
-                    .zip(command.as_ref())
-                    .and_then(|(a, c)| hints::unknown_flag(a, c));
-                // clap's message, up to its usage lines, on one line; its
-                // tip (a flag spelled alike) gives way to advice by meaning.
-                let text = e.to_string();
-                let line = text
-                    .lines()
-                    .map(str::trim)
-                    .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
-                    .filter(|l| !l.is_empty())
-                    .filter(|l| advice.is_none() || !l.starts_with("tip:"))
-                    .collect::<Vec<_>>()
-                    .join(" ");
-                let line = line.strip_prefix("error: ").unwrap_or(&line).to_string();
-                let hint = if stray_file {
-                    "; --images takes one folder or file (a shell glob gives it several): \
-                     list files with --images-from FILE, or - for standard input"
-                        .to_string()
-                } else {
-                    advice.map(|a| format!("; {a}")).unwrap_or_default()
-                };
-                // The subcommand's own help, where one was named.
-                let help = command.map_or_else(
-                    || "tch-vis --help".to_string(),
-                    |c| format!("tch-vis {} --help", c.get_name()),
-                );
-                return Err(Failure::Flags(format!("{}{hint} (see {help})", first_line(&line))));
-            }
+            _ => return Err(flag_failure(&e)),
         },
     };
     match cli.into_request().map_err(Failure::Flags)? {
         args::Request::Batch(job) => run::execute(job),
         args::Request::Maximize(a) => maximize::execute(a),
     }
+}
+
+/// A clap error as one line: clap's message up to its usage lines, with
+/// advice where tch-vis has some (a shell glob's stray files, a flag of
+/// another tool), and the help to read.
+fn flag_failure(e: &clap::Error) -> Failure {
+    // The subcommand named, if any.
+    let command = std::env::args_os()
+        .nth(1)
+        .and_then(|c| c.into_string().ok())
+        .and_then(|c| args::Cli::command().find_subcommand(&c).cloned());
+    let invalid = (e.kind() == ErrorKind::UnknownArgument)
+        .then(|| e.get(clap::error::ContextKind::InvalidArg))
+        .flatten()
+        .map(|a| a.to_string());
+    // A shell glob hands `--images` several files: the extra
+    // ones arrive as unexpected arguments.
+    let stray_file = invalid
+        .as_deref()
+        .is_some_and(|a| std::path::Path::new(a).is_file());
+    let advice = invalid
+        .as_deref()
+        .zip(command.as_ref())
+        .and_then(|(a, c)| hints::unknown_flag(a, c));
+    // clap's message, up to its usage lines, on one line; its
+    // tip (a flag spelled alike) gives way to advice by meaning.
+    let text = e.to_string();
+    let line = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
+        .filter(|l| !l.is_empty())
+        .filter(|l| advice.is_none() || !l.starts_with("tip:"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let line = line.strip_prefix("error: ").unwrap_or(&line).to_string();
+    let hint = if stray_file {
+        "; --images takes one folder or file (a shell glob gives it several): \
+         list files with --images-from FILE, or - for standard input"
+            .to_string()
+    } else {
+        advice.map(|a| format!("; {a}")).unwrap_or_default()
+    };
+    // The subcommand's own help, where one was named.
+    let help = command.map_or_else(
+        || "tch-vis --help".to_string(),
+        |c| format!("tch-vis {} --help", c.get_name()),
+    );
+    Failure::Flags(format!("{}{hint} (see {help})", first_line(&line)))
 }
 
 fn main() -> ExitCode {

@@ -204,7 +204,7 @@ fn results_settings(
         "score": spec_names(&job.specs),
         "precision": job.precision.to_string(),
         "jpeg_draft": job.jpeg_draft,
-        "jpeg_decoder": if job.fast_jpeg { "zune-jpeg" } else { "libjpeg-turbo" },
+        "jpeg_decoder": job.jpeg_decoder(),
         "channels_last": job.channels_last,
     });
     if !matches!(job.mode, Mode::Scores) {
@@ -351,6 +351,18 @@ pub struct Job {
     pub jpeg_draft: bool,
     pub fast_jpeg: bool,
     pub channels_last: bool,
+}
+
+impl Job {
+    /// The decoder of full-size JPEGs, as the settings record and
+    /// `report.json` name it.
+    fn jpeg_decoder(&self) -> &'static str {
+        if self.fast_jpeg {
+            "zune-jpeg"
+        } else {
+            "libjpeg-turbo"
+        }
+    }
 }
 
 /// Why the command failed; the exit status comes from the kind.
@@ -574,7 +586,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         "precision": job.precision.to_string(),
         "overlay": if job.overlay_original { "original" } else { "input" },
         "jpeg_draft": job.jpeg_draft,
-        "jpeg_decoder": if job.fast_jpeg { "zune-jpeg" } else { "libjpeg-turbo" },
+        "jpeg_decoder": job.jpeg_decoder(),
         "overwrite": job.overwrite,
         "shard": job.shard.to_string(),
         "shard_source": job.shard_source,
