@@ -144,7 +144,7 @@ pub struct Engine<'a> {
     writer_threads: usize,
     progress: Option<Callback<'a>>,
     compute_threads: OnceLock<usize>,
-    channels_last: Option<bool>,
+    channels_last: bool,
     cancel: Option<&'a AtomicBool>,
 }
 
@@ -381,7 +381,7 @@ impl<'a> Engine<'a> {
             writer_threads: cores().clamp(2, 16),
             progress: None,
             compute_threads: OnceLock::new(),
-            channels_last: None,
+            channels_last: false,
             cancel: None,
         }
     }
@@ -400,12 +400,12 @@ impl<'a> Engine<'a> {
     /// small inputs tip the other way. Gray inputs have one byte order for
     /// both.
     pub fn channels_last(mut self, on: bool) -> Self {
-        self.channels_last = Some(on);
+        self.channels_last = on;
         self
     }
 
     fn uses_channels_last(&self) -> bool {
-        self.channels_last.unwrap_or(false) && self.pre.sidecar().channels > 1
+        self.channels_last && self.pre.sidecar().channels > 1
     }
 
     /// The kind of a CUDA batch's float rows when the model computes in
