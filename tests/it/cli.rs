@@ -727,15 +727,7 @@ fn a_rerun_with_other_settings_is_refused() {
     ] {
         assert_eq!(run_ok(&args, what)["skipped"].as_u64(), Some(6), "{what}");
     }
-    let scores: Vec<String> = owned(&[
-        "scores",
-        "--model",
-        &cnn,
-        "--images",
-        s(&t.images()),
-        "--out",
-        s(&out),
-    ]);
+    let scores = owned(&usage("scores", &cnn, s(&t.images()), s(&out), &[]));
     assert_eq!(run_ok(&scores, "scores")["skipped"].as_u64(), Some(6));
     // Starting over with other settings, which the folder then records.
     let over = run_ok(
@@ -1957,17 +1949,13 @@ fn integrated_gradients_subcommand_writes_attributions_and_deltas() {
     let t = Tree::good(3);
     let m = model("digits_cnn");
     let out = t.out("ig");
-    let args: Vec<String> = owned(&[
+    let args = owned(&usage(
         "integrated-gradients",
-        "--model",
         &m,
-        "--images",
         s(&t.images()),
-        "--out",
         s(&out),
-        "--steps",
-        "16",
-    ]);
+        &["--steps", "16"],
+    ));
     run_ok(&args, "ig");
     let text = fs::read_to_string(out.join("scores.csv")).unwrap();
     assert!(

@@ -118,6 +118,18 @@ fn sidecar_resize_matches_torchvision_v2() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// A colour sidecar of input size `h` × `w` that leaves values as they
+/// are (mean 0, std 1).
+fn rgb_sidecar(h: usize, w: usize) -> Sidecar {
+    Sidecar::from_json(
+        &format!(
+            r#"{{"input_size": [{h}, {w}], "channels": 3, "mean": [0, 0, 0], "std": [1, 1, 1]}}"#
+        ),
+        "s.json",
+    )
+    .unwrap()
+}
+
 /// Our JPEG decoding against torchvision's `decode_jpeg` and PIL's (both
 /// libjpeg-turbo) on 4:2:0 JPEGs of quality 90: by default (libjpeg-turbo's
 /// decoder, as mozjpeg ships it) bit-identical; with `fast_jpeg` (zune-jpeg,
@@ -128,13 +140,7 @@ fn jpeg_decoder_distance() {
     let m = manifest();
     let dir = repo("tests/golden/transforms");
     assert!(!m.jpegs.is_empty());
-    let pre = Preprocessor::new(
-        Sidecar::from_json(
-            r#"{"input_size": [8, 8], "channels": 3, "mean": [0, 0, 0], "std": [1, 1, 1]}"#,
-            "s.json",
-        )
-        .unwrap(),
-    );
+    let pre = Preprocessor::new(rgb_sidecar(8, 8));
     for j in &m.jpegs {
         let bytes = std::fs::read(dir.join(&j.image)).unwrap();
         for (decoder, pre, max_bound, mean_bound) in [
@@ -182,17 +188,7 @@ fn jpeg_draft_equals_pils_draft() {
         let (h, w) = (want.size()[0], want.size()[1]);
         let full = image::load_from_memory(&bytes).unwrap();
         let (fw, fh) = (full.width() as usize, full.height() as usize);
-        let size = |dh: usize, dw: usize| {
-            Sidecar::from_json(
-                &format!(
-                    r#"{{"input_size": [{}, {}], "channels": 3, "mean": [0, 0, 0], "std": [1, 1, 1]}}"#,
-                    fh / d.scale + dh,
-                    fw / d.scale + dw
-                ),
-                "s.json",
-            )
-            .unwrap()
-        };
+        let size = |dh: usize, dw: usize| rgb_sidecar(fh / d.scale + dh, fw / d.scale + dw);
         // One pixel wider than PIL's size for this scale: the next scale.
         let wider = Preprocessor::new(size(0, 1)).jpeg_draft(true);
         let got = wider.decode(&bytes, &d.image).unwrap();
@@ -232,11 +228,7 @@ fn jpeg_limits_count_coefficients_and_truncation_follows_the_decoder() {
     let dir = repo("tests/golden/transforms/images");
     let progressive = std::fs::read(dir.join("q85_420_prog_97x133.jpg")).unwrap();
     let baseline = std::fs::read(dir.join("photo_87x131.jpg")).unwrap();
-    let sidecar = Sidecar::from_json(
-        r#"{"input_size": [24, 26], "channels": 3, "mean": [0, 0, 0], "std": [1, 1, 1]}"#,
-        "s.json",
-    )
-    .unwrap();
+    let sidecar = rgb_sidecar(24, 26);
     // 97 x 133 x 3 = 38,703 bytes of pixels; 347 blocks of coefficients
     // (4:2:0) = 44,416 bytes more.
     let tight = Preprocessor::new(sidecar.clone()).limits(16384, 50_000);
@@ -248,11 +240,7 @@ fn jpeg_limits_count_coefficients_and_truncation_follows_the_decoder() {
         .decode(&progressive, "p.jpg")
         .unwrap();
     let cut = &large_jpeg()[..200_000];
-    let big = Sidecar::from_json(
-        r#"{"input_size": [100, 100], "channels": 3, "mean": [0, 0, 0], "std": [1, 1, 1]}"#,
-        "s.json",
-    )
-    .unwrap();
+    let big = rgb_sidecar(100, 100);
     for (draft, fast, decodes) in [
         (false, false, false),
         (true, false, false),
