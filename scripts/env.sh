@@ -38,6 +38,10 @@ tch_vis_setup() {
         fi
         touch "$stamp"
     fi
+    if ! command -v nasm >/dev/null 2>&1; then
+        echo "tch-vis setup: note: nasm not found, so JPEG decoding builds without SIMD (about twice the time per JPEG);" \
+            "install nasm (e.g. apt install nasm), then cargo clean -p mozjpeg-sys"
+    fi
     export VIRTUAL_ENV="$TCH_VIS_VENV"
     export PATH="$TCH_VIS_VENV/bin:$PATH"
     export LIBTORCH_USE_PYTORCH=1
