@@ -56,9 +56,10 @@ struct Args {
     /// Channels Faster-Score-CAM keeps.
     #[arg(long, default_value_t = 10)]
     max_n: usize,
-    /// Hand the model contiguous (NCHW) batches, not the engine's default.
+    /// Hand the model channels-last (NHWC) batches
+    /// (`Engine::channels_last`), not the engine's contiguous default.
     #[arg(long)]
-    contiguous: bool,
+    channels_last: bool,
 }
 
 /// Writes `OUT/REL.png`: the heatmap over the image as the model saw it.
@@ -139,10 +140,9 @@ fn main() -> Result<()> {
         channels: sidecar.channels,
         size: sidecar.input_size,
     };
-    let mut engine = Engine::new(&model, sidecar, &job).batch_size(args.batch_size);
-    if args.contiguous {
-        engine = engine.channels_last(false);
-    }
+    let engine = Engine::new(&model, sidecar, &job)
+        .batch_size(args.batch_size)
+        .channels_last(args.channels_last);
     engine.prepare()?;
     let prepare = t.elapsed().as_secs_f64();
 

@@ -14,8 +14,9 @@ OUT.json  the sidecar tch-vis reads: input_size, channels, mean, std (and
 
 --freeze writes the frozen form (torch.jit.freeze, the three methods kept):
 batch norms folded into the convolutions, weights as constants in
-channels-last order, which is how tch-vis hands colour batches to a model on
-a CPU. Its forward pass is 10-20% faster there; its outputs are checked to
+channels-last order, the order oneDNN's CPU convolutions run fastest in
+(tch-vis hands it contiguous batches unless `--channels-last` is given;
+oneDNN reorders them). Its forward pass is 10-20% faster there; its outputs are checked to
 be within 1e-4 of their size of the unfrozen model's (resnet18: 4e-7). Its
 weights stay float32: tch-vis refuses it in fp16/bf16. Not for the digits
 re-export, whose goldens need the unfrozen weights bit for bit.
@@ -408,7 +409,7 @@ def freeze(scripted, x, before, name, preserved=("forward_features", "forward_he
     """The frozen form of a checked export whose outputs on `x` are `before`
     (`outputs(module, x)` reads them; default: flat(module(x))): batch norms
     folded into the convolutions, weights as constants in channels-last
-    order (the order tch-vis gives colour batches on a CPU), the methods
+    order (oneDNN's fastest on a CPU), the methods
     `preserved` kept."""
     outputs = outputs or (lambda m, v: flat(m(v)))
     with torch.no_grad():

@@ -4,7 +4,8 @@
 avgpool_rgb.pt (+ .json)  a tiny TorchScript classifier that takes colour
     images of any size (global average pool, a seeded 3 -> 10 linear layer,
     softmax), with a 96 x 96 sidecar. Used where the input must be larger
-    than 64 x 64 (more than one compute thread, channels-last batches)
+    than 64 x 64 (more than one compute thread; channels-last batches
+    with --channels-last)
     without a large model.
 conv_rgb_heavy.pt (+ .json)  a small file but a heavy forward pass: two
     3 x 3 convolutions (3 -> 64 -> 96 channels) at 224 x 224, ~8 GFLOP per

@@ -40,6 +40,10 @@ use crate::model::Model;
 use crate::preprocess::Sidecar;
 use crate::scores::{self, Score};
 
+/// The most steps an integration takes (as `--steps` on the command
+/// line): Gauss-Legendre's nodes cost `steps²` to compute.
+pub const MAX_STEPS: usize = 100_000;
+
 /// How the path integral is approximated: the nodes `α_k` in `[0, 1]` and
 /// their weights `w_k`, with `n` steps.
 ///
@@ -106,12 +110,13 @@ impl Rule {
     /// order of `α`.
     ///
     /// # Errors
-    /// [`Error::InvalidValue`] when `steps` is below [`Rule::min_steps`];
+    /// [`Error::InvalidValue`] when `steps` is below [`Rule::min_steps`]
+    /// or above [`MAX_STEPS`];
     /// [`Error::Torch`] if the float32 `linspace` fails.
     pub fn nodes(self, steps: usize) -> Result<(Vec<f64>, Vec<f64>)> {
-        if steps < self.min_steps() {
+        if steps < self.min_steps() || steps > MAX_STEPS {
             return Err(Error::InvalidValue {
-                what: "integrated gradients steps (at least 1, 2 for riemann_trapezoid)",
+                what: "integrated gradients steps (1 to 100000, at least 2 for riemann_trapezoid)",
                 value: steps.to_string(),
             });
         }

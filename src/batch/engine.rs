@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
 
 use super::cuda_rt::{self, CopyStream};
-use super::{ImageArray, ImageResult, Method, Sink};
+use super::{BatchResult, ImageArray, ImageResult, Method, Sink};
 use crate::error::{Error, Result};
 use crate::io::Entry;
 use crate::model::{Model, Precision};
@@ -265,6 +265,45 @@ fn size_text(bytes: u64) -> String {
     }
 }
 
+/// Refuses a result of `method` with fewer than `rows` rows (images) in
+/// one of its tensors, or fewer classes than rows for a class output.
+fn check_rows(method: &str, res: &BatchResult, rows: usize) -> Result<()> {
+    let arrays = res.arrays.iter().flat_map(|a| {
+        std::iter::once((a.name.as_str(), &a.values))
+            .chain(a.heat.iter().map(|h| (a.name.as_str(), h)))
+    });
+    let tensors = res
+        .scores
+        .iter()
+        .map(|t| ("scores", t))
+        .chain(res.columns.iter().map(|(name, t)| (name.as_str(), t)))
+        .chain(arrays);
+    let expected = || format!("({rows}, ...): one row per image of the batch");
+    for (name, t) in tensors {
+        let size = if t.defined() { t.size() } else { Vec::new() };
+        if size.first().is_none_or(|&r| r < rows as i64) {
+            return Err(Error::shape(
+                format!("{method}'s {name}"),
+                expected(),
+                &size,
+            ));
+        }
+    }
+    for classes in res.classes.iter().flatten() {
+        if classes.len() < rows {
+            return Err(Error::shape(
+                format!("{method}'s classes"),
+                expected(),
+                &[classes.len() as i64],
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The largest batch size an [`Engine`] takes.
+pub const MAX_BATCH_SIZE: usize = 65536;
+
 /// A second probe batch ([`Engine::prepare`]) over this time is the last.
 const SLOW_PROBE: Duration = Duration::from_secs(2);
 
@@ -420,7 +459,8 @@ impl<'a> Engine<'a> {
         .then(|| precision.kind())
     }
 
-    /// Images per model call (at least 1).
+    /// Images per model call (at least 1; [`Engine::prepare`] and
+    /// [`Engine::run`] refuse more than [`MAX_BATCH_SIZE`]).
     pub fn batch_size(mut self, n: usize) -> Self {
         self.batch_size = n.max(1);
         self
@@ -497,6 +537,14 @@ impl<'a> Engine<'a> {
     /// [`Error::Probe`] when the model or the method fails on the probe,
     /// with the cause; the method's own check errors as they are.
     pub fn prepare(&self) -> Result<Layout> {
+        self.pre
+            .sidecar()
+            .validate()
+            .map_err(|reason| Error::Sidecar {
+                path: "<sidecar>".into(),
+                reason,
+            })?;
+        self.check_batch()?;
         let device = self.model.device();
         let sidecar = self.pre.sidecar();
         let [h, w] = sidecar.size_i64();
@@ -549,42 +597,18 @@ impl<'a> Engine<'a> {
             Ok::<_, Error>((result, t.elapsed()))
         };
         let (mut result, _) = run_probe()?;
+        // (At least the one row every method computes: on CUDA the probe
+        // batch is all padding, which a method may skip.)
+        check_rows(self.method.name(), &result, 1).map_err(|e| Error::Probe {
+            what: format!("{} fails on a probe input", self.method.name()),
+            source: Box::new(e),
+        })?;
         if device.is_cuda() {
             let (second, took) = run_probe()?;
             result = second;
             if took <= SLOW_PROBE {
                 result = run_probe()?.0;
             }
-        }
-        if !device.is_cuda() {
-            // The batch the decode threads write into (the probe above had
-            // one row): refused here, before the first image, when this
-            // machine cannot give it, rather than by the first batch. The
-            // memory the kernel says is available is checked too: with
-            // overcommit on, the allocation itself succeeds whatever its
-            // size.
-            let n = self.batch_size as i64;
-            let bytes = (n * c * h * w * 4) as u64;
-            let what = || {
-                format!(
-                    "a batch of {n} inputs of {c} × {h} × {w} float32 values ({}) cannot be allocated: use a smaller batch size",
-                    size_text(bytes)
-                )
-            };
-            if let Some(free) = available_memory().filter(|&free| bytes > free) {
-                return Err(Error::Probe {
-                    what: what(),
-                    source: Box::new(Error::InvalidValue {
-                        what: "batch size",
-                        value: format!("{n} for {} of available memory", size_text(free)),
-                    }),
-                });
-            }
-            let _batch =
-                Tensor::f_empty([n, c, h, w], (Kind::Float, device)).map_err(|e| Error::Probe {
-                    what: what(),
-                    source: Box::new(e.into()),
-                })?;
         }
 
         let threads = compute_threads(device, (c * h * w) as usize);
@@ -600,6 +624,51 @@ impl<'a> Engine<'a> {
         })
     }
 
+    /// Refuses a batch size over [`MAX_BATCH_SIZE`] and, on a CPU, a batch
+    /// (the one the decode threads write into) that this machine cannot
+    /// give: here rather than by the first batch. The memory the kernel
+    /// says is available is checked too: with overcommit on, the
+    /// allocation itself succeeds whatever its size.
+    fn check_batch(&self) -> Result<()> {
+        let n = self.batch_size;
+        if n > MAX_BATCH_SIZE {
+            return Err(Error::InvalidValue {
+                what: "batch size (1 to 65536)",
+                value: n.to_string(),
+            });
+        }
+        let device = self.model.device();
+        if device.is_cuda() {
+            return Ok(());
+        }
+        let sidecar = self.pre.sidecar();
+        let [h, w] = sidecar.size_i64();
+        let c = sidecar.channels as i64;
+        let bytes = n as u64 * (c * h * w * 4) as u64;
+        let what = || {
+            format!(
+                "a batch of {n} inputs of {c} × {h} × {w} float32 values ({}) cannot be allocated: use a smaller batch size",
+                size_text(bytes)
+            )
+        };
+        if let Some(free) = available_memory().filter(|&free| bytes > free) {
+            return Err(Error::Probe {
+                what: what(),
+                source: Box::new(Error::InvalidValue {
+                    what: "batch size",
+                    value: format!("{n} for {} of available memory", size_text(free)),
+                }),
+            });
+        }
+        let _batch = Tensor::f_empty([n as i64, c, h, w], (Kind::Float, device)).map_err(|e| {
+            Error::Probe {
+                what: what(),
+                source: Box::new(e.into()),
+            }
+        })?;
+        Ok(())
+    }
+
     /// Runs over `inputs` (in the order given), handing each image to
     /// `sink`. Inputs with a [`problem`](Entry::problem) or that do not
     /// decode are reported to [`Sink::failed`] and the run goes on. A
@@ -607,8 +676,10 @@ impl<'a> Engine<'a> {
     /// [`Summary::fatal`], after the images already done were handed over.
     ///
     /// # Errors
-    /// [`Error::Io`] when the engine's threads cannot be started.
+    /// [`Error::Io`] when the engine's threads cannot be started; the
+    /// batch size errors of [`Engine::prepare`], before any image.
     pub fn run(&self, inputs: &[Entry], sink: &dyn Sink) -> Result<Summary> {
+        self.check_batch()?;
         let start = Instant::now();
         let clock = Clock::default();
         let mut failed = Vec::new();
@@ -997,7 +1068,12 @@ impl<'a> Engine<'a> {
         if !first || self.batch_size == 1 || self.model.device().is_cuda() {
             return e;
         }
-        // A shape error, as a fixed batch size gives (not memory, say).
+        // libtorch's shape errors, from the model or a score on its
+        // outputs, as a fixed batch size gives (not memory, say; not
+        // tch-vis's own checks, which say what is wrong).
+        if !matches!(e, Error::Torch(_) | Error::Score { .. }) {
+            return e;
+        }
         let text = e.to_string().to_lowercase();
         if !["shape", "size", "mat1 and mat2", "dimension"]
             .iter()
@@ -1025,6 +1101,7 @@ impl<'a> Engine<'a> {
         let mut keys: Vec<u64> = ok.iter().map(|(e, _)| key_for(&e.rel)).collect();
         keys.resize(self.batch_size.max(n), 0);
         let res = self.method.compute(self.model, x, &keys)?;
+        check_rows(self.method.name(), &res, n)?;
         let to_host = |t: &Tensor| -> Result<Tensor> {
             let t = t.f_narrow(0, 0, n as i64)?.f_to_kind(Kind::Float)?;
             if t.device().is_cuda() {

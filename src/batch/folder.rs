@@ -218,6 +218,9 @@ fn now_id() -> String {
     format!("{nanos:020}-{}-{}", io::host_name(), std::process::id())
 }
 
+/// What [`FolderSink::read_state`] returns.
+type FolderState = (Merged, Vec<(PathBuf, u64)>, Vec<(PathBuf, Vec<String>)>);
+
 impl FolderSink {
     /// Opens `out` for a run of `method` with `layout` (from
     /// [`super::Engine::prepare`]); reads what earlier runs left, writes
@@ -225,8 +228,9 @@ impl FolderSink {
     ///
     /// # Errors
     /// [`Error::OutputMismatch`] when `out` is not a directory, or its
-    /// `scores.csv` has other columns than this run's (unless
-    /// `overwrite`); [`Error::Io`] when it cannot be read.
+    /// `scores.csv` or the journal of an unfinished run has other columns
+    /// than this run's (unless `overwrite`); [`Error::Io`] when it cannot
+    /// be read.
     pub fn open(
         out: impl AsRef<Path>,
         layout: &Layout,
@@ -275,7 +279,17 @@ impl FolderSink {
             settings_written: Mutex::new(None),
         };
         if !overwrite {
-            let merged = sink.read_state()?.0;
+            let (merged, _, foreign) = sink.read_state()?;
+            if let Some((path, columns)) = foreign.into_iter().next() {
+                return Err(Error::OutputMismatch {
+                    path,
+                    reason: format!(
+                        "holds the rows of an unfinished run with columns {:?}, but this run writes {:?}; finish that run, or use another output folder or --overwrite",
+                        columns.join(","),
+                        sink.header.join(",")
+                    ),
+                });
+            }
             sink.done = merged.rows.into_keys().collect();
         }
         Ok(sink)
@@ -349,16 +363,15 @@ impl FolderSink {
 
     /// Puts the folder's record, joined with this run's settings, into
     /// `report` (under [`SETTINGS_KEY`]).
+    /// A sink without settings keeps the folder's record as it is, unless
+    /// it overwrites (its results' settings are then unknown).
     fn record_settings(&self, report: &mut serde_json::Map<String, serde_json::Value>) {
-        let Some(new) = &self.new_settings else {
-            return;
+        let record = self.read_settings().unwrap_or_default();
+        let record = match &self.new_settings {
+            Some(new) => merge_settings(record, new, false, self.section.as_deref()),
+            None if self.overwrite || record.is_empty() => return,
+            None => record,
         };
-        let record = merge_settings(
-            self.read_settings().unwrap_or_default(),
-            new,
-            false,
-            self.section.as_deref(),
-        );
         report.insert(SETTINGS_KEY.into(), record.clone().into());
         *self
             .settings_written
@@ -452,19 +465,27 @@ impl FolderSink {
         files_in(&self.out.join(JOURNAL_DIR).join("rows"), "csv")
     }
 
-    /// The merged state and the journal lengths it was read at.
-    fn read_state(&self) -> Result<(Merged, Vec<(PathBuf, u64)>)> {
+    /// The merged state, the journal lengths it was read at, and the
+    /// journals of other columns (an unfinished run of another job), with
+    /// their columns. Those are not merged, and not removed by a
+    /// compaction unless this sink overwrites: their rows are another
+    /// run's to merge.
+    fn read_state(&self) -> Result<FolderState> {
         let mut state = State::default();
         let mut touched = HashSet::new();
         let mut seen = Vec::new();
+        let mut foreign = Vec::new();
         for j in self.journals()? {
             let bytes = match fs::read(&j) {
                 Ok(b) => b,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(Error::io(&j, e)),
             };
-            seen.push((j, bytes.len() as u64));
-            table::replay_journal(&bytes, &self.header, &mut state, &mut touched);
+            let len = bytes.len() as u64;
+            match table::replay_journal(&bytes, &self.header, &mut state, &mut touched) {
+                Some(columns) if !self.overwrite => foreign.push((j, columns)),
+                _ => seen.push((j, len)),
+            }
         }
         if let Some(base) = table::read_table(&self.out.join("scores.csv"), &self.header)? {
             for (path, values) in base.rows {
@@ -486,6 +507,7 @@ impl FolderSink {
                 failed: state.failed,
             },
             seen,
+            foreign,
         ))
     }
 
@@ -530,12 +552,12 @@ impl FolderSink {
         let csv_path = self.out.join("scores.csv");
         let mut last = (Merged::default(), Vec::new());
         for _ in 0..20 {
-            let (merged, seen) = self.read_state()?;
+            let (merged, seen, foreign) = self.read_state()?;
             io::write_atomic(&csv_path, &table::render(&self.header, &merged.rows)?)?;
             let grew = seen
                 .iter()
                 .any(|(p, len)| fs::metadata(p).map_or(true, |m| m.len() != *len));
-            let new = self.journals()?.len() != seen.len();
+            let new = self.journals()?.len() != seen.len() + foreign.len();
             last = (merged, seen);
             if !grew && !new {
                 break;

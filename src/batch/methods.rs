@@ -458,7 +458,8 @@ impl IgMethod {
         })
     }
 
-    /// Steps along the path.
+    /// Steps along the path (checked by [`super::Engine::prepare`]:
+    /// [`Rule::nodes`] says which counts a rule takes).
     pub fn steps(mut self, steps: usize) -> Self {
         self.steps = steps;
         self
@@ -520,7 +521,10 @@ impl Method for IgMethod {
         vec![("ig".to_string(), true)]
     }
 
+    /// The scores fit the outputs, and the rule takes the step count
+    /// (the probe below runs the rule's fewest steps instead).
     fn check(&self, _model: &Model, _x: &Tensor, outputs: &[Tensor]) -> Result<()> {
+        self.rule.nodes(self.steps)?;
         self.scores.check(outputs)
     }
 

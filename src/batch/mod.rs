@@ -38,11 +38,18 @@
 //! let method = SaliencyMethod::new(&[ScoreSpec::Predicted])?;
 //! let engine = Engine::new(&model, sidecar.clone(), &method).batch_size(16);
 //! let layout = engine.prepare()?; // every check before the first image
-//! let sink = FolderSink::open("out/maps", &layout, &method, &sidecar, false)?;
+//! let sink = FolderSink::open("out/maps", &layout, &method, &sidecar, false)?
+//!     // What the maps depend on: a rerun with other values is refused.
+//!     .settings(serde_json::json!({"model": "digits_cnn", "score": "predicted"}), None)?;
 //! let inputs = io::walk("examples/images".as_ref(), &[])?;
 //! let todo: Vec<_> = inputs.into_iter().filter(|e| !sink.is_done(&e.rel)).collect();
+//! sink.begin()?; // after every check, before the first image
 //! let summary = engine.run(&todo, &sink)?;
-//! println!("{} images", summary.processed);
+//! // scores.csv and report.json (rows stay in a journal until then).
+//! sink.finish(serde_json::json!({"processed": summary.processed}))?;
+//! if let Some(e) = summary.fatal {
+//!     return Err(e);
+//! }
 //! # Ok(()) }
 //! ```
 
@@ -54,7 +61,7 @@ mod table;
 
 pub use engine::{
     compute_threads, passive_openmp_pays, restart_with_passive_openmp, tune_malloc, Engine, Layout,
-    Progress, Summary, Timings,
+    Progress, Summary, Timings, MAX_BATCH_SIZE,
 };
 pub use folder::{Finished, FolderSink, Merged, JOURNAL_DIR};
 pub use methods::{CamMapMethod, IgBaseline, IgMethod, SaliencyMethod, ScoresMethod};

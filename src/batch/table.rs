@@ -94,20 +94,25 @@ pub(crate) fn read_table(path: &Path, header: &[String]) -> Result<Option<State>
     Ok(Some(state))
 }
 
-/// Replays the complete records of a journal (its first `len` bytes) onto
-/// `state`, if its header is `header`'s journal header. Returns the paths
-/// it touched.
+/// Replays the complete records of a journal onto `state` (adding the
+/// paths it touched to `touched`), if its header is `header`'s journal
+/// header. A journal of other columns is left out, and its columns
+/// returned (without the journal's own `error` and `end`); an empty or
+/// unreadable one is left out as holding no rows.
 pub(crate) fn replay_journal(
     bytes: &[u8],
     header: &[String],
     state: &mut State,
     touched: &mut HashSet<String>,
-) {
+) -> Option<Vec<String>> {
     let want = journal_header(header);
     let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(bytes);
     match reader.headers() {
         Ok(h) if h.iter().eq(want.iter().map(String::as_str)) => {}
-        _ => return,
+        Ok(h) if h.len() > 2 && h.iter().rev().take(2).eq(["end", "error"]) => {
+            return Some(h.iter().take(h.len() - 2).map(str::to_string).collect());
+        }
+        _ => return None,
     }
     for record in reader.records() {
         let Ok(r) = record else { break };
@@ -133,6 +138,7 @@ pub(crate) fn replay_journal(
             state.failed.insert(path.to_string(), error.to_string());
         }
     }
+    None
 }
 
 /// The bytes of `scores.csv` for `rows`.

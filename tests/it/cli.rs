@@ -563,6 +563,16 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
             "noise without samples",
             usage("saliency", &cnn, images, o, &["--smooth-noise", "0.1"]),
         ),
+        (
+            "one trapezoid step",
+            usage(
+                "integrated-gradients",
+                &cnn,
+                images,
+                o,
+                &["--steps", "1", "--rule", "riemann_trapezoid"],
+            ),
+        ),
     ];
     if !tch::Cuda::is_available() {
         cases.push((
@@ -611,6 +621,7 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
         ("a shell glob", "list files with --images-from FILE"),
         ("negative noise", "is not a finite number >= 0"),
         ("noise without samples", "--smooth-samples"),
+        ("one trapezoid step", "at least 2 for riemann_trapezoid): 1"),
         ("unknown flag", "(see tch-vis saliency --help)"),
         (
             "another tool's flag",

@@ -937,3 +937,224 @@ fn overwriting_ones_own_section_leaves_the_others() {
     )
     .unwrap();
 }
+
+/// A sink opened without settings keeps the folder's record of them in
+/// `report.json` (it used to drop it, and a CLI rerun with other settings
+/// was then taken); an overwriting one without settings drops it, as its
+/// results' settings are unknown.
+#[test]
+fn a_sink_without_settings_keeps_the_folders_record() {
+    use serde_json::json;
+    use tch_vis::batch::FolderSink;
+    let model = digits();
+    let sidecar = Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap();
+    let method = SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap();
+    let engine = Engine::new(&model, sidecar.clone(), &method).batch_size(4);
+    let layout = engine.prepare().unwrap();
+    let inputs = tch_vis::io::walk(&repo("examples/images/gray"), &[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let settings = json!({"model": "m1", "saliency": {"smooth_samples": 0}});
+    let run = |sink: FolderSink, entries: &[tch_vis::io::Entry]| {
+        sink.begin().unwrap();
+        let summary = engine.run(entries, &sink).unwrap();
+        assert!(summary.fatal.is_none());
+        sink.finish(json!({})).unwrap();
+    };
+    let record = || -> serde_json::Value {
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+        r["results_settings"].clone()
+    };
+    let open = |overwrite| FolderSink::open(&out, &layout, &method, &sidecar, overwrite).unwrap();
+    run(
+        open(false)
+            .settings(settings.clone(), Some("saliency"))
+            .unwrap(),
+        &inputs[..2],
+    );
+    assert_eq!(record(), settings);
+    run(open(false), &inputs[2..]);
+    assert_eq!(record(), settings);
+    let other = json!({"model": "m1", "saliency": {"smooth_samples": 8}});
+    assert!(matches!(
+        open(false).settings(other.clone(), Some("saliency")),
+        Err(tch_vis::Error::OutputMismatch { .. })
+    ));
+    run(open(true), &inputs[..1]);
+    assert_eq!(record(), serde_json::Value::Null);
+    open(false).settings(other, Some("saliency")).unwrap();
+}
+
+/// The journal of an unfinished run with other columns (saliency's rows,
+/// then Integrated Gradients, which adds `ig_delta`) is refused at open
+/// and kept: a later run used to compact it away with its rows. An
+/// overwriting run takes the folder, journal and all.
+#[test]
+fn an_unfinished_run_of_other_columns_is_refused_and_kept() {
+    use tch_vis::batch::{FolderSink, IgMethod};
+    let model = digits();
+    let sidecar = Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap();
+    let inputs = tch_vis::io::walk(&repo("examples/images/gray"), &[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let saliency = SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap();
+    let engine = Engine::new(&model, sidecar.clone(), &saliency).batch_size(2);
+    let layout = engine.prepare().unwrap();
+    let sink = FolderSink::open(&out, &layout, &saliency, &sidecar, false).unwrap();
+    sink.begin().unwrap();
+    assert!(engine.run(&inputs[..3], &sink).unwrap().fatal.is_none());
+    // Killed before `finish`: its rows are in its journal only (and the
+    // marker of a dead process does not count as active).
+    drop(sink);
+    std::fs::remove_dir_all(out.join(".tch-vis/active")).unwrap();
+    let journals = || std::fs::read_dir(out.join(".tch-vis/rows")).map_or(0, |r| r.count());
+    assert_eq!(journals(), 1);
+    let ig = IgMethod::new(&[ScoreSpec::Predicted]).unwrap().steps(2);
+    let ig_layout = Engine::new(&model, sidecar.clone(), &ig).prepare().unwrap();
+    match FolderSink::open(&out, &ig_layout, &ig, &sidecar, false) {
+        Err(tch_vis::Error::OutputMismatch { reason, .. }) => {
+            assert!(reason.contains("unfinished run"), "{reason}")
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    assert_eq!(journals(), 1);
+    // The saliency run resumes where it stopped, its three rows kept.
+    let again = FolderSink::open(&out, &layout, &saliency, &sidecar, false).unwrap();
+    assert_eq!(inputs.iter().filter(|e| again.is_done(&e.rel)).count(), 3);
+    // Overwriting, Integrated Gradients takes the folder.
+    let sink = FolderSink::open(&out, &ig_layout, &ig, &sidecar, true).unwrap();
+    sink.begin().unwrap();
+    let ig_engine = Engine::new(&model, sidecar.clone(), &ig);
+    assert!(ig_engine.run(&inputs[..1], &sink).unwrap().fatal.is_none());
+    assert_eq!(
+        sink.finish(serde_json::json!({}))
+            .unwrap()
+            .merged
+            .rows
+            .len(),
+        1
+    );
+    assert_eq!(journals(), 0);
+    let csv = std::fs::read_to_string(out.join("scores.csv")).unwrap();
+    assert!(
+        csv.starts_with("path,score_0,class_0,label_0,ig_delta\n"),
+        "{csv}"
+    );
+}
+
+/// A batch size over `MAX_BATCH_SIZE` is `InvalidValue` from `prepare`
+/// and from `run` (which used to abort the process allocating it, or
+/// panic sizing a channel), before any image reaches the sink.
+#[test]
+fn batch_sizes_over_the_maximum_are_refused() {
+    use tch_vis::batch::MAX_BATCH_SIZE;
+    let model = digits();
+    let sidecar = Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap();
+    let method = SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap();
+    let inputs = tch_vis::io::walk(&repo("examples/images/gray"), &[]).unwrap();
+    for n in [MAX_BATCH_SIZE + 1, 100_000_000, usize::MAX] {
+        let engine = Engine::new(&model, sidecar.clone(), &method).batch_size(n);
+        let err = engine.prepare().unwrap_err();
+        assert!(
+            matches!(err, tch_vis::Error::InvalidValue { .. })
+                && err.to_string().contains(&n.to_string()),
+            "{err:?}"
+        );
+        let sink = Collect::default();
+        let err = engine.run(&inputs, &sink).unwrap_err();
+        assert!(
+            matches!(err, tch_vis::Error::InvalidValue { .. }),
+            "{err:?}"
+        );
+        assert!(sink.0.into_inner().unwrap().is_empty());
+    }
+}
+
+/// A method whose results have fewer rows than the batch has images.
+struct Rows {
+    inner: SaliencyMethod,
+    probe_rows: i64,
+    compute_rows: i64,
+}
+
+impl Rows {
+    fn cut(
+        res: tch_vis::Result<tch_vis::batch::BatchResult>,
+        rows: i64,
+    ) -> tch_vis::Result<tch_vis::batch::BatchResult> {
+        let mut res = res?;
+        for a in &mut res.arrays {
+            a.values = a.values.narrow(0, 0, rows);
+            a.heat = a.heat.as_ref().map(|h| h.narrow(0, 0, rows));
+        }
+        Ok(res)
+    }
+}
+
+impl tch_vis::batch::Method for Rows {
+    fn name(&self) -> &str {
+        "rows"
+    }
+
+    fn arrays(&self) -> Vec<(String, bool)> {
+        self.inner.arrays()
+    }
+
+    fn compute(
+        &self,
+        model: &Model,
+        x: &Tensor,
+        keys: &[u64],
+    ) -> tch_vis::Result<tch_vis::batch::BatchResult> {
+        Self::cut(self.inner.compute(model, x, keys), self.compute_rows)
+    }
+
+    fn probe(
+        &self,
+        model: &Model,
+        x: &Tensor,
+        keys: &[u64],
+    ) -> tch_vis::Result<tch_vis::batch::BatchResult> {
+        Self::cut(self.inner.compute(model, x, keys), self.probe_rows)
+    }
+}
+
+/// A method's result with too few rows is a `Shape` error naming the
+/// method: from `prepare` for the probe, and as the run's fatal error for
+/// a batch, without the hint about models traced at a fixed batch size
+/// (the model is fine).
+#[test]
+fn a_method_result_with_too_few_rows_is_a_shape_error() {
+    let model = digits();
+    let sidecar = Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap();
+    let inputs = tch_vis::io::walk(&repo("examples/images/gray"), &[]).unwrap();
+    let method = |probe_rows, compute_rows| Rows {
+        inner: SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap(),
+        probe_rows,
+        compute_rows,
+    };
+    let none = method(0, 3);
+    let err = Engine::new(&model, sidecar.clone(), &none)
+        .prepare()
+        .unwrap_err();
+    match &err {
+        tch_vis::Error::Probe { source, .. } => {
+            assert!(matches!(**source, tch_vis::Error::Shape { .. }), "{err:?}")
+        }
+        _ => panic!("{err:?}"),
+    }
+    let one = method(1, 1);
+    let engine = Engine::new(&model, sidecar, &one).batch_size(3);
+    engine.prepare().unwrap();
+    let sink = Collect::default();
+    let summary = engine.run(&inputs, &sink).unwrap();
+    let fatal = summary.fatal.expect("a fatal error");
+    assert!(matches!(fatal, tch_vis::Error::Shape { .. }), "{fatal:?}");
+    let text = fatal.to_string();
+    assert!(
+        text.contains("rows's saliency") && !text.contains("traced"),
+        "{text}"
+    );
+    assert!(sink.0.into_inner().unwrap().is_empty());
+}
