@@ -89,6 +89,8 @@ pub struct FolderSink {
     section: Option<String>,
     /// The record last written into `report.json` (see `record_settings`).
     settings_written: Mutex<Option<Settings>>,
+    /// Heatmaps written with no value of 0.5 or more (see `faint_maps`).
+    faint: std::sync::atomic::AtomicUsize,
 }
 
 /// The folder, under [`JOURNAL_DIR`], recording what an output folder's
@@ -239,13 +241,16 @@ impl FolderSink {
         overwrite: bool,
     ) -> Result<Self> {
         let out = out.as_ref().to_path_buf();
-        if let Ok(m) = fs::metadata(&out) {
-            if !m.is_dir() {
+        match fs::metadata(&out) {
+            Ok(m) if !m.is_dir() => {
                 return Err(Error::OutputMismatch {
                     path: out,
                     reason: "exists and is not a directory".into(),
-                });
+                })
             }
+            // A file on its path, say: named here, not a file inside.
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&out, e)),
+            _ => {}
         }
         let header = table::header(layout.outputs, &layout.class_outputs, &layout.columns);
         let csv_path = out.join("scores.csv");
@@ -277,6 +282,7 @@ impl FolderSink {
             new_settings: None,
             section: None,
             settings_written: Mutex::new(None),
+            faint: Default::default(),
         };
         if !overwrite {
             let (merged, _, foreign) = sink.read_state()?;
@@ -435,6 +441,16 @@ impl FolderSink {
     pub fn overlay_original(mut self, pre: Preprocessor) -> Self {
         self.original = Some(pre);
         self
+    }
+
+    /// How many heatmaps this sink wrote whose largest value is under
+    /// 0.5: maps normalised as `(m − min) / (max − min + 1e-7)` (saliency,
+    /// Integrated Gradients) whose range was under 1e-7, as a score that
+    /// saturates gives (a softmax probability near 1 has near-zero
+    /// gradients), or a CAM that is zero everywhere. Their PNGs are all
+    /// or nearly all the colour map's low end.
+    pub fn faint_maps(&self) -> usize {
+        self.faint.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The output folder.
@@ -630,22 +646,28 @@ impl FolderSink {
             let npy = self.file(&r.rel, &format!(".{}.npy", a.name));
             io::write_npy(&npy, &a.values, Replace::RemoveFirst)?;
             if let Some(heat) = &a.heat {
-                let png = with_values(heat, |map| match (&self.original, &r.original) {
-                    (Some(pre), Some(original)) => heatmap::overlay_original_region_png(
-                        original,
-                        map,
-                        w,
-                        h,
-                        pre.map_region(r.original_size),
-                    ),
-                    _ => match &r.image {
-                        InputImage::Bytes(t) => with_values(t, |bytes| {
-                            heatmap::overlay_bytes_png(bytes, self.channels, w, h, map)
-                        }),
-                        InputImage::Planes(t) => with_values(t, |image| {
-                            heatmap::overlay_png(image, self.channels, w, h, map)
-                        }),
-                    },
+                let png = with_values(heat, |map: &[f32]| {
+                    if map.iter().all(|&v| v < 0.5) {
+                        self.faint
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    match (&self.original, &r.original) {
+                        (Some(pre), Some(original)) => heatmap::overlay_original_region_png(
+                            original,
+                            map,
+                            w,
+                            h,
+                            pre.map_region(r.original_size),
+                        ),
+                        _ => match &r.image {
+                            InputImage::Bytes(t) => with_values(t, |bytes| {
+                                heatmap::overlay_bytes_png(bytes, self.channels, w, h, map)
+                            }),
+                            InputImage::Planes(t) => with_values(t, |image| {
+                                heatmap::overlay_png(image, self.channels, w, h, map)
+                            }),
+                        },
+                    }
                 })?;
                 let path = self.file(&r.rel, &format!(".{}.png", a.name));
                 io::write_bytes(&path, &png, Replace::RemoveFirst)?;

@@ -2282,3 +2282,64 @@ fn large_colour_inputs_restart_with_passive_openmp() {
         (false.into(), 1.into())
     );
 }
+
+/// An output folder that cannot be made (under /proc, or below a file) is
+/// named, exit 2, nothing written; maps with no value of 0.5 or more (a
+/// thresholded 0 that digits_cnn takes for a 0 with p = 1 to float32, so
+/// its gradients are under the normalisation's 1e-7) are counted in
+/// `report.json` and noted on stderr; so is a folder without files.
+#[test]
+fn unwritable_outputs_faint_maps_and_empty_folders_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cnn = model("digits_cnn");
+    let images = dir.path().join("images");
+    fs::create_dir_all(&images).unwrap();
+    let digit = image::open(root().join("examples/images/gray/0/heldout_0036.png"))
+        .unwrap()
+        .to_luma8();
+    let thresholded = image::GrayImage::from_fn(digit.width(), digit.height(), |x, y| {
+        image::Luma([if digit.get_pixel(x, y)[0] > 100 {
+            255
+        } else {
+            0
+        }])
+    });
+    thresholded.save(images.join("saturated.png")).unwrap();
+    digit.save(images.join("plain.png")).unwrap();
+    let file = dir.path().join("afile");
+    fs::write(&file, b"x").unwrap();
+    for (out, says) in [
+        (
+            PathBuf::from("/proc/tch-vis-out"),
+            "cannot create the output folder",
+        ),
+        (file.join("sub"), "afile/sub: Not a directory"),
+    ] {
+        let o = tch_vis(&usage("saliency", &cnn, s(&images), s(&out), &[]));
+        assert_code(&o, 2, says);
+        assert_one_error_line(&o, says);
+        assert!(stderr(&o).contains(says), "{}", stderr(&o));
+    }
+    assert_eq!(fs::read(&file).unwrap(), b"x");
+    let out = dir.path().join("out");
+    let o = tch_vis(&usage("saliency", &cnn, s(&images), s(&out), &[]));
+    assert_code(&o, 0, "faint");
+    assert_eq!(report(&out)["faint_maps"], 1);
+    let err = stderr(&o);
+    assert!(
+        err.contains("1 of 2 maps are faint") && err.contains("logits"),
+        "{err}"
+    );
+    let map = crate::util::npy(out.join("saturated.png.saliency.npy"));
+    assert!(map.max().double_value(&[]) < 0.5);
+    let empty = dir.path().join("empty");
+    fs::create_dir_all(&empty).unwrap();
+    let out = dir.path().join("out-empty");
+    let o = tch_vis(&usage("saliency", &cnn, s(&empty), s(&out), &[]));
+    assert_code(&o, 0, "empty folder");
+    assert!(
+        stderr(&o).contains("no files found under"),
+        "{}",
+        stderr(&o)
+    );
+}

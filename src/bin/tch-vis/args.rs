@@ -11,7 +11,7 @@ use tch_vis::{DeviceSpec, Precision};
 
 use crate::run::{Images, Job, Mode};
 
-const ABOUT: &str = "tf-keras-vis scores, saliency maps and SmoothGrad for TorchScript models, over folders of images";
+const ABOUT: &str = "tf-keras-vis scores for TorchScript models: saliency maps and SmoothGrad, class activation maps, Integrated Gradients and activation maximization, over folders of images";
 
 const AFTER: &str = "\
 Exit status: 0 the run finished (also when some inputs failed; see report.json),
@@ -125,7 +125,8 @@ pub struct IgArgs {
     pub baseline: BaselineArg,
 
     /// Most rows per model call (path points of one image: images are
-    /// integrated one at a time); bounds memory.
+    /// integrated one at a time); bounds memory. Default: all the steps of
+    /// an image in one call.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub internal_batch_size: Option<u32>,
 

@@ -126,10 +126,10 @@ impl Mode {
 
     fn outputs(&self) -> &'static str {
         match self {
-            Mode::Saliency { .. } => ", REL.saliency.png/.npy",
+            Mode::Saliency { .. } => ", REL.saliency.png/.npy, index.html",
             Mode::Scores => "",
-            Mode::Cam { .. } => ", REL.cam.png/.npy",
-            Mode::Ig { .. } => ", REL.ig.png/.npy",
+            Mode::Cam { .. } => ", REL.cam.png/.npy, index.html",
+            Mode::Ig { .. } => ", REL.ig.png/.npy, index.html",
         }
     }
 }
@@ -530,11 +530,20 @@ pub fn execute(job: Job) -> Result<(), Failure> {
             pending.push(e);
         }
     }
+    // Before the first image: a folder that cannot be made or written
+    // (a read-only or virtual file system, a file on its path) is named,
+    // not the first file of it written, and exits 2.
+    std::fs::create_dir_all(&job.out).map_err(|e| {
+        Failure::Usage(Error::io(&job.out, e).context("cannot create the output folder"))
+    })?;
     sink.begin().map_err(|e| match e {
         // Another worker's settings, recorded since `open`: before the
         // first image, nothing of this run written.
         e @ Error::OutputMismatch { .. } => Failure::Usage(e),
-        e => Failure::Run(e),
+        e => Failure::Usage(e.context(format!(
+            "cannot write into the output folder {}",
+            job.out.display()
+        ))),
     })?;
     bar.start(pending.len());
     // Model load, CUDA start, the probe batch (cuDNN's algorithm search).
@@ -594,6 +603,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         "files_in_shard": selected,
         "to_process": pending.len(),
         "error": fatal,
+        "faint_maps": sink.faint_maps(),
         "tch_vis_version": env!("CARGO_PKG_VERSION"),
     });
     let mut report = report;
@@ -635,6 +645,16 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         job.out.display(),
         job.mode.outputs()
     );
+    if let Some(note) = faint_note(&job.mode, sink.faint_maps(), summary.processed) {
+        let _ = writeln!(std::io::stderr(), "tch-vis: note: {note}");
+    }
+    if files_found == 0 {
+        let _ = writeln!(
+            std::io::stderr(),
+            "tch-vis: note: no files found under {}",
+            root.display()
+        );
+    }
     if let Some(e) = fatal {
         return Err(Failure::Run(e));
     }
@@ -697,6 +717,25 @@ fn ignored(signal: i32) -> bool {
         libc::sigaction(signal, std::ptr::null(), &mut old) == 0
             && old.sa_sigaction == libc::SIG_IGN
     }
+}
+
+/// What to say of `faint` maps among `processed` images (maps with no
+/// value of 0.5 or more, [`tch_vis::batch::FolderSink::faint_maps`]).
+fn faint_note(mode: &Mode, faint: usize, processed: usize) -> Option<String> {
+    if faint == 0 {
+        return None;
+    }
+    let why = match mode {
+        Mode::Cam { .. } => "zero or nearly so everywhere: no feature map raises the score there",
+        _ => {
+            "the gradient's range was under the normalisation's 1e-7, as a saturated \
+             score gives (a softmax probability near 1 has near-zero gradients): \
+             a model that outputs logits gives readable maps"
+        }
+    };
+    Some(format!(
+        "{faint} of {processed} maps are faint (no value of 0.5 or more): {why}"
+    ))
 }
 
 /// Progress on a terminal (a bar) or in logs (a line every 10 s).
