@@ -28,6 +28,7 @@
 #   METHODS   which to run (default "gradcam gradcam++ layercam scorecam fasterscorecam")
 #   DATA      data folder (default bench-data, git-ignored)
 #   SKIP_BUILD  1 = use target/release/examples/bench_cam as it is
+#   RUST_FLAGS  more flags for examples/bench_cam (e.g. --channels-last)
 #
 # One labelled line per method: ours, the baseline, the ratio and its target.
 # Everything is also written to $DATA/bench-cam-<date>.txt.
@@ -98,8 +99,9 @@ rust() {
     local out
     rm -rf "$OUT/rust/$1"
     if [ ! -x "$RS" ]; then echo "rust-cam $1: SKIPPED ($RS not built)"; return; fi
+    # shellcheck disable=SC2086
     out=$("$RS" --model "$4" --images "$IMAGES" --list "$2" --method "$1" --batch-size "$3" \
-        --out "$OUT/rust/$1" 2>&1)
+        --out "$OUT/rust/$1" $RUST_FLAGS 2>&1)
     grep '^rust-cam' <<<"$out" | sed "s|\$| [$(basename "$4")]|" \
         || echo "rust-cam $1: FAILED: $(tail -n 2 <<<"$out" | tr '\n' ' ')"
 }
