@@ -76,7 +76,9 @@ pub struct CamArgs {
     #[command(flatten)]
     pub common: CommonArgs,
 
-    /// gradcam | gradcam++ | layercam | scorecam | fasterscorecam.
+    /// gradcam | gradcam++ | layercam | scorecam | fasterscorecam (case,
+    /// '-' and '_' ignored: grad-cam, Grad_CAM++ and gradcampp name them
+    /// too).
     #[arg(long, value_name = "METHOD", value_parser = parse_from_str::<CamMethod>)]
     pub method: CamMethod,
 
