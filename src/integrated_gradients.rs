@@ -106,6 +106,21 @@ impl Rule {
         }
     }
 
+    /// Whether the rule takes `steps` steps: [`Rule::min_steps`] to
+    /// [`MAX_STEPS`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] otherwise.
+    pub fn check_steps(self, steps: usize) -> Result<()> {
+        if steps < self.min_steps() || steps > MAX_STEPS {
+            return Err(Error::InvalidValue {
+                what: "integrated gradients steps (1 to 100000, at least 2 for riemann_trapezoid)",
+                value: steps.to_string(),
+            });
+        }
+        Ok(())
+    }
+
     /// The nodes `α_k` and weights `w_k` for `steps` steps, in increasing
     /// order of `α`.
     ///
@@ -114,12 +129,7 @@ impl Rule {
     /// or above [`MAX_STEPS`];
     /// [`Error::Torch`] if the float32 `linspace` fails.
     pub fn nodes(self, steps: usize) -> Result<(Vec<f64>, Vec<f64>)> {
-        if steps < self.min_steps() || steps > MAX_STEPS {
-            return Err(Error::InvalidValue {
-                what: "integrated gradients steps (1 to 100000, at least 2 for riemann_trapezoid)",
-                value: steps.to_string(),
-            });
-        }
+        self.check_steps(steps)?;
         let n = steps as f64;
         let steps_i = i64::try_from(steps).map_err(|_| Error::InvalidValue {
             what: "integrated gradients steps",

@@ -534,8 +534,12 @@ impl<'a> Engine<'a> {
     /// start-up). Also picks the compute threads.
     ///
     /// # Errors
-    /// [`Error::Probe`] when the model or the method fails on the probe,
-    /// with the cause; the method's own check errors as they are.
+    /// [`Error::Sidecar`] for a sidecar [`Sidecar::validate`] refuses;
+    /// [`Error::InvalidValue`] for a batch size over [`MAX_BATCH_SIZE`];
+    /// [`Error::Probe`] when the model or the method fails on the probe
+    /// (a method's result with fewer rows than the probe batch included),
+    /// or on a CPU when the batch cannot be allocated, with the cause; the
+    /// method's own check errors as they are.
     pub fn prepare(&self) -> Result<Layout> {
         self.pre
             .sidecar()
@@ -544,7 +548,7 @@ impl<'a> Engine<'a> {
                 path: "<sidecar>".into(),
                 reason,
             })?;
-        self.check_batch()?;
+        self.check_batch(true)?;
         let device = self.model.device();
         let sidecar = self.pre.sidecar();
         let [h, w] = sidecar.size_i64();
@@ -597,9 +601,7 @@ impl<'a> Engine<'a> {
             Ok::<_, Error>((result, t.elapsed()))
         };
         let (mut result, _) = run_probe()?;
-        // (At least the one row every method computes: on CUDA the probe
-        // batch is all padding, which a method may skip.)
-        check_rows(self.method.name(), &result, 1).map_err(|e| Error::Probe {
+        check_rows(self.method.name(), &result, rows).map_err(|e| Error::Probe {
             what: format!("{} fails on a probe input", self.method.name()),
             source: Box::new(e),
         })?;
@@ -624,12 +626,12 @@ impl<'a> Engine<'a> {
         })
     }
 
-    /// Refuses a batch size over [`MAX_BATCH_SIZE`] and, on a CPU, a batch
-    /// (the one the decode threads write into) that this machine cannot
-    /// give: here rather than by the first batch. The memory the kernel
-    /// says is available is checked too: with overcommit on, the
-    /// allocation itself succeeds whatever its size.
-    fn check_batch(&self) -> Result<()> {
+    /// Refuses a batch size over [`MAX_BATCH_SIZE`] and, with `memory`
+    /// on a CPU, a batch (the one the decode threads write into) that this
+    /// machine cannot give: here rather than by the first batch. The memory
+    /// the kernel says is available is checked too: with overcommit on,
+    /// the allocation itself succeeds whatever its size.
+    fn check_batch(&self, memory: bool) -> Result<()> {
         let n = self.batch_size;
         if n > MAX_BATCH_SIZE {
             return Err(Error::InvalidValue {
@@ -638,7 +640,7 @@ impl<'a> Engine<'a> {
             });
         }
         let device = self.model.device();
-        if device.is_cuda() {
+        if device.is_cuda() || !memory {
             return Ok(());
         }
         let sidecar = self.pre.sidecar();
@@ -677,9 +679,12 @@ impl<'a> Engine<'a> {
     ///
     /// # Errors
     /// [`Error::Io`] when the engine's threads cannot be started; the
-    /// batch size errors of [`Engine::prepare`], before any image.
+    /// batch size errors of [`Engine::prepare`], before any image (the
+    /// memory check only where `prepare` did not run: memory taken since
+    /// then fails the run's first batch instead, not a run whose sink has
+    /// begun).
     pub fn run(&self, inputs: &[Entry], sink: &dyn Sink) -> Result<Summary> {
-        self.check_batch()?;
+        self.check_batch(self.compute_threads.get().is_none())?;
         let start = Instant::now();
         let clock = Clock::default();
         let mut failed = Vec::new();
@@ -1069,15 +1074,19 @@ impl<'a> Engine<'a> {
             return e;
         }
         // libtorch's shape errors, from the model or a score on its
-        // outputs, as a fixed batch size gives (not memory, say; not
-        // tch-vis's own checks, which say what is wrong).
-        if !matches!(e, Error::Torch(_) | Error::Score { .. }) {
+        // outputs, as a fixed batch size gives (not memory, say), and
+        // tch-vis's own shape checks where what came back has one row
+        // (feature maps, a method's results): a model traced at batch 1.
+        // Other checks of tch-vis say what is wrong themselves.
+        let one_row = matches!(&e, Error::Shape { got, .. } if got.first() == Some(&1));
+        if !one_row && !matches!(e, Error::Torch(_) | Error::Score { .. }) {
             return e;
         }
         let text = e.to_string().to_lowercase();
-        if !["shape", "size", "mat1 and mat2", "dimension"]
-            .iter()
-            .any(|w| text.contains(w))
+        if !one_row
+            && !["shape", "size", "mat1 and mat2", "dimension"]
+                .iter()
+                .any(|w| text.contains(w))
         {
             return e;
         }

@@ -158,11 +158,14 @@ fn write_settings(out: &Path, id: &str, record: &Settings) -> Result<()> {
     let text = serde_json::to_vec_pretty(record).map_err(|e| Error::Internal {
         what: format!("cannot write the settings: {e}"),
     })?;
-    let path = out
-        .join(JOURNAL_DIR)
+    io::write_atomic(&settings_path(out, id), &text)
+}
+
+/// Worker `id`'s settings file in `out`.
+fn settings_path(out: &Path, id: &str) -> PathBuf {
+    out.join(JOURNAL_DIR)
         .join(SETTINGS_DIR)
-        .join(format!("{id}.json"));
-    io::write_atomic(&path, &text)
+        .join(format!("{id}.json"))
 }
 
 /// The files of `dir` ending in `.ext`, sorted (by worker id, which
@@ -290,7 +293,7 @@ impl FolderSink {
                 return Err(Error::OutputMismatch {
                     path,
                     reason: format!(
-                        "holds the rows of an unfinished run with columns {:?}, but this run writes {:?}; finish that run, or use another output folder or --overwrite",
+                        "holds rows of another run that scores.csv cannot take with this run's: columns {:?} (a run stopped before it finished, or one beside a run of other columns), where this run writes {:?}; use another output folder, or --overwrite to recompute the folder",
                         columns.join(","),
                         sink.header.join(",")
                     ),
@@ -333,7 +336,10 @@ impl FolderSink {
             let merged = merge_settings(record, new, self.overwrite, self.section.as_deref());
             write_settings(&self.out, &self.id, &merged)?;
         }
-        io::write_atomic(&active.join(&self.id), b"")
+        io::write_atomic(&active.join(&self.id), b"").inspect_err(|_| {
+            // No run: no record of its settings either.
+            let _ = fs::remove_file(settings_path(&self.out, &self.id));
+        })
     }
 
     /// What this run's results depend on, as a JSON object: for example
@@ -372,7 +378,17 @@ impl FolderSink {
     /// A sink without settings keeps the folder's record as it is, unless
     /// it overwrites (its results' settings are then unknown).
     fn record_settings(&self, report: &mut serde_json::Map<String, serde_json::Value>) {
-        let record = self.read_settings().unwrap_or_default();
+        // (A settings file that cannot be read: the record as the last
+        // finished run left it.)
+        let record = self.read_settings().unwrap_or_else(|_| {
+            match self
+                .report()
+                .and_then(|mut r| r.get_mut(SETTINGS_KEY).map(serde_json::Value::take))
+            {
+                Some(serde_json::Value::Object(record)) => record,
+                _ => Settings::new(),
+            }
+        });
         let record = match &self.new_settings {
             Some(new) => merge_settings(record, new, false, self.section.as_deref()),
             None if self.overwrite || record.is_empty() => return,
@@ -447,8 +463,9 @@ impl FolderSink {
     /// 0.5: maps normalised as `(m − min) / (max − min + 1e-7)` (saliency,
     /// Integrated Gradients) whose range was under 1e-7, as a score that
     /// saturates gives (a softmax probability near 1 has near-zero
-    /// gradients), or a CAM that is zero everywhere. Their PNGs are all
-    /// or nearly all the colour map's low end.
+    /// gradients), or a CAM that is constant (most often zero)
+    /// everywhere. Their PNGs are all or nearly all the colour map's low
+    /// end.
     pub fn faint_maps(&self) -> usize {
         self.faint.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -646,11 +663,9 @@ impl FolderSink {
             let npy = self.file(&r.rel, &format!(".{}.npy", a.name));
             io::write_npy(&npy, &a.values, Replace::RemoveFirst)?;
             if let Some(heat) = &a.heat {
+                let mut faint = false;
                 let png = with_values(heat, |map: &[f32]| {
-                    if map.iter().all(|&v| v < 0.5) {
-                        self.faint
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
+                    faint = !map.is_empty() && map.iter().all(|&v| v < 0.5);
                     match (&self.original, &r.original) {
                         (Some(pre), Some(original)) => heatmap::overlay_original_region_png(
                             original,
@@ -671,6 +686,10 @@ impl FolderSink {
                 })?;
                 let path = self.file(&r.rel, &format!(".{}.png", a.name));
                 io::write_bytes(&path, &png, Replace::RemoveFirst)?;
+                if faint {
+                    self.faint
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
         }
         Ok(())

@@ -459,7 +459,7 @@ impl IgMethod {
     }
 
     /// Steps along the path (checked by [`super::Engine::prepare`]:
-    /// [`Rule::nodes`] says which counts a rule takes).
+    /// [`Rule::check_steps`] says which counts a rule takes).
     pub fn steps(mut self, steps: usize) -> Self {
         self.steps = steps;
         self
@@ -524,7 +524,7 @@ impl Method for IgMethod {
     /// The scores fit the outputs, and the rule takes the step count
     /// (the probe below runs the rule's fewest steps instead).
     fn check(&self, _model: &Model, _x: &Tensor, outputs: &[Tensor]) -> Result<()> {
-        self.rule.nodes(self.steps)?;
+        self.rule.check_steps(self.steps)?;
         self.scores.check(outputs)
     }
 

@@ -1014,7 +1014,7 @@ fn an_unfinished_run_of_other_columns_is_refused_and_kept() {
     let ig_layout = Engine::new(&model, sidecar.clone(), &ig).prepare().unwrap();
     match FolderSink::open(&out, &ig_layout, &ig, &sidecar, false) {
         Err(tch_vis::Error::OutputMismatch { reason, .. }) => {
-            assert!(reason.contains("unfinished run"), "{reason}")
+            assert!(reason.contains("holds rows of another run"), "{reason}")
         }
         other => panic!("{:?}", other.map(|_| ())),
     }
@@ -1123,7 +1123,7 @@ impl tch_vis::batch::Method for Rows {
 /// A method's result with too few rows is a `Shape` error naming the
 /// method: from `prepare` for the probe, and as the run's fatal error for
 /// a batch, without the hint about models traced at a fixed batch size
-/// (the model is fine).
+/// unless it has the one row such a model gives.
 #[test]
 fn a_method_result_with_too_few_rows_is_a_shape_error() {
     let model = digits();
@@ -1144,8 +1144,8 @@ fn a_method_result_with_too_few_rows_is_a_shape_error() {
         }
         _ => panic!("{err:?}"),
     }
-    let one = method(1, 1);
-    let engine = Engine::new(&model, sidecar, &one).batch_size(3);
+    let two = method(1, 2);
+    let engine = Engine::new(&model, sidecar.clone(), &two).batch_size(3);
     engine.prepare().unwrap();
     let sink = Collect::default();
     let summary = engine.run(&inputs, &sink).unwrap();
@@ -1157,4 +1157,14 @@ fn a_method_result_with_too_few_rows_is_a_shape_error() {
         "{text}"
     );
     assert!(sink.0.into_inner().unwrap().is_empty());
+    // One row for a batch of 3, as a model traced at batch 1 gives: the
+    // hint.
+    let one = method(1, 1);
+    let engine = Engine::new(&model, sidecar, &one).batch_size(3);
+    let fatal = engine
+        .run(&inputs, &Collect::default())
+        .unwrap()
+        .fatal
+        .expect("a fatal error");
+    assert!(fatal.to_string().contains("traced"), "{fatal}");
 }

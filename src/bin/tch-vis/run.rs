@@ -533,18 +533,30 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     // Before the first image: a folder that cannot be made or written
     // (a read-only or virtual file system, a file on its path) is named,
     // not the first file of it written, and exits 2.
+    let made = !job.out.exists();
     std::fs::create_dir_all(&job.out).map_err(|e| {
         Failure::Usage(Error::io(&job.out, e).context("cannot create the output folder"))
     })?;
-    sink.begin().map_err(|e| match e {
-        // Another worker's settings, recorded since `open`: before the
-        // first image, nothing of this run written.
-        e @ Error::OutputMismatch { .. } => Failure::Usage(e),
-        e => Failure::Usage(e.context(format!(
-            "cannot write into the output folder {}",
-            job.out.display()
-        ))),
-    })?;
+    sink.begin()
+        .inspect_err(|_| {
+            // Nothing of this run stays: the empty folders it made go too.
+            let journal = job.out.join(tch_vis::batch::JOURNAL_DIR);
+            for dir in [journal.join("settings"), journal.join("active"), journal] {
+                let _ = std::fs::remove_dir(dir);
+            }
+            if made {
+                let _ = std::fs::remove_dir(&job.out);
+            }
+        })
+        .map_err(|e| match e {
+            // Another worker's settings, recorded since `open`: before the
+            // first image, nothing of this run written.
+            e @ Error::OutputMismatch { .. } => Failure::Usage(e),
+            e => Failure::Usage(e.context(format!(
+                "cannot write into the output folder {}",
+                job.out.display()
+            ))),
+        })?;
     bar.start(pending.len());
     // Model load, CUDA start, the probe batch (cuDNN's algorithm search).
     let startup_seconds = start.elapsed().as_secs_f64();
@@ -649,11 +661,16 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         let _ = writeln!(std::io::stderr(), "tch-vis: note: {note}");
     }
     if files_found == 0 {
-        let _ = writeln!(
-            std::io::stderr(),
-            "tch-vis: note: no files found under {}",
-            root.display()
-        );
+        let _ = match &job.images {
+            Images::Path(_) => writeln!(
+                std::io::stderr(),
+                "tch-vis: note: no files found under {}",
+                root.display()
+            ),
+            Images::List { .. } => {
+                writeln!(std::io::stderr(), "tch-vis: note: the list names no files")
+            }
+        };
     }
     if let Some(e) = fatal {
         return Err(Failure::Run(e));
@@ -726,7 +743,9 @@ fn faint_note(mode: &Mode, faint: usize, processed: usize) -> Option<String> {
         return None;
     }
     let why = match mode {
-        Mode::Cam { .. } => "zero or nearly so everywhere: no feature map raises the score there",
+        Mode::Cam { .. } => {
+            "constant (most often zero) everywhere: no feature map raises the score more in one place than in another"
+        }
         _ => {
             "the gradient's range was under the normalisation's 1e-7, as a saturated \
              score gives (a softmax probability near 1 has near-zero gradients): \
