@@ -336,10 +336,57 @@ impl FolderSink {
             let merged = merge_settings(record, new, self.overwrite, self.section.as_deref());
             write_settings(&self.out, &self.id, &merged)?;
         }
-        io::write_atomic(&active.join(&self.id), b"").inspect_err(|_| {
-            // No run: no record of its settings either.
+        let backed_out = |e: Error| {
+            // No run: no record of it either.
+            let _ = fs::remove_file(active.join(&self.id));
             let _ = fs::remove_file(settings_path(&self.out, &self.id));
-        })
+            e
+        };
+        io::write_atomic(&active.join(&self.id), b"").map_err(backed_out)?;
+        if let Some(new) = &self.new_settings {
+            self.check_concurrent(new).map_err(backed_out)?;
+        }
+        // The journal, with its header, before the first output file: a
+        // run of other columns that opens the folder after this one was
+        // killed finds it (and is refused) even if no row made it in.
+        self.with_journal(|_| Ok(())).map_err(backed_out)
+    }
+
+    /// Two runs of other settings that begin at once both pass the check
+    /// of `begin` before either has written its settings file: each looks
+    /// again once its own file is written, and backs out on a conflict
+    /// (both may; then neither writes anything). Overwriting, only the
+    /// settings of workers still running count: the others' results are
+    /// recomputed.
+    fn check_concurrent(&self, new: &Settings) -> Result<()> {
+        let own = settings_path(&self.out, &self.id);
+        let active = self.out.join(JOURNAL_DIR).join("active");
+        // (Overwriting, an unreadable record is replaced: not a conflict.)
+        let files = match settings_files(&self.out) {
+            Err(_) if self.overwrite => Vec::new(),
+            files => files?,
+        };
+        for (path, file) in files {
+            if path == own {
+                continue;
+            }
+            let id = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if self.overwrite && (!active.join(&id).exists() || is_dead_local(&id)) {
+                continue;
+            }
+            if let Some((key, was, now)) = differs(&file, new) {
+                return Err(Error::OutputMismatch {
+                    path: self.out.clone(),
+                    reason: format!(
+                        "another run is writing into it with {key} {was}, and this run has {key} {now}: let it finish, or use another output folder"
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// What this run's results depend on, as a JSON object: for example
@@ -462,7 +509,7 @@ impl FolderSink {
     /// How many heatmaps this sink wrote whose largest value is under
     /// 0.5: maps normalised as `(m − min) / (max − min + 1e-7)` (saliency,
     /// Integrated Gradients) whose range was under 1e-7, as a score that
-    /// saturates gives (a softmax probability near 1 has near-zero
+    /// saturates gives (a softmax probability near 0 or 1 has near-zero
     /// gradients), or a CAM that is constant (most often zero)
     /// everywhere. Their PNGs are all or nearly all the colour map's low
     /// end.
@@ -616,36 +663,43 @@ impl FolderSink {
             .join(format!("{}.csv", self.id))
     }
 
+    /// Calls `f` with this worker's journal, made (with its header, on
+    /// disk at once) the first time.
+    fn with_journal(&self, f: impl FnOnce(&mut Journal) -> Result<()>) -> Result<()> {
+        let path = self.journal_path();
+        let mut guard = self.journal.lock().map_err(|_| poisoned())?;
+        if guard.is_none() {
+            if let Some(dir) = path.parent() {
+                fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            }
+            let file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(|e| Error::io(&path, e))?;
+            let mut writer = csv::Writer::from_writer(BufWriter::new(file));
+            writer
+                .write_record(table::journal_header(&self.header))
+                .map_err(|e| csv_io(&path, e))?;
+            writer.flush().map_err(|e| Error::io(&path, e))?;
+            *guard = Some(Journal { writer });
+        }
+        let Some(j) = guard.as_mut() else {
+            return Err(poisoned());
+        };
+        f(j)
+    }
+
     fn append(&self, record: &[String]) -> Result<()> {
         let path = self.journal_path();
-        {
-            let mut guard = self.journal.lock().map_err(|_| poisoned())?;
-            if guard.is_none() {
-                if let Some(dir) = path.parent() {
-                    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-                }
-                let file = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&path)
-                    .map_err(|e| Error::io(&path, e))?;
-                let mut writer = csv::Writer::from_writer(BufWriter::new(file));
-                writer
-                    .write_record(table::journal_header(&self.header))
-                    .map_err(|e| csv_io(&path, e))?;
-                *guard = Some(Journal { writer });
-            }
-            let Some(j) = guard.as_mut() else {
-                return Err(poisoned());
-            };
+        self.with_journal(|j| {
             j.writer
                 .write_record(record)
                 .map_err(|e| csv_io(&path, e))?;
             // Every row reaches the file at once (one small write): after a
             // crash, only images whose row was not yet appended are redone.
-            j.writer.flush().map_err(|e| Error::io(&path, e))?;
-        }
-        Ok(())
+            j.writer.flush().map_err(|e| Error::io(&path, e))
+        })
     }
 
     fn label(&self, class: usize) -> String {
@@ -816,11 +870,21 @@ impl FolderSink {
     /// For the last worker: removes the journals of its final merge (all
     /// their rows are in `scores.csv`, renamed before) and the per-worker
     /// reports (folded into `report.json`), leaving only the folder's
-    /// results. A journal that grew since it was merged, and the marker of
-    /// a worker that started meanwhile, are kept.
+    /// results. A journal that grew since it was merged, the journal and
+    /// the marker of a worker that started meanwhile, are kept.
     fn compact(&self, seen: &[(PathBuf, u64)], reports: &[PathBuf]) {
         let dir = self.out.join(JOURNAL_DIR);
         for (p, len) in seen {
+            // The journal of a worker that began after this one's last
+            // look at the markers (it makes its journal at `begin`, right
+            // after its marker) stays: it may not have grown yet.
+            let id = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if dir.join("active").join(&id).exists() && !is_dead_local(&id) {
+                continue;
+            }
             if fs::metadata(p).is_ok_and(|m| m.len() == *len) {
                 let _ = fs::remove_file(p);
             }

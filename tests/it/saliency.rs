@@ -851,6 +851,13 @@ fn the_folder_record_of_settings_joins_workers_and_marks_overwritten_sections() 
         .and_then(|s| s.settings(shared("categorical:3"), None))
         .unwrap();
     c.begin().unwrap();
+    // While `c` writes maps of the predicted class, an overwrite with
+    // another score would mix the two: refused until `c` is done.
+    assert!(matches!(
+        f.begin(),
+        Err(tch_vis::Error::OutputMismatch { .. })
+    ));
+    c.finish(json!({})).unwrap();
     f.begin().unwrap();
     // `f` overwrote with another score: the saliency section is stale, and
     // `d`, which agreed with the record at open, no longer does.
@@ -862,9 +869,7 @@ fn the_folder_record_of_settings_joins_workers_and_marks_overwritten_sections() 
         e.begin(),
         Err(tch_vis::Error::OutputMismatch { .. })
     ));
-    for w in [c, f] {
-        w.finish(json!({})).unwrap();
-    }
+    f.finish(json!({})).unwrap();
     let r = record();
     assert_eq!(r["score"], json!(["categorical:3"]));
     assert!(r["saliency"].as_str().unwrap().starts_with("stale"), "{r}");
@@ -1167,4 +1172,63 @@ fn a_method_result_with_too_few_rows_is_a_shape_error() {
         .fatal
         .expect("a fatal error");
     assert!(fatal.to_string().contains("traced"), "{fatal}");
+}
+
+/// A run that begins while another of other settings is writing into the
+/// folder backs out (nothing of it left): here an overwriting run, whose
+/// first check takes any record, against a worker of another host still
+/// at work with another score. The same worker's file without its marker
+/// (a finished or killed run, whose results are recomputed) is taken.
+/// `begin` makes the journal at once, so a run of other columns is refused
+/// by a run killed before its first row.
+#[test]
+fn a_run_that_begins_beside_one_of_other_settings_backs_out() {
+    use serde_json::json;
+    use tch_vis::batch::{FolderSink, IgMethod};
+    let model = digits();
+    let sidecar = Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap();
+    let method = SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap();
+    let layout = Engine::new(&model, sidecar.clone(), &method)
+        .prepare()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let journal = out.join(".tch-vis");
+    std::fs::create_dir_all(journal.join("settings")).unwrap();
+    std::fs::create_dir_all(journal.join("active")).unwrap();
+    let other = "00000000000000000001-otherhost-4242";
+    std::fs::write(
+        journal.join("settings").join(format!("{other}.json")),
+        json!({"model": "m1", "score": ["categorical:3"]}).to_string(),
+    )
+    .unwrap();
+    std::fs::write(journal.join("active").join(other), b"").unwrap();
+    let sink = FolderSink::open(&out, &layout, &method, &sidecar, true)
+        .unwrap()
+        .settings(json!({"model": "m1", "score": ["predicted"]}), None)
+        .unwrap();
+    match sink.begin() {
+        Err(tch_vis::Error::OutputMismatch { reason, .. }) => {
+            assert!(
+                reason.contains("another run is writing into it"),
+                "{reason}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    let left = |sub: &str| std::fs::read_dir(journal.join(sub)).unwrap().count();
+    assert_eq!((left("settings"), left("active")), (1, 1));
+    assert!(!journal.join("rows").exists());
+    // Its marker gone, the other worker's settings are recomputed over.
+    std::fs::remove_file(journal.join("active").join(other)).unwrap();
+    sink.begin().unwrap();
+    // Killed before its first row: its journal holds the header.
+    drop(sink);
+    std::fs::remove_dir_all(journal.join("active")).unwrap();
+    let ig = IgMethod::new(&[ScoreSpec::Predicted]).unwrap().steps(2);
+    let ig_layout = Engine::new(&model, sidecar.clone(), &ig).prepare().unwrap();
+    assert!(matches!(
+        FolderSink::open(&out, &ig_layout, &ig, &sidecar, false),
+        Err(tch_vis::Error::OutputMismatch { .. })
+    ));
 }

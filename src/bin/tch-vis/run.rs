@@ -748,7 +748,7 @@ fn faint_note(mode: &Mode, faint: usize, processed: usize) -> Option<String> {
         }
         _ => {
             "the gradient's range was under the normalisation's 1e-7, as a saturated \
-             score gives (a softmax probability near 1 has near-zero gradients): \
+             score gives (a softmax probability near 0 or 1 has near-zero gradients): \
              a model that outputs logits gives readable maps"
         }
     };
