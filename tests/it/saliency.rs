@@ -17,6 +17,16 @@ fn digits() -> Model {
 }
 
 /// Seeded inputs in the model's normalised range.
+/// The bundled digits model's sidecar.
+fn digits_sidecar() -> Sidecar {
+    Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap()
+}
+
+/// The bundled gray sample images, as the engine takes them.
+fn gray_inputs() -> Vec<tch_vis::io::Entry> {
+    tch_vis::io::walk(&repo("examples/images/gray"), &[]).unwrap()
+}
+
 fn inputs(n: i64) -> Tensor {
     tch::manual_seed(5);
     Tensor::randn([n, 1, 32, 32], (Kind::Float, Device::Cpu))
@@ -173,7 +183,7 @@ fn run_sorted(
 #[test]
 fn engine_results_do_not_depend_on_batch_size() {
     let model = digits();
-    let sidecar = Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap();
+    let sidecar = digits_sidecar();
     let method = SaliencyMethod::new(&[ScoreSpec::Predicted])
         .unwrap()
         .smooth(2, 0.2, 1);
@@ -221,9 +231,9 @@ fn engine_results_do_not_depend_on_batch_size() {
 #[test]
 fn engine_reports_a_steady_rate_past_the_first_batch() {
     let model = digits();
-    let sidecar = Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap();
+    let sidecar = digits_sidecar();
     let method = SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap();
-    let inputs = tch_vis::io::walk(&repo("examples/images/gray"), &[]).unwrap();
+    let inputs = gray_inputs();
     let n = inputs.len();
     assert!(n > 4, "{n} images");
     for (batch, some) in [(4, true), (n, false)] {
@@ -334,7 +344,7 @@ impl tch_vis::batch::Method for CancelAtFirst<'_> {
 #[test]
 fn engine_stops_after_the_batch_in_progress_once_cancelled() {
     use std::sync::atomic::Ordering::Relaxed;
-    let sidecar = Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap();
+    let sidecar = digits_sidecar();
     let inputs = tch_vis::io::walk(&repo("examples/images"), &[]).unwrap();
     for device in crate::util::devices() {
         let model = Model::load(repo("models/digits_cnn.pt"), device).unwrap();
@@ -377,8 +387,8 @@ fn engine_stops_after_the_batch_in_progress_once_cancelled() {
 #[test]
 fn engine_runs_methods_built_from_score_objects() {
     let model = digits();
-    let sidecar = Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap();
-    let inputs = tch_vis::io::walk(&repo("examples/images/gray"), &[]).unwrap();
+    let sidecar = digits_sidecar();
+    let inputs = gray_inputs();
     let by_spec = SaliencyMethod::new(&[ScoreSpec::Categorical(vec![3])]).unwrap();
     let by_object = SaliencyMethod::from_scores(vec![Box::new(CategoricalScore::new(3).unwrap())]);
     let mut runs = Vec::new();
@@ -799,7 +809,7 @@ fn the_folder_record_of_settings_joins_workers_and_marks_overwritten_sections() 
     use serde_json::json;
     use tch_vis::batch::{FolderSink, ScoresMethod};
     let model = Model::load(repo("models/digits_cnn.pt"), Device::Cpu).unwrap();
-    let sidecar = Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap();
+    let sidecar = digits_sidecar();
     let saliency = SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap();
     let scores = ScoresMethod::new(&[ScoreSpec::Predicted]).unwrap();
     let salient = Engine::new(&model, sidecar.clone(), &saliency)
@@ -887,7 +897,7 @@ fn overwriting_ones_own_section_leaves_the_others() {
     use serde_json::json;
     use tch_vis::batch::FolderSink;
     let model = Model::load(repo("models/digits_cnn.pt"), Device::Cpu).unwrap();
-    let sidecar = Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap();
+    let sidecar = digits_sidecar();
     let saliency = SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap();
     let layout = Engine::new(&model, sidecar.clone(), &saliency)
         .prepare()
@@ -952,11 +962,11 @@ fn a_sink_without_settings_keeps_the_folders_record() {
     use serde_json::json;
     use tch_vis::batch::FolderSink;
     let model = digits();
-    let sidecar = Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap();
+    let sidecar = digits_sidecar();
     let method = SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap();
     let engine = Engine::new(&model, sidecar.clone(), &method).batch_size(4);
     let layout = engine.prepare().unwrap();
-    let inputs = tch_vis::io::walk(&repo("examples/images/gray"), &[]).unwrap();
+    let inputs = gray_inputs();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let settings = json!({"model": "m1", "saliency": {"smooth_samples": 0}});
@@ -999,8 +1009,8 @@ fn a_sink_without_settings_keeps_the_folders_record() {
 fn an_unfinished_run_of_other_columns_is_refused_and_kept() {
     use tch_vis::batch::{FolderSink, IgMethod};
     let model = digits();
-    let sidecar = Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap();
-    let inputs = tch_vis::io::walk(&repo("examples/images/gray"), &[]).unwrap();
+    let sidecar = digits_sidecar();
+    let inputs = gray_inputs();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let saliency = SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap();
@@ -1055,9 +1065,9 @@ fn an_unfinished_run_of_other_columns_is_refused_and_kept() {
 fn batch_sizes_over_the_maximum_are_refused() {
     use tch_vis::batch::MAX_BATCH_SIZE;
     let model = digits();
-    let sidecar = Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap();
+    let sidecar = digits_sidecar();
     let method = SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap();
-    let inputs = tch_vis::io::walk(&repo("examples/images/gray"), &[]).unwrap();
+    let inputs = gray_inputs();
     for n in [MAX_BATCH_SIZE + 1, 100_000_000, usize::MAX] {
         let engine = Engine::new(&model, sidecar.clone(), &method).batch_size(n);
         let err = engine.prepare().unwrap_err();
@@ -1132,8 +1142,8 @@ impl tch_vis::batch::Method for Rows {
 #[test]
 fn a_method_result_with_too_few_rows_is_a_shape_error() {
     let model = digits();
-    let sidecar = Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap();
-    let inputs = tch_vis::io::walk(&repo("examples/images/gray"), &[]).unwrap();
+    let sidecar = digits_sidecar();
+    let inputs = gray_inputs();
     let method = |probe_rows, compute_rows| Rows {
         inner: SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap(),
         probe_rows,
@@ -1186,7 +1196,7 @@ fn a_run_that_begins_beside_one_of_other_settings_backs_out() {
     use serde_json::json;
     use tch_vis::batch::{FolderSink, IgMethod};
     let model = digits();
-    let sidecar = Sidecar::for_model(repo("models/digits_cnn.pt")).unwrap();
+    let sidecar = digits_sidecar();
     let method = SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap();
     let layout = Engine::new(&model, sidecar.clone(), &method)
         .prepare()
