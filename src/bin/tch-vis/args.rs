@@ -258,14 +258,16 @@ pub struct CommonArgs {
     pub device: DeviceSpec,
 
     /// Compute precision: fp32, or fp16 / bf16 (model weights and inputs
-    /// in half precision, for CUDA; maps agree with fp32 less well where a
-    /// softmax saturates). On CUDA, fp32 is IEEE float32: tch-vis sets
+    /// in half precision, for CUDA; scores and maps agree with fp32 less
+    /// well where a softmax saturates). On CUDA, fp32 is IEEE float32: tch-vis sets
     /// NVIDIA_TF32_OVERRIDE=0 unless it is already set (set it to 1 to let
     /// cuDNN use TF32 as PyTorch does by default).
     #[arg(long, value_name = "P", default_value = "fp32", value_parser = parse_precision)]
     pub precision: Precision,
 
-    /// Images per model batch.
+    /// Images per model batch (integrated-gradients: images decoded and
+    /// written together, each integrated on its own, see
+    /// --internal-batch-size).
     #[arg(long, value_name = "N", default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub batch_size: u32,
@@ -311,8 +313,8 @@ pub struct CommonArgs {
     /// run 10-20% faster, but they sum in another order, so results are
     /// PyTorch's for a channels-last input rather than for the contiguous
     /// tensor a PyTorch pipeline makes (saliency maps ~1e-4 apart on a
-    /// resnet18, Integrated Gradients up to 4e-3 of the largest value).
-    /// Default: contiguous
+    /// resnet18, Integrated Gradients up to 4e-3 of the largest value;
+    /// scores move by float rounding). Default: contiguous
     #[arg(long)]
     pub channels_last: bool,
 }
