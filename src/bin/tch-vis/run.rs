@@ -491,6 +491,13 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         .jpeg_draft(job.jpeg_draft)
         .fast_jpeg(job.fast_jpeg);
     let raised = Arc::new(AtomicBool::new(false));
+    // From here on (past the restart above, whose exec would drop a
+    // signal's mark) a first SIGINT, SIGTERM or SIGHUP (unless the process
+    // was started with it ignored) ends the run cleanly: before the first
+    // image with nothing written, later after the batch in progress, with
+    // scores.csv, report.json and the gallery; a second one ends the
+    // process at once.
+    let stop = Interrupt::install(&raised);
     let engine = Engine::new(&model, sidecar.clone(), method.as_ref())
         .preprocessor(pre.clone())
         .batch_size(job.batch_size)
@@ -533,6 +540,12 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     // Before the first image: a folder that cannot be made or written
     // (a read-only or virtual file system, a file on its path) is named,
     // not the first file of it written, and exits 2.
+    if raised.load(Ordering::Relaxed) {
+        return Err(Failure::Run(Error::Cancelled.context(format!(
+            "interrupted by {} before the first image; nothing was written",
+            stop.signal().unwrap_or("a signal")
+        ))));
+    }
     let made = !job.out.exists();
     std::fs::create_dir_all(&job.out).map_err(|e| {
         Failure::Usage(Error::io(&job.out, e).context("cannot create the output folder"))
@@ -560,11 +573,6 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     bar.start(pending.len());
     // Model load, CUDA start, the probe batch (cuDNN's algorithm search).
     let startup_seconds = start.elapsed().as_secs_f64();
-    // From here on a first SIGINT, SIGTERM or SIGHUP (unless the process
-    // was started with it ignored) ends the run cleanly: the batch in
-    // progress, then scores.csv, report.json and the gallery; a second one
-    // ends the process at once.
-    let stop = Interrupt::install(&raised);
     let mut summary = engine.run(&pending, &sink).map_err(Failure::Run)?;
     bar.finish();
     // An interrupted run still gets its gallery (of what is done), below.
