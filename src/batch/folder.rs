@@ -293,7 +293,7 @@ impl FolderSink {
                 return Err(Error::OutputMismatch {
                     path,
                     reason: format!(
-                        "holds rows of another run that scores.csv cannot take with this run's: columns {:?} (a run stopped before it finished, or one beside a run of other columns), where this run writes {:?}; use another output folder, or --overwrite to recompute the folder",
+                        "holds rows of another run that scores.csv cannot take with this run's: columns {:?} (a run at work, one stopped before it finished, or one beside a run of other columns), where this run writes {:?}; use another output folder, or --overwrite to recompute the folder",
                         columns.join(","),
                         sink.header.join(",")
                     ),
