@@ -307,21 +307,22 @@ impl FolderSink {
     /// Marks this worker active in the folder (so that no other worker
     /// compacts the journals while it runs), after removing what dead
     /// processes of this host left: temporary files and their markers.
-    /// Call it after every check passed, before the first image.
+    /// Call it after every check passed, before the first image. Where it
+    /// fails, nothing it wrote stays.
     ///
     /// # Errors
-    /// [`Error::Io`] when the folder cannot be written.
+    /// [`Error::OutputMismatch`] when the folder's record, or the record of
+    /// a worker that began meanwhile, has other settings
+    /// ([`FolderSink::settings`]); [`Error::Io`] when the folder cannot be
+    /// written.
     pub fn begin(&self) -> Result<()> {
+        self.begin_writing().inspect_err(|_| self.back_out())
+    }
+
+    fn begin_writing(&self) -> Result<()> {
         io::remove_stale_temps(&self.out);
+        self.remove_dead_markers();
         let active = self.out.join(JOURNAL_DIR).join("active");
-        if let Ok(read) = fs::read_dir(&active) {
-            for e in read.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if is_dead_local(&name) {
-                    let _ = fs::remove_file(e.path());
-                }
-            }
-        }
         if let Some(new) = &self.new_settings {
             // The record as other workers may have left it since `open`:
             // checked again, and joined with this run's.
@@ -336,20 +337,39 @@ impl FolderSink {
             let merged = merge_settings(record, new, self.overwrite, self.section.as_deref());
             write_settings(&self.out, &self.id, &merged)?;
         }
-        let backed_out = |e: Error| {
-            // No run: no record of it either.
-            let _ = fs::remove_file(active.join(&self.id));
-            let _ = fs::remove_file(settings_path(&self.out, &self.id));
-            e
-        };
-        io::write_atomic(&active.join(&self.id), b"").map_err(backed_out)?;
+        io::write_atomic(&active.join(&self.id), b"")?;
         if let Some(new) = &self.new_settings {
-            self.check_concurrent(new).map_err(backed_out)?;
+            self.check_concurrent(new)?;
         }
         // The journal, with its header, before the first output file: a
         // run of other columns that opens the folder after this one was
         // killed finds it (and is refused) even if no row made it in.
-        self.with_journal(|_| Ok(())).map_err(backed_out)
+        self.with_journal(|_| Ok(()))
+    }
+
+    /// After a failed `begin`: no run, so no marker nor record of it. (Its
+    /// folders stay: another worker beginning at the same time may be
+    /// about to write into them; an empty journal holds no rows.)
+    fn back_out(&self) {
+        let _ = fs::remove_file(self.out.join(JOURNAL_DIR).join("active").join(&self.id));
+        let _ = fs::remove_file(settings_path(&self.out, &self.id));
+    }
+
+    /// Removes the markers of this host's dead processes.
+    fn remove_dead_markers(&self) {
+        if let Ok(read) = fs::read_dir(self.out.join(JOURNAL_DIR).join("active")) {
+            for e in read.flatten() {
+                if is_dead_local(&e.file_name().to_string_lossy()) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+
+    /// Whether worker `id`'s marker says it is at work (markers of this
+    /// host's dead processes do not).
+    fn at_work(&self, id: &str) -> bool {
+        self.out.join(JOURNAL_DIR).join("active").join(id).exists() && !is_dead_local(id)
     }
 
     /// Two runs of other settings that begin at once both pass the check
@@ -360,7 +380,6 @@ impl FolderSink {
     /// recomputed.
     fn check_concurrent(&self, new: &Settings) -> Result<()> {
         let own = settings_path(&self.out, &self.id);
-        let active = self.out.join(JOURNAL_DIR).join("active");
         // (Overwriting, an unreadable record is replaced: not a conflict.)
         let files = match settings_files(&self.out) {
             Err(_) if self.overwrite => Vec::new(),
@@ -370,11 +389,7 @@ impl FolderSink {
             if path == own {
                 continue;
             }
-            let id = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            if self.overwrite && (!active.join(&id).exists() || is_dead_local(&id)) {
+            if self.overwrite && !self.at_work(&worker_of(&path)) {
                 continue;
             }
             if let Some((key, was, now)) = differs(&file, new) {
@@ -422,20 +437,15 @@ impl FolderSink {
 
     /// Puts the folder's record, joined with this run's settings, into
     /// `report` (under [`SETTINGS_KEY`]).
+    ///
     /// A sink without settings keeps the folder's record as it is, unless
     /// it overwrites (its results' settings are then unknown).
     fn record_settings(&self, report: &mut serde_json::Map<String, serde_json::Value>) {
         // (A settings file that cannot be read: the record as the last
         // finished run left it.)
-        let record = self.read_settings().unwrap_or_else(|_| {
-            match self
-                .report()
-                .and_then(|mut r| r.get_mut(SETTINGS_KEY).map(serde_json::Value::take))
-            {
-                Some(serde_json::Value::Object(record)) => record,
-                _ => Settings::new(),
-            }
-        });
+        let record = self
+            .read_settings()
+            .unwrap_or_else(|_| self.reported_settings());
         let record = match &self.new_settings {
             Some(new) => merge_settings(record, new, false, self.section.as_deref()),
             None if self.overwrite || record.is_empty() => return,
@@ -452,17 +462,22 @@ impl FolderSink {
     /// finished run's report, joined with the files of the workers that
     /// ran since (active or killed), in the order they began.
     fn read_settings(&self) -> Result<Settings> {
-        let record = self
-            .report()
-            .and_then(|mut r| r.get_mut(SETTINGS_KEY).map(serde_json::Value::take));
-        let mut record = match record {
-            Some(serde_json::Value::Object(record)) => record,
-            _ => Settings::new(),
-        };
+        let mut record = self.reported_settings();
         for (_, file) in settings_files(&self.out)? {
             record.extend(file);
         }
         Ok(record)
+    }
+
+    /// The record as the last finished run left it in `report.json`.
+    fn reported_settings(&self) -> Settings {
+        match self
+            .report()
+            .and_then(|mut r| r.get_mut(SETTINGS_KEY).map(serde_json::Value::take))
+        {
+            Some(serde_json::Value::Object(record)) => record,
+            _ => Settings::new(),
+        }
     }
 
     /// Refuses `new` where `record` has another value of one of its keys.
@@ -873,16 +888,11 @@ impl FolderSink {
     /// results. A journal that grew since it was merged, the journal and
     /// the marker of a worker that started meanwhile, are kept.
     fn compact(&self, seen: &[(PathBuf, u64)], reports: &[PathBuf]) {
-        let dir = self.out.join(JOURNAL_DIR);
         for (p, len) in seen {
             // The journal of a worker that began after this one's last
             // look at the markers (it makes its journal at `begin`, right
             // after its marker) stays: it may not have grown yet.
-            let id = p
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            if dir.join("active").join(&id).exists() && !is_dead_local(&id) {
+            if self.at_work(&worker_of(p)) {
                 continue;
             }
             if fs::metadata(p).is_ok_and(|m| m.len() == *len) {
@@ -892,13 +902,7 @@ impl FolderSink {
         for p in reports {
             let _ = fs::remove_file(p);
         }
-        if let Ok(read) = fs::read_dir(dir.join("active")) {
-            for e in read.flatten() {
-                if is_dead_local(&e.file_name().to_string_lossy()) {
-                    let _ = fs::remove_file(e.path());
-                }
-            }
-        }
+        self.remove_dead_markers();
         // `report.json` holds the settings now (see `finish`): the files
         // within what it got go (a worker that began since may have
         // recorded more).
@@ -913,6 +917,7 @@ impl FolderSink {
                 }
             }
         }
+        let dir = self.out.join(JOURNAL_DIR);
         for sub in ["rows", "reports", "active", SETTINGS_DIR] {
             let _ = fs::remove_dir(dir.join(sub));
         }
@@ -954,6 +959,14 @@ fn class_counts(merged: &Merged) -> Vec<serde_json::Value> {
             serde_json::json!({"output": k, "class": class, "label": label, "images": n})
         })
         .collect()
+}
+
+/// The worker id a journal or settings file is named by (`ID.csv`,
+/// `ID.json`).
+fn worker_of(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Whether a worker id (`TIME-HOST-PID`) names a process of this host

@@ -259,9 +259,9 @@ pub struct CommonArgs {
 
     /// Compute precision: fp32, or fp16 / bf16 (model weights and inputs
     /// in half precision, for CUDA; scores and maps agree with fp32 less
-    /// well where a softmax saturates). On CUDA, fp32 is IEEE float32: tch-vis sets
-    /// NVIDIA_TF32_OVERRIDE=0 unless it is already set (set it to 1 to let
-    /// cuDNN use TF32 as PyTorch does by default).
+    /// well where a softmax saturates). On CUDA, fp32 is IEEE float32:
+    /// tch-vis sets NVIDIA_TF32_OVERRIDE=0 unless it is already set (set it
+    /// to 1 to let cuDNN use TF32 as PyTorch does by default).
     #[arg(long, value_name = "P", default_value = "fp32", value_parser = parse_precision)]
     pub precision: Precision,
 

@@ -552,11 +552,8 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     })?;
     sink.begin()
         .inspect_err(|_| {
-            // Nothing of this run stays: the empty folders it made go too.
-            let journal = job.out.join(tch_vis::batch::JOURNAL_DIR);
-            for dir in [journal.join("settings"), journal.join("active"), journal] {
-                let _ = std::fs::remove_dir(dir);
-            }
+            // `begin` removes the files it wrote; the output folder goes
+            // too if this run made it and nothing else is in it.
             if made {
                 let _ = std::fs::remove_dir(&job.out);
             }
