@@ -734,7 +734,7 @@ impl FolderSink {
             if let Some(heat) = &a.heat {
                 let mut faint = false;
                 let png = with_values(heat, |map: &[f32]| {
-                    faint = !map.is_empty() && map.iter().all(|&v| v < 0.5);
+                    faint = is_faint(map);
                     match (&self.original, &r.original) {
                         (Some(pre), Some(original)) => heatmap::overlay_original_region_png(
                             original,
@@ -1032,6 +1032,17 @@ impl Sink for FolderSink {
     }
 }
 
+/// Whether a heatmap is faint: values, none of them 0.5 or more (nor NaN).
+/// Scanned in blocks of 64 without a branch per value, so the scan
+/// vectorises (a value-by-value early exit took 2.2% of a trivial-model
+/// saliency run's CPU, where every map was faint).
+fn is_faint(map: &[f32]) -> bool {
+    !map.is_empty()
+        && map
+            .chunks(64)
+            .all(|block| block.iter().fold(true, |faint, &v| faint & (v < 0.5)))
+}
+
 /// Calls `f` with the values of `t` as `T` (float32 values, uint8 bytes)
 /// on the CPU, borrowed from the tensor when it is already a contiguous CPU
 /// tensor of that kind (the engine's maps and images are), copied
@@ -1053,4 +1064,25 @@ fn with_values<T: tch::kind::Element, R>(
     // writes to the results the writers read.
     let values = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, n) };
     f(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_faint;
+
+    #[test]
+    fn a_map_is_faint_without_a_value_of_half_or_more() {
+        let mut map = vec![0.49f32; 1000];
+        assert!(is_faint(&map));
+        assert!(!is_faint(&[]));
+        // One value at 0.5, or a NaN, anywhere (in a full block or the
+        // last, partial one) makes it readable.
+        for at in [0, 63, 64, 999] {
+            for v in [0.5, 1.0, f32::NAN] {
+                map[at] = v;
+                assert!(!is_faint(&map), "{v} at {at}");
+                map[at] = 0.49;
+            }
+        }
+    }
 }
