@@ -553,28 +553,22 @@ fn abs_maps(grad: &[f32], c: usize, hw: usize, channels_last: bool, out: &mut [f
     for (image, m) in grad.chunks_exact(c * hw).zip(out.chunks_exact_mut(hw)) {
         let bits = |v: f32| v.to_bits() & ABS;
         let max = |a: u32, b: u32| if a > b { a } else { b };
-        if !channels_last {
-            for (o, &x) in m.iter_mut().zip(&image[..hw]) {
-                *o = f32::from_bits(bits(x));
+        let min = |a: u32, b: u32| if a < b { a } else { b };
+        let (lo, hi) = if !channels_last && c == 3 {
+            // Colour planes: the channel maximum, the image's minimum and
+            // maximum in one pass over the three planes.
+            let (p0, rest) = image.split_at(hw);
+            let (p1, p2) = rest.split_at(hw);
+            let mut range = (u32::MAX, 0u32);
+            for (((o, &a), &b), &c) in m.iter_mut().zip(p0).zip(p1).zip(p2) {
+                let v = max(max(bits(a), bits(b)), bits(c));
+                *o = f32::from_bits(v);
+                range = (min(range.0, v), max(range.1, v));
             }
-            for plane in image.chunks_exact(hw).skip(1) {
-                for (o, &x) in m.iter_mut().zip(plane) {
-                    *o = f32::from_bits(max(o.to_bits(), bits(x)));
-                }
-            }
-        } else if c == 3 {
-            for (o, px) in m.iter_mut().zip(image.chunks_exact(3)) {
-                *o = f32::from_bits(max(max(bits(px[0]), bits(px[1])), bits(px[2])));
-            }
+            range
         } else {
-            for (o, px) in m.iter_mut().zip(image.chunks_exact(c)) {
-                *o = f32::from_bits(px.iter().fold(0, |a, &x| max(a, bits(x))));
-            }
-        }
-        let (lo, hi) = m.iter().fold((u32::MAX, 0u32), |(lo, hi), &v| {
-            let b = v.to_bits();
-            (if b < lo { b } else { lo }, if b > hi { b } else { hi })
-        });
+            fold_abs_map(image, c, hw, channels_last, m)
+        };
         if hi > INF {
             return false;
         }
@@ -585,6 +579,44 @@ fn abs_maps(grad: &[f32], c: usize, hw: usize, channels_last: bool, out: &mut [f
         }
     }
     true
+}
+
+/// The channel maximum of `|v|` of one image's `c × hw` gradient values
+/// into `m`, as bits (see [`abs_maps`]), and the bits of its minimum and
+/// maximum.
+#[inline(always)]
+fn fold_abs_map(
+    image: &[f32],
+    c: usize,
+    hw: usize,
+    channels_last: bool,
+    m: &mut [f32],
+) -> (u32, u32) {
+    const ABS: u32 = 0x7fff_ffff;
+    let bits = |v: f32| v.to_bits() & ABS;
+    let max = |a: u32, b: u32| if a > b { a } else { b };
+    if !channels_last {
+        for (o, &x) in m.iter_mut().zip(&image[..hw]) {
+            *o = f32::from_bits(bits(x));
+        }
+        for plane in image.chunks_exact(hw).skip(1) {
+            for (o, &x) in m.iter_mut().zip(plane) {
+                *o = f32::from_bits(max(o.to_bits(), bits(x)));
+            }
+        }
+    } else if c == 3 {
+        for (o, px) in m.iter_mut().zip(image.chunks_exact(3)) {
+            *o = f32::from_bits(max(max(bits(px[0]), bits(px[1])), bits(px[2])));
+        }
+    } else {
+        for (o, px) in m.iter_mut().zip(image.chunks_exact(c)) {
+            *o = f32::from_bits(px.iter().fold(0, |a, &x| max(a, bits(x))));
+        }
+    }
+    m.iter().fold((u32::MAX, 0u32), |(lo, hi), &v| {
+        let b = v.to_bits();
+        (if b < lo { b } else { lo }, if b > hi { b } else { hi })
+    })
 }
 
 /// `(m − min) / (max − min + 1e-7)` with min and max over every axis but
