@@ -715,8 +715,9 @@ pub fn encode_png_with(
     compression: CompressionType,
     filter: FilterType,
 ) -> Result<Vec<u8>> {
-    // Adaptive filtering plus fast deflate lands near a third of the raw
-    // size on photos: reserve that to avoid regrowing.
+    // Up filtering plus fast deflate lands near a fifth of the raw size on
+    // photo overlays (28 of 151 KB at 224²): a third is reserved, so the
+    // buffer rarely regrows.
     let mut bytes = Vec::with_capacity(rgb.len() / 3 + 1024);
     PngEncoder::new_with_quality(Cursor::new(&mut bytes), compression, filter)
         .write_image(rgb, width, height, ExtendedColorType::Rgb8)

@@ -1771,10 +1771,12 @@ fn normalise_bytes(bytes: &[u8], c: usize, order: Order, out: &mut [f32], s: &Si
     #[cfg(target_arch = "x86_64")]
     {
         if c == 3 && std::arch::is_x86_feature_detected!("avx2") {
-            let n = out.len().min(bytes.len()) / 3;
+            // The planes' length, and the pixels there are bytes for.
+            let n = out.len() / 3;
+            let px = n.min(bytes.len() / 3);
             match order {
                 Order::Interleaved => {
-                    done = n - n % 8;
+                    done = px - px % 8;
                     // SAFETY: the CPU supports AVX2 (checked just above);
                     // both slices hold `3 × done` values, a multiple of 24.
                     unsafe {
@@ -1782,10 +1784,11 @@ fn normalise_bytes(bytes: &[u8], c: usize, order: Order, out: &mut [f32], s: &Si
                     }
                 }
                 Order::Planes => {
-                    done = n - n % 16;
+                    done = px - px % 16;
                     // SAFETY: the CPU supports AVX2 (checked just above);
-                    // `bytes` holds `3 × n` values and `out` three planes
-                    // of `n`, with `done <= n` a multiple of 16.
+                    // `bytes` holds at least `3 × done` values and `out`
+                    // three planes of `n`, with `done <= n` a multiple of
+                    // 16.
                     unsafe {
                         normalise_rgb_planes_avx2(bytes, out, n, done, s);
                     }
