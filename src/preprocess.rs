@@ -1659,10 +1659,17 @@ fn planes_from_bytes_generic(bytes: &[u8], c: usize, image: &mut [f32]) {
 fn normalise_planes(image: &[f32], c: usize, order: Order, out: &mut [f32], s: &Sidecar) {
     #[cfg(target_arch = "x86_64")]
     {
-        if c == 3 && order == Order::Interleaved && std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            unsafe { interleave_rgb_avx2(image, out, s) };
-            return;
+        if std::arch::is_x86_feature_detected!("avx2") {
+            if c == 3 && order == Order::Interleaved {
+                // SAFETY: the CPU supports AVX2 (checked just above).
+                unsafe { interleave_rgb_avx2(image, out, s) };
+                return;
+            }
+            if order == Order::Planes {
+                // SAFETY: the CPU supports AVX2 (checked just above).
+                unsafe { normalise_planes_avx2(image, c, out, s) };
+                return;
+            }
         }
     }
     let n = image.len() / c;
@@ -1682,6 +1689,41 @@ fn normalise_planes(image: &[f32], c: usize, order: Order, out: &mut [f32], s: &
             }
         }
     }
+}
+
+/// [`normalise_planes`] into contiguous planes, eight values a step with
+/// AVX2 (the same subtraction and division per value; the crate's SSE2
+/// baseline did four, 6.7% of a plain-recipe saliency run's CPU), streamed
+/// where the planes are 32-byte aligned (a batch row); the last values of
+/// each plane one at a time.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn normalise_planes_avx2(image: &[f32], c: usize, out: &mut [f32], s: &Sidecar) {
+    use std::arch::x86_64::*;
+    let n = image.len() / c.max(1);
+    let streaming = (out.as_ptr() as usize).is_multiple_of(32) && n.is_multiple_of(8);
+    for ch in 0..c {
+        let (m, d) = (s.mean[ch], s.std[ch]);
+        let plane = &image[ch * n..(ch + 1) * n];
+        let dest = &mut out[ch * n..(ch + 1) * n];
+        let body = n - n % 8;
+        let (vm, vd) = (_mm256_set1_ps(m), _mm256_set1_ps(d));
+        let mut i = 0;
+        while i < body {
+            // SAFETY (loads, stores): i + 8 <= n, within both planes.
+            let v = _mm256_loadu_ps(plane.as_ptr().add(i));
+            let v = _mm256_div_ps(_mm256_sub_ps(v, vm), vd);
+            store_ps(dest.as_mut_ptr().add(i), v, streaming);
+            i += 8;
+        }
+        for (o, &v) in dest[body..].iter_mut().zip(&plane[body..]) {
+            *o = (v - m) / d;
+        }
+    }
+    end_streaming(streaming);
 }
 
 /// [`normalise_planes`] of three planes into an interleaved row, compiled
@@ -2812,6 +2854,8 @@ mod tests {
             // Rows of 483 pixels: the vector normalisation's last values
             // and, in row 1, a row not aligned to 32 bytes.
             r#"{"input_size": [23, 21], "channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resize": 26, "crop": [23, 21]}"#,
+            // The same rows for the plain stretch's float planes.
+            r#"{"input_size": [23, 21], "channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}"#,
         ];
         for json in sidecars {
             let s = Sidecar::from_json(json, "m.json").unwrap();
