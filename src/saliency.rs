@@ -332,77 +332,134 @@ impl<'a> Saliency<'a> {
     /// outputs, the scores, the classes they take, and the scores with
     /// their classes fixed ([`Score::fixed_on`]) for the noisy samples.
     fn clean(&self, inputs: &[Tensor], scores: &[&dyn Score]) -> Result<Clean> {
-        let outputs = self.model.forward(inputs)?;
-        if outputs.len() != scores.len() {
-            return Err(Error::ScoreCount {
-                outputs: outputs.len(),
-                scores: scores.len(),
-            });
-        }
-        let _guard = tch::no_grad_guard();
-        let device = inputs.first().map_or(tch::Device::Cpu, Tensor::device);
-        let mut values = Vec::with_capacity(scores.len());
-        let mut classes = Vec::with_capacity(scores.len());
-        let mut fixed = Vec::with_capacity(scores.len());
-        for (index, (out, score)) in outputs.iter().zip(scores).enumerate() {
-            let v =
-                crate::scores::evaluate(*score, out).map_err(|e| score_error(index, *score, e))?;
-            values.push(v.f_to_device(device)?);
-            classes.push(
-                score
-                    .classes(out)
-                    .map_err(|e| score_error(index, *score, e))?,
-            );
-            fixed.push(
-                score
-                    .fixed_on(out)
-                    .map_err(|e| score_error(index, *score, e))?,
-            );
-        }
-        Ok(Clean {
-            outputs,
-            scores: values,
-            classes,
-            fixed,
-        })
+        let device = inputs.first().map_or(Device::Cpu, Tensor::device);
+        clean_pass(self.model.forward(inputs)?, device, scores)
     }
 
     /// [`Error::InvalidValue`] for a negative or non-finite noise level.
     fn check_noise(&self) -> Result<()> {
-        if !self.smooth_noise.is_finite() || self.smooth_noise < 0.0 {
-            return Err(Error::InvalidValue {
-                what: "smooth noise",
-                value: self.smooth_noise.to_string(),
-            });
-        }
-        Ok(())
+        check_noise(self.smooth_noise)
     }
 
     /// σ per image, shaped to broadcast over the input: `(N, 1, ..., 1)`.
     fn sigmas(&self, x: &Tensor) -> Result<Tensor> {
-        let size = x.size();
-        let n = size.first().copied().unwrap_or(1);
-        let flat = x.f_detach()?.f_reshape([n, -1])?;
-        let range = flat
-            .f_amax(1, false)?
-            .f_sub(&flat.f_amin(1, false)?)?
-            .f_mul_scalar(self.smooth_noise)?;
-        let mut shape = vec![n];
-        shape.extend(std::iter::repeat_n(1, size.len().saturating_sub(1)));
-        Ok(range.f_reshape(shape)?)
+        sigmas(x, self.smooth_noise)
     }
 }
 
-/// What a forward pass on the clean inputs gives SmoothGrad.
-struct Clean {
-    /// The model's outputs.
+/// SmoothGrad's noise for the methods that average over noisy copies of
+/// their input (CAMs and Integrated Gradients on the command line): the
+/// sample `s` of the image with key `k` is the one SmoothGrad's batch
+/// engine draws for it ([`Saliency::smooth_packed`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Noise {
+    /// Noisy copies per image (0: none).
+    pub(crate) samples: usize,
+    /// σ = `level` × (max − min) of each image's input.
+    pub(crate) level: f64,
+    /// The seed of the noise.
+    pub(crate) seed: u64,
+}
+
+impl Noise {
+    /// The noisy copy `sample` of the batch `x` (`(N, ...)`), row `n` with
+    /// the noise of key `keys[n]`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidValue`] for a bad level, [`Error::BatchMismatch`]
+    /// when `keys` does not have a key per row, or a libtorch error.
+    pub(crate) fn copy(&self, x: &Tensor, keys: &[u64], sample: usize) -> Result<Tensor> {
+        check_noise(self.level)?;
+        let rows = usize::try_from(x.size().first().copied().unwrap_or(0)).unwrap_or(0);
+        if rows != keys.len() {
+            return Err(Error::BatchMismatch {
+                what: "noise keys",
+                expected: rows,
+                got: keys.len(),
+            });
+        }
+        let noise = gaussian_like(x, self.seed, 0, sample as u64, keys)?;
+        Ok(x.f_detach()?
+            .f_add(&noise.f_mul(&sigmas(x, self.level)?)?)?)
+    }
+}
+
+/// [`Error::InvalidValue`] for a negative or non-finite noise level.
+fn check_noise(level: f64) -> Result<()> {
+    if !level.is_finite() || level < 0.0 {
+        return Err(Error::InvalidValue {
+            what: "smooth noise",
+            value: level.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// σ = `level` × (max − min) per image, shaped to broadcast over the
+/// input: `(N, 1, ..., 1)`.
+fn sigmas(x: &Tensor, level: f64) -> Result<Tensor> {
+    let size = x.size();
+    let n = size.first().copied().unwrap_or(1);
+    let flat = x.f_detach()?.f_reshape([n, -1])?;
+    let range = flat
+        .f_amax(1, false)?
+        .f_sub(&flat.f_amin(1, false)?)?
+        .f_mul_scalar(level)?;
+    let mut shape = vec![n];
+    shape.extend(std::iter::repeat_n(1, size.len().saturating_sub(1)));
+    Ok(range.f_reshape(shape)?)
+}
+
+/// From the outputs of the clean inputs (on `device`): the scores, the
+/// classes they take, and the scores with their classes fixed
+/// ([`Score::fixed_on`]) for noisy copies of the inputs.
+pub(crate) fn clean_pass(
     outputs: Vec<Tensor>,
+    device: Device,
+    scores: &[&dyn Score],
+) -> Result<Clean> {
+    if outputs.len() != scores.len() {
+        return Err(Error::ScoreCount {
+            outputs: outputs.len(),
+            scores: scores.len(),
+        });
+    }
+    let _guard = tch::no_grad_guard();
+    let mut values = Vec::with_capacity(scores.len());
+    let mut classes = Vec::with_capacity(scores.len());
+    let mut fixed = Vec::with_capacity(scores.len());
+    for (index, (out, score)) in outputs.iter().zip(scores).enumerate() {
+        let v = crate::scores::evaluate(*score, out).map_err(|e| score_error(index, *score, e))?;
+        values.push(v.f_to_device(device)?);
+        classes.push(
+            score
+                .classes(out)
+                .map_err(|e| score_error(index, *score, e))?,
+        );
+        fixed.push(
+            score
+                .fixed_on(out)
+                .map_err(|e| score_error(index, *score, e))?,
+        );
+    }
+    Ok(Clean {
+        outputs,
+        scores: values,
+        classes,
+        fixed,
+    })
+}
+
+/// What a forward pass on the clean inputs gives SmoothGrad.
+pub(crate) struct Clean {
+    /// The model's outputs.
+    pub(crate) outputs: Vec<Tensor>,
     /// The scores, one `[N]` tensor per output.
-    scores: Vec<Tensor>,
+    pub(crate) scores: Vec<Tensor>,
     /// The classes the scores take, per output.
-    classes: Vec<Option<Vec<usize>>>,
+    pub(crate) classes: Vec<Option<Vec<usize>>>,
     /// The scores with their classes fixed, where a score fixes them.
-    fixed: Vec<Option<Box<dyn Score + Send + Sync>>>,
+    pub(crate) fixed: Vec<Option<Box<dyn Score + Send + Sync>>>,
 }
 
 /// A score's error, with the output index as context.

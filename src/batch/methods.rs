@@ -1,4 +1,5 @@
-//! The built-in [`Method`]s: scores only, and saliency / SmoothGrad.
+//! The built-in [`Method`]s: scores only, saliency / SmoothGrad, the CAMs
+//! and Integrated Gradients (both also averaged over SmoothGrad's noise).
 
 use tch::Tensor;
 
@@ -8,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::integrated_gradients::{Baseline, IntegratedGradients, Rule};
 use crate::model::Model;
 use crate::preprocess::Sidecar;
-use crate::saliency::{normalized_map, Saliency};
+use crate::saliency::{clean_pass, normalized_map, Noise, Saliency};
 use crate::scores::{self, Score, ScoreSpec};
 
 /// Scores as a method takes them: parsed specifications (checked against
@@ -275,6 +276,7 @@ pub struct CamMapMethod {
     score_cam_batch: usize,
     max_n: usize,
     tf_keras_vis: bool,
+    noise: Noise,
 }
 
 impl CamMapMethod {
@@ -299,6 +301,7 @@ impl CamMapMethod {
             score_cam_batch: 64,
             max_n: 10,
             tf_keras_vis: false,
+            noise: NO_NOISE,
         }
     }
 
@@ -318,6 +321,24 @@ impl CamMapMethod {
     /// ([`Cam::tf_keras_vis`]).
     pub fn tf_keras_vis(mut self, yes: bool) -> Self {
         self.tf_keras_vis = yes;
+        self
+    }
+
+    /// Each image's map averaged over `samples` noisy copies of its input
+    /// (0, the default: the map of the input itself), with SmoothGrad's
+    /// noise ([`SaliencyMethod::smooth`]: σ = `noise` × (max − min) of the
+    /// image's input, drawn from `seed` and the image's key) and each
+    /// copy's class fixed by the clean input (`predicted` keeps the clean
+    /// image's class). The maps of the copies are averaged as they are
+    /// (each scaled to [0, 1], as pytorch-grad-cam averages its smoothing's
+    /// maps); the scores are the clean input's. A negative or non-finite
+    /// `noise` fails the first batch.
+    pub fn smooth(mut self, samples: usize, noise: f64, seed: u64) -> Self {
+        self.noise = Noise {
+            samples,
+            level: noise,
+            seed,
+        };
         self
     }
 
@@ -356,16 +377,18 @@ impl Method for CamMapMethod {
         }
     }
 
-    /// The gradient CAMs: Score-CAM masks the input in float32.
+    /// The gradient CAMs without noise: Score-CAM masks the input in
+    /// float32, and noise is added in float32.
     fn input_through_model_only(&self) -> bool {
-        self.method.uses_gradients()
+        self.method.uses_gradients() && self.noise.samples == 0
     }
 
     /// Score-CAM's probe would take one forward pass per channel (512 on
     /// a resnet18, a minute on a CPU): Grad-CAM has the same layout.
+    /// With noise, the probe takes one copy (the same layout).
     fn probe(&self, model: &Model, x: &Tensor, keys: &[u64]) -> Result<BatchResult> {
         if self.method.uses_gradients() {
-            return self.compute(model, x, keys);
+            return self.run(model, x, keys, self.noise.samples.min(1));
         }
         let grad_cam = CamMapMethod {
             scores: ScoreSet::from_scores(Vec::new()),
@@ -373,23 +396,46 @@ impl Method for CamMapMethod {
             score_cam_batch: self.score_cam_batch,
             max_n: self.max_n,
             tf_keras_vis: self.tf_keras_vis,
+            noise: NO_NOISE,
         };
         let res = grad_cam.cam(model).compute(x, &self.scores.refs())?;
         Ok(Self::result(res))
     }
 
     fn compute(&self, model: &Model, x: &Tensor, keys: &[u64]) -> Result<BatchResult> {
-        // Padding rows (key 0) come last: Score-CAM skips them.
-        let images = images_in(keys);
-        let res = self
-            .cam(model)
-            .images(images)
-            .compute(x, &self.scores.refs())?;
-        Ok(Self::result(res))
+        self.run(model, x, keys, self.noise.samples)
     }
 }
 
 impl CamMapMethod {
+    fn run(&self, model: &Model, x: &Tensor, keys: &[u64], samples: usize) -> Result<BatchResult> {
+        // Padding rows (key 0) come last: Score-CAM skips them.
+        let images = images_in(keys);
+        let plain = |x: &Tensor, scores: &[&dyn Score]| -> Result<BatchResult> {
+            Ok(Self::result(
+                self.cam(model).images(images).compute(x, scores)?,
+            ))
+        };
+        let refs = self.scores.refs();
+        if samples == 0 {
+            return plain(x, &refs);
+        }
+        let noise = Noise {
+            samples,
+            ..self.noise
+        };
+        let clean = clean_pass(model.cam_outputs(x)?, x.device(), &refs)?;
+        let fixed = scores::fixed_or_given(&clean.fixed, &refs);
+        smoothed(
+            x,
+            keys,
+            &noise,
+            (clean.scores, clean.classes),
+            &|noisy| plain(noisy, &fixed),
+            &|m| Ok(m.shallow_clone()),
+        )
+    }
+
     fn result(res: crate::cam::CamMaps) -> BatchResult {
         BatchResult {
             scores: res.scores,
@@ -429,6 +475,7 @@ pub struct IgMethod {
     rule: Rule,
     start: Start,
     internal_batch_size: Option<usize>,
+    noise: Noise,
 }
 
 /// An [`IgBaseline`] resolved against the sidecar: black is its
@@ -455,6 +502,7 @@ impl IgMethod {
             rule: Rule::GaussLegendre,
             start: Start::Zero,
             internal_batch_size: None,
+            noise: NO_NOISE,
         })
     }
 
@@ -500,6 +548,25 @@ impl IgMethod {
         self
     }
 
+    /// Each image's attributions averaged over `samples` noisy copies of
+    /// its input (captum's `NoiseTunnel` with `nt_type="smoothgrad"`; 0,
+    /// the default: the input itself), with SmoothGrad's noise
+    /// ([`SaliencyMethod::smooth`]: σ = `noise` × (max − min) of the
+    /// image's input, drawn from `seed` and the image's key), each copy's
+    /// class fixed by the clean input, and the baseline as set (a blur
+    /// baseline blurs each copy). `ig_delta` is the mean of the copies'
+    /// deltas; the scores are the clean input's; the heatmap is that of
+    /// the mean attributions. A negative or non-finite `noise` fails the
+    /// first batch.
+    pub fn smooth(mut self, samples: usize, noise: f64, seed: u64) -> Self {
+        self.noise = Noise {
+            samples,
+            level: noise,
+            seed,
+        };
+        self
+    }
+
     fn baseline_now(&self) -> Result<Baseline> {
         Ok(match &self.start {
             Start::Zero => Baseline::Zero,
@@ -530,8 +597,17 @@ impl Method for IgMethod {
 
     /// The probe takes the rule's fewest steps: the layout is the same,
     /// and 50 steps would cost 50 passes before the first image.
-    fn probe(&self, model: &Model, x: &Tensor, _keys: &[u64]) -> Result<BatchResult> {
-        self.run(model, x, x.size()[0] as usize, self.rule.min_steps())
+    /// With noise, one copy.
+    fn probe(&self, model: &Model, x: &Tensor, keys: &[u64]) -> Result<BatchResult> {
+        let images = x.size()[0] as usize;
+        self.smooth_run(
+            model,
+            x,
+            keys,
+            images,
+            self.rule.min_steps(),
+            self.noise.samples.min(1),
+        )
     }
 
     /// One image at a time (padding rows, key 0, are skipped and get zero
@@ -541,12 +617,63 @@ impl Method for IgMethod {
     /// its images.
     fn compute(&self, model: &Model, x: &Tensor, keys: &[u64]) -> Result<BatchResult> {
         let images = images_in(keys);
-        self.run(model, x, images, self.steps)
+        self.smooth_run(model, x, keys, images, self.steps, self.noise.samples)
     }
 }
 
 impl IgMethod {
-    fn run(&self, model: &Model, x: &Tensor, images: usize, steps: usize) -> Result<BatchResult> {
+    /// [`IgMethod::run`], averaged over `samples` noisy copies of `x`.
+    fn smooth_run(
+        &self,
+        model: &Model,
+        x: &Tensor,
+        keys: &[u64],
+        images: usize,
+        steps: usize,
+        samples: usize,
+    ) -> Result<BatchResult> {
+        if samples == 0 {
+            return self.run(model, x, images, steps, None);
+        }
+        let noise = Noise {
+            samples,
+            ..self.noise
+        };
+        let refs = self.scores.refs();
+        // Image by image, as the attributions' own scores come without
+        // noise (another batch size sums in another order).
+        let rows = (0..x.size()[0])
+            .map(|i| model.forward(&[x.f_narrow(0, i, 1)?]))
+            .collect::<Result<Vec<_>>>()?;
+        let outputs = (0..rows.first().map_or(0, Vec::len))
+            .map(|o| {
+                Ok(Tensor::f_cat(
+                    &rows.iter().map(|r| &r[o]).collect::<Vec<_>>(),
+                    0,
+                )?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let clean = clean_pass(outputs, x.device(), &refs)?;
+        smoothed(
+            x,
+            keys,
+            &noise,
+            (clean.scores, clean.classes),
+            &|noisy| self.run(model, noisy, images, steps, Some(&clean.outputs)),
+            &|a| normalized_map(&a.f_abs()?),
+        )
+    }
+
+    /// Image by image; with `clean` (the outputs of the batch before any
+    /// noise), each image's scores fixed on its clean output's row.
+    fn run(
+        &self,
+        model: &Model,
+        x: &Tensor,
+        images: usize,
+        steps: usize,
+        clean: Option<&[Tensor]>,
+    ) -> Result<BatchResult> {
         let mut ig = IntegratedGradients::new(model)
             .steps(steps)
             .rule(self.rule)
@@ -558,7 +685,18 @@ impl IgMethod {
         let images = (images as i64).min(rows);
         let refs = self.scores.refs();
         let parts = (0..images)
-            .map(|i| ig.attribute(&x.f_narrow(0, i, 1)?, &refs))
+            .map(|i| {
+                let xi = x.f_narrow(0, i, 1)?;
+                let Some(outputs) = clean else {
+                    return ig.attribute(&xi, &refs);
+                };
+                let fixed = refs
+                    .iter()
+                    .zip(outputs)
+                    .map(|(s, o)| s.fixed_on(&o.f_narrow(0, i, 1)?))
+                    .collect::<Result<Vec<_>>>()?;
+                ig.attribute(&xi, &scores::fixed_or_given(&fixed, &refs))
+            })
             .collect::<Result<Vec<_>>>()?;
         let Some(first) = parts.first() else {
             return Err(Error::Empty { what: "images" });
@@ -623,6 +761,61 @@ fn join_classes(parts: Vec<&Vec<Option<Vec<usize>>>>, rows: usize) -> Vec<Option
             })
         })
         .collect()
+}
+
+/// No noisy copies.
+const NO_NOISE: Noise = Noise {
+    samples: 0,
+    level: 0.2,
+    seed: 0,
+};
+
+/// `run`'s results averaged over `noise.samples` noisy copies of the batch
+/// `x` ([`Noise::copy`]: an image's copies are SmoothGrad's; `run` scores
+/// them on the clean input's classes): every array's values and every
+/// column are the means over the copies, each heatmap is `heat` of its
+/// array's mean, and the scores and classes are the clean input's, as
+/// given. Copies are computed one at a time (the memory of one batch).
+fn smoothed(
+    x: &Tensor,
+    keys: &[u64],
+    noise: &Noise,
+    (scores, classes): (Vec<Tensor>, Vec<Option<Vec<usize>>>),
+    run: &dyn Fn(&Tensor) -> Result<BatchResult>,
+    heat: &dyn Fn(&Tensor) -> Result<Tensor>,
+) -> Result<BatchResult> {
+    let mut sum: Option<BatchResult> = None;
+    for s in 0..noise.samples {
+        let r = run(&noise.copy(x, keys, s)?)?;
+        sum = Some(match sum {
+            None => r,
+            Some(mut acc) => {
+                for (a, b) in acc.arrays.iter_mut().zip(&r.arrays) {
+                    a.values = a.values.f_add(&b.values)?;
+                }
+                for (a, b) in acc.columns.iter_mut().zip(&r.columns) {
+                    a.1 = a.1.f_add(&b.1)?;
+                }
+                acc
+            }
+        });
+    }
+    let mut acc = sum.ok_or(Error::Empty {
+        what: "smoothgrad samples",
+    })?;
+    let count = noise.samples as f64;
+    for a in &mut acc.arrays {
+        a.values = a.values.f_div_scalar(count)?;
+        if a.heat.is_some() {
+            a.heat = Some(heat(&a.values)?);
+        }
+    }
+    for c in &mut acc.columns {
+        c.1 = c.1.f_div_scalar(count)?;
+    }
+    acc.scores = scores;
+    acc.classes = classes;
+    Ok(acc)
 }
 
 /// The images of a batch's keys: the rows before the padding (key 0, last).

@@ -468,3 +468,60 @@ fn tf_keras_vis_options_change_what_they_say() {
         .unwrap();
     assert_eq!(tkv.maps.size(), vec![3, 32, 32]);
 }
+
+/// `CamMapMethod::smooth`: each image's map is the mean of the maps of its
+/// noisy copies, scored on the clean image's class (a `predicted` class
+/// does not move with the noise), with the clean image's scores; noise 0
+/// gives the plain maps, and an image's maps do not depend on the batch
+/// it comes in.
+#[test]
+fn smoothed_maps_average_noisy_copies_on_the_clean_class() {
+    use tch_vis::batch::{CamMapMethod, Method};
+    use tch_vis::scores::ScoreSpec;
+    let model = Model::load(repo("models/digits_cnn.pt"), Device::Cpu).unwrap();
+    let x = digits_input();
+    let n = x.size()[0] as usize;
+    let keys: Vec<u64> = (1..=n as u64).map(|k| k * 1000 + 7).collect();
+    let spec = vec![ScoreSpec::Predicted];
+    let plain = CamMapMethod::new(CamMethod::GradCam, &spec).unwrap();
+    let base = plain.compute(&model, &x, &keys).unwrap();
+    let still = CamMapMethod::new(CamMethod::GradCam, &spec)
+        .unwrap()
+        .smooth(3, 0.0, 1);
+    let r = still.compute(&model, &x, &keys).unwrap();
+    assert_close(
+        "noise 0",
+        &r.arrays[0].values,
+        &base.arrays[0].values,
+        1e-6,
+        1e-6,
+    );
+    let noisy = CamMapMethod::new(CamMethod::GradCam, &spec)
+        .unwrap()
+        .smooth(4, 0.5, 1);
+    let r = noisy.compute(&model, &x, &keys).unwrap();
+    assert_eq!(r.classes, base.classes, "the clean classes");
+    assert_close("clean scores", &r.scores[0], &base.scores[0], 0.0, 0.0);
+    let moved = (&r.arrays[0].values - &base.arrays[0].values)
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(moved > 0.01, "noise moved the maps by {moved}");
+    let (lo, hi) = (
+        r.arrays[0].values.min().double_value(&[]),
+        r.arrays[0].values.max().double_value(&[]),
+    );
+    assert!((0.0..=1.0).contains(&lo) && hi <= 1.0 + 1e-6, "{lo} {hi}");
+    // Image 1 alone, in a batch of one: the same noise, so the same map
+    // (to 1e-5: convolutions of another batch size sum in another order).
+    let one = noisy
+        .compute(&model, &x.narrow(0, 1, 1), &keys[1..2])
+        .unwrap();
+    assert_close(
+        "batch of one",
+        &one.arrays[0].values.get(0),
+        &r.arrays[0].values.get(1),
+        1e-5,
+        1e-5,
+    );
+}

@@ -2343,3 +2343,70 @@ fn unwritable_outputs_faint_maps_and_empty_folders_are_named() {
         stderr(&o)
     );
 }
+
+/// `cam` and `integrated-gradients` take SmoothGrad's options as
+/// `saliency` does: the same seed gives the same bytes, another seed other
+/// maps, scores.csv is the clean images' (the plain run's), the report
+/// records the noise, and noise 0 gives the plain maps.
+#[test]
+fn cam_and_integrated_gradients_take_smoothgrads_options() {
+    let t = Tree::good(3);
+    let m = model("digits_cnn");
+    for (sub, extra, array) in [
+        ("cam", &["--method", "gradcam"][..], "cam"),
+        ("integrated-gradients", &["--steps", "8"][..], "ig"),
+    ] {
+        let run = |name: &str, noise: &[&str]| {
+            let out = t.out(&format!("{array}-{name}"));
+            let mut flags = extra.to_vec();
+            flags.extend_from_slice(noise);
+            let args = owned(&usage(sub, &m, s(&t.images()), s(&out), &flags));
+            let r = run_ok(&args, name);
+            (snapshot(&out), r)
+        };
+        let smooth = ["--smooth-samples", "3", "--smooth-noise", "0.3"];
+        let (plain, _) = run("plain", &[]);
+        let (a, ra) = run("a", &[&smooth[..], &["--seed", "1"]].concat());
+        let (b, _) = run("b", &[&smooth[..], &["--seed", "1"]].concat());
+        let (c, _) = run("c", &[&smooth[..], &["--seed", "2"]].concat());
+        run(
+            "z",
+            &[
+                "--smooth-samples",
+                "2",
+                "--smooth-noise",
+                "0",
+                "--seed",
+                "1",
+            ],
+        );
+        assert_eq!(a, b, "{sub}: same seed, same bytes");
+        let k = format!("d0/img_000.png.{array}.npy");
+        assert!(a[&k] != c[&k], "{sub}: another seed gives other noise");
+        assert!(a[&k] != plain[&k], "{sub}: the noise changes the map");
+        if sub == "cam" {
+            assert_eq!(a["scores.csv"], plain["scores.csv"], "clean scores");
+        } else {
+            // The scores and classes are the clean image's; ig_delta is the
+            // mean of the copies' deltas.
+            let cut = |csv: &[u8]| -> Vec<String> {
+                String::from_utf8(csv.to_vec())
+                    .unwrap()
+                    .lines()
+                    .map(|l| l.rsplit_once(',').unwrap().0.to_string())
+                    .collect()
+            };
+            assert_eq!(cut(&a["scores.csv"]), cut(&plain["scores.csv"]));
+        }
+        assert_eq!(ra["smooth_samples"], 3, "{sub}");
+        assert_eq!(ra["seed"], 1, "{sub}");
+        let got = Tensor::read_npy(t.out(&format!("{array}-z")).join(&k)).unwrap();
+        let want = Tensor::read_npy(t.out(&format!("{array}-plain")).join(&k)).unwrap();
+        let diff = (&got - &want).abs().max().double_value(&[]);
+        let scale = want.abs().max().double_value(&[]);
+        assert!(
+            diff <= 1e-6 * scale.max(1.0),
+            "{sub}: noise 0, |diff| {diff}"
+        );
+    }
+}

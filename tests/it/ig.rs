@@ -384,3 +384,53 @@ fn bad_settings_are_typed_errors() {
         "{e}"
     );
 }
+
+/// `IgMethod::smooth` is captum's `NoiseTunnel` (smoothgrad) with
+/// SmoothGrad's own noise: for the linear F(x) = Σ x_i, Integrated
+/// Gradients from the zero baseline is x itself (any rule whose weights sum
+/// to 1), so the smoothed attributions are the mean of the image's noisy
+/// copies, which is also SmoothGrad's signed mean gradient of
+/// F(x) = Σ x_i² / 2 with the same seed and keys. Scores stay the clean
+/// input's; without noise the copies are the input.
+#[test]
+fn smoothed_attributions_are_the_mean_over_smoothgrads_noisy_copies() {
+    use tch_vis::batch::{IgMethod, Method, SaliencyMethod};
+    use tch_vis::scores::ScoreSpec;
+    tch::manual_seed(5);
+    let x = Tensor::randn([3, 2, 5, 4], (Kind::Float, Device::Cpu));
+    let keys = [11u64, 22, 33];
+    let (linear, _a) = traced(
+        &[x.copy()],
+        |t| vec![t[0].flatten(1, -1).sum_dim_intlist(1, true, Kind::Float)],
+        Device::Cpu,
+    );
+    let (square, _b) = traced(
+        &[x.copy()],
+        |t| vec![sum_of_squares(&t[0]) * 0.5],
+        Device::Cpu,
+    );
+    let spec: Vec<ScoreSpec> = vec!["regression:increase".parse().unwrap()];
+    let ig = IgMethod::new(&spec).unwrap().steps(4).smooth(5, 0.3, 7);
+    let got = ig.compute(&linear, &x, &keys).unwrap();
+    let sal = SaliencyMethod::new(&spec)
+        .unwrap()
+        .smooth(5, 0.3, 7)
+        .save_gradients(true);
+    let want = sal.compute(&square, &x, &keys).unwrap();
+    let attr = &got.arrays[0].values;
+    let mean_copy = &want.arrays[1].values;
+    assert_eq!(want.arrays[1].name, "grad");
+    assert_close("mean of the noisy copies", attr, mean_copy, 1e-5, 1e-5);
+    let moved = (attr - &x).abs().max().double_value(&[]);
+    assert!(moved > 0.05, "the noise moved the attributions by {moved}");
+    let clean = x.flatten(1, -1).sum_dim_intlist(1, false, Kind::Float);
+    assert_close("clean scores", &got.scores[0], &clean, 1e-6, 1e-6);
+    // The heatmap is that of the mean attributions.
+    let heat = got.arrays[0].heat.as_ref().unwrap();
+    let want_heat = tch_vis::saliency::normalized_map(&attr.abs()).unwrap();
+    assert_close("heatmap", heat, &want_heat, 0.0, 0.0);
+    // No noise: every copy is the input.
+    let still = IgMethod::new(&spec).unwrap().steps(4).smooth(3, 0.0, 7);
+    let r = still.compute(&linear, &x, &keys).unwrap();
+    assert_close("noise 0", &r.arrays[0].values, &x, 1e-6, 1e-6);
+}

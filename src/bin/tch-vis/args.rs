@@ -9,7 +9,7 @@ use tch_vis::io::Shard;
 use tch_vis::scores::ScoreSpec;
 use tch_vis::{DeviceSpec, Precision};
 
-use crate::run::{Images, Job, Mode};
+use crate::run::{Images, Job, Mode, Smooth};
 
 const ABOUT: &str = "tf-keras-vis scores for TorchScript models: saliency maps and SmoothGrad, class activation maps, Integrated Gradients and activation maximization, over folders of images";
 
@@ -99,6 +99,9 @@ pub struct CamArgs {
     pub tf_keras_vis: bool,
 
     #[command(flatten)]
+    pub smooth: SmoothArgs,
+
+    #[command(flatten)]
     pub overlay: OverlayArgs,
 }
 
@@ -131,6 +134,9 @@ pub struct IgArgs {
     /// an image in one call.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub internal_batch_size: Option<u32>,
+
+    #[command(flatten)]
+    pub smooth: SmoothArgs,
 
     #[command(flatten)]
     pub overlay: OverlayArgs,
@@ -325,9 +331,26 @@ pub struct SaliencyArgs {
     #[command(flatten)]
     pub common: CommonArgs,
 
-    /// SmoothGrad samples per image (0: vanilla saliency). For each sample,
-    /// Gaussian noise with sigma = F x (max - min) of the image's input is
-    /// added; |gradient| is averaged over the samples.
+    #[command(flatten)]
+    pub smooth: SmoothArgs,
+
+    /// Also write REL.grad.npy: the signed input gradient (C, H, W), float32,
+    /// averaged over the SmoothGrad samples.
+    #[arg(long)]
+    pub save_npy: bool,
+
+    #[command(flatten)]
+    pub overlay: OverlayArgs,
+}
+
+/// SmoothGrad's noise, for saliency, the CAMs and Integrated Gradients.
+#[derive(Debug, Args)]
+pub struct SmoothArgs {
+    /// SmoothGrad samples per image (0: none). For each sample, Gaussian
+    /// noise with sigma = F x (max - min) of the image's input is added;
+    /// saliency averages |gradient| over the samples, cam and
+    /// integrated-gradients average their maps and attributions (each
+    /// sample scored on the clean image's class)
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub smooth_samples: u32,
 
@@ -341,14 +364,16 @@ pub struct SaliencyArgs {
     /// seed and its relative path, so batches, shards and reruns agree.
     #[arg(long, value_name = "S", default_value_t = 0)]
     pub seed: u64,
+}
 
-    /// Also write REL.grad.npy: the signed input gradient (C, H, W), float32,
-    /// averaged over the SmoothGrad samples.
-    #[arg(long)]
-    pub save_npy: bool,
-
-    #[command(flatten)]
-    pub overlay: OverlayArgs,
+impl SmoothArgs {
+    fn settings(&self) -> Smooth {
+        Smooth {
+            samples: self.smooth_samples as usize,
+            noise: self.smooth_noise,
+            seed: self.seed,
+        }
+    }
 }
 
 /// Where heatmap PNGs are drawn.
@@ -509,9 +534,7 @@ impl Cli {
         let (mode, common, overlay) = match self.command {
             Command::Saliency(a) => (
                 Mode::Saliency {
-                    smooth_samples: a.smooth_samples as usize,
-                    smooth_noise: a.smooth_noise,
-                    seed: a.seed,
+                    smooth: a.smooth.settings(),
                     save_npy: a.save_npy,
                 },
                 a.common,
@@ -524,6 +547,7 @@ impl Cli {
                     cam_batch: a.cam_batch as usize,
                     max_n: a.max_n as usize,
                     tf_keras_vis: a.tf_keras_vis,
+                    smooth: a.smooth.settings(),
                 },
                 a.common,
                 a.overlay.overlay == "original",
@@ -534,6 +558,7 @@ impl Cli {
                     rule: a.rule,
                     baseline: a.baseline,
                     internal_batch_size: a.internal_batch_size.map(|n| n as usize),
+                    smooth: a.smooth.settings(),
                 },
                 a.common,
                 a.overlay.overlay == "original",

@@ -24,12 +24,7 @@ use crate::args::BaselineArg;
 #[derive(Debug, Clone)]
 pub enum Mode {
     /// Scores, gradients and saliency maps.
-    Saliency {
-        smooth_samples: usize,
-        smooth_noise: f64,
-        seed: u64,
-        save_npy: bool,
-    },
+    Saliency { smooth: Smooth, save_npy: bool },
     /// Scores only.
     Scores,
     /// Class activation maps.
@@ -38,6 +33,7 @@ pub enum Mode {
         cam_batch: usize,
         max_n: usize,
         tf_keras_vis: bool,
+        smooth: Smooth,
     },
     /// Integrated Gradients.
     Ig {
@@ -45,7 +41,39 @@ pub enum Mode {
         rule: Rule,
         baseline: BaselineArg,
         internal_batch_size: Option<usize>,
+        smooth: Smooth,
     },
+}
+
+/// SmoothGrad's noise: samples per image (0: none), level and seed.
+#[derive(Debug, Clone, Copy)]
+pub struct Smooth {
+    pub samples: usize,
+    pub noise: f64,
+    pub seed: u64,
+}
+
+impl Smooth {
+    /// The report's settings: the level and seed only where noise is drawn.
+    fn settings(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("smooth_samples".into(), self.samples.into());
+        m.insert("smooth_noise".into(), self.noise.into());
+        m.insert("seed".into(), self.seed.into());
+        m
+    }
+
+    /// A method's settings with the noise's, where it draws any (runs
+    /// without noise report what they did before the option existed).
+    fn added_to(&self, settings: serde_json::Value) -> serde_json::Value {
+        match settings {
+            serde_json::Value::Object(mut m) if self.samples > 0 => {
+                m.extend(self.settings());
+                m.into()
+            }
+            other => other,
+        }
+    }
 }
 
 impl Mode {
@@ -67,40 +95,41 @@ impl Mode {
         use serde_json::json;
         Ok(match self {
             Mode::Scores => (Box::new(ScoresMethod::new(specs)?), json!({})),
-            Mode::Saliency {
-                smooth_samples,
-                smooth_noise,
-                seed,
-                save_npy,
-            } => (
-                Box::new(
-                    SaliencyMethod::new(specs)?
-                        .smooth(*smooth_samples, *smooth_noise, *seed)
-                        .save_gradients(*save_npy),
-                ),
-                json!({"smooth_samples": smooth_samples, "smooth_noise": smooth_noise,
-                       "seed": seed, "save_npy": save_npy}),
-            ),
+            Mode::Saliency { smooth, save_npy } => {
+                let mut settings = smooth.settings();
+                settings.insert("save_npy".into(), (*save_npy).into());
+                (
+                    Box::new(
+                        SaliencyMethod::new(specs)?
+                            .smooth(smooth.samples, smooth.noise, smooth.seed)
+                            .save_gradients(*save_npy),
+                    ),
+                    settings.into(),
+                )
+            }
             Mode::Cam {
                 method,
                 cam_batch,
                 max_n,
                 tf_keras_vis,
+                smooth,
             } => (
                 Box::new(
                     CamMapMethod::new(*method, specs)?
                         .score_cam_batch(*cam_batch)
                         .max_n(*max_n)
-                        .tf_keras_vis(*tf_keras_vis),
+                        .tf_keras_vis(*tf_keras_vis)
+                        .smooth(smooth.samples, smooth.noise, smooth.seed),
                 ),
-                json!({"method": method.name(), "cam_batch": cam_batch, "max_n": max_n,
-                       "tf_keras_vis": tf_keras_vis}),
+                smooth.added_to(json!({"method": method.name(), "cam_batch": cam_batch,
+                                       "max_n": max_n, "tf_keras_vis": tf_keras_vis})),
             ),
             Mode::Ig {
                 steps,
                 rule,
                 baseline,
                 internal_batch_size,
+                smooth,
             } => {
                 let b = match baseline {
                     BaselineArg::Zero => IgBaseline::Zero,
@@ -111,14 +140,16 @@ impl Mode {
                 let mut m = IgMethod::new(specs)?
                     .steps(*steps)
                     .rule(*rule)
-                    .baseline(b, sidecar)?;
+                    .baseline(b, sidecar)?
+                    .smooth(smooth.samples, smooth.noise, smooth.seed);
                 if let Some(n) = internal_batch_size {
                     m = m.internal_batch_size(*n);
                 }
                 (
                     Box::new(m),
-                    json!({"steps": steps, "rule": rule.name(), "baseline": format!("{baseline:?}"),
-                           "internal_batch_size": internal_batch_size}),
+                    smooth.added_to(json!({"steps": steps, "rule": rule.name(),
+                                           "baseline": format!("{baseline:?}"),
+                                           "internal_batch_size": internal_batch_size})),
                 )
             }
         })
