@@ -362,6 +362,15 @@ pub(crate) struct Noise {
 }
 
 impl Noise {
+    /// `samples` copies, σ = `level` × (max − min), from `seed`.
+    pub(crate) const fn new(samples: usize, level: f64, seed: u64) -> Self {
+        Noise {
+            samples,
+            level,
+            seed,
+        }
+    }
+
     /// The noisy copy `sample` of the batch `x` (`(N, ...)`), row `n` with
     /// the noise of key `keys[n]`.
     ///

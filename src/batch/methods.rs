@@ -334,11 +334,7 @@ impl CamMapMethod {
     /// maps); the scores are the clean input's. A negative or non-finite
     /// `noise` fails the first batch.
     pub fn smooth(mut self, samples: usize, noise: f64, seed: u64) -> Self {
-        self.noise = Noise {
-            samples,
-            level: noise,
-            seed,
-        };
+        self.noise = Noise::new(samples, noise, seed);
         self
     }
 
@@ -559,11 +555,7 @@ impl IgMethod {
     /// the mean attributions. A negative or non-finite `noise` fails the
     /// first batch.
     pub fn smooth(mut self, samples: usize, noise: f64, seed: u64) -> Self {
-        self.noise = Noise {
-            samples,
-            level: noise,
-            seed,
-        };
+        self.noise = Noise::new(samples, noise, seed);
         self
     }
 
@@ -764,11 +756,7 @@ fn join_classes(parts: Vec<&Vec<Option<Vec<usize>>>>, rows: usize) -> Vec<Option
 }
 
 /// No noisy copies.
-const NO_NOISE: Noise = Noise {
-    samples: 0,
-    level: 0.2,
-    seed: 0,
-};
+const NO_NOISE: Noise = Noise::new(0, 0.2, 0);
 
 /// `run`'s results averaged over `noise.samples` noisy copies of the batch
 /// `x` ([`Noise::copy`]: an image's copies are SmoothGrad's; `run` scores
