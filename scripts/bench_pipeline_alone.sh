@@ -34,8 +34,9 @@ WORKERS=${WORKERS:-$(nproc)}
 BIN=${BIN:-target/release/tch-vis}
 # Recipes run: plain and torchvision as below; NAME-fastjpeg is NAME with
 # --fast-jpeg (zune-jpeg instead of libjpeg-turbo's decoder, which is
-# built without SIMD where nasm is missing).
-RECIPES=${RECIPES:-torchvision plain torchvision-fastjpeg}
+# built without SIMD where nasm is missing), NAME-storedpng NAME with
+# --png-compression none (heatmap PNGs stored: ~151 KB instead of ~28).
+RECIPES=${RECIPES:-torchvision plain torchvision-fastjpeg torchvision-storedpng}
 # shellcheck source=scripts/golden_env.sh
 . scripts/golden_env.sh && tch_vis_golden_setup >/dev/null || exit 1
 PY="$TCH_VIS_GOLDEN_VENV/bin/python"
@@ -85,10 +86,13 @@ now() { date +%s.%N; }
 elapsed() { "$PY" -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 3))" "$1" "$2"; }
 for r in $(seq 1 "$ROUNDS"); do
     for recipe in $RECIPES; do
+        base=${recipe%-fastjpeg}
+        base=${base%-storedpng}
         model="$DATA/trivial224.pt"
-        [ "${recipe%-fastjpeg}" = torchvision ] && model="$DATA/trivial224_tv.pt"
+        [ "$base" = torchvision ] && model="$DATA/trivial224_tv.pt"
         flags=()
         [ "${recipe%-fastjpeg}" != "$recipe" ] && flags=(--fast-jpeg)
+        [ "${recipe%-storedpng}" != "$recipe" ] && flags=(--png-compression none)
         out="$RUNS/rs-$recipe-$r"
         t0=$(now)
         "$BIN" saliency --model "$model" --images "$IMAGES" --out "$out" "${flags[@]}" \

@@ -694,6 +694,57 @@ pub const PNG_COMPRESSION: CompressionType = CompressionType::Fast;
 /// per PNG are 4% more bytes beside the map's 196 KB `.npy`.
 pub const PNG_FILTER: FilterType = FilterType::Up;
 
+/// How heatmap PNGs are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum PngCompression {
+    /// fdeflate's fast mode with the Up filter ([`PNG_COMPRESSION`],
+    /// [`PNG_FILTER`]): ~28 KB per 224 × 224 photo overlay.
+    #[default]
+    Fast,
+    /// Stored, unfiltered: ~151 KB per 224 × 224 overlay, and no time spent
+    /// compressing (0.04 ms against 0.16 per image; a trivial-model
+    /// saliency run on 2 cores took 10% less CPU, 12% more images/s).
+    None,
+}
+
+impl std::str::FromStr for PngCompression {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "fast" => Ok(PngCompression::Fast),
+            "none" => Ok(PngCompression::None),
+            _ => Err(Error::InvalidValue {
+                what: "PNG compression (fast or none)",
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+/// Encodes interleaved 8-bit RGB as a PNG compressed as `compression` says.
+///
+/// # Errors
+/// [`Error::Image`] when encoding fails (for example a wrong length).
+pub fn encode_png_as(
+    rgb: &[u8],
+    width: u32,
+    height: u32,
+    compression: PngCompression,
+) -> Result<Vec<u8>> {
+    match compression {
+        PngCompression::Fast => encode_png(rgb, width, height),
+        PngCompression::None => encode_png_with(
+            rgb,
+            width,
+            height,
+            CompressionType::Uncompressed,
+            FilterType::NoFilter,
+        ),
+    }
+}
+
 /// Encodes interleaved 8-bit RGB as a PNG ([`PNG_COMPRESSION`],
 /// [`PNG_FILTER`]).
 ///

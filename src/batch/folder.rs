@@ -32,7 +32,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use super::table::{self, State, END};
 use super::{ImageResult, Layout, Method, Sink};
 use crate::error::{Error, Result};
-use crate::heatmap;
+use crate::heatmap::{self, Colormap, PngCompression};
 use crate::io::{self, Replace};
 use crate::preprocess::{InputImage, Preprocessor, Sidecar};
 
@@ -91,6 +91,7 @@ pub struct FolderSink {
     settings_written: Mutex<Option<Settings>>,
     /// Heatmaps written with no value of 0.5 or more (see `faint_maps`).
     faint: std::sync::atomic::AtomicUsize,
+    png: PngCompression,
 }
 
 /// The folder, under [`JOURNAL_DIR`], recording what an output folder's
@@ -286,6 +287,7 @@ impl FolderSink {
             section: None,
             settings_written: Mutex::new(None),
             faint: Default::default(),
+            png: PngCompression::Fast,
         };
         if !overwrite {
             let (merged, _, foreign) = sink.read_state()?;
@@ -521,6 +523,13 @@ impl FolderSink {
         self
     }
 
+    /// How the heatmap PNGs are compressed (default
+    /// [`PngCompression::Fast`]).
+    pub fn png_compression(mut self, compression: PngCompression) -> Self {
+        self.png = compression;
+        self
+    }
+
     /// How many heatmaps this sink wrote whose largest value is under
     /// 0.5: maps normalised as `(m − min) / (max − min + 1e-7)` (saliency,
     /// Integrated Gradients) whose range was under 1e-7, as a score that
@@ -735,23 +744,40 @@ impl FolderSink {
                 let mut faint = false;
                 let png = with_values(heat, |map: &[f32]| {
                     faint = is_faint(map);
-                    match (&self.original, &r.original) {
-                        (Some(pre), Some(original)) => heatmap::overlay_original_region_png(
-                            original,
-                            map,
-                            w,
-                            h,
-                            pre.map_region(r.original_size),
-                        ),
-                        _ => match &r.image {
-                            InputImage::Bytes(t) => with_values(t, |bytes| {
-                                heatmap::overlay_bytes_png(bytes, self.channels, w, h, map)
-                            }),
-                            InputImage::Planes(t) => with_values(t, |image| {
-                                heatmap::overlay_png(image, self.channels, w, h, map)
-                            }),
-                        },
-                    }
+                    let (jet, alpha) = (Colormap::Jet, 0.5);
+                    let (rgb, size) = match (&self.original, &r.original) {
+                        (Some(pre), Some(original)) => {
+                            let region = pre.map_region(r.original_size);
+                            let img =
+                                heatmap::overlay_original(original, map, w, h, region, jet, alpha)?;
+                            let size = img.dimensions();
+                            (img.into_raw(), size)
+                        }
+                        _ => {
+                            let rgb = match &r.image {
+                                InputImage::Bytes(t) => with_values(t, |bytes| {
+                                    let mut rgb = Vec::new();
+                                    heatmap::overlay_bytes_into(
+                                        bytes,
+                                        self.channels,
+                                        w,
+                                        h,
+                                        map,
+                                        jet,
+                                        alpha,
+                                        &mut rgb,
+                                    )?;
+                                    Ok(rgb)
+                                }),
+                                InputImage::Planes(t) => with_values(t, |image| {
+                                    heatmap::overlay(image, self.channels, w, h, map, jet, alpha)
+                                }),
+                            }?;
+                            let side = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+                            (rgb, (side(w), side(h)))
+                        }
+                    };
+                    heatmap::encode_png_as(&rgb, size.0, size.1, self.png)
                 })?;
                 let path = self.file(&r.rel, &format!(".{}.png", a.name));
                 io::write_bytes(&path, &png, Replace::RemoveFirst)?;

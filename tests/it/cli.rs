@@ -2410,3 +2410,47 @@ fn cam_and_integrated_gradients_take_smoothgrads_options() {
         );
     }
 }
+
+/// `--png-compression none` writes stored PNGs (at least the raw pixels'
+/// bytes) whose pixels are the default run's, and says so in the report;
+/// another value is bad usage.
+#[test]
+fn stored_pngs_hold_the_same_pixels() {
+    let t = Tree::good(3);
+    let m = model("digits_rgb");
+    let run = |name: &str, extra: &[&str]| {
+        let out = t.out(name);
+        let mut flags = vec!["--device", "cpu"];
+        flags.extend_from_slice(extra);
+        run_ok(
+            &owned(&usage("saliency", &m, s(&t.images()), s(&out), &flags)),
+            name,
+        )
+    };
+    let fast = run("fast", &[]);
+    let none = run("none", &["--png-compression", "none"]);
+    assert_eq!(fast["png_compression"], "fast");
+    assert_eq!(none["png_compression"], "none");
+    for rel in csv_paths(&t.out("fast")) {
+        let name = format!("{rel}.saliency.png");
+        let (a, b) = (t.out("fast").join(&name), t.out("none").join(&name));
+        let (pa, pb) = (
+            image::open(&a).unwrap().to_rgb8(),
+            image::open(&b).unwrap().to_rgb8(),
+        );
+        assert_eq!(pa, pb, "{rel}");
+        let raw = (pa.width() * pa.height() * 3) as u64;
+        assert!(fs::metadata(&b).unwrap().len() >= raw, "{rel}: stored");
+        assert!(fs::metadata(&a).unwrap().len() < raw, "{rel}: compressed");
+    }
+    let out = t.out("bad");
+    let o = tch_vis(&usage(
+        "saliency",
+        &m,
+        s(&t.images()),
+        s(&out),
+        &["--png-compression", "zip"],
+    ));
+    assert_code(&o, 2, "bad value");
+    assert!(!out.exists());
+}

@@ -12,6 +12,7 @@ use tch_vis::batch::{
 };
 use tch_vis::cam::CamMethod;
 use tch_vis::gallery::{self, Gallery};
+use tch_vis::heatmap::PngCompression;
 use tch_vis::integrated_gradients::Rule;
 use tch_vis::io::{self, Shard};
 use tch_vis::preprocess::{Preprocessor, Sidecar};
@@ -379,6 +380,7 @@ pub struct Job {
     pub overwrite: bool,
     pub strict: bool,
     pub overlay_original: bool,
+    pub png_compression: PngCompression,
     pub jpeg_draft: bool,
     pub fast_jpeg: bool,
     pub channels_last: bool,
@@ -551,6 +553,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     if job.overlay_original {
         sink = sink.overlay_original(pre);
     }
+    sink = sink.png_compression(job.png_compression);
 
     // The run.
     // The list is moved, not copied: a million entries are ~200 MB.
@@ -642,6 +645,10 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         "batch_size": job.batch_size,
         "precision": job.precision.to_string(),
         "overlay": if job.overlay_original { "original" } else { "input" },
+        "png_compression": match job.png_compression {
+            PngCompression::None => "none",
+            _ => "fast",
+        },
         "jpeg_draft": job.jpeg_draft,
         "jpeg_decoder": job.jpeg_decoder(),
         "overwrite": job.overwrite,
