@@ -633,9 +633,16 @@ impl IgMethod {
         };
         let refs = self.scores.refs();
         // Image by image, as the attributions' own scores come without
-        // noise (another batch size sums in another order).
-        let rows = (0..x.size()[0])
-            .map(|i| model.forward(&[x.f_narrow(0, i, 1)?]))
+        // noise (another batch size sums in another order); the padding
+        // rows, whose results are dropped, in one pass.
+        let (n, real) = (x.size()[0], (images as i64).min(x.size()[0]));
+        let mut parts: Vec<(i64, i64)> = (0..real).map(|i| (i, 1)).collect();
+        if real < n {
+            parts.push((real, n - real));
+        }
+        let rows = parts
+            .into_iter()
+            .map(|(i, len)| model.forward(&[x.f_narrow(0, i, len)?]))
             .collect::<Result<Vec<_>>>()?;
         let outputs = (0..rows.first().map_or(0, Vec::len))
             .map(|o| {

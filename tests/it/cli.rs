@@ -2400,6 +2400,16 @@ fn cam_and_integrated_gradients_take_smoothgrads_options() {
         }
         assert_eq!(ra["smooth_samples"], 3, "{sub}");
         assert_eq!(ra["seed"], 1, "{sub}");
+        // Noise into a folder made without it (and back) is another
+        // result: refused before the first image.
+        for (into, noise) in [("plain", &smooth[..]), ("a", &[][..])] {
+            let out = t.out(&format!("{array}-{into}"));
+            let mut flags = extra.to_vec();
+            flags.extend_from_slice(noise);
+            let o = tch_vis(&usage(sub, &m, s(&t.images()), s(&out), &flags));
+            assert_code(&o, 2, into);
+            assert!(stderr(&o).contains("smooth_samples"), "{}", stderr(&o));
+        }
         let got = Tensor::read_npy(t.out(&format!("{array}-z")).join(&k)).unwrap();
         let want = Tensor::read_npy(t.out(&format!("{array}-plain")).join(&k)).unwrap();
         let diff = (&got - &want).abs().max().double_value(&[]);

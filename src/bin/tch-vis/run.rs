@@ -64,11 +64,14 @@ impl Smooth {
         m
     }
 
-    /// A method's settings with the noise's, where it draws any (runs
-    /// without noise report what they did before the option existed).
+    /// A method's settings with the noise's. `smooth_samples` is there
+    /// even when 0, so that an output folder's record tells runs with
+    /// noise from runs without (a key on one side only is no conflict:
+    /// folders from before the option accept either); `results_settings`
+    /// drops the level and seed of a run without noise.
     fn added_to(&self, settings: serde_json::Value) -> serde_json::Value {
         match settings {
-            serde_json::Value::Object(mut m) if self.samples > 0 => {
+            serde_json::Value::Object(mut m) => {
                 m.extend(self.settings());
                 m.into()
             }
@@ -248,7 +251,7 @@ fn results_settings(
         if maps.get("method").and_then(serde_json::Value::as_str) != Some("fasterscorecam") {
             maps.remove("max_n");
         }
-        // Vanilla saliency draws no noise.
+        // A run without noise draws none.
         if maps
             .get("smooth_samples")
             .and_then(serde_json::Value::as_u64)
