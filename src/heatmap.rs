@@ -276,6 +276,18 @@ pub fn overlay_bytes_png(
     height: usize,
     map: &[f32],
 ) -> Result<Vec<u8>> {
+    overlay_bytes_png_as(bytes, channels, width, height, map, PngCompression::Fast)
+}
+
+/// [`overlay_bytes_png`] compressed as `compression` says.
+pub(crate) fn overlay_bytes_png_as(
+    bytes: &[u8],
+    channels: usize,
+    width: usize,
+    height: usize,
+    map: &[f32],
+    compression: PngCompression,
+) -> Result<Vec<u8>> {
     let mut rgb = Vec::new();
     overlay_bytes_into(
         bytes,
@@ -287,11 +299,12 @@ pub fn overlay_bytes_png(
         0.5,
         &mut rgb,
     )?;
-    encode_png(
-        &rgb,
-        u32::try_from(width).unwrap_or(u32::MAX),
-        u32::try_from(height).unwrap_or(u32::MAX),
-    )
+    encode_png_as(&rgb, side(width), side(height), compression)
+}
+
+/// A side of an image as the PNG encoder takes it.
+fn side(v: usize) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
 }
 
 /// The blend of [`overlay_bytes_into`] (lengths checked by it), compiled
@@ -790,12 +803,20 @@ pub fn overlay_png(
     height: usize,
     map: &[f32],
 ) -> Result<Vec<u8>> {
+    overlay_png_as(image, channels, width, height, map, PngCompression::Fast)
+}
+
+/// [`overlay_png`] compressed as `compression` says.
+pub(crate) fn overlay_png_as(
+    image: &[f32],
+    channels: usize,
+    width: usize,
+    height: usize,
+    map: &[f32],
+    compression: PngCompression,
+) -> Result<Vec<u8>> {
     let rgb = overlay(image, channels, width, height, map, Colormap::Jet, 0.5)?;
-    encode_png(
-        &rgb,
-        u32::try_from(width).unwrap_or(u32::MAX),
-        u32::try_from(height).unwrap_or(u32::MAX),
-    )
+    encode_png_as(&rgb, side(width), side(height), compression)
 }
 
 /// Where a map lies on the original image, in the original's pixel units
@@ -1055,8 +1076,20 @@ pub fn overlay_original_region_png(
     height: usize,
     region: MapRegion,
 ) -> Result<Vec<u8>> {
+    overlay_original_region_png_as(original, map, width, height, region, PngCompression::Fast)
+}
+
+/// [`overlay_original_region_png`] compressed as `compression` says.
+pub(crate) fn overlay_original_region_png_as(
+    original: &RgbImage,
+    map: &[f32],
+    width: usize,
+    height: usize,
+    region: MapRegion,
+    compression: PngCompression,
+) -> Result<Vec<u8>> {
     let rgb = overlay_original(original, map, width, height, region, Colormap::Jet, 0.5)?;
-    encode_png(rgb.as_raw(), rgb.width(), rgb.height())
+    encode_png_as(rgb.as_raw(), rgb.width(), rgb.height(), compression)
 }
 
 #[cfg(test)]

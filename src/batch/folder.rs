@@ -32,7 +32,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use super::table::{self, State, END};
 use super::{ImageResult, Layout, Method, Sink};
 use crate::error::{Error, Result};
-use crate::heatmap::{self, Colormap, PngCompression};
+use crate::heatmap::{self, PngCompression};
 use crate::io::{self, Replace};
 use crate::preprocess::{InputImage, Preprocessor, Sidecar};
 
@@ -744,40 +744,31 @@ impl FolderSink {
                 let mut faint = false;
                 let png = with_values(heat, |map: &[f32]| {
                     faint = is_faint(map);
-                    let (jet, alpha) = (Colormap::Jet, 0.5);
-                    let (rgb, size) = match (&self.original, &r.original) {
-                        (Some(pre), Some(original)) => {
-                            let region = pre.map_region(r.original_size);
-                            let img =
-                                heatmap::overlay_original(original, map, w, h, region, jet, alpha)?;
-                            let size = img.dimensions();
-                            (img.into_raw(), size)
-                        }
-                        _ => {
-                            let rgb = match &r.image {
-                                InputImage::Bytes(t) => with_values(t, |bytes| {
-                                    let mut rgb = Vec::new();
-                                    heatmap::overlay_bytes_into(
-                                        bytes,
-                                        self.channels,
-                                        w,
-                                        h,
-                                        map,
-                                        jet,
-                                        alpha,
-                                        &mut rgb,
-                                    )?;
-                                    Ok(rgb)
-                                }),
-                                InputImage::Planes(t) => with_values(t, |image| {
-                                    heatmap::overlay(image, self.channels, w, h, map, jet, alpha)
-                                }),
-                            }?;
-                            let side = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
-                            (rgb, (side(w), side(h)))
-                        }
-                    };
-                    heatmap::encode_png_as(&rgb, size.0, size.1, self.png)
+                    match (&self.original, &r.original) {
+                        (Some(pre), Some(original)) => heatmap::overlay_original_region_png_as(
+                            original,
+                            map,
+                            w,
+                            h,
+                            pre.map_region(r.original_size),
+                            self.png,
+                        ),
+                        _ => match &r.image {
+                            InputImage::Bytes(t) => with_values(t, |bytes| {
+                                heatmap::overlay_bytes_png_as(
+                                    bytes,
+                                    self.channels,
+                                    w,
+                                    h,
+                                    map,
+                                    self.png,
+                                )
+                            }),
+                            InputImage::Planes(t) => with_values(t, |image| {
+                                heatmap::overlay_png_as(image, self.channels, w, h, map, self.png)
+                            }),
+                        },
+                    }
                 })?;
                 let path = self.file(&r.rel, &format!(".{}.png", a.name));
                 io::write_bytes(&path, &png, Replace::RemoveFirst)?;
