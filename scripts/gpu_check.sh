@@ -292,7 +292,9 @@ declare -A IPS
 # THREAD_CPU=1: each pipeline job under scripts/thread_cpu.py (CPU seconds
 # and preemptions by thread group, in the summary).
 TC=()
-[ "${THREAD_CPU:-0}" = 1 ] && TC=("$PY" scripts/thread_cpu.py --label LABEL --)
+# THREAD_CPU_FLAGS=--wchan adds where each thread group waits.
+read -r -a TC_FLAGS <<< "${THREAD_CPU_FLAGS:-}"
+[ "${THREAD_CPU:-0}" = 1 ] && TC=("$PY" scripts/thread_cpu.py "${TC_FLAGS[@]}" --label LABEL --)
 if want pipeline && [ -x "$BIN/tch-vis" ] && [ -f "$MODEL" ]; then
     PIPE_PRECISIONS=fp32
     [ $CLI_PRECISION = 1 ] && PIPE_PRECISIONS=$PRECISIONS
@@ -306,7 +308,7 @@ if want pipeline && [ -x "$BIN/tch-vis" ] && [ -f "$MODEL" ]; then
             if step "pipeline-$p" 180 "${TC[@]/LABEL/$p}" "$BIN/tch-vis" saliency --model "$MODEL" --images "$IMAGES" --out "$WORK/cli-$p" \
                 --batch-size "$BATCH" --overwrite --device "$DEVICE" --score "categorical:$CLASS" "${extra[@]}"; then
                 read -r n s ips steady up fb < <(ips_of "$WORK/cli-$p")
-                grep '^thread-cpu' "$WORK/pipeline-$p.txt" | while read -r l; do say "  $l"; done
+                grep -E '^thread-(cpu|wait)' "$WORK/pipeline-$p.txt" | while read -r l; do say "  $l"; done
                 IPS[$p]=$ips
                 say "  timings $p: $(timings_of "$WORK/cli-$p")"
                 say "tch-vis-pipeline$RUN_TAG $ARCH batch $BATCH $DEVICE $p: $n images in $s s, $ips images/s (steady $steady after $up s of startup; past the first batch $fb); ceiling ${CEIL[$p]:-n/a} images/s, pipeline/ceiling $(ratio "$ips" "${CEIL[$p]}"), steady $(ratio "$steady" "${CEIL[$p]}"), past the first batch $(ratio "$fb" "${CEIL[$p]}") (target >= $([ "$p" = fp32 ] && echo 0.90 || echo 0.80))"
@@ -332,7 +334,7 @@ if want pipeline && [ -x "$BIN/tch-vis" ] && [ -f "$MODEL" ]; then
             if step "pipeline-$v" 120 env "${envs[@]}" "${TC[@]/LABEL/$v}" "$exe" saliency --model "$MODEL" --images "$IMAGES" --out "$WORK/cli-$v" \
                 --batch-size "$BATCH" --overwrite --device "$DEVICE" --score "categorical:$CLASS" --precision $vp; then
                 read -r n s ips steady up fb < <(ips_of "$WORK/cli-$v")
-                grep '^thread-cpu' "$WORK/pipeline-$v.txt" | while read -r l; do say "  $l"; done
+                grep -E '^thread-(cpu|wait)' "$WORK/pipeline-$v.txt" | while read -r l; do say "  $l"; done
                 say "  timings $v: $(timings_of "$WORK/cli-$v")"
                 say "tch-vis-pipeline-$v$RUN_TAG $ARCH batch $BATCH $DEVICE $vp: $n images in $s s, $ips images/s (steady $steady after $up s of startup; past the first batch $fb); pipeline/ceiling $(ratio "$ips" "${CEIL[$vp]}")"
                 case $v in old* | ov* | noov*) [ -d "$WORK/cli-$vp" ] && say "$(same_files "$WORK/cli-$vp" "$WORK/cli-$v" .saliency.npy "saliency $ARCH $vp this binary vs $v")" ;; esac

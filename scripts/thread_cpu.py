@@ -19,6 +19,15 @@ CPU time is low says that group waited for cores, not for work. A thread
 that lives less than a sample is missed. A last line gives the process's
 peaks of resident, locked and pinned memory (VmRSS, VmLck, VmPin: CUDA's
 page-locked host memory shows in one of the last two) and its page faults.
+With --wchan, each sample also notes where every thread is: running
+(R), or the kernel function it sleeps in (from /proc/.../stack where it is
+readable, else wchan), and one line per group gives the most frequent
+places as shares of that group's samples:
+
+    thread-wait L GROUP: R 41%, S futex_wait_queue 30%, D io_schedule 12%, ...
+
+and a line gives the peaks of the machine's Dirty and Writeback memory
+(/proc/meminfo), which say whether writes waited on the disk.
 The command's exit status is this script's.
 """
 
@@ -51,8 +60,31 @@ def counter(status, key):
     return int(m.group(1)) if m else 0
 
 
-def sample(pid, seen):
-    """Reads every thread of `pid` into `seen` (tid -> stats)."""
+def place(base, state):
+    """Where a thread of /proc directory `base` is: "R" when running or
+    runnable, else its state and the innermost kernel functions it sleeps
+    in that are not the scheduler's own."""
+    if state == "R":
+        return "R"
+    try:
+        with open(f"{base}/stack") as f:
+            frames = [ln.split()[1].split("+")[0] for ln in f if len(ln.split()) > 1]
+        frames = [fn for fn in frames if not fn.startswith(("schedule", "__schedule", "do_syscall", "entry_SYSCALL",
+                                                            "x64_sys_call", "__x64_sys"))]
+        if frames:
+            return f"{state} " + "<".join(frames[:3])
+    except OSError:
+        pass
+    try:
+        with open(f"{base}/wchan") as f:
+            return f"{state} {f.read().strip() or '?'}"
+    except OSError:
+        return f"{state} ?"
+
+
+def sample(pid, seen, waits=None):
+    """Reads every thread of `pid` into `seen` (tid -> stats); with
+    `waits`, counts where each thread is (group -> place -> samples)."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -62,6 +94,10 @@ def sample(pid, seen):
         if got is None:
             continue
         name, fields, status = got
+        if waits is not None:
+            where = place(f"/proc/{pid}/task/{tid}", fields[0])
+            g = waits.setdefault(group_of(name), {})
+            g[where] = g.get(where, 0) + 1
         seen[tid] = (name, int(fields[11]), int(fields[12]),
                      counter(status, "voluntary_ctxt_switches"),
                      counter(status, "nonvoluntary_ctxt_switches"))
@@ -79,10 +115,27 @@ def memory(pid, peaks):
     peaks["minflt"], peaks["majflt"] = int(fields[7]), int(fields[9])
 
 
+def group_of(name):
+    """A thread's group: its name without trailing digits."""
+    return re.sub(r"[-_]?\d+$", "", name) or name
+
+
+def meminfo(peaks):
+    """Keeps the peaks of the machine's Dirty and Writeback memory (kB)."""
+    try:
+        with open("/proc/meminfo") as f:
+            text = f.read()
+    except OSError:
+        return
+    for key in ("Dirty", "Writeback"):
+        peaks[key] = max(peaks.get(key, 0), counter(text, key))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--label", default="run")
     parser.add_argument("--every", type=float, default=0.02, help="seconds between samples")
+    parser.add_argument("--wchan", action="store_true", help="also sample where each thread waits")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -91,13 +144,16 @@ def main():
     tick = os.sysconf("SC_CLK_TCK")
     proc = subprocess.Popen(command)
     seen, peaks = {}, {}
+    waits = {} if args.wchan else None
     while proc.poll() is None:
-        sample(proc.pid, seen)
+        sample(proc.pid, seen, waits)
         memory(proc.pid, peaks)
+        if waits is not None:
+            meminfo(peaks)
         time.sleep(args.every)
     groups = {}
     for name, utime, stime, vol, inv in seen.values():
-        key = re.sub(r"[-_]?\d+$", "", name) or name
+        key = group_of(name)
         g = groups.setdefault(key, [0, 0, 0, 0, 0])
         g[0] += 1
         g[1] += utime
@@ -111,6 +167,14 @@ def main():
     print(f"thread-cpu {args.label} process: peak VmRSS {mib['VmRSS']:.0f} MiB, VmLck {mib['VmLck']:.0f} MiB, "
           f"VmPin {mib['VmPin']:.0f} MiB; {peaks.get('minflt', 0)} minor, {peaks.get('majflt', 0)} major page faults",
           flush=True)
+    for key, places in sorted((waits or {}).items(), key=lambda kv: -sum(kv[1].values())):
+        total = sum(places.values())
+        top = sorted(places.items(), key=lambda kv: -kv[1])[:6]
+        print(f"thread-wait {args.label} {key}: " + ", ".join(f"{w} {100 * c / total:.0f}%" for w, c in top),
+              flush=True)
+    if waits is not None:
+        print(f"thread-wait {args.label} machine: peak Dirty {peaks.get('Dirty', 0) / 1024:.0f} MiB, "
+              f"Writeback {peaks.get('Writeback', 0) / 1024:.0f} MiB", flush=True)
     return proc.returncode
 
 
