@@ -739,7 +739,7 @@ impl FolderSink {
         for a in &r.arrays {
             // Only this worker writes an image's files (see `Replace`).
             let npy = self.file(&r.rel, &format!(".{}.npy", a.name));
-            io::write_npy(&npy, &a.values, Replace::RemoveFirst)?;
+            io::write_npy(&npy, &a.values, Replace::Reuse)?;
             if let Some(heat) = &a.heat {
                 let mut faint = false;
                 let png = with_values(heat, |map: &[f32]| {
@@ -771,7 +771,7 @@ impl FolderSink {
                     }
                 })?;
                 let path = self.file(&r.rel, &format!(".{}.png", a.name));
-                io::write_bytes(&path, &png, Replace::RemoveFirst)?;
+                io::write_bytes(&path, &png, Replace::Reuse)?;
                 if faint {
                     self.faint
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
