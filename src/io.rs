@@ -430,8 +430,11 @@ pub(crate) enum Replace {
     ///   images/s against a fresh run's 1,798.
     ///
     /// A file of the same size (a `.npy`) frees nothing; a shorter one only
-    /// its tail. Anything but a plain file there (a folder, a link) is
-    /// left as it is: a folder makes the write fail, a link is replaced.
+    /// its tail. A file that cannot be reused is replaced as before
+    /// (removed, a new one written): one with other hard links (a copy made
+    /// with `cp -l` keeps its contents), one this process may not open for
+    /// writing, a symbolic link (its target untouched). A folder there
+    /// makes the write fail and is kept.
     Reuse,
 }
 
@@ -453,15 +456,17 @@ enum Open {
 }
 
 /// For [`Replace::Reuse`]: renames a plain file at `path` to `tmp`.
-/// Nothing there (a fresh run) costs one failed lookup. A link taken aside
-/// is removed (the new file replaces it, as a removal would); a folder is
-/// put back, for the final rename to fail on.
+/// Nothing there (a fresh run) costs one failed lookup. Anything else
+/// taken aside (a symbolic link, a file with other hard links) is removed,
+/// as the new file replaces it; a folder is put back, for the final rename
+/// to fail on.
 fn take_aside(path: &Path, tmp: &Path) -> Open {
+    use std::os::unix::fs::MetadataExt;
     if fs::rename(path, tmp).is_err() {
         return Open::New;
     }
     match fs::symlink_metadata(tmp) {
-        Ok(m) if m.file_type().is_file() => Open::Existing,
+        Ok(m) if m.file_type().is_file() && m.nlink() == 1 => Open::Existing,
         Ok(m) if m.is_dir() => {
             let _ = fs::rename(tmp, path);
             Open::New
@@ -510,12 +515,23 @@ fn write_via_temp(
 /// Writes `parts` in turn to `tmp`: a new file (and its folders, when
 /// missing), or the existing one written over and cut to their length.
 fn create_with(tmp: &Path, open: Open, parts: &[&[u8]]) -> std::io::Result<()> {
-    let mut f = match open {
-        Open::New => with_parent(tmp, || fs::File::create(tmp))?,
-        Open::Existing => fs::OpenOptions::new().write(true).open(tmp)?,
+    // A file not writable by this process is replaced by a new one.
+    let reused = match open {
+        Open::New => None,
+        Open::Existing => fs::OpenOptions::new().write(true).open(tmp).ok(),
+    };
+    let in_place = reused.is_some();
+    let mut f = match reused {
+        Some(f) => f,
+        None => {
+            if open == Open::Existing {
+                fs::remove_file(tmp)?;
+            }
+            with_parent(tmp, || fs::File::create(tmp))?
+        }
     };
     parts.iter().try_for_each(|part| f.write_all(part))?;
-    if open == Open::Existing {
+    if in_place {
         f.set_len(parts.iter().map(|p| p.len() as u64).sum())?;
     }
     Ok(())
@@ -787,6 +803,13 @@ mod tests {
         assert!(fs::symlink_metadata(&link).unwrap().is_file());
         assert_eq!(fs::read(&link).unwrap(), b"map");
         assert_eq!(fs::read(&target).unwrap(), b"keep");
+        // A hard link elsewhere (a `cp -l` copy of the folder) keeps the
+        // old contents.
+        let copy = dir.path().join("copy.png");
+        fs::hard_link(&o, &copy).unwrap();
+        write_bytes(&o, b"newer", Replace::Reuse).unwrap();
+        assert_eq!(fs::read(&o).unwrap(), b"newer");
+        assert_eq!(fs::read(&copy).unwrap(), b"new");
         assert_eq!(fs::read_dir(o.parent().unwrap()).unwrap().count(), 4);
     }
 
