@@ -10,7 +10,9 @@
 #      --overwrite into one folder per precision), fp32 and bf16, 3 runs,
 #      each under scripts/thread_cpu.py --wchan: where each thread group
 #      waits, and the peaks of Dirty and Writeback memory
-#   3. fp32 into a fresh folder per run on the same disk, and once on tmpfs
+#   3. VARIANTS (below): fp32 / fp16 runs with other settings (writer
+#      threads, malloc arenas) or into a fresh folder per run, interleaved;
+#      then fp32 once on tmpfs
 #   4. the disk's sequential write speed (dd, 2 GiB, with and without
 #      fdatasync)
 # Output: $OUT/disk.txt (and gpu_check.sh's $OUT/gpu.txt).
@@ -62,7 +64,9 @@ W=$(mktemp -d "${TMPDIR:-/tmp}/tch-vis-disk.XXXXXX")
 # VARIANTS: NAME=PRECISION:VAR=VALUE,... run in turn, RUNS rounds, each
 # into a folder of its own overwritten every round (fresh-*: a new folder
 # every round). "-" for no variable.
-VARIANTS=${VARIANTS:-"fp32=fp32:- fp32-arena2=fp32:MALLOC_ARENA_MAX=2 fresh-fp32=fp32:- fp16=fp16:- fp16-arena2=fp16:MALLOC_ARENA_MAX=2 fp16-arena4=fp16:MALLOC_ARENA_MAX=4"}
+# (2026-11-28: MALLOC_ARENA_MAX=2 and 4 won in one call and lost in the
+# next; the writer-thread counts are the next question.)
+VARIANTS=${VARIANTS:-"fp32=fp32:- fp16=fp16:- fp16-w8=fp16:TCH_VIS_WRITER_THREADS=8 fp16-w4=fp16:TCH_VIS_WRITER_THREADS=4 fresh-fp16=fp16:-"}
 for r in $(seq "$RUNS"); do
     for v in $VARIANTS; do
         name=${v%%=*}; rest=${v#*=}; p=${rest%%:*}; vars=${rest#*:}

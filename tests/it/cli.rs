@@ -1072,9 +1072,30 @@ fn rerun_skips_finished_work_and_overwrite_recomputes() {
     assert_eq!(snapshot(&out), after);
     let mut ow = args.to_vec();
     ow.push("--overwrite");
+    let npy = out.join("d0/img_000.png.saliency.npy");
+    let inode = || std::os::unix::fs::MetadataExt::ino(&fs::metadata(&npy).unwrap());
+    let before = inode();
     assert_code(&tch_vis(&ow), 0, "overwrite");
     assert_eq!(report(&out)["processed"], 10);
     assert_eq!(snapshot(&out), after, "--overwrite gives the same bytes");
+    // Written over in place: the file keeps its blocks.
+    assert_eq!(inode(), before);
+    // The experimental writer-thread count changes no byte; a bad one is
+    // exit 2.
+    let one = tch_vis_env(&ow, &[("TCH_VIS_WRITER_THREADS", "1")]);
+    assert_code(&one, 0, "one writer thread");
+    assert_eq!(
+        snapshot(&out),
+        after,
+        "one writer thread gives the same bytes"
+    );
+    let bad = tch_vis_env(&ow, &[("TCH_VIS_WRITER_THREADS", "0")]);
+    assert_code(&bad, 2, "TCH_VIS_WRITER_THREADS=0");
+    assert!(
+        stderr(&bad).contains("TCH_VIS_WRITER_THREADS"),
+        "{}",
+        stderr(&bad)
+    );
 }
 
 /// `--shard K/N` partitions the sorted list of all files: shards into

@@ -401,6 +401,23 @@ impl Job {
     }
 }
 
+/// `TCH_VIS_WRITER_THREADS=N` (experimental, for measuring the writers
+/// on a file system where their folder operations contend): N writer
+/// threads instead of one per core (2 to 16). The outputs are the same.
+fn writer_threads_override() -> Result<Option<usize>, Failure> {
+    const VAR: &str = "TCH_VIS_WRITER_THREADS";
+    match std::env::var(VAR) {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=256).contains(&n) => Ok(Some(n)),
+            _ => Err(Failure::Flags(format!(
+                "{VAR}={v}: a number of threads from 1 to 256"
+            ))),
+        },
+        Err(e) => Err(Failure::Flags(format!("{VAR}: {e}"))),
+    }
+}
+
 /// Why the command failed; the exit status comes from the kind.
 #[derive(Debug)]
 pub enum Failure {
@@ -534,12 +551,15 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     // scores.csv, report.json and the gallery; a second one ends the
     // process at once.
     let stop = Interrupt::install(&raised);
-    let engine = Engine::new(&model, sidecar.clone(), method.as_ref())
+    let mut engine = Engine::new(&model, sidecar.clone(), method.as_ref())
         .preprocessor(pre.clone())
         .batch_size(job.batch_size)
         .channels_last(job.channels_last)
         .on_progress(|p| bar.update(p))
         .cancel_on(&raised);
+    if let Some(n) = writer_threads_override()? {
+        engine = engine.writer_threads(n);
+    }
     let layout = engine.prepare().map_err(|e| match e {
         Error::ScoreCount { outputs, .. } if job.specs.is_empty() => Failure::Flags(format!(
             "the model has {outputs} outputs: give one --score per output, in order (none given)"
