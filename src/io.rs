@@ -416,7 +416,9 @@ pub(crate) enum Replace {
     /// For a file that only this call writes and no one reads meanwhile
     /// (a run's per-image outputs): an existing file is renamed to the
     /// temporary name, written over in place and renamed back, so that it
-    /// is absent for an instant, never partial, and keeps its blocks.
+    /// is absent for an instant, never partial, and keeps its blocks (a
+    /// reader that opened the old file before it was taken aside and is
+    /// still reading it would see it change).
     /// - Renaming over an existing file makes ext4 (`auto_da_alloc`, on by
     ///   default) write the new file's data out at the rename, in the
     ///   writer's thread, to protect the old contents: an `--overwrite`
