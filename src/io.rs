@@ -413,69 +413,119 @@ pub(crate) enum Replace {
     /// or the new (files that other processes read while this one writes:
     /// `scores.csv`, reports).
     Atomic,
-    /// For a file that only this call writes and no one reads meanwhile
-    /// (a run's per-image outputs): an existing file is renamed to the
-    /// temporary name, written over in place and renamed back, so that it
-    /// is absent for an instant, never partial, and keeps its blocks (a
-    /// reader that opened the old file before it was taken aside and is
-    /// still reading it would see it change).
+    /// For a file that only this call writes (a run's per-image outputs):
+    /// an existing file is renamed aside to a temporary name, the new one
+    /// renamed into place, and the old one removed later by a background
+    /// thread ([`wait_removals`] waits for it). The file is absent for an
+    /// instant, never partial; a reader that has the old file open keeps
+    /// its bytes; a failed rename puts the old file back.
     /// - Renaming over an existing file makes ext4 (`auto_da_alloc`, on by
     ///   default) write the new file's data out at the rename, in the
     ///   writer's thread, to protect the old contents: an `--overwrite`
     ///   rerun's writers were 6× slower than a fresh run's on an H100
     ///   host's disk (6,000-image runs, 55–78 s of writer time against
     ///   9–11 s), enough to halve the run.
-    /// - Removing it first instead frees its blocks, and on a file system
-    ///   mounted with `discard` (cloud disks often are) each freed extent
-    ///   is discarded synchronously in the removing thread: an
-    ///   `--overwrite` rerun of 5,000 images on such an ext4 ran at 1,470
-    ///   images/s against a fresh run's 1,798.
+    /// - Removing it in the writer's thread frees its blocks there, and on
+    ///   a file system mounted with `discard` (cloud disks often are) each
+    ///   freed extent is discarded synchronously in the removing thread:
+    ///   an `--overwrite` rerun of 5,000 images on such an ext4 ran at
+    ///   1,379–1,483 images/s against a fresh run's 1,798.
     ///
-    /// A file of the same size (a `.npy`) frees nothing; a shorter one only
-    /// its tail. A file that cannot be reused is replaced as before
-    /// (removed, a new one written): one with other hard links (a copy made
-    /// with `cp -l` keeps its contents), one this process may not open for
-    /// writing, a symbolic link (its target untouched). A folder there
-    /// makes the write fail and is kept.
-    Reuse,
+    /// Nothing there (a fresh run) costs one `lstat`, which does not take
+    /// the folder's lock. A folder there is left in place, for the rename
+    /// to fail on.
+    SetAside,
 }
 
-fn commit(tmp: &Path, path: &Path) -> Result<()> {
-    fs::rename(tmp, path).map_err(|e| {
+/// Gives the temporary file `tmp` its final name `path`, an existing file
+/// replaced as `replace` says; a failure leaves no temporary.
+fn commit(tmp: &Path, path: &Path, replace: Replace) -> Result<()> {
+    let aside = match replace {
+        Replace::Atomic => None,
+        Replace::SetAside => set_aside(path),
+    };
+    if let Err(e) = fs::rename(tmp, path) {
         let _ = fs::remove_file(tmp);
-        Error::io(path, e)
-    })
-}
-
-/// How the temporary file is opened.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Open {
-    /// Created (or truncated).
-    New,
-    /// The final name's file, taken aside ([`Replace::Reuse`]): written
-    /// over from the start, then cut to the new length.
-    Existing,
-}
-
-/// For [`Replace::Reuse`]: renames a plain file at `path` to `tmp`.
-/// Nothing there (a fresh run) costs one failed lookup. Anything else
-/// taken aside (a symbolic link, a file with other hard links) is removed,
-/// as the new file replaces it; a folder is put back, for the final rename
-/// to fail on.
-fn take_aside(path: &Path, tmp: &Path) -> Open {
-    use std::os::unix::fs::MetadataExt;
-    if fs::rename(path, tmp).is_err() {
-        return Open::New;
-    }
-    match fs::symlink_metadata(tmp) {
-        Ok(m) if m.file_type().is_file() && m.nlink() == 1 => Open::Existing,
-        Ok(m) if m.is_dir() => {
-            let _ = fs::rename(tmp, path);
-            Open::New
+        if let Some(old) = &aside {
+            let _ = fs::rename(old, path);
         }
-        _ => {
-            let _ = fs::remove_file(tmp);
-            Open::New
+        return Err(Error::io(path, e));
+    }
+    if let Some(old) = aside {
+        remove_later(old);
+    }
+    Ok(())
+}
+
+/// For [`Replace::SetAside`]: renames what is at `path` (anything but a
+/// folder) to a temporary name of its own, and returns that name.
+fn set_aside(path: &Path) -> Option<PathBuf> {
+    if fs::symlink_metadata(path).ok()?.is_dir() {
+        return None;
+    }
+    let aside = temp_path(path);
+    fs::rename(path, &aside).ok()?;
+    Some(aside)
+}
+
+/// Work for the thread that removes files set aside.
+enum Removal {
+    File(PathBuf),
+    /// Answered once every file sent before it is removed.
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// The channel to the removing thread, started on first use (`None` where
+/// it could not start: files are then removed at once).
+fn remover() -> Option<&'static std::sync::mpsc::Sender<Removal>> {
+    static REMOVER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<Removal>>> =
+        std::sync::OnceLock::new();
+    REMOVER
+        .get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<Removal>();
+            std::thread::Builder::new()
+                .name("tch-vis-remove".into())
+                .spawn(move || {
+                    for job in rx {
+                        match job {
+                            Removal::File(p) => {
+                                let _ = fs::remove_file(p);
+                            }
+                            Removal::Flush(done) => {
+                                let _ = done.send(());
+                            }
+                        }
+                    }
+                })
+                .ok()
+                .map(|_| tx)
+        })
+        .as_ref()
+}
+
+/// Removes `path` on the removing thread (at once where it cannot run).
+/// Files still queued when the process dies stay as temporaries, which
+/// [`remove_stale_temps`] removes later.
+fn remove_later(path: PathBuf) {
+    let path = match remover() {
+        Some(tx) => match tx.send(Removal::File(path)) {
+            Ok(()) => return,
+            Err(std::sync::mpsc::SendError(Removal::File(p))) => p,
+            Err(_) => return,
+        },
+        None => path,
+    };
+    let _ = fs::remove_file(path);
+}
+
+/// Waits until the files set aside so far ([`Replace::SetAside`]) are
+/// removed: a run calls it before it reports, so that a finished run
+/// leaves no temporaries.
+pub(crate) fn wait_removals() {
+    if let Some(tx) = remover() {
+        let (done, wait) = std::sync::mpsc::channel();
+        if tx.send(Removal::Flush(done)).is_ok() {
+            let _ = wait.recv();
         }
     }
 }
@@ -492,51 +542,29 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// [`write_atomic`], with an existing file replaced as `replace` says.
 pub(crate) fn write_bytes(path: &Path, bytes: &[u8], replace: Replace) -> Result<()> {
-    write_via_temp(path, replace, |tmp, open| create_with(tmp, open, &[bytes]))
+    write_via_temp(path, replace, |tmp| create_with(tmp, &[bytes]))
 }
 
 /// Has `write` make the temporary file of `path` ([`temp_path`]), then
-/// gives it its name as `replace` says; a failed write leaves no file.
+/// gives it its name as `replace` says; a failed write leaves no file and
+/// the old one as it was.
 fn write_via_temp(
     path: &Path,
     replace: Replace,
-    write: impl FnOnce(&Path, Open) -> std::io::Result<()>,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
 ) -> Result<()> {
     let tmp = temp_path(path);
-    let open = match replace {
-        Replace::Atomic => Open::New,
-        Replace::Reuse => take_aside(path, &tmp),
-    };
-    if let Err(e) = write(&tmp, open) {
+    if let Err(e) = write(&tmp) {
         let _ = fs::remove_file(&tmp);
         return Err(Error::io(path, e));
     }
-    commit(&tmp, path)
+    commit(&tmp, path, replace)
 }
 
-/// Writes `parts` in turn to `tmp`: a new file (and its folders, when
-/// missing), or the existing one written over and cut to their length.
-fn create_with(tmp: &Path, open: Open, parts: &[&[u8]]) -> std::io::Result<()> {
-    // A file not writable by this process is replaced by a new one.
-    let reused = match open {
-        Open::New => None,
-        Open::Existing => fs::OpenOptions::new().write(true).open(tmp).ok(),
-    };
-    let in_place = reused.is_some();
-    let mut f = match reused {
-        Some(f) => f,
-        None => {
-            if open == Open::Existing {
-                fs::remove_file(tmp)?;
-            }
-            with_parent(tmp, || fs::File::create(tmp))?
-        }
-    };
-    parts.iter().try_for_each(|part| f.write_all(part))?;
-    if in_place {
-        f.set_len(parts.iter().map(|p| p.len() as u64).sum())?;
-    }
-    Ok(())
+/// Creates `tmp` (and its folders, when missing) holding `parts` in turn.
+fn create_with(tmp: &Path, parts: &[&[u8]]) -> std::io::Result<()> {
+    let mut f = with_parent(tmp, || fs::File::create(tmp))?;
+    parts.iter().try_for_each(|part| f.write_all(part))
 }
 
 /// Writes `tensor` as a `.npy` file (dtype and shape kept, the bytes
@@ -550,14 +578,14 @@ pub fn write_npy_atomic(path: &Path, tensor: &Tensor) -> Result<()> {
 
 /// [`write_npy_atomic`], with an existing file replaced as `replace` says.
 pub(crate) fn write_npy(path: &Path, tensor: &Tensor, replace: Replace) -> Result<()> {
-    write_via_temp(path, replace, |tmp, open| {
+    write_via_temp(path, replace, |tmp| {
         let t = tensor.f_contiguous().map_err(std::io::Error::other)?;
         // A dtype tch does not know (uint16, uint32, ...): tch's writer
         // would panic on it.
         t.f_kind().map_err(std::io::Error::other)?;
         match npy_header(&t) {
             // The values straight from the tensor's memory.
-            Some(header) => create_with(tmp, open, &[&header, tensor_bytes(&t)]),
+            Some(header) => create_with(tmp, &[&header, tensor_bytes(&t)]),
             None => with_parent(tmp, || {
                 t.write_npy(tmp).map_err(|e| match e {
                     tch::TchError::Io(e) => e,
@@ -775,25 +803,36 @@ mod tests {
         }
         // a/, x.npy, d/ and f.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 4);
-        // Per-image outputs replace an existing file in place: the new
-        // contents (a shorter file cut to its length), the same inode
-        // (its blocks kept), no temporaries; a folder in the way is an
-        // I/O error and is kept; a link is replaced, its target untouched.
+        // Per-image outputs set an existing file aside and remove it later:
+        // the new contents, no temporaries once the removals are done, the
+        // old bytes for a reader that has the old file open; a folder in the
+        // way is an I/O error and is kept; a link is replaced, its target
+        // untouched; a hard link elsewhere (a `cp -l` copy of the folder)
+        // keeps the old contents.
         let o = dir.path().join("o/img.png");
         let n = dir.path().join("o/img.npy");
         for round in [&b"older and longer"[..], b"new"] {
-            write_bytes(&o, round, Replace::Reuse).unwrap();
+            write_bytes(&o, round, Replace::SetAside).unwrap();
         }
-        write_npy(&n, &(&t + 1), Replace::Reuse).unwrap();
-        let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
-        let before = inode(&n);
-        write_npy(&n, &t, Replace::Reuse).unwrap();
+        write_npy(&n, &(&t + 1), Replace::SetAside).unwrap();
+        let mut reader = fs::File::open(&n).unwrap();
+        write_npy(&n, &t, Replace::SetAside).unwrap();
+        wait_removals();
         assert_eq!(fs::read(&o).unwrap(), b"new");
         assert!(Tensor::read_npy(&n).unwrap().equal(&t));
-        assert_eq!(inode(&n), before);
+        let mut old = Vec::new();
+        std::io::Read::read_to_end(&mut reader, &mut old).unwrap();
+        let mut expected = Vec::new();
+        (&t + 1).write_npy(dir.path().join("old.npy")).unwrap();
+        std::io::Read::read_to_end(
+            &mut fs::File::open(dir.path().join("old.npy")).unwrap(),
+            &mut expected,
+        )
+        .unwrap();
+        assert_eq!(old, expected, "the open reader's bytes changed");
         assert_eq!(fs::read_dir(o.parent().unwrap()).unwrap().count(), 2);
         fs::create_dir(dir.path().join("o/dir.png")).unwrap();
-        let bad = write_bytes(&dir.path().join("o/dir.png"), b"x", Replace::Reuse);
+        let bad = write_bytes(&dir.path().join("o/dir.png"), b"x", Replace::SetAside);
         assert!(matches!(bad, Err(Error::Io { .. })), "{bad:?}");
         assert!(dir.path().join("o/dir.png").is_dir());
         assert_eq!(fs::read_dir(o.parent().unwrap()).unwrap().count(), 3);
@@ -801,15 +840,14 @@ mod tests {
         fs::write(&target, b"keep").unwrap();
         let link = dir.path().join("o/link.png");
         std::os::unix::fs::symlink(&target, &link).unwrap();
-        write_bytes(&link, b"map", Replace::Reuse).unwrap();
+        write_bytes(&link, b"map", Replace::SetAside).unwrap();
+        let copy = dir.path().join("copy.png");
+        fs::hard_link(&o, &copy).unwrap();
+        write_bytes(&o, b"newer", Replace::SetAside).unwrap();
+        wait_removals();
         assert!(fs::symlink_metadata(&link).unwrap().is_file());
         assert_eq!(fs::read(&link).unwrap(), b"map");
         assert_eq!(fs::read(&target).unwrap(), b"keep");
-        // A hard link elsewhere (a `cp -l` copy of the folder) keeps the
-        // old contents.
-        let copy = dir.path().join("copy.png");
-        fs::hard_link(&o, &copy).unwrap();
-        write_bytes(&o, b"newer", Replace::Reuse).unwrap();
         assert_eq!(fs::read(&o).unwrap(), b"newer");
         assert_eq!(fs::read(&copy).unwrap(), b"new");
         assert_eq!(fs::read_dir(o.parent().unwrap()).unwrap().count(), 4);

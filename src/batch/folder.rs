@@ -739,7 +739,7 @@ impl FolderSink {
         for a in &r.arrays {
             // Only this worker writes an image's files (see `Replace`).
             let npy = self.file(&r.rel, &format!(".{}.npy", a.name));
-            io::write_npy(&npy, &a.values, Replace::Reuse)?;
+            io::write_npy(&npy, &a.values, Replace::SetAside)?;
             if let Some(heat) = &a.heat {
                 let mut faint = false;
                 let png = with_values(heat, |map: &[f32]| {
@@ -771,7 +771,7 @@ impl FolderSink {
                     }
                 })?;
                 let path = self.file(&r.rel, &format!(".{}.png", a.name));
-                io::write_bytes(&path, &png, Replace::Reuse)?;
+                io::write_bytes(&path, &png, Replace::SetAside)?;
                 if faint {
                     self.faint
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -792,6 +792,8 @@ impl FolderSink {
     /// # Errors
     /// [`Error::Io`] when a file cannot be written.
     pub fn finish(&self, report: serde_json::Value) -> Result<Finished> {
+        // The old files that reruns set aside, removed before the report.
+        io::wait_removals();
         let merged = self.merge()?;
         let mut report = match report {
             serde_json::Value::Object(m) => m,
