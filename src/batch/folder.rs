@@ -92,6 +92,8 @@ pub struct FolderSink {
     /// Heatmaps written with no value of 0.5 or more (see `faint_maps`).
     faint: std::sync::atomic::AtomicUsize,
     png: PngCompression,
+    /// The part of the input this worker covers, when not all of it.
+    shard: Option<crate::io::Shard>,
 }
 
 /// The folder, under [`JOURNAL_DIR`], recording what an output folder's
@@ -101,6 +103,15 @@ pub struct FolderSink {
 /// the record; once the last worker has finished, `report.json` holds it
 /// under [`SETTINGS_KEY`].
 pub const SETTINGS_DIR: &str = "settings";
+
+/// The folder, under [`JOURNAL_DIR`], that marks an overwriting run which
+/// changes the folder's settings while it has not finished its part: one
+/// file per worker (`ID`), holding the shard it covers (`K/N`; empty for
+/// all of the input). Until a run that overwrites the same part finishes,
+/// the folder holds results of both settings, and only runs that overwrite
+/// may write into it: a rerun that skipped what is done would keep the old
+/// settings' results beside the new ones.
+pub const CHANGING_DIR: &str = "changing";
 
 /// The key of `report.json` that records what the folder's results depend
 /// on ([`FolderSink::settings`]).
@@ -288,6 +299,7 @@ impl FolderSink {
             settings_written: Mutex::new(None),
             faint: Default::default(),
             png: PngCompression::Fast,
+            shard: None,
         };
         if !overwrite {
             let (merged, _, foreign) = sink.read_state()?;
@@ -332,10 +344,21 @@ impl FolderSink {
             let record = if self.overwrite {
                 self.read_settings().unwrap_or_default()
             } else {
+                self.check_changing()?;
                 let record = self.read_settings()?;
                 self.check_settings(&record, new)?;
                 record
             };
+            // Overwriting with settings other than the last finished
+            // run's (or while another such run has not finished): the
+            // folder is marked until this run finishes its part.
+            if self.overwrite
+                && (differs(&self.reported_settings(), new).is_some()
+                    || !self.changing_marks().is_empty())
+            {
+                let part = self.shard.map(|s| s.to_string()).unwrap_or_default();
+                io::write_atomic(&self.changing_path(&self.id), part.as_bytes())?;
+            }
             let merged = merge_settings(record, new, self.overwrite, self.section.as_deref());
             write_settings(&self.out, &self.id, &merged)?;
         }
@@ -355,6 +378,63 @@ impl FolderSink {
     fn back_out(&self) {
         let _ = fs::remove_file(self.out.join(JOURNAL_DIR).join("active").join(&self.id));
         let _ = fs::remove_file(settings_path(&self.out, &self.id));
+        let _ = fs::remove_file(self.changing_path(&self.id));
+    }
+
+    /// Worker `id`'s mark in [`CHANGING_DIR`].
+    fn changing_path(&self, id: &str) -> PathBuf {
+        self.out.join(JOURNAL_DIR).join(CHANGING_DIR).join(id)
+    }
+
+    /// The marks of [`CHANGING_DIR`] but this worker's: (worker, the shard
+    /// it covers or `""` for all of the input).
+    fn changing_marks(&self) -> Vec<(String, String)> {
+        let Ok(read) = fs::read_dir(self.out.join(JOURNAL_DIR).join(CHANGING_DIR)) else {
+            return Vec::new();
+        };
+        let mut marks: Vec<(String, String)> = read
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|id| *id != self.id && !id.contains(io::TEMP_MARK))
+            .map(|id| {
+                let part = fs::read_to_string(self.changing_path(&id)).unwrap_or_default();
+                (id, part.trim().to_string())
+            })
+            .collect();
+        marks.sort();
+        marks
+    }
+
+    /// Refuses a run that does not overwrite while an overwriting run that
+    /// changes the settings has not finished ([`CHANGING_DIR`]).
+    fn check_changing(&self) -> Result<()> {
+        let Some((_, part)) = self.changing_marks().into_iter().next() else {
+            return Ok(());
+        };
+        let (which, flag) = if part.is_empty() {
+            (String::new(), String::new())
+        } else {
+            (format!(" (shard {part})"), format!(" --shard {part}"))
+        };
+        Err(Error::OutputMismatch {
+            path: self.out.clone(),
+            reason: format!(
+                "an --overwrite run with other settings{which} has not finished (it stopped before its last image, or is still running), so the folder holds results of both settings: rerun with --overwrite{flag}"
+            ),
+        })
+    }
+
+    /// After this overwriting run did all of its part: its mark goes, and
+    /// so do the marks of stopped runs of the same part (of any part, where
+    /// this run covered all of the input).
+    fn clear_changing(&self) {
+        let _ = fs::remove_file(self.changing_path(&self.id));
+        let own = self.shard.map(|s| s.to_string()).unwrap_or_default();
+        for (id, part) in self.changing_marks() {
+            if !self.at_work(&id) && (own.is_empty() || part == own) {
+                let _ = fs::remove_file(self.changing_path(&id));
+            }
+        }
     }
 
     /// Removes the markers of this host's dead processes.
@@ -429,6 +509,8 @@ impl FolderSink {
             });
         };
         if !self.overwrite {
+            // (A mixed folder first: its record names one side only.)
+            self.check_changing()?;
             let record = self.read_settings()?;
             self.check_settings(&record, &new)?;
         }
@@ -527,6 +609,17 @@ impl FolderSink {
     /// [`PngCompression::Fast`]).
     pub fn png_compression(mut self, compression: PngCompression) -> Self {
         self.png = compression;
+        self
+    }
+
+    /// The part of the input this worker covers (`--shard K/N`), where it
+    /// is not all of it. An overwriting run whose settings differ from the
+    /// folder's marks the folder until it has done its part
+    /// ([`CHANGING_DIR`]; its report then has no `error`), and a finished
+    /// one clears the marks of stopped runs of the same part; without a
+    /// shard it covers, and clears, every part.
+    pub fn shard(mut self, shard: crate::io::Shard) -> Self {
+        self.shard = (shard.count > 1).then_some(shard);
         self
     }
 
@@ -794,6 +887,9 @@ impl FolderSink {
     pub fn finish(&self, report: serde_json::Value) -> Result<Finished> {
         // The old files that reruns set aside, removed before the report.
         io::wait_removals();
+        if self.overwrite && report.get("error").is_none_or(serde_json::Value::is_null) {
+            self.clear_changing();
+        }
         let merged = self.merge()?;
         let mut report = match report {
             serde_json::Value::Object(m) => m,
@@ -937,7 +1033,7 @@ impl FolderSink {
             }
         }
         let dir = self.out.join(JOURNAL_DIR);
-        for sub in ["rows", "reports", "active", SETTINGS_DIR] {
+        for sub in ["rows", "reports", "active", SETTINGS_DIR, CHANGING_DIR] {
             let _ = fs::remove_dir(dir.join(sub));
         }
         let _ = fs::remove_dir(&dir);

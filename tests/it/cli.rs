@@ -1207,6 +1207,76 @@ fn kill_9_then_rerun_equals_an_uninterrupted_run() {
     assert_same_tree(&killed, &whole, "resumed vs uninterrupted");
 }
 
+/// An --overwrite run with other settings, killed mid-run, leaves results
+/// of both settings: a rerun that does not overwrite is refused (with
+/// either settings), an overwriting run of another part does not lift
+/// that, and once an overwriting run of all the input finishes, a rerun
+/// skips everything and the folder equals an uninterrupted run's.
+#[test]
+fn a_stopped_overwrite_with_other_settings_is_finished_by_overwriting() {
+    let t = Tree::good(90);
+    let m = model("digits_cnn");
+    let args = |out: &Path, class: &str, extra: &[&str]| {
+        let score = format!("categorical:{class}");
+        let mut a = vec!["--batch-size", "2", "--smooth-samples", "2", "--seed", "3"];
+        a.extend_from_slice(&["--score", &score]);
+        a.extend_from_slice(extra);
+        saliency_args(&m, &t.images(), out, &a)
+    };
+    let whole = t.out("whole");
+    assert_code(&tch_vis(&args(&whole, "1", &[])), 0, "uninterrupted");
+    let out = t.out("out");
+    assert_code(&tch_vis(&args(&out, "2", &[])), 0, "the first settings");
+
+    let mut child = spawn(&args(&out, "1", &["--overwrite"]));
+    let rows = out.join(".tch-vis/rows");
+    let start = Instant::now();
+    loop {
+        let n = fs::read_dir(&rows)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| fs::read_to_string(e.path()).map_or(0, |t| t.lines().count()))
+            .sum::<usize>();
+        if n >= 12 || start.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    assert!(
+        !child.wait().unwrap().success(),
+        "the kill must land mid-run"
+    );
+
+    for class in ["1", "2"] {
+        let o = tch_vis(&args(&out, class, &[]));
+        assert_code(&o, 2, "a rerun that does not overwrite");
+        assert!(
+            stderr(&o).contains("rerun with --overwrite"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    assert_code(
+        &tch_vis(&args(&out, "1", &["--overwrite", "--shard", "0/2"])),
+        0,
+        "one part",
+    );
+    assert_code(
+        &tch_vis(&args(&out, "1", &[])),
+        2,
+        "the other part still mixed",
+    );
+    assert_code(&tch_vis(&args(&out, "1", &["--overwrite"])), 0, "all parts");
+    let r = run_ok(&args(&out, "1", &[]), "a rerun");
+    assert_eq!(
+        (r["processed"].as_u64(), r["skipped"].as_u64()),
+        (Some(0), Some(90))
+    );
+    assert_same_tree(&out, &whole, "finished by overwriting vs uninterrupted");
+}
+
 /// A first SIGTERM (Slurm's and Kubernetes' stop signal; SIGINT is
 /// handled alike) ends a run cleanly: the image in progress is finished,
 /// scores.csv holds a row for every image whose maps are written, and

@@ -576,7 +576,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     if job.overlay_original {
         sink = sink.overlay_original(pre);
     }
-    sink = sink.png_compression(job.png_compression);
+    sink = sink.png_compression(job.png_compression).shard(job.shard);
 
     // The run.
     // The list is moved, not copied: a million entries are ~200 MB.
