@@ -111,7 +111,7 @@ pub const SETTINGS_DIR: &str = "settings";
 /// the folder holds results of both settings, and only runs that overwrite
 /// may write into it: a rerun that skipped what is done would keep the old
 /// settings' results beside the new ones.
-pub const CHANGING_DIR: &str = "changing";
+const CHANGING_DIR: &str = "changing";
 
 /// The key of `report.json` that records what the folder's results depend
 /// on ([`FolderSink::settings`]).
@@ -615,7 +615,7 @@ impl FolderSink {
     /// The part of the input this worker covers (`--shard K/N`), where it
     /// is not all of it. An overwriting run whose settings differ from the
     /// folder's marks the folder until it has done its part
-    /// ([`CHANGING_DIR`]; its report then has no `error`), and a finished
+    /// (`.tch-vis/changing/`; its report then has no `error`), and a finished
     /// one clears the marks of stopped runs of the same part; without a
     /// shard it covers, and clears, every part.
     pub fn shard(mut self, shard: crate::io::Shard) -> Self {
