@@ -106,12 +106,25 @@ pub const SETTINGS_DIR: &str = "settings";
 
 /// The folder, under [`JOURNAL_DIR`], that marks an overwriting run which
 /// changes the folder's settings while it has not finished its part: one
-/// file per worker (`ID`), holding the shard it covers (`K/N`; empty for
-/// all of the input). Until a run that overwrites the same part finishes,
-/// the folder holds results of both settings, and only runs that overwrite
-/// may write into it: a rerun that skipped what is done would keep the old
-/// settings' results beside the new ones.
+/// file per worker (`ID`), holding its command's section of the settings
+/// (empty for `scores`) and the shard it covers (`K/N`; empty for all of
+/// the input), one per line. Until a run of that command that overwrites
+/// the same part finishes, the folder holds results of both settings, and
+/// runs of that command that do not overwrite are refused: they would keep
+/// the old settings' results beside the new ones. (Other commands' maps
+/// made with a changed shared setting are refused by the record's
+/// [`STALE`] sections.)
 const CHANGING_DIR: &str = "changing";
+
+/// A mark of [`CHANGING_DIR`]: the worker, its command's section (`""`
+/// for `scores`), the shard it covers (`""`: all of the input), and
+/// whether it changes settings all commands share.
+struct Mark {
+    id: String,
+    command: String,
+    part: String,
+    shared: bool,
+}
 
 /// The key of `report.json` that records what the folder's results depend
 /// on ([`FolderSink::settings`]).
@@ -352,12 +365,33 @@ impl FolderSink {
             // Overwriting with settings other than the last finished
             // run's (or while another such run has not finished): the
             // folder is marked until this run finishes its part.
-            if self.overwrite
-                && (differs(&self.reported_settings(), new).is_some()
-                    || !self.changing_marks().is_empty())
-            {
-                let part = self.shard.map(|s| s.to_string()).unwrap_or_default();
-                io::write_atomic(&self.changing_path(&self.id), part.as_bytes())?;
+            if self.overwrite {
+                let reported = self.reported_settings();
+                // A change of a key other commands share (the model, the
+                // scores...): the rows of scores.csv change too.
+                let own = self.section.as_deref();
+                let shared = |r: &Settings| -> Settings {
+                    r.iter()
+                        .filter(|(k, _)| Some(k.as_str()) != own)
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                };
+                let shared_changed = differs(&shared(&reported), &shared(new)).is_some();
+                if shared_changed
+                    || differs(&reported, new).is_some()
+                    || self
+                        .changing_marks()
+                        .iter()
+                        .any(|m| m.command == own.unwrap_or(""))
+                {
+                    let mark = format!(
+                        "{}\n{}\n{}\n",
+                        own.unwrap_or(""),
+                        self.part(),
+                        if shared_changed { "shared" } else { "" }
+                    );
+                    io::write_atomic(&self.changing_path(&self.id), mark.as_bytes())?;
+                }
             }
             let merged = merge_settings(record, new, self.overwrite, self.section.as_deref());
             write_settings(&self.out, &self.id, &merged)?;
@@ -386,53 +420,81 @@ impl FolderSink {
         self.out.join(JOURNAL_DIR).join(CHANGING_DIR).join(id)
     }
 
-    /// The marks of [`CHANGING_DIR`] but this worker's: (worker, the shard
-    /// it covers or `""` for all of the input).
-    fn changing_marks(&self) -> Vec<(String, String)> {
+    /// The shard this worker covers as a mark holds it (`""`: all).
+    fn part(&self) -> String {
+        self.shard.map(|s| s.to_string()).unwrap_or_default()
+    }
+
+    /// The marks of [`CHANGING_DIR`] but this worker's own.
+    fn changing_marks(&self) -> Vec<Mark> {
         let Ok(read) = fs::read_dir(self.out.join(JOURNAL_DIR).join(CHANGING_DIR)) else {
             return Vec::new();
         };
-        let mut marks: Vec<(String, String)> = read
+        let mut marks: Vec<Mark> = read
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|id| *id != self.id && !id.contains(io::TEMP_MARK))
             .map(|id| {
-                let part = fs::read_to_string(self.changing_path(&id)).unwrap_or_default();
-                (id, part.trim().to_string())
+                let text = fs::read_to_string(self.changing_path(&id)).unwrap_or_default();
+                let mut lines = text.lines().map(str::trim);
+                let mut next = || lines.next().unwrap_or("").to_string();
+                let (command, part, shared) = (next(), next(), next());
+                Mark {
+                    id,
+                    command,
+                    part,
+                    shared: shared == "shared",
+                }
             })
             .collect();
-        marks.sort();
+        marks.sort_by(|a, b| a.id.cmp(&b.id));
         marks
     }
 
     /// Refuses a run that does not overwrite while an overwriting run that
-    /// changes the settings has not finished ([`CHANGING_DIR`]).
+    /// changes the settings of its command, or settings all commands share,
+    /// has not finished ([`CHANGING_DIR`]).
     fn check_changing(&self) -> Result<()> {
-        let Some((_, part)) = self.changing_marks().into_iter().next() else {
+        let own = self.section.as_deref().unwrap_or("");
+        let Some(mark) = self
+            .changing_marks()
+            .into_iter()
+            .find(|m| m.command == own || m.shared)
+        else {
             return Ok(());
         };
-        let (which, flag) = if part.is_empty() {
+        let command = if mark.command.is_empty() {
+            "scores".to_string()
+        } else {
+            mark.command.clone()
+        };
+        let (which, flag) = if mark.part.is_empty() {
             (String::new(), String::new())
         } else {
-            (format!(" (shard {part})"), format!(" --shard {part}"))
+            (
+                format!(" (shard {})", mark.part),
+                format!(" --shard {}", mark.part),
+            )
         };
         Err(Error::OutputMismatch {
             path: self.out.clone(),
             reason: format!(
-                "an --overwrite run with other settings{which} has not finished (it stopped before its last image, or is still running), so the folder holds results of both settings: rerun with --overwrite{flag}"
+                "an --overwrite {command} run with other settings{which} has not finished (it stopped before its last image, or is still running), so the folder holds results of both settings: rerun {command} with --overwrite{flag}"
             ),
         })
     }
 
     /// After this overwriting run did all of its part: its mark goes, and
-    /// so do the marks of stopped runs of the same part (of any part, where
-    /// this run covered all of the input).
+    /// so do the marks of its command's runs of the same part (of any part,
+    /// where this run covered all of the input), stopped or not: two
+    /// workers on one part at once are not a way to run, and a worker of
+    /// another host cannot be told dead from here.
     fn clear_changing(&self) {
         let _ = fs::remove_file(self.changing_path(&self.id));
-        let own = self.shard.map(|s| s.to_string()).unwrap_or_default();
-        for (id, part) in self.changing_marks() {
-            if !self.at_work(&id) && (own.is_empty() || part == own) {
-                let _ = fs::remove_file(self.changing_path(&id));
+        let (command, own) = (self.section.as_deref().unwrap_or(""), self.part());
+        for mark in self.changing_marks() {
+            if mark.command == command && (own.is_empty() || mark.part == own) {
+                let _ = fs::remove_file(self.changing_path(&mark.id));
             }
         }
     }
@@ -508,13 +570,13 @@ impl FolderSink {
                 what: "the settings of a folder sink must be a JSON object".into(),
             });
         };
+        self.section = section.map(str::to_string);
         if !self.overwrite {
             // (A mixed folder first: its record names one side only.)
             self.check_changing()?;
             let record = self.read_settings()?;
             self.check_settings(&record, &new)?;
         }
-        self.section = section.map(str::to_string);
         self.new_settings = Some(new);
         Ok(self)
     }

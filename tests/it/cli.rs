@@ -1253,11 +1253,31 @@ fn a_stopped_overwrite_with_other_settings_is_finished_by_overwriting() {
         let o = tch_vis(&args(&out, class, &[]));
         assert_code(&o, 2, "a rerun that does not overwrite");
         assert!(
-            stderr(&o).contains("rerun with --overwrite"),
+            stderr(&o).contains("rerun saliency with --overwrite"),
             "{}",
             stderr(&o)
         );
     }
+    // The score is shared: the rows a scores run would keep are mixed too.
+    let images = t.images();
+    let scores = [
+        "scores",
+        "--model",
+        &m,
+        "--images",
+        s(&images),
+        "--out",
+        s(&out),
+        "--score",
+        "categorical:1",
+    ];
+    let o = tch_vis(&scores);
+    assert_code(&o, 2, "scores into the mixed folder");
+    assert!(
+        stderr(&o).contains("rerun saliency with --overwrite"),
+        "{}",
+        stderr(&o)
+    );
     assert_code(
         &tch_vis(&args(&out, "1", &["--overwrite", "--shard", "0/2"])),
         0,
