@@ -94,6 +94,8 @@ pub struct FolderSink {
     png: PngCompression,
     /// The part of the input this worker covers, when not all of it.
     shard: Option<crate::io::Shard>,
+    /// Whether the input is a list of files rather than a folder.
+    listed: bool,
 }
 
 /// The folder, under [`JOURNAL_DIR`], recording what an output folder's
@@ -104,26 +106,83 @@ pub struct FolderSink {
 /// under [`SETTINGS_KEY`].
 pub const SETTINGS_DIR: &str = "settings";
 
-/// The folder, under [`JOURNAL_DIR`], that marks an overwriting run which
-/// changes the folder's settings while it has not finished its part: one
-/// file per worker (`ID`), holding its command's section of the settings
-/// (empty for `scores`) and the shard it covers (`K/N`; empty for all of
-/// the input), one per line. Until a run of that command that overwrites
-/// the same part finishes, the folder holds results of both settings, and
-/// runs of that command that do not overwrite are refused: they would keep
-/// the old settings' results beside the new ones. (Other commands' maps
-/// made with a changed shared setting are refused by the record's
-/// [`STALE`] sections.)
+/// The folder, under [`JOURNAL_DIR`], that marks a change of a folder's
+/// settings by overwriting runs until they have covered all of the input:
+/// one file per worker (`ID`) of a [`Mark`]. While the marks of a command
+/// do not yet cover the input with `done` parts of one set of settings,
+/// the folder holds results of both settings, and runs that do not
+/// overwrite are refused: of that command, and of every command where a
+/// setting all commands share (the model, the scores) changed. They would
+/// keep the old settings' results beside the new ones.
 const CHANGING_DIR: &str = "changing";
 
-/// A mark of [`CHANGING_DIR`]: the worker, its command's section (`""`
-/// for `scores`), the shard it covers (`""`: all of the input), and
-/// whether it changes settings all commands share.
+/// A mark of [`CHANGING_DIR`], one line each in its file: its command's
+/// section (`""` for `scores`), the part of the input its worker covers
+/// (`K/N`, `""` for all of it, `list` for a list of files), whether the
+/// change touches settings all commands share (`shared`), whether the
+/// worker did all of its part (`done`), and the worker's settings (compact
+/// JSON: parts count together only under the same settings).
 struct Mark {
     id: String,
     command: String,
     part: String,
     shared: bool,
+    done: bool,
+    settings: String,
+}
+
+impl Mark {
+    fn text(&self) -> String {
+        format!(
+            "{}\n{}\n{}\n{}\n{}\n",
+            self.command,
+            self.part,
+            if self.shared { "shared" } else { "" },
+            if self.done { "done" } else { "" },
+            self.settings
+        )
+    }
+
+    fn parse(id: String, text: &str) -> Mark {
+        let mut lines = text.lines().map(str::trim);
+        let mut next = || lines.next().unwrap_or("").to_string();
+        let (command, part, shared, done, settings) = (next(), next(), next(), next(), next());
+        Mark {
+            id,
+            command,
+            part,
+            shared: shared == "shared",
+            done: done == "done",
+            settings,
+        }
+    }
+}
+
+/// Whether `parts` (`K/N`, or `""` for all of the input) together cover
+/// every index of the input.
+fn covers(parts: &[&str]) -> bool {
+    if parts.contains(&"") {
+        return true;
+    }
+    let shards: Vec<crate::io::Shard> = parts.iter().filter_map(|p| p.parse().ok()).collect();
+    // Every index is covered when every residue modulo the counts' least
+    // common multiple is (bounded: past it, each count on its own).
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let lcm = shards.iter().try_fold(1usize, |l, s| {
+        let l = l / gcd(l, s.count) * s.count;
+        (l <= 1 << 16).then_some(l)
+    });
+    match lcm {
+        Some(l) => (0..l).all(|r| shards.iter().any(|s| s.contains(r))),
+        None => shards.iter().any(|n| {
+            (0..n.count).all(|k| shards.iter().any(|s| s.count == n.count && s.index == k))
+        }),
+    }
 }
 
 /// The key of `report.json` that records what the folder's results depend
@@ -313,6 +372,7 @@ impl FolderSink {
             faint: Default::default(),
             png: PngCompression::Fast,
             shard: None,
+            listed: false,
         };
         if !overwrite {
             let (merged, _, foreign) = sink.read_state()?;
@@ -363,8 +423,8 @@ impl FolderSink {
                 record
             };
             // Overwriting with settings other than the last finished
-            // run's (or while another such run has not finished): the
-            // folder is marked until this run finishes its part.
+            // run's, or while a change of this command's is under way:
+            // the folder is marked until the change covers the input.
             if self.overwrite {
                 let reported = self.reported_settings();
                 // A change of a key other commands share (the model, the
@@ -377,20 +437,20 @@ impl FolderSink {
                         .collect()
                 };
                 let shared_changed = differs(&shared(&reported), &shared(new)).is_some();
+                let command = own.unwrap_or("").to_string();
                 if shared_changed
                     || differs(&reported, new).is_some()
-                    || self
-                        .changing_marks()
-                        .iter()
-                        .any(|m| m.command == own.unwrap_or(""))
+                    || self.changing_marks().iter().any(|m| m.command == command)
                 {
-                    let mark = format!(
-                        "{}\n{}\n{}\n",
-                        own.unwrap_or(""),
-                        self.part(),
-                        if shared_changed { "shared" } else { "" }
-                    );
-                    io::write_atomic(&self.changing_path(&self.id), mark.as_bytes())?;
+                    let mark = Mark {
+                        id: self.id.clone(),
+                        command,
+                        part: self.part(),
+                        shared: shared_changed,
+                        done: false,
+                        settings: serde_json::Value::Object(new.clone()).to_string(),
+                    };
+                    io::write_atomic(&self.changing_path(&self.id), mark.text().as_bytes())?;
                 }
             }
             let merged = merge_settings(record, new, self.overwrite, self.section.as_deref());
@@ -420,8 +480,11 @@ impl FolderSink {
         self.out.join(JOURNAL_DIR).join(CHANGING_DIR).join(id)
     }
 
-    /// The shard this worker covers as a mark holds it (`""`: all).
+    /// The part of the input this worker covers, as a mark holds it.
     fn part(&self) -> String {
+        if self.listed {
+            return "list".into();
+        }
         self.shard.map(|s| s.to_string()).unwrap_or_default()
     }
 
@@ -436,67 +499,80 @@ impl FolderSink {
             .filter(|id| *id != self.id && !id.contains(io::TEMP_MARK))
             .map(|id| {
                 let text = fs::read_to_string(self.changing_path(&id)).unwrap_or_default();
-                let mut lines = text.lines().map(str::trim);
-                let mut next = || lines.next().unwrap_or("").to_string();
-                let (command, part, shared) = (next(), next(), next());
-                Mark {
-                    id,
-                    command,
-                    part,
-                    shared: shared == "shared",
-                }
+                Mark::parse(id, &text)
             })
             .collect();
         marks.sort_by(|a, b| a.id.cmp(&b.id));
         marks
     }
 
-    /// Refuses a run that does not overwrite while an overwriting run that
-    /// changes the settings of its command, or settings all commands share,
-    /// has not finished ([`CHANGING_DIR`]).
+    /// Refuses a run that does not overwrite while a change of its
+    /// command's settings, or of settings all commands share, has not
+    /// covered the input ([`CHANGING_DIR`]).
     fn check_changing(&self) -> Result<()> {
         let own = self.section.as_deref().unwrap_or("");
-        let Some(mark) = self
-            .changing_marks()
-            .into_iter()
-            .find(|m| m.command == own || m.shared)
-        else {
+        let marks = self.changing_marks();
+        let Some(mark) = marks.iter().find(|m| m.command == own || m.shared) else {
             return Ok(());
         };
         let command = if mark.command.is_empty() {
-            "scores".to_string()
+            "scores"
         } else {
-            mark.command.clone()
+            mark.command.as_str()
         };
-        let (which, flag) = if mark.part.is_empty() {
-            (String::new(), String::new())
+        let mut done: Vec<&str> = marks
+            .iter()
+            .filter(|m| m.command == mark.command && m.done)
+            .map(|m| m.part.as_str())
+            .collect();
+        done.sort();
+        done.dedup();
+        let so_far = if done.is_empty() {
+            String::new()
         } else {
-            (
-                format!(" (shard {})", mark.part),
-                format!(" --shard {}", mark.part),
-            )
+            format!(" (done so far: {})", done.join(", "))
         };
         Err(Error::OutputMismatch {
             path: self.out.clone(),
             reason: format!(
-                "an --overwrite {command} run with other settings{which} has not finished (it stopped before its last image, or is still running), so the folder holds results of both settings: rerun {command} with --overwrite{flag}"
+                "an --overwrite {command} run with other settings has not covered all of the input{so_far} (a run stopped before its last image, one is still running, or a shard is still to run), so the folder holds results of both settings: rerun {command} with --overwrite for the rest"
             ),
         })
     }
 
-    /// After this overwriting run did all of its part: its mark goes, and
-    /// so do the marks of its command's runs of the same part (of any part,
-    /// where this run covered all of the input), stopped or not: two
-    /// workers on one part at once are not a way to run, and a worker of
-    /// another host cannot be told dead from here.
-    fn clear_changing(&self) {
-        let _ = fs::remove_file(self.changing_path(&self.id));
-        let (command, own) = (self.section.as_deref().unwrap_or(""), self.part());
-        for mark in self.changing_marks() {
-            if mark.command == command && (own.is_empty() || mark.part == own) {
-                let _ = fs::remove_file(self.changing_path(&mark.id));
+    /// After this overwriting run did all of its part: its mark says so,
+    /// marks of its command's runs of the same part that did not finish
+    /// go (alive or not: two workers on one part at once are not a way to
+    /// run, and a worker of another host cannot be told dead from here),
+    /// and once the done parts of this run's settings cover the input,
+    /// every mark of its command goes.
+    fn clear_changing(&self) -> Result<()> {
+        let own = self.changing_path(&self.id);
+        let Ok(text) = fs::read_to_string(&own) else {
+            return Ok(());
+        };
+        let mut mine = Mark::parse(self.id.clone(), &text);
+        mine.done = true;
+        io::write_atomic(&own, mine.text().as_bytes())?;
+        let marks = self.changing_marks();
+        for m in &marks {
+            if m.command == mine.command && !m.done && m.part == mine.part {
+                let _ = fs::remove_file(self.changing_path(&m.id));
             }
         }
+        let mut parts: Vec<&str> = marks
+            .iter()
+            .filter(|m| m.command == mine.command && m.done && m.settings == mine.settings)
+            .map(|m| m.part.as_str())
+            .collect();
+        parts.push(&mine.part);
+        if covers(&parts) {
+            for m in marks.iter().filter(|m| m.command == mine.command) {
+                let _ = fs::remove_file(self.changing_path(&m.id));
+            }
+            let _ = fs::remove_file(&own);
+        }
+        Ok(())
     }
 
     /// Removes the markers of this host's dead processes.
@@ -675,13 +751,22 @@ impl FolderSink {
     }
 
     /// The part of the input this worker covers (`--shard K/N`), where it
-    /// is not all of it. An overwriting run whose settings differ from the
-    /// folder's marks the folder until it has done its part
-    /// (`.tch-vis/changing/`; its report then has no `error`), and a finished
-    /// one clears the marks of stopped runs of the same part; without a
-    /// shard it covers, and clears, every part.
+    /// is not all of it. Overwriting runs that change the folder's settings
+    /// mark the folder (`.tch-vis/changing/`) until the parts they finished
+    /// (a part is finished when [`FolderSink::finish`]'s report has no
+    /// `error`) cover the input under one set of settings; meanwhile runs
+    /// that do not overwrite are refused. Without a shard (nor
+    /// [`FolderSink::listed`]) a run covers all of the input.
     pub fn shard(mut self, shard: crate::io::Shard) -> Self {
         self.shard = (shard.count > 1).then_some(shard);
+        self
+    }
+
+    /// The input is a list of files (`--images-from`), not all of a
+    /// folder: an overwriting run of it never counts as covering the
+    /// input (see [`FolderSink::shard`]).
+    pub fn listed(mut self) -> Self {
+        self.listed = true;
         self
     }
 
@@ -950,7 +1035,7 @@ impl FolderSink {
         // The old files that reruns set aside, removed before the report.
         io::wait_removals();
         if self.overwrite && report.get("error").is_none_or(serde_json::Value::is_null) {
-            self.clear_changing();
+            self.clear_changing()?;
         }
         let merged = self.merge()?;
         let mut report = match report {
@@ -1245,7 +1330,20 @@ fn with_values<T: tch::kind::Element, R>(
 
 #[cfg(test)]
 mod tests {
-    use super::is_faint;
+    use super::{covers, is_faint};
+
+    #[test]
+    fn parts_cover_the_input_only_together() {
+        assert!(covers(&[""]));
+        assert!(covers(&["0/2", "1/2"]));
+        assert!(covers(&["0/4", "2/4", "1/2"]));
+        assert!(covers(&["1/2", "0/3", "2/6", "4/6"]));
+        assert!(!covers(&["0/2"]));
+        assert!(!covers(&["0/3", "1/3"]));
+        assert!(!covers(&["0/4", "1/2"]));
+        assert!(!covers(&["list"]));
+        assert!(!covers(&[]));
+    }
 
     #[test]
     fn a_map_is_faint_without_a_value_of_half_or_more() {

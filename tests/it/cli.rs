@@ -1209,9 +1209,10 @@ fn kill_9_then_rerun_equals_an_uninterrupted_run() {
 
 /// An --overwrite run with other settings, killed mid-run, leaves results
 /// of both settings: a rerun that does not overwrite is refused (with
-/// either settings), an overwriting run of another part does not lift
-/// that, and once an overwriting run of all the input finishes, a rerun
-/// skips everything and the folder equals an uninterrupted run's.
+/// either settings, and a scores run too, the score being shared), an
+/// overwriting run of one shard does not lift that, and once overwriting
+/// shards cover the input, a rerun skips everything and the folder equals
+/// an uninterrupted run's.
 #[test]
 fn a_stopped_overwrite_with_other_settings_is_finished_by_overwriting() {
     let t = Tree::good(90);
@@ -1283,12 +1284,15 @@ fn a_stopped_overwrite_with_other_settings_is_finished_by_overwriting() {
         0,
         "one part",
     );
+    let o = tch_vis(&args(&out, "1", &[]));
+    assert_code(&o, 2, "the other part still mixed");
+    assert!(stderr(&o).contains("done so far: 0/2"), "{}", stderr(&o));
+    // The other shard completes the change: the two parts cover the input.
     assert_code(
-        &tch_vis(&args(&out, "1", &[])),
-        2,
-        "the other part still mixed",
+        &tch_vis(&args(&out, "1", &["--overwrite", "--shard", "1/2"])),
+        0,
+        "the other part",
     );
-    assert_code(&tch_vis(&args(&out, "1", &["--overwrite"])), 0, "all parts");
     let r = run_ok(&args(&out, "1", &[]), "a rerun");
     assert_eq!(
         (r["processed"].as_u64(), r["skipped"].as_u64()),

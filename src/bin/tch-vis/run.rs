@@ -577,6 +577,9 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         sink = sink.overlay_original(pre);
     }
     sink = sink.png_compression(job.png_compression).shard(job.shard);
+    if matches!(job.images, Images::List { .. }) {
+        sink = sink.listed();
+    }
 
     // The run.
     // The list is moved, not copied: a million entries are ~200 MB.
