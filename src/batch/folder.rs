@@ -96,6 +96,8 @@ pub struct FolderSink {
     shard: Option<crate::io::Shard>,
     /// Whether the input is a list of files rather than a folder.
     listed: bool,
+    /// What the input is ([`FolderSink::input`]).
+    input: String,
 }
 
 /// The folder, under [`JOURNAL_DIR`], recording what an output folder's
@@ -120,8 +122,9 @@ const CHANGING_DIR: &str = "changing";
 /// section (`""` for `scores`), the part of the input its worker covers
 /// (`K/N`, `""` for all of it, `list` for a list of files), whether the
 /// change touches settings all commands share (`shared`), whether the
-/// worker did all of its part (`done`), and the worker's settings (compact
-/// JSON: parts count together only under the same settings).
+/// worker did all of its part (`done`), the worker's settings (compact
+/// JSON), and its input ([`FolderSink::input`]). Parts count together
+/// only under the same settings and input.
 struct Mark {
     id: String,
     command: String,
@@ -129,24 +132,27 @@ struct Mark {
     shared: bool,
     done: bool,
     settings: String,
+    input: String,
 }
 
 impl Mark {
     fn text(&self) -> String {
         format!(
-            "{}\n{}\n{}\n{}\n{}\n",
+            "{}\n{}\n{}\n{}\n{}\n{}\n",
             self.command,
             self.part,
             if self.shared { "shared" } else { "" },
             if self.done { "done" } else { "" },
-            self.settings
+            self.settings,
+            self.input.replace('\n', " ")
         )
     }
 
     fn parse(id: String, text: &str) -> Mark {
         let mut lines = text.lines().map(str::trim);
         let mut next = || lines.next().unwrap_or("").to_string();
-        let (command, part, shared, done, settings) = (next(), next(), next(), next(), next());
+        let (command, part, shared, done, settings, input) =
+            (next(), next(), next(), next(), next(), next());
         Mark {
             id,
             command,
@@ -154,35 +160,51 @@ impl Mark {
             shared: shared == "shared",
             done: done == "done",
             settings,
+            input,
         }
     }
 }
 
-/// Whether `parts` (`K/N`, or `""` for all of the input) together cover
-/// every index of the input.
-fn covers(parts: &[&str]) -> bool {
-    if parts.contains(&"") {
-        return true;
-    }
-    let shards: Vec<crate::io::Shard> = parts.iter().filter_map(|p| p.parse().ok()).collect();
-    // Every index is covered when every residue modulo the counts' least
-    // common multiple is (bounded: past it, each count on its own).
+/// Whether the input is clean after a change recorded by `marks` (one
+/// command's, in the order their runs began): every index of the input
+/// was last touched by a mark that is done, of a part of the input
+/// (`K/N` or `""`, not `list`) under `input`, with `settings`. A mark of
+/// a list or of another input touches every index and makes none clean;
+/// a stopped run's mark makes the indices of its part unclean until a
+/// later run does them. Past 65,536 residues, nothing counts as clean.
+fn clean(marks: &[&Mark], settings: &str, input: &str) -> bool {
+    let shard = |m: &Mark| -> Option<crate::io::Shard> {
+        if m.input != input || m.part == "list" {
+            return None;
+        }
+        match m.part.as_str() {
+            "" => Some(crate::io::Shard { index: 0, count: 1 }),
+            p => p.parse().ok(),
+        }
+    };
     let gcd = |mut a: usize, mut b: usize| {
         while b != 0 {
             (a, b) = (b, a % b);
         }
         a
     };
-    let lcm = shards.iter().try_fold(1usize, |l, s| {
-        let l = l / gcd(l, s.count) * s.count;
-        (l <= 1 << 16).then_some(l)
-    });
-    match lcm {
-        Some(l) => (0..l).all(|r| shards.iter().any(|s| s.contains(r))),
-        None => shards.iter().any(|n| {
-            (0..n.count).all(|k| shards.iter().any(|s| s.count == n.count && s.index == k))
-        }),
-    }
+    let Some(l) = marks
+        .iter()
+        .filter_map(|m| shard(m))
+        .try_fold(1usize, |l, s| {
+            let l = l / gcd(l, s.count) * s.count;
+            (l <= 1 << 16).then_some(l)
+        })
+    else {
+        return false;
+    };
+    (0..l).all(|r| {
+        let last = marks
+            .iter()
+            .rev()
+            .find(|m| shard(m).is_none_or(|s| s.contains(r)));
+        last.is_some_and(|m| m.done && m.settings == settings && shard(m).is_some())
+    })
 }
 
 /// The key of `report.json` that records what the folder's results depend
@@ -373,6 +395,7 @@ impl FolderSink {
             png: PngCompression::Fast,
             shard: None,
             listed: false,
+            input: String::new(),
         };
         if !overwrite {
             let (merged, _, foreign) = sink.read_state()?;
@@ -438,8 +461,14 @@ impl FolderSink {
                 };
                 let shared_changed = differs(&shared(&reported), &shared(new)).is_some();
                 let command = own.unwrap_or("").to_string();
+                // (Against the settings files too: runs that never
+                // finished leave no report, only those.)
+                let recorded = self.read_settings().unwrap_or_default();
+                let shared_changed =
+                    shared_changed || differs(&shared(&recorded), &shared(new)).is_some();
                 if shared_changed
                     || differs(&reported, new).is_some()
+                    || differs(&recorded, new).is_some()
                     || self.changing_marks().iter().any(|m| m.command == command)
                 {
                     let mark = Mark {
@@ -449,6 +478,7 @@ impl FolderSink {
                         shared: shared_changed,
                         done: false,
                         settings: serde_json::Value::Object(new.clone()).to_string(),
+                        input: self.input.clone(),
                     };
                     io::write_atomic(&self.changing_path(&self.id), mark.text().as_bytes())?;
                 }
@@ -535,17 +565,16 @@ impl FolderSink {
         Err(Error::OutputMismatch {
             path: self.out.clone(),
             reason: format!(
-                "an --overwrite {command} run with other settings has not covered all of the input{so_far} (a run stopped before its last image, one is still running, or a shard is still to run), so the folder holds results of both settings: rerun {command} with --overwrite for the rest"
+                "an --overwrite {command} run with other settings has not covered all of the input{so_far} (a run stopped before its last image, one is still running, or a shard is still to run), so the folder holds results of both settings: rerun {command} with --overwrite for the rest (or remove {} to take the folder as it is)", self.out.join(JOURNAL_DIR).join(CHANGING_DIR).display()
             ),
         })
     }
 
     /// After this overwriting run did all of its part: its mark says so,
-    /// marks of its command's runs of the same part that did not finish
-    /// go (alive or not: two workers on one part at once are not a way to
-    /// run, and a worker of another host cannot be told dead from here),
-    /// and once the done parts of this run's settings cover the input,
-    /// every mark of its command goes.
+    /// and once every index of the input was last done by a finished run
+    /// of this run's settings and input ([`clean`]), every mark of its
+    /// command and input goes. (Marks of another input stay until runs of
+    /// that input clean it.)
     fn clear_changing(&self) -> Result<()> {
         let own = self.changing_path(&self.id);
         let Ok(text) = fs::read_to_string(&own) else {
@@ -555,22 +584,16 @@ impl FolderSink {
         mine.done = true;
         io::write_atomic(&own, mine.text().as_bytes())?;
         let marks = self.changing_marks();
-        for m in &marks {
-            if m.command == mine.command && !m.done && m.part == mine.part {
-                let _ = fs::remove_file(self.changing_path(&m.id));
-            }
-        }
-        let mut parts: Vec<&str> = marks
+        let mut ours: Vec<&Mark> = marks
             .iter()
-            .filter(|m| m.command == mine.command && m.done && m.settings == mine.settings)
-            .map(|m| m.part.as_str())
+            .filter(|m| m.command == mine.command && m.input == mine.input)
             .collect();
-        parts.push(&mine.part);
-        if covers(&parts) {
-            for m in marks.iter().filter(|m| m.command == mine.command) {
+        ours.push(&mine);
+        ours.sort_by(|a, b| a.id.cmp(&b.id));
+        if clean(&ours, &mine.settings, &mine.input) {
+            for m in ours {
                 let _ = fs::remove_file(self.changing_path(&m.id));
             }
-            let _ = fs::remove_file(&own);
         }
         Ok(())
     }
@@ -767,6 +790,15 @@ impl FolderSink {
     /// input (see [`FolderSink::shard`]).
     pub fn listed(mut self) -> Self {
         self.listed = true;
+        self
+    }
+
+    /// What the input is, for the marks of [`FolderSink::shard`]: for
+    /// example its folder. Parts count together, and clear each other's
+    /// marks, only when their runs had the same input: a run over a
+    /// subfolder into the same output folder covers none of the folder's.
+    pub fn input(mut self, input: impl Into<String>) -> Self {
+        self.input = input.into();
         self
     }
 
@@ -1330,19 +1362,71 @@ fn with_values<T: tch::kind::Element, R>(
 
 #[cfg(test)]
 mod tests {
-    use super::{covers, is_faint};
+    use super::{clean, is_faint, Mark};
+
+    fn mark(id: &str, part: &str, done: bool, settings: &str, input: &str) -> Mark {
+        Mark {
+            id: id.into(),
+            command: "saliency".into(),
+            part: part.into(),
+            shared: false,
+            done,
+            settings: settings.into(),
+            input: input.into(),
+        }
+    }
 
     #[test]
-    fn parts_cover_the_input_only_together() {
-        assert!(covers(&[""]));
-        assert!(covers(&["0/2", "1/2"]));
-        assert!(covers(&["0/4", "2/4", "1/2"]));
-        assert!(covers(&["1/2", "0/3", "2/6", "4/6"]));
-        assert!(!covers(&["0/2"]));
-        assert!(!covers(&["0/3", "1/3"]));
-        assert!(!covers(&["0/4", "1/2"]));
-        assert!(!covers(&["list"]));
-        assert!(!covers(&[]));
+    fn the_input_is_clean_once_its_last_runs_cover_it_with_one_setting() {
+        let is_clean = |marks: &[Mark]| clean(&marks.iter().collect::<Vec<_>>(), "B", "in");
+        let m =
+            |id: &str, part: &str, done: bool, settings: &str| mark(id, part, done, settings, "in");
+        assert!(is_clean(&[m("1", "", true, "B")]));
+        assert!(is_clean(&[
+            m("1", "0/2", true, "B"),
+            m("2", "1/2", true, "B")
+        ]));
+        assert!(is_clean(&[
+            m("1", "0/4", true, "B"),
+            m("2", "2/4", true, "B"),
+            m("3", "1/2", true, "B")
+        ]));
+        // A stopped run of all the input, then shards that cover it.
+        assert!(is_clean(&[
+            m("1", "", false, "B"),
+            m("2", "0/2", true, "B"),
+            m("3", "1/2", true, "B")
+        ]));
+        assert!(!is_clean(&[m("1", "0/2", true, "B")]));
+        assert!(!is_clean(&[
+            m("1", "0/3", true, "B"),
+            m("2", "1/3", true, "B")
+        ]));
+        // A later run with other settings over a done part, finished or not.
+        assert!(!is_clean(&[
+            m("1", "0/2", true, "B"),
+            m("2", "0/2", true, "A"),
+            m("3", "1/2", true, "B")
+        ]));
+        assert!(!is_clean(&[
+            m("1", "0/2", true, "B"),
+            m("2", "0/2", false, "C"),
+            m("3", "1/2", true, "B")
+        ]));
+        // A list, or another input, touches everything and covers nothing.
+        assert!(!is_clean(&[
+            m("1", "", true, "B"),
+            m("2", "list", true, "B")
+        ]));
+        assert!(!is_clean(&[
+            m("1", "0/2", true, "B"),
+            mark("2", "1/2", true, "B", "other")
+        ]));
+        assert!(is_clean(&[
+            mark("1", "", true, "B", "other"),
+            m("2", "", true, "B")
+        ]));
+        assert!(!is_clean(&[]));
     }
 
     #[test]

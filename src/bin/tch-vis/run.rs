@@ -580,6 +580,10 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     if matches!(job.images, Images::List { .. }) {
         sink = sink.listed();
     }
+    // The input as the marks of a settings change compare it: its folder
+    // (or the list's root).
+    let input = std::fs::canonicalize(&root).unwrap_or_else(|_| root.to_path_buf());
+    sink = sink.input(input.display().to_string());
 
     // The run.
     // The list is moved, not copied: a million entries are ~200 MB.
