@@ -94,8 +94,6 @@ pub struct FolderSink {
     png: PngCompression,
     /// The part of the input this worker covers, when not all of it.
     shard: Option<crate::io::Shard>,
-    /// Whether the input is a list of files rather than a folder.
-    listed: bool,
     /// What the input is ([`FolderSink::input`]).
     input: String,
 }
@@ -394,7 +392,6 @@ impl FolderSink {
             faint: Default::default(),
             png: PngCompression::Fast,
             shard: None,
-            listed: false,
             input: String::new(),
         };
         if !overwrite {
@@ -512,9 +509,6 @@ impl FolderSink {
 
     /// The part of the input this worker covers, as a mark holds it.
     fn part(&self) -> String {
-        if self.listed {
-            return "list".into();
-        }
         self.shard.map(|s| s.to_string()).unwrap_or_default()
     }
 
@@ -778,25 +772,18 @@ impl FolderSink {
     /// mark the folder (`.tch-vis/changing/`) until the parts they finished
     /// (a part is finished when [`FolderSink::finish`]'s report has no
     /// `error`) cover the input under one set of settings; meanwhile runs
-    /// that do not overwrite are refused. Without a shard (nor
-    /// [`FolderSink::listed`]) a run covers all of the input.
+    /// that do not overwrite are refused. Without a shard a run covers all
+    /// of its input ([`FolderSink::input`]).
     pub fn shard(mut self, shard: crate::io::Shard) -> Self {
         self.shard = (shard.count > 1).then_some(shard);
         self
     }
 
-    /// The input is a list of files (`--images-from`), not all of a
-    /// folder: an overwriting run of it never counts as covering the
-    /// input (see [`FolderSink::shard`]).
-    pub fn listed(mut self) -> Self {
-        self.listed = true;
-        self
-    }
-
     /// What the input is, for the marks of [`FolderSink::shard`]: for
-    /// example its folder. Parts count together, and clear each other's
-    /// marks, only when their runs had the same input: a run over a
-    /// subfolder into the same output folder covers none of the folder's.
+    /// example its folder, or a list and its names. Parts count together,
+    /// and clear each other's marks, only when their runs had the same
+    /// input: a run over a subfolder or a list into the same output folder
+    /// covers none of the folder's.
     pub fn input(mut self, input: impl Into<String>) -> Self {
         self.input = input.into();
         self
@@ -1066,7 +1053,8 @@ impl FolderSink {
     pub fn finish(&self, report: serde_json::Value) -> Result<Finished> {
         // The old files that reruns set aside, removed before the report.
         io::wait_removals();
-        if self.overwrite && report.get("error").is_none_or(serde_json::Value::is_null) {
+        let complete = self.overwrite && report.get("error").is_none_or(serde_json::Value::is_null);
+        if complete {
             self.clear_changing()?;
         }
         let merged = self.merge()?;
@@ -1101,8 +1089,42 @@ impl FolderSink {
         let (merged, seen) = self.merge_seen()?;
         self.record_settings(&mut report);
         let report_files = self.write_summary(&mut report, &merged)?;
+        if complete && self.part().is_empty() {
+            self.drop_superseded_settings();
+        }
         self.compact(&seen, &report_files);
         Ok(Finished { merged, last: true })
+    }
+
+    /// After an overwriting run of all of its input finished: the settings
+    /// files of stopped workers that differ from the record written only
+    /// in what this run recomputed (its command's section, the settings
+    /// all commands share) go. This run redid their images; kept, they
+    /// would lay their old values over the record for good (a run killed
+    /// before the first finished one, then an `--overwrite` with another
+    /// score: every later rerun was refused).
+    fn drop_superseded_settings(&self) {
+        let (Some(new), Some(written)) = (
+            self.new_settings.as_ref(),
+            self.settings_written
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        ) else {
+            return;
+        };
+        let own = settings_path(&self.out, &self.id);
+        for (path, file) in settings_files(&self.out).unwrap_or_default() {
+            if path == own || self.at_work(&worker_of(&path)) {
+                continue;
+            }
+            if file
+                .iter()
+                .all(|(k, v)| new.contains_key(k) || written.get(k) == Some(v))
+            {
+                let _ = fs::remove_file(path);
+            }
+        }
     }
 
     /// Writes `report.json`: `report` plus `workers` (every per-worker

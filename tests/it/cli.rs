@@ -1229,26 +1229,7 @@ fn a_stopped_overwrite_with_other_settings_is_finished_by_overwriting() {
     let out = t.out("out");
     assert_code(&tch_vis(&args(&out, "2", &[])), 0, "the first settings");
 
-    let mut child = spawn(&args(&out, "1", &["--overwrite"]));
-    let rows = out.join(".tch-vis/rows");
-    let start = Instant::now();
-    loop {
-        let n = fs::read_dir(&rows)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| fs::read_to_string(e.path()).map_or(0, |t| t.lines().count()))
-            .sum::<usize>();
-        if n >= 12 || start.elapsed() > Duration::from_secs(30) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap();
-    assert!(
-        !child.wait().unwrap().success(),
-        "the kill must land mid-run"
-    );
+    kill_after_rows(spawn(&args(&out, "1", &["--overwrite"])), &out, 12);
 
     for class in ["1", "2"] {
         let o = tch_vis(&args(&out, class, &[]));
@@ -1299,6 +1280,60 @@ fn a_stopped_overwrite_with_other_settings_is_finished_by_overwriting() {
         (Some(0), Some(90))
     );
     assert_same_tree(&out, &whole, "finished by overwriting vs uninterrupted");
+}
+
+/// Kills `child` (a run into `out`) with SIGKILL once its journals hold
+/// `rows` lines, and checks that it had not finished.
+fn kill_after_rows(mut child: std::process::Child, out: &Path, rows: usize) {
+    let journals = out.join(".tch-vis/rows");
+    let start = Instant::now();
+    loop {
+        let n = fs::read_dir(&journals)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| fs::read_to_string(e.path()).map_or(0, |t| t.lines().count()))
+            .sum::<usize>();
+        if n >= rows || start.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    assert!(
+        !child.wait().unwrap().success(),
+        "the kill must land mid-run"
+    );
+}
+
+/// A first run killed mid-run, then an --overwrite with another score
+/// that finishes: the killed run's settings no longer count, and a plain
+/// rerun with the new score skips everything.
+#[test]
+fn an_overwrite_of_all_the_input_supersedes_a_killed_runs_settings() {
+    let t = Tree::good(90);
+    let m = model("digits_cnn");
+    let args = |class: &str, extra: &[&str]| {
+        let score = format!("categorical:{class}");
+        let mut a = vec![
+            "--batch-size",
+            "2",
+            "--smooth-samples",
+            "2",
+            "--score",
+            &score,
+        ];
+        a.extend_from_slice(extra);
+        saliency_args(&m, &t.images(), &t.out("out"), &a)
+    };
+    kill_after_rows(spawn(&args("2", &[])), &t.out("out"), 12);
+    assert_code(&tch_vis(&args("1", &["--overwrite"])), 0, "overwrite");
+    let r = run_ok(&args("1", &[]), "a plain rerun");
+    assert_eq!(
+        (r["processed"].as_u64(), r["skipped"].as_u64()),
+        (Some(0), Some(90))
+    );
+    assert!(!t.out("out").join(".tch-vis").exists());
 }
 
 /// A first SIGTERM (Slurm's and Kubernetes' stop signal; SIGINT is

@@ -577,13 +577,26 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         sink = sink.overlay_original(pre);
     }
     sink = sink.png_compression(job.png_compression).shard(job.shard);
-    if matches!(job.images, Images::List { .. }) {
-        sink = sink.listed();
-    }
-    // The input as the marks of a settings change compare it: its folder
-    // (or the list's root).
-    let input = std::fs::canonicalize(&root).unwrap_or_else(|_| root.to_path_buf());
-    sink = sink.input(input.display().to_string());
+    // The input as the marks of a settings change compare it: its folder,
+    // or a list (its file and the names in it: two lists are two inputs).
+    let canonical =
+        |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let input = match &job.images {
+        Images::Path(_) => canonical(&root).display().to_string(),
+        Images::List { list, .. } => {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            entries.iter().for_each(|e| e.rel.hash(&mut h));
+            format!(
+                "list {} of {} under {}: {:016x}",
+                canonical(list).display(),
+                entries.len(),
+                canonical(&root).display(),
+                h.finish()
+            )
+        }
+    };
+    sink = sink.input(input);
 
     // The run.
     // The list is moved, not copied: a million entries are ~200 MB.
