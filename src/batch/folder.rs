@@ -118,7 +118,7 @@ const CHANGING_DIR: &str = "changing";
 
 /// A mark of [`CHANGING_DIR`], one line each in its file: its command's
 /// section (`""` for `scores`), the part of the input its worker covers
-/// (`K/N`, `""` for all of it, `list` for a list of files), whether the
+/// (`K/N`, `""` for all of it), whether the
 /// change touches settings all commands share (`shared`), whether the
 /// worker did all of its part (`done`), the worker's settings (compact
 /// JSON), and its input ([`FolderSink::input`]). Parts count together
@@ -166,42 +166,39 @@ impl Mark {
 /// Whether the input is clean after a change recorded by `marks` (one
 /// command's, in the order their runs began): every index of the input
 /// was last touched by a mark that is done, of a part of the input
-/// (`K/N` or `""`, not `list`) under `input`, with `settings`. A mark of
-/// a list or of another input touches every index and makes none clean;
+/// (`K/N` or `""`) under `input`, with `settings`. A mark of another input
+/// (or a part that does not parse) touches every index and makes none clean;
 /// a stopped run's mark makes the indices of its part unclean until a
 /// later run does them. Past 65,536 residues, nothing counts as clean.
 fn clean(marks: &[&Mark], settings: &str, input: &str) -> bool {
-    let shard = |m: &Mark| -> Option<crate::io::Shard> {
-        if m.input != input || m.part == "list" {
-            return None;
-        }
-        match m.part.as_str() {
+    // Each mark's part, parsed once (`None`: touches every index).
+    let parts: Vec<Option<crate::io::Shard>> = marks
+        .iter()
+        .map(|m| match m.part.as_str() {
+            _ if m.input != input => None,
             "" => Some(crate::io::Shard { index: 0, count: 1 }),
             p => p.parse().ok(),
-        }
-    };
+        })
+        .collect();
     let gcd = |mut a: usize, mut b: usize| {
         while b != 0 {
             (a, b) = (b, a % b);
         }
         a
     };
-    let Some(l) = marks
-        .iter()
-        .filter_map(|m| shard(m))
-        .try_fold(1usize, |l, s| {
-            let l = l / gcd(l, s.count) * s.count;
-            (l <= 1 << 16).then_some(l)
-        })
-    else {
+    let Some(l) = parts.iter().flatten().try_fold(1usize, |l, s| {
+        let l = l / gcd(l, s.count) * s.count;
+        (l <= 1 << 16).then_some(l)
+    }) else {
         return false;
     };
     (0..l).all(|r| {
         let last = marks
             .iter()
+            .zip(&parts)
             .rev()
-            .find(|m| shard(m).is_none_or(|s| s.contains(r)));
-        last.is_some_and(|m| m.done && m.settings == settings && shard(m).is_some())
+            .find(|(_, p)| p.is_none_or(|s| s.contains(r)));
+        last.is_some_and(|(m, p)| m.done && m.settings == settings && p.is_some())
     })
 }
 
@@ -456,16 +453,15 @@ impl FolderSink {
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect()
                 };
-                let shared_changed = differs(&shared(&reported), &shared(new)).is_some();
+                // Against the record with the settings files too (`record`):
+                // runs that never finished leave no report, only those.
+                let before = [&reported, &record];
+                let shared_changed = before
+                    .iter()
+                    .any(|r| differs(&shared(r), &shared(new)).is_some());
                 let command = own.unwrap_or("").to_string();
-                // (Against the settings files too: runs that never
-                // finished leave no report, only those.)
-                let recorded = self.read_settings().unwrap_or_default();
-                let shared_changed =
-                    shared_changed || differs(&shared(&recorded), &shared(new)).is_some();
                 if shared_changed
-                    || differs(&reported, new).is_some()
-                    || differs(&recorded, new).is_some()
+                    || before.iter().any(|r| differs(r, new).is_some())
                     || self.changing_marks().iter().any(|m| m.command == command)
                 {
                     let mark = Mark {
@@ -1435,7 +1431,8 @@ mod tests {
             m("2", "0/2", false, "C"),
             m("3", "1/2", true, "B")
         ]));
-        // A list, or another input, touches everything and covers nothing.
+        // A part that does not parse, or another input, touches everything
+        // and covers nothing.
         assert!(!is_clean(&[
             m("1", "", true, "B"),
             m("2", "list", true, "B")
