@@ -65,8 +65,10 @@ W=$(mktemp -d "${TMPDIR:-/tmp}/tch-vis-disk.XXXXXX")
 # into a folder of its own overwritten every round (fresh-*: a new folder
 # every round). "-" for no variable.
 # (2026-11-28: MALLOC_ARENA_MAX=2 and 4 won in one call and lost in the
-# next; the writer-thread counts are the next question.)
-VARIANTS=${VARIANTS:-"fp32=fp32:- fp16=fp16:- fp16-w8=fp16:TCH_VIS_WRITER_THREADS=8 fp16-w4=fp16:TCH_VIS_WRITER_THREADS=4 fresh-fp16=fp16:-"}
+# next; the writer-thread counts are the next question, and per-image files
+# linked into place (the default since 04ccd76) against the temporary
+# names before it (TCH_VIS_LINKED_WRITES=0).)
+VARIANTS=${VARIANTS:-"fp32=fp32:- fp16=fp16:- fp16-temp=fp16:TCH_VIS_LINKED_WRITES=0 fp16-w8=fp16:TCH_VIS_WRITER_THREADS=8 fresh-fp16=fp16:- fresh-fp16-temp=fp16:TCH_VIS_LINKED_WRITES=0"}
 for r in $(seq "$RUNS"); do
     for v in $VARIANTS; do
         name=${v%%=*}; rest=${v#*=}; p=${rest%%:*}; vars=${rest#*:}
