@@ -56,8 +56,7 @@ pub struct Progress {
 /// Where a run's time went, in seconds summed over the run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct Timings {
-    /// Decoding batches (wall time of the decode pool's producer, less
-    /// its waits for the compute thread to take a batch).
+    /// Decoding batches (wall time of the decode pool).
     pub decode: f64,
     /// The compute thread waiting for a decoded batch.
     pub compute_wait_decode: f64,
@@ -774,66 +773,43 @@ impl<'a> Engine<'a> {
         let channels_last = self.uses_channels_last();
         let rounded = self.rounded_rows();
         std::thread::scope(|s| {
-            // Producer: decodes each batch with a parallel iterator on the
-            // pool, the next batch's iterator started before this one's
-            // ends, so that threads done with this batch's images take the
-            // next one's instead of waiting for its last image; keeps 2
-            // decoded batches queued.
+            // Producer: decode one batch at a time with rayon, keep 2 queued.
             s.spawn(move || {
                 name_thread(c"tch-vis-produce");
                 let mut staging =
                     Staging::new(device, pre, batch_size, channels_last).rounded(rounded);
-                let mut busy = Duration::ZERO;
-                pool.in_place_scope(|scope| {
-                    // The batch being decoded.
-                    let mut ahead: Option<Decoding> = None;
-                    for chunk in pending.chunks(batch_size) {
-                        if abort.load(Ordering::Relaxed) {
-                            return;
-                        }
-                        if cancelled() {
-                            // The batch begun goes on; images are left: the
-                            // compute loop reports the cancel even if it
-                            // sees no batch after it.
-                            if let Some(d) = ahead.take() {
-                                d.finish(&staging, batch_size, &tx_batch, &mut busy);
-                            }
-                            producer_cancelled.store(true, Ordering::Relaxed);
-                            return;
-                        }
-                        let t = Instant::now();
-                        let buf = staging.take(&rx_free);
-                        let rows = staging.rows(buf.as_ref().map(|b| &b.host), chunk.len());
-                        let row_kind = staging.kind();
-                        let (tx, rx) = bounded(1);
-                        scope.spawn(move |_| {
-                            let batch: Vec<_> = chunk
-                                .par_iter()
-                                .zip(rows.into_par_iter())
-                                .map(|(e, row)| {
-                                    // Each decode thread writes its own
-                                    // image's input into its row of the
-                                    // batch.
-                                    let (p, staged) = load_row(pre, &e.path, row, row_kind);
-                                    ((*e).clone(), p, staged)
-                                })
-                                .collect();
-                            let _ = tx.send(batch);
-                        });
-                        busy += t.elapsed();
-                        if let Some(d) = ahead.replace(Decoding { batch: rx, buf }) {
-                            if !d.finish(&staging, batch_size, &tx_batch, &mut busy) {
-                                return;
-                            }
-                        }
+                for chunk in pending.chunks(batch_size) {
+                    if abort.load(Ordering::Relaxed) {
+                        break;
                     }
-                    if let Some(d) = ahead.take() {
-                        d.finish(&staging, batch_size, &tx_batch, &mut busy);
+                    if cancelled() {
+                        // Images are left: the compute loop reports the
+                        // cancel even if it sees no batch after it.
+                        producer_cancelled.store(true, Ordering::Relaxed);
+                        break;
                     }
-                });
-                clock
-                    .decode
-                    .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
+                    let t = Instant::now();
+                    let buf = staging.take(&rx_free);
+                    let rows = staging.rows(buf.as_ref().map(|b| &b.host), chunk.len());
+                    let row_kind = staging.kind();
+                    let batch: Vec<_> = pool.install(|| {
+                        chunk
+                            .par_iter()
+                            .zip(rows.into_par_iter())
+                            .map(|(e, row)| {
+                                // Each decode thread writes its own image's
+                                // input into its row of the batch.
+                                let (p, staged) = load_row(pre, &e.path, row, row_kind);
+                                ((*e).clone(), p, staged)
+                            })
+                            .collect()
+                    });
+                    let decoded = staging.assemble(batch, batch_size, buf);
+                    Clock::add(&clock.decode, t);
+                    if tx_batch.send(decoded).is_err() {
+                        break;
+                    }
+                }
             });
             // Writers.
             for _ in 0..self.writer_threads {
@@ -1439,37 +1415,6 @@ fn collect(
     out
 }
 
-/// A batch the decode pool is decoding.
-struct Decoding {
-    /// Its images with their results, in order, once all are done.
-    batch: Receiver<Vec<(Entry, Result<Prepared>, bool)>>,
-    /// The buffer the images are decoded into.
-    buf: Option<Buf>,
-}
-
-impl Decoding {
-    /// Waits for the batch, then sends it to the compute thread, the time
-    /// not spent waiting for the compute thread to take it added to `busy`.
-    /// `false` when nothing more should be decoded: the compute thread is
-    /// gone, or the decoding panicked (the pool's scope then raises the
-    /// panic again).
-    fn finish(
-        self,
-        staging: &Staging,
-        batch_size: usize,
-        tx: &Sender<Decoded>,
-        busy: &mut Duration,
-    ) -> bool {
-        let t = Instant::now();
-        let Ok(batch) = self.batch.recv() else {
-            return false;
-        };
-        let decoded = staging.assemble(batch, batch_size, self.buf);
-        *busy += t.elapsed();
-        tx.send(decoded).is_ok()
-    }
-}
-
 /// A decoded batch, ready for the compute thread.
 struct Decoded {
     /// Images that decoded, in order.
@@ -1615,11 +1560,7 @@ impl Staging {
                 Device::Cuda(i) if cuda_rt::Overlap::get().copy => CopyStream::new(i),
                 _ => None,
             },
-            // One more than the batches in the pipeline at once (2 queued,
-            // one computing and, with the queue overlap, one in flight on
-            // the device, one decoding): the producer takes a buffer for
-            // the next batch while the one ahead of it is being decoded.
-            max: if cuda_rt::Overlap::get().queue { 6 } else { 5 },
+            max: if cuda_rt::Overlap::get().queue { 5 } else { 4 },
             twins: Vec::new(),
         }
     }
