@@ -394,6 +394,31 @@ impl Pixels8 {
         out[..12].copy_from_slice(&px[..12]);
         out[12..24].copy_from_slice(&px[16..28]);
     }
+
+    /// [`Pixels8::store`] into the first 24 bytes of `out`, which the
+    /// caller writes on from byte 24 afterwards (the pixels after these):
+    /// where `out` has 32 bytes, the 24 bytes are made contiguous in the
+    /// register and stored whole with 8 bytes of no meaning after them,
+    /// instead of going through memory twice.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn store_ahead(&self, q: [std::arch::x86_64::__m256i; 3], out: &mut [u8]) {
+        use std::arch::x86_64::*;
+        if out.len() < 32 {
+            self.store(q, out);
+            return;
+        }
+        let [r, g, b] = q;
+        let rg = _mm256_packus_epi32(r, g);
+        let bb = _mm256_packus_epi32(b, b);
+        let rgb = _mm256_shuffle_epi8(_mm256_packus_epi16(rg, bb), self.interleave);
+        // Dwords 0-2 (pixels 0-3) and 4-6 (pixels 4-7) side by side.
+        let packed = _mm256_permutevar8x32_epi32(rgb, _mm256_setr_epi32(0, 1, 2, 4, 5, 6, 7, 7));
+        _mm256_storeu_si256(out.as_mut_ptr().cast(), packed);
+    }
 }
 
 /// The AVX2 arithmetic both blends share, eight pixels at a time: the
@@ -572,7 +597,9 @@ unsafe fn blend_bytes_avx2(
             let v = _mm256_mul_ps(_mm256_cvtepi32_ps(px[ch]), k);
             *q = lanes.blend(colours[ch], v);
         }
-        lanes.px.store(q, &mut out[3 * i..3 * i + 24]);
+        // The pixels after these are written next (the last `n % 8` by
+        // the loop below).
+        lanes.px.store_ahead(q, &mut out[3 * i..3 * n]);
         i += 8;
     }
     blend_bytes_generic(
@@ -664,7 +691,7 @@ unsafe fn blend_rgb_avx2(blend: &Blend, map: &[f32], planes: [&[f32]; 3], out: &
         for (c, plane) in [r, g, b].iter().enumerate() {
             q[c] = lanes.blend(colours[c], _mm256_loadu_ps(plane.as_ptr().add(i)));
         }
-        lanes.px.store(q, &mut out[3 * i..3 * i + 24]);
+        lanes.px.store_ahead(q, &mut out[3 * i..3 * n]);
         i += 8;
     }
     blend_rgb_generic(
@@ -1149,6 +1176,28 @@ mod tests {
         for i in 0..n {
             let want = blend.px(map[i], [planes[0][i], planes[1][i], planes[2][i]]);
             assert_eq!(&dispatched[3 * i..3 * i + 3], &want[..], "pixel {i}");
+        }
+        // Into a longer buffer, for a tail of 3 pixels and of none: the same
+        // bytes, and nothing written past the last pixel (the vector loop
+        // stores 8 bytes ahead of its pixels).
+        for m in [n, n - 3] {
+            let refs = [&planes[0][..m], &planes[1][..m], &planes[2][..m]];
+            let mut longer = vec![0xabu8; 3 * m + 16];
+            blend_rgb(&blend, &map[..m], refs, &mut longer);
+            assert_eq!(&longer[..3 * m], &dispatched[..3 * m]);
+            assert!(longer[3 * m..].iter().all(|&b| b == 0xab), "{m} pixels");
+            let bytes: Vec<u8> = (0..3 * m).map(|i| (i * 7 % 256) as u8).collect();
+            let kept: [f32; 256] =
+                std::array::from_fn(|v| blend.keep * (f32::from(v as u8) * SCALE_8BIT));
+            let mut want = vec![0u8; 3 * m];
+            blend_bytes_generic(&blend, &kept, &map[..m], &bytes, 3, &mut want);
+            let mut longer = vec![0xabu8; 3 * m + 16];
+            blend_bytes(&blend, &kept, &map[..m], &bytes, 3, &mut longer);
+            assert_eq!(&longer[..3 * m], &want[..], "{m} pixels from bytes");
+            assert!(
+                longer[3 * m..].iter().all(|&b| b == 0xab),
+                "{m} pixels from bytes"
+            );
         }
     }
 
