@@ -288,18 +288,23 @@ pub(crate) fn overlay_bytes_png_as(
     map: &[f32],
     compression: PngCompression,
 ) -> Result<Vec<u8>> {
-    let mut rgb = Vec::new();
-    overlay_bytes_into(
-        bytes,
-        channels,
-        width,
-        height,
-        map,
-        Colormap::Jet,
-        0.5,
-        &mut rgb,
-    )?;
-    encode_png_as(&rgb, side(width), side(height), compression)
+    with_blend_buffer(|rgb| {
+        overlay_bytes_into(bytes, channels, width, height, map, Colormap::Jet, 0.5, rgb)?;
+        encode_png_as(rgb, side(width), side(height), compression)
+    })
+}
+
+/// Runs `f` with the thread's buffer for blended pixels, kept between
+/// calls: a writer thread blends an image into the previous image's
+/// buffer instead of zeroing a new one (150 KB at 224²).
+fn with_blend_buffer<T>(f: impl FnOnce(&mut Vec<u8>) -> Result<T>) -> Result<T> {
+    thread_local! {
+        static RGB: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let mut rgb = RGB.with_borrow_mut(std::mem::take);
+    let out = f(&mut rgb);
+    RGB.with_borrow_mut(|kept| *kept = rgb);
+    out
 }
 
 /// A side of an image as the PNG encoder takes it.
@@ -848,8 +853,10 @@ pub(crate) fn overlay_png_as(
     map: &[f32],
     compression: PngCompression,
 ) -> Result<Vec<u8>> {
-    let rgb = overlay(image, channels, width, height, map, Colormap::Jet, 0.5)?;
-    encode_png_as(&rgb, side(width), side(height), compression)
+    with_blend_buffer(|rgb| {
+        overlay_into(image, channels, width, height, map, Colormap::Jet, 0.5, rgb)?;
+        encode_png_as(rgb, side(width), side(height), compression)
+    })
 }
 
 /// Where a map lies on the original image, in the original's pixel units

@@ -1359,15 +1359,20 @@ impl Preprocessor {
                     started.height()
                 ));
             }
-            let mut buf = spare_pixels(n);
+            // Into the spare buffer's capacity, not zeroed first (libjpeg
+            // writes every byte, or fails).
+            let mut buf = spare_capacity(n);
             let got = started
-                .read_scanlines_into(&mut buf[..])
+                .read_scanlines_into_uninit(&mut buf.spare_capacity_mut()[..n])
                 .map_err(|e| e.to_string())?
                 .len();
-            started.finish().map_err(|e| e.to_string())?;
             if got != n {
                 return Err(format!("libjpeg decoded {got} of the image's {n} bytes"));
             }
+            // SAFETY: the call above initialised the first `got == n` bytes
+            // of the capacity (it returns them as initialised).
+            unsafe { buf.set_len(n) };
+            started.finish().map_err(|e| e.to_string())?;
             let (w, h) = (w as u32, h as u32);
             let img = if gray {
                 image::GrayImage::from_raw(w, h, buf).map(DynamicImage::ImageLuma8)
@@ -1490,6 +1495,15 @@ fn spare_pixels(n: usize) -> Vec<u8> {
     } else {
         buf.resize(n, 0);
     }
+    buf
+}
+
+/// The thread's spare pixel buffer, emptied, with room for `n` bytes: for a
+/// decoder that writes into uninitialised memory (no zeroing).
+fn spare_capacity(n: usize) -> Vec<u8> {
+    let mut buf = SPARE_PIXELS.with_borrow_mut(std::mem::take);
+    buf.clear();
+    buf.reserve(n);
     buf
 }
 
