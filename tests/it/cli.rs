@@ -1091,6 +1091,12 @@ fn rerun_skips_finished_work_and_overwrite_recomputes() {
         after,
         "one writer thread gives the same bytes"
     );
+    // Per-image files through temporary names (where a file system has no
+    // `O_TMPFILE`) instead of linked into place: the same files and bytes,
+    // no temporaries left.
+    let temp = tch_vis_env(&ow, &[("TCH_VIS_LINKED_WRITES", "0")]);
+    assert_code(&temp, 0, "temporary names");
+    assert_eq!(snapshot(&out), after, "temporary names give the same files");
     let bad = tch_vis_env(&ow, &[("TCH_VIS_WRITER_THREADS", "0")]);
     assert_code(&bad, 2, "TCH_VIS_WRITER_THREADS=0");
     assert!(
