@@ -640,11 +640,15 @@ fn write_linked(path: &Path, parts: &[&[u8]]) -> Option<Result<()>> {
             }
             return Some(Ok(()));
         }
-        let e = std::io::Error::last_os_error();
+        let mut e = std::io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EEXIST) && aside.is_none() {
             if let Some(old) = set_aside(path) {
                 aside = Some(old);
                 continue;
+            }
+            if fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+                // What a rename onto the folder would say.
+                e = std::io::Error::from_raw_os_error(libc::EISDIR);
             }
         }
         if let Some(old) = &aside {
@@ -955,6 +959,10 @@ mod tests {
         fs::create_dir(dir.path().join("o/dir.png")).unwrap();
         let bad = write_bytes(&dir.path().join("o/dir.png"), b"x", Replace::SetAside);
         assert!(matches!(bad, Err(Error::Io { .. })), "{bad:?}");
+        assert!(
+            format!("{bad:?}").contains("directory"),
+            "a folder in the way says so: {bad:?}"
+        );
         assert!(dir.path().join("o/dir.png").is_dir());
         assert_eq!(fs::read_dir(o.parent().unwrap()).unwrap().count(), 3);
         let target = dir.path().join("target.png");
