@@ -49,10 +49,12 @@ GPU_DATA=${GPU_DATA:-bench-data/gpu}
 MODEL=$GPU_DATA/${GPU_CHECK_ARCH:-resnet50}.pt
 IMAGES=$GPU_DATA/images
 one() { # LABEL OUT PRECISION [VAR=VALUE...]: one run into OUT (--overwrite), its waits and figures
-    local label=$1 out=$2 p=$3
+    local label=$1 out=$2 p=$3 bin=.gpu/tch-vis a
     shift 3
+    # TCH_VIS_BIN=PATH among the variables: another build of tch-vis.
+    for a in "$@"; do case $a in TCH_VIS_BIN=*) bin=${a#TCH_VIS_BIN=} ;; esac; done
     sync
-    env "$@" "$PY" scripts/thread_cpu.py --wchan --label "$label" -- .gpu/tch-vis saliency --model "$MODEL" --images "$IMAGES" \
+    env "$@" "$PY" scripts/thread_cpu.py --wchan --label "$label" -- "$bin" saliency --model "$MODEL" --images "$IMAGES" \
         --out "$out" --batch-size 64 --device "$DEVICE" --score categorical:1 --precision "$p" --overwrite 2>&1 \
         | grep -E '^thread-(cpu|wait) [^ ]* (tch-vis-write|tch-vis:|process|machine)'
     "$PY" -c "import json,sys;r=json.load(open(sys.argv[1]));t=r.get('timings_seconds',{})
@@ -68,7 +70,15 @@ W=$(mktemp -d "${TMPDIR:-/tmp}/tch-vis-disk.XXXXXX")
 # next; the writer-thread counts are the next question, and per-image files
 # linked into place (the default since 04ccd76) against the temporary
 # names before it (TCH_VIS_LINKED_WRITES=0).)
-VARIANTS=${VARIANTS:-"fp32=fp32:- fp16=fp16:- fp16-temp=fp16:TCH_VIS_LINKED_WRITES=0 fp16-w8=fp16:TCH_VIS_WRITER_THREADS=8 fresh-fp16=fp16:- fresh-fp16-temp=fp16:TCH_VIS_LINKED_WRITES=0"}
+# TCH_VIS_BIN=PATH runs another build: .gpu/tch-vis-ahead, when present, is
+# c163b96's decoding (the next batch's parallel decode started before the
+# batch ahead of it ends, reverted in 7d13ad4 as neutral on 2 cores; its
+# case is 16 decode threads waiting at each batch's end). Build it with
+#   git worktree add /tmp/ahead c163b96 && (cd /tmp/ahead && cargo build --release --bin tch-vis --target-dir /work/main/target-ahead)
+#   cp target-ahead/release/tch-vis .gpu/tch-vis-ahead
+AHEAD=""
+[ -x .gpu/tch-vis-ahead ] && AHEAD="fp16-ahead=fp16:TCH_VIS_BIN=.gpu/tch-vis-ahead fresh-fp16-ahead=fp16:TCH_VIS_BIN=.gpu/tch-vis-ahead"
+VARIANTS=${VARIANTS:-"fp32=fp32:- fp16=fp16:- fp16-temp=fp16:TCH_VIS_LINKED_WRITES=0 fp16-w8=fp16:TCH_VIS_WRITER_THREADS=8 fresh-fp16=fp16:- fresh-fp16-temp=fp16:TCH_VIS_LINKED_WRITES=0 $AHEAD"}
 for r in $(seq "$RUNS"); do
     for v in $VARIANTS; do
         name=${v%%=*}; rest=${v#*=}; p=${rest%%:*}; vars=${rest#*:}
