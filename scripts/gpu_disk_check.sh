@@ -73,9 +73,12 @@ W=$(mktemp -d "${TMPDIR:-/tmp}/tch-vis-disk.XXXXXX")
 # TCH_VIS_BIN=PATH runs another build: .gpu/tch-vis-ahead, when present, is
 # c163b96's decoding (the next batch's parallel decode started before the
 # batch ahead of it ends, reverted in 7d13ad4 as neutral on 2 cores; its
-# case is 16 decode threads waiting at each batch's end). Build it with
-#   git worktree add /tmp/ahead c163b96 && (cd /tmp/ahead && cargo build --release --bin tch-vis --target-dir /work/main/target-ahead)
-#   cp target-ahead/release/tch-vis .gpu/tch-vis-ahead
+# case is 16 decode threads waiting at each batch's end) on top of the
+# checked-out tree. Build it with (cherry-picks cleanly; the shell set up
+# as for gpu_check.sh's build)
+#   git worktree add --detach /tmp/ahead HEAD && git -C /tmp/ahead cherry-pick c163b96
+#   (cd /tmp/ahead && cargo build --release --bin tch-vis --target-dir /work/main/target-ahead)
+#   cp target-ahead/release/tch-vis .gpu/tch-vis-ahead && git worktree remove --force /tmp/ahead
 AHEAD=""
 [ -x .gpu/tch-vis-ahead ] && AHEAD="fp16-ahead=fp16:TCH_VIS_BIN=.gpu/tch-vis-ahead fresh-fp16-ahead=fp16:TCH_VIS_BIN=.gpu/tch-vis-ahead"
 VARIANTS=${VARIANTS:-"fp32=fp32:- fp16=fp16:- fp16-temp=fp16:TCH_VIS_LINKED_WRITES=0 fp16-w8=fp16:TCH_VIS_WRITER_THREADS=8 fresh-fp16=fp16:- fresh-fp16-temp=fp16:TCH_VIS_LINKED_WRITES=0 $AHEAD"}
