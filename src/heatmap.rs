@@ -381,19 +381,34 @@ impl Pixels8 {
         _mm256_blendv_epi8(idx, self.top_i, at_top)
     }
 
-    /// Eight pixels' channel values (each in `0..=255`) as 24 bytes of
-    /// interleaved RGB: packed to bytes (nothing saturates), then one
-    /// shuffle per 128-bit half.
+    /// Eight pixels' channel values (each in `0..=255`) packed to bytes
+    /// (nothing saturates), then one shuffle per 128-bit half: 12 bytes of
+    /// RGB at the start of each half.
     ///
     /// # Safety
     /// The CPU must support AVX2.
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn store(&self, [r, g, b]: [std::arch::x86_64::__m256i; 3], out: &mut [u8]) {
+    unsafe fn interleaved(
+        &self,
+        [r, g, b]: [std::arch::x86_64::__m256i; 3],
+    ) -> std::arch::x86_64::__m256i {
         use std::arch::x86_64::*;
         let rg = _mm256_packus_epi32(r, g);
         let bb = _mm256_packus_epi32(b, b);
-        let rgb = _mm256_shuffle_epi8(_mm256_packus_epi16(rg, bb), self.interleave);
+        _mm256_shuffle_epi8(_mm256_packus_epi16(rg, bb), self.interleave)
+    }
+
+    /// Eight pixels' channel values (each in `0..=255`) as 24 bytes of
+    /// interleaved RGB ([`Pixels8::interleaved`]) at the start of `out`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn store(&self, q: [std::arch::x86_64::__m256i; 3], out: &mut [u8]) {
+        use std::arch::x86_64::*;
+        let rgb = self.interleaved(q);
         let mut px = [0u8; 32];
         _mm256_storeu_si256(px.as_mut_ptr().cast(), rgb);
         out[..12].copy_from_slice(&px[..12]);
@@ -416,12 +431,11 @@ impl Pixels8 {
             self.store(q, out);
             return;
         }
-        let [r, g, b] = q;
-        let rg = _mm256_packus_epi32(r, g);
-        let bb = _mm256_packus_epi32(b, b);
-        let rgb = _mm256_shuffle_epi8(_mm256_packus_epi16(rg, bb), self.interleave);
         // Dwords 0-2 (pixels 0-3) and 4-6 (pixels 4-7) side by side.
-        let packed = _mm256_permutevar8x32_epi32(rgb, _mm256_setr_epi32(0, 1, 2, 4, 5, 6, 7, 7));
+        let packed = _mm256_permutevar8x32_epi32(
+            self.interleaved(q),
+            _mm256_setr_epi32(0, 1, 2, 4, 5, 6, 7, 7),
+        );
         _mm256_storeu_si256(out.as_mut_ptr().cast(), packed);
     }
 }
