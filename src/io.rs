@@ -567,26 +567,27 @@ fn write_parts(path: &Path, parts: &[&[u8]], replace: Replace) -> Result<()> {
 /// which takes the folder's lock: 16 writer threads waited on that lock on
 /// a 16-core GPU host. A run killed mid-write leaves nothing behind.
 ///
-/// `None` where the system cannot (no `O_TMPFILE` in the file system, as
-/// on NFS; no `/proc`): nothing was written, and the caller writes through
-/// a temporary name. After the first such answer every later call says
-/// `None` at once. `TCH_VIS_LINKED_WRITES=0` in the environment turns it
-/// off (for comparisons).
+/// `None` where the system cannot: nothing was written, and the caller
+/// writes through a temporary name. Each refusal counts where it was made:
+/// no `/proc` turns it off for the process; a file system without
+/// `O_TMPFILE` (NFS, older overlayfs) refuses each file's open, one failed
+/// call each; a file system that refused a link is remembered by device,
+/// and its later files skip the link. So a process that writes to two file
+/// systems keeps linked writes on the one that allows them.
+/// `TCH_VIS_LINKED_WRITES=0` in the environment turns it off (for
+/// comparisons).
 #[cfg(target_os = "linux")]
 fn write_linked(path: &Path, parts: &[&[u8]]) -> Option<Result<()>> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
-    use std::sync::atomic::AtomicBool;
-    static OFF: std::sync::OnceLock<AtomicBool> = std::sync::OnceLock::new();
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let off = OFF.get_or_init(|| {
-        AtomicBool::new(
-            std::env::var_os("TCH_VIS_LINKED_WRITES").is_some_and(|v| v == "0")
-                || !Path::new("/proc/self/fd").is_dir(),
-        )
+        std::env::var_os("TCH_VIS_LINKED_WRITES").is_some_and(|v| v == "0")
+            || !Path::new("/proc/self/fd").is_dir()
     });
-    if off.load(Ordering::Relaxed) {
+    if *off {
         return None;
     }
     // Errors that say the system cannot, rather than that this file
@@ -609,14 +610,18 @@ fn write_linked(path: &Path, parts: &[&[u8]]) -> Option<Result<()>> {
             .mode(0o666)
             .open(folder)
     };
-    let mut file = match with_parent(path, open) {
+    let mut file = match refused_for_tests(0, with_parent(path, open)) {
         Ok(f) => f,
-        Err(e) if unsupported(&e) => {
-            off.store(true, Ordering::Relaxed);
-            return None;
-        }
+        Err(e) if unsupported(&e) => return None,
         Err(e) => return Some(Err(Error::io(path, e))),
     };
+    let device = |file: &fs::File| {
+        use std::os::unix::fs::MetadataExt;
+        file.metadata().map(|m| m.dev()).ok()
+    };
+    if link_refused_on(None) && device(&file).is_some_and(|dev| link_refused_on(Some(dev))) {
+        return None;
+    }
     if let Err(e) = parts.iter().try_for_each(|part| file.write_all(part)) {
         return Some(Err(Error::io(path, e)));
     }
@@ -634,13 +639,21 @@ fn write_linked(path: &Path, parts: &[&[u8]]) -> Option<Result<()>> {
                 libc::AT_SYMLINK_FOLLOW,
             )
         };
-        if linked == 0 {
-            if let Some(old) = aside {
-                remove_later(old);
+        let linked = match linked {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        };
+        let mut e = match refused_for_tests(1, linked) {
+            Ok(()) => {
+                #[cfg(test)]
+                tests::LINKED.with(|n| n.set(n.get() + 1));
+                if let Some(old) = aside {
+                    remove_later(old);
+                }
+                return Some(Ok(()));
             }
-            return Some(Ok(()));
-        }
-        let mut e = std::io::Error::last_os_error();
+            Err(e) => e,
+        };
         if e.raw_os_error() == Some(libc::EEXIST) && aside.is_none() {
             if let Some(old) = set_aside(path) {
                 aside = Some(old);
@@ -655,11 +668,67 @@ fn write_linked(path: &Path, parts: &[&[u8]]) -> Option<Result<()>> {
             let _ = fs::rename(old, path);
         }
         if unsupported(&e) || e.raw_os_error() == Some(libc::EPERM) {
-            off.store(true, Ordering::Relaxed);
+            if let Some(dev) = device(&file) {
+                refuse_links_on(dev);
+            }
             return None;
         }
         return Some(Err(Error::io(path, e)));
     }
+}
+
+/// The devices whose file systems refused [`write_linked`]'s link; kept
+/// empty where every link works, so that the usual check is one atomic
+/// load.
+#[cfg(target_os = "linux")]
+static LINKS_REFUSED: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+#[cfg(target_os = "linux")]
+static ANY_LINK_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the file system of device `dev` refused a link (`None`: whether
+/// any did).
+#[cfg(target_os = "linux")]
+fn link_refused_on(dev: Option<u64>) -> bool {
+    match dev {
+        None => ANY_LINK_REFUSED.load(Ordering::Relaxed),
+        Some(dev) => LINKS_REFUSED
+            .lock()
+            .is_ok_and(|devices| devices.contains(&dev)),
+    }
+}
+
+/// Remembers that the file system of device `dev` refused a link.
+#[cfg(target_os = "linux")]
+fn refuse_links_on(dev: u64) {
+    if let Ok(mut devices) = LINKS_REFUSED.lock() {
+        if !devices.contains(&dev) {
+            devices.push(dev);
+        }
+        ANY_LINK_REFUSED.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Tests: step `step` of [`write_linked`] (0 the unnamed open, 1 the
+/// link) fails with the error [`tests::REFUSE`] holds for it, as if the
+/// system had refused; elsewhere `result` as it is.
+#[cfg(all(target_os = "linux", test))]
+fn refused_for_tests<T>(step: usize, result: std::io::Result<T>) -> std::io::Result<T> {
+    let errno = tests::REFUSE.with(|r| {
+        let mut steps = r.get();
+        let errno = std::mem::take(&mut steps[step]);
+        r.set(steps);
+        errno
+    });
+    match errno {
+        0 => result,
+        errno => Err(std::io::Error::from_raw_os_error(errno)),
+    }
+}
+
+#[cfg(all(target_os = "linux", not(test)))]
+#[inline(always)]
+fn refused_for_tests<T>(_: usize, result: std::io::Result<T>) -> std::io::Result<T> {
+    result
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -825,6 +894,16 @@ pub fn remove_stale_temps(root: &Path) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// The error numbers [`write_linked`]'s next unnamed open (`[0]`)
+        /// and next link (`[1]`) on this thread fail with, as if the
+        /// system had refused them; 0 for none.
+        pub(super) static REFUSE: Cell<[i32; 2]> = const { Cell::new([0, 0]) };
+        /// Files [`write_linked`] linked into place on this thread.
+        pub(super) static LINKED: Cell<usize> = const { Cell::new(0) };
+    }
 
     /// The `.npy` files written from the tensor's memory are tch's, byte
     /// for byte, for every kind tch writes and shapes from a scalar to
@@ -1041,5 +1120,67 @@ mod tests {
         assert!(walk(&root.join("nope"), &[]).is_err());
         let excluded = walk(root, &[root.join("b")]).unwrap();
         assert_eq!(excluded.len(), 3);
+    }
+
+    /// A refusal of linked writes counts where it was made: a file system
+    /// that refuses the unnamed open does so for that file only, and one
+    /// that refuses the link is remembered by device, while another file
+    /// system in the same process still links. Every file lands whole,
+    /// with no temporaries.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_refused_linked_write_falls_back_where_it_was_refused() {
+        let linked = || LINKED.with(Cell::get);
+        let names = |d: &Path| {
+            let mut n: Vec<_> = fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            n.sort();
+            n
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str| dir.path().join(name);
+        write_bytes(&at("probe.npy"), b"p", Replace::SetAside).unwrap();
+        if linked() == 0 {
+            eprintln!("linked writes are off or refused here: nothing to check");
+            return;
+        }
+        // The open refused (as by NFS): this file goes through a temporary
+        // name, the next one links again.
+        let before = linked();
+        REFUSE.with(|r| r.set([libc::EOPNOTSUPP, 0]));
+        write_bytes(&at("a.npy"), b"a", Replace::SetAside).unwrap();
+        assert_eq!(linked(), before);
+        write_bytes(&at("b.npy"), b"b", Replace::SetAside).unwrap();
+        assert_eq!(linked(), before + 1);
+        assert_eq!(fs::read(at("a.npy")).unwrap(), b"a");
+        assert_eq!(names(dir.path()), ["a.npy", "b.npy", "probe.npy"]);
+        // The link refused on another file system (its own device): its
+        // later files skip the link; this folder's still link.
+        let dev = |p: &Path| {
+            use std::os::unix::fs::MetadataExt;
+            fs::metadata(p).unwrap().dev()
+        };
+        let Ok(other) = tempfile::tempdir_in("/dev/shm") else {
+            return;
+        };
+        if dev(other.path()) == dev(dir.path()) {
+            return;
+        }
+        let there = |name: &str| other.path().join(name);
+        fs::write(there("c.npy"), b"old").unwrap();
+        REFUSE.with(|r| r.set([0, libc::EPERM]));
+        write_bytes(&there("c.npy"), b"c", Replace::SetAside).unwrap();
+        write_bytes(&there("d.npy"), b"d", Replace::SetAside).unwrap();
+        assert_eq!(linked(), before + 1);
+        write_bytes(&at("e.npy"), b"e", Replace::SetAside).unwrap();
+        assert_eq!(linked(), before + 2);
+        wait_removals();
+        assert_eq!(fs::read(there("c.npy")).unwrap(), b"c");
+        assert_eq!(fs::read(there("d.npy")).unwrap(), b"d");
+        assert_eq!(names(other.path()), ["c.npy", "d.npy"]);
+        assert!(link_refused_on(Some(dev(other.path()))));
+        assert!(!link_refused_on(Some(dev(dir.path()))));
     }
 }
