@@ -47,6 +47,7 @@
 mod aa_resize;
 pub mod batch;
 pub mod cam;
+mod deflate;
 mod device;
 mod error;
 pub mod gallery;

@@ -1361,9 +1361,26 @@ fn sigterm_ends_the_run_with_scores_and_report_then_a_rerun_does_the_rest() {
             .filter(|(k, _)| k.ends_with(".saliency.npy"))
             .collect::<Vec<_>>()
     };
+    // While the run writes, files come and go (temporaries, journals): the
+    // wait only looks for a map's name.
+    let any_map = || {
+        let mut stack = vec![out.clone()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.to_string_lossy().ends_with(".saliency.npy") {
+                    return true;
+                }
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(p);
+                }
+            }
+        }
+        false
+    };
     let child = spawn(&args("300"));
     let start = Instant::now();
-    while (!out.exists() || maps().is_empty()) && start.elapsed() < Duration::from_secs(120) {
+    while !any_map() && start.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(20));
     }
     // SAFETY: kill(2) on the child's process id.
