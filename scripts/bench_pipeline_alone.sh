@@ -35,7 +35,8 @@ BIN=${BIN:-target/release/tch-vis}
 # Recipes run: plain and torchvision as below; NAME-fastjpeg is NAME with
 # --fast-jpeg (zune-jpeg instead of libjpeg-turbo's decoder, which is
 # built without SIMD where nasm is missing), NAME-storedpng NAME with
-# --png-compression none (heatmap PNGs stored: ~151 KB instead of ~28).
+# --png-compression none (heatmap PNGs stored: ~151 KB instead of ~28 for
+# these smooth pictures).
 RECIPES=${RECIPES:-torchvision plain torchvision-fastjpeg torchvision-storedpng}
 # shellcheck source=scripts/golden_env.sh
 . scripts/golden_env.sh && tch_vis_golden_setup >/dev/null || exit 1
