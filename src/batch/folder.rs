@@ -96,6 +96,8 @@ pub struct FolderSink {
     shard: Option<crate::io::Shard>,
     /// What the input is ([`FolderSink::input`]).
     input: String,
+    /// What was found in it ([`FolderSink::input_listing`]).
+    listing: String,
 }
 
 /// The folder, under [`JOURNAL_DIR`], recording what an output folder's
@@ -200,6 +202,12 @@ fn clean(marks: &[&Mark], settings: &str, input: &str) -> bool {
             .find(|(_, p)| p.is_none_or(|s| s.contains(r)));
         last.is_some_and(|(m, p)| m.done && m.settings == settings && p.is_some())
     })
+}
+
+/// The input of a mark without its listing ([`FolderSink::input_listing`],
+/// after a tab).
+fn place(input: &str) -> &str {
+    input.split('\t').next().unwrap_or(input)
 }
 
 /// The key of `report.json` that records what the folder's results depend
@@ -390,6 +398,7 @@ impl FolderSink {
             png: PngCompression::Fast,
             shard: None,
             input: String::new(),
+            listing: String::new(),
         };
         if !overwrite {
             let (merged, _, foreign) = sink.read_state()?;
@@ -471,7 +480,11 @@ impl FolderSink {
                         shared: shared_changed,
                         done: false,
                         settings: serde_json::Value::Object(new.clone()).to_string(),
-                        input: self.input.clone(),
+                        input: if self.listing.is_empty() {
+                            self.input.clone()
+                        } else {
+                            format!("{}\t{}", self.input, self.listing)
+                        },
                     };
                     io::write_atomic(&self.changing_path(&self.id), mark.text().as_bytes())?;
                 }
@@ -563,8 +576,10 @@ impl FolderSink {
     /// After this overwriting run did all of its part: its mark says so,
     /// and once every index of the input was last done by a finished run
     /// of this run's settings and input ([`clean`]), every mark of its
-    /// command and input goes. (Marks of another input stay until runs of
-    /// that input clean it.)
+    /// command and input goes, with those of other listings of the same
+    /// input (files since added or removed), which the covering runs came
+    /// after. (Marks of another input stay until runs of that input clean
+    /// it.)
     fn clear_changing(&self) -> Result<()> {
         let own = self.changing_path(&self.id);
         let Ok(text) = fs::read_to_string(&own) else {
@@ -576,7 +591,7 @@ impl FolderSink {
         let marks = self.changing_marks();
         let mut ours: Vec<&Mark> = marks
             .iter()
-            .filter(|m| m.command == mine.command && m.input == mine.input)
+            .filter(|m| m.command == mine.command && place(&m.input) == place(&mine.input))
             .collect();
         ours.push(&mine);
         ours.sort_by(|a, b| a.id.cmp(&b.id));
@@ -782,6 +797,18 @@ impl FolderSink {
     /// covers none of the folder's.
     pub fn input(mut self, input: impl Into<String>) -> Self {
         self.input = input.into();
+        self.listing.clear();
+        self
+    }
+
+    /// What [`FolderSink::input`] held when this run listed it, for
+    /// example the number of files and a digest of their names. Parts
+    /// count together only over the same listing (a file added between two
+    /// shards' runs moves the indices after it, so the shards would leave
+    /// some images undone); a run that covers the input with the current
+    /// listing clears the marks of earlier listings.
+    pub fn input_listing(mut self, listing: impl Into<String>) -> Self {
+        self.listing = listing.into().replace(['\t', '\n'], " ");
         self
     }
 
@@ -1446,6 +1473,21 @@ mod tests {
             m("2", "", true, "B")
         ]));
         assert!(!is_clean(&[]));
+        // Another listing of the same input: as another input.
+        let listed = |l: &str| format!("in\t{l}");
+        let clean_listed =
+            |marks: &[Mark]| clean(&marks.iter().collect::<Vec<_>>(), "B", &listed("30"));
+        assert!(!clean_listed(&[
+            mark("1", "0/2", true, "B", &listed("29")),
+            mark("2", "1/2", true, "B", &listed("30"))
+        ]));
+        assert!(clean_listed(&[
+            mark("1", "0/2", true, "B", &listed("29")),
+            mark("2", "1/2", true, "B", &listed("30")),
+            mark("3", "0/2", true, "B", &listed("30"))
+        ]));
+        assert_eq!(super::place(&listed("30")), "in");
+        assert_eq!(super::place("in"), "in");
     }
 
     #[test]

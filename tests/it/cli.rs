@@ -1288,6 +1288,49 @@ fn a_stopped_overwrite_with_other_settings_is_finished_by_overwriting() {
     assert_same_tree(&out, &whole, "finished by overwriting vs uninterrupted");
 }
 
+/// Shards of a settings change count together only over the same files:
+/// with a file added between the two shards' runs, the indices after it
+/// moved, some images were done by neither shard, and plain reruns stay
+/// refused until an overwrite covers the new input.
+#[test]
+fn shards_of_a_change_over_different_files_do_not_cover_the_input() {
+    let t = Tree::good(30);
+    let m = model("digits_cnn");
+    let args = |class: &str, extra: &[&str]| {
+        let score = format!("categorical:{class}");
+        let mut a = vec!["--batch-size", "4", "--score", &score];
+        a.extend_from_slice(extra);
+        saliency_args(&m, &t.images(), &t.out("out"), &a)
+    };
+    assert_code(&tch_vis(&args("2", &[])), 0, "the first settings");
+    assert_code(
+        &tch_vis(&args("1", &["--overwrite", "--shard", "0/2"])),
+        0,
+        "one part",
+    );
+    // A file that sorts first: every later index moves by one.
+    t.file("a_added.png", &png_gray(30, 30, 99));
+    assert_code(
+        &tch_vis(&args("1", &["--overwrite", "--shard", "1/2"])),
+        0,
+        "the other part, over the new files",
+    );
+    let o = tch_vis(&args("1", &[]));
+    assert_code(&o, 2, "a rerun over a folder neither part covered");
+    assert!(
+        stderr(&o).contains("rerun saliency with --overwrite"),
+        "{}",
+        stderr(&o)
+    );
+    assert_code(&tch_vis(&args("1", &["--overwrite"])), 0, "overwrite all");
+    let r = run_ok(&args("1", &[]), "a rerun");
+    assert_eq!(
+        (r["processed"].as_u64(), r["skipped"].as_u64()),
+        (Some(0), Some(31))
+    );
+    assert!(!t.out("out").join(".tch-vis").exists());
+}
+
 /// Kills `child` (a run into `out`) with SIGKILL once its journals hold
 /// `rows` lines, and checks that it had not finished.
 fn kill_after_rows(mut child: std::process::Child, out: &Path, rows: usize) {

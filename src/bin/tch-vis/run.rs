@@ -577,26 +577,32 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         sink = sink.overlay_original(pre);
     }
     sink = sink.png_compression(job.png_compression).shard(job.shard);
-    // The input as the marks of a settings change compare it: its folder,
-    // or a list (its file and the names in it: two lists are two inputs).
+    // The input as the marks of a settings change compare it: its folder
+    // or list file, and the names found in it (FNV-1a of them, stable
+    // across builds). Shards count together only over the same names: a
+    // file added between two shards' runs moves the indices after it, so
+    // the shards would no longer cover the input.
     let canonical =
         |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let input = match &job.images {
-        Images::Path(_) => canonical(&root).display().to_string(),
-        Images::List { list, .. } => {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            entries.iter().for_each(|e| e.rel.hash(&mut h));
-            format!(
-                "list {} of {} under {}: {:016x}",
-                canonical(list).display(),
-                entries.len(),
-                canonical(&root).display(),
-                h.finish()
-            )
-        }
+    let names = entries
+        .iter()
+        .flat_map(|e| e.rel.as_bytes().iter().chain([&0xff]))
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    let listing = format!("{} files, names fnv1a-64 {names:016x}", entries.len());
+    sink = match &job.images {
+        Images::Path(_) => sink
+            .input(canonical(&root).display().to_string())
+            .input_listing(listing),
+        // A list's names are its input: runs over another list, even from
+        // the same file, never clear its marks.
+        Images::List { list, .. } => sink.input(format!(
+            "list {} under {}: {listing}",
+            canonical(list).display(),
+            canonical(&root).display(),
+        )),
     };
-    sink = sink.input(input);
 
     // The run.
     // The list is moved, not copied: a million entries are ~200 MB.
