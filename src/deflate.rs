@@ -389,9 +389,26 @@ fn compress(
     ihdr[9] = 2; // RGB
     chunk(&mut png, b"IHDR", &[&ihdr]);
     let adler = adler.finish().to_be_bytes();
-    chunk(&mut png, b"IDAT", &[&stream[..deflated], &adler]);
+    idat(&mut png, &stream[..deflated], &adler, MAX_CHUNK);
     chunk(&mut png, b"IEND", &[]);
     Ok(Some(png))
+}
+
+/// The most data bytes [`encode_rgb_png`] puts in one IDAT chunk (PNG
+/// allows up to 2³¹ − 1).
+const MAX_CHUNK: usize = 1 << 30;
+
+/// Appends the zlib stream `deflated` then `adler` as IDAT chunks of at
+/// most `max` bytes each.
+fn idat(png: &mut Vec<u8>, deflated: &[u8], adler: &[u8; 4], max: usize) {
+    if deflated.len() + adler.len() <= max {
+        chunk(png, b"IDAT", &[deflated, adler]);
+        return;
+    }
+    let whole: Vec<u8> = deflated.iter().chain(adler).copied().collect();
+    for part in whole.chunks(max) {
+        chunk(png, b"IDAT", &[part]);
+    }
 }
 
 thread_local! {
@@ -508,6 +525,7 @@ mod tests {
             let size = round_trip(&rgb, w, h);
             assert_eq!(size.is_some(), w * h >= 100, "{w} x {h}: {size:?}");
         }
+        let mut spots_224 = Vec::new();
         // Long runs: one colour (matches of 258 and the rests after them);
         // rows that differ only in a few bytes.
         // (1300 x 1100: scratch past what a thread keeps, dropped after.)
@@ -525,6 +543,9 @@ mod tests {
                 *v = (i % 251) as u8;
             }
             round_trip(&spots, w, h).unwrap();
+            if (w, h) == (224, 224) {
+                spots_224 = spots;
+            }
         }
         SCRATCH.with(|s| {
             let s = s.borrow();
@@ -534,6 +555,19 @@ mod tests {
         // store it.
         let noise: Vec<u8> = (0..224 * 224 * 3).map(|_| next()).collect();
         assert_eq!(round_trip(&noise, 224, 224), None);
+        // A stream split over IDAT chunks of 1,000 bytes reads the same.
+        let rgb = &spots_224;
+        let one = encode_rgb_png(rgb, 224, 224).unwrap().unwrap();
+        let (head, tail) = (&one[..33], &one[one.len() - 12..]);
+        let len = u32::from_be_bytes(one[33..37].try_into().unwrap()) as usize;
+        let zlib = &one[41..41 + len];
+        let mut split = head.to_vec();
+        let adler: [u8; 4] = zlib[zlib.len() - 4..].try_into().unwrap();
+        idat(&mut split, &zlib[..zlib.len() - 4], &adler, 1000);
+        split.extend_from_slice(tail);
+        assert!(split.len() > one.len() + 12 * (len / 1000 - 1));
+        let img = image::load_from_memory_with_format(&split, image::ImageFormat::Png).unwrap();
+        assert!(img.to_rgb8().as_raw() == rgb);
         // Wrong lengths and empty sides are errors.
         for (len, w, h) in [(12, 2, 3), (0, 0, 4), (0, 4, 0)] {
             let e = encode_rgb_png(&vec![0; len], w, h).unwrap_err();
