@@ -92,8 +92,9 @@ fn canonical_codes<const N: usize>(lengths: &[u8; N]) -> [u16; N] {
 
 /// Lengths of an optimal prefix code of at most `limit` bits for symbols
 /// counted `freqs` times (package-merge); 0 for a symbol never counted,
-/// and 1 for the only one counted.
-pub(crate) fn limited_lengths(freqs: &[u64], limit: u8) -> Vec<u8> {
+/// and 1 for the only one counted. `limit` must leave room for every
+/// symbol counted (2^limit of them at most).
+fn limited_lengths(freqs: &[u64], limit: u8) -> Vec<u8> {
     let mut leaves: Vec<(u64, usize)> = freqs
         .iter()
         .enumerate()
@@ -108,6 +109,7 @@ pub(crate) fn limited_lengths(freqs: &[u64], limit: u8) -> Vec<u8> {
     if leaves.len() < 2 {
         return lengths;
     }
+    debug_assert!(leaves.len() <= 1 << limit);
     // Items: a weight and the leaves it holds (with repeats).
     let single: Vec<(u64, Vec<usize>)> = leaves.iter().map(|&(f, s)| (f, vec![s])).collect();
     let mut list = single.clone();
