@@ -51,7 +51,13 @@ struct Code {
     head: Vec<u8>,
     tail: u64,
     tail_bits: u32,
+    /// [`Code::zeros`]'s bits and their count for runs of up to
+    /// [`TABLED_RUN`] zeros (index: the run; at most 30 bits each).
+    runs: Vec<(u64, u32)>,
 }
+
+/// The longest run of zeros [`Code::runs`] holds: a literal and one match.
+const TABLED_RUN: usize = 259;
 
 fn code() -> &'static Code {
     static CODE: OnceLock<Code> = OnceLock::new();
@@ -65,14 +71,27 @@ fn code() -> &'static Code {
                 | ((u32::from(len[a]) + u32::from(len[b])) << 27);
         }
         let (head, tail, tail_bits) = block_header(&len);
-        Code {
+        let mut c = Code {
             code,
             len,
             pair,
             head,
             tail,
             tail_bits,
-        }
+            runs: Vec::new(),
+        };
+        c.runs = (0..=TABLED_RUN)
+            .map(|run| {
+                let mut out = [0u8; 16];
+                let mut w = Bits::new(&mut out);
+                if run > 0 {
+                    c.zeros_coded(&mut w, run);
+                }
+                let n = 8 * w.pos as u32 + w.n;
+                (u64::from_le_bytes(out[..8].try_into().unwrap_or([0; 8])), n)
+            })
+            .collect();
+        c
     })
 }
 
@@ -223,10 +242,20 @@ impl Code {
         w.put(u64::from(self.code[s]), u32::from(self.len[s]));
     }
 
+    /// `run` zeros as [`Code::zeros_coded`] codes them, from the table for
+    /// runs of up to [`TABLED_RUN`].
+    #[inline(always)]
+    fn zeros(&self, w: &mut Bits, run: usize) {
+        match self.runs.get(run) {
+            Some(&(bits, n)) => w.put(bits, n),
+            None => self.zeros_coded(w, run),
+        }
+    }
+
     /// `run` zeros: a literal zero, then the rest as matches at distance 1
     /// (the distance code's one bit, 0, after each length's extra bits),
     /// or as literals where fewer than 3 are left.
-    fn zeros(&self, w: &mut Bits, run: usize) {
+    fn zeros_coded(&self, w: &mut Bits, run: usize) {
         // Match lengths from 3: the symbol, its extra bits and the base.
         const BASE: [u16; 29] = [
             3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99,
