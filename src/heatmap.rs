@@ -735,20 +735,19 @@ fn blend_rgb_generic(blend: &Blend, map: &[f32], planes: [&[f32]; 3], out: &mut 
     }
 }
 
-/// The image crate's PNG compression closest to [`encode_png`]'s (which
-/// has its own deflate with fdeflate's code, 2–3× faster: see
-/// [`PngCompression::Fast`]), for [`encode_png_with`]: fdeflate's fast
-/// mode. Measured
-/// on 200 heatmap overlays of photos at 224 × 224 (one core,
-/// `examples/profile_stages.rs`): 0.33 ms and 25.8 KB per image, against
-/// 0.97 ms / 32.8 KB for zlib level 1, 6.3 ms / 24.0 KB for the default
-/// level and 0.04 ms / 151 KB uncompressed.
+/// For [`encode_png_with`]: the image crate's compression closest to
+/// [`encode_png`]'s, fdeflate's fast mode (same code, same sizes;
+/// [`encode_png`] has its own writer, 2–3× faster: see
+/// [`PngCompression::Fast`]). Measured on 200 heatmap overlays of photos
+/// at 224 × 224 (one core, `examples/profile_stages.rs`): 0.33 ms and
+/// 25.8 KB per image, against 0.97 ms / 32.8 KB for zlib level 1, 6.3 ms /
+/// 24.0 KB for the default level and 0.04 ms / 151 KB uncompressed.
 pub const PNG_COMPRESSION: CompressionType = CompressionType::Fast;
 
 /// The PNG filter of [`encode_png`] (and for [`encode_png_with`]): Up on
-/// every row. On the same
-/// overlays (`examples/profile_stages.rs`, three runs of its sweep):
-/// 0.16 ms and 28.4 KB per image, against 0.18–0.20 ms and 19.2 KB for
+/// every row. On the same overlays (`examples/profile_stages.rs`, three
+/// runs of its sweep): 0.16 ms and 28.4 KB per image, against 0.18–0.20 ms
+/// and 19.2 KB for
 /// Paeth (the filter until 2026-11-28), 0.20–0.24 ms / 32.8 KB for Sub
 /// and 0.33–0.38 ms / 17.9 KB for adaptive filtering (which tries every
 /// filter on every row). In whole trivial-model saliency runs (5,000
