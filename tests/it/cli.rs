@@ -1296,12 +1296,7 @@ fn a_stopped_overwrite_with_other_settings_is_finished_by_overwriting() {
 fn shards_of_a_change_over_different_files_do_not_cover_the_input() {
     let t = Tree::good(30);
     let m = model("digits_cnn");
-    let args = |class: &str, extra: &[&str]| {
-        let score = format!("categorical:{class}");
-        let mut a = vec!["--batch-size", "4", "--score", &score];
-        a.extend_from_slice(extra);
-        saliency_args(&m, &t.images(), &t.out("out"), &a)
-    };
+    let args = class_args(&m, &t, &["--batch-size", "4"]);
     assert_code(&tch_vis(&args("2", &[])), 0, "the first settings");
     assert_code(
         &tch_vis(&args("1", &["--overwrite", "--shard", "0/2"])),
@@ -1322,13 +1317,37 @@ fn shards_of_a_change_over_different_files_do_not_cover_the_input() {
         "{}",
         stderr(&o)
     );
-    assert_code(&tch_vis(&args("1", &["--overwrite"])), 0, "overwrite all");
-    let r = run_ok(&args("1", &[]), "a rerun");
+    overwrite_then_rerun_skips(&args("1", &["--overwrite"]), &args("1", &[]), 31);
+}
+
+/// The arguments of a saliency run of `model` over `t`'s images into its
+/// `out`, with `fixed` options, as a function of the class scored
+/// (`categorical:CLASS`) and further options.
+fn class_args<'a>(
+    model: &'a str,
+    t: &'a Tree,
+    fixed: &'a [&'a str],
+) -> impl Fn(&str, &[&str]) -> Vec<String> + 'a {
+    move |class, extra| {
+        let score = format!("categorical:{class}");
+        let mut a = fixed.to_vec();
+        a.extend_from_slice(&["--score", &score]);
+        a.extend_from_slice(extra);
+        saliency_args(model, &t.images(), &t.out("out"), &a)
+    }
+}
+
+/// An `--overwrite` run that finishes, then a plain rerun that skips all
+/// `n` images, with no marks or journals left.
+fn overwrite_then_rerun_skips(overwrite: &[String], rerun: &[String], n: u64) {
+    assert_code(&tch_vis(overwrite), 0, "overwrite");
+    let r = run_ok(rerun, "a plain rerun");
     assert_eq!(
         (r["processed"].as_u64(), r["skipped"].as_u64()),
-        (Some(0), Some(31))
+        (Some(0), Some(n))
     );
-    assert!(!t.out("out").join(".tch-vis").exists());
+    let out = rerun.iter().position(|x| x == "--out").unwrap() + 1;
+    assert!(!Path::new(&rerun[out]).join(".tch-vis").exists());
 }
 
 /// Kills `child` (a run into `out`) with SIGKILL once its journals hold
@@ -1362,27 +1381,9 @@ fn kill_after_rows(mut child: std::process::Child, out: &Path, rows: usize) {
 fn an_overwrite_of_all_the_input_supersedes_a_killed_runs_settings() {
     let t = Tree::good(90);
     let m = model("digits_cnn");
-    let args = |class: &str, extra: &[&str]| {
-        let score = format!("categorical:{class}");
-        let mut a = vec![
-            "--batch-size",
-            "2",
-            "--smooth-samples",
-            "2",
-            "--score",
-            &score,
-        ];
-        a.extend_from_slice(extra);
-        saliency_args(&m, &t.images(), &t.out("out"), &a)
-    };
+    let args = class_args(&m, &t, &["--batch-size", "2", "--smooth-samples", "2"]);
     kill_after_rows(spawn(&args("2", &[])), &t.out("out"), 12);
-    assert_code(&tch_vis(&args("1", &["--overwrite"])), 0, "overwrite");
-    let r = run_ok(&args("1", &[]), "a plain rerun");
-    assert_eq!(
-        (r["processed"].as_u64(), r["skipped"].as_u64()),
-        (Some(0), Some(90))
-    );
-    assert!(!t.out("out").join(".tch-vis").exists());
+    overwrite_then_rerun_skips(&args("1", &["--overwrite"]), &args("1", &[]), 90);
 }
 
 /// A first SIGTERM (Slurm's and Kubernetes' stop signal; SIGINT is
