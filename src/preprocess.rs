@@ -1826,27 +1826,23 @@ fn normalise_bytes(bytes: &[u8], c: usize, order: Order, out: &mut [f32], s: &Si
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     {
-        if c == 3
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
+        if c == 3 && std::arch::is_x86_feature_detected!("avx2") {
             // The planes' length, and the pixels there are bytes for.
             let n = out.len() / 3;
             let px = n.min(bytes.len() / 3);
             match order {
                 Order::Interleaved => {
                     done = px - px % 8;
-                    // SAFETY: the CPU supports AVX2 and FMA (checked just
-                    // above); both slices hold `3 × done` values, a
-                    // multiple of 24.
+                    // SAFETY: the CPU supports AVX2 (checked just above);
+                    // both slices hold `3 × done` values, a multiple of 24.
                     unsafe {
                         normalise_rgb_bytes_avx2(&bytes[..3 * done], &mut out[..3 * done], s);
                     }
                 }
                 Order::Planes => {
                     done = px - px % 16;
-                    // SAFETY: the CPU supports AVX2 and FMA (checked just
-                    // above); `bytes` holds at least `3 × done` values and `out`
+                    // SAFETY: the CPU supports AVX2 (checked just above);
+                    // `bytes` holds at least `3 × done` values and `out`
                     // three planes of `n`, with `done <= n` a multiple of
                     // 16.
                     unsafe {
@@ -1908,7 +1904,7 @@ fn normalise_bytes(bytes: &[u8], c: usize, order: Order, out: &mut [f32], s: &Si
 /// The CPU must support AVX2; `bytes` holds at least `3 × done` values,
 /// `out` at least `3 × n`, and `done <= n` is a multiple of 16.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2")]
 unsafe fn normalise_rgb_planes_avx2(
     bytes: &[u8],
     out: &mut [f32],
@@ -1937,7 +1933,6 @@ unsafe fn normalise_rgb_planes_avx2(
     let k = _mm256_set1_ps(SCALE_8BIT);
     let m: [__m256; 3] = std::array::from_fn(|ch| _mm256_set1_ps(s.mean[ch]));
     let d: [__m256; 3] = std::array::from_fn(|ch| _mm256_set1_ps(s.std[ch]));
-    let by = Divisor::new3(k, m, d);
     let dst = out.as_mut_ptr();
     let streaming =
         (dst as usize).is_multiple_of(32) && (n * std::mem::size_of::<f32>()).is_multiple_of(32);
@@ -1963,7 +1958,7 @@ unsafe fn normalise_rgb_planes_avx2(
             ];
             for (h, words) in halves.into_iter().enumerate() {
                 let x = _mm256_mul_ps(_mm256_cvtepi32_ps(words), k);
-                let x = by[ch].divide(_mm256_sub_ps(x, m[ch]));
+                let x = _mm256_div_ps(_mm256_sub_ps(x, m[ch]), d[ch]);
                 store_ps(dst.add(ch * n + p + 8 * h), x, streaming);
             }
         }
@@ -1985,7 +1980,7 @@ unsafe fn normalise_rgb_planes_avx2(
 /// The CPU must support AVX2; `bytes` and `out` hold the same number of
 /// values, a multiple of 24.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2")]
 unsafe fn normalise_rgb_bytes_avx2(bytes: &[u8], out: &mut [f32], s: &Sidecar) {
     use std::arch::x86_64::*;
     debug_assert!(bytes.len() == out.len() && out.len().is_multiple_of(24));
@@ -1997,7 +1992,6 @@ unsafe fn normalise_rgb_bytes_avx2(bytes: &[u8], out: &mut [f32], s: &Sidecar) {
     let (mean, std) = (lanes(&s.mean[..3]), lanes(&s.std[..3]));
     let m = mean.map(|v| _mm256_loadu_ps(v.as_ptr()));
     let d = std.map(|v| _mm256_loadu_ps(v.as_ptr()));
-    let by = Divisor::new3(k, m, d);
     let streaming = (out.as_ptr() as usize).is_multiple_of(32);
     let (src, dst) = (bytes.as_ptr(), out.as_mut_ptr());
     let mut i = 0;
@@ -2011,89 +2005,12 @@ unsafe fn normalise_rgb_bytes_avx2(bytes: &[u8], out: &mut [f32], s: &Sidecar) {
         ];
         for q in 0..3 {
             let v = _mm256_mul_ps(_mm256_cvtepi32_ps(words[q]), k);
-            let v = by[q].divide(_mm256_sub_ps(v, m[q]));
+            let v = _mm256_div_ps(_mm256_sub_ps(v, m[q]), d[q]);
             store_ps(dst.add(i + 8 * q), v, streaming);
         }
         i += 24;
     }
     end_streaming(streaming);
-}
-
-/// Division of eight lanes by one deviation `d`, as the normalisation's
-/// 8-bit values need it: `x / d` with IEEE division, or, where that gives
-/// the same bits for every value it will see, by the reciprocal with one
-/// correction step, `q = x × (1/d)`, `q + (x − q·d) × (1/d)` (two fused
-/// multiply-adds; the division's throughput was the normalisation's
-/// limit). The 8-bit values give each channel only 256 dividends,
-/// `v × (1/255) − mean`, so [`Divisor::new3`] tries all of them and keeps
-/// the division for a channel where any differs.
-#[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
-struct Divisor {
-    d: std::arch::x86_64::__m256,
-    reciprocal: Option<std::arch::x86_64::__m256>,
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Divisor {
-    /// The divisors of three channels (in lanes as the kernel holds them:
-    /// `k`, `m[q]`, `d[q]` give lane j's scale, mean and deviation), each
-    /// by the reciprocal where all 256 values of every lane agree with the
-    /// division bit for bit.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn new3(
-        k: std::arch::x86_64::__m256,
-        m: [std::arch::x86_64::__m256; 3],
-        d: [std::arch::x86_64::__m256; 3],
-    ) -> [Divisor; 3] {
-        use std::arch::x86_64::*;
-        std::array::from_fn(|q| {
-            let reciprocal = _mm256_div_ps(_mm256_set1_ps(1.0), d[q]);
-            let by = Divisor {
-                d: d[q],
-                reciprocal: Some(reciprocal),
-            };
-            let mut same = _mm256_set1_epi32(-1);
-            for v in 0..256 {
-                let x = _mm256_mul_ps(_mm256_set1_ps(v as f32), k);
-                let x = _mm256_sub_ps(x, m[q]);
-                let (want, got) = (_mm256_div_ps(x, d[q]), by.divide(x));
-                same = _mm256_and_si256(
-                    same,
-                    _mm256_cmpeq_epi32(_mm256_castps_si256(want), _mm256_castps_si256(got)),
-                );
-            }
-            if _mm256_movemask_epi8(same) == -1 {
-                by
-            } else {
-                Divisor {
-                    d: d[q],
-                    reciprocal: None,
-                }
-            }
-        })
-    }
-
-    /// `x / d` for each lane, with the bits of IEEE division (see
-    /// [`Divisor`]).
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn divide(self, x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        match self.reciprocal {
-            Some(r) => {
-                let q = _mm256_mul_ps(x, r);
-                _mm256_fmadd_ps(_mm256_fnmadd_ps(q, self.d, x), r, q)
-            }
-            None => _mm256_div_ps(x, self.d),
-        }
-    }
 }
 
 /// Stores eight floats at `at`, streamed around the cache (`at` 32-byte
@@ -3096,10 +3013,8 @@ mod tests {
 
     /// The normalisation of 8-bit RGB gives the tables' bits, `(v × (1/255)
     /// − mean) / std` in IEEE float32, for every byte value of every
-    /// channel, into planes and channels-last, whichever way the vector
-    /// kernels divide; with ImageNet's statistics they multiply by the
-    /// reciprocal (the fast way), with a deviation whose reciprocal is off
-    /// they divide.
+    /// channel, into planes and channels-last (the vector kernels, then the
+    /// tables for the last pixels).
     #[test]
     fn normalised_bytes_are_the_tables_bits_for_every_value() {
         let stats = [
@@ -3139,29 +3054,6 @@ mod tests {
                     }
                 }
             }
-        }
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            use std::arch::x86_64::*;
-            let ways = |mean: [f32; 3], std: [f32; 3]| -> [bool; 3] {
-                // SAFETY: the CPU supports AVX2 and FMA (checked above).
-                unsafe {
-                    let by = Divisor::new3(
-                        _mm256_set1_ps(SCALE_8BIT),
-                        mean.map(|v| _mm256_set1_ps(v)),
-                        std.map(|v| _mm256_set1_ps(v)),
-                    );
-                    by.map(|d| d.reciprocal.is_some())
-                }
-            };
-            assert_eq!(ways(stats[0].0, stats[0].1), [true; 3]);
-            // Deviations whose reciprocal path makes NaNs (0, infinity)
-            // keep the division.
-            assert_eq!(
-                ways([0.5; 3], [0.5, 0.0, f32::INFINITY]),
-                [true, false, false]
-            );
         }
     }
 
