@@ -747,10 +747,9 @@ pub const PNG_COMPRESSION: CompressionType = CompressionType::Fast;
 /// The PNG filter of [`encode_png`] (and for [`encode_png_with`]): Up on
 /// every row. On the same overlays (`examples/profile_stages.rs`, three
 /// runs of its sweep): 0.16 ms and 28.4 KB per image, against 0.18–0.20 ms
-/// and 19.2 KB for
-/// Paeth (the filter until 2026-11-28), 0.20–0.24 ms / 32.8 KB for Sub
-/// and 0.33–0.38 ms / 17.9 KB for adaptive filtering (which tries every
-/// filter on every row). In whole trivial-model saliency runs (5,000
+/// and 19.2 KB for Paeth (the filter until 2026-11-28), 0.20–0.24 ms /
+/// 32.8 KB for Sub and 0.33–0.38 ms / 17.9 KB for adaptive filtering
+/// (which tries every filter on every row). In whole trivial-model saliency runs (5,000
 /// images, 2 cores, four alternating runs each) Up took 2% less CPU than
 /// Paeth (6.26 s against 6.39 s) for 1.8% more images/s; its 9 KB more
 /// per PNG are 4% more bytes beside the map's 196 KB `.npy`.
@@ -822,13 +821,8 @@ pub fn encode_png_as(
 pub fn encode_png(rgb: &[u8], width: u32, height: u32) -> Result<Vec<u8>> {
     match crate::deflate::encode_rgb_png(rgb, width, height)? {
         Some(png) => Ok(png),
-        None => encode_png_with(
-            rgb,
-            width,
-            height,
-            CompressionType::Uncompressed,
-            FilterType::NoFilter,
-        ),
+        // Larger compressed than stored (noise).
+        None => encode_png_as(rgb, width, height, PngCompression::None),
     }
 }
 
