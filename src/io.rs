@@ -615,11 +615,7 @@ fn write_linked(path: &Path, parts: &[&[u8]]) -> Option<Result<()>> {
         Err(e) if unsupported(&e) => return None,
         Err(e) => return Some(Err(Error::io(path, e))),
     };
-    let device = |file: &fs::File| {
-        use std::os::unix::fs::MetadataExt;
-        file.metadata().map(|m| m.dev()).ok()
-    };
-    if link_refused_on(None) && device(&file).is_some_and(|dev| link_refused_on(Some(dev))) {
+    if links_refused(&file) {
         return None;
     }
     if let Err(e) = parts.iter().try_for_each(|part| file.write_all(part)) {
@@ -668,9 +664,7 @@ fn write_linked(path: &Path, parts: &[&[u8]]) -> Option<Result<()>> {
             let _ = fs::rename(old, path);
         }
         if unsupported(&e) || e.raw_os_error() == Some(libc::EPERM) {
-            if let Some(dev) = device(&file) {
-                refuse_links_on(dev);
-            }
+            refuse_links(&file);
             return None;
         }
         return Some(Err(Error::io(path, e)));
@@ -685,21 +679,29 @@ static LINKS_REFUSED: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::ne
 #[cfg(target_os = "linux")]
 static ANY_LINK_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Whether the file system of device `dev` refused a link (`None`: whether
-/// any did).
+/// The device of the file system `file` is on.
 #[cfg(target_os = "linux")]
-fn link_refused_on(dev: Option<u64>) -> bool {
-    match dev {
-        None => ANY_LINK_REFUSED.load(Ordering::Relaxed),
-        Some(dev) => LINKS_REFUSED
-            .lock()
-            .is_ok_and(|devices| devices.contains(&dev)),
-    }
+fn device(file: &fs::File) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().map(|m| m.dev()).ok()
 }
 
-/// Remembers that the file system of device `dev` refused a link.
+/// Whether the file system `file` is on refused a link: one atomic load
+/// while none has.
 #[cfg(target_os = "linux")]
-fn refuse_links_on(dev: u64) {
+fn links_refused(file: &fs::File) -> bool {
+    ANY_LINK_REFUSED.load(Ordering::Relaxed)
+        && device(file).is_some_and(|dev| {
+            LINKS_REFUSED
+                .lock()
+                .is_ok_and(|devices| devices.contains(&dev))
+        })
+}
+
+/// Remembers that the file system `file` is on refused a link.
+#[cfg(target_os = "linux")]
+fn refuse_links(file: &fs::File) {
+    let Some(dev) = device(file) else { return };
     if let Ok(mut devices) = LINKS_REFUSED.lock() {
         if !devices.contains(&dev) {
             devices.push(dev);
@@ -1158,14 +1160,11 @@ mod tests {
         assert_eq!(names(dir.path()), ["a.npy", "b.npy", "probe.npy"]);
         // The link refused on another file system (its own device): its
         // later files skip the link; this folder's still link.
-        let dev = |p: &Path| {
-            use std::os::unix::fs::MetadataExt;
-            fs::metadata(p).unwrap().dev()
-        };
+        let open = |p: &Path| fs::File::open(p).unwrap();
         let Ok(other) = tempfile::tempdir_in("/dev/shm") else {
             return;
         };
-        if dev(other.path()) == dev(dir.path()) {
+        if device(&open(other.path())) == device(&open(dir.path())) {
             return;
         }
         let there = |name: &str| other.path().join(name);
@@ -1180,7 +1179,7 @@ mod tests {
         assert_eq!(fs::read(there("c.npy")).unwrap(), b"c");
         assert_eq!(fs::read(there("d.npy")).unwrap(), b"d");
         assert_eq!(names(other.path()), ["c.npy", "d.npy"]);
-        assert!(link_refused_on(Some(dev(other.path()))));
-        assert!(!link_refused_on(Some(dev(dir.path()))));
+        assert!(links_refused(&open(other.path())));
+        assert!(!links_refused(&open(dir.path())));
     }
 }
