@@ -123,7 +123,7 @@ fn main() -> Result<()> {
     // and, as it does, libtorch's OpenMP team sleeping at its barriers
     // for a light model only (a heavy one runs faster with it spinning).
     if tch_vis::batch::passive_openmp_pays(&model, &sidecar)? {
-        let _failed = tch_vis::batch::restart_with_passive_openmp();
+        let _failed = tch_vis::batch::restart_with_passive_openmp(false);
     }
     let [h, w] = sidecar.size_i64();
     let probe = tch::Tensor::zeros(

@@ -227,7 +227,11 @@ pub fn tune_malloc() {
             .clamp(2, 1024) as c_int;
         for (env, param, value) in [
             ("MALLOC_ARENA_MAX", M_ARENA_MAX, arenas),
-            ("MALLOC_MMAP_THRESHOLD_", M_MMAP_THRESHOLD, 32 << 20),
+            (
+                "MALLOC_MMAP_THRESHOLD_",
+                M_MMAP_THRESHOLD,
+                HEAP_BLOCKS as c_int,
+            ),
             ("MALLOC_TRIM_THRESHOLD_", M_TRIM_THRESHOLD, 256 << 20),
         ] {
             if std::env::var_os(env).is_none() {
@@ -241,6 +245,10 @@ pub fn tune_malloc() {
         }
     }
 }
+
+/// The largest block [`tune_malloc`] has glibc take from its heap (and
+/// reuse); larger ones are fresh mappings each time.
+const HEAP_BLOCKS: usize = 32 << 20;
 
 /// The memory this process may still take, where the system says: the
 /// kernel's `MemAvailable` (which counts reclaimable page cache) and free
@@ -380,10 +388,19 @@ pub fn passive_openmp_pays(model: &Model, sidecar: &Sidecar) -> Result<bool> {
 /// is handed on unread) or starting threads. The restart costs one more
 /// load of libtorch (~0.4 s).
 ///
+/// With `huge_pages` (see [`huge_pages_pay`]) the restarted process also
+/// asks for transparent huge pages, where the kernel gives them to memory
+/// that asks (`/sys/kernel/mm/transparent_hugepage/enabled` at `madvise`
+/// or `always`): under libtorch's CPU blocks of 2 MiB and more
+/// (`THP_MEM_ALLOC_ENABLE=1`, libtorch's own switch, unless the
+/// environment sets it) and under glibc's heaps (`glibc.malloc.hugetlb=1`
+/// added to `GLIBC_TUNABLES` unless that names `glibc.malloc.hugetlb`
+/// already). Both are read only when a process starts.
+///
 /// Returns `None` when the variable was already set, `Some(error)` when
 /// the restart failed (the program can go on with the default policy); on
 /// success it does not return.
-pub fn restart_with_passive_openmp() -> Option<std::io::Error> {
+pub fn restart_with_passive_openmp(huge_pages: bool) -> Option<std::io::Error> {
     if std::env::var_os("OMP_WAIT_POLICY").is_some() {
         return None;
     }
@@ -394,17 +411,75 @@ pub fn restart_with_passive_openmp() -> Option<std::io::Error> {
             Ok(exe) => exe,
             Err(e) => return Some(e),
         };
-        Some(
-            std::process::Command::new(exe)
-                .args(std::env::args_os().skip(1))
-                .env("OMP_WAIT_POLICY", "PASSIVE")
-                .exec(),
-        )
+        let mut command = std::process::Command::new(exe);
+        command
+            .args(std::env::args_os().skip(1))
+            .env("OMP_WAIT_POLICY", "PASSIVE");
+        if huge_pages {
+            if std::env::var_os(THP_MEM_ALLOC).is_none() {
+                command.env(THP_MEM_ALLOC, "1");
+            }
+            if let Some(tunables) = huge_page_heap_tunables(std::env::var_os(GLIBC_TUNABLES)) {
+                command.env(GLIBC_TUNABLES, tunables);
+            }
+        }
+        Some(command.exec())
     }
     #[cfg(not(unix))]
     {
         None
     }
+}
+
+/// Whether a light model's CPU batch job, restarted by
+/// [`restart_with_passive_openmp`], should ask for transparent huge pages:
+/// when each model call's float32 input (`rows` × `input_values` values)
+/// and its gradient are blocks that [`tune_malloc`]'s glibc takes from its
+/// heap and reuses (up to 32 MiB).
+///
+/// Then the pages are faulted in once and every later pass over a batch's
+/// megabytes misses the TLB far less often, with the same bytes out: a
+/// trivial 224 × 224 model's saliency run over 5,000 images at batch 32 on
+/// 2 cores went from 1,546 to 1,595 images/s with libtorch's blocks on
+/// huge pages (CPU 7.10 → 6.78 s) and to 1,635 with glibc's heaps as well
+/// (6.65 s; alternating runs), for 4% more peak resident memory. Larger
+/// blocks are fresh mappings each call, and a huge page costs more to
+/// fault in than it saves there: the same run at batch 64 went from 1,471
+/// to 1,422 images/s, at 128 from 1,479 to 1,309, and resnet18 (whose
+/// activations are such blocks) from 20.5 to 17.3.
+pub fn huge_pages_pay(rows: usize, input_values: usize) -> bool {
+    rows.saturating_mul(input_values).saturating_mul(4) <= HEAP_BLOCKS
+}
+
+/// libtorch's switch for transparent huge pages under its CPU blocks of
+/// 2 MiB and more, read at its first CPU allocation.
+#[cfg(unix)]
+const THP_MEM_ALLOC: &str = "THP_MEM_ALLOC_ENABLE";
+
+/// glibc's settings variable, read once when a program starts.
+#[cfg(unix)]
+const GLIBC_TUNABLES: &str = "GLIBC_TUNABLES";
+
+/// `GLIBC_TUNABLES` for a restarted process: `current` with
+/// `glibc.malloc.hugetlb=1` added, or `None` (left as it is) where it names
+/// that setting already.
+#[cfg(unix)]
+fn huge_page_heap_tunables(current: Option<std::ffi::OsString>) -> Option<std::ffi::OsString> {
+    const HUGETLB: &str = "glibc.malloc.hugetlb";
+    let current = current.unwrap_or_default();
+    let text = current.to_string_lossy();
+    if text
+        .split(':')
+        .any(|t| t.split('=').next() == Some(HUGETLB))
+    {
+        return None;
+    }
+    let mut out = current.clone();
+    if !text.is_empty() {
+        out.push(":");
+    }
+    out.push(format!("{HUGETLB}=1"));
+    Some(out)
 }
 
 impl<'a> Engine<'a> {
@@ -1907,6 +1982,43 @@ fn padded_batch(
 
 #[cfg(test)]
 mod tests {
+    /// Huge pages pay up to batches of 32 MiB of float32 inputs.
+    #[test]
+    fn huge_pages_pay_for_batches_the_heap_reuses() {
+        use super::huge_pages_pay;
+        assert!(huge_pages_pay(32, 3 * 224 * 224));
+        assert!(huge_pages_pay(1, 8 << 20));
+        assert!(!huge_pages_pay(1, (8 << 20) + 1));
+        assert!(!huge_pages_pay(64, 3 * 224 * 224));
+        assert!(!huge_pages_pay(usize::MAX, 2));
+    }
+
+    /// The restart adds glibc's huge-page heaps to the user's tunables,
+    /// and leaves a `glibc.malloc.hugetlb` of theirs as it is.
+    #[cfg(unix)]
+    #[test]
+    fn the_restart_adds_huge_page_heaps_to_glibc_tunables() {
+        use std::ffi::OsString;
+        let add = |v: Option<&str>| super::huge_page_heap_tunables(v.map(OsString::from));
+        let some = |v: &str| Some(OsString::from(v));
+        assert_eq!(add(None), some("glibc.malloc.hugetlb=1"));
+        assert_eq!(add(Some("")), some("glibc.malloc.hugetlb=1"));
+        assert_eq!(
+            add(Some("glibc.malloc.arena_max=2")),
+            some("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+        );
+        assert_eq!(add(Some("glibc.malloc.hugetlb=0")), None);
+        assert_eq!(
+            add(Some("glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=2")),
+            None
+        );
+        // A longer name that starts the same is another setting.
+        assert_eq!(
+            add(Some("glibc.malloc.hugetlbx=1")),
+            some("glibc.malloc.hugetlbx=1:glibc.malloc.hugetlb=1")
+        );
+    }
+
     /// A thread's libtorch thread count, once set with `set_torch_threads`,
     /// survives another thread setting its own afterwards (with a bare
     /// `tch::set_num_threads` it would become the other thread's at its

@@ -60,8 +60,8 @@ mod methods;
 mod table;
 
 pub use engine::{
-    compute_threads, passive_openmp_pays, restart_with_passive_openmp, tune_malloc, Engine, Layout,
-    Progress, Summary, Timings, MAX_BATCH_SIZE,
+    compute_threads, huge_pages_pay, passive_openmp_pays, restart_with_passive_openmp, tune_malloc,
+    Engine, Layout, Progress, Summary, Timings, MAX_BATCH_SIZE,
 };
 pub use folder::{Finished, FolderSink, Merged, JOURNAL_DIR};
 pub use methods::{CamMapMethod, IgBaseline, IgMethod, SaliencyMethod, ScoresMethod};

@@ -2389,12 +2389,15 @@ fn large_colour_inputs_restart_with_passive_openmp() {
         .display()
         .to_string();
     let images = t.images();
-    let run = |model: &str, out: &Path, policy: Option<&str>| {
+    let run_with = |model: &str, out: &Path, policy: Option<&str>, flags: &[&str]| {
         let mut cmd = Command::new(BIN);
         cmd.args(["saliency", "--model", model, "--images-from", "-"])
+            .args(flags)
             .args(["--root", s(&images), "--out", s(out), "--device", "cpu"])
             .env("CUDA_VISIBLE_DEVICES", "")
             .env_remove("OMP_WAIT_POLICY")
+            .env_remove("GLIBC_TUNABLES")
+            .env_remove("THP_MEM_ALLOC_ENABLE")
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -2413,15 +2416,28 @@ fn large_colour_inputs_restart_with_passive_openmp() {
         assert_code(&child.wait_with_output().unwrap(), 0, model);
         report(out)
     };
+    let run = |model: &str, out: &Path, policy: Option<&str>| run_with(model, out, policy, &[]);
     let passive = t.out("passive");
     let r = run(&big, &passive, None);
     assert_eq!(r["openmp_wait_policy"], "PASSIVE");
+    // Huge pages for libtorch's blocks and glibc's heaps, from the restart
+    // on (a batch of 32 inputs is 19 MB).
+    assert_eq!(r["thp_mem_alloc_enable"], "1");
+    assert_eq!(r["glibc_tunables"], "glibc.malloc.hugetlb=1");
     assert_eq!(r["channels_last"], false);
     assert_eq!(r["processed"], 4);
     let active = t.out("active");
     let r = run(&big, &active, Some("ACTIVE"));
     assert_eq!(r["openmp_wait_policy"], "ACTIVE");
+    assert_eq!(r["thp_mem_alloc_enable"], serde_json::Value::Null);
+    assert_eq!(r["glibc_tunables"], serde_json::Value::Null);
     assert_same_tree(&passive, &active, "PASSIVE vs ACTIVE");
+    // Batches of 512 inputs (56 MB) are fresh mappings each call: the
+    // restart asks for no huge pages.
+    let r = run_with(&big, &t.out("big-batches"), None, &["--batch-size", "512"]);
+    assert_eq!(r["openmp_wait_policy"], "PASSIVE");
+    assert_eq!(r["thp_mem_alloc_enable"], serde_json::Value::Null);
+    assert_eq!(r["glibc_tunables"], serde_json::Value::Null);
     let nhwc = t.out("nhwc");
     let o = Command::new(BIN)
         .args([

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tch_vis::batch::{
-    passive_openmp_pays, restart_with_passive_openmp, CamMapMethod, Engine, FolderSink, IgBaseline,
-    IgMethod, Method, Progress, SaliencyMethod, ScoresMethod,
+    huge_pages_pay, passive_openmp_pays, restart_with_passive_openmp, CamMapMethod, Engine,
+    FolderSink, IgBaseline, IgMethod, Method, Progress, SaliencyMethod, ScoresMethod,
 };
 use tch_vis::cam::CamMethod;
 use tch_vis::gallery::{self, Gallery};
@@ -44,6 +44,21 @@ pub enum Mode {
         internal_batch_size: Option<usize>,
         smooth: Smooth,
     },
+}
+
+impl Mode {
+    /// Whether a light model's restart asks for huge pages
+    /// ([`huge_pages_pay`]): for the methods whose model calls take one
+    /// batch of `batch_size` inputs. SmoothGrad's noisy copies, the CAMs'
+    /// and Integrated Gradients' own rows are left out: unmeasured.
+    fn huge_pages_pay(&self, batch_size: usize, input_values: usize) -> bool {
+        let one_batch = match self {
+            Mode::Saliency { smooth, .. } => smooth.samples == 0,
+            Mode::Scores => true,
+            Mode::Cam { .. } | Mode::Ig { .. } => false,
+        };
+        one_batch && huge_pages_pay(batch_size, input_values)
+    }
 }
 
 /// SmoothGrad's noise: samples per image (0: none), level and seed.
@@ -524,7 +539,10 @@ pub fn execute(job: Job) -> Result<(), Failure> {
             .is_none_or(|(_, e)| mine(e) >= RESTART_MIN_IMAGES)
         {
             // Returns only if the restart fails: the run goes on here.
-            let _failed = restart_with_passive_openmp();
+            let _failed = restart_with_passive_openmp(job.mode.huge_pages_pay(
+                job.batch_size,
+                sidecar.channels * sidecar.input_size[0] * sidecar.input_size[1],
+            ));
         }
     }
     let (root, entries) = match listed {
@@ -685,6 +703,8 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         "compute_threads": layout.compute_threads,
         "channels_last": layout.channels_last,
         "openmp_wait_policy": std::env::var("OMP_WAIT_POLICY").ok(),
+        "thp_mem_alloc_enable": std::env::var("THP_MEM_ALLOC_ENABLE").ok(),
+        "glibc_tunables": std::env::var("GLIBC_TUNABLES").ok(),
         "model": job.model.display().to_string(),
         "images": root.display().to_string(),
         "out": job.out.display().to_string(),
