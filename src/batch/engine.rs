@@ -395,7 +395,9 @@ pub fn passive_openmp_pays(model: &Model, sidecar: &Sidecar) -> Result<bool> {
 /// (`THP_MEM_ALLOC_ENABLE=1`, libtorch's own switch, unless the
 /// environment sets it) and under glibc's heaps (`glibc.malloc.hugetlb=1`
 /// added to `GLIBC_TUNABLES` unless that names `glibc.malloc.hugetlb`
-/// already). Both are read only when a process starts.
+/// already). Both are read only when a process starts. Not where the
+/// kernel gives no huge pages on request (`never` in
+/// `/sys/kernel/mm/transparent_hugepage/enabled`, or no such file).
 ///
 /// Returns `None` when the variable was already set, `Some(error)` when
 /// the restart failed (the program can go on with the default policy); on
@@ -415,7 +417,7 @@ pub fn restart_with_passive_openmp(huge_pages: bool) -> Option<std::io::Error> {
         command
             .args(std::env::args_os().skip(1))
             .env("OMP_WAIT_POLICY", "PASSIVE");
-        if huge_pages {
+        if huge_pages && huge_pages_on_request() {
             if std::env::var_os(THP_MEM_ALLOC).is_none() {
                 command.env(THP_MEM_ALLOC, "1");
             }
@@ -449,6 +451,17 @@ pub fn restart_with_passive_openmp(huge_pages: bool) -> Option<std::io::Error> {
 /// activations are such blocks) from 20.5 to 17.3.
 pub fn huge_pages_pay(rows: usize, input_values: usize) -> bool {
     rows.saturating_mul(input_values).saturating_mul(4) <= HEAP_BLOCKS
+}
+
+/// Whether the kernel gives transparent huge pages to memory that asks
+/// for them: `always` or `madvise` in
+/// `/sys/kernel/mm/transparent_hugepage/enabled`. Elsewhere (`never`, or a
+/// kernel without them, where libtorch would warn that its request failed)
+/// the restart asks for none.
+#[cfg(unix)]
+fn huge_pages_on_request() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|s| s.contains("[always]") || s.contains("[madvise]"))
 }
 
 /// libtorch's switch for transparent huge pages under its CPU blocks of

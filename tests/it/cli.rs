@@ -2421,9 +2421,17 @@ fn large_colour_inputs_restart_with_passive_openmp() {
     let r = run(&big, &passive, None);
     assert_eq!(r["openmp_wait_policy"], "PASSIVE");
     // Huge pages for libtorch's blocks and glibc's heaps, from the restart
-    // on (a batch of 32 inputs is 19 MB).
-    assert_eq!(r["thp_mem_alloc_enable"], "1");
-    assert_eq!(r["glibc_tunables"], "glibc.malloc.hugetlb=1");
+    // on (a batch of 32 inputs is 3.5 MB), where the kernel gives them on
+    // request.
+    let thp = fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|s| s.contains("[always]") || s.contains("[madvise]"));
+    if thp {
+        assert_eq!(r["thp_mem_alloc_enable"], "1");
+        assert_eq!(r["glibc_tunables"], "glibc.malloc.hugetlb=1");
+    } else {
+        assert_eq!(r["thp_mem_alloc_enable"], serde_json::Value::Null);
+        assert_eq!(r["glibc_tunables"], serde_json::Value::Null);
+    }
     assert_eq!(r["channels_last"], false);
     assert_eq!(r["processed"], 4);
     let active = t.out("active");
