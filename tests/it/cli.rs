@@ -2440,6 +2440,15 @@ fn large_colour_inputs_restart_with_passive_openmp() {
     assert_eq!(r["thp_mem_alloc_enable"], serde_json::Value::Null);
     assert_eq!(r["glibc_tunables"], serde_json::Value::Null);
     assert_same_tree(&passive, &active, "PASSIVE vs ACTIVE");
+    // SmoothGrad's noisy copies are batches of 32 as well.
+    let r = run_with(&big, &t.out("smooth"), None, &["--smooth-samples", "2"]);
+    assert_eq!(r["openmp_wait_policy"], "PASSIVE");
+    let want = if thp {
+        serde_json::json!("1")
+    } else {
+        serde_json::Value::Null
+    };
+    assert_eq!(r["thp_mem_alloc_enable"], want);
     // Batches of 512 inputs (56 MB) are fresh mappings each call: the
     // restart asks for no huge pages.
     let r = run_with(&big, &t.out("big-batches"), None, &["--batch-size", "512"]);

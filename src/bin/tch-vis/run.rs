@@ -49,12 +49,13 @@ pub enum Mode {
 impl Mode {
     /// Whether a light model's restart asks for huge pages
     /// ([`huge_pages_pay`]): for the methods whose model calls take one
-    /// batch of `batch_size` inputs. SmoothGrad's noisy copies, the CAMs'
-    /// and Integrated Gradients' own rows are left out: unmeasured.
+    /// batch of `batch_size` inputs (SmoothGrad's too: one noisy copy of
+    /// the batch at a time; +4.5% images/s with 4 samples on a trivial
+    /// model). The CAMs' and Integrated Gradients' own rows are left out:
+    /// unmeasured.
     fn huge_pages_pay(&self, batch_size: usize, input_values: usize) -> bool {
         let one_batch = match self {
-            Mode::Saliency { smooth, .. } => smooth.samples == 0,
-            Mode::Scores => true,
+            Mode::Saliency { .. } | Mode::Scores => true,
             Mode::Cam { .. } | Mode::Ig { .. } => false,
         };
         one_batch && huge_pages_pay(batch_size, input_values)
