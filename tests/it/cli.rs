@@ -2389,34 +2389,37 @@ fn large_colour_inputs_restart_with_passive_openmp() {
         .display()
         .to_string();
     let images = t.images();
-    let run_with = |model: &str, out: &Path, policy: Option<&str>, flags: &[&str]| {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["saliency", "--model", model, "--images-from", "-"])
-            .args(flags)
-            .args(["--root", s(&images), "--out", s(out), "--device", "cpu"])
-            .env("CUDA_VISIBLE_DEVICES", "")
-            .env_remove("OMP_WAIT_POLICY")
-            .env_remove("GLIBC_TUNABLES")
-            .env_remove("THP_MEM_ALLOC_ENABLE")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if let Some(p) = policy {
-            cmd.env("OMP_WAIT_POLICY", p);
-        }
-        let mut child = cmd.spawn().unwrap();
-        {
-            use std::io::Write;
-            let mut stdin = child.stdin.take().unwrap();
-            for i in 0..4 {
-                let path = images.join(format!("d{}/img_{i:03}.png", i % 3));
-                writeln!(stdin, "{}", path.display()).unwrap();
+    let run_with =
+        |command: &str, model: &str, out: &Path, policy: Option<&str>, flags: &[&str]| {
+            let mut cmd = Command::new(BIN);
+            cmd.args([command, "--model", model, "--images-from", "-"])
+                .args(flags)
+                .args(["--root", s(&images), "--out", s(out), "--device", "cpu"])
+                .env("CUDA_VISIBLE_DEVICES", "")
+                .env_remove("OMP_WAIT_POLICY")
+                .env_remove("GLIBC_TUNABLES")
+                .env_remove("THP_MEM_ALLOC_ENABLE")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            if let Some(p) = policy {
+                cmd.env("OMP_WAIT_POLICY", p);
             }
-        }
-        assert_code(&child.wait_with_output().unwrap(), 0, model);
-        report(out)
+            let mut child = cmd.spawn().unwrap();
+            {
+                use std::io::Write;
+                let mut stdin = child.stdin.take().unwrap();
+                for i in 0..4 {
+                    let path = images.join(format!("d{}/img_{i:03}.png", i % 3));
+                    writeln!(stdin, "{}", path.display()).unwrap();
+                }
+            }
+            assert_code(&child.wait_with_output().unwrap(), 0, model);
+            report(out)
+        };
+    let run = |model: &str, out: &Path, policy: Option<&str>| {
+        run_with("saliency", model, out, policy, &[])
     };
-    let run = |model: &str, out: &Path, policy: Option<&str>| run_with(model, out, policy, &[]);
     let passive = t.out("passive");
     let r = run(&big, &passive, None);
     assert_eq!(r["openmp_wait_policy"], "PASSIVE");
@@ -2440,18 +2443,40 @@ fn large_colour_inputs_restart_with_passive_openmp() {
     assert_eq!(r["thp_mem_alloc_enable"], serde_json::Value::Null);
     assert_eq!(r["glibc_tunables"], serde_json::Value::Null);
     assert_same_tree(&passive, &active, "PASSIVE vs ACTIVE");
-    // SmoothGrad's noisy copies are batches of 32 as well.
-    let r = run_with(&big, &t.out("smooth"), None, &["--smooth-samples", "2"]);
-    assert_eq!(r["openmp_wait_policy"], "PASSIVE");
+    // SmoothGrad's noisy copies and Integrated Gradients' path points are
+    // batches of 32 as well.
     let want = if thp {
         serde_json::json!("1")
     } else {
         serde_json::Value::Null
     };
+    let r = run_with(
+        "saliency",
+        &big,
+        &t.out("smooth"),
+        None,
+        &["--smooth-samples", "2"],
+    );
+    assert_eq!(r["openmp_wait_policy"], "PASSIVE");
+    assert_eq!(r["thp_mem_alloc_enable"], want);
+    let r = run_with(
+        "integrated-gradients",
+        &big,
+        &t.out("ig"),
+        None,
+        &["--steps", "4"],
+    );
+    assert_eq!(r["openmp_wait_policy"], "PASSIVE");
     assert_eq!(r["thp_mem_alloc_enable"], want);
     // Batches of 512 inputs (56 MB) are fresh mappings each call: the
     // restart asks for no huge pages.
-    let r = run_with(&big, &t.out("big-batches"), None, &["--batch-size", "512"]);
+    let r = run_with(
+        "saliency",
+        &big,
+        &t.out("big-batches"),
+        None,
+        &["--batch-size", "512"],
+    );
     assert_eq!(r["openmp_wait_policy"], "PASSIVE");
     assert_eq!(r["thp_mem_alloc_enable"], serde_json::Value::Null);
     assert_eq!(r["glibc_tunables"], serde_json::Value::Null);
