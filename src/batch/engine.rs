@@ -444,9 +444,10 @@ pub fn restart_with_passive_openmp(huge_pages: bool) -> Option<std::io::Error> {
 /// trivial 224 × 224 model's saliency run over 5,000 images at batch 32 on
 /// 2 cores went from 1,546 to 1,595 images/s with libtorch's blocks on
 /// huge pages (CPU 7.10 → 6.78 s) and to 1,635 with glibc's heaps as well
-/// (6.65 s; alternating runs), for 4% more peak resident memory. Larger
-/// blocks are fresh mappings each call, and a huge page costs more to
-/// fault in than it saves there: the same run at batch 64 went from 1,471
+/// (6.65 s; alternating runs), for more peak resident memory (4% over
+/// 5,000 images; 841 against 738 MiB over 100,000, flat). Larger blocks
+/// are fresh mappings each call, and a huge page costs more to fault in
+/// than it saves there: the same run at batch 64 went from 1,471
 /// to 1,422 images/s, at 128 from 1,479 to 1,309, and resnet18 (whose
 /// activations are such blocks) from 20.5 to 17.3.
 pub fn huge_pages_pay(rows: usize, input_values: usize) -> bool {
