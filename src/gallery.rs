@@ -333,7 +333,7 @@ impl Gallery {
         };
         // The token: a hash of everything shown, so equal content gives equal
         // bytes and a data file from another version is noticed.
-        let mut hash = Fnv::new();
+        let mut hash = crate::io::Fnv::new();
         hash.add(to_json(&summary)?.as_bytes());
         for p in &pages_text {
             hash.add(p.as_bytes());
@@ -459,21 +459,6 @@ pub fn encode_href(path: &str) -> String {
         }
     }
     out
-}
-
-/// 64-bit FNV-1a.
-struct Fnv(u64);
-
-impl Fnv {
-    fn new() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-    fn add(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
 }
 
 /// The items of an output folder, ready for [`Gallery::write`].

@@ -27,6 +27,35 @@ pub struct Entry {
     pub problem: Option<String>,
 }
 
+/// What a list of entries holds, as the marks of a settings change record
+/// it ([`crate::batch::FolderSink::input_listing`]): how many, and a 64-bit
+/// FNV-1a of their relative paths (each followed by a 0xff byte, which no
+/// UTF-8 text holds), the same on every platform and release.
+pub fn listing(entries: &[Entry]) -> String {
+    let mut names = Fnv::new();
+    for e in entries {
+        names.add(e.rel.as_bytes());
+        names.add(&[0xff]);
+    }
+    format!("{} files, names fnv1a-64 {:016x}", entries.len(), names.0)
+}
+
+/// 64-bit FNV-1a.
+pub(crate) struct Fnv(pub(crate) u64);
+
+impl Fnv {
+    pub(crate) fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+
+    pub(crate) fn add(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
 /// Most directory levels followed below the root.
 const MAX_DEPTH: usize = 256;
 
@@ -895,6 +924,22 @@ pub fn remove_stale_temps(root: &Path) -> usize {
 
 #[cfg(test)]
 mod tests {
+    /// A listing is its count and FNV-1a of the names, each ended by 0xff
+    /// (the value pinned: marks of earlier runs compare against it).
+    #[test]
+    fn a_listing_is_the_count_and_fnv1a_of_the_names() {
+        let entry = |rel: &str| Entry {
+            rel: rel.into(),
+            path: PathBuf::from(rel),
+            problem: None,
+        };
+        assert_eq!(
+            listing(&[entry("a.png"), entry("b/c.jpg")]),
+            "2 files, names fnv1a-64 a656236f1bec19e4"
+        );
+        assert_eq!(listing(&[]), "0 files, names fnv1a-64 cbf29ce484222325");
+    }
+
     use super::*;
     use std::cell::Cell;
 

@@ -934,13 +934,10 @@ fn box_muller(u1: f64, u2: f64) -> (f32, f32) {
 /// A stable 64-bit key for a name (FNV-1a), for [`Saliency::compute_keyed`];
 /// never 0, which marks padding rows in the batch engine.
 pub fn key_for(name: &str) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for b in name.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
+    let mut h = crate::io::Fnv::new();
+    h.add(name.as_bytes());
     // 0 marks a batch's padding rows (see `batch::Method::compute`).
-    h.max(1)
+    h.0.max(1)
 }
 
 #[cfg(test)]
@@ -1079,6 +1076,13 @@ mod tests {
                 "{u2}: {c} {s} against {wc} {ws}"
             );
         }
+    }
+
+    /// An image's noise key: FNV-1a of its name (pinned: resumed runs'
+    /// noise depends on it).
+    #[test]
+    fn keys_are_fnv1a_of_the_name() {
+        assert_eq!(key_for("img_001.png"), 12_138_184_581_704_668_813);
     }
 
     #[test]

@@ -604,13 +604,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     // the shards would no longer cover the input.
     let canonical =
         |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let names = entries
-        .iter()
-        .flat_map(|e| e.rel.as_bytes().iter().chain([&0xff]))
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        });
-    let listing = format!("{} files, names fnv1a-64 {names:016x}", entries.len());
+    let listing = io::listing(&entries);
     sink = match &job.images {
         Images::Path(_) => sink
             .input(canonical(&root).display().to_string())
