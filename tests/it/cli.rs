@@ -2428,58 +2428,42 @@ fn large_colour_inputs_restart_with_passive_openmp() {
     // request.
     let thp = fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
         .is_ok_and(|s| s.contains("[always]") || s.contains("[madvise]"));
-    if thp {
-        assert_eq!(r["thp_mem_alloc_enable"], "1");
-        assert_eq!(r["glibc_tunables"], "glibc.malloc.hugetlb=1");
-    } else {
-        assert_eq!(r["thp_mem_alloc_enable"], serde_json::Value::Null);
-        assert_eq!(r["glibc_tunables"], serde_json::Value::Null);
-    }
+    // A report's huge-page settings: both set where the run asked for huge
+    // pages and the kernel gives them, neither elsewhere.
+    let huge_pages = |r: &serde_json::Value, asked: bool| {
+        let (thp_var, tunables) = if asked && thp {
+            (
+                serde_json::json!("1"),
+                serde_json::json!("glibc.malloc.hugetlb=1"),
+            )
+        } else {
+            (serde_json::Value::Null, serde_json::Value::Null)
+        };
+        assert_eq!(r["thp_mem_alloc_enable"], thp_var);
+        assert_eq!(r["glibc_tunables"], tunables);
+    };
+    huge_pages(&r, true);
     assert_eq!(r["channels_last"], false);
     assert_eq!(r["processed"], 4);
     let active = t.out("active");
     let r = run(&big, &active, Some("ACTIVE"));
     assert_eq!(r["openmp_wait_policy"], "ACTIVE");
-    assert_eq!(r["thp_mem_alloc_enable"], serde_json::Value::Null);
-    assert_eq!(r["glibc_tunables"], serde_json::Value::Null);
+    huge_pages(&r, false);
     assert_same_tree(&passive, &active, "PASSIVE vs ACTIVE");
-    // SmoothGrad's noisy copies and Integrated Gradients' path points are
-    // batches of 32 as well.
-    let want = if thp {
-        serde_json::json!("1")
-    } else {
-        serde_json::Value::Null
-    };
-    let r = run_with(
-        "saliency",
-        &big,
-        &t.out("smooth"),
-        None,
-        &["--smooth-samples", "2"],
-    );
-    assert_eq!(r["openmp_wait_policy"], "PASSIVE");
-    assert_eq!(r["thp_mem_alloc_enable"], want);
-    let r = run_with(
-        "integrated-gradients",
-        &big,
-        &t.out("ig"),
-        None,
-        &["--steps", "4"],
-    );
-    assert_eq!(r["openmp_wait_policy"], "PASSIVE");
-    assert_eq!(r["thp_mem_alloc_enable"], want);
-    // Batches of 512 inputs (56 MB) are fresh mappings each call: the
-    // restart asks for no huge pages.
-    let r = run_with(
-        "saliency",
-        &big,
-        &t.out("big-batches"),
-        None,
-        &["--batch-size", "512"],
-    );
-    assert_eq!(r["openmp_wait_policy"], "PASSIVE");
-    assert_eq!(r["thp_mem_alloc_enable"], serde_json::Value::Null);
-    assert_eq!(r["glibc_tunables"], serde_json::Value::Null);
+    // Restarted runs: SmoothGrad's noisy copies and Integrated Gradients'
+    // path points are batches of 32 as well; batches of 512 inputs (56 MB)
+    // are fresh mappings each call, for which the restart asks for no huge
+    // pages.
+    let restarted: [(&str, &str, &[&str], bool); 3] = [
+        ("saliency", "smooth", &["--smooth-samples", "2"], true),
+        ("integrated-gradients", "ig", &["--steps", "4"], true),
+        ("saliency", "big-batches", &["--batch-size", "512"], false),
+    ];
+    for (command, out, flags, asked) in restarted {
+        let r = run_with(command, &big, &t.out(out), None, flags);
+        assert_eq!(r["openmp_wait_policy"], "PASSIVE", "{out}");
+        huge_pages(&r, asked);
+    }
     let nhwc = t.out("nhwc");
     let o = Command::new(BIN)
         .args([
