@@ -10,8 +10,8 @@
 #
 # IMAGES and MODEL default to bench_pipeline_alone.sh's 5,000 images and
 # its torchvision-recipe trivial model (run that script once first);
-# FLAGS adds flags to every run; CMD runs another command than `saliency`
-# (`integrated-gradients`, `scores`).
+# BATCH sets --batch-size (32); FLAGS adds flags to every run; CMD runs
+# another command than `saliency` (`integrated-gradients`, `scores`).
 cd "$(dirname "$0")/.." || exit 1
 ROUNDS=${ROUNDS:-4}
 IMAGES=${IMAGES:-bench-data/alone-images-x25}
@@ -25,7 +25,7 @@ for r in $(seq 1 "$ROUNDS"); do
         rm -rf "$OUT"
         # shellcheck disable=SC2086
         /usr/bin/time -o "$times" -f "%U %S" "$b" ${CMD:-saliency} --model "$MODEL" --images "$IMAGES" \
-            --out "$OUT" --batch-size 32 --device cpu --score categorical:1 $FLAGS >/dev/null 2>&1
+            --out "$OUT" --batch-size "${BATCH:-32}" --device cpu --score categorical:1 $FLAGS >/dev/null 2>&1
         ips=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(round(r['processed']/r['seconds'],1))" "$OUT/report.json")
         echo "$b $ips $(awk '{print $1 + $2}' "$times")"
     done

@@ -186,7 +186,8 @@ pub fn compute_threads(device: Device, input_values: usize) -> usize {
 }
 
 /// glibc malloc settings for batch runs, each unless the environment sets
-/// it (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`):
+/// it (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`, `MALLOC_MMAP_MAX_`,
+/// `MALLOC_TRIM_THRESHOLD_`):
 ///
 /// - one arena per core (at least two). Each thread that allocates
 ///   otherwise gets an arena of its own (up to 8 per core), and the decode
@@ -196,11 +197,19 @@ pub fn compute_threads(device: Device, input_values: usize) -> usize {
 ///   within 435–770 MiB with two. Fewer arenas than cores would make the
 ///   decode and writer threads (one of each per core) queue for the
 ///   arena locks;
-/// - batch-sized blocks (up to 32 MiB) from the heap, and freed memory kept
-///   (256 MiB before trimming): otherwise each batch's tensors are fresh
-///   mappings whose pages the kernel faults in and zeroes again, a fifth of
-///   the system time of a trivial-model saliency run (4.5 → 4.1 ms of CPU
-///   per image).
+/// - every block from the heap, none from a mapping of its own, and freed
+///   memory kept (no trimming): otherwise each batch's tensors are fresh
+///   mappings, or a trimmed heap, whose pages the kernel faults in and
+///   zeroes again at every batch. On a trivial model that was a fifth of
+///   the system time of a saliency run (4.5 → 4.1 ms of CPU per image); on
+///   resnet18 on the CPU, whose activations are blocks of up to a few
+///   hundred MB, 2.7 million page faults and 10% of the CPU over 600
+///   images (21.1 → 24.1 images/s without them). The process keeps the
+///   memory of its largest batch until it exits, as a batch job needs it
+///   again at the next batch. The compute thread (the main thread in the
+///   `tch-vis` binary) allocates from glibc's main heap, which has no size
+///   limit; other threads' heaps are at most 64 MiB, and their larger
+///   blocks are still mapped.
 ///
 /// glibc only; elsewhere it does nothing. Call it first thing in `main` of
 /// an executable that runs batch jobs, before any thread exists (the
@@ -221,6 +230,7 @@ pub fn tune_malloc() {
         }
         const M_TRIM_THRESHOLD: c_int = -1;
         const M_MMAP_THRESHOLD: c_int = -3;
+        const M_MMAP_MAX: c_int = -4;
         const M_ARENA_MAX: c_int = -8;
         let arenas = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
@@ -232,7 +242,11 @@ pub fn tune_malloc() {
                 M_MMAP_THRESHOLD,
                 HEAP_BLOCKS as c_int,
             ),
-            ("MALLOC_TRIM_THRESHOLD_", M_TRIM_THRESHOLD, 256 << 20),
+            // No mappings for the heaps' blocks (glibc still maps a block
+            // that no heap of its arena can hold).
+            ("MALLOC_MMAP_MAX_", M_MMAP_MAX, 0),
+            // -1 is glibc's "never trim" (mallopt(3)).
+            ("MALLOC_TRIM_THRESHOLD_", M_TRIM_THRESHOLD, -1),
         ] {
             if std::env::var_os(env).is_none() {
                 // SAFETY: mallopt only sets an allocator parameter,
@@ -246,9 +260,12 @@ pub fn tune_malloc() {
     }
 }
 
-/// The largest block [`tune_malloc`] has glibc take from its heap (and
-/// reuse); larger ones are fresh mappings each time.
+/// [`tune_malloc`]'s mmap threshold: what blocks would be fresh mappings
+/// where the environment allows glibc mappings (`MALLOC_MMAP_MAX_`).
 const HEAP_BLOCKS: usize = 32 << 20;
+
+/// The largest model input [`huge_pages_pay`] asks huge pages for.
+const HUGE_PAGE_INPUTS: usize = 64 << 20;
 
 /// The memory this process may still take, where the system says: the
 /// kernel's `MemAvailable` (which counts reclaimable page cache) and free
@@ -436,22 +453,22 @@ pub fn restart_with_passive_openmp(huge_pages: bool) -> Option<std::io::Error> {
 /// Whether a light model's CPU batch job, restarted by
 /// [`restart_with_passive_openmp`], should ask for transparent huge pages:
 /// when each model call's float32 input (`rows` × `input_values` values)
-/// and its gradient are blocks that [`tune_malloc`]'s glibc takes from its
-/// heap and reuses (up to 32 MiB).
+/// is at most 64 MiB.
 ///
-/// Then the pages are faulted in once and every later pass over a batch's
-/// megabytes misses the TLB far less often, with the same bytes out: a
-/// trivial 224 × 224 model's saliency run over 5,000 images at batch 32 on
-/// 2 cores went from 1,546 to 1,595 images/s with libtorch's blocks on
-/// huge pages (CPU 7.10 → 6.78 s) and to 1,635 with glibc's heaps as well
-/// (6.65 s; alternating runs), for more peak resident memory (4% over
-/// 5,000 images; 841 against 738 MiB over 100,000, flat). Larger blocks
-/// are fresh mappings each call, and a huge page costs more to fault in
-/// than it saves there: the same run at batch 64 went from 1,471
-/// to 1,422 images/s, at 128 from 1,479 to 1,309, and resnet18 (whose
-/// activations are such blocks) from 20.5 to 17.3.
+/// Then the pages of the blocks that [`tune_malloc`]'s glibc reuses are
+/// faulted in once and every later pass over a batch's megabytes misses
+/// the TLB far less often, with the same bytes out: a trivial 224 × 224
+/// model's saliency run over 5,000 images at batch 32 on 2 cores went from
+/// 1,546 to 1,595 images/s with libtorch's blocks on huge pages (CPU 7.10
+/// → 6.78 s) and to 1,635 with glibc's heaps as well (6.65 s; alternating
+/// runs), for more peak resident memory (4% over 5,000 images; 841 against
+/// 738 MiB over 100,000, flat). At batch 64 (38.5 MB inputs) they gained
+/// 5% (1,659 → 1,739 images/s and 1,586 → 1,682 in two reads), at 96
+/// 1.5%; at 128 the reads disagreed (−2%, +3%), at 256 more so (−18%,
+/// +13%), and resnet18 on the CPU (a heavy model, which is not restarted)
+/// lost 4% with them. Larger inputs ask for none.
 pub fn huge_pages_pay(rows: usize, input_values: usize) -> bool {
-    rows.saturating_mul(input_values).saturating_mul(4) <= HEAP_BLOCKS
+    rows.saturating_mul(input_values).saturating_mul(4) <= HUGE_PAGE_INPUTS
 }
 
 /// Whether the kernel gives transparent huge pages to memory that asks
@@ -1996,14 +2013,15 @@ fn padded_batch(
 
 #[cfg(test)]
 mod tests {
-    /// Huge pages pay up to batches of 32 MiB of float32 inputs.
+    /// Huge pages pay up to batches of 64 MiB of float32 inputs.
     #[test]
     fn huge_pages_pay_for_batches_the_heap_reuses() {
         use super::huge_pages_pay;
         assert!(huge_pages_pay(32, 3 * 224 * 224));
-        assert!(huge_pages_pay(1, 8 << 20));
-        assert!(!huge_pages_pay(1, (8 << 20) + 1));
-        assert!(!huge_pages_pay(64, 3 * 224 * 224));
+        assert!(huge_pages_pay(64, 3 * 224 * 224));
+        assert!(huge_pages_pay(1, 16 << 20));
+        assert!(!huge_pages_pay(1, (16 << 20) + 1));
+        assert!(!huge_pages_pay(128, 3 * 224 * 224));
         assert!(!huge_pages_pay(usize::MAX, 2));
     }
 

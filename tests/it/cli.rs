@@ -2451,13 +2451,12 @@ fn large_colour_inputs_restart_with_passive_openmp() {
     huge_pages(&r, false);
     assert_same_tree(&passive, &active, "PASSIVE vs ACTIVE");
     // Restarted runs: SmoothGrad's noisy copies and Integrated Gradients'
-    // path points are batches of 32 as well; batches of 512 inputs (56 MB)
-    // are fresh mappings each call, for which the restart asks for no huge
-    // pages.
+    // path points are batches of 32 as well; for batches of 1,024 inputs
+    // (113 MB) the restart asks for no huge pages.
     let restarted: [(&str, &str, &[&str], bool); 3] = [
         ("saliency", "smooth", &["--smooth-samples", "2"], true),
         ("integrated-gradients", "ig", &["--steps", "4"], true),
-        ("saliency", "big-batches", &["--batch-size", "512"], false),
+        ("saliency", "big-batches", &["--batch-size", "1024"], false),
     ];
     for (command, out, flags, asked) in restarted {
         let r = run_with(command, &big, &t.out(out), None, flags);
