@@ -328,15 +328,11 @@ fn horizontal(
     out: &mut [u8],
     simd: bool,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if simd && c == 3 && std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 is available (checked above).
-            unsafe { avx2::horizontal_rgb(src, stride, rows, axis, out) };
-            return;
-        }
-    }
-    horizontal_scalar(src, stride, c, rows, axis, out);
+    with_avx2!(
+        where simd && c == 3,
+        avx2::horizontal_rgb(src, stride, rows, axis, out),
+        else horizontal_scalar(src, stride, c, rows, axis, out)
+    )
 }
 
 fn horizontal_scalar(
@@ -367,17 +363,13 @@ fn horizontal_scalar(
 /// The height's pass: `mid` holds rows `mid_first..` of the width's
 /// output, `stride` bytes each.
 fn vertical(mid: &[u8], stride: usize, mid_first: usize, axis: &Axis, out: &mut [u8], simd: bool) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if simd && std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 is available (checked above).
-            unsafe { avx2::vertical(mid, stride, mid_first, axis, out) };
-            return;
+    with_avx2!(
+        where simd,
+        avx2::vertical(mid, stride, mid_first, axis, out),
+        else for (o, row) in out.chunks_exact_mut(stride).enumerate() {
+            vertical_scalar(mid, stride, mid_first, axis, o, row, 0);
         }
-    }
-    for (o, row) in out.chunks_exact_mut(stride).enumerate() {
-        vertical_scalar(mid, stride, mid_first, axis, o, row, 0);
-    }
+    )
 }
 
 /// Bytes `from..` of output row `o`.

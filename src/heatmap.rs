@@ -322,15 +322,10 @@ fn blend_bytes(
     c: usize,
     out: &mut [u8],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            unsafe { blend_bytes_avx2(blend, kept, map, bytes, c, out) };
-            return;
-        }
-    }
-    blend_bytes_generic(blend, kept, map, bytes, c, out);
+    with_avx2!(
+        blend_bytes_avx2(blend, kept, map, bytes, c, out),
+        else blend_bytes_generic(blend, kept, map, bytes, c, out)
+    )
 }
 
 /// The table-independent AVX2 parts of the blends, eight pixels at a time:
@@ -664,15 +659,10 @@ fn blend_bytes_generic(
 /// compiler vectorise the lookups and conversions. No FMA: Rust never fuses
 /// `a * b + c`, so the bytes are those of the baseline build.
 fn blend_rgb(blend: &Blend, map: &[f32], planes: [&[f32]; 3], out: &mut [u8]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            unsafe { blend_rgb_avx2(blend, map, planes, out) };
-            return;
-        }
-    }
-    blend_rgb_generic(blend, map, planes, out);
+    with_avx2!(
+        blend_rgb_avx2(blend, map, planes, out),
+        else blend_rgb_generic(blend, map, planes, out)
+    )
 }
 
 /// The pixels a blend covers: as many as the map, every plane and the

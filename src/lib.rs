@@ -44,6 +44,28 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+/// `$avx2`, a call of an `unsafe` function compiled for AVX2
+/// (`#[target_feature(enable = "avx2")]`) whose only precondition is the
+/// CPU's support, where the CPU has AVX2 (and `where $when` holds);
+/// `$other` elsewhere (the crate's baseline is SSE2).
+macro_rules! with_avx2 {
+    ($(where $when:expr,)? $avx2:expr, else $other:expr $(,)?) => {{
+        #[cfg(target_arch = "x86_64")]
+        let result = if $($when &&)? std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above), the
+            // function's only precondition.
+            unsafe {
+                $avx2
+            }
+        } else {
+            $other
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let result = $other;
+        result
+    }};
+}
+
 mod aa_resize;
 pub mod batch;
 pub mod cam;

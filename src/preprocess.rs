@@ -1634,15 +1634,10 @@ pub(crate) const SCALE_8BIT: f32 = (1.0f64 / 255.0) as f32;
 /// `v × (1/255 in float32)` — what libtorch's `x.to(float32).mul_(1 / 255)`
 /// computes — in one pass.
 fn planes_from_bytes(bytes: &[u8], c: usize, image: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            unsafe { planes_from_bytes_avx2(bytes, c, image) };
-            return;
-        }
-    }
-    planes_from_bytes_generic(bytes, c, image);
+    with_avx2!(
+        planes_from_bytes_avx2(bytes, c, image),
+        else planes_from_bytes_generic(bytes, c, image)
+    )
 }
 
 /// [`planes_from_bytes`] compiled for AVX2 (the crate's baseline is SSE2):

@@ -578,14 +578,11 @@ fn fused_abs_map(g: &Tensor) -> Result<Option<Tensor>> {
             std::slice::from_raw_parts_mut(map.data_ptr() as *mut f32, n * hw),
         )
     };
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            return Ok(unsafe { abs_maps_avx2(grad, c, hw, channels_last, out) }.then_some(map));
-        }
-    }
-    Ok(abs_maps(grad, c, hw, channels_last, out).then_some(map))
+    let finite = with_avx2!(
+        abs_maps_avx2(grad, c, hw, channels_last, out),
+        else abs_maps(grad, c, hw, channels_last, out)
+    );
+    Ok(finite.then_some(map))
 }
 
 /// [`abs_maps`] compiled for AVX2 (the crate's baseline is SSE2).
@@ -805,15 +802,10 @@ fn fill_normal(rng: &mut SplitMix64, out: &mut [f32]) {
 /// compiled for AVX2 where the CPU has it (four lanes instead of SSE2's
 /// two; no FMA, so the same bits).
 fn box_muller_block(u1: &[f64], u2: &[f64], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            unsafe { box_muller_block_avx2(u1, u2, out) };
-            return;
-        }
-    }
-    box_muller_each(u1, u2, out);
+    with_avx2!(
+        box_muller_block_avx2(u1, u2, out),
+        else box_muller_each(u1, u2, out)
+    )
 }
 
 /// [`box_muller_each`] compiled for AVX2.
