@@ -89,6 +89,8 @@ pub struct FolderSink {
     section: Option<String>,
     /// The record last written into `report.json` (see `record_settings`).
     settings_written: Mutex<Option<Settings>>,
+    /// The inputs last written into `report.json` under [`INPUTS_KEY`].
+    inputs_written: Mutex<Vec<String>>,
     /// Heatmaps written with no value of 0.5 or more (see `faint_maps`).
     faint: std::sync::atomic::AtomicUsize,
     png: PngCompression,
@@ -117,6 +119,20 @@ pub const SETTINGS_DIR: &str = "settings";
 /// setting all commands share (the model, the scores) changed. They would
 /// keep the old settings' results beside the new ones.
 const CHANGING_DIR: &str = "changing";
+
+/// The folder, under [`JOURNAL_DIR`], of the folder inputs whose runs
+/// wrote into an output folder since its last finished run: one file per
+/// input (named by a hash of it), holding the input ([`FolderSink::input`]
+/// of a run given an [`FolderSink::input_listing`]). Folded into
+/// `report.json` under [`INPUTS_KEY`] by the last worker.
+const INPUTS_DIR: &str = "inputs";
+
+/// The key of `report.json` that lists the folder inputs whose runs wrote
+/// results into the folder (see [`INPUTS_DIR`]). An overwriting run that
+/// changes the settings marks each of them but its own as still to be
+/// redone (their results keep the old settings), so that runs that do not
+/// overwrite are refused until a run over each has overwritten it.
+const INPUTS_KEY: &str = "results_inputs";
 
 /// A mark of [`CHANGING_DIR`], one line each in its file: its command's
 /// section (`""` for `scores`), the part of the input its worker covers
@@ -202,6 +218,13 @@ fn clean(marks: &[&Mark], settings: &str, input: &str) -> bool {
             .find(|(_, p)| p.is_none_or(|s| s.contains(r)));
         last.is_some_and(|(m, p)| m.done && m.settings == settings && p.is_some())
     })
+}
+
+/// The name of an input's file in [`INPUTS_DIR`]: its FNV-1a.
+fn input_hash(input: &str) -> u64 {
+    let mut h = io::Fnv::new();
+    h.add(input.as_bytes());
+    h.0
 }
 
 /// The input of a mark without its listing ([`FolderSink::input_listing`],
@@ -394,6 +417,7 @@ impl FolderSink {
             new_settings: None,
             section: None,
             settings_written: Mutex::new(None),
+            inputs_written: Mutex::new(Vec::new()),
             faint: Default::default(),
             png: PngCompression::Fast,
             shard: None,
@@ -469,10 +493,28 @@ impl FolderSink {
                     .iter()
                     .any(|r| differs(&shared(r), &shared(new)).is_some());
                 let command = own.unwrap_or("").to_string();
-                if shared_changed
-                    || before.iter().any(|r| differs(r, new).is_some())
-                    || self.changing_marks().iter().any(|m| m.command == command)
-                {
+                let changed = shared_changed || before.iter().any(|r| differs(r, new).is_some());
+                if changed {
+                    // The results that other inputs' runs wrote into the
+                    // folder keep the old settings: each of those inputs
+                    // is marked as to be redone, by a run over it.
+                    for other in self.recorded_inputs() {
+                        if other == place(&self.input) {
+                            continue;
+                        }
+                        let mark = Mark {
+                            id: format!("{}+{:016x}", self.id, input_hash(&other)),
+                            command: command.clone(),
+                            part: String::new(),
+                            shared: shared_changed,
+                            done: false,
+                            settings: String::new(),
+                            input: other,
+                        };
+                        io::write_atomic(&self.changing_path(&mark.id), mark.text().as_bytes())?;
+                    }
+                }
+                if changed || self.changing_marks().iter().any(|m| m.command == command) {
                     let mark = Mark {
                         id: self.id.clone(),
                         command,
@@ -492,6 +534,9 @@ impl FolderSink {
             let merged = merge_settings(record, new, self.overwrite, self.section.as_deref());
             write_settings(&self.out, &self.id, &merged)?;
         }
+        if let Some(own) = self.folder_input() {
+            io::write_atomic(&self.input_path(own), own.as_bytes())?;
+        }
         io::write_atomic(&active.join(&self.id), b"")?;
         if let Some(new) = &self.new_settings {
             self.check_concurrent(new)?;
@@ -509,11 +554,63 @@ impl FolderSink {
         let _ = fs::remove_file(self.out.join(JOURNAL_DIR).join("active").join(&self.id));
         let _ = fs::remove_file(settings_path(&self.out, &self.id));
         let _ = fs::remove_file(self.changing_path(&self.id));
+        if let Some(own) = self.folder_input() {
+            let _ = fs::remove_file(self.input_path(own));
+        }
+        for m in self.changing_marks() {
+            if m.id.starts_with(&format!("{}+", self.id)) {
+                let _ = fs::remove_file(self.changing_path(&m.id));
+            }
+        }
     }
 
     /// Worker `id`'s mark in [`CHANGING_DIR`].
     fn changing_path(&self, id: &str) -> PathBuf {
         self.out.join(JOURNAL_DIR).join(CHANGING_DIR).join(id)
+    }
+
+    /// This run's input where it is a folder (an input given a listing),
+    /// as [`INPUTS_DIR`] records it.
+    fn folder_input(&self) -> Option<&str> {
+        (!self.input.is_empty() && !self.listing.is_empty()).then_some(self.input.as_str())
+    }
+
+    /// Input `input`'s file in [`INPUTS_DIR`].
+    fn input_path(&self, input: &str) -> PathBuf {
+        self.out
+            .join(JOURNAL_DIR)
+            .join(INPUTS_DIR)
+            .join(format!("{:016x}", input_hash(input)))
+    }
+
+    /// The folder inputs whose runs wrote into the folder: those the last
+    /// finished run's report lists, and those of runs since (sorted).
+    fn recorded_inputs(&self) -> Vec<String> {
+        let mut inputs: Vec<String> = self
+            .report()
+            .and_then(|r| match r.get(INPUTS_KEY) {
+                Some(serde_json::Value::Array(a)) => Some(
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .unwrap_or_default();
+        if let Ok(read) = fs::read_dir(self.out.join(JOURNAL_DIR).join(INPUTS_DIR)) {
+            for e in read.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.contains(io::TEMP_MARK) {
+                    continue;
+                }
+                if let Ok(input) = fs::read_to_string(e.path()) {
+                    inputs.push(input);
+                }
+            }
+        }
+        inputs.sort();
+        inputs.dedup();
+        inputs
     }
 
     /// The part of the input this worker covers, as a mark holds it.
@@ -553,22 +650,38 @@ impl FolderSink {
         } else {
             mark.command.as_str()
         };
-        let mut done: Vec<&str> = marks
-            .iter()
-            .filter(|m| m.command == mark.command && m.done)
-            .map(|m| m.part.as_str())
-            .collect();
-        done.sort();
-        done.dedup();
+        // The marks of that command, one value of each picked: sorted,
+        // without repeats.
+        let of_command = |pick: fn(&Mark) -> Option<&str>| -> Vec<&str> {
+            let mut v: Vec<&str> = marks
+                .iter()
+                .filter(|m| m.command == mark.command)
+                .filter_map(pick)
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let done = of_command(|m| m.done.then_some(m.part.as_str()));
         let so_far = if done.is_empty() {
             String::new()
         } else {
             format!(" (done so far: {})", done.join(", "))
         };
+        // Inputs marked by a run over another one (see [`INPUTS_KEY`]).
+        let others = of_command(|m| m.settings.is_empty().then_some(m.input.as_str()));
+        let others = if others.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; the results that runs over {} wrote into it keep the old settings until a run over it overwrites them",
+                others.join(", ")
+            )
+        };
         Err(Error::OutputMismatch {
             path: self.out.clone(),
             reason: format!(
-                "an --overwrite {command} run with other settings has not covered all of the input{so_far} (a run stopped before its last image, one is still running, or a shard is still to run), so the folder holds results of both settings: rerun {command} with --overwrite for the rest (or remove {} to take the folder as it is)", self.out.join(JOURNAL_DIR).join(CHANGING_DIR).display()
+                "an --overwrite {command} run with other settings has not covered all of the input{so_far} (a run stopped before its last image, one is still running, or a shard is still to run, or it ran over another input than earlier runs), so the folder holds results of both settings{others}: rerun {command} with --overwrite for the rest (or remove {} to take the folder as it is)", self.out.join(JOURNAL_DIR).join(CHANGING_DIR).display()
             ),
         })
     }
@@ -691,6 +804,20 @@ impl FolderSink {
     /// A sink without settings keeps the folder's record as it is, unless
     /// it overwrites (its results' settings are then unknown).
     fn record_settings(&self, report: &mut serde_json::Map<String, serde_json::Value>) {
+        let mut inputs = self.recorded_inputs();
+        if let Some(own) = self.folder_input() {
+            if !inputs.iter().any(|i| i == own) {
+                inputs.push(own.to_string());
+                inputs.sort();
+            }
+        }
+        if !inputs.is_empty() {
+            report.insert(INPUTS_KEY.into(), inputs.clone().into());
+        }
+        *self
+            .inputs_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = inputs;
         // (A settings file that cannot be read: the record as the last
         // finished run left it.)
         let record = self
@@ -807,6 +934,12 @@ impl FolderSink {
     /// shards' runs moves the indices after it, so the shards would leave
     /// some images undone); a run that covers the input with the current
     /// listing clears the marks of earlier listings.
+    ///
+    /// An input given a listing is taken for a folder, and recorded as one
+    /// of the inputs the output folder holds results of (`results_inputs`
+    /// in `report.json`):
+    /// an overwriting run over another input that changes the settings
+    /// marks it as still to be redone.
     pub fn input_listing(mut self, listing: impl Into<String>) -> Self {
         self.listing = listing.into().replace(['\t', '\n'], " ");
         self
@@ -1256,8 +1389,27 @@ impl FolderSink {
                 }
             }
         }
+        // The inputs it lists go too.
+        let inputs = self
+            .inputs_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for input in inputs {
+            let path = self.input_path(&input);
+            if fs::read_to_string(&path).is_ok_and(|text| text == input) {
+                let _ = fs::remove_file(path);
+            }
+        }
         let dir = self.out.join(JOURNAL_DIR);
-        for sub in ["rows", "reports", "active", SETTINGS_DIR, CHANGING_DIR] {
+        for sub in [
+            "rows",
+            "reports",
+            "active",
+            SETTINGS_DIR,
+            CHANGING_DIR,
+            INPUTS_DIR,
+        ] {
             let _ = fs::remove_dir(dir.join(sub));
         }
         let _ = fs::remove_dir(&dir);

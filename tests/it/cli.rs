@@ -1320,6 +1320,69 @@ fn shards_of_a_change_over_different_files_do_not_cover_the_input() {
     overwrite_then_rerun_skips(&args("1", &["--overwrite"]), &args("1", &[]), 31);
 }
 
+/// An `--overwrite` with other settings over another input (a subfolder)
+/// into the same output folder leaves the results of the folder's other
+/// input with the old settings: runs that do not overwrite are refused,
+/// naming that input, until a run over it overwrites them; then both
+/// inputs' plain reruns skip everything. `report.json` lists both inputs.
+#[test]
+fn an_overwrite_over_another_input_marks_the_folders_other_input() {
+    let t = Tree::good(12);
+    let m = model("digits_cnn");
+    let root = t.images();
+    let sub = root.join("d1");
+    let out = t.out("out");
+    let args = |images: &Path, class: &str, extra: &[&str]| {
+        let score = format!("categorical:{class}");
+        let mut a = vec!["--batch-size", "4", "--score", &score];
+        a.extend_from_slice(extra);
+        saliency_args(&m, images, &out, &a)
+    };
+    assert_code(&tch_vis(&args(&root, "2", &[])), 0, "the folder");
+    assert_code(
+        &tch_vis(&args(&sub, "1", &["--overwrite"])),
+        0,
+        "a subfolder with another score",
+    );
+    let canonical = |p: &Path| fs::canonicalize(p).unwrap().display().to_string();
+    for images in [&root, &sub] {
+        let o = tch_vis(&args(images, "1", &[]));
+        assert_code(&o, 2, "a plain rerun into the mixed folder");
+        let e = stderr(&o);
+        assert!(
+            e.contains(&format!("runs over {} wrote", canonical(&root)))
+                && e.contains("rerun saliency with --overwrite"),
+            "{e}"
+        );
+    }
+    // The score is shared: a scores run is refused too.
+    let scores = [
+        "scores",
+        "--model",
+        &m,
+        "--images",
+        s(&root),
+        "--out",
+        s(&out),
+        "--score",
+        "categorical:1",
+    ];
+    assert_code(&tch_vis(&scores), 2, "scores into the mixed folder");
+    overwrite_then_rerun_skips(
+        &args(&root, "1", &["--overwrite"]),
+        &args(&root, "1", &[]),
+        12,
+    );
+    let r = run_ok(&args(&sub, "1", &[]), "a plain rerun of the subfolder");
+    assert_eq!(
+        (r["processed"].as_u64(), r["skipped"].as_u64()),
+        (Some(0), Some(4))
+    );
+    let mut inputs = vec![canonical(&root), canonical(&sub)];
+    inputs.sort();
+    assert_eq!(r["results_inputs"], serde_json::json!(inputs));
+}
+
 /// The arguments of a saliency run of `model` over `t`'s images into its
 /// `out`, with `fixed` options, as a function of the class scored
 /// (`categorical:CLASS`) and further options.
