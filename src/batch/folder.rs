@@ -716,6 +716,41 @@ impl FolderSink {
         Ok(())
     }
 
+    /// After this overwriting run did all of its input: the marks of other
+    /// commands' changes of shared settings over the same input, to this
+    /// run's values of them, refuse only their own command from now on.
+    /// This run redid every image's rows and its own command's maps with
+    /// those values; the other commands' maps stay mixed (their sections
+    /// of the record were marked stale when the change began).
+    fn unshare_marks(&self) -> Result<()> {
+        let Some(new) = &self.new_settings else {
+            return Ok(());
+        };
+        let own = self.section.as_deref().unwrap_or("");
+        let without = |r: &Settings, section: &str| -> Settings {
+            r.iter()
+                .filter(|(k, _)| k.as_str() != section)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        let ours = without(new, own);
+        for mut m in self.changing_marks() {
+            if !m.shared || m.command == own || place(&m.input) != place(&self.input) {
+                continue;
+            }
+            let Ok(serde_json::Value::Object(theirs)) =
+                serde_json::from_str::<serde_json::Value>(&m.settings)
+            else {
+                continue;
+            };
+            if differs(&without(&theirs, &m.command), &ours).is_none() {
+                m.shared = false;
+                io::write_atomic(&self.changing_path(&m.id), m.text().as_bytes())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Removes the markers of this host's dead processes.
     fn remove_dead_markers(&self) {
         if let Ok(read) = fs::read_dir(self.out.join(JOURNAL_DIR).join("active")) {
@@ -1212,6 +1247,9 @@ impl FolderSink {
         let complete = self.overwrite && report.get("error").is_none_or(serde_json::Value::is_null);
         if complete {
             self.clear_changing()?;
+            if self.part().is_empty() {
+                self.unshare_marks()?;
+            }
         }
         let merged = self.merge()?;
         let mut report = match report {

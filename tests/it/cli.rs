@@ -1383,6 +1383,63 @@ fn an_overwrite_over_another_input_marks_the_folders_other_input() {
     assert_eq!(r["results_inputs"], serde_json::json!(inputs));
 }
 
+/// A stopped `--overwrite` with another score (a setting all commands
+/// share) refuses plain runs of every command; once another command has
+/// overwritten all of the input with that score, its own plain runs are
+/// accepted again, and the stopped command's stay refused until it
+/// overwrites too.
+#[test]
+fn another_commands_overwrite_of_all_the_input_lifts_a_shared_mark_for_it() {
+    let t = Tree::good(90);
+    let m = model("digits_cnn");
+    let out = t.out("out");
+    let images = t.images();
+    let saliency = |class: &str, extra: &[&str]| {
+        let score = format!("categorical:{class}");
+        let mut a = vec![
+            "--batch-size",
+            "2",
+            "--smooth-samples",
+            "2",
+            "--score",
+            &score,
+        ];
+        a.extend_from_slice(extra);
+        saliency_args(&m, &images, &out, &a)
+    };
+    let scores = |extra: &[&str]| {
+        let head = [
+            "scores",
+            "--model",
+            &m,
+            "--images",
+            s(&images),
+            "--out",
+            s(&out),
+            "--score",
+            "categorical:1",
+        ];
+        with(owned(&head), extra)
+    };
+    assert_code(&tch_vis(&saliency("2", &[])), 0, "the first settings");
+    kill_after_rows(spawn(&saliency("1", &["--overwrite"])), &out, 12);
+    assert_code(&tch_vis(&scores(&[])), 2, "scores into the mixed folder");
+    assert_code(&tch_vis(&scores(&["--overwrite"])), 0, "scores overwrites");
+    let r = run_ok(&scores(&[]), "a plain scores rerun");
+    assert_eq!(
+        (r["processed"].as_u64(), r["skipped"].as_u64()),
+        (Some(0), Some(90))
+    );
+    let o = tch_vis(&saliency("1", &[]));
+    assert_code(&o, 2, "saliency's maps are still mixed");
+    assert!(
+        stderr(&o).contains("rerun saliency with --overwrite"),
+        "{}",
+        stderr(&o)
+    );
+    overwrite_then_rerun_skips(&saliency("1", &["--overwrite"]), &saliency("1", &[]), 90);
+}
+
 /// The arguments of a saliency run of `model` over `t`'s images into its
 /// `out`, with `fixed` options, as a function of the class scored
 /// (`categorical:CLASS`) and further options.
