@@ -239,19 +239,38 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// `saliency --model M --images DIR --out OUT --save-npy EXTRA...`.
-fn saliency_args(model: &str, images: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+/// `COMMAND --model M --images DIR --out OUT EXTRA...`.
+fn folder_args(
+    command: &str,
+    model: &str,
+    images: &Path,
+    out: &Path,
+    extra: &[&str],
+) -> Vec<String> {
     let head = [
-        "saliency",
+        command,
         "--model",
         model,
         "--images",
         s(images),
         "--out",
         s(out),
-        "--save-npy",
     ];
     with(owned(&head), extra)
+}
+
+/// `saliency --model M --images DIR --out OUT --save-npy EXTRA...`.
+fn saliency_args(model: &str, images: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    with(
+        folder_args("saliency", model, images, out, &["--save-npy"]),
+        extra,
+    )
+}
+
+/// `scores --model M --images DIR --out OUT --score categorical:1 EXTRA...`.
+fn scores_args(model: &str, images: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let score = ["--score", "categorical:1"];
+    with(folder_args("scores", model, images, out, &score), extra)
 }
 
 fn report(out: &Path) -> serde_json::Value {
@@ -1247,19 +1266,7 @@ fn a_stopped_overwrite_with_other_settings_is_finished_by_overwriting() {
         );
     }
     // The score is shared: the rows a scores run would keep are mixed too.
-    let images = t.images();
-    let scores = [
-        "scores",
-        "--model",
-        &m,
-        "--images",
-        s(&images),
-        "--out",
-        s(&out),
-        "--score",
-        "categorical:1",
-    ];
-    let o = tch_vis(&scores);
+    let o = tch_vis(&scores_args(&m, &t.images(), &out, &[]));
     assert_code(&o, 2, "scores into the mixed folder");
     assert!(
         stderr(&o).contains("rerun saliency with --overwrite"),
@@ -1310,12 +1317,9 @@ fn shards_of_a_change_over_different_files_do_not_cover_the_input() {
         0,
         "the other part, over the new files",
     );
-    let o = tch_vis(&args("1", &[]));
-    assert_code(&o, 2, "a rerun over a folder neither part covered");
-    assert!(
-        stderr(&o).contains("rerun saliency with --overwrite"),
-        "{}",
-        stderr(&o)
+    refused_until_overwrite(
+        &args("1", &[]),
+        "a rerun over a folder neither part covered",
     );
     overwrite_then_rerun_skips(&args("1", &["--overwrite"]), &args("1", &[]), 31);
 }
@@ -1346,28 +1350,16 @@ fn an_overwrite_over_another_input_marks_the_folders_other_input() {
     );
     let canonical = |p: &Path| fs::canonicalize(p).unwrap().display().to_string();
     for images in [&root, &sub] {
-        let o = tch_vis(&args(images, "1", &[]));
-        assert_code(&o, 2, "a plain rerun into the mixed folder");
-        let e = stderr(&o);
-        assert!(
-            e.contains(&format!("runs over {} wrote", canonical(&root)))
-                && e.contains("rerun saliency with --overwrite"),
-            "{e}"
-        );
+        let e = refused_until_overwrite(&args(images, "1", &[]), "a plain rerun");
+        let names = format!("runs over {} wrote", canonical(&root));
+        assert!(e.contains(&names), "{e}");
     }
     // The score is shared: a scores run is refused too.
-    let scores = [
-        "scores",
-        "--model",
-        &m,
-        "--images",
-        s(&root),
-        "--out",
-        s(&out),
-        "--score",
-        "categorical:1",
-    ];
-    assert_code(&tch_vis(&scores), 2, "scores into the mixed folder");
+    assert_code(
+        &tch_vis(&scores_args(&m, &root, &out, &[])),
+        2,
+        "scores into the mixed folder",
+    );
     overwrite_then_rerun_skips(
         &args(&root, "1", &["--overwrite"]),
         &args(&root, "1", &[]),
@@ -1407,20 +1399,7 @@ fn another_commands_overwrite_of_all_the_input_lifts_a_shared_mark_for_it() {
         a.extend_from_slice(extra);
         saliency_args(&m, &images, &out, &a)
     };
-    let scores = |extra: &[&str]| {
-        let head = [
-            "scores",
-            "--model",
-            &m,
-            "--images",
-            s(&images),
-            "--out",
-            s(&out),
-            "--score",
-            "categorical:1",
-        ];
-        with(owned(&head), extra)
-    };
+    let scores = |extra: &[&str]| scores_args(&m, &images, &out, extra);
     assert_code(&tch_vis(&saliency("2", &[])), 0, "the first settings");
     kill_after_rows(spawn(&saliency("1", &["--overwrite"])), &out, 12);
     assert_code(&tch_vis(&scores(&[])), 2, "scores into the mixed folder");
@@ -1430,13 +1409,7 @@ fn another_commands_overwrite_of_all_the_input_lifts_a_shared_mark_for_it() {
         (r["processed"].as_u64(), r["skipped"].as_u64()),
         (Some(0), Some(90))
     );
-    let o = tch_vis(&saliency("1", &[]));
-    assert_code(&o, 2, "saliency's maps are still mixed");
-    assert!(
-        stderr(&o).contains("rerun saliency with --overwrite"),
-        "{}",
-        stderr(&o)
-    );
+    refused_until_overwrite(&saliency("1", &[]), "saliency's maps are still mixed");
     overwrite_then_rerun_skips(&saliency("1", &["--overwrite"]), &saliency("1", &[]), 90);
 }
 
@@ -1455,6 +1428,16 @@ fn class_args<'a>(
         a.extend_from_slice(extra);
         saliency_args(model, &t.images(), &t.out("out"), &a)
     }
+}
+
+/// A saliency run refused (exit 2) because an `--overwrite` has not
+/// finished a change of settings; its message.
+fn refused_until_overwrite(args: &[String], what: &str) -> String {
+    let o = tch_vis(args);
+    assert_code(&o, 2, what);
+    let e = stderr(&o);
+    assert!(e.contains("rerun saliency with --overwrite"), "{what}: {e}");
+    e
 }
 
 /// An `--overwrite` run that finishes, then a plain rerun that skips all
