@@ -151,7 +151,17 @@ struct Mark {
     input: String,
 }
 
+/// What the id of a mark of another input ([`INPUTS_KEY`]) has after the
+/// id of the worker that made it, before a hash of the input.
+const OTHER_INPUT: &str = "+input-";
+
 impl Mark {
+    /// Whether this marks another input than its run's ([`INPUTS_KEY`]):
+    /// never done, it holds the run's settings and the other input.
+    fn of_another_input(&self) -> bool {
+        self.id.contains(OTHER_INPUT)
+    }
+
     fn text(&self) -> String {
         format!(
             "{}\n{}\n{}\n{}\n{}\n{}\n",
@@ -503,12 +513,12 @@ impl FolderSink {
                             continue;
                         }
                         let mark = Mark {
-                            id: format!("{}+{:016x}", self.id, input_hash(&other)),
+                            id: format!("{}{OTHER_INPUT}{:016x}", self.id, input_hash(&other)),
                             command: command.clone(),
                             part: String::new(),
                             shared: shared_changed,
                             done: false,
-                            settings: String::new(),
+                            settings: serde_json::Value::Object(new.clone()).to_string(),
                             input: other,
                         };
                         io::write_atomic(&self.changing_path(&mark.id), mark.text().as_bytes())?;
@@ -558,7 +568,7 @@ impl FolderSink {
             let _ = fs::remove_file(self.input_path(own));
         }
         for m in self.changing_marks() {
-            if m.id.starts_with(&format!("{}+", self.id)) {
+            if m.id.starts_with(&format!("{}{OTHER_INPUT}", self.id)) {
                 let _ = fs::remove_file(self.changing_path(&m.id));
             }
         }
@@ -669,7 +679,7 @@ impl FolderSink {
             format!(" (done so far: {})", done.join(", "))
         };
         // Inputs marked by a run over another one (see [`INPUTS_KEY`]).
-        let others = of_command(|m| m.settings.is_empty().then_some(m.input.as_str()));
+        let others = of_command(|m| m.of_another_input().then_some(m.input.as_str()));
         let others = if others.is_empty() {
             String::new()
         } else {

@@ -1360,6 +1360,16 @@ fn an_overwrite_over_another_input_marks_the_folders_other_input() {
         2,
         "scores into the mixed folder",
     );
+    // Until a scores run over the folder has overwritten its rows: then
+    // scores reruns are accepted, saliency's still refused.
+    assert_code(
+        &tch_vis(&scores_args(&m, &root, &out, &["--overwrite"])),
+        0,
+        "scores overwrites the folder's rows",
+    );
+    let r = run_ok(&scores_args(&m, &root, &out, &[]), "a plain scores run");
+    assert_eq!(r["skipped"].as_u64(), Some(12));
+    refused_until_overwrite(&args(&root, "1", &[]), "saliency's maps still mixed");
     overwrite_then_rerun_skips(
         &args(&root, "1", &["--overwrite"]),
         &args(&root, "1", &[]),
