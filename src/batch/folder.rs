@@ -90,7 +90,7 @@ pub struct FolderSink {
     /// The record last written into `report.json` (see `record_settings`).
     settings_written: Mutex<Option<Settings>>,
     /// The inputs last written into `report.json` under [`INPUTS_KEY`].
-    inputs_written: Mutex<Vec<String>>,
+    inputs_written: Mutex<Vec<Recorded>>,
     /// Heatmaps written with no value of 0.5 or more (see `faint_maps`).
     faint: std::sync::atomic::AtomicUsize,
     png: PngCompression,
@@ -100,6 +100,8 @@ pub struct FolderSink {
     input: String,
     /// What was found in it ([`FolderSink::input_listing`]).
     listing: String,
+    /// The folder the input is part of ([`FolderSink::input_within`]).
+    within: String,
 }
 
 /// The folder, under [`JOURNAL_DIR`], recording what an output folder's
@@ -120,18 +122,19 @@ pub const SETTINGS_DIR: &str = "settings";
 /// keep the old settings' results beside the new ones.
 const CHANGING_DIR: &str = "changing";
 
-/// The folder, under [`JOURNAL_DIR`], of the folder inputs whose runs
-/// wrote into an output folder since its last finished run: one file per
-/// input (named by a hash of it), holding the input ([`FolderSink::input`]
-/// of a run given an [`FolderSink::input_listing`]). Folded into
-/// `report.json` under [`INPUTS_KEY`] by the last worker.
+/// The folder, under [`JOURNAL_DIR`], of the inputs whose runs wrote into
+/// an output folder since its last finished run: one file per input
+/// (named by a hash of it), holding a [`Recorded`]: a folder (an input
+/// given a [`FolderSink::input_listing`]), or a part of one
+/// ([`FolderSink::input_within`]). Folded into `report.json` under
+/// [`INPUTS_KEY`] by the last worker.
 const INPUTS_DIR: &str = "inputs";
 
-/// The key of `report.json` that lists the folder inputs whose runs wrote
+/// The key of `report.json` that lists the inputs whose runs wrote
 /// results into the folder (see [`INPUTS_DIR`]). An overwriting run that
-/// changes the settings marks each of them but its own as still to be
-/// redone (their results keep the old settings), so that runs that do not
-/// overwrite are refused until a run over each has overwritten it.
+/// changes the settings marks each of them that it does not redo as still
+/// to be redone (their results keep the old settings), so that runs that
+/// do not overwrite are refused until a run over each has overwritten it.
 const INPUTS_KEY: &str = "results_inputs";
 
 /// A mark of [`CHANGING_DIR`], one line each in its file: its command's
@@ -149,6 +152,8 @@ struct Mark {
     done: bool,
     settings: String,
     input: String,
+    /// For a mark of another input that is part of a folder: that folder.
+    within: String,
 }
 
 /// What the id of a mark of another input ([`INPUTS_KEY`]) has after the
@@ -164,21 +169,22 @@ impl Mark {
 
     fn text(&self) -> String {
         format!(
-            "{}\n{}\n{}\n{}\n{}\n{}\n",
+            "{}\n{}\n{}\n{}\n{}\n{}\n{}\n",
             self.command,
             self.part,
             if self.shared { "shared" } else { "" },
             if self.done { "done" } else { "" },
             self.settings,
-            self.input.replace('\n', " ")
+            self.input.replace('\n', " "),
+            self.within.replace('\n', " ")
         )
     }
 
     fn parse(id: String, text: &str) -> Mark {
         let mut lines = text.lines().map(str::trim);
         let mut next = || lines.next().unwrap_or("").to_string();
-        let (command, part, shared, done, settings, input) =
-            (next(), next(), next(), next(), next(), next());
+        let (command, part, shared, done, settings, input, within) =
+            (next(), next(), next(), next(), next(), next(), next());
         Mark {
             id,
             command,
@@ -187,6 +193,7 @@ impl Mark {
             done: done == "done",
             settings,
             input,
+            within,
         }
     }
 }
@@ -235,6 +242,53 @@ fn input_hash(input: &str) -> u64 {
     let mut h = io::Fnv::new();
     h.add(input.as_bytes());
     h.0
+}
+
+/// An input recorded in [`INPUTS_DIR`] and under [`INPUTS_KEY`]: a folder
+/// (`within` empty), or a part of one, such as a list of its files, with
+/// that folder ([`FolderSink::input_within`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Recorded {
+    input: String,
+    within: String,
+}
+
+impl Recorded {
+    /// Its file in [`INPUTS_DIR`]: the input, then the folder.
+    fn text(&self) -> String {
+        format!("{}\n{}", self.input, self.within)
+    }
+
+    fn parse(text: &str) -> Recorded {
+        let (input, within) = text.split_once('\n').unwrap_or((text, ""));
+        Recorded {
+            input: input.to_string(),
+            within: within.to_string(),
+        }
+    }
+
+    /// As `report.json` lists it: a folder's path, or `{"input", "within"}`.
+    fn json(&self) -> serde_json::Value {
+        if self.within.is_empty() {
+            self.input.clone().into()
+        } else {
+            serde_json::json!({"input": self.input, "within": self.within})
+        }
+    }
+
+    fn from_json(v: &serde_json::Value) -> Option<Recorded> {
+        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        match v {
+            serde_json::Value::String(input) => Some(Recorded {
+                input: input.clone(),
+                within: String::new(),
+            }),
+            _ => Some(Recorded {
+                input: field("input")?,
+                within: field("within")?,
+            }),
+        }
+    }
 }
 
 /// The input of a mark without its listing ([`FolderSink::input_listing`],
@@ -433,6 +487,7 @@ impl FolderSink {
             shard: None,
             input: String::new(),
             listing: String::new(),
+            within: String::new(),
         };
         if !overwrite {
             let (merged, _, foreign) = sink.read_state()?;
@@ -509,17 +564,19 @@ impl FolderSink {
                     // folder keep the old settings: each of those inputs
                     // is marked as to be redone, by a run over it.
                     for other in self.recorded_inputs() {
-                        if other == place(&self.input) {
+                        if self.covers(&other.input, &other.within) {
                             continue;
                         }
+                        let hash = input_hash(&other.input);
                         let mark = Mark {
-                            id: format!("{}{OTHER_INPUT}{:016x}", self.id, input_hash(&other)),
+                            id: format!("{}{OTHER_INPUT}{hash:016x}", self.id),
                             command: command.clone(),
                             part: String::new(),
                             shared: shared_changed,
                             done: false,
                             settings: serde_json::Value::Object(new.clone()).to_string(),
-                            input: other,
+                            input: other.input,
+                            within: other.within,
                         };
                         io::write_atomic(&self.changing_path(&mark.id), mark.text().as_bytes())?;
                     }
@@ -537,6 +594,7 @@ impl FolderSink {
                         } else {
                             format!("{}\t{}", self.input, self.listing)
                         },
+                        within: String::new(),
                     };
                     io::write_atomic(&self.changing_path(&self.id), mark.text().as_bytes())?;
                 }
@@ -544,8 +602,8 @@ impl FolderSink {
             let merged = merge_settings(record, new, self.overwrite, self.section.as_deref());
             write_settings(&self.out, &self.id, &merged)?;
         }
-        if let Some(own) = self.folder_input() {
-            io::write_atomic(&self.input_path(own), own.as_bytes())?;
+        if let Some(own) = self.recorded_self() {
+            io::write_atomic(&self.input_path(&own.input), own.text().as_bytes())?;
         }
         io::write_atomic(&active.join(&self.id), b"")?;
         if let Some(new) = &self.new_settings {
@@ -564,8 +622,8 @@ impl FolderSink {
         let _ = fs::remove_file(self.out.join(JOURNAL_DIR).join("active").join(&self.id));
         let _ = fs::remove_file(settings_path(&self.out, &self.id));
         let _ = fs::remove_file(self.changing_path(&self.id));
-        if let Some(own) = self.folder_input() {
-            let _ = fs::remove_file(self.input_path(own));
+        if let Some(own) = self.recorded_self() {
+            let _ = fs::remove_file(self.input_path(&own.input));
         }
         for m in self.changing_marks() {
             if m.id.starts_with(&format!("{}{OTHER_INPUT}", self.id)) {
@@ -579,10 +637,35 @@ impl FolderSink {
         self.out.join(JOURNAL_DIR).join(CHANGING_DIR).join(id)
     }
 
-    /// This run's input where it is a folder (an input given a listing),
-    /// as [`INPUTS_DIR`] records it.
-    fn folder_input(&self) -> Option<&str> {
-        (!self.input.is_empty() && !self.listing.is_empty()).then_some(self.input.as_str())
+    /// Whether this run's input is a folder (an input given a listing).
+    fn over_a_folder(&self) -> bool {
+        !self.input.is_empty() && !self.listing.is_empty()
+    }
+
+    /// This run's input as [`INPUTS_DIR`] records it: a folder, or a part
+    /// of one; `None` for inputs of neither kind.
+    fn recorded_self(&self) -> Option<Recorded> {
+        if self.over_a_folder() {
+            Some(Recorded {
+                input: self.input.clone(),
+                within: String::new(),
+            })
+        } else if !self.input.is_empty() && !self.within.is_empty() {
+            Some(Recorded {
+                input: self.input.clone(),
+                within: self.within.clone(),
+            })
+        } else {
+            None
+        }
+    }
+
+    /// Whether this run, done, redid what `input` (a part of `within`,
+    /// where not empty) holds: the same input, or a folder that it is part
+    /// of.
+    fn covers(&self, input: &str, within: &str) -> bool {
+        place(input) == place(&self.input)
+            || (!within.is_empty() && self.over_a_folder() && within == place(&self.input))
     }
 
     /// Input `input`'s file in [`INPUTS_DIR`].
@@ -593,17 +676,15 @@ impl FolderSink {
             .join(format!("{:016x}", input_hash(input)))
     }
 
-    /// The folder inputs whose runs wrote into the folder: those the last
+    /// The inputs whose runs wrote into the folder: those the last
     /// finished run's report lists, and those of runs since (sorted).
-    fn recorded_inputs(&self) -> Vec<String> {
-        let mut inputs: Vec<String> = self
+    fn recorded_inputs(&self) -> Vec<Recorded> {
+        let mut inputs: Vec<Recorded> = self
             .report()
             .and_then(|r| match r.get(INPUTS_KEY) {
-                Some(serde_json::Value::Array(a)) => Some(
-                    a.iter()
-                        .filter_map(|v| v.as_str().map(str::to_string))
-                        .collect(),
-                ),
+                Some(serde_json::Value::Array(a)) => {
+                    Some(a.iter().filter_map(Recorded::from_json).collect())
+                }
                 _ => None,
             })
             .unwrap_or_default();
@@ -613,8 +694,8 @@ impl FolderSink {
                 if name.contains(io::TEMP_MARK) {
                     continue;
                 }
-                if let Ok(input) = fs::read_to_string(e.path()) {
-                    inputs.push(input);
+                if let Ok(text) = fs::read_to_string(e.path()) {
+                    inputs.push(Recorded::parse(&text));
                 }
             }
         }
@@ -678,20 +759,28 @@ impl FolderSink {
         } else {
             format!(" (done so far: {})", done.join(", "))
         };
+        // The inputs of runs that have not finished.
+        let unfinished =
+            of_command(|m| (!m.done && !m.of_another_input()).then(|| place(&m.input)));
+        let unfinished = if unfinished.is_empty() {
+            String::new()
+        } else {
+            format!(" over {}", unfinished.join(", "))
+        };
         // Inputs marked by a run over another one (see [`INPUTS_KEY`]).
         let others = of_command(|m| m.of_another_input().then_some(m.input.as_str()));
         let others = if others.is_empty() {
             String::new()
         } else {
             format!(
-                "; the results that runs over {} wrote into it keep the old settings until a run over it overwrites them",
+                "; the results that runs over {} wrote into it keep the old settings until a run over it (or over the folder a list is of) overwrites them",
                 others.join(", ")
             )
         };
         Err(Error::OutputMismatch {
             path: self.out.clone(),
             reason: format!(
-                "an --overwrite {command} run with other settings has not covered all of the input{so_far} (a run stopped before its last image, one is still running, or a shard is still to run, or it ran over another input than earlier runs), so the folder holds results of both settings{others}: rerun {command} with --overwrite for the rest (or remove {} to take the folder as it is)", self.out.join(JOURNAL_DIR).join(CHANGING_DIR).display()
+                "an --overwrite {command} run with other settings has not covered all of the input{unfinished}{so_far} (a run stopped before its last image, one is still running, or a shard is still to run, or it ran over another input than earlier runs), so the folder holds results of both settings{others}: rerun {command} with --overwrite for the rest (or remove {} to take the folder as it is)", self.out.join(JOURNAL_DIR).join(CHANGING_DIR).display()
             ),
         })
     }
@@ -714,7 +803,7 @@ impl FolderSink {
         let marks = self.changing_marks();
         let mut ours: Vec<&Mark> = marks
             .iter()
-            .filter(|m| m.command == mine.command && place(&m.input) == place(&mine.input))
+            .filter(|m| m.command == mine.command && self.covers(&m.input, &m.within))
             .collect();
         ours.push(&mine);
         ours.sort_by(|a, b| a.id.cmp(&b.id));
@@ -745,7 +834,7 @@ impl FolderSink {
         };
         let ours = without(new, own);
         for mut m in self.changing_marks() {
-            if !m.shared || m.command == own || place(&m.input) != place(&self.input) {
+            if !m.shared || m.command == own || !self.covers(&m.input, &m.within) {
                 continue;
             }
             let Ok(serde_json::Value::Object(theirs)) =
@@ -850,14 +939,15 @@ impl FolderSink {
     /// it overwrites (its results' settings are then unknown).
     fn record_settings(&self, report: &mut serde_json::Map<String, serde_json::Value>) {
         let mut inputs = self.recorded_inputs();
-        if let Some(own) = self.folder_input() {
-            if !inputs.iter().any(|i| i == own) {
-                inputs.push(own.to_string());
+        if let Some(own) = self.recorded_self() {
+            if !inputs.contains(&own) {
+                inputs.push(own);
                 inputs.sort();
             }
         }
         if !inputs.is_empty() {
-            report.insert(INPUTS_KEY.into(), inputs.clone().into());
+            let listed: Vec<serde_json::Value> = inputs.iter().map(Recorded::json).collect();
+            report.insert(INPUTS_KEY.into(), listed.into());
         }
         *self
             .inputs_written
@@ -987,6 +1077,18 @@ impl FolderSink {
     /// marks it as still to be redone.
     pub fn input_listing(mut self, listing: impl Into<String>) -> Self {
         self.listing = listing.into().replace(['\t', '\n'], " ");
+        self
+    }
+
+    /// The folder that [`FolderSink::input`] is part of, where it is not a
+    /// folder itself: a list of the folder's files, or one of them. Such an
+    /// input is recorded with its folder (`results_inputs` in
+    /// `report.json`), and a run over that folder ([`FolderSink::input`]
+    /// with a listing) redoes it: an overwriting run of other settings over
+    /// anything else marks it as still to be redone, a run over the folder
+    /// does not.
+    pub fn input_within(mut self, folder: impl Into<String>) -> Self {
+        self.within = folder.into().replace('\n', " ");
         self
     }
 
@@ -1444,8 +1546,8 @@ impl FolderSink {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         for input in inputs {
-            let path = self.input_path(&input);
-            if fs::read_to_string(&path).is_ok_and(|text| text == input) {
+            let path = self.input_path(&input.input);
+            if fs::read_to_string(&path).is_ok_and(|text| text == input.text()) {
                 let _ = fs::remove_file(path);
             }
         }
@@ -1618,6 +1720,7 @@ mod tests {
             done,
             settings: settings.into(),
             input: input.into(),
+            within: String::new(),
         }
     }
 

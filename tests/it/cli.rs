@@ -1385,6 +1385,104 @@ fn an_overwrite_over_another_input_marks_the_folders_other_input() {
     assert_eq!(r["results_inputs"], serde_json::json!(inputs));
 }
 
+/// A list of some of a folder's files, or one file of it, is a part of that
+/// folder: an `--overwrite` with other settings over it marks the folder's
+/// other inputs (a list of its other files, the folder) as still to be
+/// redone, a rerun of that list or a run over the folder redoes them, and a
+/// rerun of the same list alone is not refused.
+#[test]
+fn an_overwrite_over_a_list_or_one_file_marks_the_rest_of_the_folder() {
+    let t = Tree::good(12);
+    let m = model("digits_cnn");
+    let root = t.images();
+    let list = |name: &str, dirs: &[&str]| {
+        let path = t.out(name);
+        let mut text = String::new();
+        for i in 0..12 {
+            let rel = format!("d{}/img_{i:03}.png", i % 3);
+            if dirs.iter().any(|d| rel.starts_with(d)) {
+                text.push_str(&format!("{}\n", root.join(rel).display()));
+            }
+        }
+        fs::write(&path, text).unwrap();
+        path
+    };
+    let (d0, rest) = (list("d0.txt", &["d0"]), list("rest.txt", &["d1", "d2"]));
+    let listed_into = |out: &Path, list: &Path, class: &str, extra: &[&str]| {
+        let score = format!("categorical:{class}");
+        let head = [
+            "saliency",
+            "--model",
+            &m,
+            "--images-from",
+            s(list),
+            "--root",
+            s(&root),
+            "--out",
+            s(out),
+            "--score",
+            &score,
+        ];
+        with(owned(&head), extra)
+    };
+    let out = t.out("out");
+    let listed = |list: &Path, class: &str, extra: &[&str]| listed_into(&out, list, class, extra);
+    assert_code(&tch_vis(&listed(&rest, "2", &[])), 0, "a list");
+    assert_code(
+        &tch_vis(&listed(&d0, "1", &["--overwrite"])),
+        0,
+        "another list",
+    );
+    let e = refused_until_overwrite(&listed(&rest, "1", &[]), "the first list");
+    assert!(
+        e.contains("runs over list ") && e.contains("rest.txt"),
+        "{e}"
+    );
+    overwrite_then_rerun_skips(
+        &listed(&rest, "1", &["--overwrite"]),
+        &listed(&rest, "1", &[]),
+        8,
+    );
+    let r = run_ok(&listed(&d0, "1", &[]), "the other list");
+    assert_eq!(r["skipped"].as_u64(), Some(4));
+    // A folder of one list's results only: nothing else to mark.
+    let alone = t.out("alone");
+    let listed = |class: &str, extra: &[&str]| listed_into(&alone, &d0, class, extra);
+    assert_code(&tch_vis(&listed("2", &[])), 0, "a list alone");
+    assert_code(
+        &tch_vis(&listed("1", &["--overwrite"])),
+        0,
+        "the list again",
+    );
+    assert_eq!(
+        run_ok(&listed("1", &[]), "its rerun")["skipped"].as_u64(),
+        Some(4)
+    );
+
+    // One file of a folder that a folder run wrote.
+    let whole = t.out("whole");
+    let folder = |class: &str, extra: &[&str]| {
+        let score = format!("categorical:{class}");
+        let mut a = vec!["--score", score.as_str()];
+        a.extend_from_slice(extra);
+        saliency_args(&m, &root.join("d1"), &whole, &a)
+    };
+    assert_code(&tch_vis(&folder("2", &[])), 0, "the folder");
+    let one = |class: &str, extra: &[&str]| {
+        let score = format!("categorical:{class}");
+        let mut a = vec!["--score", score.as_str()];
+        a.extend_from_slice(extra);
+        saliency_args(&m, &root.join("d1/img_004.png"), &whole, &a)
+    };
+    assert_code(&tch_vis(&one("1", &["--overwrite"])), 0, "one file");
+    refused_until_overwrite(&folder("1", &[]), "the folder's other files");
+    overwrite_then_rerun_skips(&folder("1", &["--overwrite"]), &folder("1", &[]), 4);
+    assert_eq!(
+        run_ok(&one("1", &[]), "the file")["skipped"].as_u64(),
+        Some(1)
+    );
+}
+
 /// A stopped `--overwrite` with another score (a setting all commands
 /// share) refuses plain runs of every command; once another command has
 /// overwritten all of the input with that score, its own plain runs are

@@ -606,16 +606,22 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     let listing = io::listing(&entries);
     sink = match &job.images {
+        // One file is a part of its folder, as a list of its files is.
+        Images::Path(p) if p.is_file() => sink
+            .input(format!("file {}", canonical(p).display()))
+            .input_within(canonical(&root).display().to_string()),
         Images::Path(_) => sink
             .input(canonical(&root).display().to_string())
             .input_listing(listing),
         // A list's names are its input: runs over another list, even from
         // the same file, never clear its marks.
-        Images::List { list, .. } => sink.input(format!(
-            "list {} under {}: {listing}",
-            canonical(list).display(),
-            canonical(&root).display(),
-        )),
+        Images::List { list, .. } => sink
+            .input(format!(
+                "list {} under {}: {listing}",
+                canonical(list).display(),
+                canonical(&root).display(),
+            ))
+            .input_within(canonical(&root).display().to_string()),
     };
 
     // The run.
