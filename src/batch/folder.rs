@@ -594,7 +594,7 @@ impl FolderSink {
                         } else {
                             format!("{}\t{}", self.input, self.listing)
                         },
-                        within: String::new(),
+                        within: self.within.clone(),
                     };
                     io::write_atomic(&self.changing_path(&self.id), mark.text().as_bytes())?;
                 }
@@ -753,19 +753,35 @@ impl FolderSink {
             v.dedup();
             v
         };
-        let done = of_command(|m| m.done.then_some(m.part.as_str()));
-        let so_far = if done.is_empty() {
-            String::new()
-        } else {
-            format!(" (done so far: {})", done.join(", "))
-        };
-        // The inputs of runs that have not finished.
-        let unfinished =
-            of_command(|m| (!m.done && !m.of_another_input()).then(|| place(&m.input)));
+        // The inputs of that command's overwriting runs, each with the
+        // parts of it done so far.
+        let inputs = of_command(|m| (!m.of_another_input()).then(|| place(&m.input)));
+        let unfinished: Vec<String> = inputs
+            .iter()
+            .map(|&input| {
+                let mut done: Vec<&str> = marks
+                    .iter()
+                    .filter(|m| m.command == mark.command && m.done && place(&m.input) == input)
+                    .map(|m| {
+                        if m.part.is_empty() {
+                            "all"
+                        } else {
+                            m.part.as_str()
+                        }
+                    })
+                    .collect();
+                done.sort();
+                done.dedup();
+                match done.as_slice() {
+                    [] => input.to_string(),
+                    done => format!("{input} (done so far: {})", done.join(", ")),
+                }
+            })
+            .collect();
         let unfinished = if unfinished.is_empty() {
             String::new()
         } else {
-            format!(" over {}", unfinished.join(", "))
+            format!(" over {}", unfinished.join("; "))
         };
         // Inputs marked by a run over another one (see [`INPUTS_KEY`]).
         let others = of_command(|m| m.of_another_input().then_some(m.input.as_str()));
@@ -780,7 +796,7 @@ impl FolderSink {
         Err(Error::OutputMismatch {
             path: self.out.clone(),
             reason: format!(
-                "an --overwrite {command} run with other settings has not covered all of the input{unfinished}{so_far} (a run stopped before its last image, one is still running, or a shard is still to run, or it ran over another input than earlier runs), so the folder holds results of both settings{others}: rerun {command} with --overwrite for the rest (or remove {} to take the folder as it is)", self.out.join(JOURNAL_DIR).join(CHANGING_DIR).display()
+                "an --overwrite {command} run with other settings has not covered all of the input{unfinished} (a run stopped before its last image, one is still running, or a shard is still to run, or it ran over another input than earlier runs), so the folder holds results of both settings{others}: rerun {command} with --overwrite for the rest (or remove {} to take the folder as it is)", self.out.join(JOURNAL_DIR).join(CHANGING_DIR).display()
             ),
         })
     }

@@ -1459,6 +1459,29 @@ fn an_overwrite_over_a_list_or_one_file_marks_the_rest_of_the_folder() {
         Some(4)
     );
 
+    // A list's unfinished overwrite (one shard of two) is named, and a run
+    // over its folder finishes it.
+    let part = t.out("part");
+    let listed = |class: &str, extra: &[&str]| listed_into(&part, &rest, class, extra);
+    assert_code(&tch_vis(&listed("2", &[])), 0, "the list");
+    let half = ["--overwrite", "--shard", "0/2"];
+    assert_code(&tch_vis(&listed("1", &half)), 0, "half of it");
+    let e = refused_until_overwrite(&listed("1", &[]), "a list half overwritten");
+    assert!(
+        e.contains("rest.txt") && e.contains("(done so far: 0/2)"),
+        "{e}"
+    );
+    let whole_folder = |extra: &[&str]| {
+        let mut a = vec!["--score", "categorical:1"];
+        a.extend_from_slice(extra);
+        saliency_args(&m, &root, &part, &a)
+    };
+    overwrite_then_rerun_skips(&whole_folder(&["--overwrite"]), &whole_folder(&[]), 12);
+    assert_eq!(
+        run_ok(&listed("1", &[]), "the list")["skipped"].as_u64(),
+        Some(8)
+    );
+
     // One file of a folder that a folder run wrote.
     let whole = t.out("whole");
     let folder = |class: &str, extra: &[&str]| {
