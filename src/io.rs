@@ -54,6 +54,13 @@ impl Fnv {
             self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
         }
     }
+
+    /// The FNV-1a of `bytes` alone.
+    pub(crate) fn of(bytes: &[u8]) -> u64 {
+        let mut h = Fnv::new();
+        h.add(bytes);
+        h.0
+    }
 }
 
 /// Most directory levels followed below the root.

@@ -926,10 +926,8 @@ fn box_muller(u1: f64, u2: f64) -> (f32, f32) {
 /// A stable 64-bit key for a name (FNV-1a), for [`Saliency::compute_keyed`];
 /// never 0, which marks padding rows in the batch engine.
 pub fn key_for(name: &str) -> u64 {
-    let mut h = crate::io::Fnv::new();
-    h.add(name.as_bytes());
     // 0 marks a batch's padding rows (see `batch::Method::compute`).
-    h.0.max(1)
+    crate::io::Fnv::of(name.as_bytes()).max(1)
 }
 
 #[cfg(test)]

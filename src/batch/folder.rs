@@ -237,13 +237,6 @@ fn clean(marks: &[&Mark], settings: &str, input: &str) -> bool {
     })
 }
 
-/// The name of an input's file in [`INPUTS_DIR`]: its FNV-1a.
-fn input_hash(input: &str) -> u64 {
-    let mut h = io::Fnv::new();
-    h.add(input.as_bytes());
-    h.0
-}
-
 /// An input recorded in [`INPUTS_DIR`] and under [`INPUTS_KEY`]: a folder
 /// (`within` empty), or a part of one, such as a list of its files, with
 /// that folder ([`FolderSink::input_within`]).
@@ -289,6 +282,16 @@ impl Recorded {
             }),
         }
     }
+}
+
+/// `record` without the key `section` (a command's own map settings; `""`
+/// for none): the settings all commands share.
+fn without_section(record: &Settings, section: &str) -> Settings {
+    record
+        .iter()
+        .filter(|(k, _)| k.as_str() != section)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// The input of a mark without its listing ([`FolderSink::input_listing`],
@@ -544,20 +547,16 @@ impl FolderSink {
                 let reported = self.reported_settings();
                 // A change of a key other commands share (the model, the
                 // scores...): the rows of scores.csv change too.
-                let own = self.section.as_deref();
-                let shared = |r: &Settings| -> Settings {
-                    r.iter()
-                        .filter(|(k, _)| Some(k.as_str()) != own)
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect()
-                };
+                let own = self.section.as_deref().unwrap_or("");
+                let shared = |r: &Settings| without_section(r, own);
                 // Against the record with the settings files too (`record`):
                 // runs that never finished leave no report, only those.
                 let before = [&reported, &record];
                 let shared_changed = before
                     .iter()
                     .any(|r| differs(&shared(r), &shared(new)).is_some());
-                let command = own.unwrap_or("").to_string();
+                let command = own.to_string();
+                let settings = serde_json::Value::Object(new.clone()).to_string();
                 let changed = shared_changed || before.iter().any(|r| differs(r, new).is_some());
                 if changed {
                     // The results that other inputs' runs wrote into the
@@ -567,14 +566,14 @@ impl FolderSink {
                         if self.covers(&other.input, &other.within) {
                             continue;
                         }
-                        let hash = input_hash(&other.input);
+                        let hash = io::Fnv::of(other.input.as_bytes());
                         let mark = Mark {
                             id: format!("{}{OTHER_INPUT}{hash:016x}", self.id),
                             command: command.clone(),
                             part: String::new(),
                             shared: shared_changed,
                             done: false,
-                            settings: serde_json::Value::Object(new.clone()).to_string(),
+                            settings: settings.clone(),
                             input: other.input,
                             within: other.within,
                         };
@@ -588,7 +587,7 @@ impl FolderSink {
                         part: self.part(),
                         shared: shared_changed,
                         done: false,
-                        settings: serde_json::Value::Object(new.clone()).to_string(),
+                        settings,
                         input: if self.listing.is_empty() {
                             self.input.clone()
                         } else {
@@ -673,7 +672,7 @@ impl FolderSink {
         self.out
             .join(JOURNAL_DIR)
             .join(INPUTS_DIR)
-            .join(format!("{:016x}", input_hash(input)))
+            .join(format!("{:016x}", io::Fnv::of(input.as_bytes())))
     }
 
     /// The inputs whose runs wrote into the folder: those the last
@@ -743,7 +742,7 @@ impl FolderSink {
         };
         // The marks of that command, one value of each picked: sorted,
         // without repeats.
-        let of_command = |pick: fn(&Mark) -> Option<&str>| -> Vec<&str> {
+        let of_command = |pick: &dyn Fn(&Mark) -> Option<&str>| -> Vec<&str> {
             let mut v: Vec<&str> = marks
                 .iter()
                 .filter(|m| m.command == mark.command)
@@ -755,23 +754,14 @@ impl FolderSink {
         };
         // The inputs of that command's overwriting runs, each with the
         // parts of it done so far.
-        let inputs = of_command(|m| (!m.of_another_input()).then(|| place(&m.input)));
+        let inputs = of_command(&|m| (!m.of_another_input()).then(|| place(&m.input)));
         let unfinished: Vec<String> = inputs
             .iter()
             .map(|&input| {
-                let mut done: Vec<&str> = marks
-                    .iter()
-                    .filter(|m| m.command == mark.command && m.done && place(&m.input) == input)
-                    .map(|m| {
-                        if m.part.is_empty() {
-                            "all"
-                        } else {
-                            m.part.as_str()
-                        }
-                    })
-                    .collect();
-                done.sort();
-                done.dedup();
+                let done = of_command(&|m| {
+                    let part = if m.part.is_empty() { "all" } else { &m.part };
+                    (m.done && place(&m.input) == input).then_some(part)
+                });
                 match done.as_slice() {
                     [] => input.to_string(),
                     done => format!("{input} (done so far: {})", done.join(", ")),
@@ -784,7 +774,7 @@ impl FolderSink {
             format!(" over {}", unfinished.join("; "))
         };
         // Inputs marked by a run over another one (see [`INPUTS_KEY`]).
-        let others = of_command(|m| m.of_another_input().then_some(m.input.as_str()));
+        let others = of_command(&|m| m.of_another_input().then_some(m.input.as_str()));
         let others = if others.is_empty() {
             String::new()
         } else {
@@ -842,13 +832,7 @@ impl FolderSink {
             return Ok(());
         };
         let own = self.section.as_deref().unwrap_or("");
-        let without = |r: &Settings, section: &str| -> Settings {
-            r.iter()
-                .filter(|(k, _)| k.as_str() != section)
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        };
-        let ours = without(new, own);
+        let ours = without_section(new, own);
         for mut m in self.changing_marks() {
             if !m.shared || m.command == own || !self.covers(&m.input, &m.within) {
                 continue;
@@ -858,7 +842,7 @@ impl FolderSink {
             else {
                 continue;
             };
-            if differs(&without(&theirs, &m.command), &ours).is_none() {
+            if differs(&without_section(&theirs, &m.command), &ours).is_none() {
                 m.shared = false;
                 io::write_atomic(&self.changing_path(&m.id), m.text().as_bytes())?;
             }
