@@ -16,7 +16,14 @@ What it generates, under tests/golden/transforms/:
                        (from a second seed) 4:2:2, 4:4:4, progressive,
                        grayscale, quality 50 and 100, restart markers, odd
                        sizes down to 9 x 7. The torchvision recipe is also
-                       run on some of them (cases named jpeg_*).
+                       run on some of them (cases named jpeg_*). CMYK JPEGs
+                       (Adobe polarity, as PIL writes them; from a third
+                       seed), 4:4:4 and with the first component at 2 x 2,
+                       and a YCCK JPEG (Adobe transform 2) copied from
+                       tests/golden/sources/ (PIL writes no YCCK: libjpeg-turbo
+                       wrote it, through the mozjpeg crate 0.10.13, from a
+                       seeded CMYK picture with jpeg_set_colorspace(JCS_YCCK),
+                       quality 90, its Y and K at 2 x 2).
   <case>.npy           float32 (C, H, W): the model input torchvision.transforms.v2
                        makes from the decoded uint8 RGB tensor
                        (torchvision.io.decode_image, mode RGB):
@@ -27,7 +34,8 @@ What it generates, under tests/golden/transforms/:
   jpeg_<name>.tv.npy   uint8 (H, W, 3): torchvision.io.decode_jpeg of the JPEG
   jpeg_<name>.pil.npy  uint8 (H, W, 3): PIL's decode of the JPEG
   draft_<name>_<k>.pil.npy  uint8: PIL's decode of images/<name>.jpg with
-                       draft("RGB", (W // k, H // k)), at scale 1/k
+                       draft("RGB", (W // k, H // k)), at scale 1/k (the
+                       YCCK JPEG's too)
   manifest.json        {"torch", "torchvision", "pillow", "cpu_capability",
                         "max_steps": 1.0, "mean_steps": 0.05,
                         "cases": [{"name", "image", "sidecar", "expected"}],
@@ -54,6 +62,7 @@ from torchvision.transforms import v2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "golden", "transforms")
+SOURCES = os.path.join(ROOT, "tests", "golden", "sources")
 MEAN = [0.485, 0.456, 0.406]
 STD = [0.229, 0.224, 0.225]
 
@@ -125,6 +134,12 @@ MORE_JPEGS = [
     ("q90_420_rst_81x117", 81, 117, {"quality": 90, "subsampling": 2, "restart_marker_blocks": 3}, "RGB"),
     ("q90_gray_70x90", 70, 90, {"quality": 90}, "L"),
 ]
+# (stem, h, w, PIL save options): CMYK pictures, from a third seed.
+CMYK_JPEGS = [
+    ("cmyk_q90_444_61x83", 61, 83, {"quality": 90, "subsampling": 0}),
+    ("cmyk_q90_420_70x52", 70, 52, {"quality": 90, "subsampling": 2}),
+]
+YCCK_JPEGS = ["ycck_q90_77x103"]
 DRAFT_JPEGS = [
     ("q90_420_203x261", 203, 261, {"quality": 90, "subsampling": 2}),
     ("q90_444_117x171", 117, 171, {"quality": 90, "subsampling": 0}),
@@ -169,10 +184,14 @@ def main():
     jpegs = []
 
     def save_jpeg(stem, img, **options):
-        """Writes images/STEM.jpg and torchvision's and PIL's decodes of it."""
+        """Writes images/STEM.jpg (a copy of tests/golden/sources/STEM.jpg
+        when `img` is None) and torchvision's and PIL's decodes of it."""
         rel = f"images/{stem}.jpg"
         path = os.path.join(OUT, rel)
-        img.save(path, **options)
+        if img is None:
+            shutil.copyfile(os.path.join(SOURCES, stem + ".jpg"), path)
+        else:
+            img.save(path, **options)
         tv = decode_jpeg(read_file(path), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
         pil = np.asarray(Image.open(path).convert("RGB"))
         np.save(os.path.join(OUT, f"jpeg_{stem}.tv.npy"), np.ascontiguousarray(tv))
@@ -186,14 +205,27 @@ def main():
     for stem, h, w, options, mode in MORE_JPEGS:
         img = picture(rng_jpeg, h, w)
         save_jpeg(stem, img.convert("L") if mode == "L" else img, **options)
+    rng_cmyk = np.random.default_rng(2)
+    for stem, h, w, options in CMYK_JPEGS:
+        # Ink from one picture, black from another's luma (below full ink).
+        rgb = np.asarray(picture(rng_cmyk, h, w))
+        k = np.asarray(picture(rng_cmyk, h, w).convert("L")) // 2
+        cmyk = np.dstack([255 - rgb, k]).astype(np.uint8)
+        save_jpeg(stem, Image.fromarray(cmyk, "CMYK"), **options)
+    for stem in YCCK_JPEGS:
+        save_jpeg(stem, None)
 
     # PIL's draft mode (libjpeg's scaled IDCT) at each scale, on a JPEG
     # drawn after the others (their pictures keep their bytes).
     drafts = []
-    for stem, h, w, options in DRAFT_JPEGS:
+    for stem, h, w, options in DRAFT_JPEGS + [(s, None, None, None) for s in YCCK_JPEGS]:
         rel = f"images/{stem}.jpg"
         path = os.path.join(OUT, rel)
-        picture(rng_jpeg, h, w).save(path, **options)
+        if options is None:
+            # The YCCK JPEG, written above: CMYK's drafts too.
+            w, h = Image.open(path).size
+        else:
+            picture(rng_jpeg, h, w).save(path, **options)
         for k in (2, 4, 8):
             im = Image.open(path)
             im.draft("RGB", (w // k, h // k))

@@ -55,8 +55,11 @@
 //! every kind of JPEG tested (4:2:0, 4:2:2, 4:4:4, progressive, grayscale,
 //! restart markers, quality 50 to 100, sizes down to 9 × 7), and so is the
 //! whole torchvision recipe on them. A file that ends before its image
-//! does is an error, as in PIL and torchvision. CMYK and YCCK JPEGs go
-//! through the `image` crate's conversion.
+//! does is an error, as in PIL and torchvision. CMYK and YCCK JPEGs are
+//! decoded to CMYK by libjpeg and converted to RGB as PIL converts them
+//! (Adobe's inverted polarity, PIL's fixed-point rounding), which is also
+//! what torchvision's `decode_jpeg` gives: bit-identical to both on the
+//! CMYK (4:4:4, subsampled) and YCCK goldens.
 //!
 //! [`Preprocessor::fast_jpeg`] (`--fast-jpeg`) decodes with zune-jpeg
 //! instead (through the `image` crate), which upsamples chroma with other
@@ -605,6 +608,8 @@ impl Preprocessor {
     /// decodes a truncated JPEG, its missing part filled. zune-jpeg is
     /// faster where libjpeg-turbo was built without its SIMD code (no
     /// `nasm` at build time); see the module docs for measured figures.
+    /// CMYK and YCCK JPEGs are decoded by libjpeg-turbo either way
+    /// (zune-jpeg's were up to 9 steps off on a subsampled one).
     ///
     /// A program built with `panic = "abort"` always decodes with zune-jpeg
     /// (libjpeg's errors reach tch-vis as unwinding panics, which would
@@ -623,8 +628,9 @@ impl Preprocessor {
     /// draft pixels, bit for bit. Off by default: the inputs are then close
     /// to, not equal to, torchvision's (the DCT scaling is another low-pass filter
     /// than the antialiased resize; see the module docs for measured
-    /// distances), and far cheaper to make from large photos. Other formats,
-    /// JPEGs too small to scale, CMYK and YCCK JPEGs, and a
+    /// distances), and far cheaper to make from large photos (CMYK and YCCK
+    /// ones too, as PIL's `draft` scales them). Other formats,
+    /// JPEGs too small to scale, and a
     /// [`Preprocessor::keep_original`] preprocessor (whose original must be
     /// full size) decode as usual. With [`Preprocessor::fast_jpeg`] too,
     /// the scaled decoding is still libjpeg's (zune-jpeg has none).
@@ -1237,10 +1243,11 @@ impl Preprocessor {
         }
         let draft = self.jpeg_draft && !self.keep_original;
         // libjpeg's errors unwind (see `decode_libjpeg`): not where a panic
-        // aborts.
+        // aborts. (CMYK and YCCK JPEGs by libjpeg with `fast_jpeg` too:
+        // zune-jpeg's chroma upsampling is further off on them.)
         if cfg!(panic = "unwind")
-            && (draft || !self.fast_jpeg)
             && bytes.starts_with(&[0xFF, 0xD8, 0xFF])
+            && (draft || !self.fast_jpeg || frame(bytes).is_some_and(|f| f.components == 4))
         {
             if let Some(img) = self.decode_libjpeg(bytes, draft).map_err(err)? {
                 return Ok(img);
@@ -1290,16 +1297,16 @@ impl Preprocessor {
 impl Preprocessor {
     /// A JPEG decoded by libjpeg-turbo's decoder (mozjpeg's copy of it),
     /// with its defaults, as PIL and torchvision decode it: the islow
-    /// IDCT, fancy chroma upsampling, its YCbCr conversion. `Ok(None)` for
-    /// CMYK and YCCK JPEGs, which the `image` crate converts to RGB as
-    /// before. A file that ends before its image does is an error, as in
+    /// IDCT, fancy chroma upsampling, its YCbCr conversion; CMYK and YCCK
+    /// JPEGs to CMYK by libjpeg, then to RGB as PIL converts them
+    /// ([`cmyk_to_rgb`]). A file that ends before its image does is an error, as in
     /// PIL and torchvision (libjpeg itself would fill the rest with grey);
     /// other corrupt data is libjpeg's fatal error, or decoded as libjpeg
     /// decodes it.
     ///
     /// With `draft`, at the scale [`Preprocessor::jpeg_draft`] picks, by
     /// libjpeg's scaled IDCT, as PIL's `draft` decodes at that scale; where
-    /// no scale fits, or for CMYK and YCCK, as without.
+    /// no scale fits, as without.
     fn decode_libjpeg(
         &self,
         bytes: &[u8],
@@ -1318,13 +1325,13 @@ impl Preprocessor {
                     self.max_dimension
                 ));
             }
-            let gray = match jpeg.color_space() {
-                ColorSpace::JCS_GRAYSCALE => true,
-                ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK => return Ok(None),
-                _ => false,
+            let (gray, cmyk) = match jpeg.color_space() {
+                ColorSpace::JCS_GRAYSCALE => (true, false),
+                ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK => (false, true),
+                _ => (false, false),
             };
             let k = if draft { self.draft_scale(w, h) } else { 1 };
-            if k == 1 && self.fast_jpeg {
+            if k == 1 && self.fast_jpeg && !cmyk {
                 // A draft asked for, but no scale fits: zune-jpeg decodes.
                 return Ok(None);
             }
@@ -1350,8 +1357,15 @@ impl Preprocessor {
             if k > 1 {
                 jpeg.scale((8 / k) as u8);
             }
-            let mut started =
-                if gray { jpeg.grayscale() } else { jpeg.rgb() }.map_err(|e| e.to_string())?;
+            let mut started = if gray {
+                jpeg.grayscale()
+            } else if cmyk {
+                // (libjpeg converts YCCK to CMYK.)
+                jpeg.to_colorspace(ColorSpace::JCS_CMYK)
+            } else {
+                jpeg.rgb()
+            }
+            .map_err(|e| e.to_string())?;
             if (started.width(), started.height()) != (w, h) {
                 return Err(format!(
                     "libjpeg decodes {}x{} at 1/{k}, not {w}x{h}",
@@ -1359,19 +1373,40 @@ impl Preprocessor {
                     started.height()
                 ));
             }
-            // Into the spare buffer's capacity, not zeroed first (libjpeg
-            // writes every byte, or fails).
-            let mut buf = spare_capacity(n);
-            let got = started
-                .read_scanlines_into_uninit(&mut buf.spare_capacity_mut()[..n])
-                .map_err(|e| e.to_string())?
-                .len();
-            if got != n {
-                return Err(format!("libjpeg decoded {got} of the image's {n} bytes"));
-            }
-            // SAFETY: the call above initialised the first `got == n` bytes
-            // of the capacity (it returns them as initialised).
-            unsafe { buf.set_len(n) };
+            let buf = if cmyk {
+                // A row of CMYK at a time, converted into the RGB rows.
+                let mut buf = spare_pixels(n);
+                let mut row = vec![0u8; 4 * w];
+                for rgb in buf.chunks_exact_mut(3 * w) {
+                    let got = started
+                        .read_scanlines_into(&mut row)
+                        .map_err(|e| e.to_string())?
+                        .len();
+                    if got != row.len() {
+                        return Err(format!(
+                            "libjpeg decoded {got} of a row's {} bytes",
+                            row.len()
+                        ));
+                    }
+                    cmyk_to_rgb(&row, rgb);
+                }
+                buf
+            } else {
+                // Into the spare buffer's capacity, not zeroed first
+                // (libjpeg writes every byte, or fails).
+                let mut buf = spare_capacity(n);
+                let got = started
+                    .read_scanlines_into_uninit(&mut buf.spare_capacity_mut()[..n])
+                    .map_err(|e| e.to_string())?
+                    .len();
+                if got != n {
+                    return Err(format!("libjpeg decoded {got} of the image's {n} bytes"));
+                }
+                // SAFETY: the call above initialised the first `got == n`
+                // bytes of the capacity (it returns them as initialised).
+                unsafe { buf.set_len(n) };
+                buf
+            };
             started.finish().map_err(|e| e.to_string())?;
             let (w, h) = (w as u32, h as u32);
             let img = if gray {
@@ -1430,25 +1465,42 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("no message")
 }
 
-/// Whether a JPEG's frame is progressive (SOF2, or SOF10 arithmetic):
-/// the markers before it walked by their lengths. `false` where the walk
-/// fails; libjpeg then judges the file.
-fn progressive(bytes: &[u8]) -> bool {
+/// What a JPEG's frame header (its SOF marker) says: whether the frame is
+/// progressive (SOF2, or SOF10 arithmetic) and how many components it has.
+struct Frame {
+    progressive: bool,
+    components: u8,
+}
+
+/// A JPEG's [`Frame`], the markers before it walked by their lengths;
+/// `None` where the walk fails (libjpeg then judges the file).
+fn frame(bytes: &[u8]) -> Option<Frame> {
     let mut at = 2;
     while at + 4 <= bytes.len() {
         if bytes[at] != 0xFF {
-            return false;
+            return None;
         }
-        let marker = bytes[at + 1];
-        match marker {
-            0xC2 | 0xCA => return true,
-            0xC0 | 0xC1 | 0xC3 | 0xC5..=0xC7 | 0xC9 | 0xCB | 0xCD..=0xCF | 0xDA => return false,
+        match bytes[at + 1] {
+            // Length, precision, height and width, then the count.
+            m @ (0xC0..=0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF) => {
+                return Some(Frame {
+                    progressive: matches!(m, 0xC2 | 0xCA),
+                    components: *bytes.get(at + 9)?,
+                });
+            }
+            0xDA => return None,
             // Fill bytes before a marker.
             0xFF => at += 1,
             _ => at += 2 + usize::from(u16::from_be_bytes([bytes[at + 2], bytes[at + 3]])),
         }
     }
-    false
+    None
+}
+
+/// Whether a JPEG's frame is progressive ([`frame`]; `false` where the walk
+/// fails).
+fn progressive(bytes: &[u8]) -> bool {
+    frame(bytes).is_some_and(|f| f.progressive)
 }
 
 /// The bytes of a file as libjpeg reads them, noting whether it asked for
@@ -1475,6 +1527,25 @@ impl std::io::BufRead for WatchedBytes<'_> {
 
     fn consume(&mut self, n: usize) {
         self.bytes = &self.bytes[n.min(self.bytes.len())..];
+    }
+}
+
+/// One row of CMYK pixels as libjpeg decodes CMYK and YCCK JPEGs, in
+/// Adobe's polarity (0 is full ink: PIL reads them as `"CMYK;I"`, always),
+/// to RGB as PIL's `convert("RGB")` makes it: with `k` the black byte as
+/// decoded (PIL's `255 - K`) and `ink` a channel's complement (PIL's C, M
+/// or Y), `k - (ink × k / 255)`, the division in PIL's fixed-point
+/// rounding (`t = ink × k + 128`, `((t >> 8) + t) >> 8`). torchvision's
+/// `decode_jpeg` gives the same bytes (the CMYK and YCCK goldens hold
+/// both).
+fn cmyk_to_rgb(cmyk: &[u8], rgb: &mut [u8]) {
+    for (out, px) in rgb.chunks_exact_mut(3).zip(cmyk.chunks_exact(4)) {
+        let k = u32::from(px[3]);
+        for (o, &v) in out.iter_mut().zip(&px[..3]) {
+            let t = (255 - u32::from(v)) * k + 128;
+            // (At most k: the rounded product of k and ink / 255 <= 1.)
+            *o = k.saturating_sub(((t >> 8) + t) >> 8) as u8;
+        }
     }
 }
 
