@@ -175,6 +175,9 @@ pub fn execute(a: MaximizeArgs) -> Result<(), Failure> {
         Ok(Vec::<f32>::try_from(&sum)?)
     };
     let finals = write().map_err(Failure::Run)?;
+    if let Some(note) = falling_note(&res.curve, a.tv, a.norm) {
+        let _ = writeln!(std::io::stderr(), "tch-vis: note: {note}");
+    }
     let seconds = start.elapsed().as_secs_f64();
     let report = serde_json::json!({
         "command": "maximize",
@@ -206,6 +209,28 @@ pub fn execute(a: MaximizeArgs) -> Result<(), Failure> {
         a.out.display()
     );
     Ok(())
+}
+
+/// A note for samples whose objective (the score the model saw, summed
+/// over outputs: `Maximized::curve`) ended lower than it began: the
+/// regularizers outweigh the score, as with the defaults on a model of
+/// small outputs (an untrained one), and the image is not the score's
+/// maximum. `None` when every sample's rose or held.
+fn falling_note(curve: &[Vec<f32>], tv: f64, norm: f64) -> Option<String> {
+    let (first, last) = (curve.first()?, curve.last()?);
+    let fell: Vec<String> = first
+        .iter()
+        .zip(last)
+        .enumerate()
+        .filter(|(_, (a, b))| b < a)
+        .map(|(k, (a, b))| format!("{k} ({a:.4} -> {b:.4})"))
+        .collect();
+    (!fell.is_empty()).then(|| {
+        format!(
+            "the score fell over the steps for sample(s) {}: the regularizers (--tv {tv}, --norm {norm}) outweigh it for this model; try smaller --tv and --norm (or --log for probabilities)",
+            fell.join(", ")
+        )
+    })
 }
 
 /// `log(max(s, 1e-30))` of a score.
