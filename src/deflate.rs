@@ -333,11 +333,11 @@ impl Code {
 /// than storing the rows (as for noise), for the caller to store them.
 ///
 /// # Errors
-/// [`Error::Image`] where `rgb` is not `width × height × 3` bytes or a
+/// [`Error::Encode`] where `rgb` is not `width × height × 3` bytes or a
 /// side is 0.
 pub(crate) fn encode_rgb_png(rgb: &[u8], width: u32, height: u32) -> Result<Option<Vec<u8>>> {
-    let bad = |reason: String| Error::Image {
-        path: "<png>".into(),
+    let bad = |reason: String| Error::Encode {
+        what: "a heatmap PNG",
         reason,
     };
     let row = width as usize * 3;
@@ -602,7 +602,11 @@ mod tests {
         // Wrong lengths and empty sides are errors.
         for (len, w, h) in [(12, 2, 3), (0, 0, 4), (0, 4, 0)] {
             let e = encode_rgb_png(&vec![0; len], w, h).unwrap_err();
-            assert!(matches!(e, Error::Image { .. }), "{e}");
+            assert!(matches!(e, Error::Encode { .. }), "{e}");
+            assert!(
+                e.to_string().starts_with("cannot encode a heatmap PNG: "),
+                "{e}"
+            );
         }
     }
 }

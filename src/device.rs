@@ -25,7 +25,8 @@ pub enum DeviceSpec {
     Auto,
     /// The CPU.
     Cpu,
-    /// A CUDA device (`cuda` is `cuda:0`).
+    /// A CUDA device (`cuda` is `cuda:0`; so is `gpu`, for those who type
+    /// it; names are read without regard to case).
     Cuda(usize),
 }
 

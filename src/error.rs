@@ -197,6 +197,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// An image could not be encoded (a heatmap PNG given pixels that do
+    /// not fit its size).
+    #[error("cannot encode {what}: {reason}")]
+    Encode {
+        /// What was being encoded (`"a heatmap PNG"`).
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+
     /// A model sidecar (`M.json`) is missing or invalid.
     #[error("invalid model sidecar {}: {reason}", path.display())]
     Sidecar {
@@ -269,10 +279,16 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The first line of a libtorch message, without the C++ frames that follow.
 fn first_line(e: &tch::TchError) -> String {
-    match e {
+    let mut line = match e {
         tch::TchError::Torch(msg) => message_line(msg),
         other => message_line(&other.to_string()),
+    };
+    // libtorch's advice after a file that is no zip archive at all (an
+    // image, a text file) speaks of checkpoints and miniz.
+    if let Some(cut) = line.find(". This is an internal miniz error") {
+        line.truncate(cut);
     }
+    line
 }
 
 /// The first non-empty line of an error message, cut before libtorch's
@@ -326,6 +342,28 @@ fn error_name(line: &str) -> bool {
 }
 
 impl Error {
+    /// The error inside the wrappers that say where it happened
+    /// ([`Error::Score`]: which score; [`Error::Context`]: what was being
+    /// done): the typed cause to match on. A class index out of range,
+    /// found while [`crate::Model::gradients`] evaluated score 0, is an
+    /// `Error::Score` whose root is [`Error::IndexOutOfRange`].
+    ///
+    /// ```
+    /// use tch_vis::Error;
+    /// let e = Error::Score {
+    ///     index: 0,
+    ///     name: "categorical:10".into(),
+    ///     source: Box::new(Error::IndexOutOfRange { index: 10, num_classes: 10 }),
+    /// };
+    /// assert!(matches!(e.root(), Error::IndexOutOfRange { index: 10, .. }));
+    /// ```
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::Score { source, .. } | Error::Context { source, .. } => source.root(),
+            other => other,
+        }
+    }
+
     /// A one-line description, free of libtorch's C++ stack frames.
     pub fn summary(&self) -> String {
         let text = self.to_string();

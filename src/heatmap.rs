@@ -784,7 +784,7 @@ impl std::str::FromStr for PngCompression {
 /// Encodes interleaved 8-bit RGB as a PNG compressed as `compression` says.
 ///
 /// # Errors
-/// [`Error::Image`] when encoding fails (for example a wrong length).
+/// [`Error::Encode`] when encoding fails (for example a wrong length).
 pub fn encode_png_as(
     rgb: &[u8],
     width: u32,
@@ -807,7 +807,7 @@ pub fn encode_png_as(
 /// says.
 ///
 /// # Errors
-/// [`Error::Image`] when encoding fails (for example a wrong length).
+/// [`Error::Encode`] when encoding fails (for example a wrong length).
 pub fn encode_png(rgb: &[u8], width: u32, height: u32) -> Result<Vec<u8>> {
     match crate::deflate::encode_rgb_png(rgb, width, height)? {
         Some(png) => Ok(png),
@@ -820,7 +820,7 @@ pub fn encode_png(rgb: &[u8], width: u32, height: u32) -> Result<Vec<u8>> {
 /// filter.
 ///
 /// # Errors
-/// [`Error::Image`] when encoding fails (for example a wrong length).
+/// [`Error::Encode`] when encoding fails (for example a wrong length).
 pub fn encode_png_with(
     rgb: &[u8],
     width: u32,
@@ -840,8 +840,8 @@ pub fn encode_png_with(
     let mut bytes = Vec::with_capacity(reserve);
     PngEncoder::new_with_quality(Cursor::new(&mut bytes), compression, filter)
         .write_image(rgb, width, height, ExtendedColorType::Rgb8)
-        .map_err(|e| Error::Image {
-            path: "<png>".into(),
+        .map_err(|e| Error::Encode {
+            what: "a heatmap PNG",
             reason: e.to_string(),
         })?;
     Ok(bytes)

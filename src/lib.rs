@@ -89,6 +89,11 @@ pub mod scores;
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
+/// `serde_json`, whose `Value` [`batch::FolderSink`] takes (its settings
+/// and report), re-exported so that a batch script needs no dependency of
+/// its own to build one.
+pub use serde_json;
+
 pub use device::{device_name, DeviceSpec};
 pub use error::{message_line, Error, Result};
 pub use model::{CamForm, Gradients, Model, Precision};

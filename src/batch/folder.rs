@@ -1346,7 +1346,12 @@ impl FolderSink {
     /// Ends the run: flushes this worker's journal, merges `scores.csv`,
     /// and writes this worker's report and `report.json` (the fields of
     /// `report`, plus `workers`: the reports of every worker that wrote
-    /// into the folder, and `rows_in_scores_csv`). Returns the merged rows,
+    /// into the folder, and `rows_in_scores_csv`). `report` holds this
+    /// run's figures, as the command line writes them: `processed`,
+    /// `skipped`, and `failed` as `[{"path": REL, "error": ...}]`, from
+    /// which `workers` counts the failures and `failed_in_folder` lists
+    /// the folder's (the [module example](super) builds it from a
+    /// [`super::Summary`]). Returns the merged rows,
     /// and whether this worker was the last one active in the folder (the
     /// one whose view of the folder is final, to write summaries such as a
     /// gallery).

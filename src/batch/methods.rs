@@ -21,7 +21,18 @@ pub(crate) struct ScoreSet {
 
 impl ScoreSet {
     /// From specifications; none means `predicted` for a one-output model.
+    /// A list of classes (one per sample of a batch) is refused: a batch
+    /// job applies a score to every image.
     pub(crate) fn from_specs(specs: &[ScoreSpec]) -> Result<Self> {
+        if let Some(spec) = specs
+            .iter()
+            .find(|s| matches!(s, ScoreSpec::Categorical(v) if v.len() != 1))
+        {
+            return Err(Error::ScoreSpec {
+                spec: spec.to_string(),
+                reason: "a batch job applies one class to every image (categorical:I); a list of classes, one per sample, fits a batch of your own (Model::gradients), not a folder's images".into(),
+            });
+        }
         let specs = if specs.is_empty() {
             vec![ScoreSpec::Predicted]
         } else {

@@ -31,6 +31,7 @@
 //! use tch_vis::batch::{Engine, FolderSink, SaliencyMethod};
 //! use tch_vis::preprocess::Sidecar;
 //! use tch_vis::scores::ScoreSpec;
+//! use tch_vis::serde_json::json;
 //! use tch_vis::{io, Model};
 //! # fn main() -> tch_vis::Result<()> {
 //! let model = Model::load("models/digits_cnn.pt", Device::Cpu)?;
@@ -40,13 +41,25 @@
 //! let layout = engine.prepare()?; // every check before the first image
 //! let sink = FolderSink::open("out/maps", &layout, &method, &sidecar, false)?
 //!     // What the maps depend on: a rerun with other values is refused.
-//!     .settings(serde_json::json!({"model": "digits_cnn", "score": "predicted"}), None)?;
+//!     .settings(json!({"model": "digits_cnn", "score": "predicted"}), None)?;
 //! let inputs = io::walk("examples/images".as_ref(), &[])?;
+//! let inputs_found = inputs.len();
 //! let todo: Vec<_> = inputs.into_iter().filter(|e| !sink.is_done(&e.rel)).collect();
 //! sink.begin()?; // after every check, before the first image
 //! let summary = engine.run(&todo, &sink)?;
-//! // scores.csv and report.json (rows stay in a journal until then).
-//! sink.finish(serde_json::json!({"processed": summary.processed}))?;
+//! // scores.csv and report.json (rows stay in a journal until then), with
+//! // this run's figures as the command line reports them.
+//! let failed: Vec<_> = summary
+//!     .failed
+//!     .iter()
+//!     .map(|(path, error)| json!({"path": path, "error": error}))
+//!     .collect();
+//! sink.finish(json!({
+//!     "processed": summary.processed,
+//!     "skipped": inputs_found - todo.len(),
+//!     "failed": failed,
+//!     "seconds": summary.seconds,
+//! }))?;
 //! if let Some(e) = summary.fatal {
 //!     return Err(e);
 //! }

@@ -187,6 +187,17 @@ fn score_errors_carry_the_output_index() {
     let (model, _dir) = traced(&[x3()], |xs| vec![&xs[0] * 1.0], Device::Cpu);
     let s = CategoricalScore::new(7).unwrap();
     let e = model.gradients(&[x3()], &[&s as &dyn Score]).unwrap_err();
+    // The typed cause, under the wrapper that says which score.
+    assert!(
+        matches!(
+            e.root(),
+            Error::IndexOutOfRange {
+                index: 7,
+                num_classes: 3
+            }
+        ),
+        "{e}"
+    );
     match e {
         Error::Score {
             index: 0, source, ..
@@ -220,6 +231,12 @@ fn load_errors_are_typed_not_panics() {
     let e = Model::load(&junk, Device::Cpu).unwrap_err();
     assert!(matches!(e, Error::ModelLoad { .. }), "{e}");
     assert!(!e.to_string().contains("frame #"), "no C++ frames: {e}");
+    // libtorch's reason, without its advice about checkpoints and miniz.
+    assert!(
+        e.to_string()
+            .ends_with("failed reading zip archive: failed finding central directory"),
+        "{e}"
+    );
     assert!(matches!(
         Model::load(dir.path(), Device::Cpu),
         Err(Error::Io { .. })

@@ -797,6 +797,33 @@ fn engine_batches_hold_each_images_input_bit_for_bit() {
     }
 }
 
+/// A list of classes (one per sample) is refused by every batch method
+/// when it is made, saying why, not by the engine's one-row probe.
+#[test]
+fn batch_methods_refuse_a_list_of_classes() {
+    use tch_vis::batch::{CamMapMethod, IgMethod, ScoresMethod};
+    use tch_vis::cam::CamMethod;
+    let list = [ScoreSpec::Categorical(vec![1, 2])];
+    let errors = [
+        SaliencyMethod::new(&list).map(|_| ()).unwrap_err(),
+        ScoresMethod::new(&list).map(|_| ()).unwrap_err(),
+        CamMapMethod::new(CamMethod::GradCam, &list)
+            .map(|_| ())
+            .unwrap_err(),
+        IgMethod::new(&list).map(|_| ()).unwrap_err(),
+    ];
+    for e in errors {
+        match &e {
+            tch_vis::Error::ScoreSpec { spec, reason } => {
+                assert_eq!(spec, "categorical:1,2");
+                assert!(reason.contains("one class to every image"), "{e}");
+            }
+            other => panic!("{other}"),
+        }
+    }
+    assert!(SaliencyMethod::new(&[ScoreSpec::Categorical(vec![2])]).is_ok());
+}
+
 /// An output folder's record of what its results were made with, across
 /// workers of different commands: the last worker to finish writes the
 /// union into report.json (a worker of another command that began and

@@ -1,15 +1,24 @@
-//! A batch job in a crate of its own: loads a bundled model and prints the
-//! gradient of class 3 for a random input, on CUDA when there is one.
+//! A batch job in a crate of its own: loads a model (the path given as the
+//! first argument; by default tch-vis's bundled `digits_cnn`, found from
+//! this folder's place in the tch-vis tree) and prints the gradient of
+//! class 3 for a random input of its sidecar's size, on CUDA when there is
+//! one.
 
 use tch::{Kind, Tensor};
+use tch_vis::preprocess::Sidecar;
 use tch_vis::scores::{CategoricalScore, Score};
 use tch_vis::{DeviceSpec, Model};
 
 fn main() -> Result<(), tch_vis::Error> {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/digits_cnn.pt");
+    let path = std::env::args().nth(1).unwrap_or_else(|| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/digits_cnn.pt").to_string()
+    });
     let device = DeviceSpec::Auto.resolve()?;
-    let model = Model::load(root, device)?;
-    let x = Tensor::f_randn([2, 1, 32, 32], (Kind::Float, tch::Device::Cpu))?;
+    let model = Model::load(&path, device)?;
+    let sidecar = Sidecar::for_model(&path)?;
+    let [h, w] = sidecar.size_i64();
+    let c = sidecar.channels as i64;
+    let x = Tensor::f_randn([2, c, h, w], (Kind::Float, tch::Device::Cpu))?;
     let score = CategoricalScore::new(3)?;
     let g = model.gradients(&[x], &[&score as &dyn Score])?;
     println!(
