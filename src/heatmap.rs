@@ -861,6 +861,58 @@ pub fn overlay_png(
     overlay_png_as(image, channels, width, height, map, PngCompression::Fast)
 }
 
+/// [`overlay_png`] from tensors as the library gives them: `image` a
+/// `(C, H, W)` picture in `[0, 1]` (C = 1 or 3; an image result's
+/// [`crate::preprocess::InputImage::to_planes`]), `map` an `(H, W)` (or
+/// `(1, H, W)`) map in `[0, 1]` (a saliency map, a CAM), of any float kind,
+/// on any device.
+///
+/// ```no_run
+/// use tch::Device;
+/// use tch_vis::preprocess::{Preprocessor, Sidecar};
+/// use tch_vis::saliency::Saliency;
+/// use tch_vis::scores::{PredictedScore, Score};
+/// use tch_vis::{heatmap, Model};
+/// # fn main() -> tch_vis::Result<()> {
+/// let model = Model::load("models/digits_rgb.pt", Device::Cpu)?;
+/// let pre = Preprocessor::new(Sidecar::for_model("models/digits_rgb.pt")?);
+/// let x = pre.load("examples/images/rgb/1/heldout_0093.png")?;
+/// let predicted = PredictedScore::new();
+/// let maps = Saliency::new(&model).compute(&[x.input.unsqueeze(0)], &[&predicted as &dyn Score])?;
+/// let png = heatmap::overlay_tensor_png(&x.image.to_planes()?, &maps.maps[0].get(0))?;
+/// std::fs::write("heldout_0093.saliency.png", png).unwrap();
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+/// [`Error::Shape`] when `image` is not `(C, H, W)` or `map` does not
+/// match its `H × W`; [`Error::Torch`] if a tensor cannot be read;
+/// [`Error::Encode`] as [`overlay_png`].
+pub fn overlay_tensor_png(image: &tch::Tensor, map: &tch::Tensor) -> Result<Vec<u8>> {
+    let size = image.size();
+    let &[c, h, w] = size.as_slice() else {
+        return Err(Error::shape("overlay image", "(C, H, W)", &size));
+    };
+    let msize = map.size();
+    if !(msize == [h, w] || msize == [1, h, w]) {
+        return Err(Error::shape(
+            "overlay map",
+            format!("({h}, {w}) to match the image"),
+            &msize,
+        ));
+    }
+    let values = |t: &tch::Tensor| -> Result<Vec<f32>> {
+        let t = t
+            .f_to_device(tch::Device::Cpu)?
+            .f_to_kind(tch::Kind::Float)?
+            .f_contiguous()?
+            .f_view([-1])?;
+        Ok(Vec::<f32>::try_from(&t)?)
+    };
+    let (c, h, w) = (c as usize, h as usize, w as usize);
+    overlay_png(&values(image)?, c, w, h, &values(map)?)
+}
+
 /// [`overlay_png`] compressed as `compression` says.
 pub(crate) fn overlay_png_as(
     image: &[f32],
@@ -1152,6 +1204,31 @@ pub(crate) fn overlay_original_region_png_as(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The tensor form makes the slices' PNG, from `(C, H, W)` and `(H, W)`
+    /// or `(1, H, W)` in other kinds, and names a shape that does not fit.
+    #[test]
+    fn overlays_from_tensors_equal_overlays_from_slices() {
+        use tch::{Kind, Tensor};
+        let (c, h, w) = (3usize, 5usize, 7usize);
+        let image: Vec<f32> = (0..c * h * w).map(|i| (i % 17) as f32 / 16.0).collect();
+        let map: Vec<f32> = (0..h * w).map(|i| (i % 11) as f32 / 10.0).collect();
+        let want = overlay_png(&image, c, w, h, &map).unwrap();
+        let t_image = Tensor::from_slice(&image).view([c as i64, h as i64, w as i64]);
+        let t_map = Tensor::from_slice(&map).view([h as i64, w as i64]);
+        assert_eq!(overlay_tensor_png(&t_image, &t_map).unwrap(), want);
+        assert_eq!(
+            overlay_tensor_png(&t_image.to_kind(Kind::Double), &t_map.unsqueeze(0)).unwrap(),
+            want
+        );
+        for (image, map) in [
+            (t_image.view([-1]), t_map.shallow_clone()),
+            (t_image.shallow_clone(), t_map.transpose(0, 1)),
+        ] {
+            let e = overlay_tensor_png(&image, &map).unwrap_err();
+            assert!(matches!(e, Error::Shape { .. }), "{e}");
+        }
+    }
 
     /// The dispatched RGB blend (AVX2 where the CPU has it) writes the bytes
     /// of the baseline loop and of the per-pixel formula, values outside

@@ -552,7 +552,8 @@ fn crop_bytes(t: &Tensor) -> Result<(&[u8], [usize; 3])> {
 /// One image, ready for the model.
 #[derive(Debug)]
 pub struct Prepared {
-    /// The model input `(C, H, W)`, float32, normalised.
+    /// The model input `(C, H, W)`, float32, normalised: one image, so
+    /// `input.unsqueeze(0)` is the `(1, C, H, W)` batch a model takes.
     pub input: Tensor,
     /// The resized (and cropped) image before normalisation (for overlays
     /// at the model's input size): the crop's bytes for the torchvision
