@@ -150,7 +150,9 @@ impl CategoricalScore {
                 what: "class indices",
             });
         }
-        let name = format!("categorical{indices:?}");
+        // As a specification spells it (`categorical:1,2`).
+        let list: Vec<String> = indices.iter().map(ToString::to_string).collect();
+        let name = format!("categorical:{}", list.join(","));
         Ok(CategoricalScore {
             indices,
             softmax: false,

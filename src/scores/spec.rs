@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 /// spec.check(&[1, 10])?;          // fits an (N, 10) output
 /// assert!(spec.check(&[1, 2]).is_err()); // class 3 of 2 classes
 /// let score = spec.to_score()?;   // Box<dyn Score + Send + Sync>
-/// assert_eq!(score.name(), "categorical[3]");
+/// assert_eq!(score.name(), "categorical:3");
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone, PartialEq)]
