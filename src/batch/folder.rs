@@ -93,6 +93,8 @@ pub struct FolderSink {
     inputs_written: Mutex<Vec<Recorded>>,
     /// Heatmaps written with no value of 0.5 or more (see `faint_maps`).
     faint: std::sync::atomic::AtomicUsize,
+    /// Whether [`FolderSink::begin`] succeeded: no image is taken before.
+    begun: std::sync::atomic::AtomicBool,
     png: PngCompression,
     /// The part of the input this worker covers, when not all of it.
     shard: Option<crate::io::Shard>,
@@ -486,6 +488,7 @@ impl FolderSink {
             settings_written: Mutex::new(None),
             inputs_written: Mutex::new(Vec::new()),
             faint: Default::default(),
+            begun: Default::default(),
             png: PngCompression::Fast,
             shard: None,
             input: String::new(),
@@ -512,7 +515,8 @@ impl FolderSink {
     /// Marks this worker active in the folder (so that no other worker
     /// compacts the journals while it runs), after removing what dead
     /// processes of this host left: temporary files and their markers.
-    /// Call it after every check passed, before the first image. Where it
+    /// Call it after every check passed, before the first image (the sink
+    /// refuses results before it: [`Error::InvalidValue`]). Where it
     /// fails, nothing it wrote stays.
     ///
     /// # Errors
@@ -521,7 +525,23 @@ impl FolderSink {
     /// ([`FolderSink::settings`]); [`Error::Io`] when the folder cannot be
     /// written.
     pub fn begin(&self) -> Result<()> {
-        self.begin_writing().inspect_err(|_| self.back_out())
+        self.begin_writing().inspect_err(|_| self.back_out())?;
+        self.begun.store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Refuses an image before [`FolderSink::begin`]: without its marker
+    /// and journal header, other workers could fold this one's rows away
+    /// or miss its settings.
+    fn check_begun(&self) -> Result<()> {
+        if self.begun.load(std::sync::atomic::Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(Error::InvalidValue {
+                what: "use of FolderSink",
+                value: "a result before FolderSink::begin (call it after every check, before the engine runs)".into(),
+            })
+        }
     }
 
     fn begin_writing(&self) -> Result<()> {
@@ -1643,6 +1663,7 @@ fn csv_io(path: &Path, e: csv::Error) -> Error {
 
 impl Sink for FolderSink {
     fn image(&self, r: ImageResult) -> Result<()> {
+        self.check_begun()?;
         self.write_files(&r)
             .map_err(|e| e.context(format!("cannot write the outputs of {}", r.rel)))?;
         let mut record = Vec::with_capacity(self.header.len() + 2);
@@ -1669,6 +1690,7 @@ impl Sink for FolderSink {
     }
 
     fn failed(&self, rel: &str, error: &str) -> Result<()> {
+        self.check_begun()?;
         let mut record = vec![rel.to_string()];
         record.extend(std::iter::repeat_n(String::new(), self.header.len() - 1));
         // A reason is never empty: an empty one would read as a done row.

@@ -1028,6 +1028,37 @@ fn a_sink_without_settings_keeps_the_folders_record() {
     open(false).settings(other, Some("saliency")).unwrap();
 }
 
+/// A folder sink takes no result before `begin` (which marks the worker
+/// active, so that no other worker folds its journal away): the run stops
+/// at its first batch with `Error::InvalidValue` naming the call, and no
+/// map is written.
+#[test]
+fn a_folder_sink_refuses_results_before_begin() {
+    use tch_vis::batch::FolderSink;
+    let model = digits();
+    let sidecar = digits_sidecar();
+    let inputs = gray_inputs();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let saliency = SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap();
+    let engine = Engine::new(&model, sidecar.clone(), &saliency).batch_size(2);
+    let layout = engine.prepare().unwrap();
+    let sink = FolderSink::open(&out, &layout, &saliency, &sidecar, false).unwrap();
+    let summary = engine.run(&inputs[..3], &sink).unwrap();
+    assert_eq!(summary.processed, 0);
+    match summary.fatal {
+        Some(tch_vis::Error::InvalidValue { what, value }) => {
+            assert_eq!(what, "use of FolderSink");
+            assert!(value.contains("before FolderSink::begin"), "{value}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let maps = tch_vis::io::walk(&out, &[]).map_or(0, |files| {
+        files.iter().filter(|e| e.rel.ends_with(".npy")).count()
+    });
+    assert_eq!(maps, 0);
+}
+
 /// The journal of an unfinished run with other columns (saliency's rows,
 /// then Integrated Gradients, which adds `ig_delta`) is refused at open
 /// and kept: a later run used to compact it away with its rows. An
