@@ -878,8 +878,8 @@ pub fn overlay_png(
 /// let pre = Preprocessor::new(Sidecar::for_model("models/digits_rgb.pt")?);
 /// let x = pre.load("examples/images/rgb/1/heldout_0093.png")?;
 /// let predicted = PredictedScore::new();
-/// let maps = Saliency::new(&model).compute(&[x.input.unsqueeze(0)], &[&predicted as &dyn Score])?;
-/// let png = heatmap::overlay_tensor_png(&x.image.to_planes()?, &maps.maps[0].get(0))?;
+/// let maps = Saliency::new(&model).compute(&[x.input.f_unsqueeze(0)?], &[&predicted as &dyn Score])?;
+/// let png = heatmap::overlay_tensor_png(&x.image.to_planes()?, &maps.maps[0].f_get(0)?)?;
 /// std::fs::write("heldout_0093.saliency.png", png).unwrap();
 /// # Ok(()) }
 /// ```
