@@ -1340,7 +1340,7 @@ impl Preprocessor {
             let n = w * h * if gray { 1 } else { 3 };
             // A progressive JPEG keeps every DCT coefficient until its last
             // scan: 64 of 2 bytes per block of each component.
-            let coefficients: u64 = if progressive(bytes) {
+            let coefficients: u64 = if frame(bytes).is_some_and(|f| f.progressive) {
                 jpeg.components()
                     .iter()
                     .map(|c| u64::from(c.width_in_blocks) * u64::from(c.height_in_blocks) * 128)
@@ -1496,12 +1496,6 @@ fn frame(bytes: &[u8]) -> Option<Frame> {
         }
     }
     None
-}
-
-/// Whether a JPEG's frame is progressive ([`frame`]; `false` where the walk
-/// fails).
-fn progressive(bytes: &[u8]) -> bool {
-    frame(bytes).is_some_and(|f| f.progressive)
 }
 
 /// The bytes of a file as libjpeg reads them, noting whether it asked for
