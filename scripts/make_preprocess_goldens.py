@@ -36,11 +36,17 @@ What it generates, under tests/golden/transforms/:
   draft_<name>_<k>.pil.npy  uint8: PIL's decode of images/<name>.jpg with
                        draft("RGB", (W // k, H // k)), at scale 1/k (the
                        YCCK JPEG's too)
+  images/*.tif         TIFF layouts (from a fourth seed) that need more than
+                       the image crate: palette (PIL's 8-bit, plain and LZW;
+                       1, 2 and 4-bit indices in both byte orders, written by
+                       palette_tiff), grey with alpha, CMYK with black ink
+  tiff_<stem>.pil.npy  uint8 (H, W, 3): PIL's convert("RGB") of each TIFF
   manifest.json        {"torch", "torchvision", "pillow", "cpu_capability",
                         "max_steps": 1.0, "mean_steps": 0.05,
                         "cases": [{"name", "image", "sidecar", "expected"}],
                         "jpegs": [{"name", "image", "torchvision", "pil"}],
-                        "drafts": [{"image", "scale", "pil"}]}
+                        "drafts": [{"image", "scale", "pil"}],
+                        "tiff_layouts": [{"image", "mode", "pil"}]}
 "sidecar" is the tch-vis sidecar of the case (input_size, channels, mean,
 std, resize, interpolation, antialias, crop), "image" and the .npy names are
 relative to tests/golden/transforms/. Everything is seeded: a rerun with the
@@ -144,6 +150,87 @@ DRAFT_JPEGS = [
     ("q90_420_203x261", 203, 261, {"quality": 90, "subsampling": 2}),
     ("q90_444_117x171", 117, 171, {"quality": 90, "subsampling": 0}),
 ]
+# TIFF layouts the `image` crate refuses or converts unlike PIL, from a
+# fourth seed: (stem, h, w, how). "pil:MODE[:compression]" is PIL's own
+# writer; "palette:BITS:ORDER" a palette TIFF written by `palette_tiff`
+# (PIL writes only 8-bit indices), II or MM byte order.
+TIFF_LAYOUTS = [
+    ("p8_45x61", 45, 61, "pil:P"),
+    ("p8_lzw_45x61", 45, 61, "pil:P:tiff_lzw"),
+    ("p4_mm_37x53", 37, 53, "palette:4:MM"),
+    ("p2_ii_29x31", 29, 31, "palette:2:II"),
+    ("p1_mm_23x19", 23, 19, "palette:1:MM"),
+    ("la_41x57", 41, 57, "pil:LA"),
+    ("la_deflate_41x57", 41, 57, "pil:LA:tiff_adobe_deflate"),
+    ("cmyk_43x59", 43, 59, "pil:CMYK"),
+    ("cmyk_lzw_43x59", 43, 59, "pil:CMYK:tiff_lzw"),
+]
+
+
+def palette_tiff(path, indices, bits, order, colormap):
+    """An uncompressed one-strip palette TIFF: `indices` (h, w) packed
+    `bits` to a byte, first pixel in the high bits, rows byte-aligned;
+    `colormap` (3, 2**bits) uint16 in TIFF's order (all red, then green,
+    then blue)."""
+    h, w = indices.shape
+    per = 8 // bits
+    row = -(-w // per)
+    data = bytearray(row * h)
+    for y in range(h):
+        for x in range(w):
+            data[y * row + x // per] |= int(indices[y, x]) << (8 - bits * (x % per + 1))
+    e = "<" if order == "II" else ">"
+    entries = []  # (tag, type, count, value bytes or offset-held bytes)
+    cmap = np.asarray(colormap, dtype=e + "u2").tobytes()
+    # Laid out as: header, strip, colour map, directory.
+    strip_at = 8
+    cmap_at = strip_at + len(data)
+    ifd_at = cmap_at + len(cmap)
+    entries = [
+        (256, 3, 1, w), (257, 3, 1, h), (258, 3, 1, bits), (259, 3, 1, 1),
+        (262, 3, 1, 3), (273, 4, 1, strip_at), (277, 3, 1, 1), (278, 3, 1, h),
+        (279, 4, 1, len(data)), (320, 3, len(cmap) // 2, cmap_at),
+    ]
+    out = bytearray(order.encode() + np.array([42], e + "u2").tobytes()
+                    + np.array([ifd_at], e + "u4").tobytes())
+    out += data + cmap
+    out += np.array([len(entries)], e + "u2").tobytes()
+    for tag, typ, count, value in entries:
+        out += np.array([tag, typ], e + "u2").tobytes() + np.array([count], e + "u4").tobytes()
+        if typ == 3 and count == 1:
+            out += np.array([value, 0], e + "u2").tobytes()
+        else:
+            out += np.array([value], e + "u4").tobytes()
+    out += np.array([0], e + "u4").tobytes()
+    with open(path, "wb") as f:
+        f.write(bytes(out))
+
+
+def tiff_layout(rng, path, h, w, how):
+    kind, *rest = how.split(":")
+    if kind == "palette":
+        bits, order = int(rest[0]), rest[1]
+        n = 1 << bits
+        colormap = rng.integers(0, 65536, (3, n))
+        # Indices from a picture's luma, so neighbours share colours.
+        luma = np.asarray(picture(rng, h, w).convert("L")).astype(np.int64)
+        palette_tiff(path, luma * n // 256, bits, order, colormap)
+        return
+    mode = rest[0]
+    options = {"compression": rest[1]} if len(rest) > 1 else {}
+    img = picture(rng, h, w)
+    if mode == "P":
+        img = img.quantize(64)
+    elif mode == "LA":
+        img = img.convert("L")
+        img.putalpha(Image.fromarray(rng.integers(0, 256, (h, w)).astype(np.uint8), "L"))
+    elif mode == "CMYK":
+        # Ink from the picture, black from another's luma.
+        k = np.asarray(picture(rng, h, w).convert("L"))
+        img = Image.fromarray(np.dstack([255 - np.asarray(img), k]).astype(np.uint8), "CMYK")
+    img.save(path, **options)
+
+
 JPEG_RECIPES = [
     ("photo_120x160", {"resize": 28, "crop": [24, 26]}),
     ("q85_420_prog_97x133", {"resize": [24, 26]}),
@@ -235,6 +322,21 @@ def main():
             np.save(os.path.join(OUT, name), np.ascontiguousarray(arr))
             drafts.append({"image": rel, "scale": k, "pil": name})
 
+    # Other TIFF layouts, PIL's RGB conversion of each.
+    layouts = []
+    rng_tiff = np.random.default_rng(3)
+    for stem, h, w, how in TIFF_LAYOUTS:
+        rel = f"images/{stem}.tif"
+        path = os.path.join(OUT, rel)
+        tiff_layout(rng_tiff, path, h, w, how)
+        im = Image.open(path)
+        assert im.mode == {"pil": how.split(":")[1:2], "palette": ["P"]}[how.split(":")[0]][0], im.mode
+        pil = np.asarray(im.convert("RGB"))
+        assert pil.shape == (h, w, 3), pil.shape
+        name = f"tiff_{stem}.pil.npy"
+        np.save(os.path.join(OUT, name), np.ascontiguousarray(pil))
+        layouts.append({"image": rel, "mode": im.mode, "pil": name})
+
     plan = []
     for stem, _, _, _ in IMAGES:
         for suffix, keys, size in RECIPES:
@@ -270,6 +372,7 @@ def main():
         "cases": cases,
         "jpegs": jpegs,
         "drafts": drafts,
+        "tiff_layouts": layouts,
     }
     with open(os.path.join(OUT, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)

@@ -83,6 +83,7 @@ mod model;
 pub mod preprocess;
 pub mod saliency;
 pub mod scores;
+mod tiff_layouts;
 
 /// The README's examples, compiled as doctests.
 #[doc = include_str!("../README.md")]

@@ -1257,8 +1257,17 @@ impl Preprocessor {
         let mut reader = ImageReader::new(Cursor::new(bytes))
             .with_guessed_format()
             .map_err(|e| err(e.to_string()))?;
-        if reader.format().is_none() {
-            return Err(err("not a recognised image format".into()));
+        match reader.format() {
+            None => return Err(err("not a recognised image format".into())),
+            Some(image::ImageFormat::Tiff) => {
+                if let Some(img) =
+                    crate::tiff_layouts::decode(bytes, self.max_dimension, self.max_alloc)
+                        .map_err(err)?
+                {
+                    return Ok(img);
+                }
+            }
+            Some(_) => {}
         }
         let mut limits = Limits::default();
         limits.max_image_width = Some(self.max_dimension);
@@ -1533,7 +1542,7 @@ impl std::io::BufRead for WatchedBytes<'_> {
 /// rounding (`t = ink × k + 128`, `((t >> 8) + t) >> 8`). torchvision's
 /// `decode_jpeg` gives the same bytes (the CMYK and YCCK goldens hold
 /// both).
-fn cmyk_to_rgb(cmyk: &[u8], rgb: &mut [u8]) {
+pub(crate) fn cmyk_to_rgb(cmyk: &[u8], rgb: &mut [u8]) {
     for (out, px) in rgb.chunks_exact_mut(3).zip(cmyk.chunks_exact(4)) {
         let k = u32::from(px[3]);
         for (o, &v) in out.iter_mut().zip(&px[..3]) {

@@ -22,6 +22,14 @@ struct Manifest {
     cases: Vec<Case>,
     jpegs: Vec<Jpeg>,
     drafts: Vec<Draft>,
+    tiff_layouts: Vec<Layout>,
+}
+
+#[derive(Deserialize)]
+struct Layout {
+    image: String,
+    mode: String,
+    pil: String,
 }
 
 #[derive(Deserialize)]
@@ -180,6 +188,43 @@ fn jpeg_decoder_distance() {
                 );
             }
         }
+    }
+}
+
+/// TIFF layouts the `image` crate refuses (palette of 1, 2, 4 and 8-bit
+/// indices in both byte orders, grey with alpha) or converts otherwise
+/// (CMYK with black ink, where its float conversion was a step off) decode
+/// to PIL's `convert("RGB")` bit for bit.
+#[test]
+fn tiff_layouts_decode_as_pil() {
+    let m = manifest();
+    let dir = repo("tests/golden/transforms");
+    let modes: Vec<&str> = m.tiff_layouts.iter().map(|l| l.mode.as_str()).collect();
+    for mode in ["P", "LA", "CMYK"] {
+        assert!(modes.contains(&mode), "no {mode} TIFF among the goldens");
+    }
+    let pre = Preprocessor::new(rgb_sidecar(8, 8));
+    for l in &m.tiff_layouts {
+        let bytes = std::fs::read(dir.join(&l.image)).unwrap();
+        let got = pre.decode(&bytes, &l.image).unwrap().into_rgb8();
+        let want = npy(dir.join(&l.pil));
+        let (h, w) = (want.size()[0], want.size()[1]);
+        assert_eq!(
+            (i64::from(got.height()), i64::from(got.width())),
+            (h, w),
+            "{}",
+            l.image
+        );
+        let got = Tensor::from_slice(got.as_raw()).view([h, w, 3]);
+        let d = (got.to_kind(Kind::Int) - want.to_kind(Kind::Int)).abs();
+        assert_eq!(
+            d.max().int64_value(&[]),
+            0,
+            "{} ({}): {} values differ from PIL",
+            l.image,
+            l.mode,
+            d.gt(0).sum(Kind::Int64).int64_value(&[])
+        );
     }
 }
 

@@ -1,0 +1,232 @@
+//! TIFF layouts the `image` crate refuses or converts differently from
+//! PIL, decoded through the `tiff` crate as PIL decodes them:
+//!
+//! - palette images (1, 2, 4 or 8 bits per index): each index through the
+//!   file's colour map, whose 16-bit entries PIL keeps the high byte of;
+//! - grey with alpha (8 or 16 bits): the grey kept, the alpha dropped by
+//!   the conversion to RGB as for PNG's grey with alpha;
+//! - 8-bit CMYK: PIL's conversion to RGB (`cmyk2rgb`, as for CMYK JPEGs).
+//!
+//! Every other TIFF goes to the `image` crate as before.
+
+use std::io::Cursor;
+
+use image::{DynamicImage, GrayAlphaImage, ImageBuffer, LumaA, RgbImage};
+use tiff::decoder::{Decoder, DecodingResult, Limits};
+use tiff::tags::{PhotometricInterpretation, PlanarConfiguration, Tag};
+use tiff::ColorType;
+
+/// The first image of a TIFF whose layout this module decodes, or `None`
+/// for the `image` crate to decode (or refuse) it. Images over
+/// `max_dimension` a side, or whose buffers pass `max_alloc` bytes, are
+/// errors.
+pub(crate) fn decode(
+    bytes: &[u8],
+    max_dimension: u32,
+    max_alloc: u64,
+) -> Result<Option<DynamicImage>, String> {
+    let limits = || {
+        let mut l = Limits::default();
+        let cap = usize::try_from(max_alloc).unwrap_or(usize::MAX);
+        l.decoding_buffer_size = cap;
+        l.intermediate_buffer_size = l.intermediate_buffer_size.min(cap);
+        l
+    };
+    // Not a TIFF the `tiff` crate opens: the `image` crate says why.
+    let Ok(mut decoder) = Decoder::new(Cursor::new(bytes)) else {
+        return Ok(None);
+    };
+    decoder = decoder.with_limits(limits());
+    let tag = |d: &mut Decoder<_>, t| d.find_tag_unsigned::<u32>(t).ok().flatten();
+    let photometric = tag(&mut decoder, Tag::PhotometricInterpretation);
+    let samples = tag(&mut decoder, Tag::SamplesPerPixel).unwrap_or(1);
+    let planar = tag(&mut decoder, Tag::PlanarConfiguration)
+        .is_some_and(|p| p == PlanarConfiguration::Planar.to_u16() as u32);
+    let kind = match (photometric, samples) {
+        (Some(p), 1) if p == PhotometricInterpretation::RGBPalette.to_u16() as u32 => Kind::Palette,
+        (Some(p), 2) if p == PhotometricInterpretation::BlackIsZero.to_u16() as u32 => {
+            Kind::GreyAlpha
+        }
+        (Some(p), 4) if p == PhotometricInterpretation::CMYK.to_u16() as u32 => Kind::Cmyk,
+        _ => return Ok(None),
+    };
+    if planar && samples > 1 {
+        return Ok(None);
+    }
+    let (w, h) = decoder.dimensions().map_err(tiff_error)?;
+    if w == 0 || h == 0 {
+        return Err("image has no pixels".into());
+    }
+    if w > max_dimension || h > max_dimension {
+        return Err(format!(
+            "{w}x{h} is over the limit of {max_dimension} pixels a side"
+        ));
+    }
+    let (w_us, h_us) = (w as usize, h as usize);
+    if (w as u64) * (h as u64) * 3 > max_alloc {
+        return Err(format!(
+            "a {w}x{h} RGB image needs more than the {max_alloc} byte limit"
+        ));
+    }
+    match kind {
+        Kind::Palette => {
+            let bits = bits_per_sample(&mut decoder);
+            if !matches!(bits, 1 | 2 | 4 | 8) {
+                return Err(format!("palette TIFF with {bits} bits per index"));
+            }
+            let map = decoder
+                .get_tag_u16_vec(Tag::ColorMap)
+                .map_err(|e| format!("palette TIFF without a usable colour map: {e}"))?;
+            let entries = 1usize << bits;
+            if map.len() != 3 * entries {
+                return Err(format!(
+                    "the colour map has {} values, {} expected for {bits}-bit indices",
+                    map.len(),
+                    3 * entries
+                ));
+            }
+            // The indices, read as grey of the same depth from a copy whose
+            // photometric interpretation says so.
+            let mut grey = bytes.to_vec();
+            set_photometric_grey(&mut grey).ok_or("cannot read the TIFF's first directory")?;
+            let mut d = Decoder::new(Cursor::new(&grey[..]))
+                .map_err(tiff_error)?
+                .with_limits(limits());
+            let DecodingResult::U8(packed) = d.read_image().map_err(tiff_error)? else {
+                return Err("palette indices are not bytes".into());
+            };
+            let row = (w_us * bits as usize).div_ceil(8);
+            if packed.len() < row * h_us {
+                return Err("palette TIFF with fewer indices than pixels".into());
+            }
+            let mut rgb = vec![0u8; w_us * h_us * 3];
+            let per_byte = 8 / bits as usize;
+            let mask = (1u16 << bits) - 1;
+            for (y, out) in rgb.chunks_exact_mut(w_us * 3).enumerate() {
+                let src = &packed[y * row..(y + 1) * row];
+                for (x, px) in out.chunks_exact_mut(3).enumerate() {
+                    let byte = u16::from(src[x / per_byte]);
+                    let shift = 8 - bits as usize * (x % per_byte + 1);
+                    let i = usize::from((byte >> shift) & mask);
+                    for (c, v) in px.iter_mut().enumerate() {
+                        *v = (map[c * entries + i] >> 8) as u8;
+                    }
+                }
+            }
+            Ok(Some(DynamicImage::ImageRgb8(
+                RgbImage::from_raw(w, h, rgb).ok_or("palette TIFF buffer")?,
+            )))
+        }
+        Kind::GreyAlpha => {
+            let n = w_us * h_us * 2;
+            match decoder.read_image().map_err(tiff_error)? {
+                DecodingResult::U8(v) if v.len() >= n && bits_per_sample(&mut decoder) == 8 => {
+                    let img = GrayAlphaImage::from_raw(w, h, v[..n].to_vec());
+                    Ok(Some(DynamicImage::ImageLumaA8(
+                        img.ok_or("grey and alpha TIFF buffer")?,
+                    )))
+                }
+                DecodingResult::U16(v) if v.len() >= n => {
+                    let img: Option<ImageBuffer<LumaA<u16>, Vec<u16>>> =
+                        ImageBuffer::from_raw(w, h, v[..n].to_vec());
+                    Ok(Some(DynamicImage::ImageLumaA16(
+                        img.ok_or("grey and alpha TIFF buffer")?,
+                    )))
+                }
+                _ => Ok(None),
+            }
+        }
+        Kind::Cmyk => {
+            if decoder.colortype().map_err(tiff_error)? != ColorType::CMYK(8) {
+                return Ok(None);
+            }
+            let n = w_us * h_us * 4;
+            let DecodingResult::U8(mut cmyk) = decoder.read_image().map_err(tiff_error)?
+            else {
+                return Ok(None);
+            };
+            if cmyk.len() < n {
+                return Err("CMYK TIFF with fewer samples than pixels".into());
+            }
+            // PIL's conversion takes inverted bytes as JPEG's Adobe CMYK
+            // holds them.
+            cmyk.truncate(n);
+            for v in &mut cmyk {
+                *v = 255 - *v;
+            }
+            let mut rgb = vec![0u8; w_us * h_us * 3];
+            crate::preprocess::cmyk_to_rgb(&cmyk, &mut rgb);
+            Ok(Some(DynamicImage::ImageRgb8(
+                RgbImage::from_raw(w, h, rgb).ok_or("CMYK TIFF buffer")?,
+            )))
+        }
+    }
+}
+
+enum Kind {
+    Palette,
+    GreyAlpha,
+    Cmyk,
+}
+
+/// The first sample's bits (the tag holds one value per sample; 1 when
+/// absent, as TIFF defaults it).
+fn bits_per_sample(d: &mut Decoder<Cursor<&[u8]>>) -> u32 {
+    d.find_tag_unsigned_vec::<u32>(Tag::BitsPerSample)
+        .ok()
+        .flatten()
+        .and_then(|v| v.first().copied())
+        .unwrap_or(1)
+}
+
+/// Rewrites the first directory's photometric interpretation to
+/// BlackIsZero (grey), in classic TIFF and BigTIFF; `None` where the
+/// directory or the entry cannot be read.
+fn set_photometric_grey(bytes: &mut [u8]) -> Option<()> {
+    let le = match bytes.get(..2)? {
+        b"II" => true,
+        b"MM" => false,
+        _ => return None,
+    };
+    let read = |b: &[u8], at: usize, n: usize| -> Option<u64> {
+        let s = b.get(at..at.checked_add(n)?)?;
+        Some(if le {
+            s.iter().rev().fold(0, |a, &v| (a << 8) | u64::from(v))
+        } else {
+            s.iter().fold(0, |a, &v| (a << 8) | u64::from(v))
+        })
+    };
+    let big = read(bytes, 2, 2)? == 43;
+    let (ifd, count_len, entry_len, value_at) = if big {
+        (read(bytes, 8, 8)?, 8, 20, 12)
+    } else {
+        (read(bytes, 4, 4)?, 2, 12, 8)
+    };
+    let ifd = usize::try_from(ifd).ok()?;
+    let count = usize::try_from(read(bytes, ifd, count_len)?).ok()?;
+    for i in 0..count {
+        let e = ifd + count_len + i * entry_len;
+        if read(bytes, e, 2)? != u64::from(Tag::PhotometricInterpretation.to_u16()) {
+            continue;
+        }
+        let width = match read(bytes, e + 2, 2)? {
+            3 => 2, // SHORT
+            4 => 4, // LONG
+            _ => return None,
+        };
+        let value = PhotometricInterpretation::BlackIsZero.to_u16() as u64;
+        let at = e + value_at;
+        let slot = bytes.get_mut(at..at + width)?;
+        for (k, b) in slot.iter_mut().enumerate() {
+            let shift = if le { 8 * k } else { 8 * (width - 1 - k) };
+            *b = (value >> shift) as u8;
+        }
+        return Some(());
+    }
+    None
+}
+
+/// A `tiff` crate error as a file's decode error.
+fn tiff_error(e: tiff::TiffError) -> String {
+    format!("TIFF: {e}")
+}
