@@ -40,13 +40,16 @@ What it generates, under tests/golden/transforms/:
                        the image crate: palette (PIL's 8-bit, plain and LZW;
                        1, 2 and 4-bit indices in both byte orders, written by
                        palette_tiff), grey with alpha, CMYK with black ink
-  tiff_<stem>.pil.npy  uint8 (H, W, 3): PIL's convert("RGB") of each TIFF
+  images/*.bmp         16-bit BMPs (written by bmp16: 5-6-5 and 5-5-5, with and
+                       without bit fields, 40 and 108-byte headers, top-down)
+  tiff_<stem>.pil.npy, bmp<stem>.pil.npy
+                       uint8 (H, W, 3): PIL's convert("RGB") of each
   manifest.json        {"torch", "torchvision", "pillow", "cpu_capability",
                         "max_steps": 1.0, "mean_steps": 0.05,
                         "cases": [{"name", "image", "sidecar", "expected"}],
                         "jpegs": [{"name", "image", "torchvision", "pil"}],
                         "drafts": [{"image", "scale", "pil"}],
-                        "tiff_layouts": [{"image", "mode", "pil"}]}
+                        "layouts": [{"image", "mode", "pil"}]}
 "sidecar" is the tch-vis sidecar of the case (input_size, channels, mean,
 std, resize, interpolation, antialias, crop), "image" and the .npy names are
 relative to tests/golden/transforms/. Everything is seeded: a rerun with the
@@ -165,6 +168,15 @@ TIFF_LAYOUTS = [
     ("cmyk_43x59", 43, 59, "pil:CMYK"),
     ("cmyk_lzw_43x59", 43, 59, "pil:CMYK:tiff_lzw"),
 ]
+# 16-bit BMPs (PIL writes none), written by `bmp16`, from the same seed
+# after the TIFFs: (stem, h, w, "565" or "555", header size, bit fields?,
+# top-down?).
+BMP16 = [
+    ("bmp565_40_33x47", 33, 47, "565", 40, True, False),
+    ("bmp555_rgb_31x29", 31, 29, "555", 40, False, False),
+    ("bmp555_40_td_27x35", 27, 35, "555", 40, True, True),
+    ("bmp565_v4_29x43", 29, 43, "565", 108, True, False),
+]
 
 
 def palette_tiff(path, indices, bits, order, colormap):
@@ -204,6 +216,36 @@ def palette_tiff(path, indices, bits, order, colormap):
     out += np.array([0], e + "u4").tobytes()
     with open(path, "wb") as f:
         f.write(bytes(out))
+
+
+def bmp16(path, rgb, layout, header, bitfields, top_down):
+    """A 16-bit BMP of `rgb` (h, w, 3) uint8, each channel cut to its top
+    5 (or green's 6) bits: `header` 40 (masks after it when `bitfields`)
+    or 108 (masks inside), rows padded to 4 bytes, bottom-up unless
+    `top_down`. Without `bitfields`, 5-5-5 as BI_RGB."""
+    h, w, _ = rgb.shape
+    r, g, b = (rgb[..., i].astype(np.uint32) for i in range(3))
+    if layout == "565":
+        masks, px = (0xF800, 0x7E0, 0x1F), (r >> 3) << 11 | (g >> 2) << 5 | (b >> 3)
+    else:
+        masks, px = (0x7C00, 0x3E0, 0x1F), (r >> 3) << 10 | (g >> 3) << 5 | (b >> 3)
+    assert bitfields or layout == "555"
+    row = (w * 2 + 3) // 4 * 4
+    rows = px if top_down else px[::-1]
+    data = b"".join(rows[y].astype("<u2").tobytes().ljust(row, b"\0") for y in range(h))
+    extra = 12 if bitfields and header == 40 else 0
+    offset = 14 + header + extra
+    info = np.array([header, w, -h if top_down else h], "<i4").tobytes()
+    info += np.array([1, 16], "<u2").tobytes()
+    info += np.array([3 if bitfields else 0, len(data), 2835, 2835, 0, 0], "<u4").tobytes()
+    if header == 108:
+        info += np.array(list(masks) + [0], "<u4").tobytes()
+        info = info.ljust(108, b"\0")
+    elif bitfields:
+        info += np.array(masks, "<u4").tobytes()
+    out = b"BM" + np.array([offset + len(data), 0, offset], "<u4").tobytes() + info + data
+    with open(path, "wb") as f:
+        f.write(out)
 
 
 def tiff_layout(rng, path, h, w, how):
@@ -322,7 +364,7 @@ def main():
             np.save(os.path.join(OUT, name), np.ascontiguousarray(arr))
             drafts.append({"image": rel, "scale": k, "pil": name})
 
-    # Other TIFF layouts, PIL's RGB conversion of each.
+    # Other TIFF layouts and 16-bit BMPs, PIL's RGB conversion of each.
     layouts = []
     rng_tiff = np.random.default_rng(3)
     for stem, h, w, how in TIFF_LAYOUTS:
@@ -336,6 +378,18 @@ def main():
         name = f"tiff_{stem}.pil.npy"
         np.save(os.path.join(OUT, name), np.ascontiguousarray(pil))
         layouts.append({"image": rel, "mode": im.mode, "pil": name})
+    for stem, h, w, layout, header, bitfields, top_down in BMP16:
+        rel = f"images/{stem}.bmp"
+        path = os.path.join(OUT, rel)
+        bmp16(path, np.asarray(picture(rng_tiff, h, w)), layout, header, bitfields, top_down)
+        im = Image.open(path)
+        assert im.mode == "RGB", im.mode
+        pil = np.asarray(im.convert("RGB"))
+        assert pil.shape == (h, w, 3), pil.shape
+        name = f"{stem}.pil.npy"
+        np.save(os.path.join(OUT, name), np.ascontiguousarray(pil))
+        layouts.append({"image": rel, "mode": "RGB;16" if layout == "565" else "RGB;15",
+                        "pil": name})
 
     plan = []
     for stem, _, _, _ in IMAGES:
@@ -372,7 +426,7 @@ def main():
         "cases": cases,
         "jpegs": jpegs,
         "drafts": drafts,
-        "tiff_layouts": layouts,
+        "layouts": layouts,
     }
     with open(os.path.join(OUT, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)

@@ -78,12 +78,12 @@ pub mod heatmap;
 pub mod integrated_gradients;
 pub mod io;
 mod ivalue;
+mod layouts;
 pub mod maximize;
 mod model;
 pub mod preprocess;
 pub mod saliency;
 pub mod scores;
-mod tiff_layouts;
 
 /// The README's examples, compiled as doctests.
 #[doc = include_str!("../README.md")]

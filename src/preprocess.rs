@@ -1257,12 +1257,12 @@ impl Preprocessor {
         let mut reader = ImageReader::new(Cursor::new(bytes))
             .with_guessed_format()
             .map_err(|e| err(e.to_string()))?;
-        match reader.format() {
+        let format = reader.format();
+        match format {
             None => return Err(err("not a recognised image format".into())),
             Some(image::ImageFormat::Tiff) => {
                 if let Some(img) =
-                    crate::tiff_layouts::decode(bytes, self.max_dimension, self.max_alloc)
-                        .map_err(err)?
+                    crate::layouts::tiff(bytes, self.max_dimension, self.max_alloc).map_err(err)?
                 {
                     return Ok(img);
                 }
@@ -1283,7 +1283,7 @@ impl Preprocessor {
             .reserve(decoder.total_bytes())
             .map_err(|e| err(e.to_string()))?;
         decoder.set_limits(limits).map_err(|e| err(e.to_string()))?;
-        let img = if decoder.color_type() == ColorType::Rgb8 {
+        let mut img = if decoder.color_type() == ColorType::Rgb8 {
             let (w, h) = decoder.dimensions();
             // Within the allocation limit (reserved above), so it fits.
             let n = decoder.total_bytes() as usize;
@@ -1299,6 +1299,9 @@ impl Preprocessor {
         };
         if img.width() == 0 || img.height() == 0 {
             return Err(err("image has no pixels".into()));
+        }
+        if format == Some(image::ImageFormat::Bmp) {
+            crate::layouts::bmp_16bit_as_pil(bytes, &mut img);
         }
         Ok(img)
     }

@@ -22,7 +22,7 @@ struct Manifest {
     cases: Vec<Case>,
     jpegs: Vec<Jpeg>,
     drafts: Vec<Draft>,
-    tiff_layouts: Vec<Layout>,
+    layouts: Vec<Layout>,
 }
 
 #[derive(Deserialize)]
@@ -193,18 +193,19 @@ fn jpeg_decoder_distance() {
 
 /// TIFF layouts the `image` crate refuses (palette of 1, 2, 4 and 8-bit
 /// indices in both byte orders, grey with alpha) or converts otherwise
-/// (CMYK with black ink, where its float conversion was a step off) decode
-/// to PIL's `convert("RGB")` bit for bit.
+/// (CMYK with black ink, where its float conversion was a step off), and
+/// 16-bit BMPs (5-6-5 and 5-5-5, which it rounds where PIL truncates),
+/// decode to PIL's `convert("RGB")` bit for bit.
 #[test]
-fn tiff_layouts_decode_as_pil() {
+fn image_layouts_decode_as_pil() {
     let m = manifest();
     let dir = repo("tests/golden/transforms");
-    let modes: Vec<&str> = m.tiff_layouts.iter().map(|l| l.mode.as_str()).collect();
-    for mode in ["P", "LA", "CMYK"] {
-        assert!(modes.contains(&mode), "no {mode} TIFF among the goldens");
+    let modes: Vec<&str> = m.layouts.iter().map(|l| l.mode.as_str()).collect();
+    for mode in ["P", "LA", "CMYK", "RGB;16", "RGB;15"] {
+        assert!(modes.contains(&mode), "no {mode} image among the goldens");
     }
     let pre = Preprocessor::new(rgb_sidecar(8, 8));
-    for l in &m.tiff_layouts {
+    for l in &m.layouts {
         let bytes = std::fs::read(dir.join(&l.image)).unwrap();
         let got = pre.decode(&bytes, &l.image).unwrap().into_rgb8();
         let want = npy(dir.join(&l.pil));

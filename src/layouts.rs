@@ -1,6 +1,7 @@
-//! TIFF layouts the `image` crate refuses or converts differently from
-//! PIL, decoded through the `tiff` crate as PIL decodes them:
+//! Image layouts the `image` crate refuses or decodes unlike PIL, read as
+//! PIL reads them.
 //!
+//! TIFF, through the `tiff` crate:
 //! - palette images (1, 2, 4 or 8 bits per index): each index through the
 //!   file's colour map, whose 16-bit entries PIL keeps the high byte of;
 //! - grey with alpha (8 or 16 bits): the grey kept, the alpha dropped by
@@ -8,6 +9,10 @@
 //! - 8-bit CMYK: PIL's conversion to RGB (`cmyk2rgb`, as for CMYK JPEGs).
 //!
 //! Every other TIFF goes to the `image` crate as before.
+//!
+//! BMP: 16-bit pixels (5-6-5 and 5-5-5, the layouts PIL reads) widened to
+//! 8 bits as PIL widens them, `v × 255 / max` truncated (the `image` crate
+//! rounds).
 
 use std::io::Cursor;
 
@@ -20,7 +25,7 @@ use tiff::ColorType;
 /// for the `image` crate to decode (or refuse) it. Images over
 /// `max_dimension` a side, or whose buffers pass `max_alloc` bytes, are
 /// errors.
-pub(crate) fn decode(
+pub(crate) fn tiff(
     bytes: &[u8],
     max_dimension: u32,
     max_alloc: u64,
@@ -141,8 +146,7 @@ pub(crate) fn decode(
                 return Ok(None);
             }
             let n = w_us * h_us * 4;
-            let DecodingResult::U8(mut cmyk) = decoder.read_image().map_err(tiff_error)?
-            else {
+            let DecodingResult::U8(mut cmyk) = decoder.read_image().map_err(tiff_error)? else {
                 return Ok(None);
             };
             if cmyk.len() < n {
@@ -229,4 +233,62 @@ fn set_photometric_grey(bytes: &mut [u8]) -> Option<()> {
 /// A `tiff` crate error as a file's decode error.
 fn tiff_error(e: tiff::TiffError) -> String {
     format!("TIFF: {e}")
+}
+
+/// Rewrites the channels of a 16-bit BMP's decoded pixels (8-bit RGB or
+/// RGBA from the `image` crate, `round(v × 255 / max)`) to PIL's
+/// `v × 255 / max` truncated, for the bit fields PIL reads: 5-6-5 and
+/// 5-5-5 (also the layout of 16-bit BMPs without bit fields). Other BMPs
+/// are left as they are.
+pub(crate) fn bmp_16bit_as_pil(bytes: &[u8], img: &mut DynamicImage) {
+    let u32_at = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+    };
+    let (Some(header), Some(bits), Some(compression)) = (
+        u32_at(14),
+        bytes.get(28..30).map(|b| u16::from_le_bytes([b[0], b[1]])),
+        u32_at(30),
+    ) else {
+        return;
+    };
+    if !bytes.starts_with(b"BM") || header < 40 || bits != 16 {
+        return;
+    }
+    const BI_RGB: u32 = 0;
+    const BI_BITFIELDS: u32 = 3;
+    // The masks follow a 40-byte header, and sit at the same place in the
+    // longer ones.
+    let masks = match compression {
+        BI_RGB => [0x7c00, 0x3e0, 0x1f],
+        BI_BITFIELDS => match (u32_at(54), u32_at(58), u32_at(62)) {
+            (Some(r), Some(g), Some(b)) => [r, g, b],
+            _ => return,
+        },
+        _ => return,
+    };
+    let lens: [u32; 3] = match masks {
+        [0xf800, 0x7e0, 0x1f] => [5, 6, 5],
+        [0x7c00, 0x3e0, 0x1f] => [5, 5, 5],
+        _ => return,
+    };
+    // From each rounded byte back to the field's value, then PIL's byte.
+    let table = |len: u32| {
+        let max = (1u32 << len) - 1;
+        let mut t: [u8; 256] = std::array::from_fn(|b| b as u8);
+        for v in 0..=max {
+            t[((v * 255 + max / 2) / max) as usize] = (v * 255 / max) as u8;
+        }
+        t
+    };
+    let tables = lens.map(table);
+    let (pixels, step) = match img {
+        DynamicImage::ImageRgb8(i) => (&mut **i, 3),
+        DynamicImage::ImageRgba8(i) => (&mut **i, 4),
+        _ => return,
+    };
+    for px in pixels.chunks_exact_mut(step) {
+        for (v, t) in px.iter_mut().zip(&tables) {
+            *v = t[usize::from(*v)];
+        }
+    }
 }
