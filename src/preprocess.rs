@@ -83,9 +83,10 @@
 //! `resize`/`crop`; 1.14 (max 86) without resize keys, whose resize
 //! without antialiasing aliases the full decode's fine texture.
 //!
-//! Decoding is memory-limited ([`Preprocessor::limits`]): an image whose
-//! dimensions or decode buffers exceed the limits is an [`Error::Image`], not
-//! an out-of-memory abort.
+//! Decoding is memory-limited ([`Preprocessor::limits`]): a file or image
+//! whose dimensions, file size, decode buffers, 8-bit RGB copy or float
+//! planes exceed the limits is an [`Error::Image`], not an out-of-memory
+//! abort.
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -641,8 +642,10 @@ impl Preprocessor {
     }
 
     /// Sets the decode limits: the largest width or height, and the most
-    /// bytes a decoder (or the resize of the torchvision pipeline) may
-    /// allocate.
+    /// bytes one buffer may take: the file read, the decoder's buffers, the
+    /// image as 8-bit RGB, the float planes of a 16-bit or float image, and
+    /// the resize of the torchvision pipeline. A file or image over them
+    /// is an [`Error::Image`] (before decoding, where the size is known).
     pub fn limits(mut self, max_dimension: u32, max_alloc: u64) -> Self {
         self.max_dimension = max_dimension;
         self.max_alloc = max_alloc;
@@ -792,12 +795,33 @@ impl Preprocessor {
     /// Reads, decodes and prepares the image file at `path`, with the input
     /// written as `to` says.
     fn load_to(&self, path: &Path, to: InputTo) -> Result<Prepared> {
-        let bytes = std::fs::read(path).map_err(|e| Error::Image {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let bytes = self.read_file(path)?;
         let img = self.decode(&bytes, path)?;
         self.prepare_image_into(img, path, to)
+    }
+
+    /// The bytes of the file at `path`; a file larger than the allocation
+    /// limit is an error, not read into memory.
+    fn read_file(&self, path: &Path) -> Result<Vec<u8>> {
+        use std::io::Read;
+        let err = |reason: String| Error::Image {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+        let len = file.metadata().map_err(|e| err(e.to_string()))?.len();
+        if len > self.max_alloc {
+            return Err(err(format!(
+                "the file is {len} bytes, more than the {} byte limit",
+                self.max_alloc
+            )));
+        }
+        // As `std::fs::read`: one byte more than the size, for the read
+        // that finds the end.
+        let mut bytes = Vec::with_capacity(len as usize + 1);
+        file.read_to_end(&mut bytes)
+            .map_err(|e| err(e.to_string()))?;
+        Ok(bytes)
     }
 
     /// Prepares an encoded image held in memory; `path` names it in errors.
@@ -895,14 +919,30 @@ impl Preprocessor {
             };
             return Ok((InputImage::Planes(image), self.keep(rgb)));
         }
-        let c = self.sidecar.channels as i64;
-        let pixels = to_planes(&img, self.sidecar.channels);
-        let x = Tensor::f_from_slice(&pixels)?.f_view([
-            1,
-            c,
-            i64::from(original_size.1),
-            i64::from(original_size.0),
-        ])?;
+        // 16-bit and float images: float planes of the whole image (the
+        // one copy of it, within the limit), then the resize.
+        let c = self.sidecar.channels;
+        let (w, h) = (original_size.0 as usize, original_size.1 as usize);
+        let need = (c * h * w * 4) as u64;
+        if need > self.max_alloc {
+            return Err(Error::Image {
+                path: path.as_ref().to_path_buf(),
+                reason: format!(
+                    "a {w}x{h} image of {:?} needs {need} bytes as float planes, more than the {} byte limit",
+                    img.color(),
+                    self.max_alloc
+                ),
+            });
+        }
+        let x = Tensor::f_empty(
+            [1, c as i64, h as i64, w as i64],
+            (Kind::Float, Device::Cpu),
+        )?;
+        // SAFETY: `x` is a new contiguous float32 CPU tensor of c × h × w
+        // values that nothing else refers to yet.
+        fill_planes(&img, c, unsafe {
+            std::slice::from_raw_parts_mut(x.data_ptr() as *mut f32, c * h * w)
+        });
         Ok((
             InputImage::Planes(self.resize_tensor(x)?),
             self.keep_original.then(|| rgb8(img)),
@@ -1215,8 +1255,14 @@ impl Preprocessor {
         let path = path.as_ref();
         // Nothing the closure touches is left half-made by a panic: at
         // worst the thread's spare pixel buffer is dropped.
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.decode_unguarded(bytes, path)
+        let img = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.decode_unguarded(bytes, path).map_err(|e| match e {
+                Error::Image { path, reason } => Error::Image {
+                    path,
+                    reason: plain_reason(reason),
+                },
+                e => e,
+            })
         }))
         .unwrap_or_else(|payload| {
             Err(Error::Image {
@@ -1226,7 +1272,28 @@ impl Preprocessor {
                     crate::error::message_line(panic_message(payload.as_ref()))
                 ),
             })
-        })
+        })?;
+        // (Checked before decoding where the decoder tells the size first.)
+        self.check_rgb_size(img.width() as usize, img.height() as usize)
+            .map_err(|reason| Error::Image {
+                path: path.to_path_buf(),
+                reason,
+            })?;
+        Ok(img)
+    }
+
+    /// Every image is taken as 8-bit RGB on its way (grey, palette and
+    /// alpha images too, at three bytes a pixel): that copy within the
+    /// allocation limit.
+    fn check_rgb_size(&self, w: usize, h: usize) -> std::result::Result<(), String> {
+        let need = (w as u64) * (h as u64) * 3;
+        if need > self.max_alloc {
+            return Err(format!(
+                "a {w}x{h} image needs {need} bytes as 8-bit RGB, more than the {} byte limit",
+                self.max_alloc
+            ));
+        }
+        Ok(())
     }
 
     /// [`Preprocessor::decode`] without its guard against a decoder's panic.
@@ -1279,6 +1346,8 @@ impl Preprocessor {
         // (JPEG photos, most PNGs) into the thread's spare buffer instead
         // of a new zeroed one.
         let mut decoder = reader.into_decoder().map_err(|e| err(e.to_string()))?;
+        let (w, h) = decoder.dimensions();
+        self.check_rgb_size(w as usize, h as usize).map_err(err)?;
         limits
             .reserve(decoder.total_bytes())
             .map_err(|e| err(e.to_string()))?;
@@ -1349,6 +1418,7 @@ impl Preprocessor {
                 return Ok(None);
             }
             let (w, h) = (w.div_ceil(k), h.div_ceil(k));
+            self.check_rgb_size(w, h)?;
             let n = w * h * if gray { 1 } else { 3 };
             // A progressive JPEG keeps every DCT coefficient until its last
             // scan: 64 of 2 bytes per block of each component.
@@ -1470,6 +1540,31 @@ impl Preprocessor {
 
 /// The message a panic carries (`panic!`'s text, or a `String` payload as
 /// `resume_unwind` passes libjpeg's), or "no message".
+/// A decoder's message in plain words where it is not: the PNG decoder's
+/// chunk types by name (it prints their Rust structure), a file cut short
+/// said so (the reader's "failed to fill whole buffer"), a bare "Decode
+/// Error" as corrupt data.
+fn plain_reason(mut reason: String) -> String {
+    const CHUNK: &str = "ChunkType { type: ";
+    while let Some(at) = reason.find(CHUNK) {
+        let rest = &reason[at + CHUNK.len()..];
+        let Some(end) = rest.find(" }") else { break };
+        let name = rest[..end].split(',').next().unwrap_or_default();
+        reason = format!("{}{name}{}", &reason[..at], &rest[end + 2..]);
+    }
+    const EOF: &str = "failed to fill whole buffer";
+    if reason.ends_with(EOF) {
+        reason = format!(
+            "{}the file ends before its image does (truncated data)",
+            &reason[..reason.len() - EOF.len()]
+        );
+    }
+    if reason.ends_with("Decode Error") {
+        reason = format!("{}corrupt data", &reason[..reason.len() - 12]);
+    }
+    reason
+}
+
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
     payload
         .downcast_ref::<&str>()
@@ -2365,40 +2460,58 @@ fn center_crop(x: &Tensor, [ch, cw]: [usize; 2]) -> Result<Tensor> {
 /// Planar `[0, 1]` pixels `(C, H, W)` of a decoded image: RGB for `channels`
 /// 3, luma for 1.
 pub fn to_planes(img: &DynamicImage, channels: usize) -> Vec<f32> {
-    let rgb: Vec<f32> = match img {
-        DynamicImage::ImageLuma8(_)
-        | DynamicImage::ImageLumaA8(_)
-        | DynamicImage::ImageRgb8(_)
-        | DynamicImage::ImageRgba8(_) => img
-            .to_rgb8()
-            .into_raw()
-            .into_iter()
-            .map(|v| f32::from(v) / 255.0)
-            .collect(),
-        DynamicImage::ImageLuma16(_)
-        | DynamicImage::ImageLumaA16(_)
-        | DynamicImage::ImageRgb16(_)
-        | DynamicImage::ImageRgba16(_) => img
-            .to_rgb16()
-            .into_raw()
-            .into_iter()
-            .map(|v| f32::from(v) / 65535.0)
-            .collect(),
-        _ => img.to_rgb32f().into_raw(),
-    };
-    let n = rgb.len() / 3;
-    if channels == 1 {
-        rgb.chunks_exact(3)
-            .map(|p| 0.299f32 * p[0] + 0.587f32 * p[1] + 0.114f32 * p[2])
-            .collect()
-    } else {
-        let mut planes = vec![0f32; rgb.len()];
-        for (i, p) in rgb.chunks_exact(3).enumerate() {
-            planes[i] = p[0];
-            planes[n + i] = p[1];
-            planes[2 * n + i] = p[2];
+    let n = img.width() as usize * img.height() as usize;
+    let mut planes = vec![0f32; channels * n];
+    fill_planes(img, channels, &mut planes);
+    planes
+}
+
+/// [`to_planes`] into `out` (`channels × W × H` values), pixel by pixel
+/// from the image's own samples: 8-bit by `v / 255`, 16-bit by
+/// `v / 65535`, float as they are; grey repeated, alpha dropped; for one
+/// channel the luma `0.299 R + 0.587 G + 0.114 B` of those, in float32.
+/// Nothing the size of the image is allocated (other layouts than these go
+/// through one float RGB copy).
+fn fill_planes(img: &DynamicImage, channels: usize, out: &mut [f32]) {
+    fn fill<T: Copy>(
+        raw: &[T],
+        step: usize,
+        grey: bool,
+        f: impl Fn(T) -> f32,
+        channels: usize,
+        out: &mut [f32],
+    ) {
+        let n = out.len() / channels;
+        for (i, p) in raw.chunks_exact(step).take(n).enumerate() {
+            let rgb = if grey {
+                let v = f(p[0]);
+                [v, v, v]
+            } else {
+                [f(p[0]), f(p[1]), f(p[2])]
+            };
+            if channels == 1 {
+                out[i] = 0.299f32 * rgb[0] + 0.587f32 * rgb[1] + 0.114f32 * rgb[2];
+            } else {
+                out[i] = rgb[0];
+                out[n + i] = rgb[1];
+                out[2 * n + i] = rgb[2];
+            }
         }
-        planes
+    }
+    let u8f = |v: u8| f32::from(v) / 255.0;
+    let u16f = |v: u16| f32::from(v) / 65535.0;
+    match img {
+        DynamicImage::ImageLuma8(i) => fill(i.as_raw(), 1, true, u8f, channels, out),
+        DynamicImage::ImageLumaA8(i) => fill(i.as_raw(), 2, true, u8f, channels, out),
+        DynamicImage::ImageRgb8(i) => fill(i.as_raw(), 3, false, u8f, channels, out),
+        DynamicImage::ImageRgba8(i) => fill(i.as_raw(), 4, false, u8f, channels, out),
+        DynamicImage::ImageLuma16(i) => fill(i.as_raw(), 1, true, u16f, channels, out),
+        DynamicImage::ImageLumaA16(i) => fill(i.as_raw(), 2, true, u16f, channels, out),
+        DynamicImage::ImageRgb16(i) => fill(i.as_raw(), 3, false, u16f, channels, out),
+        DynamicImage::ImageRgba16(i) => fill(i.as_raw(), 4, false, u16f, channels, out),
+        DynamicImage::ImageRgb32F(i) => fill(i.as_raw(), 3, false, |v| v, channels, out),
+        DynamicImage::ImageRgba32F(i) => fill(i.as_raw(), 4, false, |v| v, channels, out),
+        _ => fill(img.to_rgb32f().as_raw(), 3, false, |v| v, channels, out),
     }
 }
 
@@ -3196,6 +3309,172 @@ mod tests {
             .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
             .unwrap();
         assert_eq!(pre.decode(&png, "ok.png").unwrap().width(), 5);
+    }
+
+    /// `to_planes` reads each layout's samples directly: the values of the
+    /// conversion it replaced (the image crate's 8 or 16-bit RGB, then
+    /// `v / 255` or `v / 65535`; float RGB as it is), bit for bit.
+    #[test]
+    fn planes_of_every_layout_equal_the_rgb_conversion() {
+        let (w, h) = (7u32, 5u32);
+        let v = |i: u32| (i * 7919 + 13) % 65536;
+        let imgs = [
+            DynamicImage::ImageLuma8(image::ImageBuffer::from_fn(w, h, |x, y| {
+                image::Luma([v(x + w * y) as u8])
+            })),
+            DynamicImage::ImageLumaA8(image::ImageBuffer::from_fn(w, h, |x, y| {
+                image::LumaA([v(x + w * y) as u8, v(x) as u8])
+            })),
+            DynamicImage::ImageRgba8(image::ImageBuffer::from_fn(w, h, |x, y| {
+                image::Rgba([v(x) as u8, v(y + 3) as u8, v(x * y) as u8, 9])
+            })),
+            DynamicImage::ImageLuma16(image::ImageBuffer::from_fn(w, h, |x, y| {
+                image::Luma([v(x + w * y) as u16])
+            })),
+            DynamicImage::ImageLumaA16(image::ImageBuffer::from_fn(w, h, |x, y| {
+                image::LumaA([v(x + w * y) as u16, 3])
+            })),
+            DynamicImage::ImageRgb16(image::ImageBuffer::from_fn(w, h, |x, y| {
+                image::Rgb([v(x) as u16, v(y + 11) as u16, v(x * y + 5) as u16])
+            })),
+            DynamicImage::ImageRgba16(image::ImageBuffer::from_fn(w, h, |x, y| {
+                image::Rgba([v(x + 1) as u16, v(y) as u16, v(x + y) as u16, 0])
+            })),
+            DynamicImage::ImageRgb32F(image::ImageBuffer::from_fn(w, h, |x, y| {
+                image::Rgb([x as f32 / 7.0, y as f32 / 3.0, 0.1])
+            })),
+        ];
+        for img in &imgs {
+            let rgb: Vec<f32> = match img.color().bytes_per_pixel() / img.color().channel_count() {
+                1 => img
+                    .to_rgb8()
+                    .into_raw()
+                    .into_iter()
+                    .map(|v| f32::from(v) / 255.0)
+                    .collect(),
+                2 => img
+                    .to_rgb16()
+                    .into_raw()
+                    .into_iter()
+                    .map(|v| f32::from(v) / 65535.0)
+                    .collect(),
+                _ => img.to_rgb32f().into_raw(),
+            };
+            let n = (w * h) as usize;
+            for channels in [1, 3] {
+                let want: Vec<u32> = if channels == 1 {
+                    rgb.chunks_exact(3)
+                        .map(|p| (0.299f32 * p[0] + 0.587f32 * p[1] + 0.114f32 * p[2]).to_bits())
+                        .collect()
+                } else {
+                    (0..3)
+                        .flat_map(|c| (0..n).map(move |i| (c, i)))
+                        .map(|(c, i)| rgb[3 * i + c].to_bits())
+                        .collect()
+                };
+                let got: Vec<u32> = to_planes(img, channels)
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
+                assert_eq!(got, want, "{:?}, {channels} channels", img.color());
+            }
+        }
+    }
+
+    /// The allocation limit counts a file's bytes (not read past it), the
+    /// image as 8-bit RGB (a grey image's three bytes a pixel) and the
+    /// float planes of a 16-bit image, not only the decoder's buffers; an
+    /// image within them is prepared.
+    #[test]
+    fn the_limit_counts_the_file_the_rgb_copy_and_float_planes() {
+        let dir = std::env::temp_dir().join(format!("tch-vis-limits-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let png = |img: DynamicImage| {
+            let mut b = Vec::new();
+            img.write_to(&mut Cursor::new(&mut b), image::ImageFormat::Png)
+                .unwrap();
+            b
+        };
+        let limit = 1 << 20;
+        let pre = Preprocessor::new(sidecar(3, [8, 8])).limits(4096, limit);
+        let reason = |r: Result<Prepared>| match r {
+            Err(Error::Image { reason, .. }) => reason,
+            other => panic!("{:?}", other.map(|p| p.original_size)),
+        };
+        // 16-bit grey 400 x 400: 320 KB decoded, 1.9 MB as float planes.
+        let gray16 = png(DynamicImage::ImageLuma16(image::ImageBuffer::from_fn(
+            400,
+            400,
+            |x, y| image::Luma([(x * 160 + y) as u16]),
+        )));
+        let r = reason(pre.prepare_bytes(&gray16, "g16.png"));
+        assert!(r.contains("as float planes"), "{r}");
+        // 8-bit grey 700 x 700: 490 KB decoded, 1.47 MB as RGB.
+        let gray8 = png(DynamicImage::ImageLuma8(image::GrayImage::new(700, 700)));
+        let r = reason(pre.prepare_bytes(&gray8, "g8.png"));
+        assert!(r.contains("as 8-bit RGB"), "{r}");
+        // Within: 16-bit grey 200 x 200 (480 KB of planes), 8-bit grey
+        // 500 x 500 (750 KB as RGB).
+        let small16 = png(DynamicImage::ImageLuma16(image::ImageBuffer::from_fn(
+            200,
+            200,
+            |x, y| image::Luma([(x * 300 + y) as u16]),
+        )));
+        assert_eq!(
+            pre.prepare_bytes(&small16, "s16.png")
+                .unwrap()
+                .original_size,
+            (200, 200)
+        );
+        let small8 = png(DynamicImage::ImageLuma8(image::GrayImage::new(500, 500)));
+        assert_eq!(
+            pre.prepare_bytes(&small8, "s8.png").unwrap().original_size,
+            (500, 500)
+        );
+        // A file over the limit (a small PNG and 2 MB after it) is not read;
+        // the same PNG alone is.
+        let mut big = small8.clone();
+        big.resize(small8.len() + (2 << 20), 0);
+        std::fs::write(dir.join("big.png"), &big).unwrap();
+        std::fs::write(dir.join("small.png"), &small8).unwrap();
+        let r = reason(pre.load(dir.join("big.png")));
+        assert!(
+            r.starts_with(&format!("the file is {} bytes", big.len())),
+            "{r}"
+        );
+        assert_eq!(
+            pre.load(dir.join("small.png")).unwrap().original_size,
+            (500, 500)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn decoder_messages_in_plain_words() {
+        assert_eq!(
+            plain_reason(
+                "Format error decoding Png: CRC error: expected 0x1 have 0x2 while decoding ChunkType { type: IDAT, critical: true, private: false, reserved: false, safecopy: false } chunk.".into()
+            ),
+            "Format error decoding Png: CRC error: expected 0x1 have 0x2 while decoding IDAT chunk."
+        );
+        assert_eq!(
+            plain_reason("TIFF: failed to fill whole buffer".into()),
+            "TIFF: the file ends before its image does (truncated data)"
+        );
+        assert_eq!(plain_reason("Decode Error".into()), "corrupt data");
+        assert_eq!(plain_reason("empty file".into()), "empty file");
+        // A real truncated PNG, through `decode`.
+        let mut png = Vec::new();
+        DynamicImage::ImageRgb8(RgbImage::new(64, 64))
+            .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let pre = Preprocessor::new(sidecar(3, [8, 8]));
+        for cut in [png.len() / 2, png.len() - 20] {
+            let e = pre.decode(&png[..cut], "cut.png").unwrap_err();
+            let text = e.to_string();
+            assert!(!text.contains("ChunkType {"), "{text}");
+            assert!(!text.contains("failed to fill"), "{text}");
+        }
     }
 
     #[test]
