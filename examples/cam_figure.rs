@@ -1,4 +1,5 @@
-//! Draw the README's CAM figure, `docs/cams.png`: for a few bundled digits,
+//! Draw the README's CAM figure (`docs/cams.png`, written to `out/cams.png`
+//! unless `--out` says otherwise): for a few bundled digits,
 //! the input, then vanilla saliency, Grad-CAM, Grad-CAM++, Layer-CAM and
 //! Score-CAM of the predicted class, side by side (one image per row).
 //!
@@ -8,6 +9,7 @@
 //!
 //! ```text
 //! cargo run --release --example cam_figure
+//! cargo run --release --example cam_figure -- --out docs/cams.png
 //! cargo run --release --example cam_figure -- --out /tmp/cams.png --scale 4
 //! ```
 
@@ -51,8 +53,8 @@ struct Args {
     /// The folder the image paths are relative to.
     #[arg(long, default_value = "examples/images")]
     images: PathBuf,
-    /// Where to write the PNG.
-    #[arg(long, default_value = "docs/cams.png")]
+    /// Where to write the PNG (the README's figure: docs/cams.png).
+    #[arg(long, default_value = "out/cams.png")]
     out: PathBuf,
     /// Nearest-neighbour enlargement of each tile.
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=32))]

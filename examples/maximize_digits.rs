@@ -21,6 +21,7 @@
 //!
 //! ```text
 //! cargo run --release --example maximize_digits -- --out docs/maximize.png
+//! cargo run --release --example maximize_digits -- --plain
 //! ```
 
 use std::time::Instant;
@@ -38,15 +39,15 @@ struct Args {
     /// TorchScript model (its sidecar `M.json` beside it).
     #[arg(long, default_value = "models/digits_cnn.pt")]
     model: String,
-    /// Where to write the figure.
-    #[arg(long, default_value = "docs/maximize.png")]
+    /// Where to write the figure (the README's: docs/maximize.png).
+    #[arg(long, default_value = "out/maximize.png")]
     out: String,
     /// Seed of the seed input, jitters and rotations.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Gradient steps.
-    #[arg(long, default_value_t = 300)]
-    steps: usize,
+    /// Gradient steps (default 300; with `--plain`, the library's 200).
+    #[arg(long)]
+    steps: Option<usize>,
     /// Enlargement factor of the figure.
     #[arg(long, default_value_t = 6)]
     scale: u32,
@@ -67,7 +68,7 @@ struct Args {
     lr: f64,
     /// The library's defaults and `CategoricalScore` (the class
     /// probability), for comparison; ignores the settings above but
-    /// `--steps`.
+    /// `--steps`, whose default is then the library's.
     #[arg(long)]
     plain: bool,
 }
@@ -94,8 +95,13 @@ fn main() -> Result<()> {
     let am = ActivationMaximization::new(&model, [1, 32, 32])
         .sidecar(&sidecar)
         .samples(classes.len())
-        .steps(args.steps)
         .seed(args.seed);
+    // The library's step count for `--plain` unless given.
+    let am = match args.steps {
+        Some(n) => am.steps(n),
+        None if args.plain => am,
+        None => am.steps(300),
+    };
     let (am, score): (_, &dyn Score) = if args.plain {
         (am, &probability)
     } else {
@@ -129,7 +135,7 @@ fn main() -> Result<()> {
     let p = Vec::<f32>::try_from(&probability.score(probs)?)?;
     println!(
         "maximised in {seconds:.2} s ({} steps, 10 images)",
-        args.steps
+        out.curve.len()
     );
     for &c in &classes {
         let curve: Vec<f32> = out.curve.iter().map(|s| s[c]).collect();

@@ -366,16 +366,18 @@ impl Sidecar {
     /// [`Error::Sidecar`] for invalid JSON or an invalid sidecar.
     pub fn from_json(text: &str, path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let sidecar: Sidecar = serde_json::from_str(text).map_err(|e| Error::Sidecar {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        // A misspelt key first: it is also why a required one is missing
+        // (`"means"` for `"mean"`).
         if let Some(reason) = misspelt_key(text) {
             return Err(Error::Sidecar {
                 path: path.to_path_buf(),
                 reason,
             });
         }
+        let sidecar: Sidecar = serde_json::from_str(text).map_err(|e| Error::Sidecar {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         sidecar.validate().map_err(|reason| Error::Sidecar {
             path: path.to_path_buf(),
             reason,
@@ -2672,6 +2674,20 @@ mod tests {
                 }
                 other => panic!("{extra}: {other:?}"),
             }
+        }
+        // A misspelt key in place of a required one: named, not "missing
+        // field".
+        match Sidecar::from_json(
+            r#"{"input_size": [8, 8], "channels": 1, "means": [0], "std": [1]}"#,
+            "m.json",
+        ) {
+            Err(Error::Sidecar { reason, .. }) => {
+                assert!(
+                    reason.contains(r#"unknown key "means" (did you mean "mean"?"#),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
         }
         let kept = with(
             r#", "name": "m", "id": 3, "size": 224, "layers": 18, "drop": 0.1, "source": "torchvision", "crop": null"#,

@@ -402,8 +402,14 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
         .join("tests/models/not_torchscript_state_dict.pt")
         .display()
         .to_string();
-    // A model that takes any size, with a sidecar whose batches of 65,536
-    // (3.3 TB) no machine allocates.
+    // A model that takes any size, with a sidecar whose batches of 8,192
+    // (1.6 TB) no machine allocates, over a folder of as many files (an
+    // input of fewer files is one batch of its own size).
+    let many = t.out("many");
+    fs::create_dir_all(&many).unwrap();
+    for i in 0..8192 {
+        fs::write(many.join(format!("{i:05}.png")), b"").unwrap();
+    }
     fs::copy(
         root().join("tests/models/avgpool_rgb.pt"),
         dir.join("huge.pt"),
@@ -411,7 +417,7 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
     .unwrap();
     fs::write(
         dir.join("huge.json"),
-        r#"{"input_size": [2048, 2048], "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}"#,
+        r#"{"input_size": [4096, 4096], "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}"#,
     )
     .unwrap();
     let huge = dir.join("huge.pt");
@@ -522,7 +528,7 @@ fn problems_before_the_first_image_exit_2_with_one_line_and_no_outputs() {
         ),
         (
             "a batch larger than memory",
-            usage("saliency", s(&huge), images, o, &["--batch-size", "65536"]),
+            usage("saliency", s(&huge), s(&many), o, &["--batch-size", "8192"]),
         ),
         ("missing sidecar", usage("saliency", s(&ns), images, o, &[])),
         ("invalid sidecar", usage("saliency", s(&bs), images, o, &[])),
@@ -908,23 +914,24 @@ fn maximize_notes_a_score_that_fell() {
         ]);
         let o = tch_vis(&args);
         assert_code(&o, 0, name);
-        let curve = report(&out)["curve"].clone();
-        (String::from_utf8_lossy(&o.stderr).into_owned(), curve)
+        let r = report(&out);
+        let first = r["curve"][0][0].as_f64().unwrap();
+        let last = r["final_scores"][0].as_f64().unwrap();
+        (String::from_utf8_lossy(&o.stderr).into_owned(), first, last)
     };
-    let (err, curve) = run("digits_regressor", "categorical:0");
-    let (first, last) = (
-        curve[0][0].as_f64().unwrap(),
-        curve[29][0].as_f64().unwrap(),
-    );
+    // From the first step's score to the final image's, as report.json
+    // gives it.
+    let (err, first, last) = run("digits_regressor", "categorical:0");
     assert!(last < first, "{first} -> {last}");
     assert!(
-        err.contains("note: the score fell over the steps for sample(s) 0 (")
-            && err.contains("--tv 1, --norm 0.3")
+        err.contains(&format!(
+            "note: the score fell over the steps for sample(s) 0 ({first:.4} -> {last:.4})"
+        )) && err.contains("--tv 1, --norm 0.3")
             && err.lines().count() == 1,
         "{err}"
     );
-    let (err, curve) = run("digits_cnn", "categorical:2");
-    assert!(curve[29][0].as_f64() > curve[0][0].as_f64());
+    let (err, first, last) = run("digits_cnn", "categorical:2");
+    assert!(last > first, "{first} -> {last}");
     assert!(!err.contains("note"), "{err}");
 }
 
@@ -934,7 +941,9 @@ fn maximize_notes_a_score_that_fell() {
 #[test]
 fn a_model_traced_at_batch_one_is_named_at_its_first_batch() {
     let t = Tree::new();
-    for i in 0..3 {
+    // Five files: a batch of 4 (an input of fewer files is one batch of
+    // its own size).
+    for i in 0..5 {
         t.file(&format!("d{i}.png"), &png_gray(16, 16, i));
     }
     let model = root()
@@ -969,6 +978,45 @@ fn a_model_traced_at_batch_one_is_named_at_its_first_batch() {
     ));
     assert_code(&r, 0, "fixed batch, batch 1");
     assert!(out1.join("d2.png.saliency.npy").is_file());
+}
+
+/// An input of fewer files than `--batch-size` is one batch of its own
+/// size, not one padded with zero images: from all the files found, so
+/// each shard of it batches alike; a larger input keeps the batch size.
+#[test]
+fn a_small_input_is_one_batch_of_its_size() {
+    let t = Tree::good(3);
+    let cnn = model("digits_cnn");
+    let batch = |out: &Path| report(out)["batch_size"].as_u64().unwrap();
+    let out = t.out("default");
+    assert_code(
+        &tch_vis(&saliency_args(&cnn, &t.images(), &out, &[])),
+        0,
+        "default",
+    );
+    assert_eq!(batch(&out), 3);
+    assert_eq!(report(&out)["processed"], 3);
+    for k in 0..2 {
+        let out = t.out(&format!("shard{k}"));
+        let shard = format!("{k}/2");
+        let r = tch_vis(&saliency_args(
+            &cnn,
+            &t.images(),
+            &out,
+            &["--shard", &shard],
+        ));
+        assert_code(&r, 0, "shard");
+        assert_eq!(batch(&out), 3, "shard {shard}");
+    }
+    let out = t.out("two");
+    let r = tch_vis(&saliency_args(
+        &cnn,
+        &t.images(),
+        &out,
+        &["--batch-size", "2"],
+    ));
+    assert_code(&r, 0, "batch 2");
+    assert_eq!(batch(&out), 2);
 }
 
 #[test]

@@ -274,7 +274,8 @@ pub struct CommonArgs {
 
     /// Images per model batch (integrated-gradients: images decoded and
     /// written together, each integrated on its own, see
-    /// --internal-batch-size).
+    /// --internal-batch-size). At most the number of files found: a
+    /// smaller input is one batch of its own size.
     #[arg(long, value_name = "N", default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub batch_size: u32,

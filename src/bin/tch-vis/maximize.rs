@@ -175,7 +175,11 @@ pub fn execute(a: MaximizeArgs) -> Result<(), Failure> {
         Ok(Vec::<f32>::try_from(&sum)?)
     };
     let finals = write().map_err(Failure::Run)?;
-    if let Some(note) = falling_note(&res.curve, a.tv, a.norm) {
+    if let Some(note) = res
+        .curve
+        .first()
+        .and_then(|first| falling_note(first, &finals, a.tv, a.norm))
+    {
         let _ = writeln!(std::io::stderr(), "tch-vis: note: {note}");
     }
     let seconds = start.elapsed().as_secs_f64();
@@ -211,13 +215,13 @@ pub fn execute(a: MaximizeArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// A note for samples whose objective (the score the model saw, summed
-/// over outputs: `Maximized::curve`) ended lower than it began: the
-/// regularizers outweigh the score, as with the defaults on a model of
-/// small outputs (an untrained one), and the image is not the score's
-/// maximum. `None` when every sample's rose or held.
-fn falling_note(curve: &[Vec<f32>], tv: f64, norm: f64) -> Option<String> {
-    let (first, last) = (curve.first()?, curve.last()?);
+/// A note for samples whose objective (summed over outputs) ended lower
+/// than it began: the final image's score (as `report.json` gives it)
+/// below the first step's (`Maximized::curve`). The regularizers outweigh
+/// the score, as with the defaults on a model of small outputs (an
+/// untrained one), and the image is not the score's maximum. `None` when
+/// every sample's rose or held.
+fn falling_note(first: &[f32], last: &[f32], tv: f64, norm: f64) -> Option<String> {
     let fell: Vec<String> = first
         .iter()
         .zip(last)

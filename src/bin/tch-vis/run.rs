@@ -178,6 +178,9 @@ impl Mode {
 
     fn outputs(&self) -> &'static str {
         match self {
+            Mode::Saliency { save_npy: true, .. } => {
+                ", REL.saliency.png/.npy, REL.grad.npy, index.html"
+            }
             Mode::Saliency { .. } => ", REL.saliency.png/.npy, index.html",
             Mode::Scores => "",
             Mode::Cam { .. } => ", REL.cam.png/.npy, index.html",
@@ -554,6 +557,13 @@ pub fn execute(job: Job) -> Result<(), Failure> {
             .entries(&job.out)
             .map_err(usage("cannot read the images"))?,
     };
+    // A model call has exactly the batch size's rows (a short batch is
+    // padded, so an image's bytes do not depend on its batch): an input of
+    // fewer files than that is one batch of its own size, not one padded
+    // with zero images (one file at 32 cost 20 times one at 1). Taken from
+    // all the files found, so a resumed or sharded run of the same input
+    // batches as one uninterrupted run.
+    let batch_size = job.batch_size.min(entries.len().max(1));
     let (method, settings) = job
         .mode
         .method(&job.specs, &sidecar)
@@ -573,7 +583,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
     let stop = Interrupt::install(&raised);
     let mut engine = Engine::new(&model, sidecar.clone(), method.as_ref())
         .preprocessor(pre.clone())
-        .batch_size(job.batch_size)
+        .batch_size(batch_size)
         .channels_last(job.channels_last)
         .on_progress(|p| bar.update(p))
         .cancel_on(&raised);
@@ -713,7 +723,7 @@ pub fn execute(job: Job) -> Result<(), Failure> {
         "scores": spec_names(&job.specs),
         "input_size": sidecar.input_size,
         "channels": sidecar.channels,
-        "batch_size": job.batch_size,
+        "batch_size": batch_size,
         "precision": job.precision.to_string(),
         "overlay": if job.overlay_original { "original" } else { "input" },
         "png_compression": match job.png_compression {
