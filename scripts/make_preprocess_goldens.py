@@ -39,7 +39,8 @@ What it generates, under tests/golden/transforms/:
   images/*.tif         TIFF layouts (from a fourth seed) that need more than
                        the image crate: palette (PIL's 8-bit, plain and LZW;
                        1, 2 and 4-bit indices in both byte orders, written by
-                       palette_tiff), grey with alpha, CMYK with black ink
+                       palette_tiff), grey with alpha, CMYK with black ink,
+                       JPEG-compressed RGB (one strip, three) and grey
   images/*.bmp         16-bit BMPs (written by bmp16: 5-6-5 and 5-5-5, with and
                        without bit fields, 40 and 108-byte headers, top-down)
   tiff_<stem>.pil.npy, bmp<stem>.pil.npy
@@ -177,6 +178,13 @@ BMP16 = [
     ("bmp555_40_td_27x35", 27, 35, "555", 40, True, True),
     ("bmp565_v4_29x43", 29, 43, "565", 108, True, False),
 ]
+# JPEG-compressed TIFFs (PIL writes RGB ones with R, G, B components, no
+# colour transform), drawn after the BMPs: one strip, three strips, grey.
+JPEG_TIFFS = [
+    ("jpeg_rgb_45x61", 45, 61, "pil:RGB:jpeg"),
+    ("jpeg_rgb_3strips_300x200", 300, 200, "pil:RGB:jpeg"),
+    ("jpeg_l_57x41", 57, 41, "pil:L:jpeg"),
+]
 
 
 def palette_tiff(path, indices, bits, order, colormap):
@@ -263,6 +271,8 @@ def tiff_layout(rng, path, h, w, how):
     img = picture(rng, h, w)
     if mode == "P":
         img = img.quantize(64)
+    elif mode == "L":
+        img = img.convert("L")
     elif mode == "LA":
         img = img.convert("L")
         img.putalpha(Image.fromarray(rng.integers(0, 256, (h, w)).astype(np.uint8), "L"))
@@ -367,7 +377,8 @@ def main():
     # Other TIFF layouts and 16-bit BMPs, PIL's RGB conversion of each.
     layouts = []
     rng_tiff = np.random.default_rng(3)
-    for stem, h, w, how in TIFF_LAYOUTS:
+
+    def tiff_golden(stem, h, w, how):
         rel = f"images/{stem}.tif"
         path = os.path.join(OUT, rel)
         tiff_layout(rng_tiff, path, h, w, how)
@@ -377,7 +388,11 @@ def main():
         assert pil.shape == (h, w, 3), pil.shape
         name = f"tiff_{stem}.pil.npy"
         np.save(os.path.join(OUT, name), np.ascontiguousarray(pil))
-        layouts.append({"image": rel, "mode": im.mode, "pil": name})
+        layouts.append({"image": rel, "mode": im.mode if "jpeg" not in how else im.mode + ";jpeg",
+                        "pil": name})
+
+    for stem, h, w, how in TIFF_LAYOUTS:
+        tiff_golden(stem, h, w, how)
     for stem, h, w, layout, header, bitfields, top_down in BMP16:
         rel = f"images/{stem}.bmp"
         path = os.path.join(OUT, rel)
@@ -390,6 +405,8 @@ def main():
         np.save(os.path.join(OUT, name), np.ascontiguousarray(pil))
         layouts.append({"image": rel, "mode": "RGB;16" if layout == "565" else "RGB;15",
                         "pil": name})
+    for stem, h, w, how in JPEG_TIFFS:
+        tiff_golden(stem, h, w, how)
 
     plan = []
     for stem, _, _, _ in IMAGES:

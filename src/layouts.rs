@@ -6,7 +6,10 @@
 //!   file's colour map, whose 16-bit entries PIL keeps the high byte of;
 //! - grey with alpha (8 or 16 bits): the grey kept, the alpha dropped by
 //!   the conversion to RGB as for PNG's grey with alpha;
-//! - 8-bit CMYK: PIL's conversion to RGB (`cmyk2rgb`, as for CMYK JPEGs).
+//! - 8-bit CMYK: PIL's conversion to RGB (`cmyk2rgb`, as for CMYK JPEGs);
+//! - JPEG-compressed 8-bit RGB (components `R`, `G`, `B`, as libtiff and
+//!   PIL write them) and grey: each strip or tile by libjpeg, as libtiff
+//!   decodes them for PIL.
 //!
 //! Every other TIFF goes to the `image` crate as before.
 //!
@@ -21,6 +24,10 @@ use tiff::decoder::{Decoder, DecodingResult, Limits};
 use tiff::tags::{PhotometricInterpretation, PlanarConfiguration, Tag};
 use tiff::ColorType;
 
+/// A JPEG stream's decoder: the image, `None` where it declines (the fast
+/// decoder asked for), or the reason it fails.
+pub(crate) type JpegDecoder<'a> = dyn Fn(&[u8]) -> Result<Option<DynamicImage>, String> + 'a;
+
 /// The first image of a TIFF whose layout this module decodes, or `None`
 /// for the `image` crate to decode (or refuse) it. Images over
 /// `max_dimension` a side, or whose buffers pass `max_alloc` bytes, are
@@ -29,6 +36,7 @@ pub(crate) fn tiff(
     bytes: &[u8],
     max_dimension: u32,
     max_alloc: u64,
+    jpeg: &JpegDecoder,
 ) -> Result<Option<DynamicImage>, String> {
     let limits = || {
         let mut l = Limits::default();
@@ -47,6 +55,30 @@ pub(crate) fn tiff(
     let samples = tag(&mut decoder, Tag::SamplesPerPixel).unwrap_or(1);
     let planar = tag(&mut decoder, Tag::PlanarConfiguration)
         .is_some_and(|p| p == PlanarConfiguration::Planar.to_u16() as u32);
+    let compression = tag(&mut decoder, Tag::Compression).unwrap_or(1);
+    if compression == 7 {
+        // JPEG-compressed strips or tiles of RGB or grey, as libtiff (and
+        // so PIL) decodes them: each a JPEG of its own, its tables from the
+        // JPEGTables tag, through libjpeg.
+        let rgb = PhotometricInterpretation::RGB.to_u16() as u32;
+        let grey = PhotometricInterpretation::BlackIsZero.to_u16() as u32;
+        let channels = match (photometric, samples) {
+            (Some(p), 3) if p == rgb => 3,
+            (Some(p), 1) if p == grey => 1,
+            _ => return Ok(None),
+        };
+        if planar || bits_per_sample(&mut decoder) != 8 {
+            return Ok(None);
+        }
+        return jpeg_chunks(
+            &mut decoder,
+            bytes,
+            channels,
+            max_dimension,
+            max_alloc,
+            jpeg,
+        );
+    }
     let kind = match (photometric, samples) {
         (Some(p), 1) if p == PhotometricInterpretation::RGBPalette.to_u16() as u32 => Kind::Palette,
         (Some(p), 2) if p == PhotometricInterpretation::BlackIsZero.to_u16() as u32 => {
@@ -165,6 +197,134 @@ pub(crate) fn tiff(
             )))
         }
     }
+}
+
+/// The image of a JPEG-compressed TIFF (8-bit RGB or grey, chunky), each
+/// strip or tile decoded by `jpeg` (the JPEGTables tag's tables put before
+/// its scans) and copied into place, cut at the image's edges. `None` when
+/// `jpeg` declines (the fast decoder asked for: the `image` crate's path).
+fn jpeg_chunks(
+    decoder: &mut Decoder<Cursor<&[u8]>>,
+    bytes: &[u8],
+    channels: usize,
+    max_dimension: u32,
+    max_alloc: u64,
+    jpeg: &JpegDecoder,
+) -> Result<Option<DynamicImage>, String> {
+    let (w, h) = decoder.dimensions().map_err(tiff_error)?;
+    if w == 0 || h == 0 {
+        return Err("image has no pixels".into());
+    }
+    if w > max_dimension || h > max_dimension {
+        return Err(format!(
+            "{w}x{h} is over the limit of {max_dimension} pixels a side"
+        ));
+    }
+    if u64::from(w) * u64::from(h) * 3 > max_alloc {
+        return Err(format!(
+            "a {w}x{h} RGB image needs more than the {max_alloc} byte limit"
+        ));
+    }
+    let (w, h) = (w as usize, h as usize);
+    let unsigned = |d: &mut Decoder<Cursor<&[u8]>>, t| {
+        d.find_tag_unsigned::<u64>(t)
+            .ok()
+            .flatten()
+            .and_then(|v| usize::try_from(v).ok())
+    };
+    // Tiles where the file has them, else strips of RowsPerStrip rows.
+    let (cw, ch, offsets, counts) = match unsigned(decoder, Tag::TileWidth) {
+        Some(tw) => (
+            tw,
+            unsigned(decoder, Tag::TileLength).ok_or("TIFF: tiles without a TileLength")?,
+            Tag::TileOffsets,
+            Tag::TileByteCounts,
+        ),
+        None => (
+            w,
+            unsigned(decoder, Tag::RowsPerStrip).unwrap_or(h).min(h),
+            Tag::StripOffsets,
+            Tag::StripByteCounts,
+        ),
+    };
+    if cw == 0 || ch == 0 {
+        return Err("TIFF: chunks of no pixels".into());
+    }
+    let offsets = decoder.get_tag_u64_vec(offsets).map_err(tiff_error)?;
+    let counts = decoder.get_tag_u64_vec(counts).map_err(tiff_error)?;
+    let across = w.div_ceil(cw);
+    let chunks = across * h.div_ceil(ch);
+    if offsets.len() < chunks || counts.len() < chunks {
+        return Err(format!(
+            "TIFF: {} chunk offsets and {} sizes for {chunks} chunks",
+            offsets.len(),
+            counts.len()
+        ));
+    }
+    let tables = decoder
+        .find_tag(Tag::JPEGTables)
+        .ok()
+        .flatten()
+        .and_then(|v| v.into_u8_vec().ok())
+        .filter(|t| t.len() >= 4 && t.starts_with(&[0xFF, 0xD8]) && t.ends_with(&[0xFF, 0xD9]));
+    let mut out = vec![0u8; w * h * channels];
+    let mut stream = Vec::new();
+    for i in 0..chunks {
+        let at = usize::try_from(offsets[i]).map_err(|e| e.to_string())?;
+        let n = usize::try_from(counts[i]).map_err(|e| e.to_string())?;
+        let chunk = at
+            .checked_add(n)
+            .and_then(|end| bytes.get(at..end))
+            .ok_or("TIFF: the file ends before its image does (truncated data)")?;
+        let data = match &tables {
+            Some(t) if chunk.starts_with(&[0xFF, 0xD8]) => {
+                // The tables without their end marker, then the chunk
+                // without its start marker.
+                stream.clear();
+                stream.extend_from_slice(&t[..t.len() - 2]);
+                stream.extend_from_slice(&chunk[2..]);
+                &stream[..]
+            }
+            _ => chunk,
+        };
+        // libtiff turns libjpeg's colour handling off for RGB: a chunk
+        // libjpeg would transform (YCbCr, subsampled) goes to the `image`
+        // crate's path, as before.
+        if channels == 3 && !crate::preprocess::jpeg_is_plain_rgb(data) {
+            return Ok(None);
+        }
+        let Some(img) = jpeg(data)? else {
+            return Ok(None);
+        };
+        let (x0, y0) = ((i % across) * cw, (i / across) * ch);
+        let (rw, rh) = (cw.min(w - x0), ch.min(h - y0));
+        if (img.width() as usize) < rw || (img.height() as usize) < rh {
+            return Err(format!(
+                "TIFF: a JPEG chunk of {}x{} for {rw}x{rh} pixels",
+                img.width(),
+                img.height()
+            ));
+        }
+        let (pixels, c) = match (&img, channels) {
+            (DynamicImage::ImageRgb8(p), 3) => (p.as_raw(), 3),
+            (DynamicImage::ImageLuma8(p), 1) => (p.as_raw(), 1),
+            _ => return Err("TIFF: a JPEG chunk of other channels than the image's".into()),
+        };
+        let stride = img.width() as usize * c;
+        for y in 0..rh {
+            let src = &pixels[y * stride..y * stride + rw * c];
+            let o = ((y0 + y) * w + x0) * c;
+            out[o..o + rw * c].copy_from_slice(src);
+        }
+    }
+    let (w, h) = (w as u32, h as u32);
+    let img = if channels == 3 {
+        RgbImage::from_raw(w, h, out).map(DynamicImage::ImageRgb8)
+    } else {
+        image::GrayImage::from_raw(w, h, out).map(DynamicImage::ImageLuma8)
+    };
+    img.map(Some)
+        .ok_or_else(|| "TIFF: JPEG chunks' buffer".into())
 }
 
 enum Kind {

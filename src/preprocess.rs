@@ -1330,8 +1330,19 @@ impl Preprocessor {
         match format {
             None => return Err(err("not a recognised image format".into())),
             Some(image::ImageFormat::Tiff) => {
+                // JPEG-compressed TIFFs' chunks by libjpeg (as PIL, through
+                // libtiff), unless the fast decoder is asked for; libjpeg's
+                // errors unwind (see `decode_libjpeg`).
+                let jpeg = |b: &[u8]| {
+                    if cfg!(panic = "unwind") {
+                        self.decode_libjpeg(b, false)
+                    } else {
+                        Ok(None)
+                    }
+                };
                 if let Some(img) =
-                    crate::layouts::tiff(bytes, self.max_dimension, self.max_alloc).map_err(err)?
+                    crate::layouts::tiff(bytes, self.max_dimension, self.max_alloc, &jpeg)
+                        .map_err(err)?
                 {
                     return Ok(img);
                 }
@@ -1576,10 +1587,21 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
 }
 
 /// What a JPEG's frame header (its SOF marker) says: whether the frame is
-/// progressive (SOF2, or SOF10 arithmetic) and how many components it has.
+/// progressive (SOF2, or SOF10 arithmetic), how many components it has, and
+/// the first three's ids and sampling factors (`0x11` for none).
 struct Frame {
     progressive: bool,
     components: u8,
+    specs: [(u8, u8); 3],
+}
+
+/// Whether a JPEG holds RGB as it is: three components named `R`, `G`, `B`
+/// (which libjpeg decodes without a colour transform), none subsampled.
+/// What libtiff decodes alike with its colour handling off, as it does for
+/// JPEG-compressed RGB TIFFs.
+pub(crate) fn jpeg_is_plain_rgb(bytes: &[u8]) -> bool {
+    frame(bytes)
+        .is_some_and(|f| f.components == 3 && f.specs == [(b'R', 0x11), (b'G', 0x11), (b'B', 0x11)])
 }
 
 /// A JPEG's [`Frame`], the markers before it walked by their lengths;
@@ -1593,9 +1615,21 @@ fn frame(bytes: &[u8]) -> Option<Frame> {
         match bytes[at + 1] {
             // Length, precision, height and width, then the count.
             m @ (0xC0..=0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF) => {
+                let components = *bytes.get(at + 9)?;
+                // Then per component: its id, sampling factors, table.
+                let spec = |k: usize| -> (u8, u8) {
+                    let at = at + 10 + 3 * k;
+                    match (bytes.get(at), bytes.get(at + 1)) {
+                        (Some(&id), Some(&sampling)) if k < usize::from(components) => {
+                            (id, sampling)
+                        }
+                        _ => (0, 0),
+                    }
+                };
                 return Some(Frame {
                     progressive: matches!(m, 0xC2 | 0xCA),
-                    components: *bytes.get(at + 9)?,
+                    components,
+                    specs: [spec(0), spec(1), spec(2)],
                 });
             }
             0xDA => return None,

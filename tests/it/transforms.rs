@@ -193,7 +193,8 @@ fn jpeg_decoder_distance() {
 
 /// TIFF layouts the `image` crate refuses (palette of 1, 2, 4 and 8-bit
 /// indices in both byte orders, grey with alpha) or converts otherwise
-/// (CMYK with black ink, where its float conversion was a step off), and
+/// (CMYK with black ink, where its float conversion was a step off;
+/// JPEG-compressed RGB and grey, which it decodes with zune-jpeg), and
 /// 16-bit BMPs (5-6-5 and 5-5-5, which it rounds where PIL truncates),
 /// decode to PIL's `convert("RGB")` bit for bit.
 #[test]
@@ -201,7 +202,7 @@ fn image_layouts_decode_as_pil() {
     let m = manifest();
     let dir = repo("tests/golden/transforms");
     let modes: Vec<&str> = m.layouts.iter().map(|l| l.mode.as_str()).collect();
-    for mode in ["P", "LA", "CMYK", "RGB;16", "RGB;15"] {
+    for mode in ["P", "LA", "CMYK", "RGB;16", "RGB;15", "RGB;jpeg", "L;jpeg"] {
         assert!(modes.contains(&mode), "no {mode} image among the goldens");
     }
     let pre = Preprocessor::new(rgb_sidecar(8, 8));
