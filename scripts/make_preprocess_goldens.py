@@ -40,7 +40,8 @@ What it generates, under tests/golden/transforms/:
                        the image crate: palette (PIL's 8-bit, plain and LZW;
                        1, 2 and 4-bit indices in both byte orders, written by
                        palette_tiff), grey with alpha, CMYK with black ink,
-                       JPEG-compressed RGB (one strip, three) and grey
+                       JPEG-compressed RGB (one strip, three, tiles written
+                       by jpeg_tiled_tiff) and grey
   images/*.bmp         16-bit BMPs (written by bmp16: 5-6-5 and 5-5-5, with and
                        without bit fields, 40 and 108-byte headers, top-down)
   tiff_<stem>.pil.npy, bmp<stem>.pil.npy
@@ -184,7 +185,56 @@ JPEG_TIFFS = [
     ("jpeg_rgb_45x61", 45, 61, "pil:RGB:jpeg"),
     ("jpeg_rgb_3strips_300x200", 300, 200, "pil:RGB:jpeg"),
     ("jpeg_l_57x41", 57, 41, "pil:L:jpeg"),
+    ("jpeg_rgb_tiled_37x45", 37, 45, "tiles:16"),
 ]
+
+
+def jpeg_tiled_tiff(path, rgb, tile):
+    """A tiled JPEG-compressed RGB TIFF (PIL writes no tiles): each
+    `tile` x `tile` tile a whole JPEG of its own (PIL's encoder, R, G, B
+    components, no colour transform or subsampling; no JPEGTables), the
+    tiles at the right and bottom edges padded by repeating the last pixels."""
+    import io
+    h, w, _ = rgb.shape
+    across, down = -(-w // tile), -(-h // tile)
+    padded = np.pad(rgb, ((0, down * tile - h), (0, across * tile - w), (0, 0)), mode="edge")
+    tiles = []
+    for ty in range(down):
+        for tx in range(across):
+            part = padded[ty * tile:(ty + 1) * tile, tx * tile:(tx + 1) * tile]
+            buf = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(part)).save(buf, "JPEG", quality=90, subsampling=0,
+                                                              keep_rgb=True)
+            tiles.append(buf.getvalue())
+    e = "<"
+    data = b"".join(tiles)
+    data_at = 8
+    bits_at = data_at + len(data)
+    offs_at = bits_at + 6
+    counts_at = offs_at + 4 * len(tiles)
+    ifd_at = counts_at + 4 * len(tiles)
+    offsets, at = [], data_at
+    for t in tiles:
+        offsets.append(at)
+        at += len(t)
+    entries = [
+        (256, 3, 1, w), (257, 3, 1, h), (258, 3, 3, bits_at), (259, 3, 1, 7), (262, 3, 1, 2),
+        (277, 3, 1, 3), (284, 3, 1, 1), (322, 3, 1, tile), (323, 3, 1, tile),
+        (324, 4, len(tiles), offs_at), (325, 4, len(tiles), counts_at),
+    ]
+    out = bytearray(b"II" + np.array([42], e + "u2").tobytes() + np.array([ifd_at], e + "u4").tobytes())
+    out += data + np.array([8, 8, 8], e + "u2").tobytes()
+    out += np.array(offsets, e + "u4").tobytes() + np.array([len(t) for t in tiles], e + "u4").tobytes()
+    out += np.array([len(entries)], e + "u2").tobytes()
+    for tag, typ, count, value in entries:
+        out += np.array([tag, typ], e + "u2").tobytes() + np.array([count], e + "u4").tobytes()
+        if typ == 3 and count == 1:
+            out += np.array([value, 0], e + "u2").tobytes()
+        else:
+            out += np.array([value], e + "u4").tobytes()
+    out += np.array([0], e + "u4").tobytes()
+    with open(path, "wb") as f:
+        f.write(bytes(out))
 
 
 def palette_tiff(path, indices, bits, order, colormap):
@@ -258,6 +308,9 @@ def bmp16(path, rgb, layout, header, bitfields, top_down):
 
 def tiff_layout(rng, path, h, w, how):
     kind, *rest = how.split(":")
+    if kind == "tiles":
+        jpeg_tiled_tiff(path, np.asarray(picture(rng, h, w)), int(rest[0]))
+        return
     if kind == "palette":
         bits, order = int(rest[0]), rest[1]
         n = 1 << bits
@@ -383,13 +436,14 @@ def main():
         path = os.path.join(OUT, rel)
         tiff_layout(rng_tiff, path, h, w, how)
         im = Image.open(path)
-        assert im.mode == {"pil": how.split(":")[1:2], "palette": ["P"]}[how.split(":")[0]][0], im.mode
+        assert im.mode == {"pil": how.split(":")[1:2], "palette": ["P"], "tiles": ["RGB"]}[
+            how.split(":")[0]][0], im.mode
         pil = np.asarray(im.convert("RGB"))
         assert pil.shape == (h, w, 3), pil.shape
         name = f"tiff_{stem}.pil.npy"
         np.save(os.path.join(OUT, name), np.ascontiguousarray(pil))
-        layouts.append({"image": rel, "mode": im.mode if "jpeg" not in how else im.mode + ";jpeg",
-                        "pil": name})
+        jpeg = "jpeg" in how or how.startswith("tiles")
+        layouts.append({"image": rel, "mode": im.mode + ";jpeg" if jpeg else im.mode, "pil": name})
 
     for stem, h, w, how in TIFF_LAYOUTS:
         tiff_golden(stem, h, w, how)
