@@ -802,6 +802,23 @@ impl Preprocessor {
         self.prepare_image_into(img, path, to)
     }
 
+    /// The decoded image at `path` as 8-bit RGB: what
+    /// [`Prepared::original`] holds, read again (for an original the batch
+    /// engine did not keep, see [`Preprocessor::original_keep_max`]).
+    pub(crate) fn load_original(&self, path: &Path) -> Result<RgbImage> {
+        let bytes = self.read_file(path)?;
+        Ok(rgb8(self.decode(&bytes, path)?))
+    }
+
+    /// The most bytes of a decoded original the batch engine keeps with its
+    /// image until the image is written: an eighth of the allocation limit
+    /// (64 MiB by default, a 4,600 × 4,600 photo). A batch of larger ones
+    /// held at once took gigabytes (eight 12,000² JPEGs, 7 GB); theirs are
+    /// decoded again by the writer that draws over them.
+    pub(crate) fn original_keep_max(&self) -> usize {
+        usize::try_from(self.max_alloc / 8).unwrap_or(usize::MAX)
+    }
+
     /// The bytes of the file at `path`; a file larger than the allocation
     /// limit is an error, not read into memory.
     fn read_file(&self, path: &Path) -> Result<Vec<u8>> {

@@ -1880,6 +1880,19 @@ fn load_row(
     row: Option<Tensor>,
     kind: Kind,
 ) -> (Result<Prepared>, bool) {
+    // Large originals are not held through the batch: the writer decodes
+    // them again (see `Preprocessor::original_keep_max`).
+    let light = |p: Result<Prepared>| {
+        p.map(|mut p| {
+            if p.original
+                .as_ref()
+                .is_some_and(|o| o.as_raw().len() > pre.original_keep_max())
+            {
+                p.original = None;
+            }
+            p
+        })
+    };
     match row {
         Some(row) => {
             let p = match kind {
@@ -1888,9 +1901,9 @@ fn load_row(
                 _ => load_rounded(pre, path, &row),
             };
             let ok = p.is_ok();
-            (p, ok)
+            (light(p), ok)
         }
-        None => (pre.load(path), false),
+        None => (light(pre.load(path)), false),
     }
 }
 

@@ -1045,9 +1045,11 @@ impl FolderSink {
     /// Draws heatmaps over the original image, at its own resolution,
     /// instead of the resized one: the map is upsampled onto the part of
     /// the original the model saw (all of it, or the centre crop of a
-    /// `resize` + `crop` sidecar). The engine's preprocessor must keep the
-    /// originals ([`Preprocessor::keep_original`]); `pre` says where the
-    /// map lies on them.
+    /// `resize` + `crop` sidecar). The engine's preprocessor keeps the
+    /// originals ([`Preprocessor::keep_original`]) up to an eighth of its
+    /// allocation limit; an image that comes without its original (a
+    /// larger one) is decoded again here with `pre`, which also says
+    /// where the map lies on it.
     pub fn overlay_original(mut self, pre: Preprocessor) -> Self {
         self.original = Some(pre);
         self
@@ -1316,7 +1318,7 @@ impl FolderSink {
             .unwrap_or_default()
     }
 
-    fn write_files(&self, r: &ImageResult) -> Result<()> {
+    fn write_files(&self, r: &ImageResult, original: Option<&image::RgbImage>) -> Result<()> {
         let [h, w] = self.size;
         for a in &r.arrays {
             // Only this worker writes an image's files (see `Replace`).
@@ -1326,7 +1328,7 @@ impl FolderSink {
                 let mut faint = false;
                 let png = with_values(heat, |map: &[f32]| {
                     faint = is_faint(map);
-                    match (&self.original, &r.original) {
+                    match (&self.original, original) {
                         (Some(pre), Some(original)) => heatmap::overlay_original_region_png_as(
                             original,
                             map,
@@ -1664,7 +1666,20 @@ fn csv_io(path: &Path, e: csv::Error) -> Error {
 impl Sink for FolderSink {
     fn image(&self, r: ImageResult) -> Result<()> {
         self.check_begun()?;
-        self.write_files(&r)
+        // An original the engine did not keep (a large one) is decoded
+        // again here, for the overlays that draw over it.
+        let reloaded = match (&self.original, &r.original) {
+            (Some(pre), None) if r.arrays.iter().any(|a| a.heat.is_some()) => {
+                Some(pre.load_original(&r.path).map_err(|e| {
+                    e.context(format!(
+                        "cannot decode {} again for its overlay (did it change during the run?)",
+                        r.rel
+                    ))
+                })?)
+            }
+            _ => None,
+        };
+        self.write_files(&r, reloaded.as_ref().or(r.original.as_ref()))
             .map_err(|e| e.context(format!("cannot write the outputs of {}", r.rel)))?;
         let mut record = Vec::with_capacity(self.header.len() + 2);
         record.push(r.rel.clone());

@@ -197,7 +197,10 @@ pub struct ImageResult {
     /// The decoded image's `(width, height)`.
     pub original_size: (u32, u32),
     /// The decoded image itself, when the engine's preprocessor keeps it
-    /// ([`crate::preprocess::Preprocessor::keep_original`]).
+    /// ([`crate::preprocess::Preprocessor::keep_original`]) and it takes at
+    /// most an eighth of the preprocessor's allocation limit as 8-bit RGB
+    /// (64 MiB by default): larger ones are not held through the batch
+    /// (`None`; decode `path` again for them).
     pub original: Option<image::RgbImage>,
 }
 

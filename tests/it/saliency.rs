@@ -1059,6 +1059,75 @@ fn a_folder_sink_refuses_results_before_begin() {
     assert_eq!(maps, 0);
 }
 
+/// Originals over an eighth of the allocation limit are not held through
+/// the batch: the folder sink decodes them again for its overlays over the
+/// original, to the same PNG bytes as a kept original. (The digits' 2–3 KB
+/// originals, under a 16 KiB limit.)
+#[test]
+fn large_originals_are_decoded_again_for_their_overlay() {
+    use tch_vis::batch::FolderSink;
+    use tch_vis::preprocess::Preprocessor;
+    let model = digits();
+    let sidecar = digits_sidecar();
+    let inputs = gray_inputs();
+    let dir = tempfile::tempdir().unwrap();
+    let saliency = SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap();
+    let kept: Vec<bool> = [u64::from(512u32 << 20), 16 << 10]
+        .iter()
+        .enumerate()
+        .map(|(k, &limit)| {
+            let out = dir.path().join(format!("out{k}"));
+            let pre = Preprocessor::new(sidecar.clone())
+                .keep_original(true)
+                .limits(16384, limit);
+            // What the engine hands the sink: the original or not.
+            struct Held(Mutex<Vec<bool>>);
+            impl Sink for Held {
+                fn image(&self, r: ImageResult) -> tch_vis::Result<()> {
+                    self.0.lock().unwrap().push(r.original.is_some());
+                    Ok(())
+                }
+                fn failed(&self, _: &str, _: &str) -> tch_vis::Result<()> {
+                    Ok(())
+                }
+            }
+            let engine = Engine::new(&model, sidecar.clone(), &saliency)
+                .preprocessor(pre.clone())
+                .batch_size(4);
+            let layout = engine.prepare().unwrap();
+            let held = Held(Mutex::new(Vec::new()));
+            assert!(engine.run(&inputs, &held).unwrap().fatal.is_none());
+            let sink = FolderSink::open(&out, &layout, &saliency, &sidecar, false)
+                .unwrap()
+                .overlay_original(pre);
+            sink.begin().unwrap();
+            let summary = engine.run(&inputs, &sink).unwrap();
+            assert!(summary.fatal.is_none(), "{:?}", summary.fatal);
+            assert_eq!(summary.processed, inputs.len());
+            let held = held.0.into_inner().unwrap();
+            assert_eq!(held.len(), inputs.len());
+            held.iter().all(|&h| h)
+        })
+        .collect();
+    assert_eq!(kept, [true, false], "originals kept under each limit");
+    for e in &inputs {
+        let png = |k: usize| {
+            std::fs::read(dir.path().join(format!("out{k}/{}.saliency.png", e.rel))).unwrap()
+        };
+        let (a, b) = (png(0), png(1));
+        assert!(a == b, "{}: the overlays differ", e.rel);
+        // At the original's size.
+        let img = image::load_from_memory(&a).unwrap();
+        let original = image::open(&e.path).unwrap();
+        assert_eq!(
+            (img.width(), img.height()),
+            (original.width(), original.height()),
+            "{}",
+            e.rel
+        );
+    }
+}
+
 /// The journal of an unfinished run with other columns (saliency's rows,
 /// then Integrated Gradients, which adds `ig_delta`) is refused at open
 /// and kept: a later run used to compact it away with its rows. An
