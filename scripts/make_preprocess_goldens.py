@@ -212,7 +212,6 @@ def jpeg_tiled_tiff(path, rgb, tile):
     bits_at = data_at + len(data)
     offs_at = bits_at + 6
     counts_at = offs_at + 4 * len(tiles)
-    ifd_at = counts_at + 4 * len(tiles)
     offsets, at = [], data_at
     for t in tiles:
         offsets.append(at)
@@ -222,19 +221,9 @@ def jpeg_tiled_tiff(path, rgb, tile):
         (277, 3, 1, 3), (284, 3, 1, 1), (322, 3, 1, tile), (323, 3, 1, tile),
         (324, 4, len(tiles), offs_at), (325, 4, len(tiles), counts_at),
     ]
-    out = bytearray(b"II" + np.array([42], e + "u2").tobytes() + np.array([ifd_at], e + "u4").tobytes())
-    out += data + np.array([8, 8, 8], e + "u2").tobytes()
-    out += np.array(offsets, e + "u4").tobytes() + np.array([len(t) for t in tiles], e + "u4").tobytes()
-    out += np.array([len(entries)], e + "u2").tobytes()
-    for tag, typ, count, value in entries:
-        out += np.array([tag, typ], e + "u2").tobytes() + np.array([count], e + "u4").tobytes()
-        if typ == 3 and count == 1:
-            out += np.array([value, 0], e + "u2").tobytes()
-        else:
-            out += np.array([value], e + "u4").tobytes()
-    out += np.array([0], e + "u4").tobytes()
-    with open(path, "wb") as f:
-        f.write(bytes(out))
+    body = data + np.array([8, 8, 8], e + "u2").tobytes()
+    body += np.array(offsets, e + "u4").tobytes() + np.array([len(t) for t in tiles], e + "u4").tobytes()
+    write_tiff(path, "II", body, entries)
 
 
 def palette_tiff(path, indices, bits, order, colormap):
@@ -255,15 +244,22 @@ def palette_tiff(path, indices, bits, order, colormap):
     # Laid out as: header, strip, colour map, directory.
     strip_at = 8
     cmap_at = strip_at + len(data)
-    ifd_at = cmap_at + len(cmap)
     entries = [
         (256, 3, 1, w), (257, 3, 1, h), (258, 3, 1, bits), (259, 3, 1, 1),
         (262, 3, 1, 3), (273, 4, 1, strip_at), (277, 3, 1, 1), (278, 3, 1, h),
         (279, 4, 1, len(data)), (320, 3, len(cmap) // 2, cmap_at),
     ]
+    write_tiff(path, order, data + cmap, entries)
+
+
+def write_tiff(path, order, body, entries):
+    """A classic TIFF: the 8-byte header, `body` (what the entries' offsets
+    point into, from byte 8), then the one directory of `entries` (tag,
+    type, count, value or offset; SHORT (3) or LONG (4))."""
+    e = "<" if order == "II" else ">"
     out = bytearray(order.encode() + np.array([42], e + "u2").tobytes()
-                    + np.array([ifd_at], e + "u4").tobytes())
-    out += data + cmap
+                    + np.array([8 + len(body)], e + "u4").tobytes())
+    out += body
     out += np.array([len(entries)], e + "u2").tobytes()
     for tag, typ, count, value in entries:
         out += np.array([tag, typ], e + "u2").tobytes() + np.array([count], e + "u4").tobytes()

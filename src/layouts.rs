@@ -90,21 +90,8 @@ pub(crate) fn tiff(
     if planar && samples > 1 {
         return Ok(None);
     }
-    let (w, h) = decoder.dimensions().map_err(tiff_error)?;
-    if w == 0 || h == 0 {
-        return Err("image has no pixels".into());
-    }
-    if w > max_dimension || h > max_dimension {
-        return Err(format!(
-            "{w}x{h} is over the limit of {max_dimension} pixels a side"
-        ));
-    }
+    let (w, h) = checked_size(&mut decoder, max_dimension, max_alloc)?;
     let (w_us, h_us) = (w as usize, h as usize);
-    if (w as u64) * (h as u64) * 3 > max_alloc {
-        return Err(format!(
-            "a {w}x{h} RGB image needs more than the {max_alloc} byte limit"
-        ));
-    }
     match kind {
         Kind::Palette => {
             let bits = bits_per_sample(&mut decoder);
@@ -211,20 +198,7 @@ fn jpeg_chunks(
     max_alloc: u64,
     jpeg: &JpegDecoder,
 ) -> Result<Option<DynamicImage>, String> {
-    let (w, h) = decoder.dimensions().map_err(tiff_error)?;
-    if w == 0 || h == 0 {
-        return Err("image has no pixels".into());
-    }
-    if w > max_dimension || h > max_dimension {
-        return Err(format!(
-            "{w}x{h} is over the limit of {max_dimension} pixels a side"
-        ));
-    }
-    if u64::from(w) * u64::from(h) * 3 > max_alloc {
-        return Err(format!(
-            "a {w}x{h} RGB image needs more than the {max_alloc} byte limit"
-        ));
-    }
+    let (w, h) = checked_size(decoder, max_dimension, max_alloc)?;
     let (w, h) = (w as usize, h as usize);
     let unsigned = |d: &mut Decoder<Cursor<&[u8]>>, t| {
         d.find_tag_unsigned::<u64>(t)
@@ -325,6 +299,30 @@ fn jpeg_chunks(
     };
     img.map(Some)
         .ok_or_else(|| "TIFF: JPEG chunks' buffer".into())
+}
+
+/// The image's width and height, refused when empty, over `max_dimension`
+/// a side, or over `max_alloc` bytes as 8-bit RGB.
+fn checked_size(
+    decoder: &mut Decoder<Cursor<&[u8]>>,
+    max_dimension: u32,
+    max_alloc: u64,
+) -> Result<(u32, u32), String> {
+    let (w, h) = decoder.dimensions().map_err(tiff_error)?;
+    if w == 0 || h == 0 {
+        return Err("image has no pixels".into());
+    }
+    if w > max_dimension || h > max_dimension {
+        return Err(format!(
+            "{w}x{h} is over the limit of {max_dimension} pixels a side"
+        ));
+    }
+    if u64::from(w) * u64::from(h) * 3 > max_alloc {
+        return Err(format!(
+            "a {w}x{h} RGB image needs more than the {max_alloc} byte limit"
+        ));
+    }
+    Ok((w, h))
 }
 
 enum Kind {
