@@ -24,23 +24,15 @@ use tiff::decoder::{Decoder, DecodingResult, Limits};
 use tiff::tags::{PhotometricInterpretation, PlanarConfiguration, Tag};
 use tiff::ColorType;
 
-/// A JPEG stream's decoder: the image, `None` where it declines (the fast
-/// decoder asked for), or the reason it fails.
-pub(crate) type JpegDecoder<'a> = dyn Fn(&[u8]) -> Result<Option<DynamicImage>, String> + 'a;
+use crate::preprocess::Preprocessor;
 
 /// The first image of a TIFF whose layout this module decodes, or `None`
-/// for the `image` crate to decode (or refuse) it. Images over
-/// `max_dimension` a side, or whose buffers pass `max_alloc` bytes, are
-/// errors.
-pub(crate) fn tiff(
-    bytes: &[u8],
-    max_dimension: u32,
-    max_alloc: u64,
-    jpeg: &JpegDecoder,
-) -> Result<Option<DynamicImage>, String> {
+/// for the `image` crate to decode (or refuse) it. Images over `pre`'s
+/// limits are errors.
+pub(crate) fn tiff(pre: &Preprocessor, bytes: &[u8]) -> Result<Option<DynamicImage>, String> {
     let limits = || {
         let mut l = Limits::default();
-        let cap = usize::try_from(max_alloc).unwrap_or(usize::MAX);
+        let cap = usize::try_from(pre.max_alloc()).unwrap_or(usize::MAX);
         l.decoding_buffer_size = cap;
         l.intermediate_buffer_size = l.intermediate_buffer_size.min(cap);
         l
@@ -70,14 +62,7 @@ pub(crate) fn tiff(
         if planar || bits_per_sample(&mut decoder) != 8 {
             return Ok(None);
         }
-        return jpeg_chunks(
-            &mut decoder,
-            bytes,
-            channels,
-            max_dimension,
-            max_alloc,
-            jpeg,
-        );
+        return jpeg_chunks(pre, &mut decoder, bytes, channels);
     }
     let kind = match (photometric, samples) {
         (Some(p), 1) if p == PhotometricInterpretation::RGBPalette.to_u16() as u32 => Kind::Palette,
@@ -90,7 +75,7 @@ pub(crate) fn tiff(
     if planar && samples > 1 {
         return Ok(None);
     }
-    let (w, h) = checked_size(&mut decoder, max_dimension, max_alloc)?;
+    let (w, h) = checked_size(pre, &mut decoder)?;
     let (w_us, h_us) = (w as usize, h as usize);
     match kind {
         Kind::Palette => {
@@ -187,18 +172,17 @@ pub(crate) fn tiff(
 }
 
 /// The image of a JPEG-compressed TIFF (8-bit RGB or grey, chunky), each
-/// strip or tile decoded by `jpeg` (the JPEGTables tag's tables put before
-/// its scans) and copied into place, cut at the image's edges. `None` when
-/// `jpeg` declines (the fast decoder asked for: the `image` crate's path).
+/// strip or tile decoded by libjpeg ([`Preprocessor::decode_jpeg_chunk`];
+/// the JPEGTables tag's tables put before its scans) and copied into place,
+/// cut at the image's edges. `None` when libjpeg declines (the fast decoder
+/// asked for: the `image` crate's path).
 fn jpeg_chunks(
+    pre: &Preprocessor,
     decoder: &mut Decoder<Cursor<&[u8]>>,
     bytes: &[u8],
     channels: usize,
-    max_dimension: u32,
-    max_alloc: u64,
-    jpeg: &JpegDecoder,
 ) -> Result<Option<DynamicImage>, String> {
-    let (w, h) = checked_size(decoder, max_dimension, max_alloc)?;
+    let (w, h) = checked_size(pre, decoder)?;
     let (w, h) = (w as usize, h as usize);
     let unsigned = |d: &mut Decoder<Cursor<&[u8]>>, t| {
         d.find_tag_unsigned::<u64>(t)
@@ -267,7 +251,7 @@ fn jpeg_chunks(
         if channels == 3 && !crate::preprocess::jpeg_is_plain_rgb(data) {
             return Ok(None);
         }
-        let Some(img) = jpeg(data)? else {
+        let Some(img) = pre.decode_jpeg_chunk(data)? else {
             return Ok(None);
         };
         let (x0, y0) = ((i % across) * cw, (i / across) * ch);
@@ -301,27 +285,17 @@ fn jpeg_chunks(
         .ok_or_else(|| "TIFF: JPEG chunks' buffer".into())
 }
 
-/// The image's width and height, refused when empty, over `max_dimension`
-/// a side, or over `max_alloc` bytes as 8-bit RGB.
+/// The image's width and height, refused when empty or over `pre`'s
+/// limits ([`Preprocessor::check_size`]), before decoding.
 fn checked_size(
+    pre: &Preprocessor,
     decoder: &mut Decoder<Cursor<&[u8]>>,
-    max_dimension: u32,
-    max_alloc: u64,
 ) -> Result<(u32, u32), String> {
     let (w, h) = decoder.dimensions().map_err(tiff_error)?;
     if w == 0 || h == 0 {
         return Err("image has no pixels".into());
     }
-    if w > max_dimension || h > max_dimension {
-        return Err(format!(
-            "{w}x{h} is over the limit of {max_dimension} pixels a side"
-        ));
-    }
-    if u64::from(w) * u64::from(h) * 3 > max_alloc {
-        return Err(format!(
-            "a {w}x{h} RGB image needs more than the {max_alloc} byte limit"
-        ));
-    }
+    pre.check_size(w as usize, h as usize)?;
     Ok((w, h))
 }
 

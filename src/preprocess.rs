@@ -1301,6 +1301,46 @@ impl Preprocessor {
         Ok(img)
     }
 
+    /// A `w` × `h` image within the limits, before it is decoded: its
+    /// sides ([`Preprocessor::check_sides`]) and its 8-bit RGB copy
+    /// ([`Preprocessor::check_rgb_size`]).
+    pub(crate) fn check_size(&self, w: usize, h: usize) -> std::result::Result<(), String> {
+        self.check_sides(w, h)?;
+        self.check_rgb_size(w, h)
+    }
+
+    /// The largest width or height.
+    fn check_sides(&self, w: usize, h: usize) -> std::result::Result<(), String> {
+        if w.max(h) > self.max_dimension as usize {
+            return Err(format!(
+                "a {w}x{h} image is larger than the limit of {} pixels per side",
+                self.max_dimension
+            ));
+        }
+        Ok(())
+    }
+
+    /// The allocation limit, in bytes.
+    pub(crate) fn max_alloc(&self) -> u64 {
+        self.max_alloc
+    }
+
+    /// A JPEG stream inside another format (a JPEG-compressed TIFF's strip
+    /// or tile) by libjpeg, as [`Preprocessor::decode`] decodes a JPEG
+    /// file; `None` with [`Preprocessor::fast_jpeg`] (zune-jpeg's path
+    /// then takes the whole file), or where libjpeg cannot run (a program
+    /// built with `panic = "abort"`: its errors unwind).
+    pub(crate) fn decode_jpeg_chunk(
+        &self,
+        bytes: &[u8],
+    ) -> std::result::Result<Option<DynamicImage>, String> {
+        if cfg!(panic = "unwind") {
+            self.decode_libjpeg(bytes, false)
+        } else {
+            Ok(None)
+        }
+    }
+
     /// Every image is taken as 8-bit RGB on its way (grey, palette and
     /// alpha images too, at three bytes a pixel): that copy within the
     /// allocation limit.
@@ -1347,20 +1387,7 @@ impl Preprocessor {
         match format {
             None => return Err(err("not a recognised image format".into())),
             Some(image::ImageFormat::Tiff) => {
-                // JPEG-compressed TIFFs' chunks by libjpeg (as PIL, through
-                // libtiff), unless the fast decoder is asked for; libjpeg's
-                // errors unwind (see `decode_libjpeg`).
-                let jpeg = |b: &[u8]| {
-                    if cfg!(panic = "unwind") {
-                        self.decode_libjpeg(b, false)
-                    } else {
-                        Ok(None)
-                    }
-                };
-                if let Some(img) =
-                    crate::layouts::tiff(bytes, self.max_dimension, self.max_alloc, &jpeg)
-                        .map_err(err)?
-                {
+                if let Some(img) = crate::layouts::tiff(self, bytes).map_err(err)? {
                     return Ok(img);
                 }
             }
@@ -1431,12 +1458,7 @@ impl Preprocessor {
                 .from_reader(&mut source)
                 .map_err(|e| e.to_string())?;
             let (w, h) = jpeg.size();
-            if w.max(h) > self.max_dimension as usize {
-                return Err(format!(
-                    "a {w}x{h} image is larger than the limit of {} pixels per side",
-                    self.max_dimension
-                ));
-            }
+            self.check_sides(w, h)?;
             let (gray, cmyk) = match jpeg.color_space() {
                 ColorSpace::JCS_GRAYSCALE => (true, false),
                 ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK => (false, true),
