@@ -27,6 +27,33 @@ fn gray_inputs() -> Vec<tch_vis::io::Entry> {
     tch_vis::io::walk(&repo("examples/images/gray"), &[]).unwrap()
 }
 
+/// What the folder-sink tests start from: the digits model and sidecar,
+/// the gray samples, saliency of the predicted class, a temporary folder.
+struct FolderJob {
+    model: Model,
+    sidecar: Sidecar,
+    inputs: Vec<tch_vis::io::Entry>,
+    saliency: SaliencyMethod,
+    dir: tempfile::TempDir,
+}
+
+impl FolderJob {
+    fn new() -> Self {
+        FolderJob {
+            model: digits(),
+            sidecar: digits_sidecar(),
+            inputs: gray_inputs(),
+            saliency: SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// An engine of the saliency method over the model.
+    fn engine(&self, batch: usize) -> Engine<'_> {
+        Engine::new(&self.model, self.sidecar.clone(), &self.saliency).batch_size(batch)
+    }
+}
+
 fn inputs(n: i64) -> Tensor {
     tch::manual_seed(5);
     Tensor::randn([n, 1, 32, 32], (Kind::Float, Device::Cpu))
@@ -1035,16 +1062,12 @@ fn a_sink_without_settings_keeps_the_folders_record() {
 #[test]
 fn a_folder_sink_refuses_results_before_begin() {
     use tch_vis::batch::FolderSink;
-    let model = digits();
-    let sidecar = digits_sidecar();
-    let inputs = gray_inputs();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let saliency = SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap();
-    let engine = Engine::new(&model, sidecar.clone(), &saliency).batch_size(2);
+    let job = FolderJob::new();
+    let out = job.dir.path().join("out");
+    let engine = job.engine(2);
     let layout = engine.prepare().unwrap();
-    let sink = FolderSink::open(&out, &layout, &saliency, &sidecar, false).unwrap();
-    let summary = engine.run(&inputs[..3], &sink).unwrap();
+    let sink = FolderSink::open(&out, &layout, &job.saliency, &job.sidecar, false).unwrap();
+    let summary = engine.run(&job.inputs[..3], &sink).unwrap();
     assert_eq!(summary.processed, 0);
     match summary.fatal {
         Some(tch_vis::Error::InvalidValue { what, value }) => {
@@ -1067,11 +1090,14 @@ fn a_folder_sink_refuses_results_before_begin() {
 fn large_originals_are_decoded_again_for_their_overlay() {
     use tch_vis::batch::FolderSink;
     use tch_vis::preprocess::Preprocessor;
-    let model = digits();
-    let sidecar = digits_sidecar();
-    let inputs = gray_inputs();
-    let dir = tempfile::tempdir().unwrap();
-    let saliency = SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap();
+    let job = FolderJob::new();
+    let FolderJob {
+        sidecar,
+        inputs,
+        saliency,
+        dir,
+        ..
+    } = &job;
     let kept: Vec<bool> = [u64::from(512u32 << 20), 16 << 10]
         .iter()
         .enumerate()
@@ -1091,17 +1117,15 @@ fn large_originals_are_decoded_again_for_their_overlay() {
                     Ok(())
                 }
             }
-            let engine = Engine::new(&model, sidecar.clone(), &saliency)
-                .preprocessor(pre.clone())
-                .batch_size(4);
+            let engine = job.engine(4).preprocessor(pre.clone());
             let layout = engine.prepare().unwrap();
             let held = Held(Mutex::new(Vec::new()));
-            assert!(engine.run(&inputs, &held).unwrap().fatal.is_none());
-            let sink = FolderSink::open(&out, &layout, &saliency, &sidecar, false)
+            assert!(engine.run(inputs, &held).unwrap().fatal.is_none());
+            let sink = FolderSink::open(&out, &layout, saliency, sidecar, false)
                 .unwrap()
                 .overlay_original(pre);
             sink.begin().unwrap();
-            let summary = engine.run(&inputs, &sink).unwrap();
+            let summary = engine.run(inputs, &sink).unwrap();
             assert!(summary.fatal.is_none(), "{:?}", summary.fatal);
             assert_eq!(summary.processed, inputs.len());
             let held = held.0.into_inner().unwrap();
@@ -1110,7 +1134,7 @@ fn large_originals_are_decoded_again_for_their_overlay() {
         })
         .collect();
     assert_eq!(kept, [true, false], "originals kept under each limit");
-    for e in &inputs {
+    for e in inputs {
         let png = |k: usize| {
             std::fs::read(dir.path().join(format!("out{k}/{}.saliency.png", e.rel))).unwrap()
         };
@@ -1135,15 +1159,18 @@ fn large_originals_are_decoded_again_for_their_overlay() {
 #[test]
 fn an_unfinished_run_of_other_columns_is_refused_and_kept() {
     use tch_vis::batch::{FolderSink, IgMethod};
-    let model = digits();
-    let sidecar = digits_sidecar();
-    let inputs = gray_inputs();
-    let dir = tempfile::tempdir().unwrap();
+    let job = FolderJob::new();
+    let FolderJob {
+        model,
+        sidecar,
+        inputs,
+        saliency,
+        dir,
+    } = &job;
     let out = dir.path().join("out");
-    let saliency = SaliencyMethod::new(&[ScoreSpec::Predicted]).unwrap();
-    let engine = Engine::new(&model, sidecar.clone(), &saliency).batch_size(2);
+    let engine = job.engine(2);
     let layout = engine.prepare().unwrap();
-    let sink = FolderSink::open(&out, &layout, &saliency, &sidecar, false).unwrap();
+    let sink = FolderSink::open(&out, &layout, saliency, sidecar, false).unwrap();
     sink.begin().unwrap();
     assert!(engine.run(&inputs[..3], &sink).unwrap().fatal.is_none());
     // Killed before `finish`: its rows are in its journal only (and the
@@ -1153,8 +1180,8 @@ fn an_unfinished_run_of_other_columns_is_refused_and_kept() {
     let journals = || std::fs::read_dir(out.join(".tch-vis/rows")).map_or(0, |r| r.count());
     assert_eq!(journals(), 1);
     let ig = IgMethod::new(&[ScoreSpec::Predicted]).unwrap().steps(2);
-    let ig_layout = Engine::new(&model, sidecar.clone(), &ig).prepare().unwrap();
-    match FolderSink::open(&out, &ig_layout, &ig, &sidecar, false) {
+    let ig_layout = Engine::new(model, sidecar.clone(), &ig).prepare().unwrap();
+    match FolderSink::open(&out, &ig_layout, &ig, sidecar, false) {
         Err(tch_vis::Error::OutputMismatch { reason, .. }) => {
             assert!(reason.contains("holds rows of another run"), "{reason}")
         }
@@ -1162,12 +1189,12 @@ fn an_unfinished_run_of_other_columns_is_refused_and_kept() {
     }
     assert_eq!(journals(), 1);
     // The saliency run resumes where it stopped, its three rows kept.
-    let again = FolderSink::open(&out, &layout, &saliency, &sidecar, false).unwrap();
+    let again = FolderSink::open(&out, &layout, saliency, sidecar, false).unwrap();
     assert_eq!(inputs.iter().filter(|e| again.is_done(&e.rel)).count(), 3);
     // Overwriting, Integrated Gradients takes the folder.
-    let sink = FolderSink::open(&out, &ig_layout, &ig, &sidecar, true).unwrap();
+    let sink = FolderSink::open(&out, &ig_layout, &ig, sidecar, true).unwrap();
     sink.begin().unwrap();
-    let ig_engine = Engine::new(&model, sidecar.clone(), &ig);
+    let ig_engine = Engine::new(model, sidecar.clone(), &ig);
     assert!(ig_engine.run(&inputs[..1], &sink).unwrap().fatal.is_none());
     assert_eq!(
         sink.finish(serde_json::json!({}))
